@@ -1,0 +1,5 @@
+import sys
+
+from multiembed.cli import main
+
+sys.exit(main())

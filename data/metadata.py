@@ -1,0 +1,245 @@
+"""The converted-dataset contract: directory layout and ``metadata.json``.
+
+Every producer (``convert``, ``synth``) writes and every consumer (loader, trainer, ``inspect``) reads a
+dataset directory laid out as::
+
+    DIR/
+      metadata.json                 # written last, atomically: its presence means the dataset is complete
+      train/part-00000.parquet      # one or more Parquet files per split
+      val/part-00000.parquet
+      test/part-00000.parquet
+
+Parquet columns (one row per impression):
+
+* ``label``: int8, 0 or 1.
+* one column per categorical field, named as the field (``C1``..``C26``, ``I1``..``I13`` in paper mode): int64 ids
+  in ``[0, vocab_size)`` for one-hot fields, ``list<int64>`` for multi-hot fields.
+* ``dense_<name>`` float32 columns for raw dense features (Criteo: ``log(1 + max(x, 0))`` of I1..I13), optional.
+* ``true_prob`` float32, only in synthetic data: the probability the generator drew the label from.
+
+This module only knows JSON and the file system: it imports neither pyarrow nor torch, so ``inspect`` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+SPLITS = ("train", "val", "test")
+LABEL_COLUMN = "label"
+TRUE_PROB_COLUMN = "true_prob"
+DENSE_PREFIX = "dense_"
+
+
+class DatasetError(ValueError):
+    """A dataset directory or its metadata is missing, malformed or inconsistent.
+
+    The message names the file (and the field) so the CLI can print it as one line.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldSpec:
+    """One categorical field: its column name, the number of ids its table needs (OOV included), multi-hotness."""
+
+    name: str
+    vocab_size: int
+    multi_hot: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitFiles:
+    """The Parquet files of one split (paths relative to the dataset directory) and their row counts."""
+
+    files: List[str]
+    file_rows: List[int]
+
+    @property
+    def rows(self) -> int:
+        return sum(self.file_rows)
+
+
+@dataclasses.dataclass
+class DatasetMetadata:
+    """The parsed ``metadata.json`` of a converted dataset.
+
+    Attributes:
+        dataset: ``"criteo"``, ``"criteo-1tb"``, ``"avazu"`` or ``"synthetic"``.
+        fields: categorical fields in schema order (the order tables and KJT keys use).
+        dense_fields: names of the dense features (columns ``dense_<name>``), possibly empty.
+        splits: ``{"train"|"val"|"test": SplitFiles}``.
+        vocab_fingerprint: a digest of the vocabulary (mode, options, every field's token -> id map or hash
+            function); a model trained on one fingerprint refuses data with another.
+        skipped: rows skipped under ``--on-error skip``, by reason (empty when none).
+        rows_read: data rows read from the sources (skipped rows included).
+        sources: ``[{"path", "bytes", "fingerprint", "rows"}]``.
+        options: every option the producer ran with.
+        bayes: synthetic data only: ``{split: {"auc": float, "logloss": float}}`` of the true probabilities.
+        extra: anything else a producer recorded (kept on round trips).
+    """
+
+    dataset: str
+    fields: List[FieldSpec]
+    dense_fields: List[str]
+    splits: Dict[str, SplitFiles]
+    vocab_fingerprint: str
+    skipped: Dict[str, int] = dataclasses.field(default_factory=dict)
+    rows_read: int = 0
+    sources: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    options: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    bayes: Optional[Dict[str, Dict[str, float]]] = None
+    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def field_names(self) -> List[str]:
+        return [f.name for f in self.fields]
+
+    @property
+    def vocab_sizes(self) -> Dict[str, int]:
+        """``{field: vocab_size}`` in schema order."""
+        return {f.name: f.vocab_size for f in self.fields}
+
+    def split_rows(self) -> Dict[str, int]:
+        return {name: self.splits[name].rows if name in self.splits else 0 for name in SPLITS}
+
+    def to_json(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "dataset": self.dataset,
+            "fields": [dataclasses.asdict(f) for f in self.fields],
+            "dense_fields": list(self.dense_fields),
+            "splits": {
+                name: {"rows": s.rows, "files": [{"path": p, "rows": r} for p, r in zip(s.files, s.file_rows)]}
+                for name, s in self.splits.items()
+            },
+            "vocab_fingerprint": self.vocab_fingerprint,
+            "skipped": dict(self.skipped),
+            "rows_read": self.rows_read,
+            "sources": list(self.sources),
+            "options": dict(self.options),
+        }
+        if self.bayes is not None:
+            out["bayes"] = self.bayes
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any], where: str = METADATA_FILE) -> "DatasetMetadata":
+        """Parses and validates a metadata object; every problem names ``where`` and the offending field."""
+        if not isinstance(obj, Mapping):
+            raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        version = obj.get("format_version")
+        if version != FORMAT_VERSION:
+            raise DatasetError(f"{where}: format_version: expected {FORMAT_VERSION}, got {version!r}")
+        for key in ("dataset", "fields", "splits", "vocab_fingerprint"):
+            if key not in obj:
+                raise DatasetError(f"{where}: {key}: missing")
+        fields: List[FieldSpec] = []
+        if not isinstance(obj["fields"], list) or not obj["fields"]:
+            raise DatasetError(f"{where}: fields: expected a non-empty list")
+        for i, f in enumerate(obj["fields"]):
+            try:
+                spec = FieldSpec(name=str(f["name"]), vocab_size=int(f["vocab_size"]), multi_hot=bool(f.get("multi_hot", False)))
+            except (KeyError, TypeError, ValueError) as e:
+                raise DatasetError(f"{where}: fields[{i}]: malformed ({e})") from None
+            if spec.vocab_size < 1:
+                raise DatasetError(f"{where}: fields[{i}] ({spec.name}): vocab_size must be >= 1, got {spec.vocab_size}")
+            fields.append(spec)
+        names = [f.name for f in fields]
+        if len(set(names)) != len(names):
+            raise DatasetError(f"{where}: fields: duplicate field names")
+        splits: Dict[str, SplitFiles] = {}
+        if not isinstance(obj["splits"], Mapping):
+            raise DatasetError(f"{where}: splits: expected an object")
+        for name, s in obj["splits"].items():
+            if name not in SPLITS:
+                raise DatasetError(f"{where}: splits: unknown split {name!r} (expected one of {SPLITS})")
+            try:
+                files = [str(e["path"]) for e in s["files"]]
+                rows = [int(e["rows"]) for e in s["files"]]
+            except (KeyError, TypeError, ValueError) as e:
+                raise DatasetError(f"{where}: splits.{name}.files: malformed ({e})") from None
+            if any(r < 0 for r in rows):
+                raise DatasetError(f"{where}: splits.{name}.files: negative row count")
+            if "rows" in s and int(s["rows"]) != sum(rows):
+                raise DatasetError(
+                    f"{where}: splits.{name}.rows: {s['rows']} disagrees with the sum of its files' rows ({sum(rows)})"
+                )
+            splits[name] = SplitFiles(files=files, file_rows=rows)
+        known = {
+            "format_version", "dataset", "fields", "dense_fields", "splits", "vocab_fingerprint", "skipped",
+            "rows_read", "sources", "options", "bayes",
+        }
+        return cls(
+            dataset=str(obj["dataset"]),
+            fields=fields,
+            dense_fields=[str(d) for d in obj.get("dense_fields", [])],
+            splits=splits,
+            vocab_fingerprint=str(obj["vocab_fingerprint"]),
+            skipped={str(k): int(v) for k, v in obj.get("skipped", {}).items()},
+            rows_read=int(obj.get("rows_read", 0)),
+            sources=list(obj.get("sources", [])),
+            options=dict(obj.get("options", {})),
+            bayes=obj.get("bayes"),
+            extra={k: v for k, v in obj.items() if k not in known},
+        )
+
+
+def atomic_write_text(path: os.PathLike, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``.
+
+    A reader never sees a half-written file: either the old content or the new one.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_metadata(data_dir: os.PathLike, meta: DatasetMetadata) -> Path:
+    """Writes ``DIR/metadata.json`` atomically (last step of a conversion: it marks the dataset complete)."""
+    path = Path(data_dir) / METADATA_FILE
+    atomic_write_text(path, json.dumps(meta.to_json(), indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def read_metadata(data_dir: os.PathLike) -> DatasetMetadata:
+    """Reads and validates ``DIR/metadata.json``.
+
+    Raises:
+        DatasetError: the directory or file is missing, unreadable, not JSON, or inconsistent; the message names
+            the file and the field.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.exists():
+        raise DatasetError(f"{data_dir}: no such dataset directory")
+    if not data_dir.is_dir():
+        raise DatasetError(f"{data_dir}: not a directory (expected a converted dataset directory)")
+    path = data_dir / METADATA_FILE
+    if not path.exists():
+        raise DatasetError(f"{path}: missing (not a converted dataset, or its conversion did not finish)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: unreadable ({e})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    return DatasetMetadata.from_json(obj, where=str(path))

@@ -1,0 +1,91 @@
+"""Guards the first import of torch / fbgemm_gpu / torchrec with a version check.
+
+fbgemm_gpu is compiled against one torch minor version; a mismatch surfaces as an ``undefined symbol`` deep inside
+an fbgemm ``.so``. Every entry point that needs torchrec (loader, models, train, evaluate, bench) calls
+:func:`require_torchrec_stack` first, so a broken environment stops with one message naming the installed versions
+and the pairing that works.
+
+This module lives in ``data/`` because ``data`` is the bottom of the package's data flow (it imports nothing of the
+package), and the loader is the first torchrec user.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from typing import Dict, Optional
+
+# torch minor version -> (fbgemm-gpu[-cpu] version, torchrec version) known to work together.
+SUPPORTED_STACKS: Dict[str, tuple] = {
+    "2.13": ("1.8.0", "1.8.0"),
+    "2.14": ("1.9.0", "1.9.2"),
+    "2.11": ("1.6.0", "1.6.1"),
+}
+PINNED = "torch 2.13.0 + fbgemm-gpu(-cpu) 1.8.0 + torchrec 1.8.0"
+
+_checked = False
+
+
+class StackError(RuntimeError):
+    """The installed torch / fbgemm_gpu / torchrec versions do not work together."""
+
+
+def _dist_version(*names: str) -> Optional[str]:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def installed_versions() -> Dict[str, Optional[str]]:
+    """Installed distribution versions, read from package metadata (no import of the packages themselves)."""
+    return {
+        "torch": _dist_version("torch"),
+        "fbgemm_gpu": _dist_version("fbgemm-gpu-cpu", "fbgemm_gpu-cpu", "fbgemm-gpu", "fbgemm_gpu"),
+        "torchrec": _dist_version("torchrec"),
+    }
+
+
+def _describe(versions: Dict[str, Optional[str]]) -> str:
+    return ", ".join(f"{k} {v or 'not installed'}" for k, v in versions.items())
+
+
+def check_versions(versions: Dict[str, Optional[str]]) -> None:
+    """Raises :class:`StackError` unless ``versions`` is a supported torch / fbgemm_gpu / torchrec triple."""
+    missing = [k for k, v in versions.items() if v is None]
+    if missing:
+        raise StackError(
+            f"missing {', '.join(missing)} ({_describe(versions)}); install the pinned stack with `make venv` "
+            f"({PINNED})"
+        )
+    torch_minor = ".".join(str(versions["torch"]).split("+")[0].split(".")[:2])
+    expected = SUPPORTED_STACKS.get(torch_minor)
+    fbgemm = str(versions["fbgemm_gpu"]).split("+")[0]
+    torchrec = str(versions["torchrec"]).split("+")[0]
+    if expected is None or fbgemm != expected[0] or torchrec != expected[1]:
+        pairs = "; ".join(f"torch {t}.x + fbgemm {f} + torchrec {r}" for t, (f, r) in SUPPORTED_STACKS.items())
+        raise StackError(
+            f"incompatible stack: {_describe(versions)}. fbgemm_gpu must be built for the installed torch; "
+            f"supported pairings: {pairs}. Reinstall with `make clean-venv venv`."
+        )
+
+
+def require_torchrec_stack() -> None:
+    """Checks the installed versions, then imports torch, fbgemm_gpu and torchrec once.
+
+    Raises:
+        StackError: a version mismatch, or an import failure (with the installed versions in the message).
+    """
+    global _checked
+    if _checked:
+        return
+    versions = installed_versions()
+    check_versions(versions)
+    try:
+        import fbgemm_gpu  # noqa: F401
+        import torch  # noqa: F401
+        import torchrec  # noqa: F401
+    except (ImportError, OSError) as e:
+        raise StackError(f"importing the TorchRec stack failed ({_describe(versions)}): {e}") from e
+    _checked = True

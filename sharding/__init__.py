@@ -1,0 +1,1 @@
+"""Sharding plans for multi-embedding models: planner wrapper, named strategies, plan printing."""

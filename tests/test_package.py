@@ -1,0 +1,62 @@
+"""The install itself: namespace layout, console command, version guard."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from multiembed.data import stack
+
+
+def test_modules_import_through_the_multiembed_namespace() -> None:
+    import multiembed.analysis
+    import multiembed.data
+    import multiembed.models
+    import multiembed.sharding
+    import multiembed.training
+
+    for module in (multiembed.data, multiembed.models, multiembed.sharding, multiembed.training, multiembed.analysis):
+        assert module.__name__.startswith("multiembed.")
+
+
+def test_console_command_prints_help() -> None:
+    command = str(Path(sys.executable).parent / "multiembed")
+    out = subprocess.run([command, "--help"], capture_output=True, text=True, check=True).stdout
+    assert "usage: multiembed" in out
+
+
+def test_installed_stack_is_supported() -> None:
+    stack.require_torchrec_stack()
+
+
+@pytest.mark.parametrize(
+    "versions, needle",
+    [
+        ({"torch": "2.14.1", "fbgemm_gpu": "1.8.0", "torchrec": "1.8.0"}, "fbgemm_gpu 1.8.0"),
+        ({"torch": "2.13.0+cpu", "fbgemm_gpu": "1.8.0", "torchrec": "1.9.2"}, "torchrec 1.9.2"),
+        ({"torch": "2.13.0", "fbgemm_gpu": None, "torchrec": "1.8.0"}, "missing fbgemm_gpu"),
+        ({"torch": "2.9.0", "fbgemm_gpu": "1.4.0", "torchrec": "1.3.0"}, "torch 2.9.0"),
+    ],
+)
+def test_mismatched_stack_names_versions_and_pairing(versions, needle) -> None:
+    with pytest.raises(stack.StackError) as err:
+        stack.check_versions(versions)
+    assert needle in str(err.value)
+    if "missing" not in needle:
+        assert "torch 2.13.x + fbgemm 1.8.0 + torchrec 1.8.0" in str(err.value)
+
+
+def test_matching_stacks_pass() -> None:
+    stack.check_versions({"torch": "2.13.0+cpu", "fbgemm_gpu": "1.8.0", "torchrec": "1.8.0"})
+    stack.check_versions({"torch": "2.11.0+cu130", "fbgemm_gpu": "1.6.0", "torchrec": "1.6.1"})
+
+
+def test_data_package_imports_without_torch() -> None:
+    code = (
+        "import sys, multiembed.data, multiembed.data.metadata, multiembed.cli;"
+        "assert 'torch' not in sys.modules and 'torchrec' not in sys.modules, sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
