@@ -1,0 +1,141 @@
+"""Trainer building blocks that need no model: optimizer defaults, checkpoints, metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from multiembed.training import checkpoint as ckpt
+from multiembed.training.distributed import init_distributed
+from multiembed.training.metrics import EvalMetrics
+from multiembed.training.optim import OptimizerConfig
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    return init_distributed("cpu")
+
+
+def test_cpu_defaults_are_adagrad_for_tables_and_adam_for_dense() -> None:
+    cfg = OptimizerConfig.for_device("cpu")
+    assert (cfg.sparse_optimizer, cfg.sparse_lr, cfg.lr, cfg.weight_decay) == ("adagrad", 0.05, 1e-3, 1e-6)
+
+
+def test_gpu_defaults_are_the_papers_adam() -> None:
+    cfg = OptimizerConfig.for_device("cuda")
+    assert (cfg.sparse_optimizer, cfg.sparse_lr, cfg.lr, cfg.weight_decay) == ("adam", 1e-3, 1e-3, 1e-6)
+
+
+def test_sparse_adam_on_cpu_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="Adam needs a GPU"):
+        OptimizerConfig.for_device("cpu", sparse_optimizer="adam")
+
+
+def test_unknown_optimizer_and_negative_rates_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown 'lamb'"):
+        OptimizerConfig.for_device("cpu", sparse_optimizer="lamb")
+    with pytest.raises(ValueError, match="--lr: must be >= 0"):
+        OptimizerConfig.for_device("cpu", lr=-1.0)
+
+
+def _roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mann-Whitney AUC with ties counted half, written independently of torchrec."""
+    pos = scores[labels == 1]
+    neg = scores[labels == 0]
+    greater = (pos[:, None] > neg[None, :]).double().sum()
+    ties = (pos[:, None] == neg[None, :]).double().sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def test_eval_metrics_match_a_direct_computation_and_ignore_padding(one_rank) -> None:
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(1000, generator=g)
+    labels = (torch.rand(1000, generator=g) < torch.sigmoid(logits)).float()
+    weights = torch.ones(1000)
+    weights[-37:] = 0.0  # padding rows: copies that must not count
+    labels[-37:] = 1.0
+    logits[-37:] = -9.0
+    metrics = EvalMetrics(rows_per_rank=1000, batch_size=100, world_size=1, rank=0, device=torch.device("cpu"))
+    for start in range(0, 1000, 100):
+        metrics.update(logits[start : start + 100], labels[start : start + 100], weights[start : start + 100])
+    result = metrics.compute()
+    real = weights == 1
+    p = torch.sigmoid(logits[real]).double()
+    y = labels[real].double()
+    logloss = float(-(y * p.log() + (1 - y) * (1 - p).log()).mean())
+    rate = float(y.mean())
+    entropy = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
+    assert result["rows"] == 963
+    assert result["auc"] == pytest.approx(_roc_auc(logits[real], labels[real]), abs=1e-6)
+    assert result["logloss"] == pytest.approx(logloss, rel=1e-6)
+    assert result["ne"] == pytest.approx(logloss / entropy, rel=1e-6)
+    assert result["calibration"] == pytest.approx(float(p.sum() / y.sum()), rel=1e-6)
+
+
+def _state(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return {"model": {"w": torch.randn(64, 8, generator=g)}, "progress": {"step": torch.tensor(5.0)}}
+
+
+def test_checkpoint_round_trip_and_newest_is_chosen(tmp_path: Path, one_rank) -> None:
+    ckpt.save_checkpoint(tmp_path, 1, _state(1), {"epoch": 0})
+    ckpt.save_checkpoint(tmp_path, 2, _state(2), {"epoch": 0})
+    newest = ckpt.newest_valid_checkpoint(tmp_path)
+    assert newest is not None and newest.name == "step-00000002"
+    loaded = {"model": {"w": torch.zeros(64, 8)}, "progress": {"step": torch.tensor(0.0)}}
+    ckpt.load_checkpoint(newest, loaded)
+    torch.testing.assert_close(loaded["model"]["w"], _state(2)["model"]["w"])
+    assert json.loads((newest / ckpt.MANIFEST).read_text())["info"] == {"epoch": 0}
+
+
+def test_corrupted_checkpoint_is_reported_and_skipped(tmp_path: Path, one_rank) -> None:
+    ckpt.save_checkpoint(tmp_path, 1, _state(1), {})
+    second = ckpt.save_checkpoint(tmp_path, 2, _state(2), {})
+    data_file = max((p for p in second.rglob("*.distcp")), key=lambda p: p.stat().st_size)
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data_file.write_bytes(bytes(raw))
+    messages = []
+    chosen = ckpt.newest_valid_checkpoint(tmp_path, report=messages.append)
+    assert chosen is not None and chosen.name == "step-00000001"
+    assert len(messages) == 1 and "checksum mismatch" in messages[0] and data_file.name in messages[0]
+
+
+def test_truncated_checkpoint_is_reported(tmp_path: Path, one_rank) -> None:
+    path = ckpt.save_checkpoint(tmp_path, 3, _state(3), {})
+    data_file = next(path.rglob("*.distcp"))
+    data_file.write_bytes(data_file.read_bytes()[:-10])
+    with pytest.raises(ckpt.CheckpointError, match="truncated"):
+        ckpt.verify_checkpoint(path)
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint_in_charge(tmp_path: Path, one_rank, monkeypatch) -> None:
+    ckpt.save_checkpoint(tmp_path, 1, _state(1), {})
+
+    class Killed(Exception):
+        pass
+
+    def die(tmp_dir: Path) -> None:
+        raise Killed(str(tmp_dir))
+
+    monkeypatch.setattr(ckpt, "_before_publish_hook", die)
+    with pytest.raises(Killed):
+        ckpt.save_checkpoint(tmp_path, 2, _state(2), {})
+    monkeypatch.setattr(ckpt, "_before_publish_hook", None)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000001"]
+    assert ckpt.newest_valid_checkpoint(tmp_path).name == "step-00000001"
+    # The next save clears the abandoned temporary directory.
+    ckpt.save_checkpoint(tmp_path, 3, _state(3), {})
+    assert not list((tmp_path / ckpt.CHECKPOINT_DIR).glob(".tmp-*"))
+
+
+def test_checkpoint_without_manifest_is_incomplete(tmp_path: Path, one_rank) -> None:
+    path = ckpt.save_checkpoint(tmp_path, 4, _state(4), {})
+    (path / ckpt.MANIFEST).unlink()
+    with pytest.raises(ckpt.CheckpointError, match="incomplete"):
+        ckpt.verify_checkpoint(path)
+    assert ckpt.newest_valid_checkpoint(tmp_path, report=lambda m: None) is None

@@ -1,0 +1,139 @@
+"""torchx components for multiembed: each is one typed function returning an ``AppDef``.
+
+Run locally (CPU, gloo; two ranks on this machine)::
+
+    torchx run -s local_cwd ./torchx_components.py:train --data runs/data/synth --out runs/me4x -j 1x2
+
+On a GPU cluster (nccl; 16 nodes x 8 GPUs), with the package installed in the image::
+
+    torchx run -s slurm ./torchx_components.py:train --image /path/to/venv-or-image \\
+        --data /datasets/criteo-1tb-parquet --out /checkpoints/dcnv2-me-4x --model dcnv2-me-4x \\
+        -j 16x8 --gpu 8 --sharding auto
+    torchx run -s kubernetes -cfg queue=default ./torchx_components.py:train --image REGISTRY/multiembed:TAG ...
+
+Every component delegates to ``torchx.components.dist.ddp`` (torchrun under the hood), so rendezvous, ``-j
+{nnodes}x{nproc_per_node}`` and scheduler support are torchx's own.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torchx
+import torchx.specs as specs
+from torchx.components import dist
+
+
+def _with_max_restarts(app: specs.AppDef, max_restarts: int) -> specs.AppDef:
+    """Adds ``--max-restarts`` to the torchrun command line that ``dist.ddp`` builds.
+
+    ``dist.ddp`` exposes only the scheduler's ``max_retries``; torchrun's own restart budget (restart every
+    local worker from the newest checkpoint after one fails) is what recovers a killed rank without a new
+    allocation, so it is spliced into the ``bash -c`` command here.
+    """
+    if max_restarts <= 0:
+        return app
+    for role in app.roles:
+        command = role.args[-1]
+        if not command.startswith("torchrun "):
+            raise ValueError(f"unexpected torchx ddp command line (expected torchrun): {command[:80]!r}")
+        role.args[-1] = command.replace("torchrun ", f"torchrun --max-restarts {int(max_restarts)} ", 1)
+    return app
+
+
+def train(
+    *extra_args: str,
+    data: str,
+    out: str,
+    model: str = "dcnv2-me-4x",
+    epochs: int = 10,
+    batch_size: int = 2048,
+    sharding: str = "auto",
+    sparse_optimizer: Optional[str] = None,
+    sparse_lr: Optional[float] = None,
+    lr: Optional[float] = None,
+    patience: int = 3,
+    seed: int = 0,
+    eval_every: int = 0,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    overwrite: bool = False,
+    j: str = "1x2",
+    image: str = torchx.IMAGE,
+    h: Optional[str] = None,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    max_restarts: int = 0,
+    rdzv_port: int = 29500,
+    name: str = "/multiembed-train",
+) -> specs.AppDef:
+    """Trains a multiembed model with one ``multiembed train`` worker per rank.
+
+    Args:
+        extra_args: further ``multiembed train`` options, passed through (e.g. ``--dropout 0``).
+        data: converted dataset directory, visible to every node.
+        out: run directory on storage shared by all nodes (checkpoints are written there).
+        model: model name, e.g. ``dcnv2-me-4x`` or ``dcnv2-se-10x``.
+        epochs: maximum epochs under early stopping.
+        batch_size: global batch size (split evenly over all ranks).
+        sharding: ``auto``, ``table_wise``, ``row_wise``, ``column_wise`` or ``data_parallel``.
+        sparse_optimizer: ``adagrad``, ``rowwise_adagrad``, ``sgd`` or ``adam`` (GPU); device default when unset.
+        sparse_lr: embedding learning rate; device default when unset.
+        lr: dense learning rate (default 1e-3).
+        patience: evaluations without validation AUC gain before early stopping.
+        seed: seed of initialisation and shuffling.
+        eval_every: evaluate every N steps (0: once per epoch).
+        checkpoint_every: also checkpoint every N steps (0: at evaluations only).
+        resume: continue the run in ``out`` from its newest complete checkpoint.
+        overwrite: delete ``out`` first.
+        j: ``{nnodes}x{nproc_per_node}``, e.g. ``1x2`` (two local ranks) or ``16x8``.
+        image: image (docker / slurm: a directory holding the environment) that has multiembed installed.
+        h: a registered named resource (takes precedence over cpu, gpu, memMB).
+        cpu: CPUs per node.
+        gpu: GPUs per node (one rank per GPU; 0 trains on CPU with gloo).
+        memMB: memory per node in MB.
+        env: extra environment variables for the workers.
+        max_retries: scheduler-level retries of the whole job.
+        max_restarts: torchrun restarts of the local workers after a failure; workers resume from the newest
+            complete checkpoint, so set ``checkpoint_every`` too.
+        rdzv_port: rendezvous port on the first node (multi-node only; single-node jobs pick a free port).
+        name: torchx job name.
+    """
+    args: List[str] = [
+        "train", "--data", data, "--out", out, "--model", model, "--epochs", str(epochs),
+        "--batch-size", str(batch_size), "--sharding", sharding, "--patience", str(patience), "--seed", str(seed),
+        "--eval-every", str(eval_every), "--checkpoint-every", str(checkpoint_every),
+    ]
+    if sparse_optimizer is not None:
+        args += ["--sparse-optimizer", sparse_optimizer]
+    if sparse_lr is not None:
+        args += ["--sparse-lr", str(sparse_lr)]
+    if lr is not None:
+        args += ["--lr", str(lr)]
+    if resume or max_restarts > 0:
+        # A restarted worker must pick up the run it was part of rather than refuse the existing directory.
+        args.append("--resume")
+    if overwrite:
+        if resume or max_restarts > 0:
+            raise ValueError("overwrite cannot be combined with resume or max_restarts (a restart would erase the run)")
+        args.append("--overwrite")
+    args += list(extra_args)
+    app = dist.ddp(
+        *args,
+        m="multiembed.cli",
+        image=image,
+        name=name,
+        h=h,
+        cpu=cpu,
+        gpu=gpu,
+        memMB=memMB,
+        j=j,
+        env=env,
+        max_retries=max_retries,
+        rdzv_port=rdzv_port,
+    )
+    return _with_max_restarts(app, max_restarts)
+

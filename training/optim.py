@@ -1,0 +1,171 @@
+"""Optimizers: a fused (in-backward) sparse optimizer for the embedding tables and a dense optimizer, combined,
+each behind TorchRec's ``WarmupOptimizer`` so one LR schedule reaches both.
+
+Defaults follow the device:
+
+* GPU: Adam for both, lr 1e-3, weight decay 1e-6 (the paper's protocol).
+* CPU: FBGEMM's CPU TBE kernels implement only SGD, Adagrad and row-wise Adagrad, so the sparse tables use
+  element-wise Adagrad (lr 0.05) - element-wise state keeps the model identical whatever the table layout or
+  sharding; row-wise Adagrad would keep one accumulator per row per column shard. Dense parameters keep Adam.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
+
+import torch
+from torch import nn
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torchrec import optim as trec_optim
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.warmup import WarmupOptimizer, WarmupPolicy, WarmupStage
+
+SPARSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
+    "adagrad": trec_optim.Adagrad,
+    "rowwise_adagrad": trec_optim.RowWiseAdagrad,
+    "sgd": trec_optim.SGD,
+    "adam": trec_optim.Adam,
+}
+CPU_SPARSE_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "sgd")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Optimizer options, resolved for the device (``None`` fields take the device default).
+
+    Attributes:
+        sparse_optimizer: ``adagrad``, ``rowwise_adagrad``, ``sgd`` or ``adam`` (GPU only).
+        sparse_lr: learning rate of the embedding tables.
+        sparse_weight_decay: weight decay of the embedding tables (Adam only; FBGEMM's Adagrad has none here).
+        lr: dense learning rate (Adam).
+        weight_decay: dense weight decay.
+        warmup_steps: linear warm-up from 0 over this many steps (0: none).
+        decay_start, decay_steps: polynomial (linear) decay to 0 from ``decay_start`` over ``decay_steps``
+            steps (``decay_steps`` 0: no decay), as in TorchRec's DLRM recipes.
+    """
+
+    sparse_optimizer: str
+    sparse_lr: float
+    sparse_weight_decay: float
+    lr: float
+    weight_decay: float
+    warmup_steps: int = 0
+    decay_start: int = 0
+    decay_steps: int = 0
+
+    @classmethod
+    def for_device(
+        cls,
+        device_type: str,
+        sparse_optimizer: Optional[str] = None,
+        sparse_lr: Optional[float] = None,
+        lr: Optional[float] = None,
+        weight_decay: Optional[float] = None,
+        warmup_steps: int = 0,
+        decay_start: int = 0,
+        decay_steps: int = 0,
+    ) -> "OptimizerConfig":
+        """Fills unset options with the device's defaults and validates the rest.
+
+        Raises:
+            ValueError: an unknown optimizer, sparse Adam on CPU, or a negative rate / step count.
+        """
+        on_cpu = device_type == "cpu"
+        name = sparse_optimizer or ("adagrad" if on_cpu else "adam")
+        if name not in SPARSE_OPTIMIZERS:
+            raise ValueError(f"--sparse-optimizer: unknown {name!r}; choose from {sorted(SPARSE_OPTIMIZERS)}")
+        if on_cpu and name not in CPU_SPARSE_OPTIMIZERS:
+            raise ValueError(
+                f"--sparse-optimizer {name}: FBGEMM's CPU kernels support only {', '.join(CPU_SPARSE_OPTIMIZERS)} "
+                "for fused embedding updates (Adam needs a GPU)"
+            )
+        default_sparse_lr = 0.05 if name in ("adagrad", "rowwise_adagrad") else (1e-3 if name == "adam" else 0.1)
+        config = cls(
+            sparse_optimizer=name,
+            sparse_lr=default_sparse_lr if sparse_lr is None else sparse_lr,
+            sparse_weight_decay=1e-6 if name == "adam" else 0.0,
+            lr=1e-3 if lr is None else lr,
+            weight_decay=1e-6 if weight_decay is None else weight_decay,
+            warmup_steps=warmup_steps,
+            decay_start=decay_start,
+            decay_steps=decay_steps,
+        )
+        for field in ("sparse_lr", "lr", "weight_decay", "warmup_steps", "decay_start", "decay_steps"):
+            if getattr(config, field) < 0:
+                raise ValueError(f"--{field.replace('_', '-')}: must be >= 0, got {getattr(config, field)}")
+        if config.decay_steps and config.decay_start < config.warmup_steps:
+            raise ValueError("--decay-start must not be before the end of the warm-up")
+        return config
+
+    def schedule(self) -> List[WarmupStage]:
+        """The LR multiplier stages shared by the sparse and dense optimizers."""
+        stages: List[WarmupStage] = []
+        if self.warmup_steps:
+            stages.append(WarmupStage(policy=WarmupPolicy.LINEAR, max_iters=self.warmup_steps, value=0.0))
+        if self.decay_steps:
+            if self.decay_start > self.warmup_steps:
+                stages.append(WarmupStage(policy=WarmupPolicy.CONSTANT, max_iters=self.decay_start, value=1.0))
+            stages.append(
+                WarmupStage(
+                    policy=WarmupPolicy.POLY,
+                    max_iters=self.decay_start + self.decay_steps,
+                    value=1.0,
+                    decay_iters=self.decay_steps,
+                )
+            )
+        return stages
+
+
+def attach_sparse_optimizer(embedding_module: nn.Module, config: OptimizerConfig) -> None:
+    """Marks every parameter of ``embedding_module`` for the fused in-backward optimizer (before DMP).
+
+    DMP's sharders read the marks and build FBGEMM TBE kernels that update the rows during backward; the kwargs
+    dict is built fresh for every call because the API mutates it.
+    """
+    kwargs: Dict[str, Any] = {"lr": config.sparse_lr}
+    if config.sparse_optimizer == "adam":
+        kwargs["weight_decay"] = config.sparse_weight_decay
+    elif config.sparse_optimizer in ("adagrad", "rowwise_adagrad"):
+        kwargs["eps"] = 1e-8
+    _apply_optimizer_in_backward(SPARSE_OPTIMIZERS[config.sparse_optimizer], embedding_module.parameters(), kwargs)
+
+
+def dense_parameters(model: nn.Module, fused_param_names: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """Trainable parameters that the fused optimizer does not update.
+
+    That includes data-parallel embedding tables: TorchRec silently skips the in-backward optimizer for them
+    (STACK.md), so they are stepped by the dense optimizer like any replicated weight.
+    """
+    fused = set(fused_param_names)
+    return {
+        name: param
+        for name, param in model.named_parameters()
+        if param.requires_grad and name not in fused and not name.endswith("__warmup")
+    }
+
+
+def build_optimizer(
+    model: nn.Module, fused_optimizer: KeyedOptimizer, config: OptimizerConfig
+) -> Tuple[CombinedOptimizer, List[WarmupOptimizer]]:
+    """Combines the DMP's fused optimizer with an Adam over the dense parameters, both under the LR schedule.
+
+    Args:
+        model: the ``DistributedModelParallel`` module.
+        fused_optimizer: ``dmp.fused_optimizer``.
+        config: resolved options.
+
+    Returns:
+        The combined optimizer (its ``state_dict`` holds both optimizers and the schedule position) and the two
+        schedule wrappers (sparse, dense) for inspection.
+    """
+    fused_names = list(fused_optimizer.params.keys())
+    dense = dense_parameters(model, fused_names)
+    dense_optimizer = KeyedOptimizerWrapper(
+        dense, lambda params: torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    )
+    stages = config.schedule()
+    sparse_scheduled = WarmupOptimizer(fused_optimizer, stages, lr=config.sparse_lr)
+    dense_scheduled = WarmupOptimizer(dense_optimizer, stages, lr=config.lr)
+    combined = CombinedOptimizer([("sparse", sparse_scheduled), ("dense", dense_scheduled)])
+    return combined, [sparse_scheduled, dense_scheduled]
