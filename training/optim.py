@@ -131,18 +131,37 @@ def attach_sparse_optimizer(embedding_module: nn.Module, config: OptimizerConfig
     _apply_optimizer_in_backward(SPARSE_OPTIMIZERS[config.sparse_optimizer], embedding_module.parameters(), kwargs)
 
 
-def dense_parameters(model: nn.Module, fused_param_names: Sequence[str]) -> Dict[str, torch.Tensor]:
-    """Trainable parameters that the fused optimizer does not update.
+def split_unfused_parameters(
+    model: nn.Module, fused_param_names: Sequence[str]
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """Trainable parameters the fused optimizer does not update, as (replicated tables, dense parameters).
 
-    That includes data-parallel embedding tables: TorchRec silently skips the in-backward optimizer for them
-    (STACK.md), so they are stepped by the dense optimizer like any replicated weight.
+    Data-parallel embedding tables are replicated weights that TorchRec silently leaves out of the in-backward
+    optimizer (STACK.md); they get the sparse optimizer's rule through a regular optimizer instead, so a table's
+    update rule does not depend on its sharding.
     """
     fused = set(fused_param_names)
-    return {
-        name: param
-        for name, param in model.named_parameters()
-        if param.requires_grad and name not in fused and not name.endswith("__warmup")
-    }
+    tables: Dict[str, torch.Tensor] = {}
+    dense: Dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad or name in fused:
+            continue
+        (tables if ".embedding_bags." in name else dense)[name] = param
+    return tables, dense
+
+
+def _regular_sparse_optimizer(params: Any, config: OptimizerConfig) -> torch.optim.Optimizer:
+    """The torch optimizer with the fused sparse optimizer's update rule (for replicated tables)."""
+    if config.sparse_optimizer == "adagrad":
+        return torch.optim.Adagrad(params, lr=config.sparse_lr, eps=1e-8)
+    if config.sparse_optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.sparse_lr)
+    if config.sparse_optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.sparse_lr, weight_decay=config.sparse_weight_decay)
+    raise ValueError(
+        f"--sparse-optimizer {config.sparse_optimizer} has no element-wise equivalent for data-parallel tables; "
+        "use adagrad, sgd or adam, or another sharding"
+    )
 
 
 def build_optimizer(
@@ -159,13 +178,16 @@ def build_optimizer(
         The combined optimizer (its ``state_dict`` holds both optimizers and the schedule position) and the two
         schedule wrappers (sparse, dense) for inspection.
     """
-    fused_names = list(fused_optimizer.params.keys())
-    dense = dense_parameters(model, fused_names)
+    tables, dense = split_unfused_parameters(model, list(fused_optimizer.params.keys()))
+    stages = config.schedule()
+    sparse: KeyedOptimizer = fused_optimizer
+    if tables:
+        replicated = KeyedOptimizerWrapper(tables, lambda params: _regular_sparse_optimizer(params, config))
+        sparse = CombinedOptimizer([("fused", fused_optimizer), ("replicated", replicated)])
     dense_optimizer = KeyedOptimizerWrapper(
         dense, lambda params: torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     )
-    stages = config.schedule()
-    sparse_scheduled = WarmupOptimizer(fused_optimizer, stages, lr=config.sparse_lr)
+    sparse_scheduled = WarmupOptimizer(sparse, stages, lr=config.sparse_lr)
     dense_scheduled = WarmupOptimizer(dense_optimizer, stages, lr=config.lr)
     combined = CombinedOptimizer([("sparse", sparse_scheduled), ("dense", dense_scheduled)])
     return combined, [sparse_scheduled, dense_scheduled]
