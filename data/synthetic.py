@@ -289,7 +289,7 @@ class SyntheticClickModel:
             raw[int_ids == special_id] = 0 if value is None else value
         return raw, int_ids == _SPECIAL_INT_VALUES.index(None)
 
-    def _components(self, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    def logit_parts(self, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """Unscaled first-order and interaction parts of the logit, ``[n]`` each."""
         flat = ids + self._offsets[:-1]
         first = self._first_order[flat].sum(axis=1)
@@ -303,7 +303,7 @@ class SyntheticClickModel:
         return first, interaction
 
     def _logit(self, ids: np.ndarray) -> np.ndarray:
-        first, interaction = self._components(ids)
+        first, interaction = self.logit_parts(ids)
         return self.bias + self._first_order_scale * first + self._interaction_scale * interaction - self._center
 
     def _calibrate(self) -> None:
@@ -314,7 +314,7 @@ class SyntheticClickModel:
         for f, (cdf, rank_to_id) in enumerate(zip(self._cdfs, self._rank_to_id)):
             ranks = np.minimum(np.searchsorted(cdf, pilot_rng.random(PILOT_ROWS), side="right"), cdf.shape[0] - 1)
             ids[:, f] = rank_to_id[ranks]
-        first, interaction = self._components(ids)
+        first, interaction = self.logit_parts(ids)
         self._first_order_scale = config.first_order_std / max(float(first.std()), 1e-12)
         self._interaction_scale = config.interaction_std / max(float(interaction.std()), 1e-12) if self.pairs else 0.0
         centered = self._first_order_scale * first + self._interaction_scale * interaction
