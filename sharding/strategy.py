@@ -1,0 +1,61 @@
+"""Named sharding strategies: the choices a user makes on the command line or in a config.
+
+This module imports nothing heavy, so command-line parsers can list and validate the choices without torch.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Union
+
+
+class ShardingStrategy(str, enum.Enum):
+    """How the embedding tables of a model are spread over the ranks.
+
+    * ``auto``: TorchRec's ``EmbeddingShardingPlanner`` chooses per table (table-wise, row-wise, column-wise,
+      table-row-wise, data-parallel, ...) under the memory of the topology.
+    * ``table_wise``: every table lives whole on one rank.
+    * ``row_wise``: every table is split by rows over all ranks.
+    * ``column_wise``: every table is split by columns into shards one embedding set wide, so the sets of a
+      multi-embedding model land on different ranks (set-parallel).
+    * ``data_parallel``: every table is replicated on every rank and its gradient all-reduced; TorchRec's fused
+      in-backward optimizer does not update such tables, so the trainer steps them with its dense optimizer.
+
+    Example::
+
+        >>> ShardingStrategy.parse("row_wise")
+        <ShardingStrategy.ROW_WISE: 'row_wise'>
+    """
+
+    AUTO = "auto"
+    TABLE_WISE = "table_wise"
+    ROW_WISE = "row_wise"
+    COLUMN_WISE = "column_wise"
+    DATA_PARALLEL = "data_parallel"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def choices(cls) -> list:
+        """The strategy names, in documentation order."""
+        return [s.value for s in cls]
+
+    @classmethod
+    def parse(cls, value: Union[str, "ShardingStrategy"], where: str = "strategy") -> "ShardingStrategy":
+        """Returns the strategy called ``value`` (``-`` and ``_`` are interchangeable).
+
+        Args:
+            value: a strategy or its name.
+            where: what to call the value in an error message (an option or a config key).
+
+        Raises:
+            ValueError: an unknown name; the message lists the valid ones.
+        """
+        if isinstance(value, cls):
+            return value
+        name = str(value).strip().lower().replace("-", "_")
+        for strategy in cls:
+            if strategy.value == name:
+                return strategy
+        raise ValueError(f"{where}: unknown sharding strategy {value!r}; choose from {', '.join(cls.choices())}")
