@@ -1,0 +1,516 @@
+"""Rank-sharded reader of a converted dataset's Parquet files, yielding TorchRec batches.
+
+Each rank of a data-parallel job builds one :class:`ParquetBatchLoader` for the same split with its own ``rank``;
+together the ranks read the split once, each a disjoint share:
+
+* the split's rows are put in one global order: a permutation drawn from ``(seed, epoch)`` when ``shuffle``, the
+  file order otherwise;
+* rank ``r`` takes a contiguous share of that order, and cuts it into batches.
+
+Last-batch policies (the split holds ``N`` rows, ``W`` ranks, batch size ``B``):
+
+* ``"drop"`` (training): every rank yields ``N // (W * B)`` full batches; the ``N mod (W * B)`` rows at the end of
+  the order are left out of that epoch (different rows each epoch when shuffling). The count is
+  :attr:`ParquetBatchLoader.rows_dropped_per_epoch` and is logged at construction: never a silent drop.
+* ``"pad"`` (evaluation): the split is cut into ``W`` contiguous shares as even as possible (sizes differ by at
+  most one) and every rank yields ``ceil(ceil(N / W) / B)`` full batches; the rows a rank lacks are copies of one
+  of its real rows with weight 0. Every row of the split is yielded exactly once with weight 1 across all ranks,
+  and all ranks run the same number of steps, so collectives never hang. Weight the per-row metrics and losses by
+  :attr:`WeightedBatch.weights`.
+* ``"keep"`` (single process): like ``"pad"`` without padding: the last batch is smaller. With ``W > 1`` the ranks'
+  batch counts may differ by one: only for ranks that run no collectives.
+
+Memory: the loader holds its rows in memory as numpy arrays, read once at construction (row group by row group,
+so the transient cost is one row group): without ``shuffle`` only this rank's share, with ``shuffle`` the whole
+split (every epoch draws a new global permutation, so any row may come to any rank). The bound is, per row held,
+4 bytes per one-hot field (8 if a vocabulary exceeds 2^31 ids), 4 per dense feature, 4 for the label, and for a
+multi-hot field 8 per id plus 8; Criteo-shaped data (39 one-hot fields, 13 dense): 212 bytes a row, 170 MB for
+the default synthetic train split of 800k rows, 7.8 GB for Criteo Kaggle's 36.7M training rows. Per epoch the
+loader also keeps the rank's row order (8 bytes a row; 8 bytes per split row when shuffling).
+
+Checks when opening (:class:`~multiembed.data.metadata.DatasetError`, naming file, row and field): missing
+metadata or Parquet files, Parquet schemas or row counts that disagree with ``metadata.json``, missing values,
+labels other than 0/1, ids outside ``[0, vocab_size)``. Rows are 1-based positions within their Parquet file.
+
+Speed: batches are gathered with vectorised numpy (row-major storage: a batch gathers B contiguous rows, then one
+transpose builds the key-major KJT values), no per-row Python. A background thread builds ``prefetch`` batches
+ahead. ``benchmarks/bench_loader.py`` measures it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
+
+import numpy as np
+
+from multiembed.data.stack import require_torchrec_stack
+
+require_torchrec_stack()
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+from torchrec.datasets.utils import Batch  # noqa: E402
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
+
+from multiembed.data.metadata import (  # noqa: E402
+    DENSE_PREFIX,
+    LABEL_COLUMN,
+    DatasetError,
+    DatasetMetadata,
+    read_metadata,
+)
+from multiembed.data.parquet_io import check_dataset_files  # noqa: E402
+
+LAST_BATCH_POLICIES = ("drop", "pad", "keep")
+_INT32_MAX = np.iinfo(np.int32).max
+_log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class WeightedBatch(Batch):
+    """A TorchRec :class:`~torchrec.datasets.utils.Batch` with a weight per row.
+
+    Attributes:
+        dense_features: ``[B, num_dense]`` float32 (``[B, 0]`` when the loader uses no dense features).
+        sparse_features: KJT with one key per field in metadata order, ``stride`` B, int64 values, int32 lengths.
+        labels: ``[B]`` float32, 0 or 1.
+        weights: ``[B]`` float32, 1 for a real row and 0 for a padding row (``last_batch="pad"``).
+
+    Example::
+
+        >>> batch = WeightedBatch(
+        ...     dense_features=torch.zeros(2, 0),
+        ...     sparse_features=KeyedJaggedTensor.from_lengths_sync(["C1"], torch.tensor([3, 1]), torch.tensor([1, 1])),
+        ...     labels=torch.tensor([0.0, 1.0]),
+        ...     weights=torch.tensor([1.0, 0.0]),
+        ... )
+        >>> batch.to(torch.device("cpu")).weights.tolist()
+        [1.0, 0.0]
+    """
+
+    weights: torch.Tensor
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "WeightedBatch":
+        return WeightedBatch(
+            dense_features=self.dense_features.to(device=device, non_blocking=non_blocking),
+            sparse_features=self.sparse_features.to(device=device, non_blocking=non_blocking),
+            labels=self.labels.to(device=device, non_blocking=non_blocking),
+            weights=self.weights.to(device=device, non_blocking=non_blocking),
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        super().record_stream(stream)
+        self.weights.record_stream(stream)
+
+    def pin_memory(self) -> "WeightedBatch":
+        return WeightedBatch(
+            dense_features=self.dense_features.pin_memory(),
+            sparse_features=self.sparse_features.pin_memory(),
+            labels=self.labels.pin_memory(),
+            weights=self.weights.pin_memory(),
+        )
+
+
+@dataclasses.dataclass
+class _RowStore:
+    """Rows ``[first_row, first_row + n)`` of a split, in memory.
+
+    Attributes:
+        labels: ``[n]`` float32.
+        dense: ``[n, num_dense]`` float32 (``[n, 0]`` without dense features).
+        one_hot: ``[n, num_one_hot]`` int32 or int64, row-major: a batch gathers whole rows.
+        multi_hot: per multi-hot field, ``(offsets [n + 1] int64, values int64)``.
+    """
+
+    first_row: int
+    labels: np.ndarray
+    dense: np.ndarray
+    one_hot: np.ndarray
+    multi_hot: Dict[str, Tuple[np.ndarray, np.ndarray]]
+
+
+def _first_bad(mask: np.ndarray) -> int:
+    return int(np.argmax(mask))
+
+
+def _column_numpy(table: pa.Table, name: str, path: Path, row_base: int) -> np.ndarray:
+    column = table.column(name)
+    if column.null_count:
+        row = _first_bad(np.asarray(pc.is_null(column).to_numpy(zero_copy_only=False)))
+        raise DatasetError(f"{path}: row {row_base + row + 1}: field {name}: missing value")
+    return column.to_numpy()
+
+
+def _check_ids(ids: np.ndarray, vocab_size: int, path: Path, field: str, rows_of_ids: Callable[[int], int]) -> None:
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        position = _first_bad(bad)
+        raise DatasetError(
+            f"{path}: row {rows_of_ids(position)}: field {field}: id {int(ids[position])} outside "
+            f"[0, {vocab_size}) (vocab_size from metadata.json)"
+        )
+
+
+def _read_rows(data_dir: Path, meta: DatasetMetadata, split: str, lo: int, hi: int, use_dense: bool) -> _RowStore:
+    """Reads and validates rows ``[lo, hi)`` of ``split`` (row groups outside the range are not read)."""
+    n = hi - lo
+    one_hot_fields = [f for f in meta.fields if not f.multi_hot]
+    multi_hot_fields = [f for f in meta.fields if f.multi_hot]
+    dense_names = list(meta.dense_fields) if use_dense else []
+    id_dtype = np.int32 if all(f.vocab_size - 1 <= _INT32_MAX for f in one_hot_fields) else np.int64
+    labels = np.empty(n, dtype=np.float32)
+    dense = np.empty((n, len(dense_names)), dtype=np.float32)
+    one_hot = np.empty((n, len(one_hot_fields)), dtype=id_dtype)
+    multi_lengths: Dict[str, List[np.ndarray]] = {f.name: [] for f in multi_hot_fields}
+    multi_values: Dict[str, List[np.ndarray]] = {f.name: [] for f in multi_hot_fields}
+    columns = [LABEL_COLUMN] + [f.name for f in meta.fields] + [DENSE_PREFIX + d for d in dense_names]
+
+    files = meta.splits[split]
+    file_start = 0
+    for rel, file_rows in zip(files.files, files.file_rows):
+        file_lo, file_hi = max(lo - file_start, 0), min(hi - file_start, file_rows)
+        if file_lo < file_hi:
+            path = data_dir / rel
+            parquet = pq.ParquetFile(path)
+            group_start = 0
+            for group in range(parquet.num_row_groups):
+                group_rows = parquet.metadata.row_group(group).num_rows
+                take_lo, take_hi = max(file_lo, group_start), min(file_hi, group_start + group_rows)
+                if take_lo < take_hi:
+                    table = parquet.read_row_group(group, columns=columns)
+                    table = table.slice(take_lo - group_start, take_hi - take_lo)
+                    out = slice(file_start + take_lo - lo, file_start + take_hi - lo)
+                    _fill(table, path, take_lo, meta, one_hot_fields, multi_hot_fields, dense_names,
+                          labels[out], dense[out], one_hot[out], multi_lengths, multi_values)
+                group_start += group_rows
+        file_start += file_rows
+
+    multi_hot: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+    for field in multi_hot_fields:
+        lengths = np.concatenate(multi_lengths[field.name]) if multi_lengths[field.name] else np.zeros(0, np.int64)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        values = np.concatenate(multi_values[field.name]) if multi_values[field.name] else np.zeros(0, np.int64)
+        multi_hot[field.name] = (offsets, values.astype(np.int64, copy=False))
+    return _RowStore(first_row=lo, labels=labels, dense=dense, one_hot=one_hot, multi_hot=multi_hot)
+
+
+def _fill(table, path, row_base, meta, one_hot_fields, multi_hot_fields, dense_names,
+          labels_out, dense_out, one_hot_out, multi_lengths, multi_values) -> None:
+    """Validates one row-group slice and copies it into the output arrays (``row_base``: 0-based row in file)."""
+    label = _column_numpy(table, LABEL_COLUMN, path, row_base)
+    bad = (label != 0) & (label != 1)
+    if bad.any():
+        row = _first_bad(bad)
+        raise DatasetError(f"{path}: row {row_base + row + 1}: field {LABEL_COLUMN}: {label[row]} is not 0 or 1")
+    labels_out[:] = label
+    for i, name in enumerate(dense_names):
+        dense_out[:, i] = _column_numpy(table, DENSE_PREFIX + name, path, row_base)
+    for i, field in enumerate(one_hot_fields):
+        ids = _column_numpy(table, field.name, path, row_base)
+        _check_ids(ids, field.vocab_size, path, field.name, lambda p: row_base + p + 1)
+        one_hot_out[:, i] = ids
+    for field in multi_hot_fields:
+        column = table.column(field.name).combine_chunks()
+        if column.null_count:
+            row = _first_bad(np.asarray(pc.is_null(column).to_numpy(zero_copy_only=False)))
+            raise DatasetError(f"{path}: row {row_base + row + 1}: field {field.name}: missing value")
+        lengths = pc.list_value_length(column).to_numpy().astype(np.int64)
+        ends = np.cumsum(lengths)
+
+        def row_of_value(position: int) -> int:
+            return row_base + int(np.searchsorted(ends, position, side="right")) + 1
+
+        flat = pc.list_flatten(column)
+        if flat.null_count:
+            position = _first_bad(np.asarray(pc.is_null(flat).to_numpy(zero_copy_only=False)))
+            raise DatasetError(f"{path}: row {row_of_value(position)}: field {field.name}: missing id inside the list")
+        values = flat.to_numpy()
+        _check_ids(values, field.vocab_size, path, field.name, row_of_value)
+        multi_lengths[field.name].append(lengths)
+        multi_values[field.name].append(values)
+
+
+class _Failure:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_END = object()
+
+
+def _in_background(produce: Iterator[T], depth: int) -> Iterator[T]:
+    """Runs ``produce`` in a thread, ``depth`` items ahead of the consumer.
+
+    A thread (not a process): batch building is numpy work on arrays this process already holds, and a
+    ``torch.utils.data.DataLoader`` worker would copy them and pickle every batch. Leaving the loop early stops the
+    thread; an exception in the thread is raised in the consumer.
+    """
+    items: "queue.Queue[object]" = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in produce:
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, which raises it
+            put(_Failure(error))
+
+    thread = threading.Thread(target=work, name="multiembed-loader-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        thread.join()
+
+
+class ParquetBatchLoader:
+    """Reads one split of a converted dataset as :class:`WeightedBatch` es, this rank's share only.
+
+    See the module docstring for the sharding, the last-batch policies and the memory bound.
+
+    Args:
+        data_dir: the dataset directory (``metadata.json`` + Parquet files).
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        batch_size: rows per batch on this rank.
+        rank: this process's rank in ``[0, world_size)``.
+        world_size: number of data-parallel ranks reading the split.
+        shuffle: draw a new global row permutation each epoch from ``(seed, epoch)``.
+        seed: shuffling seed.
+        last_batch: ``"drop"``, ``"pad"`` or ``"keep"``.
+        use_dense: emit the dense features (``[B, 0]`` when False or when the dataset has none).
+        prefetch: batches built ahead by a background thread (0: build in the caller's thread).
+
+    Attributes:
+        metadata: the dataset's metadata.
+        keys: KJT keys, the field names in metadata order.
+        num_dense: width of ``dense_features``.
+        num_batches: batches this rank yields per epoch (the same on every rank for ``"drop"`` and ``"pad"``).
+        num_rows: real (weight 1) rows this rank yields per epoch.
+        rows_dropped_per_epoch: rows of the split left out of every epoch under ``"drop"`` (0 otherwise).
+
+    Raises:
+        ValueError: bad arguments.
+        DatasetError: the dataset is missing, inconsistent or holds bad values (file, row and field named).
+
+    Example::
+
+        >>> import tempfile
+        >>> from multiembed.data.synthetic import SyntheticConfig, generate_dataset
+        >>> out = tempfile.mkdtemp()
+        >>> _ = generate_dataset(out, 1000, SyntheticConfig(seed=0), progress=False)
+        >>> loader = ParquetBatchLoader(out, "train", batch_size=256, rank=0, world_size=2, last_batch="pad")
+        >>> len(loader), loader.num_rows
+        (2, 400)
+        >>> batch = next(iter(loader))
+        >>> batch.dense_features.shape, batch.sparse_features.stride(), len(batch.sparse_features.keys())
+        (torch.Size([256, 13]), 256, 39)
+    """
+
+    def __init__(
+        self,
+        data_dir: os.PathLike,
+        split: str,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        last_batch: str = "drop",
+        use_dense: bool = True,
+        prefetch: int = 2,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank {rank}, world_size {world_size}")
+        if last_batch not in LAST_BATCH_POLICIES:
+            raise ValueError(f"last_batch must be one of {LAST_BATCH_POLICIES}, got {last_batch!r}")
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+        self.data_dir = Path(data_dir)
+        self.split = split
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.last_batch = last_batch
+        self.prefetch = prefetch
+
+        self.metadata = read_metadata(self.data_dir)
+        if split not in self.metadata.splits:
+            raise DatasetError(
+                f"{self.data_dir / 'metadata.json'}: splits: no split {split!r} "
+                f"(has {', '.join(self.metadata.splits) or 'none'})"
+            )
+        check_dataset_files(self.data_dir, self.metadata)
+        self.keys: List[str] = self.metadata.field_names
+        self._use_dense = use_dense and bool(self.metadata.dense_fields)
+        self.num_dense = len(self.metadata.dense_fields) if self._use_dense else 0
+        self._one_hot_fields = [f.name for f in self.metadata.fields if not f.multi_hot]
+        self._all_one_hot = len(self._one_hot_fields) == len(self.keys)
+
+        total = self.metadata.splits[split].rows
+        self._total_rows = total
+        self._share_lo, self._share_hi, self.num_batches = self._plan(total)
+        self.num_rows = self._share_hi - self._share_lo
+        self.rows_dropped_per_epoch = total - world_size * self.num_rows if last_batch == "drop" else 0
+        if self.rows_dropped_per_epoch and rank == 0:
+            _log.warning(
+                "%s split %r: last_batch='drop' leaves %d of %d rows out of every epoch (%d ranks x %d batches x %d)",
+                self.data_dir, split, self.rows_dropped_per_epoch, total, world_size, self.num_batches, batch_size,
+            )
+
+        if shuffle:
+            load_lo, load_hi = 0, total
+        elif self.num_rows > 0:
+            load_lo, load_hi = self._share_lo, self._share_hi
+        else:
+            # A rank with no rows of its own under "pad" still needs one real row to copy as padding.
+            load_lo, load_hi = 0, min(total, 1 if self.num_batches else 0)
+        self._store = _read_rows(self.data_dir, self.metadata, split, load_lo, load_hi, self._use_dense)
+        self._full_lengths = torch.ones(len(self.keys) * batch_size, dtype=torch.int32)
+
+    def _plan(self, total: int) -> Tuple[int, int, int]:
+        """This rank's share ``[lo, hi)`` of the epoch's row order and its batch count."""
+        batch, world, rank = self.batch_size, self.world_size, self.rank
+        if self.last_batch == "drop":
+            batches = total // (world * batch)
+            share = batches * batch
+            return rank * share, (rank + 1) * share, batches
+        base, extra = divmod(total, world)
+        lo = rank * base + min(rank, extra)
+        hi = lo + base + (1 if rank < extra else 0)
+        if self.last_batch == "pad":
+            return lo, hi, math.ceil(math.ceil(total / world) / batch)
+        return lo, hi, math.ceil((hi - lo) / batch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[WeightedBatch]:
+        return self.iter_epoch(0)
+
+    def epoch_rows(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
+        """The split rows (0-based, in file order) this rank yields in ``epoch``, padding included, and their weights.
+
+        Returns:
+            ``(rows, weights)``: int64 ``[num_batches * batch_size]`` (fewer under ``"keep"``) and float32 alike.
+        """
+        if self.shuffle:
+            order = np.random.default_rng(np.random.SeedSequence([self.seed, epoch])).permutation(self._total_rows)
+            rows = order[self._share_lo : self._share_hi]
+        else:
+            rows = np.arange(self._share_lo, self._share_hi, dtype=np.int64)
+        weights = np.ones(rows.shape[0], dtype=np.float32)
+        if self.last_batch == "pad":
+            missing = self.num_batches * self.batch_size - rows.shape[0]
+            if missing:
+                filler = rows[0] if rows.shape[0] else self._store.first_row
+                rows = np.concatenate([rows, np.full(missing, filler, dtype=np.int64)])
+                weights = np.concatenate([weights, np.zeros(missing, dtype=np.float32)])
+        return rows.astype(np.int64, copy=False), weights
+
+    def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[WeightedBatch]:
+        """Yields this rank's batches of ``epoch`` from batch ``start_batch`` on.
+
+        Deterministic by ``(seed, epoch)``: ``iter_epoch(e, k)`` yields exactly the batches ``k, k + 1, ...`` of
+        ``iter_epoch(e)``, so a run resumed from a checkpoint at (epoch, batch) sees the rows it would have seen.
+
+        Raises:
+            ValueError: ``start_batch`` outside ``[0, num_batches]``.
+        """
+        if not 0 <= start_batch <= self.num_batches:
+            raise ValueError(f"start_batch must be in [0, {self.num_batches}], got {start_batch}")
+        rows, weights = self.epoch_rows(epoch)
+        local = rows - self._store.first_row
+
+        def produce() -> Iterator[WeightedBatch]:
+            for b in range(start_batch, self.num_batches):
+                part = slice(b * self.batch_size, (b + 1) * self.batch_size)
+                yield self._make_batch(local[part], weights[part])
+
+        return _in_background(produce(), self.prefetch) if self.prefetch else produce()
+
+    def _make_batch(self, local_rows: np.ndarray, weights: np.ndarray) -> WeightedBatch:
+        store = self._store
+        size = local_rows.shape[0]
+        # Gather whole rows (contiguous in memory), then one transposing copy gives key-major values.
+        one_hot = np.ascontiguousarray(np.take(store.one_hot, local_rows, axis=0).T, dtype=np.int64)
+        if self._all_one_hot:
+            values = torch.from_numpy(one_hot.reshape(-1))
+            lengths = self._full_lengths if size == self.batch_size else torch.ones(size * len(self.keys), dtype=torch.int32)
+            length_per_key = [size] * len(self.keys)
+        else:
+            value_parts: List[np.ndarray] = []
+            length_parts: List[np.ndarray] = []
+            one_hot_index = {name: i for i, name in enumerate(self._one_hot_fields)}
+            for key in self.keys:
+                if key in one_hot_index:
+                    value_parts.append(one_hot[one_hot_index[key]])
+                    length_parts.append(np.ones(size, dtype=np.int32))
+                else:
+                    offsets, flat = store.multi_hot[key]
+                    starts = offsets[local_rows]
+                    counts = offsets[local_rows + 1] - starts
+                    # Position of every id: its row's start plus its rank within the row.
+                    first_out = np.cumsum(counts) - counts
+                    positions = np.repeat(starts - first_out, counts) + np.arange(int(counts.sum()))
+                    value_parts.append(flat[positions])
+                    length_parts.append(counts.astype(np.int32))
+            values = torch.from_numpy(np.concatenate(value_parts))
+            lengths = torch.from_numpy(np.concatenate(length_parts))
+            length_per_key = [int(part.sum()) for part in length_parts]
+        offset_per_key = [0]
+        for length in length_per_key:
+            offset_per_key.append(offset_per_key[-1] + length)
+        sparse = KeyedJaggedTensor(
+            keys=self.keys,
+            values=values,
+            lengths=lengths,
+            stride=size,
+            length_per_key=length_per_key,
+            offset_per_key=offset_per_key,
+        )
+        dense = (
+            torch.from_numpy(np.take(store.dense, local_rows, axis=0))
+            if self._use_dense
+            else torch.zeros((size, 0), dtype=torch.float32)
+        )
+        return WeightedBatch(
+            dense_features=dense,
+            sparse_features=sparse,
+            labels=torch.from_numpy(np.take(store.labels, local_rows)),
+            weights=torch.from_numpy(np.ascontiguousarray(weights)),
+        )
