@@ -1,0 +1,404 @@
+"""Feature-interaction cores of the paper's backbones, batched over K embedding sets.
+
+Each core takes set-major input (``[K, B, ...]``, see :mod:`multiembed.models.layers`) and holds its weights with a
+leading set dimension ``G`` (``G = K`` for multi-embedding, ``G = 1`` for one interaction shared by every set), so
+one forward is a fixed number of batched kernels whatever K is. Sets sharing a weight are folded into the batch
+(``[K, B, ...]`` viewed as ``[G, (K // G) * B, ...]``).
+
+Initialisations follow the paper's code (``thuml/Multi-Embedding``, ``torchfm``): xavier-uniform full-rank cross
+weights with zero bias; standard-normal field-pair weights for NFwFM; ``Conv1d``'s default for the CIN; TorchRec's
+``LowRankCrossNet`` (xavier-normal kernels, zero bias) for the low-rank cross.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from multiembed.models.layers import SetProjection, _check_groups
+
+
+class BatchedCrossNet(nn.Module):
+    r"""K full-rank DCNv2 cross networks: :math:`x_{l+1} = x_0 \odot (W_l x_l + b_l) + x_l`.
+
+    The paper's (and DCNv2's) full-rank form, stacked before the MLP. Per layer and set it is one ``baddbmm``
+    (the ``W_l x_l + b_l`` GEMM) and one ``addcmul``; the layer runs at GEMM speed.
+
+    ``weight[l, g]`` is ``[D, D]`` in ``nn.Linear``'s (out, in) convention, acting on the concatenation of the
+    set's field embeddings, so the block ``weight[l, g][j*d:(j+1)*d, i*d:(i+1)*d]`` is ``W_{i->j}``, the map by
+    which field ``j`` sees field ``i`` (the paper's sub-embedding analysis uses layer 0).
+
+    Args:
+        num_sets: K.
+        in_features: D = F * d.
+        num_layers: cross layers (4 in the paper).
+        num_weight_sets: G (default K).
+        device: where the parameters live.
+
+    Example::
+
+        >>> cross = BatchedCrossNet(num_sets=4, in_features=390, num_layers=4)
+        >>> cross(torch.randn(4, 32, 390)).shape
+        torch.Size([4, 32, 390])
+    """
+
+    def __init__(
+        self,
+        num_sets: int,
+        in_features: int,
+        num_layers: int,
+        num_weight_sets: Optional[int] = None,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        self.num_sets = num_sets
+        self.num_weight_sets = _check_groups(num_sets, num_weight_sets)
+        if in_features < 1 or num_layers < 1:
+            raise ValueError(f"in_features and num_layers must be >= 1, got {in_features}, {num_layers}")
+        self.in_features = in_features
+        self.num_layers = num_layers
+        g = self.num_weight_sets
+        self.weight = nn.Parameter(torch.empty(num_layers, g, in_features, in_features, device=device))
+        self.bias = nn.Parameter(torch.empty(num_layers, g, in_features, device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # xavier_uniform_ of one [D, D] matrix: fan_in = fan_out = D.
+        bound = math.sqrt(6.0 / (2 * self.in_features))
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound)
+            self.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: ``[K, B, D]`` set-major.
+
+        Returns:
+            ``[K, B, D]``.
+        """
+        x0 = x.reshape(self.num_weight_sets, -1, self.in_features)
+        xl = x0
+        for layer in range(self.num_layers):
+            projected = torch.baddbmm(self.bias[layer].unsqueeze(1), xl, self.weight[layer].transpose(1, 2))
+            xl = torch.addcmul(xl, x0, projected)
+        return xl.view(self.num_sets, -1, self.in_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_sets={self.num_sets}, in_features={self.in_features}, num_layers={self.num_layers}, "
+            f"num_weight_sets={self.num_weight_sets}"
+        )
+
+
+class BatchedLowRankCrossNet(nn.Module):
+    r"""K low-rank cross networks (TorchRec's ``LowRankCrossNet``):
+    :math:`x_{l+1} = x_0 \odot (W_l (V_l x_l) + b_l) + x_l`, ``W_l: [D, r]``, ``V_l: [r, D]``.
+
+    The DLRM-DCNv2 form of MLPerf Training (3 layers, rank 512).
+
+    Args:
+        num_sets: K.
+        in_features: D = F * d.
+        num_layers: cross layers.
+        low_rank: r.
+        num_weight_sets: G (default K).
+        device: where the parameters live.
+
+    Example::
+
+        >>> cross = BatchedLowRankCrossNet(num_sets=2, in_features=390, num_layers=3, low_rank=64)
+        >>> cross(torch.randn(2, 32, 390)).shape
+        torch.Size([2, 32, 390])
+    """
+
+    def __init__(
+        self,
+        num_sets: int,
+        in_features: int,
+        num_layers: int,
+        low_rank: int,
+        num_weight_sets: Optional[int] = None,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        self.num_sets = num_sets
+        self.num_weight_sets = _check_groups(num_sets, num_weight_sets)
+        if in_features < 1 or num_layers < 1 or low_rank < 1:
+            raise ValueError(
+                f"in_features, num_layers and low_rank must be >= 1, got {in_features}, {num_layers}, {low_rank}"
+            )
+        self.in_features = in_features
+        self.num_layers = num_layers
+        self.low_rank = low_rank
+        g = self.num_weight_sets
+        self.W_kernels = nn.Parameter(torch.empty(num_layers, g, in_features, low_rank, device=device))
+        self.V_kernels = nn.Parameter(torch.empty(num_layers, g, low_rank, in_features, device=device))
+        self.bias = nn.Parameter(torch.empty(num_layers, g, in_features, device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # xavier_normal_ of a [D, r] (or [r, D]) matrix: std = sqrt(2 / (D + r)).
+        std = math.sqrt(2.0 / (self.in_features + self.low_rank))
+        with torch.no_grad():
+            self.W_kernels.normal_(0.0, std)
+            self.V_kernels.normal_(0.0, std)
+            self.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: ``[K, B, D]`` set-major.
+
+        Returns:
+            ``[K, B, D]``.
+        """
+        x0 = x.reshape(self.num_weight_sets, -1, self.in_features)
+        xl = x0
+        for layer in range(self.num_layers):
+            low = torch.bmm(xl, self.V_kernels[layer].transpose(1, 2))
+            projected = torch.baddbmm(self.bias[layer].unsqueeze(1), low, self.W_kernels[layer].transpose(1, 2))
+            xl = torch.addcmul(xl, x0, projected)
+        return xl.view(self.num_sets, -1, self.in_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_sets={self.num_sets}, in_features={self.in_features}, num_layers={self.num_layers}, "
+            f"low_rank={self.low_rank}, num_weight_sets={self.num_weight_sets}"
+        )
+
+
+class PairwiseInnerProducts(nn.Module):
+    r"""Inner products :math:`\langle e_i, e_j \rangle` of every field pair ``i < j`` (IPNN; DLRM's dot
+    interaction), pairs in row-major order ``(0,1), (0,2), ..., (F-2,F-1)`` as the paper's code.
+
+    Computed as a batched Gram matrix ``E E^T`` (a GEMM) and its strict upper triangle. No parameters.
+
+    Args:
+        num_fields: F.
+
+    Example::
+
+        >>> products = PairwiseInnerProducts(num_fields=39)
+        >>> products(torch.randn(4, 32, 39, 10)).shape
+        torch.Size([4, 32, 741])
+    """
+
+    def __init__(self, num_fields: int) -> None:
+        super().__init__()
+        if num_fields < 2:
+            raise ValueError(f"pairwise products need at least 2 fields, got {num_fields}")
+        self.num_fields = num_fields
+        self.output_dim = num_fields * (num_fields - 1) // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: ``[K, B, F, d]``.
+
+        Returns:
+            ``[K, B, F*(F-1)/2]``.
+        """
+        gram = torch.matmul(x, x.transpose(-1, -2))
+        # Built per call, not a buffer: a buffer of a module built on `meta` would be garbage after DMP's to_empty.
+        pairs = torch.triu_indices(self.num_fields, self.num_fields, offset=1, device=x.device)
+        return gram[:, :, pairs[0], pairs[1]]
+
+
+class FieldWeightedFM(nn.Module):
+    r"""NFwFM's field-weighted bi-interaction per set: :math:`\sum_{i,j} r_{ij}\, e_i \odot e_j`.
+
+    As the paper's code (``torchfm/model/fwfm.py``) the sum runs over all ordered pairs, the diagonal included, with
+    a free ``[F, F]`` weight initialised standard-normal.
+
+    Args:
+        num_sets: K.
+        num_fields: F.
+        num_weight_sets: G (default K).
+        device: where the parameters live.
+
+    Example::
+
+        >>> fwfm = FieldWeightedFM(num_sets=2, num_fields=39)
+        >>> fwfm(torch.randn(2, 32, 39, 50)).shape
+        torch.Size([2, 32, 50])
+    """
+
+    def __init__(
+        self,
+        num_sets: int,
+        num_fields: int,
+        num_weight_sets: Optional[int] = None,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        self.num_sets = num_sets
+        self.num_weight_sets = _check_groups(num_sets, num_weight_sets)
+        if num_fields < 1:
+            raise ValueError(f"num_fields must be >= 1, got {num_fields}")
+        self.num_fields = num_fields
+        self.weight = nn.Parameter(torch.empty(self.num_weight_sets, num_fields, num_fields, device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.normal_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: ``[K, B, F, d]``.
+
+        Returns:
+            ``[K, B, d]``.
+        """
+        grouped = x.reshape(self.num_weight_sets, -1, self.num_fields, x.shape[-1])
+        mixed = torch.einsum("gij,gnjd->gnid", self.weight, grouped)
+        return (grouped * mixed).sum(dim=2).view(self.num_sets, -1, x.shape[-1])
+
+
+class CompressedInteraction(nn.Module):
+    r"""xDeepFM's compressed interaction network (CIN) per set, without split-half and without the final linear
+    layer (the paper's ``CIN``): :math:`H^{l}_{c} = \mathrm{ReLU}(\sum_{i,h} W^{l}_{c,i,h}\, x^0_i \odot
+    H^{l-1}_h + b^l_c)`, each layer's maps sum-pooled over the embedding width and concatenated.
+
+    Internally field-major (``[G, F, N, d]``) so each layer's outer product is laid out for one batched GEMM with
+    no copy.
+
+    Args:
+        num_sets: K.
+        num_fields: F.
+        layer_sizes: feature maps per layer ((16, 16) in the paper).
+        num_weight_sets: G (default K).
+        device: where the parameters live.
+
+    Example::
+
+        >>> cin = CompressedInteraction(num_sets=2, num_fields=39, layer_sizes=(16, 16))
+        >>> cin(torch.randn(2, 32, 39, 10)).shape
+        torch.Size([2, 32, 32])
+    """
+
+    def __init__(
+        self,
+        num_sets: int,
+        num_fields: int,
+        layer_sizes: Sequence[int],
+        num_weight_sets: Optional[int] = None,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        self.num_sets = num_sets
+        self.num_weight_sets = _check_groups(num_sets, num_weight_sets)
+        if num_fields < 1 or not layer_sizes or any(c < 1 for c in layer_sizes):
+            raise ValueError(f"need num_fields >= 1 and positive layer sizes, got {num_fields}, {list(layer_sizes)}")
+        self.num_fields = num_fields
+        self.layer_sizes: List[int] = list(layer_sizes)
+        self.output_dim = sum(self.layer_sizes)
+        g = self.num_weight_sets
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        previous = num_fields
+        for size in self.layer_sizes:
+            self.weights.append(nn.Parameter(torch.empty(g, size, num_fields * previous, device=device)))
+            self.biases.append(nn.Parameter(torch.empty(g, size, device=device)))
+            previous = size
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Conv1d(in, out, kernel_size=1)'s default: uniform in +-1/sqrt(in) for weight and bias.
+        with torch.no_grad():
+            for weight, bias in zip(self.weights, self.biases):
+                bound = 1.0 / math.sqrt(weight.shape[-1])
+                weight.uniform_(-bound, bound)
+                bias.uniform_(-bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: ``[K, B, F, d]``.
+
+        Returns:
+            ``[K, B, sum(layer_sizes)]``.
+        """
+        g, f = self.num_weight_sets, self.num_fields
+        width = x.shape[-1]
+        x0 = x.reshape(g, -1, f, width).permute(0, 2, 1, 3).contiguous()  # [G, F, N, d]
+        hidden = x0
+        pooled: List[torch.Tensor] = []
+        for weight, bias, size in zip(self.weights, self.biases, self.layer_sizes):
+            outer = (x0.unsqueeze(2) * hidden.unsqueeze(1)).flatten(1, 2).flatten(2)  # [G, F*H, N*d]
+            maps = torch.relu(torch.baddbmm(bias.unsqueeze(2), weight, outer))  # [G, C, N*d]
+            hidden = maps.view(g, size, -1, width)  # [G, C, N, d]
+            pooled.append(hidden.sum(dim=-1))  # [G, C, N]
+        features = torch.cat(pooled, dim=1).transpose(1, 2)  # [G, N, sum C]
+        return features.reshape(self.num_sets, -1, self.output_dim)
+
+
+class TwoStreamMLP(nn.Module):
+    """FinalMLP's two MLP streams per set, both on the set's concatenated embeddings (feature gating disabled, as
+    the paper's code).
+
+    The streams' first layers share their input, so they run as one batched Linear with the two streams' outputs
+    concatenated (``[x-stream | y-stream]``; BatchNorm is per channel, so this is exactly two layers). Later layers
+    run the ``2K`` (stream, set) pairs as virtual sets in stream-major order, so sets sharing a weight stay adjacent.
+
+    Args:
+        num_sets: K.
+        in_features: F * d.
+        layer_sizes: each stream's layer widths ((400, 400) in the paper).
+        dropout: dropout after every layer.
+        num_weight_sets: G (default K; 1 shares both streams across sets).
+        device: where the parameters live.
+
+    Example::
+
+        >>> streams = TwoStreamMLP(num_sets=2, in_features=390, layer_sizes=(400, 400), dropout=0.2)
+        >>> streams(torch.randn(2, 32, 390)).shape
+        torch.Size([32, 2, 800])
+    """
+
+    def __init__(
+        self,
+        num_sets: int,
+        in_features: int,
+        layer_sizes: Sequence[int],
+        dropout: float,
+        num_weight_sets: Optional[int] = None,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        self.num_sets = num_sets
+        self.num_weight_sets = _check_groups(num_sets, num_weight_sets)
+        if not layer_sizes or any(h < 1 for h in layer_sizes):
+            raise ValueError(f"layer_sizes must be non-empty and positive, got {list(layer_sizes)}")
+        self.layer_sizes: List[int] = list(layer_sizes)
+        self.in_features = in_features
+        self.stream_dim = self.layer_sizes[-1]
+        self.output_dim = 2 * self.stream_dim
+        self.first = SetProjection(num_sets, in_features, 2 * self.layer_sizes[0], dropout, self.num_weight_sets,
+                                   device=device)
+        self.rest = nn.ModuleList(
+            SetProjection(2 * num_sets, previous, size, dropout, 2 * self.num_weight_sets, device=device)
+            for previous, size in zip(self.layer_sizes[:-1], self.layer_sizes[1:])
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: ``[K, B, F*d]`` set-major.
+
+        Returns:
+            ``[B, K, 2 * layer_sizes[-1]]``: per set, the x stream's output then the y stream's.
+        """
+        k = self.num_sets
+        hidden = self.first(x)  # [B, K, 2*H_0]
+        for layer, previous, size in zip(self.rest, self.layer_sizes[:-1], self.layer_sizes[1:]):
+            # [B, K, 2, H] -> stream-major virtual sets [2*K, B, H] (set v = stream * K + k)
+            streams = hidden.view(-1, k, 2, previous).permute(2, 1, 0, 3).reshape(2 * k, -1, previous)
+            out = layer(streams)  # [B, 2K, H']
+            hidden = out.view(-1, 2, k, size).transpose(1, 2).reshape(-1, k, 2 * size)
+        return hidden
