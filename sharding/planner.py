@@ -356,7 +356,11 @@ def build_constraints(
             # Column shards one set wide, also when the planner picks column-wise under ``auto``.
             min_partition = set_width
         kwargs: Dict[str, object] = {"min_partition": min_partition}
-        if strategy is not ShardingStrategy.AUTO:
+        if strategy is ShardingStrategy.AUTO:
+            # Tables stay in device memory: UVM offload to host memory (fused_uvm, fused_uvm_caching) needs
+            # FBGEMM's CUDA build, which cannot be exercised here, and would hide a plan that does not fit.
+            kwargs["compute_kernels"] = sorted(set(_KERNEL_FOR_STRATEGY.values()))
+        else:
             kwargs["sharding_types"] = [strategy.value]
             kwargs["compute_kernels"] = [_KERNEL_FOR_STRATEGY[strategy]]
         if pooling_factors:
@@ -558,15 +562,20 @@ def _refusal(
         if need > largest_need:
             largest_name, largest_need = table.name, need
     total = replicated * world + sharded
+    problems = []
+    if total > available * world:
+        problems.append(
+            f"the tables need at least {format_bytes(total)} in all (weights + optimizer state), "
+            f"{format_bytes(available * world)} is available"
+        )
     if replicated + largest_need > available:
-        parts = [f"{format_bytes(replicated)} for data-parallel replicas"] if replicated else []
+        parts = [f"{format_bytes(replicated)} of data-parallel replicas"] if replicated else []
         if largest_name:
-            parts.append(f"{format_bytes(largest_need)} for table {largest_name!r} ({strategies[largest_name].value})")
-        reason = f"one rank needs at least {format_bytes(replicated + largest_need)} ({', '.join(parts)})"
-    elif total > available * world:
-        reason = f"the tables need at least {format_bytes(total)} (weights + optimizer state) in all"
-    else:
-        reason = f"the planner could not place the shards ({str(error).strip().splitlines()[0]})"
+            parts.append(f"{format_bytes(largest_need)} of table {largest_name!r} ({strategies[largest_name].value})")
+        problems.append(f"one rank needs at least {format_bytes(replicated + largest_need)} ({' + '.join(parts)})")
+    if not problems:
+        problems.append(f"the planner could not place the shards ({str(error).strip().splitlines()[0]})")
+    reason = "; ".join(problems)
     return (
         f"no sharding plan fits on {world} ranks x {format_bytes(capacity)} {tier.upper()} "
         f"({format_bytes(available)} per rank left for embeddings after reserving dense parameters, input buffers "

@@ -1,0 +1,218 @@
+"""``multiembed plan``: plans the sharding of a model for a topology on paper, without its hardware.
+
+Prints one line per embedding table (rows, width, sharding, kernel, ranks, bytes), memory per rank (embedding
+weights + optimizer state) and the estimated communication per step; refuses in one line (exit status 2) when no
+plan fits. ``--json OUT`` also writes the full summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from multiembed.sharding.strategy import ShardingStrategy
+
+SPARSE_OPTIMIZERS = ("adam", "adagrad", "rowwise_adagrad", "sgd")
+DEFAULT_HOST_SIZE = 8
+
+
+def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = subparsers.add_parser(
+        "plan",
+        help="plan how a model's embedding tables shard over a topology (on paper)",
+        description=(
+            "Builds MODEL for the vocabulary of --data on the meta device (nothing is allocated) and plans its "
+            "embedding tables over --world-size ranks with TorchRec's planner, for a GPU topology by default even on "
+            "a machine without one. Prints the sharding of every table, memory per rank (embedding weights + "
+            "optimizer state) and the estimated communication per step; exits with status 2 and a one-line reason "
+            "when no plan fits."
+        ),
+    )
+    p.add_argument("--model", required=True, help="model name, e.g. dcnv2-me-4x")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="dataset preset (criteo-kaggle, criteo-1tb, avazu) or a converted dataset directory",
+    )
+    p.add_argument("--world-size", type=int, required=True, help="number of ranks (GPUs or CPU processes)")
+    p.add_argument(
+        "--local-world-size",
+        type=int,
+        default=None,
+        help=f"ranks per host (default: {DEFAULT_HOST_SIZE} when it divides --world-size, else --world-size)",
+    )
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="device of each rank (default: cuda)")
+    p.add_argument("--hbm-gb", type=float, default=None, help="GPU memory per rank in GiB (default: TorchRec's, 32)")
+    p.add_argument("--ddr-gb", type=float, default=None, help="host memory per rank in GiB (default: TorchRec's, 128)")
+    p.add_argument("--strategy", choices=ShardingStrategy.choices(), default="auto", help="sharding strategy")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="TABLE=STRATEGY",
+        help="sharding strategy for one table (repeatable)",
+    )
+    p.add_argument(
+        "--set-width",
+        type=int,
+        default=None,
+        help="column-shard width (default: the model's stored width of one embedding set)",
+    )
+    p.add_argument("--batch-size", type=int, default=2048, help="per-rank batch size (default: 2048)")
+    p.add_argument(
+        "--sparse-optimizer",
+        choices=SPARSE_OPTIMIZERS,
+        default=None,
+        help="optimizer of the sharded tables (default: adam on cuda, adagrad on cpu, as the trainer)",
+    )
+    p.add_argument(
+        "--dense-optimizer",
+        choices=SPARSE_OPTIMIZERS,
+        default="adam",
+        help="optimizer of data-parallel tables (default: adam)",
+    )
+    p.add_argument(
+        "--multi-hot",
+        action="store_true",
+        help="size inputs for the preset's multi-hot variant (criteo-1tb: MLPerf DLRM-DCNv2 ids per sample)",
+    )
+    p.add_argument("--json", metavar="OUT", default=None, help="also write the plan summary as JSON to OUT")
+    p.set_defaults(func=run)
+
+
+def parse_overrides(items: List[str]) -> Dict[str, str]:
+    """``["t1=row_wise", ...]`` -> ``{"t1": "row_wise"}``.
+
+    Raises:
+        ValueError: an item without ``=``, an empty table name, or a table given twice.
+    """
+    overrides: Dict[str, str] = {}
+    for item in items:
+        table, sep, strategy = item.partition("=")
+        if not sep or not table.strip() or not strategy.strip():
+            raise ValueError(f"--override {item!r}: expected TABLE=STRATEGY")
+        if table.strip() in overrides:
+            raise ValueError(f"--override: table {table.strip()!r} given twice")
+        overrides[table.strip()] = ShardingStrategy.parse(strategy.strip(), where=f"--override {item!r}").value
+    return overrides
+
+
+def resolve_data(data: str, multi_hot: bool) -> Tuple[str, Dict[str, int], int, Optional[Dict[str, float]], bool]:
+    """Vocabulary of a preset or a converted directory.
+
+    Returns:
+        ``(label, vocab_sizes, num_dense, pooling_factors or None, exact)``; ``exact`` is False when the preset's
+        vocabulary sizes are estimates.
+
+    Raises:
+        ValueError: neither a preset nor a directory, or ``--multi-hot`` without multi-hot sizes.
+        DatasetError: a directory that is not a complete converted dataset.
+    """
+    from multiembed.data.metadata import read_metadata
+    from multiembed.data.presets import DATASET_PRESETS
+
+    if data in DATASET_PRESETS:
+        preset = DATASET_PRESETS[data]
+        pooling = None
+        if multi_hot:
+            if not preset.multi_hot_sizes:
+                raise ValueError(f"--multi-hot: preset {data!r} has no multi-hot variant")
+            pooling = {k: float(v) for k, v in preset.multi_hot_sizes.items()}
+        return data, dict(preset.vocab_sizes), preset.num_dense, pooling, preset.exact
+    if os.sep in data or os.path.exists(data):
+        if multi_hot:
+            raise ValueError("--multi-hot: applies to dataset presets only")
+        meta = read_metadata(data)
+        return str(data), meta.vocab_sizes, len(meta.dense_fields), None, True
+    raise ValueError(
+        f"--data {data!r}: neither a dataset preset ({', '.join(DATASET_PRESETS)}) nor a converted dataset directory"
+    )
+
+
+def default_local_world_size(world_size: int) -> int:
+    return DEFAULT_HOST_SIZE if world_size % DEFAULT_HOST_SIZE == 0 else world_size
+
+
+def run(args: argparse.Namespace) -> int:
+    from multiembed.data.stack import require_torchrec_stack
+
+    require_torchrec_stack()
+    import torch
+    from torchrec import optim as trec_optim
+    from torch.distributed.optim import _apply_optimizer_in_backward
+
+    from multiembed.data.metadata import atomic_write_text
+    from multiembed.models import build_model
+    from multiembed.sharding import build_topology, embedding_tables, format_summary, plan_sharding, plan_summary
+    from multiembed.sharding.planner import GB
+
+    overrides = parse_overrides(args.override)
+    label, vocab_sizes, num_dense, pooling, exact = resolve_data(args.data, args.multi_hot)
+    local_world_size = args.local_world_size or default_local_world_size(args.world_size)
+    sparse_optimizer = args.sparse_optimizer or ("adam" if args.device == "cuda" else "adagrad")
+    if args.device == "cpu" and sparse_optimizer == "adam":
+        raise ValueError("--sparse-optimizer adam: FBGEMM's CPU kernels have no fused Adam (use adagrad)")
+
+    model = build_model(args.model, vocab_sizes, num_dense=num_dense, device=torch.device("meta"))
+    # Mark the tables with their fused optimizer as the trainer does: TorchRec's planner reads it off the
+    # parameters to size the optimizer state.
+    optimizer_class = {
+        "adam": trec_optim.Adam,
+        "adagrad": trec_optim.Adagrad,
+        "rowwise_adagrad": trec_optim.RowWiseAdagrad,
+        "sgd": trec_optim.SGD,
+    }[sparse_optimizer]
+    for path in sorted({t.module_path for t in embedding_tables(model)}):
+        _apply_optimizer_in_backward(optimizer_class, model.get_submodule(path).parameters(), {"lr": 0.01})
+
+    plan = plan_sharding(
+        model,
+        args.strategy,
+        world_size=args.world_size,
+        local_world_size=local_world_size,
+        device_type=args.device,
+        set_width=args.set_width,
+        overrides=overrides,
+        hbm_gb=args.hbm_gb,
+        ddr_gb=args.ddr_gb,
+        batch_size=args.batch_size,
+        pooling_factors=pooling,
+    )
+    # The capacity the planner worked with (TorchRec's defaults where no size was given).
+    topology = build_topology(args.world_size, local_world_size, args.device, hbm_gb=args.hbm_gb, ddr_gb=args.ddr_gb)
+    storage = topology.devices[0].storage
+    capacity = (storage.hbm if args.device == "cuda" else storage.ddr) / GB
+    summary = plan_summary(
+        plan,
+        model,
+        world_size=args.world_size,
+        local_world_size=local_world_size,
+        batch_size=args.batch_size,
+        pooling_factors=pooling,
+        dense_optimizer=args.dense_optimizer,
+        device_type=args.device,
+        capacity_gb=capacity,
+    )
+    summary["request"] = {
+        "model": args.model,
+        "data": label,
+        "vocabulary_exact": exact,
+        "strategy": args.strategy,
+        "overrides": overrides,
+        "sparse_optimizer": sparse_optimizer,
+        "multi_hot": bool(args.multi_hot),
+    }
+    estimate = "" if exact else " (vocabulary sizes are estimates)"
+    print(
+        f"{args.model} on {label}{estimate}: {sum(vocab_sizes.values()):,} ids over {len(vocab_sizes)} fields; "
+        f"strategy {args.strategy}; sparse optimizer {sparse_optimizer}; {args.device}"
+    )
+    print(format_summary(summary))
+    if args.json:
+        out = Path(args.json)
+        atomic_write_text(out, json.dumps(summary, indent=2) + "\n")
+        print(f"summary written to {out}")
+    return 0
