@@ -128,6 +128,11 @@ def singular_values_from_gram(gram: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _inverse_or_zero(values: torch.Tensor) -> torch.Tensor:
+    """``1 / v`` where ``v > 0``, else 0 (zero rows stay zero instead of becoming NaN)."""
+    return torch.where(values > 0, values.reciprocal(), torch.zeros((), dtype=values.dtype, device=values.device))
+
+
 class _GramState:
     """Float64 Gram matrices plus row counters, flattenable into one buffer for a single ``all_reduce``."""
 
@@ -142,8 +147,10 @@ class _GramState:
             raise ValueError(f"{type(self).__name__}.add: expected rows of shape [n, {width}], got {tuple(rows.shape)}")
         x = rows.detach().to(device=self.gram.device, dtype=torch.float64)
         self.num_rows += x.shape[0]
-        self.zero_rows += int((x == 0).all(dim=1).sum())
         return x
+
+    def _count_zero_rows(self, squared_norms: torch.Tensor) -> None:
+        self.zero_rows += int((squared_norms == 0).sum())
 
     def flat_state(self) -> torch.Tensor:
         """``[numel(gram) + 2]``: the Gram entries, then ``num_rows`` and ``zero_rows`` (exact in float64)."""
@@ -215,9 +222,11 @@ class GramAccumulator(_GramState):
     def add(self, rows: torch.Tensor) -> None:
         """Adds a chunk of rows ``[n, dim]`` (any float dtype, any device)."""
         x = self._prepare(rows, self.dim)
-        if self.row_normalized:
-            x = normalize_rows(x)
-        self.gram.addmm_(x.T, x)
+        squared_norms = x.square().sum(dim=1)
+        self._count_zero_rows(squared_norms)
+        # sum_r e_r e_r^T / |e_r|^2 as one GEMM with row weights (zero rows weigh 0): no normalised copy of the chunk.
+        left = x.T * _inverse_or_zero(squared_norms) if self.row_normalized else x.T
+        self.gram.addmm_(left, x)
 
     def information_abundance(self) -> float:
         """IA of the rows accumulated so far."""
@@ -229,8 +238,11 @@ class ProjectedGramAccumulator(_GramState):
 
     For DCNv2 sub-embeddings: with ``W_p`` the block ``W_{i->p}`` of the first cross weight, ``G_p`` is the Gram of
     field ``i``'s table as field ``p`` sees it, ``E_i W_{i->p}^T``. Row normalisation applies to each projected row
-    ``W_p e_r`` (normalising ``e_r`` first would change nothing: a per-row scale cancels). One pass over the rows
-    serves all ``P`` projections.
+    ``W_p e_r`` (normalising ``e_r`` first would change nothing: a per-row scale cancels).
+
+    The state kept is the input-space Gram ``M_p = sum_r w_rp e_r e_r^T`` with ``w_rp = 1 / |W_p e_r|^2`` (1 for raw
+    rows), and ``G_p = W_p M_p W_p^T``: a chunk costs two GEMMs against the ``d_in^2`` outer products of its rows
+    instead of materialising all ``P`` projections (``P * d_out`` floats a row). Memory ``O(P * d_in^2)``.
 
     Args:
         projections: ``[P, d_out, d_in]``.
@@ -256,19 +268,30 @@ class ProjectedGramAccumulator(_GramState):
                 f"ProjectedGramAccumulator: projections must be [P, d_out, d_in], got {tuple(projections.shape)}"
             )
         num_maps, d_out, d_in = projections.shape
-        super().__init__((num_maps, d_out, d_out), row_normalized, device)
-        # [d_in, P * d_out]: one GEMM per chunk for all maps.
-        self._stacked = projections.detach().to(device=self.gram.device, dtype=torch.float64).reshape(-1, d_in).T
+        super().__init__((num_maps, d_in, d_in), row_normalized, device)
+        self.projections = projections.detach().to(device=self.gram.device, dtype=torch.float64)
+        # |W_p e|^2 = vec(e e^T) . vec(W_p^T W_p): one [n, d_in^2] x [d_in^2, P] GEMM per chunk.
+        self._norm_forms = (self.projections.transpose(1, 2) @ self.projections).reshape(num_maps, d_in * d_in).T
         self.num_maps, self.d_out, self.d_in = num_maps, d_out, d_in
 
     def add(self, rows: torch.Tensor) -> None:
         """Adds a chunk of rows ``[n, d_in]``."""
         x = self._prepare(rows, self.d_in)
-        projected = (x @ self._stacked).view(-1, self.num_maps, self.d_out)  # [n, P, d_out]
+        self._count_zero_rows(x.square().sum(dim=1))
+        outer = (x.unsqueeze(2) * x.unsqueeze(1)).reshape(x.shape[0], -1)  # [n, d_in^2]
         if self.row_normalized:
-            projected = normalize_rows(projected)
-        per_map = projected.transpose(0, 1)  # [P, n, d_out]
-        self.gram.baddbmm_(per_map.transpose(1, 2), per_map)
+            weights = _inverse_or_zero(outer @ self._norm_forms)  # [n, P]
+            self.gram += (weights.T @ outer).view_as(self.gram)
+        else:
+            self.gram += outer.sum(dim=0).view(self.d_in, self.d_in)
+
+    def projected_grams(self) -> torch.Tensor:
+        """``[P, d_out, d_out]``: ``G_p = W_p M_p W_p^T``."""
+        return self.projections @ self.gram @ self.projections.transpose(1, 2)
+
+    def singular_values(self) -> torch.Tensor:
+        """``[P, d_out]`` singular values of the projected rows, descending."""
+        return singular_values_from_gram(self.projected_grams())
 
     def information_abundance(self) -> List[float]:
         """IA of the rows seen through each map, ``[P]``."""
@@ -711,13 +734,16 @@ def _stream_unit(
         bar.update(rows[1] - rows[0])
         if len(holders) == 1 and holders[0] != comm.rank:
             continue
-        buffer = torch.zeros(rows[1] - rows[0], unit.width, dtype=torch.float64, device=device)
+        shape = (rows[1] - rows[0], unit.width)
         if len(holders) == 1:
+            # The one holder's shards cover these rows completely (checked with the geometry), so no zeroing.
+            buffer = torch.empty(shape, dtype=torch.float64, device=device)
             _fill_chunk(buffer, unit, rows, local_shards)
         else:
             # The columns of these rows sit on several ranks, and the Gram's cross terms need them side by side:
             # one holder assembles the rows (a collective, so every rank takes part; the others send zeros).
             owner = holders[(rows[0] // chunk_rows) % len(holders)]
+            buffer = torch.zeros(shape, dtype=torch.float64, device=device)
             if comm.rank in holders:
                 _fill_chunk(buffer, unit, rows, local_shards)
             comm.reduce_sum_(buffer, owner)

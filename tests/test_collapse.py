@@ -210,14 +210,20 @@ def test_information_abundance_rejects_undefined_inputs() -> None:
         GramAccumulator(4).add(torch.randn(3, 5))
 
 
-def test_projected_gram_equals_direct_projection() -> None:
+@pytest.mark.parametrize("normalized", [False, True])
+def test_projected_gram_equals_direct_projection(normalized: bool) -> None:
     rows = torch.randn(300, 4, dtype=torch.float64)
-    maps = torch.randn(3, 4, 4, dtype=torch.float64)
-    acc = ProjectedGramAccumulator(maps)
+    rows[7] = 0.0
+    maps = torch.randn(3, 5, 4, dtype=torch.float64)  # d_out != d_in
+    acc = ProjectedGramAccumulator(maps, row_normalized=normalized)
     for chunk in rows.split(64):
         acc.add(chunk)
-    expected = [numpy_ia((rows @ maps[p].T).numpy(), True) for p in range(3)]
-    assert acc.information_abundance() == pytest.approx(expected, rel=1e-9)
+    projected = [(rows @ maps[p].T).numpy() for p in range(3)]
+    assert acc.information_abundance() == pytest.approx([numpy_ia(y, normalized) for y in projected], rel=1e-8)
+    for p in range(3):
+        expected_spectrum = numpy_spectrum(projected[p], normalized)
+        np.testing.assert_allclose(acc.singular_values()[p].numpy(), expected_spectrum, rtol=1e-8, atol=1e-6)
+    assert acc.zero_rows == 1
 
 
 # ------------------------------------------------------------------------------------------------ whole models
