@@ -146,6 +146,7 @@ def test_auto_plan_for_128_ranks_names_every_table_and_summarises_the_ranks() ->
         assert all(0 <= r < 128 for r in sharding.ranks)
 
 
+@pytest.mark.filterwarnings("ignore:HeuristicalStorageReservation:FutureWarning")
 def test_set_parallel_partitioner_keeps_the_sets_of_a_table_apart() -> None:
     # A heavily pooled one-set table loads rank 0; TorchRec's greedy partitioner then puts both sets of the light
     # two-set table on rank 1, the set-parallel one spreads them.

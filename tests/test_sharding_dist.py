@@ -137,6 +137,8 @@ def _worker(rank: int, port: int) -> None:
                     here = sorted(k * SET_WIDTH for k, r in enumerate(placed) if r == rank)
                     assert _local_column_offsets(dmp, name) == here, (name, rank)
 
+        _check_zoo_models(rank, pg)
+
         # Every rank gets the same one-line refusal, none waits for a plan forever.
         with pytest.raises(ShardingError, match="no sharding plan fits on 2 ranks"):
             plan_sharding(
@@ -145,6 +147,44 @@ def _worker(rank: int, port: int) -> None:
             )
     finally:
         dist.destroy_process_group()
+
+
+ZOO_VOCAB = {"C1": 50, "C2": 31, "C3": 17}
+# (layout, strategy): the model zoo's two table layouts under the strategies that split them differently.
+ZOO_CASES = [("fused", "column_wise"), ("per_set", "table_wise"), ("per_set", "auto")]
+
+
+def _check_zoo_models(rank: int, pg: dist.ProcessGroup) -> None:
+    """A real ``build_model`` model, sharded, gives the unsharded model's logits (eval mode, same weights)."""
+    from multiembed.models import build_model
+
+    generator = torch.Generator().manual_seed(2000 + rank)
+    lengths = torch.ones(len(ZOO_VOCAB) * BATCH, dtype=torch.long)
+    values = torch.cat([torch.randint(0, n, (BATCH,), generator=generator) for n in ZOO_VOCAB.values()])
+    features = KeyedJaggedTensor.from_lengths_sync(keys=list(ZOO_VOCAB), values=values, lengths=lengths)
+    dense = torch.empty(BATCH, 0)
+    for layout, strategy in ZOO_CASES:
+        label = f"dcnv2-me-2x {layout} {strategy}"
+        torch.manual_seed(0)
+        reference_model = build_model("dcnv2-me-2x", ZOO_VOCAB, device=torch.device("cpu"), layout=layout, hidden=16)
+        reference_model.eval()
+        expected = reference_model(dense, features)
+        model = build_model("dcnv2-me-2x", ZOO_VOCAB, device=torch.device("meta"), layout=layout, hidden=16)
+        set_width = model.sparse_arch.stored_set_dim
+        plan = plan_sharding(
+            model, strategy, world_size=WORLD_SIZE, local_world_size=WORLD_SIZE, device_type="cpu", pg=pg,
+            batch_size=BATCH,
+        )
+        dmp = DistributedModelParallel(
+            model, device=torch.device("cpu"), plan=plan, sharders=make_sharders(None, "cpu"),
+            env=ShardingEnv.from_process_group(pg),
+        )
+        _copy_weights_in(dmp, reference_model.state_dict())
+        dmp.eval()
+        torch.testing.assert_close(dmp(dense, features), expected, rtol=1e-5, atol=1e-6, msg=label)
+        if strategy == "column_wise":
+            for sharding in plan.plan["sparse_arch.embedding_bag_collection"].values():
+                assert {s.shard_sizes[1] for s in sharding.sharding_spec.shards} == {set_width}, label
 
 
 def _free_port() -> int:
