@@ -27,7 +27,6 @@ from multiembed.data.stack import require_torchrec_stack
 
 require_torchrec_stack()
 
-import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel  # noqa: E402
@@ -460,6 +459,8 @@ def plan_sharding(
         raise ValueError(f"batch_size: expected a positive per-rank batch size, got {batch_size}")
     if not 0 <= reserved_fraction < 1:
         raise ValueError(f"reserved_fraction: expected a value in [0, 1), got {reserved_fraction}")
+    if pg is not None and pg.size() != world_size:
+        raise ValueError(f"world_size {world_size} differs from the process group's size {pg.size()}")
     tables = embedding_tables(module)
     strategies = table_strategies(tables, strategy, overrides)
     if set_width is None:

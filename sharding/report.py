@@ -110,27 +110,24 @@ def format_bytes(n: float) -> str:
 
 
 def format_ranks(ranks: Sequence[int], in_order: bool = False, limit: int = 40) -> str:
-    """A short rank list: ``0-7``, ``0-3,8-11``, or shard order for column shards; long lists are cut."""
+    """A short rank list: runs as ``0-7,16-23``, or shard order (``8,0,24``) with ``in_order``; cut past ``limit``."""
     if in_order:
         text = ",".join(str(r) for r in ranks)
     else:
-        runs: List[str] = []
-        ordered = sorted(set(ranks))
-        start = prev = ordered[0] if ordered else 0
-        for r in ordered[1:] + [None]:  # type: ignore[list-item]
-            if r is not None and r == prev + 1:
-                prev = r
-                continue
-            runs.append(str(start) if start == prev else f"{start}-{prev}")
-            if r is not None:
-                start = prev = r
-        text = ",".join(runs)
+        runs: List[List[int]] = []
+        for rank in sorted(set(ranks)):
+            if runs and rank == runs[-1][1] + 1:
+                runs[-1][1] = rank
+            else:
+                runs.append([rank, rank])
+        text = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
     if len(text) > limit:
-        text = f"{len(ranks)} ranks: {text[: limit - 12].rsplit(',', 1)[0]},..."
+        prefix, suffix = f"{len(ranks)} ranks: ", ",..."
+        text = prefix + text[: limit - len(prefix) - len(suffix) + 1].rsplit(",", 1)[0] + suffix
     return text
 
 
-def _shards(sharding: Any, world_size: int, table: TableSpec) -> List[Dict[str, int]]:
+def _shards(sharding: Any, table: TableSpec) -> List[Dict[str, int]]:
     if sharding.sharding_spec is None:  # data-parallel: a full replica per rank
         return [
             {"rank": r, "row_offset": 0, "col_offset": 0, "rows": table.num_embeddings, "cols": table.embedding_dim}
@@ -236,7 +233,7 @@ def plan_summary(
         sharding = shardings[table.name]
         replicated = sharding.sharding_type == ShardingType.DATA_PARALLEL.value
         optimizer = normalize_optimizer(dense_optimizer) if replicated else table_optimizer(module, table, fused_params)
-        shards = _shards(sharding, world, table)
+        shards = _shards(sharding, table)
         per_rank: Dict[int, int] = {}
         weight_total = optimizer_total = 0
         for shard in shards:
@@ -346,11 +343,12 @@ def format_summary(summary: Mapping[str, Any], max_rank_lines: int = 16) -> str:
 
     lines.append(line(header).rstrip())
     lines.extend(line(r).rstrip() for r in rows)
-    optimizers = sorted({t["optimizer"] for t in summary["tables"] if t["sharding_type"] != "data_parallel"})
-    lines.append(
-        f"Optimizer state: {', '.join(optimizers) or 'none'} for sharded tables; "
-        f"{summary['dense_optimizer']} (dense optimizer) for data-parallel tables"
-    )
+    replicated = ShardingType.DATA_PARALLEL.value
+    optimizers = sorted({t["optimizer"] for t in summary["tables"] if t["sharding_type"] != replicated})
+    states = [f"{', '.join(optimizers)} for sharded tables"] if optimizers else []
+    if any(t["sharding_type"] == replicated for t in summary["tables"]):
+        states.append(f"{summary['dense_optimizer']} (the dense optimizer) for data-parallel tables")
+    lines.append(f"Optimizer state: {'; '.join(states)}")
     memory = summary["memory"]
     capacity = summary.get("capacity_bytes_per_rank")
     tier = {"cuda": "HBM", "cpu": "DDR"}.get(summary.get("device_type") or "", "memory")

@@ -34,6 +34,7 @@ from multiembed.sharding import (  # noqa: E402
     plan_summary,
     table_strategies,
 )
+from multiembed.sharding.report import format_ranks  # noqa: E402
 
 SET_WIDTH = 12
 # Criteo-1TB-like spread: two huge tables, mid-size and tiny ones; 4 sets of 12 columns each.
@@ -294,3 +295,11 @@ def test_widths_not_divisible_by_four_are_refused_by_name() -> None:
 def test_strategy_names_parse_with_either_separator() -> None:
     assert ShardingStrategy.parse("column-wise") is ShardingStrategy.COLUMN_WISE
     assert ShardingStrategy.choices() == ["auto", "table_wise", "row_wise", "column_wise", "data_parallel"]
+
+
+def test_rank_lists_stay_short_for_big_topologies() -> None:
+    assert format_ranks(list(range(128))) == "0-127"
+    assert format_ranks([11, 8, 9, 10, 0, 1, 2, 3]) == "0-3,8-11"
+    assert format_ranks([8, 0, 24], in_order=True) == "8,0,24"  # column shards: set k on the k-th rank
+    every_other = format_ranks(list(range(0, 128, 2)))
+    assert every_other.startswith("64 ranks: 0,2,4") and every_other.endswith(",...") and len(every_other) <= 40
