@@ -1,0 +1,760 @@
+"""Raw click logs (Criteo Kaggle, Criteo 1TB, Avazu) -> a converted dataset directory (Parquet + metadata.json).
+
+One call of :func:`convert`:
+
+1. checks the options (:func:`resolve_options`) and every input (:func:`multiembed.data.rawlog.scan_source`:
+   readable, not empty, complete gzip stream, header; data rows counted, bytes fingerprinted);
+2. gets the vocabulary: ``--vocab-from DIR``'s, a hashing vocabulary (nothing to count), or in paper mode a counting
+   pass over all inputs (saved as ``vocab.npz``; reused by a resumed run with the same inputs and options);
+3. encodes each input in one streaming pass into ``{train,val,test}/part-<input index>.parquet``: chunks parsed by
+   pyarrow in a background thread, tokens encoded with numpy in this one, Parquet written by a third; each output
+   is renamed into place when complete and the input's manifest (``.convert/part-<index>.json``) written last;
+4. writes ``metadata.json`` (the contract of :mod:`multiembed.data.metadata`) atomically.
+
+A re-run with the same options skips every input whose manifest matches (same options, same row counts of all
+inputs, same bytes of this input) and says so. Memory in hashing mode is bounded by the chunk size and the Parquet
+row groups, whatever the input size; paper mode's counting pass grows with the number of distinct tokens
+(:mod:`multiembed.data.vocab`).
+
+Example::
+
+    >>> import tempfile, pathlib
+    >>> tmp = pathlib.Path(tempfile.mkdtemp())
+    >>> row = "1\\t" + "\\t".join(["5"] * 13) + "\\t" + "\\t".join(["68fd1e64"] * 26) + "\\n"
+    >>> _ = (tmp / "day_0").write_text(row * 10)
+    >>> result = convert(ConvertOptions("criteo-1tb", [str(tmp / "day_0")], str(tmp / "out"), progress=False))
+    >>> result.metadata.split_rows(), len(result.metadata.fields)
+    ({'train': 8, 'val': 1, 'test': 1}, 26)
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Counter, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+
+import numpy as np
+import pyarrow as pa
+
+from multiembed.data.formats import HASHING_MODE, MODES, PAPER_MODE, RawFormat, raw_format
+from multiembed.data.metadata import (
+    DENSE_PREFIX,
+    LABEL_COLUMN,
+    METADATA_FILE,
+    SPLITS,
+    DatasetError,
+    DatasetMetadata,
+    FieldSpec,
+    SplitFiles,
+    atomic_write_text,
+    read_metadata,
+    write_metadata,
+)
+from multiembed.data.parquet_io import DEFAULT_COMPRESSION, DEFAULT_ROW_GROUP_SIZE, SplitParquetWriter, arrow_schema
+from multiembed.data.rawlog import (
+    DEFAULT_CHUNK_BYTES,
+    ON_ERROR_CHOICES,
+    ChunkParser,
+    InputError,
+    ParsedChunk,
+    SourceScan,
+    iter_chunks,
+    scan_source,
+)
+from multiembed.data.splits import (
+    SplitAssigner,
+    SplitCounts,
+    by_file_counts,
+    parse_split_weights,
+    random_file_counts,
+)
+from multiembed.data.tokens import MAX_HASH_SIZE, dense_log1p, int_values_and_validity
+from multiembed.data.vocab import VOCAB_FILE, CountedVocabulary, HashingVocabulary, VocabularyCounter, field_keys
+
+STATE_DIR = ".convert"
+DEFAULT_SPLIT = "8,1,1"
+COMPRESSIONS = ("none", "snappy", "zstd", "lz4", "gzip")
+_PART_NAME = re.compile(r"^part-(\d{5,})\.parquet$")
+_TEMP_NAME = re.compile(r"^\.part-\d{5,}\.parquet\.tmp-\d+$")
+
+Vocabulary = Union[HashingVocabulary, CountedVocabulary]
+
+
+class OutputError(OSError):
+    """Writing the converted dataset failed (full disk, file-size limit, permissions); names the file."""
+
+
+@dataclasses.dataclass
+class ConvertOptions:
+    """Everything ``multiembed convert`` takes (``None`` means the format's default).
+
+    Attributes:
+        dataset: ``criteo``, ``criteo-1tb`` or ``avazu``.
+        inputs: raw files (``.gz`` accepted), in order.
+        out: output dataset directory.
+        mode: ``paper`` or ``hashing``; default: the format's (paper for criteo/avazu, hashing for criteo-1tb), or
+            the mode ``min_count`` / ``hash_size`` imply.
+        min_count: paper mode: tokens seen fewer times share the OOV id (default 10 Criteo, 4 Avazu).
+        hash_size: hashing mode: table size of every field (default 40M for criteo-1tb, the DLRM / MLPerf cap).
+        hash_sizes: hashing mode: per-field sizes, ``"C1=1000,C3=5000"`` or ``"mlperf"`` (the MLPerf DLRM-DCNv2
+            Criteo 1TB table sizes, 40M cap).
+        vocab_from: encode with the vocabulary of this earlier conversion.
+        split: ``"train,val,test"`` weights (default ``8,1,1``).
+        split_by_file: all inputs but the last to train, the last one's halves to val and test.
+        seed: split seed.
+        on_error: ``fail`` (stop at the first bad row) or ``skip`` (drop, count and report bad rows).
+        row_group_size: Parquet rows per row group.
+        compression: Parquet codec.
+        chunk_bytes: raw bytes parsed at a time.
+        hash_seed: seed of the token hash.
+        progress: show tqdm progress bars on stderr.
+    """
+
+    dataset: str
+    inputs: Sequence[str]
+    out: str
+    mode: Optional[str] = None
+    min_count: Optional[int] = None
+    hash_size: Optional[int] = None
+    hash_sizes: Optional[str] = None
+    vocab_from: Optional[str] = None
+    split: Optional[str] = None
+    split_by_file: bool = False
+    seed: int = 0
+    on_error: str = "fail"
+    row_group_size: int = DEFAULT_ROW_GROUP_SIZE
+    compression: str = DEFAULT_COMPRESSION
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    hash_seed: int = 0
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class ResolvedOptions:
+    """Checked options with every default filled in (what metadata.json records under ``options``)."""
+
+    dataset: str
+    inputs: List[str]
+    out: Path
+    mode: str
+    min_count: Optional[int]
+    hash_sizes: Optional[Dict[str, int]]
+    vocab_from: Optional[str]
+    split: Optional[str]
+    split_by_file: bool
+    seed: int
+    on_error: str
+    row_group_size: int
+    compression: str
+    chunk_bytes: int
+    hash_seed: int
+    progress: bool
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "dataset": self.dataset, "mode": self.mode, "min_count": self.min_count, "hash_sizes": self.hash_sizes,
+            "hash_seed": self.hash_seed, "vocab_from": self.vocab_from, "split": self.split,
+            "split_by_file": self.split_by_file, "seed": self.seed, "on_error": self.on_error,
+            "row_group_size": self.row_group_size, "compression": self.compression,
+        }
+
+
+@dataclasses.dataclass
+class ConvertResult:
+    """What :func:`convert` did.
+
+    Attributes:
+        metadata: the metadata written to ``out/metadata.json``.
+        out: the dataset directory.
+        converted: inputs encoded by this run.
+        reused: inputs whose complete outputs from an earlier run were kept.
+        vocab_reused: paper mode: the counting pass was skipped because ``vocab.npz`` matched.
+        seconds: wall time.
+    """
+
+    metadata: DatasetMetadata
+    out: Path
+    converted: List[str]
+    reused: List[str]
+    vocab_reused: bool
+    seconds: float
+
+
+def _parse_int(text: str, what: str) -> int:
+    try:
+        value = int(str(text).replace("_", ""))
+    except ValueError:
+        raise ValueError(f"{what}: {text!r} is not an integer") from None
+    return value
+
+
+def _hash_sizes(fmt: RawFormat, base: Optional[int], spec: Optional[str]) -> Dict[str, int]:
+    fields = fmt.fields(HASHING_MODE)
+    sizes: Dict[str, int] = {}
+    if spec is not None and spec.strip().lower() == "mlperf":
+        if fmt.cat_columns != raw_format("criteo-1tb").cat_columns:
+            raise ValueError(f"--hash-sizes mlperf: the MLPerf table sizes are Criteo's; {fmt.name} has other fields")
+        from multiembed.data.presets import preset  # the published table sizes live with the other dataset shapes
+
+        sizes.update(preset("criteo-1tb").vocab_sizes)
+    elif spec is not None:
+        for item in spec.split(","):
+            name, sep, value = item.partition("=")
+            name = name.strip()
+            if not sep:
+                raise ValueError(f"--hash-sizes: expected FIELD=SIZE items or 'mlperf', got {item!r}")
+            if name not in fields:
+                raise ValueError(f"--hash-sizes: unknown field {name!r} (fields of {fmt.name}: {', '.join(fields)})")
+            sizes[name] = _parse_int(value, f"--hash-sizes {name}")
+    missing = [f for f in fields if f not in sizes]
+    if missing:
+        if base is None:
+            raise ValueError(
+                f"hashing mode needs a table size: give --hash-size N (or --hash-sizes for {', '.join(missing[:3])}...)"
+            )
+        sizes.update({f: base for f in missing})
+    for name in fields:
+        if not 1 <= sizes[name] <= MAX_HASH_SIZE:
+            raise ValueError(f"hash size of {name} must be in [1, {MAX_HASH_SIZE}], got {sizes[name]}")
+    return {f: sizes[f] for f in fields}
+
+
+def resolve_options(options: ConvertOptions) -> ResolvedOptions:
+    """Checks every option and fills in the format's defaults.
+
+    Raises:
+        ValueError: an unknown dataset, mode, split or codec; a non-positive count or size; options that exclude
+            each other; no inputs, or one input given twice.
+    """
+    fmt = raw_format(options.dataset)
+    inputs = [str(p) for p in options.inputs]
+    if not inputs:
+        raise ValueError("no input files given")
+    seen = set()
+    for path in inputs:
+        key = os.path.realpath(path)
+        if key in seen:
+            raise ValueError(f"{path}: given twice as an input")
+        seen.add(key)
+    if options.on_error not in ON_ERROR_CHOICES:
+        raise ValueError(f"--on-error must be one of {', '.join(ON_ERROR_CHOICES)}, got {options.on_error!r}")
+    if options.mode is not None and options.mode not in MODES:
+        raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {options.mode!r}")
+    if options.compression not in COMPRESSIONS:
+        raise ValueError(f"--compression must be one of {', '.join(COMPRESSIONS)}, got {options.compression!r}")
+    if options.row_group_size < 1:
+        raise ValueError(f"--row-group-size must be >= 1, got {options.row_group_size}")
+    if options.chunk_bytes < 1:
+        raise ValueError(f"chunk size must be >= 1 byte, got {options.chunk_bytes}")
+    if options.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {options.seed}")
+    if options.split_by_file and options.split is not None:
+        raise ValueError("--split and --split-by-file exclude each other")
+    split = None if options.split_by_file else (options.split if options.split is not None else DEFAULT_SPLIT)
+    if split is not None:
+        parse_split_weights(split)
+    if options.split_by_file and len(inputs) < 2:
+        raise ValueError("--split-by-file needs at least two inputs (training files, then the val/test file)")
+    if options.min_count is not None and options.min_count < 1:
+        raise ValueError(f"--min-count must be >= 1, got {options.min_count}")
+    if options.hash_size is not None and not 1 <= options.hash_size <= MAX_HASH_SIZE:
+        raise ValueError(f"--hash-size must be in [1, {MAX_HASH_SIZE}], got {options.hash_size}")
+
+    hashing_given = options.hash_size is not None or options.hash_sizes is not None
+    if options.vocab_from is not None:
+        given = [name for name, value in (("--mode", options.mode), ("--min-count", options.min_count),
+                                          ("--hash-size", options.hash_size), ("--hash-sizes", options.hash_sizes))
+                 if value is not None]
+        if given:
+            raise ValueError(f"--vocab-from takes the vocabulary of {options.vocab_from}: drop {', '.join(given)}")
+        mode = ""  # filled in from the source conversion by _load_vocabulary
+    elif options.mode is not None:
+        mode = options.mode
+    elif hashing_given and options.min_count is not None:
+        raise ValueError("--min-count (paper mode) and --hash-size/--hash-sizes (hashing mode) exclude each other")
+    elif hashing_given:
+        mode = HASHING_MODE
+    elif options.min_count is not None:
+        mode = PAPER_MODE
+    else:
+        mode = fmt.default_mode
+    if mode == PAPER_MODE and hashing_given:
+        raise ValueError("--hash-size/--hash-sizes apply to hashing mode, not paper mode")
+    if mode == HASHING_MODE and options.min_count is not None:
+        raise ValueError("--min-count applies to paper mode, not hashing mode")
+    min_count = None
+    hash_sizes = None
+    if mode == PAPER_MODE:
+        min_count = options.min_count if options.min_count is not None else fmt.default_min_count
+    elif mode == HASHING_MODE:
+        base = options.hash_size if options.hash_size is not None else fmt.default_hash_size
+        hash_sizes = _hash_sizes(fmt, base, options.hash_sizes)
+    return ResolvedOptions(
+        dataset=fmt.name, inputs=inputs, out=Path(options.out), mode=mode, min_count=min_count,
+        hash_sizes=hash_sizes, vocab_from=options.vocab_from, split=split, split_by_file=options.split_by_file,
+        seed=options.seed, on_error=options.on_error, row_group_size=options.row_group_size,
+        compression=options.compression, chunk_bytes=options.chunk_bytes, hash_seed=options.hash_seed,
+        progress=options.progress,
+    )
+
+
+def _load_vocabulary(source_dir: str, fmt: RawFormat) -> Tuple[Vocabulary, Dict[str, Any]]:
+    """The vocabulary of an earlier conversion and the options it was made with (``--vocab-from``)."""
+    meta = read_metadata(source_dir)
+    where = Path(source_dir) / METADATA_FILE
+    if meta.dataset != fmt.name:
+        raise DatasetError(f"{where}: dataset: {meta.dataset!r}, but this conversion reads {fmt.name!r} logs")
+    mode = meta.options.get("mode")
+    if mode not in MODES:
+        raise DatasetError(f"{where}: options.mode: expected one of {MODES}, got {mode!r}")
+    expected_fields = list(fmt.fields(mode))
+    if meta.field_names != expected_fields:
+        raise DatasetError(f"{where}: fields: {meta.field_names} are not the {fmt.name} {mode}-mode fields")
+    seed = meta.options.get("hash_seed", 0)
+    if not isinstance(seed, int):
+        raise DatasetError(f"{where}: options.hash_seed: expected an integer, got {seed!r}")
+    vocab: Vocabulary
+    if mode == HASHING_MODE:
+        vocab = HashingVocabulary(fmt.name, meta.vocab_sizes, seed)
+    else:
+        vocab = CountedVocabulary.load(source_dir)
+        if vocab.sizes != meta.vocab_sizes:
+            raise DatasetError(f"{where}: fields: vocabulary sizes disagree with {Path(source_dir) / VOCAB_FILE}")
+    if vocab.fingerprint != meta.vocab_fingerprint:
+        raise DatasetError(
+            f"{where}: vocab_fingerprint: {meta.vocab_fingerprint[:16]}... recorded, the vocabulary gives "
+            f"{vocab.fingerprint[:16]}..."
+        )
+    return vocab, meta.options
+
+
+def tune_allocator() -> None:
+    """Keeps freed memory in glibc's heap instead of returning it to the kernel after every chunk.
+
+    Encoding allocates and frees numpy temporaries of a few MB per column and chunk; glibc maps each with ``mmap``
+    and unmaps it on free, so every new one page-faults again, which measured about 4x the cost of the numpy work
+    itself. Raising the mmap and trim thresholds makes the heap reuse those pages; peak memory is unchanged (the
+    same temporaries are live at the peak). Process-wide, so only the ``convert`` command calls it; a no-op where
+    the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 << 20)  # glibc refuses more than 32 MiB on 64-bit
+    mallopt(m_trim_threshold, 1 << 30)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=" rows", unit_scale=True, file=sys.stderr, disable=not enabled,
+                mininterval=0.5, smoothing=0.1, dynamic_ncols=True)
+
+
+_T = TypeVar("_T")
+_END = object()
+
+
+def _prefetched(items: Iterable[_T]) -> Iterator[_T]:
+    """Yields ``items`` while a background thread already produces the next one (pyarrow and numpy release the
+    GIL, so parsing the next chunk overlaps encoding this one)."""
+    iterator = iter(items)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-read") as pool:
+        future = pool.submit(next, iterator, _END)
+        while True:
+            item = future.result()
+            if item is _END:
+                return
+            future = pool.submit(next, iterator, _END)
+            yield item  # type: ignore[misc]
+
+
+def _parsed_chunks(path: str, fmt: RawFormat, on_error: str, chunk_bytes: int) -> Iterator[ParsedChunk]:
+    parser = ChunkParser(fmt, path, on_error)
+    for chunk in iter_chunks(path, fmt, chunk_bytes):
+        yield parser.parse(chunk)
+
+
+def _count_vocabulary(
+    fmt: RawFormat, resolved: ResolvedOptions, scans: Sequence[SourceScan]
+) -> CountedVocabulary:
+    fields = list(fmt.fields(PAPER_MODE))
+    counter = VocabularyCounter(fields)
+    with _progress(sum(s.rows for s in scans), "counting", resolved.progress) as bar:
+        for scan in scans:
+            for parsed in _prefetched(_parsed_chunks(scan.path, fmt, resolved.on_error, resolved.chunk_bytes)):
+                for field in fields:
+                    counter.add(field, field_keys(fmt, PAPER_MODE, parsed.table.column(field), field, resolved.hash_seed))
+                bar.update(parsed.lines)
+    assert resolved.min_count is not None
+    return counter.finish(fmt.name, resolved.min_count, resolved.hash_seed)
+
+
+def encode_table(table: pa.Table, fmt: RawFormat, mode: str, vocab: Vocabulary, hash_seed: int) -> Dict[str, np.ndarray]:
+    """The output columns of parsed rows: ``label`` int8, one int64 id column per field, ``dense_<name>`` float32.
+
+    Args:
+        table: a parsed chunk's table (:class:`multiembed.data.rawlog.ParsedChunk`).
+        fmt: its raw format.
+        mode: vocabulary mode.
+        vocab: the vocabulary.
+        hash_seed: seed of the token hash.
+
+    Returns:
+        ``{column: array [rows]}`` in schema order.
+    """
+    columns: Dict[str, np.ndarray] = {
+        LABEL_COLUMN: table.column(fmt.label_column).to_numpy().astype(np.int8, copy=False)
+    }
+    for field in vocab.fields:
+        keys = field_keys(fmt, mode, table.column(field), field, hash_seed)
+        columns[field] = vocab.encode(field, keys)
+    for name in fmt.dense_fields:
+        values, valid = int_values_and_validity(table.column(name))
+        columns[DENSE_PREFIX + name] = dense_log1p(values, valid)
+    return columns
+
+
+def _part_path(split: str, index: int) -> str:
+    return f"{split}/part-{index:05d}.parquet"
+
+
+class _SplitWriters:
+    """The three split outputs of one input, created on first use and written by one background thread."""
+
+    def __init__(self, out: Path, index: int, schema: pa.Schema, resolved: ResolvedOptions) -> None:
+        self._out = out
+        self._index = index
+        self._schema = schema
+        self._resolved = resolved
+        self._writers: Dict[str, SplitParquetWriter] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-write")
+        self._pending: Optional[concurrent.futures.Future] = None
+
+    def _write_now(self, parts: List[Tuple[str, Dict[str, np.ndarray]]]) -> None:
+        for split, columns in parts:
+            writer = self._writers.get(split)
+            path = self._out / _part_path(split, self._index)
+            try:
+                if writer is None:
+                    writer = self._writers[split] = SplitParquetWriter(
+                        path, self._schema, row_group_size=self._resolved.row_group_size,
+                        compression=self._resolved.compression,
+                    )
+                writer.write(columns)
+            except OSError as e:
+                raise OutputError(f"{path}: cannot write ({e}); is the disk full or a file-size limit set?") from None
+
+    def write(self, parts: List[Tuple[str, Dict[str, np.ndarray]]]) -> None:
+        """Queues rows for the split writers; waits for the previous batch first (one batch in flight)."""
+        self.wait()
+        self._pending = self._pool.submit(self._write_now, parts)
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> Dict[str, int]:
+        """Completes every output (renamed into place); returns rows per split written."""
+        self.wait()
+        rows = {}
+        for split, writer in self._writers.items():
+            try:
+                rows[split] = writer.close()
+            except OSError as e:
+                raise OutputError(f"{writer.path}: cannot write ({e}); is the disk full or a file-size limit set?") from None
+        self._pool.shutdown()
+        return rows
+
+    def abort(self) -> None:
+        try:
+            self.wait()
+        except Exception:  # the conversion is failing already; the first error is the one reported
+            pass
+        for writer in self._writers.values():
+            writer.abort()
+        self._pool.shutdown()
+
+
+def _convert_input(
+    index: int,
+    scan: SourceScan,
+    counts: SplitCounts,
+    fmt: RawFormat,
+    resolved: ResolvedOptions,
+    vocab: Vocabulary,
+    schema: pa.Schema,
+    bar,
+) -> Dict[str, Any]:
+    """Encodes one input into its split outputs; returns its manifest (files, rows, skipped rows)."""
+    assigner = SplitAssigner(counts, resolved.seed, index, ordered=resolved.split_by_file)
+    writers = _SplitWriters(resolved.out, index, schema, resolved)
+    skipped: Counter[str] = collections.Counter()
+    examples: List[str] = []
+    lines = 0
+    try:
+        for parsed in _prefetched(_parsed_chunks(scan.path, fmt, resolved.on_error, resolved.chunk_bytes)):
+            columns = encode_table(parsed.table, fmt, resolved.mode, vocab, resolved.hash_seed)
+            assignment = assigner.take(parsed.lines)
+            if parsed.rows is not None:
+                assignment = assignment[parsed.rows - parsed.first_row]
+            parts = []
+            for split_id, split in enumerate(SPLITS):
+                chosen = np.flatnonzero(assignment == split_id)
+                if chosen.size == len(assignment):
+                    parts.append((split, columns))
+                elif chosen.size:
+                    parts.append((split, {name: values[chosen] for name, values in columns.items()}))
+            writers.write(parts)
+            skipped.update(parsed.skipped)
+            examples.extend(parsed.examples[: max(0, 20 - len(examples))])
+            lines += parsed.lines
+            bar.update(parsed.lines)
+        if lines != scan.rows:
+            raise InputError(
+                f"{scan.path}: {lines} data rows read, but {scan.rows} were counted before: the file changed while "
+                "it was being converted"
+            )
+        rows = writers.close()
+    except BaseException:
+        writers.abort()
+        raise
+    return {
+        "index": index,
+        "source": scan.to_json(),
+        "files": {split: {"path": _part_path(split, index), "rows": rows[split]} for split in SPLITS if split in rows},
+        "skipped": dict(skipped),
+        "skipped_examples": examples,
+        "rows_read": lines,
+    }
+
+
+def _prepare_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a directory")
+    if out.is_dir():
+        known = {METADATA_FILE, STATE_DIR, VOCAB_FILE, *SPLITS}
+        entries = {p.name for p in out.iterdir()}
+        if entries and STATE_DIR not in entries:
+            raise OutputError(
+                f"{out}: not empty and not a conversion in progress (no {STATE_DIR}/); choose an empty or new directory"
+            )
+        unexpected = sorted(entries - known)
+        if unexpected and STATE_DIR in entries:
+            raise OutputError(f"{out}: holds files a conversion does not write ({', '.join(unexpected[:3])})")
+    try:
+        (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
+
+
+def _read_manifest(path: Path) -> Optional[Dict[str, Any]]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _manifest_is_complete(out: Path, manifest: Optional[Dict[str, Any]], part_key: str) -> bool:
+    if not manifest or manifest.get("part_key") != part_key:
+        return False
+    try:
+        return all((out / entry["path"]).is_file() for entry in manifest["files"].values())
+    except (KeyError, TypeError, AttributeError):
+        return False
+
+
+def _remove_outputs(out: Path, keep: Iterable[int]) -> None:
+    """Deletes stale outputs: temporary files of killed runs and part files of any input index not in ``keep``."""
+    keep = set(keep)
+    for split in SPLITS:
+        folder = out / split
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            match = _PART_NAME.match(path.name)
+            if _TEMP_NAME.match(path.name) or (match and int(match.group(1)) not in keep):
+                path.unlink()
+    for path in (out / STATE_DIR).glob("part-*.json"):
+        match = re.match(r"^part-(\d+)\.json$", path.name)
+        if match and int(match.group(1)) not in keep:
+            path.unlink()
+
+
+def _build_metadata(
+    fmt: RawFormat, resolved: ResolvedOptions, vocab: Vocabulary, manifests: Sequence[Dict[str, Any]]
+) -> DatasetMetadata:
+    splits: Dict[str, SplitFiles] = {}
+    for split in SPLITS:
+        files, rows = [], []
+        for manifest in manifests:
+            entry = manifest["files"].get(split)
+            if entry:
+                files.append(entry["path"])
+                rows.append(int(entry["rows"]))
+        splits[split] = SplitFiles(files=files, file_rows=rows)
+    skipped: Counter[str] = collections.Counter()
+    examples: List[str] = []
+    for manifest in manifests:
+        skipped.update(manifest["skipped"])
+        examples.extend(manifest["skipped_examples"][: max(0, 20 - len(examples))])
+    options = resolved.to_json()
+    options.update(vocab.describe())
+    if resolved.vocab_from is not None:
+        options["mode"] = vocab.mode
+    sizes = vocab.sizes
+    extra: Dict[str, Any] = {"skipped_examples": examples}
+    if isinstance(vocab, CountedVocabulary):
+        extra["vocab_file"] = VOCAB_FILE
+    return DatasetMetadata(
+        dataset=fmt.name,
+        fields=[FieldSpec(name, sizes[name]) for name in vocab.fields],
+        dense_fields=list(fmt.dense_fields),
+        splits=splits,
+        vocab_fingerprint=vocab.fingerprint,
+        skipped={k: int(v) for k, v in sorted(skipped.items())},
+        rows_read=sum(int(m["rows_read"]) for m in manifests),
+        sources=[m["source"] for m in manifests],
+        options=options,
+        extra=extra,
+    )
+
+
+def convert(options: ConvertOptions) -> ConvertResult:
+    """Converts raw logs into a dataset directory (see the module docstring).
+
+    Raises:
+        ValueError: bad options.
+        InputError: an input is missing, unreadable or malformed (``file:line: field: what``); under
+            ``on_error="skip"`` bad rows are counted instead and only file-level problems raise.
+        DatasetError: ``vocab_from`` is not a usable conversion.
+        OutputError: the output cannot be written.
+    """
+    started = time.perf_counter()
+    resolved = resolve_options(options)
+    fmt = raw_format(resolved.dataset)
+    vocab_reused = False
+    if resolved.vocab_from is not None:
+        vocab, _ = _load_vocabulary(resolved.vocab_from, fmt)
+        resolved.mode = vocab.mode
+        if isinstance(vocab, HashingVocabulary):
+            resolved.hash_sizes = vocab.sizes
+        else:
+            resolved.min_count = vocab.min_count
+        resolved.hash_seed = vocab.seed
+    _prepare_out_dir(resolved.out)
+    scans = [scan_source(path, fmt) for path in resolved.inputs]
+    file_rows = [scan.rows for scan in scans]
+    if resolved.split_by_file:
+        counts = by_file_counts(file_rows)
+    else:
+        assert resolved.split is not None
+        counts = random_file_counts(file_rows, parse_split_weights(resolved.split), resolved.seed)
+
+    if resolved.vocab_from is None and resolved.mode == HASHING_MODE:
+        assert resolved.hash_sizes is not None
+        vocab = HashingVocabulary(fmt.name, resolved.hash_sizes, resolved.hash_seed)
+    elif resolved.vocab_from is None:
+        vocab_key = _digest({"dataset": fmt.name, "min_count": resolved.min_count, "hash_seed": resolved.hash_seed,
+                             "on_error": resolved.on_error, "sources": [s.to_json() for s in scans]})
+        saved = CountedVocabulary.saved_extra(resolved.out)
+        if saved is not None and saved.get("vocab_key") == vocab_key:
+            vocab = CountedVocabulary.load(resolved.out)
+            vocab_reused = True
+        else:
+            vocab = _count_vocabulary(fmt, resolved, scans)
+            try:
+                vocab.save(resolved.out, extra={"vocab_key": vocab_key})
+            except OSError as e:
+                raise OutputError(f"{resolved.out / VOCAB_FILE}: cannot write ({e})") from None
+
+    run_key = _digest({"options": resolved.to_json(), "vocab": vocab.fingerprint,
+                       "rows": [[s.path, s.rows] for s in scans]})
+    state = resolved.out / STATE_DIR
+    part_keys = [_digest({"run": run_key, "index": i, "source": s.to_json()}) for i, s in enumerate(scans)]
+    manifests: List[Optional[Dict[str, Any]]] = []
+    for i in range(len(scans)):
+        manifest = _read_manifest(state / f"part-{i:05d}.json")
+        manifests.append(manifest if _manifest_is_complete(resolved.out, manifest, part_keys[i]) else None)
+    todo = [i for i, m in enumerate(manifests) if m is None]
+    if todo:
+        # The dataset is about to change: it must not look complete until metadata.json is rewritten.
+        (resolved.out / METADATA_FILE).unlink(missing_ok=True)
+    _remove_outputs(resolved.out, keep=[i for i, m in enumerate(manifests) if m is not None])
+
+    schema = arrow_schema([FieldSpec(name, 1) for name in vocab.fields], fmt.dense_fields)
+    with _progress(sum(scans[i].rows for i in todo), "converting", resolved.progress and bool(todo)) as bar:
+        for i in todo:
+            manifest = _convert_input(i, scans[i], counts[i], fmt, resolved, vocab, schema, bar)
+            manifest["part_key"] = part_keys[i]
+            try:
+                atomic_write_text(state / f"part-{i:05d}.json", json.dumps(manifest, indent=1) + "\n")
+            except OSError as e:
+                raise OutputError(f"{state / f'part-{i:05d}.json'}: cannot write ({e})") from None
+            manifests[i] = manifest
+    complete = [m for m in manifests if m is not None]
+    metadata = _build_metadata(fmt, resolved, vocab, complete)
+    try:
+        write_metadata(resolved.out, metadata)
+    except OSError as e:
+        raise OutputError(f"{resolved.out / METADATA_FILE}: cannot write ({e})") from None
+    return ConvertResult(
+        metadata=metadata,
+        out=resolved.out,
+        converted=[scans[i].path for i in todo],
+        reused=[scans[i].path for i in range(len(scans)) if i not in todo],
+        vocab_reused=vocab_reused,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def summary_lines(result: ConvertResult) -> List[str]:
+    """The human summary ``multiembed convert`` prints: splits, skipped rows by reason, vocabulary, reuse."""
+    meta = result.metadata
+    rows = meta.split_rows()
+    lines = []
+    for path in result.reused:
+        lines.append(f"{path}: already converted (complete outputs kept), skipped")
+    if result.vocab_reused:
+        lines.append(f"{result.out / VOCAB_FILE}: vocabulary of an earlier run with the same inputs reused")
+    rate = sum(s["rows"] for s in meta.sources if s["path"] in result.converted) / max(result.seconds, 1e-9)
+    lines.append(
+        f"{meta.dataset} -> {result.out}: {len(result.converted)} input(s) converted, {len(result.reused)} reused, "
+        f"{result.seconds:.1f} s ({rate:,.0f} rows/s)"
+    )
+    lines.append(
+        f"rows: train {rows['train']:,}, val {rows['val']:,}, test {rows['test']:,} (read {meta.rows_read:,}, "
+        f"skipped {sum(meta.skipped.values()):,})"
+    )
+    if meta.skipped:
+        lines.append("skipped rows by reason: " + ", ".join(f"{k} {v:,}" for k, v in meta.skipped.items()))
+        for example in meta.extra.get("skipped_examples", [])[:5]:
+            lines.append(f"  e.g. {example}")
+    total = sum(f.vocab_size for f in meta.fields)
+    lines.append(
+        f"vocabulary: {meta.options.get('mode')} mode, {len(meta.fields)} fields, {total:,} ids, "
+        f"fingerprint {meta.vocab_fingerprint[:16]}"
+    )
+    return lines

@@ -1,0 +1,499 @@
+"""Reading raw click logs: opening and scanning files, cutting them into chunks, parsing chunks with pyarrow.
+
+Parsing has two paths. The fast path hands a whole chunk (about 16 MB of lines) to ``pyarrow.csv.read_csv`` with
+explicit column types and checks the result with vectorised tests. When anything is wrong with a chunk (pyarrow
+rejects it, a label is not 0/1, a token is bad, lines and rows disagree), the careful path re-reads that chunk line
+by line in Python, names the exact physical line and field of every bad row, and either raises
+(``on_error="fail"``) or drops and counts them (``on_error="skip"``) before the remaining lines go through the fast
+path again. Good chunks never touch Python per row.
+
+Line numbers are 1-based physical lines of the file, the header included; chunks end at a newline, so a chunk's
+first line number is known from the newlines before it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import gzip
+import hashlib
+import os
+import zlib
+from pathlib import Path
+from typing import BinaryIO, Counter, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from multiembed.data.formats import RawFormat
+from multiembed.data.tokens import MAX_TOKEN_BYTES, string_offsets_and_data
+
+ON_ERROR_CHOICES = ("fail", "skip")
+# Read size of one chunk: big enough that pyarrow parses it with all threads, small enough that a chunk's Arrow
+# table, its encoded columns and the careful path's Python lists stay far below the memory budget.
+DEFAULT_CHUNK_BYTES = 16 << 20
+# pyarrow's parse block inside a chunk (a chunk is split into several blocks parsed in parallel); a line longer
+# than this makes pyarrow fail and is handled by the careful path (a valid line is far shorter).
+_PARSE_BLOCK_BYTES = 2 << 20
+_IO_BYTES = 1 << 20
+_MAX_EXAMPLES = 20
+
+# Why a row was skipped: the keys of metadata.json's ``skipped``.
+SKIP_REASONS = {
+    "column_count": "wrong number of columns",
+    "bad_line_ending": "carriage return inside a line",
+    "bad_label": "label not 0 or 1",
+    "bad_integer": "not an integer in an integer column",
+    "integer_overflow": "integer does not fit in 64 bits",
+    "nan_or_inf": "NaN or infinity in an integer column",
+    "bad_utf8": "categorical token is not valid UTF-8",
+    "token_too_long": f"categorical token longer than {MAX_TOKEN_BYTES} bytes",
+    "bad_token": "categorical token contains a control character",
+    "unparsable": "line rejected by the CSV parser",
+}
+
+
+class InputError(ValueError):
+    """A raw input is missing, unreadable or malformed; the message reads ``file[:line]: [field: ]what is wrong``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceScan:
+    """What a first pass over one input learned.
+
+    Attributes:
+        path: the input as given.
+        bytes: size on disk.
+        rows: data rows (physical lines, the header excluded).
+        fingerprint: :func:`file_fingerprint` of the file on disk (detects a changed input on a resumed run).
+        compressed: gzip input.
+    """
+
+    path: str
+    bytes: int
+    rows: int
+    fingerprint: str
+    compressed: bool
+
+    def to_json(self) -> Dict[str, object]:
+        return {"path": self.path, "bytes": self.bytes, "fingerprint": self.fingerprint, "rows": self.rows}
+
+
+def _is_gzip(path: Path) -> bool:
+    return path.suffix == ".gz"
+
+
+def _check_openable(path: Path) -> None:
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected a {'gzip' if _is_gzip(path) else 'text'} file")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path}: permission denied (not readable)")
+
+
+def open_source(path: os.PathLike) -> BinaryIO:
+    """Opens an input for binary reading, decompressing ``.gz`` files.
+
+    Raises:
+        InputError: missing, a directory, or unreadable.
+    """
+    path = Path(path)
+    _check_openable(path)
+    try:
+        raw = open(path, "rb")
+    except OSError as e:
+        raise InputError(f"{path}: cannot open ({e.strerror or e})") from None
+    if _is_gzip(path):
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    return raw
+
+
+def _gzip_error(path: Path, error: BaseException, lines_before: int) -> InputError:
+    if isinstance(error, EOFError):
+        what = "truncated gzip stream (the file ends before the end-of-stream marker)"
+    else:
+        what = f"corrupt gzip data ({error})"
+    return InputError(f"{path}:{lines_before + 1}: {what}")
+
+
+def read_blocks(path: os.PathLike, size: int = _IO_BYTES) -> Iterator[bytes]:
+    """Yields the (decompressed) bytes of an input in blocks of about ``size``.
+
+    Raises:
+        InputError: unreadable file, truncated or corrupt gzip stream (naming the line where the data stops).
+    """
+    path = Path(path)
+    lines = 0
+    with open_source(path) as stream:
+        while True:
+            try:
+                block = stream.read(size)
+            except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+                raise _gzip_error(path, e, lines) from None
+            except OSError as e:
+                raise InputError(f"{path}:{lines + 1}: read failed ({e.strerror or e})") from None
+            if not block:
+                return
+            lines += block.count(b"\n")
+            yield block
+
+
+def _check_header(path: Path, fmt: RawFormat, first_line: bytes) -> None:
+    text = first_line.rstrip(b"\r\n").decode("utf-8", errors="replace")
+    got = text.split(fmt.delimiter)
+    if tuple(got) == fmt.columns:
+        return
+    for i, (want, have) in enumerate(zip(fmt.columns, got)):
+        if want != have:
+            raise InputError(f"{path}:1: header: column {i + 1} is {have!r}, expected {want!r} ({fmt.name} header)")
+    raise InputError(f"{path}:1: header: {len(got)} columns, expected the {len(fmt.columns)} of the {fmt.name} header")
+
+
+_SAMPLE_BYTES = 1 << 16
+_SAMPLES = 16
+
+
+def file_fingerprint(path: os.PathLike) -> str:
+    """``sample-sha256:<hex>`` over the file size and 16 blocks of 64 KiB spread evenly from its start to its end.
+
+    Sampled rather than a digest of every byte: it is read for every input on every run (resume checks), and a full
+    digest would cost as much as the newline count itself. It changes when a file is replaced, appended to,
+    truncated or rewritten, and stays the same for a byte-identical copy.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        digest = hashlib.sha256(str(size).encode())
+        with open(path, "rb") as f:
+            last = max(size - _SAMPLE_BYTES, 0)
+            for i in range(_SAMPLES):
+                f.seek(last * i // (_SAMPLES - 1))
+                digest.update(f.read(_SAMPLE_BYTES))
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+    return f"sample-sha256:{digest.hexdigest()[:32]}"
+
+
+def scan_source(path: os.PathLike, fmt: RawFormat) -> SourceScan:
+    """First pass over an input: checks it can be read to the end, counts its data rows, fingerprints it.
+
+    Counting newlines runs at memory speed (a few GB/s); it is what lets the split draw an exact number of rows
+    per split before the single encoding pass.
+
+    Raises:
+        InputError: missing, unreadable, directory, empty, no data rows, bad header, truncated gzip.
+    """
+    path = Path(path)
+    _check_openable(path)
+    fingerprint = file_fingerprint(path)
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file (no rows)")
+    newlines = 0
+    last = b""
+    head = b""
+    for block in read_blocks(path, _IO_BYTES * 8):
+        if fmt.header and len(head) < 1 << 16 and b"\n" not in head:
+            head += block[: 1 << 16]
+        newlines += block.count(b"\n")
+        last = block[-1:]
+    lines = newlines + (1 if last not in (b"\n", b"") else 0)
+    if lines == 0:
+        raise InputError(f"{path}: empty after decompression (no rows)")
+    if fmt.header:
+        _check_header(path, fmt, head.split(b"\n", 1)[0])
+    rows = lines - (1 if fmt.header else 0)
+    if rows == 0:
+        raise InputError(f"{path}: no data rows (only the header)")
+    return SourceScan(str(path), path.stat().st_size, rows, fingerprint, _is_gzip(path))
+
+
+@dataclasses.dataclass
+class RawChunk:
+    """Whole lines of one input: ``data`` ends with a newline except at the end of the file.
+
+    Attributes:
+        data: the bytes of the lines.
+        first_line: 1-based physical line number of the first line.
+        first_row: 0-based data-row index of the first line (the header is not a data row).
+        lines: number of lines in ``data``.
+    """
+
+    data: bytes
+    first_line: int
+    first_row: int
+    lines: int
+
+
+def iter_chunks(path: os.PathLike, fmt: RawFormat, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[RawChunk]:
+    """Cuts an input into chunks of whole lines of about ``chunk_bytes`` (a longer line makes a longer chunk).
+
+    The header line (formats with a header) is not part of any chunk.
+    """
+    pending = b""
+    line = 1
+    row = 0
+    header_left = fmt.header
+    for block in read_blocks(path, chunk_bytes):
+        data = pending + block if pending else block
+        if header_left:
+            cut = data.find(b"\n")
+            if cut < 0:
+                pending = data
+                continue
+            data = data[cut + 1 :]
+            line += 1
+            header_left = False
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            pending = data
+            continue
+        chunk, pending = data[: cut + 1], data[cut + 1 :]
+        count = chunk.count(b"\n")
+        yield RawChunk(chunk, line, row, count)
+        line += count
+        row += count
+    if pending and not header_left:
+        yield RawChunk(pending, line, row, 1)
+
+
+@dataclasses.dataclass
+class ParsedChunk:
+    """The good rows of one chunk, typed.
+
+    Attributes:
+        table: columns ``label`` (int8), integer columns (int64, null when empty), categorical columns (string).
+        rows: 0-based data-row indices of the rows in ``table`` (int64 ``[num_rows]``); ``None`` when the chunk
+            had no bad row, i.e. the rows are ``first_row .. first_row + lines - 1``.
+        first_row: data-row index of the chunk's first line.
+        lines: lines in the chunk (kept and skipped).
+        skipped: skipped rows by reason.
+        examples: ``file:line: field: what`` of the first skipped rows.
+    """
+
+    table: pa.Table
+    rows: Optional[np.ndarray]
+    first_row: int
+    lines: int
+    skipped: Counter[str]
+    examples: List[str]
+
+
+def _shorten(cell: bytes, limit: int = 40) -> str:
+    text = cell.decode("utf-8", errors="backslashreplace")
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(cell)} bytes)"
+
+
+_NAN_INF = {b"nan", b"-nan", b"+nan", b"inf", b"-inf", b"+inf", b"infinity", b"-infinity", b"+infinity"}
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _parse_int_like_arrow(cell: bytes) -> Optional[int]:
+    """Integer syntax pyarrow accepts (surrounding spaces, a leading '-', decimal or ``0x`` hex digits), else None."""
+    text = cell.strip(b" ")
+    negative = text.startswith(b"-")
+    if negative:
+        text = text[1:]
+    if text[:2] in (b"0x", b"0X"):
+        digits, base = text[2:], 16
+        ok = bool(digits) and all(c in b"0123456789abcdefABCDEF" for c in digits)
+    else:
+        digits, base = text, 10
+        ok = bool(digits) and digits.isdigit()
+    if not ok:
+        return None
+    value = int(digits, base)
+    return -value if negative else value
+
+
+class ChunkParser:
+    """Parses the chunks of one input of one format (see the module docstring for the two paths).
+
+    Args:
+        fmt: the raw format.
+        path: the input (for messages).
+        on_error: ``"fail"`` raises :class:`InputError` at the first bad row; ``"skip"`` drops and counts bad rows.
+    """
+
+    def __init__(self, fmt: RawFormat, path: str, on_error: str = "fail") -> None:
+        if on_error not in ON_ERROR_CHOICES:
+            raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
+        self.fmt = fmt
+        self.path = path
+        self.on_error = on_error
+        self._delimiter = fmt.delimiter.encode()
+        self._kept = [c for c in fmt.columns if c not in fmt.dropped_columns]
+        types = {fmt.label_column: pa.int8()}
+        types.update({c: pa.int64() for c in fmt.int_columns})
+        types.update({c: pa.string() for c in fmt.cat_columns})
+        self._parse_options = pacsv.ParseOptions(
+            delimiter=fmt.delimiter,
+            quote_char=False,
+            double_quote=False,
+            escape_char=False,
+            newlines_in_values=False,
+            ignore_empty_lines=False,
+        )
+        self._convert_options = pacsv.ConvertOptions(
+            column_types=types,
+            null_values=[""],
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+            include_columns=self._kept,
+            check_utf8=True,
+        )
+        self.schema = pa.schema([(name, types[name]) for name in self._kept])
+        self._column_index = {name: i for i, name in enumerate(fmt.columns)}
+        self._label_index = self._column_index[fmt.label_column]
+        self._int_indices = [self._column_index[c] for c in fmt.int_columns]
+        self._cat_indices = [self._column_index[c] for c in fmt.cat_columns]
+
+    # -- fast path ---------------------------------------------------------------------------------------------
+
+    def _read(self, data: bytes) -> pa.Table:
+        read_options = pacsv.ReadOptions(
+            column_names=list(self.fmt.columns), block_size=_PARSE_BLOCK_BYTES, use_threads=True
+        )
+        return pacsv.read_csv(pa.BufferReader(data), read_options, self._parse_options, self._convert_options)
+
+    def _table_is_clean(self, table: pa.Table, lines: int) -> bool:
+        if table.num_rows != lines:  # a lone carriage return splits a line in two
+            return False
+        label = table.column(self.fmt.label_column)
+        if label.null_count:
+            return False
+        if table.num_rows:
+            low, high = pc.min_max(label).values()
+            if low.as_py() < 0 or high.as_py() > 1:
+                return False
+        for name in self.fmt.cat_columns:
+            for chunk in table.column(name).chunks:
+                offsets, data = string_offsets_and_data(chunk)
+                if len(chunk) and int(np.max(np.diff(offsets))) > MAX_TOKEN_BYTES:
+                    return False
+                used = data[offsets[0] : offsets[-1]]
+                if used.size and (used < 0x20).any() | (used == 0x7F).any():
+                    return False
+        return True
+
+    def _fast(self, data: bytes, lines: int) -> Optional[pa.Table]:
+        try:
+            table = self._read(data)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            return None
+        return table if self._table_is_clean(table, lines) else None
+
+    # -- careful path ------------------------------------------------------------------------------------------
+
+    def _problem(self, raw: bytes) -> Optional[Tuple[str, str, str]]:
+        """``(field, reason, what)`` of the first problem of one line (without its newline), or None."""
+        fmt = self.fmt
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        if b"\r" in raw:
+            where = raw.index(b"\r") + 1
+            return "line", "bad_line_ending", f"carriage return inside the line at byte {where}"
+        cells = raw.split(self._delimiter)
+        if len(cells) != fmt.num_columns:
+            sep = "tab" if fmt.delimiter == "\t" else repr(fmt.delimiter)
+            empty = " (empty line)" if raw == b"" else ""
+            return (
+                "columns",
+                "column_count",
+                f"expected {fmt.num_columns} {sep}-separated columns, got {len(cells)}{empty}",
+            )
+        label = _parse_int_like_arrow(cells[self._label_index])
+        if label not in (0, 1):
+            return fmt.label_column, "bad_label", f"expected 0 or 1, got {_shorten(cells[self._label_index])}"
+        for index in self._int_indices:
+            cell = cells[index]
+            if cell == b"":
+                continue
+            value = _parse_int_like_arrow(cell)
+            name = fmt.columns[index]
+            if value is None:
+                if cell.strip(b" ").lower() in _NAN_INF:
+                    return name, "nan_or_inf", f"{_shorten(cell)} is not a finite integer"
+                return name, "bad_integer", f"expected an integer, got {_shorten(cell)}"
+            if not _INT64_MIN <= value <= _INT64_MAX:
+                return name, "integer_overflow", f"{_shorten(cell)} does not fit in a signed 64-bit integer"
+        for index in self._cat_indices:
+            cell = cells[index]
+            name = fmt.columns[index]
+            if len(cell) > MAX_TOKEN_BYTES:
+                return name, "token_too_long", f"token of {len(cell)} bytes (at most {MAX_TOKEN_BYTES} accepted)"
+            try:
+                cell.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return name, "bad_utf8", f"invalid UTF-8 at byte {e.start + 1} of {_shorten(cell)}"
+            control = next((b for b in cell if b < 0x20 or b == 0x7F), None)
+            if control is not None:
+                return name, "bad_token", f"control character 0x{control:02x} in {_shorten(cell)}"
+        return None
+
+    def _reject(self, line: int, field: str, reason: str, what: str, skipped: Counter[str], examples: List[str]) -> None:
+        message = f"{self.path}:{line}: {field}: {what}"
+        if self.on_error == "fail":
+            raise InputError(message)
+        skipped[reason] += 1
+        if len(examples) < _MAX_EXAMPLES:
+            examples.append(message)
+
+    def _parse_lines(self, lines: List[bytes], indices: List[int]) -> Tuple[List[pa.Table], List[int], List[Tuple[int, str]]]:
+        """Fast-parses lines the careful checks passed; bisects to the lines pyarrow still rejects (rare)."""
+        if not lines:
+            return [], [], []
+        table = self._fast(b"\n".join(lines) + b"\n", len(lines))
+        if table is not None:
+            return [table], list(indices), []
+        if len(lines) == 1:
+            try:
+                self._read(lines[0] + b"\n")
+                what = "rejected by the CSV parser"
+            except pa.ArrowException as e:
+                what = f"rejected by the CSV parser ({str(e).splitlines()[0]})"
+            return [], [], [(indices[0], what)]
+        half = len(lines) // 2
+        left = self._parse_lines(lines[:half], indices[:half])
+        right = self._parse_lines(lines[half:], indices[half:])
+        return left[0] + right[0], left[1] + right[1], left[2] + right[2]
+
+    def _careful(self, chunk: RawChunk) -> ParsedChunk:
+        lines = chunk.data.split(b"\n")
+        if chunk.data.endswith(b"\n"):
+            lines.pop()
+        skipped: Counter[str] = collections.Counter()
+        examples: List[str] = []
+        good_lines: List[bytes] = []
+        good_indices: List[int] = []
+        for i, raw in enumerate(lines):
+            problem = self._problem(raw)
+            if problem is None:
+                good_lines.append(raw[:-1] if raw.endswith(b"\r") else raw)
+                good_indices.append(i)
+            else:
+                self._reject(chunk.first_line + i, *problem, skipped, examples)
+        tables, kept, rejected = self._parse_lines(good_lines, good_indices)
+        for index, what in sorted(rejected):
+            self._reject(chunk.first_line + index, "line", "unparsable", what, skipped, examples)
+        table = pa.concat_tables(tables) if tables else self.schema.empty_table()
+        rows = chunk.first_row + np.asarray(kept, dtype=np.int64)
+        return ParsedChunk(table, rows, chunk.first_row, chunk.lines, skipped, examples)
+
+    def parse(self, chunk: RawChunk) -> ParsedChunk:
+        """Parses one chunk: the fast path, or the careful path when the chunk has a problem."""
+        table = self._fast(chunk.data, chunk.lines)
+        if table is not None:
+            return ParsedChunk(table, None, chunk.first_row, chunk.lines, collections.Counter(), [])
+        return self._careful(chunk)
+
+
+def parse_source(
+    path: os.PathLike, fmt: RawFormat, on_error: str = "fail", chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[ParsedChunk]:
+    """Parses every chunk of one input in order."""
+    parser = ChunkParser(fmt, str(path), on_error)
+    for chunk in iter_chunks(path, fmt, chunk_bytes):
+        yield parser.parse(chunk)

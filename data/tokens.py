@@ -1,0 +1,242 @@
+"""Vectorised token functions of the converter: a stable 64-bit string hash, paper binning, dense transforms.
+
+Every function works on whole Arrow / numpy columns (no Python loop per row), because conversion speed is bounded
+by them once pyarrow has parsed the CSV.
+
+The hash (``multiembed-hash64-v1``) is a fixed function of a token's bytes and a seed, identical across runs,
+processes and machines (unlike Python's ``hash``, which is salted per process). pyarrow has no string hash kernel and
+numpy none either, so it is built here from numpy integer ops on the Arrow string buffers: with ``n = len(b)``,
+``w_k`` the little-endian 64-bit words of ``b`` zero-padded to a multiple of 8 bytes, and ``fmix64`` MurmurHash3's
+64-bit finaliser (all arithmetic modulo 2**64)::
+
+    K = 0x9E3779B97F4A7C15
+    length_term(n) = fmix64(seed XOR n*K)
+    P_k            = fmix64(seed + (k+1)*K) OR 1          # an odd multiplier per word position
+    hash64(b)      = fmix64(length_term(n) + sum_k w_k * P_k)
+
+Tokens of different lengths differ in ``length_term``; tokens of the same length that differ in one word differ in
+the sum (``P_k`` is odd, so ``w -> w * P_k`` is a bijection); ``fmix64`` spreads the result over all bits, so the high
+32 bits pick hash buckets (:func:`bucketize`). :func:`hash_token` is the one-token reference implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+HASH_NAME = "multiembed-hash64-v1"
+# The longest categorical token accepted (real Criteo / Avazu tokens have at most 20 bytes); a longer one is
+# reported as a bad token: it is almost always a broken line, and it bounds the hash's work per token.
+MAX_TOKEN_BYTES = 4096
+# The largest table bucketize() maps into: it uses the hash's high 32 bits.
+MAX_HASH_SIZE = 1 << 32
+# Paper binning and the token of an empty integer cell.
+NULL_TOKEN = "NULL"
+
+_M64 = (1 << 64) - 1
+_K = 0x9E3779B97F4A7C15
+_C1 = 0xFF51AFD7ED558CCD
+_C2 = 0xC4CEB9FE1A85EC53
+
+
+def _fmix64_int(x: int) -> int:
+    x &= _M64
+    x ^= x >> 33
+    x = (x * _C1) & _M64
+    x ^= x >> 33
+    x = (x * _C2) & _M64
+    x ^= x >> 33
+    return x
+
+
+def hash_token(token: bytes, seed: int = 0) -> int:
+    """``hash64`` of one token (the reference the vectorised :func:`hash_tokens` must equal).
+
+    Example::
+
+        >>> hash_token(b"05db9164") == hash_token(b"05db9164") != hash_token(b"05db9165")
+        True
+    """
+    seed &= _M64
+    n = len(token)
+    acc = _fmix64_int(seed ^ ((n * _K) & _M64))
+    padded = token + b"\0" * (-n % 8)
+    for k in range(len(padded) // 8):
+        word = int.from_bytes(padded[8 * k : 8 * k + 8], "little")
+        multiplier = _fmix64_int(seed + (k + 1) * _K) | 1
+        acc = (acc + word * multiplier) & _M64
+    return _fmix64_int(acc)
+
+
+_U33 = np.uint64(33)
+_UC1 = np.uint64(_C1)
+_UC2 = np.uint64(_C2)
+
+
+def _fmix64_inplace(x: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    np.right_shift(x, _U33, out=scratch)
+    np.bitwise_xor(x, scratch, out=x)
+    np.multiply(x, _UC1, out=x)
+    np.right_shift(x, _U33, out=scratch)
+    np.bitwise_xor(x, scratch, out=x)
+    np.multiply(x, _UC2, out=x)
+    np.right_shift(x, _U33, out=scratch)
+    np.bitwise_xor(x, scratch, out=x)
+    return x
+
+
+# Byte masks keeping the first r bytes of a little-endian word, r = 0..8.
+_TAIL_MASKS = np.array([(1 << (8 * r)) - 1 for r in range(8)] + [_M64], dtype=np.uint64)
+
+
+class _SeedTables:
+    """Per-seed constants: length terms for every accepted length and the per-word multipliers."""
+
+    def __init__(self, seed: int) -> None:
+        seed &= _M64
+        self.length_terms = np.array(
+            [_fmix64_int(seed ^ ((n * _K) & _M64)) for n in range(MAX_TOKEN_BYTES + 1)], dtype=np.uint64
+        )
+        words = (MAX_TOKEN_BYTES + 7) // 8
+        self.multipliers = np.array(
+            [_fmix64_int(seed + (k + 1) * _K) | 1 for k in range(words)], dtype=np.uint64
+        )
+
+
+_SEED_TABLES: dict = {}
+
+
+def _seed_tables(seed: int) -> _SeedTables:
+    tables = _SEED_TABLES.get(seed)
+    if tables is None:
+        tables = _SEED_TABLES[seed] = _SeedTables(seed)
+    return tables
+
+
+def string_offsets_and_data(array: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
+    """Zero-copy views of a (large_)string/binary array's offsets (``len + 1``, absolute) and data bytes."""
+    offset_type = np.int64 if pa.types.is_large_string(array.type) or pa.types.is_large_binary(array.type) else np.int32
+    _, offsets_buf, data_buf = array.buffers()[:3]
+    itemsize = np.dtype(offset_type).itemsize
+    offsets = np.frombuffer(offsets_buf, dtype=offset_type, count=len(array) + 1, offset=array.offset * itemsize)
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, dtype=np.uint8)
+    return offsets, data
+
+
+def token_lengths(array: pa.Array) -> np.ndarray:
+    """Byte length of every token (null slots count as empty), shape ``[len(array)]``."""
+    offsets, _ = string_offsets_and_data(array)
+    return np.diff(offsets)
+
+
+def hash_tokens(array: pa.Array, seed: int = 0) -> np.ndarray:
+    """``hash64`` of every token of a string or binary array, vectorised.
+
+    Null slots hash as the empty token (Arrow writes them with zero length).
+
+    Args:
+        array: ``pa.string()`` / ``pa.binary()`` (or large) array of tokens of at most ``MAX_TOKEN_BYTES`` bytes.
+        seed: hash seed.
+
+    Returns:
+        uint64 array, shape ``[len(array)]``.
+
+    Raises:
+        ValueError: a token is longer than ``MAX_TOKEN_BYTES`` (callers check lengths first to name the row).
+    """
+    if isinstance(array, pa.ChunkedArray):
+        if array.num_chunks == 0:
+            return np.zeros(0, dtype=np.uint64)
+        return np.concatenate([hash_tokens(chunk, seed) for chunk in array.chunks])
+    tables = _seed_tables(seed)
+    offsets, data = string_offsets_and_data(array)
+    n = len(array)
+    if n == 0:
+        return np.zeros(0, dtype=np.uint64)
+    # int64 positions: numpy gathers with them faster than with Arrow's int32 offsets.
+    starts = offsets[:-1].astype(np.int64)
+    lengths = np.diff(offsets)
+    longest = int(lengths.max())
+    if longest > MAX_TOKEN_BYTES:
+        raise ValueError(f"token of {longest} bytes (at most {MAX_TOKEN_BYTES} accepted)")
+    # Eight zero bytes after the data let every word read start anywhere in it; the strided view reads the
+    # (unaligned) 64-bit word starting at each byte.
+    padded = np.empty(len(data) + 8, dtype=np.uint8)
+    padded[: len(data)] = data
+    padded[len(data) :] = 0
+    words_at = np.ndarray(shape=(len(padded) - 7,), dtype="<u8", buffer=padded, strides=(1,))
+    scratch = np.empty(n, dtype=np.uint64)
+
+    acc = words_at[starts]
+    acc &= np.take(_TAIL_MASKS, np.minimum(lengths, 8))
+    acc *= tables.multipliers[0]
+    acc += np.take(tables.length_terms, lengths)
+    if longest > 8:
+        # Longer tokens are rare: walk their further words on the shrinking subset that still has bytes left.
+        rows = np.flatnonzero(lengths > 8)
+        for k in range(1, (longest + 7) // 8):
+            remaining = lengths[rows] - 8 * k
+            keep = remaining > 0
+            rows, remaining = rows[keep], remaining[keep]
+            word = words_at[starts[rows] + 8 * k]
+            word &= np.take(_TAIL_MASKS, np.minimum(remaining, 8))
+            word *= tables.multipliers[k]
+            acc[rows] += word
+    return _fmix64_inplace(acc, scratch)
+
+
+def bucketize(hashes: np.ndarray, size: int) -> np.ndarray:
+    """Maps 64-bit hashes to ids in ``[0, size)`` with the high 32 bits (``(h >> 32) * size >> 32``).
+
+    A multiply-shift instead of ``h % size``: a 64-bit modulo costs several times more per value, and the high bits
+    of ``fmix64`` output are as uniform as the low ones.
+
+    Returns:
+        int64 array, same shape as ``hashes``.
+    """
+    if not 1 <= size <= MAX_HASH_SIZE:
+        raise ValueError(f"hash size must be in [1, {MAX_HASH_SIZE}], got {size}")
+    high = hashes >> np.uint64(32)
+    high *= np.uint64(size)
+    high >>= np.uint64(32)
+    return high.view(np.int64)
+
+
+def int_values_and_validity(array: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
+    """int64 values (0 where null) and a validity mask of an int64 Arrow array (chunked arrays are combined)."""
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks() if array.num_chunks != 1 else array.chunk(0)
+    valid = np.ones(len(array), dtype=bool) if array.null_count == 0 else array.is_valid().to_numpy(zero_copy_only=False)
+    values = array.fill_null(0).to_numpy() if array.null_count else array.to_numpy()
+    return values, valid
+
+
+def dense_log1p(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """The dense feature of an integer column: ``log(1 + max(x, 0))``, 0 for empty cells; float32 ``[n]``."""
+    out = values.astype(np.float32)
+    np.maximum(out, 0, out=out)
+    np.log1p(out, out=out)
+    if not valid.all():
+        out[~valid] = 0
+    return out
+
+
+def paper_bins(values: np.ndarray) -> np.ndarray:
+    """The paper's integer binning, vectorised: ``int(ln(v)**2)`` for ``v > 2``, else ``v - 2`` (int64 ``[n]``)."""
+    big = values > 2
+    logs = np.log(np.where(big, values, 3).astype(np.float64))
+    bins = np.where(big, np.floor(logs * logs).astype(np.int64), values - 2)
+    return bins
+
+
+def paper_int_tokens(array: pa.Array) -> pa.Array:
+    """The paper's token of every integer cell as a string array: ``"NULL"`` when empty, else the bin."""
+    values, valid = int_values_and_validity(array)
+    tokens = pa.array(paper_bins(values)).cast(pa.string())
+    if valid.all():
+        return tokens
+    return pc.if_else(pa.array(valid), tokens, pa.scalar(NULL_TOKEN))
+
