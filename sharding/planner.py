@@ -79,6 +79,17 @@ class TableSpec:
         embedding_dim: stored width (columns).
         feature_names: the KJT features looked up in it.
         bytes_per_value: bytes of one weight (4 for fp32).
+
+    Example::
+
+        >>> import torch
+        >>> from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+        >>> ebc = EmbeddingBagCollection(
+        ...     [EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=100, feature_names=["f0"])],
+        ...     device=torch.device("meta"),
+        ... )
+        >>> embedding_tables(ebc)[0].weight_bytes
+        3200
     """
 
     module_path: str
@@ -254,6 +265,12 @@ class SetParallelPartitioner(GreedyPerfPartitioner):
     sets of a small table; with set-wide shards that defeats set parallelism. TorchRec keeps column shards apart
     only for key-value tables, so this partitioner places every column-wise table that way (least-loaded rank
     first, as TorchRec orders them) whenever there are at least as many ranks as shards.
+
+    Example::
+
+        >>> planner = EmbeddingShardingPlanner(
+        ...     topology=build_topology(8, 8, "cuda"), partitioner=SetParallelPartitioner(), debug=False
+        ... )
     """
 
     @classmethod
