@@ -214,7 +214,8 @@ def weighted_bce_with_logits(
         return F.binary_cross_entropy_with_logits(logits, labels)
     per_row = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
     weights = weights.to(per_row.dtype)
-    return (per_row * weights).sum() / weights.sum().clamp_min(torch.finfo(per_row.dtype).tiny)
+    # A Python constant, not torch.finfo(dtype): the TorchRec pipeline fx-traces this, where dtype is a Proxy.
+    return (per_row * weights).sum() / weights.sum().clamp_min(1e-30)
 
 
 class MultiEmbeddingTrain(nn.Module):

@@ -205,8 +205,12 @@ class Trainer:
             pg=pg,
             batch_size=self.local_batch,
         )
-        self.plan_text = format_plan(self.plan, train_module)
-        self.plan_json = plan_summary(self.plan, train_module)
+        report_options = dict(
+            world_size=self.ctx.world_size, local_world_size=self.ctx.local_world_size,
+            batch_size=self.local_batch, device_type=self.ctx.device.type,
+        )
+        self.plan_text = format_plan(self.plan, train_module, **report_options)
+        self.plan_json = plan_summary(self.plan, train_module, **report_options)
         self.dmp = DistributedModelParallel(
             train_module,
             device=self.ctx.device,
