@@ -43,6 +43,7 @@ from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from tqdm import tqdm
 
 DEFAULT_CHUNK_ROWS = 65536
@@ -984,3 +985,82 @@ def collapse_from_tables(
         raise ValueError("collapse_from_tables runs in one process; use collapse_from_sharded for a process group")
     shards = [LocalShard(name, weight) for name, weight in tables.items()]
     return _analyze(_Collectives(None, distributed=False), shards, table_layout, **{**_DEFAULT_OPTIONS, **options})
+
+
+def _unwrap_model(model: nn.Module) -> nn.Module:
+    """The model zoo's model inside DistributedModelParallel / DDP wrappers."""
+    while not hasattr(model, "sparse_arch") and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    if not hasattr(model, "sparse_arch"):
+        raise ValueError(f"{type(model).__name__} has no sparse_arch: expected a MultiEmbeddingModel (or DMP of one)")
+    return model
+
+
+def first_cross_weights(model: nn.Module) -> Optional[torch.Tensor]:
+    """The first full-rank cross layer's weight per set, ``[K, F*d, F*d]`` over the categorical fields only, or
+    None for a model without one (every backbone but DCNv2; low-rank DCN has no ``W_{i->j}`` blocks).
+
+    The dense arch's field (DLRM-style models) comes last in the cross input, so its block is cut off.
+    """
+    from multiembed.models.interactions import BatchedCrossNet
+    from multiembed.models.set_arch import CrossSetArch
+
+    model = _unwrap_model(model)
+    set_arch = getattr(model, "set_arch", None)
+    if not isinstance(set_arch, CrossSetArch) or not isinstance(set_arch.crossnet, BatchedCrossNet):
+        return None
+    width = model.sparse_arch.num_fields * model.sparse_arch.set_dim
+    return set_arch.cross_weights(0)[:, :width, :width]
+
+
+def collapse_from_model(
+    model: nn.Module, *, group: Optional[dist.ProcessGroup] = None, sub_embedding: bool = True, **options: Any
+) -> CollapseResult:
+    """Collapse metrics of a model zoo model, unsharded or sharded by DistributedModelParallel.
+
+    A collective when ``torch.distributed`` is initialised: every rank calls it. Sharded tables (row-, column-,
+    table-wise) contribute each rank's local shards; replicated tables (unsharded model, data-parallel tables)
+    count once (rank 0's copy). Sub-embedding IA is added for full-rank DCNv2.
+
+    Args:
+        model: a ``MultiEmbeddingModel`` (or a DMP / DDP wrapping one), embeddings materialised.
+        group: the process group (default: the default group when initialised, else this process alone).
+        sub_embedding: compute DCNv2's sub-embedding IA when the model has a full-rank cross layer.
+        **options: as for :func:`collapse_from_sharded` (``row_normalized``, ``concat``, ``random_init_seed``,
+            ``chunk_rows``, ``device``, ``progress``).
+
+    Returns:
+        the :class:`CollapseResult`, identical on every rank.
+
+    Example::
+
+        import torch
+        from multiembed.models import build_model
+        from multiembed.models.collapse import collapse_from_model
+
+        model = build_model("dcnv2-me-2x", {"f1": 100, "f2": 50}, device=torch.device("cpu"), hidden=16)
+        result = collapse_from_model(model)
+        result.sets[0]["f1"], result.sub_embedding[0]["ia"]
+    """
+    if "cross_weights" in options or "cross_fields" in options:
+        raise ValueError("collapse_from_model reads the cross weights from the model; use sub_embedding=False to skip")
+    model = _unwrap_model(model)
+    sparse_arch = model.sparse_arch
+    state = sparse_arch.embedding_bag_collection.state_dict()
+    tables = {}
+    for name in sparse_arch.table_names:
+        key = f"embedding_bags.{name}.weight"
+        if key not in state:
+            raise ValueError(f"table {name!r}: {key} is not in the embedding collection's state dict")
+        tables[name] = state[key]
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank(group) if distributed else 0
+    cross = first_cross_weights(model) if sub_embedding else None
+    return collapse_from_sharded(
+        local_shards_from_tensors(tables, rank=rank),
+        sparse_arch.table_layout,
+        group=group,
+        cross_weights=None if cross is None else list(cross),
+        cross_fields=None if cross is None else list(sparse_arch.field_names),
+        **options,
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -378,63 +377,160 @@ def test_sub_embedding_ia_equals_direct_computation() -> None:
                 assert result.sub_embedding[k]["ia"][i][j] == pytest.approx(numpy_ia(table @ block.T, True), rel=1e-8)
 
 
+# ------------------------------------------------------------------------------------------------ zoo models
+
+
+ZOO_VOCAB = {"c1": 60, "c2": 23, "c3": 41}
+
+
+def _zoo_model(name: str, layout: str = "fused", num_dense: int = 0):
+    from multiembed.models import build_model
+
+    torch.manual_seed(0)
+    return build_model(name, ZOO_VOCAB, num_dense, device=torch.device("cpu"), hidden=8, layout=layout)
+
+
+@pytest.mark.parametrize("layout", ["fused", "per_set"])
+def test_zoo_dcnv2_model_matches_direct_computation(layout: str) -> None:
+    from multiembed.models.collapse import collapse_from_model
+
+    model = _zoo_model("dcnv2-me-2x", layout, num_dense=2)  # the dense arch's field enters the cross last
+    result = collapse_from_model(model, chunk_rows=16)
+    sets = model.sparse_arch.set_weights()  # per set {field: [D, d]}, padding removed (the zoo's own view)
+    d = model.sparse_arch.set_dim
+    cross = model.set_arch.crossnet.weight[0].detach().double().numpy()  # [K, (F+1)*d, (F+1)*d]
+    fields = list(ZOO_VOCAB)
+    assert result.dim == d and result.fields == fields and result.vocab_sizes == ZOO_VOCAB
+    for k, per_field in enumerate(sets):
+        for i, field in enumerate(fields):
+            table = per_field[field].double().numpy()
+            assert result.sets[k][field] == pytest.approx(numpy_ia(table, True), rel=1e-9)
+            for j in range(len(fields)):
+                block = cross[k, j * d : (j + 1) * d, i * d : (i + 1) * d]
+                assert result.sub_embedding[k]["ia"][i][j] == pytest.approx(numpy_ia(table @ block.T, True), rel=1e-8)
+    concat = np.concatenate([sets[k]["c1"].double().numpy() for k in range(2)], axis=1)
+    assert result.concat["c1"] == pytest.approx(numpy_ia(concat, True), rel=1e-9)
+
+
+def test_zoo_models_without_full_rank_cross_have_no_sub_embedding() -> None:
+    from multiembed.models.collapse import collapse_from_model, first_cross_weights
+
+    for name in ("dnn-me-2x", "dcnv2lr-se-1x"):
+        model = _zoo_model(name)
+        assert first_cross_weights(model) is None
+        result = collapse_from_model(model, random_init_seed=None)
+        assert result.sub_embedding is None and result.num_sets == model.sparse_arch.num_sets
+
+
 # ------------------------------------------------------------------------------------------------ two gloo ranks
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _gloo_worker(rank: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
+def _shard_cases(rank: int) -> Dict[str, CollapseResult]:
+    """Hand-made shards of the test tables: every way a table can be split over the two ranks."""
     from torch.distributed._shard.metadata import ShardMetadata
     from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    tables = fused_tables()
+    layout = fused_layout(list(VOCAB))
+    options = dict(chunk_rows=40, cross_weights=cross_weights(len(VOCAB)))
+    results = {}
+    # Row-wise: rank 0 holds the first 40% of every table's rows, rank 1 the rest.
+    mine = [s for s in row_shards(tables, [0.4]) if (s.row_offset == 0) == (rank == 0)]
+    results["row_wise"] = collapse_from_sharded(mine, layout, **options)
+    # Column-wise through set 1 ([8, 13)): its rows must be assembled across the ranks.
+    mine = [s for s in column_shards(tables, [11]) if (s.col_offset == 0) == (rank == 0)]
+    results["column_wise"] = collapse_from_sharded(mine, layout, **options)
+    # The same column split, as TorchRec's sharded state dict hands it over (ShardedTensor).
+    sharded = {}
+    for name, table in tables.items():
+        cols = (0, 11) if rank == 0 else (11, table.shape[1])
+        metadata = ShardMetadata([0, cols[0]], [table.shape[0], cols[1] - cols[0]], f"rank:{rank}/cpu")
+        local = [Shard(table[:, cols[0] : cols[1]].contiguous(), metadata)]
+        sharded[name] = init_from_local_shards(local, *table.shape)
+    results["sharded_tensor"] = collapse_from_sharded(local_shards_from_tensors(sharded, rank=rank), layout, **options)
+    # Table-wise per-set layout: a field's sets on different ranks, so the concatenation crosses ranks.
+    per_set = per_set_tables(tables)
+    mine = [LocalShard(name, t) for index, (name, t) in enumerate(per_set.items()) if index % 2 == rank]
+    results["table_wise_per_set"] = collapse_from_sharded(mine, per_set_layout(list(VOCAB)), **options)
+    # Replicated plain tensors: only the owner contributes.
+    results["replicated"] = collapse_from_sharded(local_shards_from_tensors(tables, rank=rank), layout, **options)
+    return results
+
+
+# Column-wise puts the two sets of each fused table on different ranks (the concatenation crosses ranks);
+# row-wise splits rows, and the data-parallel table is replicated (it must count once).
+DMP_CASES = [("column_wise", None), ("row_wise", {"t_c2": "data_parallel"})]
+
+
+def _dmp_cases(rank: int, world_size: int) -> Tuple[Dict[str, CollapseResult], Dict[str, List[bool]]]:
+    """A zoo DCNv2 sharded by DistributedModelParallel, holding the single-process model's weights."""
+    import torch.distributed as dist
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.types import ShardingEnv
+
+    from multiembed.models import build_model
+    from multiembed.models.collapse import collapse_from_model
+    from multiembed.sharding import make_sharders, plan_sharding
+
+    reference = _zoo_model("dcnv2-me-2x").state_dict()
+    results, split = {}, {}
+    for strategy, overrides in DMP_CASES:
+        model = build_model("dcnv2-me-2x", ZOO_VOCAB, device=torch.device("meta"), hidden=8)
+        plan = plan_sharding(
+            model, strategy, world_size=world_size, local_world_size=world_size, device_type="cpu",
+            overrides=overrides, pg=dist.group.WORLD, batch_size=4,
+        )
+        dmp = DistributedModelParallel(
+            model, device=torch.device("cpu"), plan=plan, sharders=make_sharders(None, "cpu"),
+            env=ShardingEnv.from_process_group(dist.group.WORLD),
+        )
+        held = []  # per shard: (fewer rows than the table, fewer columns than the table)
+        with torch.no_grad():  # the reference weights into this rank's shards
+            for key, tensor in dmp.state_dict().items():
+                if hasattr(tensor, "local_shards"):
+                    for shard in tensor.local_shards():
+                        (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                        shard.tensor.copy_(reference[key][r0 : r0 + nr, c0 : c0 + nc])
+                        held.append((nr < reference[key].shape[0], nc < reference[key].shape[1]))
+                else:
+                    tensor.copy_(reference[key])
+        results[strategy] = collapse_from_model(dmp, chunk_rows=16)
+        split[strategy] = [any(axis) for axis in zip(*held)]
+    return results, split
+
+
+def _gloo_worker(rank: int, world_size: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
     try:
-        torch.set_num_threads(1)
-        tables = fused_tables()
-        layout = fused_layout(list(VOCAB))
-        options = dict(chunk_rows=40, cross_weights=cross_weights(len(VOCAB)))
-        results = {}
-        # Row-wise: rank 0 holds the first 40% of every table's rows, rank 1 the rest.
-        mine = [s for s in row_shards(tables, [0.4]) if (s.row_offset == 0) == (rank == 0)]
-        results["row_wise"] = collapse_from_sharded(mine, layout, **options)
-        # Column-wise through set 1 ([8, 13)): its rows must be assembled across the ranks.
-        mine = [s for s in column_shards(tables, [11]) if (s.col_offset == 0) == (rank == 0)]
-        results["column_wise"] = collapse_from_sharded(mine, layout, **options)
-        # The same column split, as TorchRec's sharded state dict hands it over (ShardedTensor).
-        sharded = {}
-        for name, table in tables.items():
-            cols = (0, 11) if rank == 0 else (11, table.shape[1])
-            metadata = ShardMetadata([0, cols[0]], [table.shape[0], cols[1] - cols[0]], f"rank:{rank}/cpu")
-            local = [Shard(table[:, cols[0] : cols[1]].contiguous(), metadata)]
-            sharded[name] = init_from_local_shards(local, *table.shape)
-        mine = local_shards_from_tensors(sharded, rank=rank)
-        results["sharded_tensor"] = collapse_from_sharded(mine, layout, **options)
-        # Table-wise per-set layout: a field's sets on different ranks, so the concatenation crosses ranks.
-        per_set = per_set_tables(tables)
-        mine = [LocalShard(name, t) for index, (name, t) in enumerate(per_set.items()) if index % 2 == rank]
-        results["table_wise_per_set"] = collapse_from_sharded(mine, per_set_layout(list(VOCAB)), **options)
-        # Replicated plain tensors: only the owner contributes.
-        results["replicated"] = collapse_from_sharded(local_shards_from_tensors(tables, rank=rank), layout, **options)
-        torch.save({name: r.to_dict() for name, r in results.items()}, Path(out_dir) / f"rank{rank}.pt")
+        results = _shard_cases(rank)
+        dmp_results, split = _dmp_cases(rank, world_size)
+        results.update({f"dmp/{name}": r for name, r in dmp_results.items()})
+        saved = {"results": {n: r.to_dict() for n, r in results.items()}, "split": split}
+        torch.save(saved, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.multiprocess
 def test_two_gloo_ranks_equal_single_process(tmp_path: Path) -> None:
-    import torch.multiprocessing as mp
+    """Hand-made row/column/table shards and a DMP-sharded zoo model on 2 gloo ranks == one process."""
+    import sys
 
-    mp.spawn(_gloo_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
-    tables = fused_tables()
-    options = dict(chunk_rows=40, cross_weights=cross_weights(len(VOCAB)))
-    expected = collapse_from_tables(tables, fused_layout(list(VOCAB)), **options)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from dist_utils import run_ranks
+
+    from multiembed.models.collapse import collapse_from_model
+
+    run_ranks(_gloo_worker, 2, str(tmp_path))
     per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    for name in ("row_wise", "column_wise", "sharded_tensor", "table_wise_per_set", "replicated"):
-        assert per_rank[0][name] == per_rank[1][name], f"{name}: the ranks disagree"
-        assert_results_equal(CollapseResult.from_dict(per_rank[0][name]), expected)
-
+    expected = collapse_from_tables(
+        fused_tables(), fused_layout(list(VOCAB)), chunk_rows=40, cross_weights=cross_weights(len(VOCAB))
+    )
+    expected_model = collapse_from_model(_zoo_model("dcnv2-me-2x"), chunk_rows=16)
+    assert per_rank[0]["split"] == {"column_wise": [False, True], "row_wise": [True, False]}  # really sharded
+    for name, result in per_rank[0]["results"].items():
+        assert result == per_rank[1]["results"][name], f"{name}: the ranks disagree"
+        assert_results_equal(CollapseResult.from_dict(result), expected_model if name.startswith("dmp/") else expected)
+    assert len(per_rank[0]["results"]) == 5 + len(DMP_CASES)
