@@ -147,7 +147,7 @@ class SplitParquetWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = _temporary_name(self.path)
         self._writer: Optional[pq.ParquetWriter] = pq.ParquetWriter(
-            self._tmp, schema, compression=compression, use_dictionary=use_dictionary, write_statistics=False
+            self._tmp, schema, compression=compression, use_dictionary=use_dictionary
         )
         self._pending: list = []
         self._pending_rows = 0
@@ -251,13 +251,16 @@ def check_dataset_files(data_dir: os.PathLike, meta: DatasetMetadata) -> None:
     """Checks every Parquet file listed in ``meta`` against it, reading only the files' footers.
 
     Each file must exist and be a Parquet file whose columns include ``label``, every field and every dense
-    feature with the contract's types, and whose row count equals the one ``metadata.json`` records.
+    feature with the contract's types, and whose row count equals the one ``metadata.json`` records. Where the
+    footer has column statistics, labels must lie in [0, 1] and one-hot ids in ``[0, vocab_size)``.
 
     Raises:
         DatasetError: naming the file and the column (or count) that disagrees.
     """
     data_dir = Path(data_dir)
     expected = arrow_schema(meta.fields, meta.dense_fields)
+    bounds = {LABEL_COLUMN: (0, 1)}
+    bounds.update({f.name: (0, f.vocab_size - 1) for f in meta.fields if not f.multi_hot})
     for split, files in meta.splits.items():
         for rel, rows in zip(files.files, files.file_rows):
             path = data_dir / rel
@@ -279,4 +282,27 @@ def check_dataset_files(data_dir: os.PathLike, meta: DatasetMetadata) -> None:
             if parquet.metadata.num_rows != rows:
                 raise DatasetError(
                     f"{path}: {parquet.metadata.num_rows} rows, metadata.json says {rows} (splits.{split})"
+                )
+            _check_statistics(path, parquet, bounds)
+
+
+def _check_statistics(path: Path, parquet: pq.ParquetFile, bounds: Mapping[str, tuple]) -> None:
+    metadata = parquet.metadata
+    names = parquet.schema_arrow.names
+    for group in range(metadata.num_row_groups):
+        row_group = metadata.row_group(group)
+        for column in range(row_group.num_columns):
+            chunk = row_group.column(column)
+            name = chunk.path_in_schema
+            if name not in bounds or name not in names:
+                continue
+            stats = chunk.statistics
+            if stats is None or not stats.has_min_max:
+                continue
+            low, high = bounds[name]
+            if stats.min < low or stats.max > high:
+                what = "labels" if name == LABEL_COLUMN else "ids"
+                raise DatasetError(
+                    f"{path}: column {name}: {what} span [{stats.min}, {stats.max}] in row group {group}, outside "
+                    f"[{low}, {high}]" + ("" if name == LABEL_COLUMN else f" (metadata.json: vocab_size {high + 1})")
                 )
