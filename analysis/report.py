@@ -282,12 +282,10 @@ def plot_ia_sets(
 
 
 def _whole_field_ia(data: Mapping[str, Any], label: str) -> Mapping[str, float]:
-    if len(data["sets"]) == 1:
-        return data["sets"][0]
-    if not data["concat"]:
-        raise ValueError(f"plot_ia_sets: {label!r} has {len(data['sets'])} sets but no concatenated IA (analyse it "
-                         "with concat=True)")
-    return data["concat"]
+    try:
+        return CollapseResult.from_dict(data).whole_field()
+    except ValueError as e:
+        raise ValueError(f"plot_ia_sets: {label!r}: {e}") from e
 
 
 def plot_sub_embedding(collapse: CollapseLike, path: Union[str, os.PathLike]) -> Dict[str, Any]:

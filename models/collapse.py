@@ -581,6 +581,19 @@ class CollapseResult:
     def num_sets(self) -> int:
         return len(self.sets)
 
+    def whole_field(self) -> Dict[str, float]:
+        """IA of each field's whole embedding, the figure comparable across SE and ME of one size: SE's one table,
+        ME's sets concatenated.
+
+        Raises:
+            ValueError: an ME result analysed without ``concat``.
+        """
+        if self.num_sets == 1:
+            return dict(self.sets[0])
+        if self.concat is None:
+            raise ValueError(f"this result has {self.num_sets} sets but no concatenated IA (analyse with concat=True)")
+        return dict(self.concat)
+
     def set_summary(self) -> List[Dict[str, float]]:
         """Per set: ``{"mean": ..., "min": ...}`` of the IA over fields (what training logs)."""
         return summarize_sets(self.sets)

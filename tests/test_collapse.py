@@ -243,6 +243,7 @@ def test_tables_result_matches_direct_per_set_and_concat() -> None:
             assert result.zero_rows[k][f] == len(range(0, VOCAB[f], 17))
         assert result.concat[f] == pytest.approx(numpy_ia(np.concatenate(sets, axis=1), True), rel=1e-9)
     assert summarize_sets(result.sets) == result.set_summary()
+    assert result.whole_field() == result.concat
     assert result.set_summary()[1]["min"] == min(result.sets[1].values())
 
 
@@ -259,6 +260,9 @@ def test_single_set_has_no_concat() -> None:
     tables = {name: t[:, :STORED_DIM] for name, t in fused_tables().items()}
     result = collapse_from_tables(tables, fused_layout(list(VOCAB), num_sets=1))
     assert result.num_sets == 1 and result.concat is None and result.concat_spectra is None
+    assert result.whole_field() == result.sets[0]
+    with pytest.raises(ValueError, match="no concatenated IA"):
+        collapse_from_tables(fused_tables(), fused_layout(list(VOCAB)), concat=False).whole_field()
 
 
 def test_per_set_layout_equals_fused_layout() -> None:
