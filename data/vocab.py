@@ -232,11 +232,13 @@ class CountedVocabulary:
 
 
 def _merge_counts(keys: np.ndarray, counts: np.ndarray) -> "tuple[np.ndarray, np.ndarray]":
+    if keys.size == 0:
+        return keys, counts
     order = np.argsort(keys, kind="stable")
     keys = keys[order]
     counts = counts[order]
     starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
-    return keys[starts], np.add.reduceat(counts, starts) if keys.size else counts
+    return keys[starts], np.add.reduceat(counts, starts)
 
 
 class VocabularyCounter:
@@ -259,6 +261,8 @@ class VocabularyCounter:
 
     def add(self, field: str, keys: np.ndarray) -> None:
         """Counts one block of keys (uint64 ``[n]``) of ``field``."""
+        if keys.size == 0:
+            return
         unique, counts = np.unique(keys, return_counts=True)
         self._pending[field].append((unique, counts.astype(np.int64)))
         self._pending_size[field] += unique.size

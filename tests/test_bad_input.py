@@ -171,6 +171,19 @@ def test_bad_row_is_a_counted_skip(case, tmp_path, capsys):
     assert f"{reason} 1" in stdout  # the printed summary names the reason and the count
 
 
+def test_every_row_bad_under_skip_gives_an_empty_counted_dataset(tmp_path, capsys):
+    src = write(tmp_path / "day_0", ["\t".join(["x"] + criteo_cells(i)[1:]) for i in range(25)])
+    for mode in (["--min-count", "1"], ["--hash-size", "10"]):
+        out = tmp_path / ("out" + mode[0])
+        status, stdout, err = run_cli(capsys, "convert", "criteo", str(src), "--out", str(out), "--quiet",
+                                      "--on-error", "skip", *mode)
+        assert status == 0, err
+        meta = read_metadata(out)
+        assert meta.skipped == {"bad_label": 25} and meta.rows_read == 25
+        assert meta.split_rows() == {"train": 0, "val": 0, "test": 0}
+        assert "skipped 25" in stdout
+
+
 def test_bad_row_in_gzip_names_its_line(tmp_path, capsys):
     src = _row_case_file(tmp_path, "criteo", ROW_CASES["criteo_label_two"][1], bad_index=9, rows=15, gz=True)
     err = convert_fail(capsys, tmp_path, "criteo", src)
