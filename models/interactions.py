@@ -27,9 +27,11 @@ class BatchedCrossNet(nn.Module):
     The paper's (and DCNv2's) full-rank form, stacked before the MLP. Per layer and set it is one ``baddbmm``
     (the ``W_l x_l + b_l`` GEMM) and one ``addcmul``; the layer runs at GEMM speed.
 
-    ``weight[l, g]`` is ``[D, D]`` in ``nn.Linear``'s (out, in) convention, acting on the concatenation of the
-    set's field embeddings, so the block ``weight[l, g][j*d:(j+1)*d, i*d:(i+1)*d]`` is ``W_{i->j}``, the map by
-    which field ``j`` sees field ``i`` (the paper's sub-embedding analysis uses layer 0).
+    ``weights[l][g]`` is ``[D, D]`` in ``nn.Linear``'s (out, in) convention, acting on the concatenation of the
+    set's field embeddings, so the block ``weights[l][g][j*d:(j+1)*d, i*d:(i+1)*d]`` is ``W_{i->j}``, the map by
+    which field ``j`` sees field ``i`` (the paper's sub-embedding analysis uses layer 0). One parameter per layer
+    (not one ``[L, ...]`` tensor): indexing a stacked parameter would make every layer's backward write a
+    full-size zero gradient.
 
     Args:
         num_sets: K.
@@ -61,16 +63,19 @@ class BatchedCrossNet(nn.Module):
         self.in_features = in_features
         self.num_layers = num_layers
         g = self.num_weight_sets
-        self.weight = nn.Parameter(torch.empty(num_layers, g, in_features, in_features, device=device))
-        self.bias = nn.Parameter(torch.empty(num_layers, g, in_features, device=device))
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.empty(g, in_features, in_features, device=device)) for _ in range(num_layers)
+        )
+        self.biases = nn.ParameterList(nn.Parameter(torch.empty(g, in_features, device=device)) for _ in range(num_layers))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         # xavier_uniform_ of one [D, D] matrix: fan_in = fan_out = D.
         bound = math.sqrt(6.0 / (2 * self.in_features))
         with torch.no_grad():
-            self.weight.uniform_(-bound, bound)
-            self.bias.zero_()
+            for weight, bias in zip(self.weights, self.biases):
+                weight.uniform_(-bound, bound)
+                bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """
@@ -82,8 +87,8 @@ class BatchedCrossNet(nn.Module):
         """
         x0 = x.reshape(self.num_weight_sets, -1, self.in_features)
         xl = x0
-        for layer in range(self.num_layers):
-            projected = torch.baddbmm(self.bias[layer].unsqueeze(1), xl, self.weight[layer].transpose(1, 2))
+        for weight, bias in zip(self.weights, self.biases):
+            projected = torch.baddbmm(bias.unsqueeze(1), xl, weight.transpose(1, 2))
             xl = torch.addcmul(xl, x0, projected)
         return xl.view(self.num_sets, -1, self.in_features)
 
@@ -135,18 +140,23 @@ class BatchedLowRankCrossNet(nn.Module):
         self.num_layers = num_layers
         self.low_rank = low_rank
         g = self.num_weight_sets
-        self.W_kernels = nn.Parameter(torch.empty(num_layers, g, in_features, low_rank, device=device))
-        self.V_kernels = nn.Parameter(torch.empty(num_layers, g, low_rank, in_features, device=device))
-        self.bias = nn.Parameter(torch.empty(num_layers, g, in_features, device=device))
+        self.W_kernels = nn.ParameterList(
+            nn.Parameter(torch.empty(g, in_features, low_rank, device=device)) for _ in range(num_layers)
+        )
+        self.V_kernels = nn.ParameterList(
+            nn.Parameter(torch.empty(g, low_rank, in_features, device=device)) for _ in range(num_layers)
+        )
+        self.biases = nn.ParameterList(nn.Parameter(torch.empty(g, in_features, device=device)) for _ in range(num_layers))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         # xavier_normal_ of a [D, r] (or [r, D]) matrix: std = sqrt(2 / (D + r)).
         std = math.sqrt(2.0 / (self.in_features + self.low_rank))
         with torch.no_grad():
-            self.W_kernels.normal_(0.0, std)
-            self.V_kernels.normal_(0.0, std)
-            self.bias.zero_()
+            for w_kernel, v_kernel, bias in zip(self.W_kernels, self.V_kernels, self.biases):
+                w_kernel.normal_(0.0, std)
+                v_kernel.normal_(0.0, std)
+                bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """
@@ -158,9 +168,9 @@ class BatchedLowRankCrossNet(nn.Module):
         """
         x0 = x.reshape(self.num_weight_sets, -1, self.in_features)
         xl = x0
-        for layer in range(self.num_layers):
-            low = torch.bmm(xl, self.V_kernels[layer].transpose(1, 2))
-            projected = torch.baddbmm(self.bias[layer].unsqueeze(1), low, self.W_kernels[layer].transpose(1, 2))
+        for w_kernel, v_kernel, bias in zip(self.W_kernels, self.V_kernels, self.biases):
+            low = torch.bmm(xl, v_kernel.transpose(1, 2))
+            projected = torch.baddbmm(bias.unsqueeze(1), low, w_kernel.transpose(1, 2))
             xl = torch.addcmul(xl, x0, projected)
         return xl.view(self.num_sets, -1, self.in_features)
 

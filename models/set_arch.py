@@ -142,7 +142,7 @@ class CrossSetArch(SetInteractionArch):
             raise ValueError("cross_weights needs the full-rank cross net (dcnv2); dcnv2lr is low-rank")
         if not 0 <= layer < self.crossnet.num_layers:
             raise ValueError(f"layer {layer} out of range 0..{self.crossnet.num_layers - 1}")
-        weight = self.crossnet.weight[layer].detach()
+        weight = self.crossnet.weights[layer].detach()
         return weight.repeat_interleave(self.num_sets // self.crossnet.num_weight_sets, dim=0)
 
 

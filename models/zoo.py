@@ -108,8 +108,8 @@ def build_set_arch(
     Example::
 
         >>> arch = build_set_arch(parse_model_name("dcnv2-me-4x"), num_fields=39)
-        >>> arch.crossnet.weight.shape
-        torch.Size([4, 4, 390, 390])
+        >>> arch.crossnet.weights[0].shape
+        torch.Size([4, 390, 390])
     """
     options = _options(spec, backbone_overrides)
     k, d, f = spec.num_sets, spec.set_dim, num_fields

@@ -62,10 +62,10 @@ def ref_cross(arch, k, e):
     x = x0
     for layer in range(cross.num_layers):
         if hasattr(cross, "low_rank"):
-            w = cross.W_kernels[layer, g] @ cross.V_kernels[layer, g]
+            w = cross.W_kernels[layer][g] @ cross.V_kernels[layer][g]
         else:
-            w = cross.weight[layer, g]
-        x = x0 * (torch.matmul(w, x.unsqueeze(2)).squeeze(2) + cross.bias[layer, g]) + x
+            w = cross.weights[layer][g]
+        x = x0 * (torch.matmul(w, x.unsqueeze(2)).squeeze(2) + cross.biases[layer][g]) + x
     return ref_projection(arch.projection, k, x)
 
 
@@ -208,7 +208,7 @@ def test_mesi_shares_one_branch_and_me_does_not() -> None:
     out_shared, out_own = shared(one_set), own(one_set)
     torch.testing.assert_close(out_shared[:, 0], out_shared[:, 2])
     assert not torch.allclose(out_own[:, 0], out_own[:, 2])
-    assert shared.crossnet.weight.shape[1] == 1 and own.crossnet.weight.shape[1] == 3
+    assert shared.crossnet.weights[0].shape[0] == 1 and own.crossnet.weights[0].shape[0] == 3
 
 
 def _copy_state(source: torch.nn.Module, target: torch.nn.Module) -> None:
