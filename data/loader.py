@@ -374,7 +374,10 @@ class ParquetBatchLoader:
                 f"{self.data_dir / 'metadata.json'}: splits: no split {split!r} "
                 f"(has {', '.join(self.metadata.splits) or 'none'})"
             )
-        check_dataset_files(self.data_dir, self.metadata)
+        try:
+            check_dataset_files(self.data_dir, self.metadata)
+        except DatasetError as footer_error:
+            self._raise_with_row(footer_error)
         self.keys: List[str] = self.metadata.field_names
         self._use_dense = use_dense and bool(self.metadata.dense_fields)
         self.num_dense = len(self.metadata.dense_fields) if self._use_dense else 0
@@ -400,7 +403,21 @@ class ParquetBatchLoader:
             # A rank with no rows of its own under "pad" still needs one real row to copy as padding.
             load_lo, load_hi = 0, min(total, 1 if self.num_batches else 0)
         self._store = _read_rows(self.data_dir, self.metadata, split, load_lo, load_hi, self._use_dense)
-        self._full_lengths = torch.ones(len(self.keys) * batch_size, dtype=torch.int32)
+
+    def _raise_with_row(self, footer_error: DatasetError) -> None:
+        """Re-raises a footer-check error, naming the first bad row when reading this split can locate it.
+
+        The footer check (column statistics) names the file and column of an out-of-range id but not its row;
+        reading the split's rows with the row-level checks of :func:`_read_rows` does. Only on this error path.
+        """
+        try:
+            total = self.metadata.splits[self.split].rows
+            _read_rows(self.data_dir, self.metadata, self.split, 0, total, use_dense=False)
+        except DatasetError as located:
+            raise located from None
+        except Exception:  # noqa: BLE001 - unreadable in another way: the footer check's message says how
+            pass
+        raise footer_error
 
     def _plan(self, total: int) -> Tuple[int, int, int]:
         """This rank's share ``[lo, hi)`` of the epoch's row order and its batch count."""
@@ -470,7 +487,7 @@ class ParquetBatchLoader:
         one_hot = np.ascontiguousarray(np.take(store.one_hot, local_rows, axis=0).T, dtype=np.int64)
         if self._all_one_hot:
             values = torch.from_numpy(one_hot.reshape(-1))
-            lengths = self._full_lengths if size == self.batch_size else torch.ones(size * len(self.keys), dtype=torch.int32)
+            lengths = torch.ones(size * len(self.keys), dtype=torch.int32)
             length_per_key = [size] * len(self.keys)
         else:
             value_parts: List[np.ndarray] = []
