@@ -76,7 +76,7 @@ from multiembed.data.splits import (
     parse_split_weights,
     random_file_counts,
 )
-from multiembed.data.tokens import MAX_HASH_SIZE, dense_log1p, int_values_and_validity
+from multiembed.data.tokens import MAX_HASH_SIZE, dense_log1p
 from multiembed.data.vocab import VOCAB_FILE, CountedVocabulary, HashingVocabulary, VocabularyCounter, field_keys
 
 STATE_DIR = ".convert"
@@ -431,8 +431,7 @@ def encode_table(table: pa.Table, fmt: RawFormat, mode: str, vocab: Vocabulary, 
         keys = field_keys(fmt, mode, table.column(field), field, hash_seed)
         columns[field] = vocab.encode(field, keys)
     for name in fmt.dense_fields:
-        values, valid = int_values_and_validity(table.column(name))
-        columns[DENSE_PREFIX + name] = dense_log1p(values, valid)
+        columns[DENSE_PREFIX + name] = dense_log1p(table.column(name))
     return columns
 
 

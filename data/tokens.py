@@ -21,7 +21,7 @@ the sum (``P_k`` is odd, so ``w -> w * P_k`` is a bijection); ``fmix64`` spreads
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -214,13 +214,20 @@ def int_values_and_validity(array: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
     return values, valid
 
 
-def dense_log1p(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """The dense feature of an integer column: ``log(1 + max(x, 0))``, 0 for empty cells; float32 ``[n]``."""
-    out = values.astype(np.float32)
-    np.maximum(out, 0, out=out)
-    np.log1p(out, out=out)
-    if not valid.all():
-        out[~valid] = 0
+def dense_log1p(column: Union[pa.Array, pa.ChunkedArray]) -> np.ndarray:
+    """The dense feature of an int64 column: ``log(1 + max(x, 0))``, 0 for empty (null) cells; float32 ``[n]``.
+
+    Nulls become 0 first, and log(1 + max(0, 0)) is 0, so empty cells need no separate mask.
+    """
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    out = np.empty(len(column), dtype=np.float32)
+    position = 0
+    for chunk in chunks:
+        values = chunk.fill_null(0).to_numpy() if chunk.null_count else chunk.to_numpy()
+        part = out[position : position + len(values)]
+        position += len(values)
+        np.maximum(values, 0, out=part, casting="unsafe")
+        np.log1p(part, out=part)
     return out
 
 
