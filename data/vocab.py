@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from multiembed.data.formats import HASHING_MODE, PAPER_MODE, RawFormat
 from multiembed.data.metadata import DatasetError
-from multiembed.data.tokens import HASH_NAME, bucketize, hash_tokens, paper_int_tokens
+from multiembed.data.tokens import HASH_NAME, bucketize, hash_tokens, paper_int_keys
 
 VOCAB_FILE = "vocab.npz"
 # Version of the token rules (paper binning, empty integer -> "NULL", hash64-v1): part of every fingerprint.
@@ -54,8 +54,7 @@ def field_keys(fmt: RawFormat, mode: str, column: pa.ChunkedArray, field: str, s
     if field in fmt.int_columns:
         if mode != PAPER_MODE:
             raise ValueError(f"field {field}: integer columns are categorical fields only in paper mode")
-        tokens = paper_int_tokens(column)
-        return hash_tokens(tokens, seed)
+        return paper_int_keys(column, seed)
     return hash_tokens(column, seed)
 
 

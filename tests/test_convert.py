@@ -27,7 +27,7 @@ from multiembed.cli import main
 from multiembed.data.convert import ConvertOptions, convert
 from multiembed.data.metadata import read_metadata
 from multiembed.data.splits import SplitAssigner, random_file_counts, split_sizes
-from multiembed.data.tokens import bucketize, hash_token, hash_tokens, paper_bins
+from multiembed.data.tokens import bucketize, hash_token, hash_tokens, paper_bins, paper_int_keys
 
 INT_NAMES = [f"I{i}" for i in range(1, 14)]
 CAT_NAMES = [f"C{i}" for i in range(1, 27)]
@@ -159,6 +159,14 @@ def test_paper_bins_match_the_paper_formula():
     values = [-(2**62), -1000, -3, -2, -1, 0, 1, 2, 3, 4, 7, 8, 20, 55, 1000, 123456789, 2**62]
     got = paper_bins(np.array(values, dtype=np.int64)).tolist()
     assert [str(g) for g in got] == [paper_token(str(v)) for v in values]
+
+
+def test_paper_int_keys_hash_the_paper_tokens():
+    cells = ["", "-5000", "-1025", "-1022", "-3", "0", "2", "3", "9", "1000000", str(2**63 - 1), ""]
+    column = pa.chunked_array([pa.array([int(c) if c else None for c in cells[:5]], pa.int64()),
+                               pa.array([int(c) if c else None for c in cells[5:]], pa.int64())])
+    expected = [hash_token(paper_token(c).encode(), 7) for c in cells]
+    assert paper_int_keys(column, seed=7).tolist() == expected
 
 
 # ---------------------------------------------------------------------------------------------------------------
