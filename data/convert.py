@@ -39,7 +39,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Counter, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Counter, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 import pyarrow as pa
@@ -627,6 +627,9 @@ def _build_metadata(
     extra: Dict[str, Any] = {"skipped_examples": examples}
     if isinstance(vocab, CountedVocabulary):
         extra["vocab_file"] = VOCAB_FILE
+        if vocab.distinct and resolved.vocab_from is None:
+            # Paper mode's counting memory is about 16 bytes per distinct (field, token): recorded for sizing.
+            extra["distinct_tokens"] = vocab.distinct
     return DatasetMetadata(
         dataset=fmt.name,
         fields=[FieldSpec(name, sizes[name]) for name in vocab.fields],

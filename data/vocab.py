@@ -117,6 +117,7 @@ class CountedVocabulary:
         keys: ``{field: sorted unique uint64 keys}`` in schema order.
         min_count: the threshold the keys were chosen with.
         seed: hash seed of the keys.
+        distinct: ``{field: distinct tokens counted}`` before the ``min_count`` cut (informative, not fingerprinted).
 
     Example::
 
@@ -130,8 +131,16 @@ class CountedVocabulary:
 
     mode = PAPER_MODE
 
-    def __init__(self, dataset: str, keys: Mapping[str, np.ndarray], min_count: int, seed: int = 0) -> None:
+    def __init__(
+        self,
+        dataset: str,
+        keys: Mapping[str, np.ndarray],
+        min_count: int,
+        seed: int = 0,
+        distinct: Optional[Mapping[str, int]] = None,
+    ) -> None:
         self.dataset = dataset
+        self.distinct = dict(distinct or {})
         self.fields = list(keys)
         self.min_count = int(min_count)
         self.seed = seed
@@ -176,6 +185,7 @@ class CountedVocabulary:
         directory = Path(directory)
         header = dict(self._header())
         header["fingerprint"] = self.fingerprint
+        header["distinct"] = self.distinct
         header["extra"] = dict(extra or {})
         arrays = {f"field_{i}": self._keys[f] for i, f in enumerate(self.fields)}
         arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
@@ -209,7 +219,7 @@ class CountedVocabulary:
             with np.load(path, allow_pickle=False) as npz:
                 header = json.loads(bytes(npz["header"]).decode())
                 keys = {name: npz[f"field_{i}"] for i, (name, _) in enumerate(header["fields"])}
-            vocab = cls(header["dataset"], keys, header["min_count"], header["seed"])
+            vocab = cls(header["dataset"], keys, header["min_count"], header["seed"], header.get("distinct"))
         except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
             raise DatasetError(f"{path}: not a readable vocabulary ({type(e).__name__}: {e})") from None
         if vocab.fingerprint != header.get("fingerprint"):
@@ -286,8 +296,10 @@ class VocabularyCounter:
         if min_count < 1:
             raise ValueError(f"min_count must be >= 1, got {min_count}")
         kept = {}
+        distinct = {}
         for field in self.fields:
             self._flush(field)
             keys, counts = self._totals.pop(field)
             kept[field] = keys[counts >= min_count]
-        return CountedVocabulary(dataset, kept, min_count, seed)
+            distinct[field] = int(keys.size)
+        return CountedVocabulary(dataset, kept, min_count, seed, distinct)

@@ -271,6 +271,7 @@ def test_paper_conversion_vocabulary_equals_independent_count(tmp_path):
         counts = collections.Counter(tokens)
         kept = {t for t, c in counts.items() if c >= min_count}
         assert meta.vocab_sizes[name] == len(kept) + 1, name
+        assert meta.extra["distinct_tokens"][name] == len(counts), name
         # kept tokens map one-to-one onto 1..size-1, every rarer token to the OOV id 0
         ids_of_token: Dict[str, set] = collections.defaultdict(set)
         for table in tables.values():
