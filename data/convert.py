@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -403,10 +404,13 @@ def _count_vocabulary(
     counter = VocabularyCounter(fields)
     with _progress(sum(s.rows for s in scans), "counting", resolved.progress) as bar:
         for scan in scans:
-            for parsed in _prefetched(_parsed_chunks(scan.path, fmt, resolved.on_error, resolved.chunk_bytes)):
-                for field in fields:
-                    counter.add(field, field_keys(fmt, PAPER_MODE, parsed.table.column(field), field, resolved.hash_seed))
-                bar.update(parsed.lines)
+            chunks = _prefetched(_parsed_chunks(scan.path, fmt, resolved.on_error, resolved.chunk_bytes))
+            with contextlib.closing(chunks):
+                for parsed in chunks:
+                    for field in fields:
+                        keys = field_keys(fmt, PAPER_MODE, parsed.table.column(field), field, resolved.hash_seed)
+                        counter.add(field, keys)
+                    bar.update(parsed.lines)
     assert resolved.min_count is not None
     return counter.finish(fmt.name, resolved.min_count, resolved.hash_seed)
 
@@ -513,8 +517,9 @@ def _convert_input(
     skipped: Counter[str] = collections.Counter()
     examples: List[str] = []
     lines = 0
+    chunks = _prefetched(_parsed_chunks(scan.path, fmt, resolved.on_error, resolved.chunk_bytes))
     try:
-        for parsed in _prefetched(_parsed_chunks(scan.path, fmt, resolved.on_error, resolved.chunk_bytes)):
+        for parsed in chunks:
             columns = encode_table(parsed.table, fmt, resolved.mode, vocab, resolved.hash_seed)
             assignment = assigner.take(parsed.lines)
             if parsed.rows is not None:
@@ -538,6 +543,7 @@ def _convert_input(
             )
         rows = writers.close()
     except BaseException:
+        chunks.close()  # stops the reading thread before the outputs are dropped
         writers.abort()
         raise
     return {

@@ -38,6 +38,9 @@ DEFAULT_CHUNK_BYTES = 16 << 20
 # than this makes pyarrow fail and is handled by the careful path (a valid line is far shorter).
 _PARSE_BLOCK_BYTES = 2 << 20
 _IO_BYTES = 1 << 20
+# A line is buffered whole; one longer than this is reported (a file without newlines is not a click log, and
+# buffering it whole could exhaust memory).
+MAX_LINE_BYTES = 64 << 20
 _MAX_EXAMPLES = 20
 
 # Why a row was skipped: the keys of metadata.json's ``skipped``.
@@ -265,6 +268,10 @@ def iter_chunks(path: os.PathLike, fmt: RawFormat, chunk_bytes: int = DEFAULT_CH
         filled = 0
         while True:
             if filled == len(reader.buffer):
+                if filled >= MAX_LINE_BYTES:
+                    raise InputError(
+                        f"{path}:{line}: line: longer than {MAX_LINE_BYTES >> 20} MiB without a newline (not a click log?)"
+                    )
                 reader.grow(filled)
             size = reader.read_into(filled)
             buffer = reader.buffer

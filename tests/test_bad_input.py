@@ -208,6 +208,24 @@ def test_first_of_several_bad_rows_is_reported(tmp_path, capsys):
 # bad files
 
 
+def test_line_longer_than_the_line_limit(tmp_path, monkeypatch):
+    """A line longer than MAX_LINE_BYTES (64 MiB; lowered here with the read size to keep the test small) stops with
+    its line number in both error modes instead of being buffered whole."""
+    import multiembed.data.rawlog as rawlog
+    from multiembed.data.convert import ConvertOptions, convert
+
+    monkeypatch.setattr(rawlog, "MAX_LINE_BYTES", 1 << 20)
+    lines = [criteo_line(i) for i in range(5)] + ["z" * (3 << 20)] + [criteo_line(9)]
+    src = write(tmp_path / "day_0", lines)
+    for on_error in ("fail", "skip"):
+        options = ConvertOptions("criteo-1tb", [str(src)], str(tmp_path / on_error), on_error=on_error,
+                                 chunk_bytes=256 << 10, progress=False)
+        with pytest.raises(rawlog.InputError) as error:
+            convert(options)
+        assert str(error.value) == f"{src}:6: line: longer than 1 MiB without a newline (not a click log?)"
+        assert_nothing_half_written(tmp_path / on_error)
+
+
 def test_empty_file(tmp_path, capsys):
     src = tmp_path / "day_0"
     src.write_bytes(b"")
