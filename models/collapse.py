@@ -534,7 +534,7 @@ def _fill_chunk(buffer: torch.Tensor, unit: _Unit, rows: Tuple[int, int], local:
                 r0 - shard.row_offset : r1 - shard.row_offset, c0 - shard.col_offset : c1 - shard.col_offset
             ]
             u0 = piece.unit_col + c0 - piece.col_start
-            buffer[r0 - rows[0] : r1 - rows[0], u0 : u0 + c1 - c0] = block.detach().to(buffer.device, torch.float64)
+            buffer[r0 - rows[0] : r1 - rows[0], u0 : u0 + c1 - c0].copy_(block.detach())  # converts dtype and device
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -402,8 +402,9 @@ def test_zoo_dcnv2_model_matches_direct_computation(layout: str) -> None:
     result = collapse_from_model(model, chunk_rows=16)
     sets = model.sparse_arch.set_weights()  # per set {field: [D, d]}, padding removed (the zoo's own view)
     d = model.sparse_arch.set_dim
-    cross = model.set_arch.crossnet.weight[0].detach().double().numpy()  # [K, (F+1)*d, (F+1)*d]
+    cross = model.set_arch.cross_weights(0).double().numpy()  # the zoo's accessor: [K, (F+1)*d, (F+1)*d]
     fields = list(ZOO_VOCAB)
+    assert cross.shape == (2, (len(fields) + 1) * d, (len(fields) + 1) * d)  # the dense field's block is there
     assert result.dim == d and result.fields == fields and result.vocab_sizes == ZOO_VOCAB
     for k, per_field in enumerate(sets):
         for i, field in enumerate(fields):
