@@ -110,7 +110,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="repetitions of each measurement (median reported)")
     parser.add_argument("--workdir", default=None, help="where to write the TSV and outputs (default: a temp dir)")
     parser.add_argument("--json", default="bench_convert.json", help="JSON result file")
-    parser.add_argument("--modes", default="hashing,paper", help="comma list of hashing, paper")
+    parser.add_argument("--modes", default="hashing,hashing-uncompressed,paper",
+                        help="comma list of hashing, hashing-uncompressed (Parquet without snappy), paper")
     args = parser.parse_args()
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_convert_"))
@@ -125,6 +126,7 @@ def main() -> None:
     multiembed = str(Path(sys.executable).with_name("multiembed"))
     commands = {
         "hashing": ["criteo-1tb"],
+        "hashing-uncompressed": ["criteo-1tb", "--compression", "none"],
         "paper": ["criteo"],
     }
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -136,8 +138,10 @@ def main() -> None:
         for mode in modes:
             out = workdir / f"out_{mode}"
             subprocess.run(["rm", "-rf", str(out)], check=True)
-            results[mode].append(time_command([multiembed, "convert", *commands[mode], str(tsv), "--out", str(out),
-                                               "--quiet"]))
+            command = [multiembed, "convert", commands[mode][0], str(tsv), *commands[mode][1:], "--out", str(out),
+                       "--quiet"]
+            results[mode].append(time_command(command))
+            results[mode][-1]["output_mib"] = sum(p.stat().st_size for p in out.rglob("*.parquet")) / 2**20
     summary = {}
     for name, runs in results.items():
         seconds = statistics.median(r["seconds"] for r in runs)
@@ -160,15 +164,17 @@ def main() -> None:
     print(f"Criteo-shaped TSV: {args.rows:,} rows, {size / 2**20:.0f} MiB, {os.cpu_count()} CPUs, "
           f"median of {args.repeats}")
     print()
-    print("| what | seconds | rows/s | vs read_csv | peak RSS |")
-    print("|---|---:|---:|---:|---:|")
-    labels = {"read_csv": "pyarrow.csv.read_csv (multithreaded, in-process)",
-              "hashing": "multiembed convert criteo-1tb (hashing, subprocess)",
-              "paper": "multiembed convert criteo (paper, 2 passes, subprocess)"}
+    print("| what | seconds | rows/s | vs read_csv | peak RSS | Parquet |")
+    print("|---|---:|---:|---:|---:|---:|")
+    labels = {"read_csv": "pyarrow.csv.read_csv (multithreaded, types inferred; timed around the call)",
+              "hashing": "multiembed convert criteo-1tb (hashing, snappy; whole command)",
+              "hashing-uncompressed": "multiembed convert criteo-1tb --compression none (whole command)",
+              "paper": "multiembed convert criteo (paper, 2 passes, snappy; whole command)"}
     for name, entry in summary.items():
         rss = f"{entry['peak_rss_mib_max']:.0f} MiB" if "peak_rss_mib_max" in entry else "-"
+        size_mib = f"{entry['runs'][-1]['output_mib']:.0f} MiB" if "output_mib" in entry["runs"][-1] else "-"
         print(f"| {labels[name]} | {entry['seconds_median']:.2f} | {entry['rows_per_s']:,.0f} | "
-              f"{entry['rows_per_s'] / floor:.0%} | {rss} |")
+              f"{entry['rows_per_s'] / floor:.0%} | {rss} | {size_mib} |")
 
 
 if __name__ == "__main__":

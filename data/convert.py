@@ -699,7 +699,7 @@ def convert(options: ConvertOptions) -> ConvertResult:
                 raise OutputError(f"{resolved.out / VOCAB_FILE}: cannot write ({e})") from None
 
     run_key = _digest({"options": resolved.to_json(), "vocab": vocab.fingerprint,
-                       "rows": [[s.path, s.rows] for s in scans]})
+                       "rows": [[os.path.abspath(s.path), s.rows] for s in scans]})
     state = resolved.out / STATE_DIR
     part_keys = [_digest({"run": run_key, "index": i, "source": s.to_json()}) for i, s in enumerate(scans)]
     manifests: List[Optional[Dict[str, Any]]] = []
@@ -747,7 +747,8 @@ def summary_lines(result: ConvertResult) -> List[str]:
         lines.append(f"{path}: already converted (complete outputs kept), skipped")
     if result.vocab_reused:
         lines.append(f"{result.out / VOCAB_FILE}: vocabulary of an earlier run with the same inputs reused")
-    rate = sum(s["rows"] for s in meta.sources if s["path"] in result.converted) / max(result.seconds, 1e-9)
+    converted = {os.path.abspath(p) for p in result.converted}
+    rate = sum(s["rows"] for s in meta.sources if s["path"] in converted) / max(result.seconds, 1e-9)
     lines.append(
         f"{meta.dataset} -> {result.out}: {len(result.converted)} input(s) converted, {len(result.reused)} reused, "
         f"{result.seconds:.1f} s ({rate:,.0f} rows/s)"

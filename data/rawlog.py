@@ -81,7 +81,9 @@ class SourceScan:
     compressed: bool
 
     def to_json(self) -> Dict[str, object]:
-        return {"path": self.path, "bytes": self.bytes, "fingerprint": self.fingerprint, "rows": self.rows}
+        """The ``sources`` entry of metadata.json (absolute path, so it does not depend on where convert ran)."""
+        return {"path": os.path.abspath(self.path), "bytes": self.bytes, "fingerprint": self.fingerprint,
+                "rows": self.rows}
 
 
 def _is_gzip(path: Path) -> bool:
