@@ -28,11 +28,19 @@ from multiembed.models.layers import SetBatchNorm, SetProjection, flatten_fields
 class SetInteractionArch(nn.Module):
     """Base of the set arches: ``[B, K, F, d] -> [B, K, output_dim]``.
 
+    Subclasses hold built modules and implement ``forward``; the model averages the output over sets.
+
     Attributes:
         num_sets: K.
         num_fields: F (the dense arch's output counts as one field when present).
         set_dim: d.
         output_dim: features per set.
+
+    Example::
+
+        >>> arch = FlatSetArch(39, 10, SetProjection(4, 390, 400, dropout=0.2))
+        >>> isinstance(arch, SetInteractionArch), arch.num_sets, arch.output_dim
+        (True, 4, 400)
     """
 
     def __init__(self, num_sets: int, num_fields: int, set_dim: int, output_dim: int) -> None:

@@ -66,6 +66,12 @@ class TableSlice:
 
     ``col_stop - col_start`` is the logical set width ``d``; the stored padding (``[col_stop, col_start +
     stored_set_dim)``) is excluded. Column-wise shards map back to sets through these ranges.
+
+    Example::
+
+        >>> arch = build_sparse_arch({"f1": 10}, num_sets=2, set_dim=10, device=torch.device("meta"))
+        >>> arch.table_layout[1]
+        TableSlice(table_name='t_f1', field='f1', set_index=1, col_start=12, col_stop=22)
     """
 
     table_name: str

@@ -178,3 +178,18 @@ def test_options_change_the_architecture() -> None:
     assert model.set_arch.output_dim == 32 and model.dense_params == 2 * (30 * 32 + 32 + 64) + (
         linear(32, 16) + bn(16) + linear(16, 8) + bn(8) + linear(8, 1)
     )
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_dense_arches_built_on_meta_are_fully_initialised_by_reset_parameters(backbone: str) -> None:
+    """DMP materialises ``meta`` modules with ``to_empty`` then ``module.apply(reset_parameters)``: every dense
+    parameter and buffer must be written by some module's ``reset_parameters``."""
+    model = build_model(f"{backbone}-mesi-2x", {"a": 5, "b": 6, "c": 7}, 3, device=META, dense_device=META, hidden=8)
+    for part in (model.set_arch, model.over_arch, model.dense_arch):
+        part.to_empty(device=torch.device("cpu"))
+        with torch.no_grad():
+            for tensor in list(part.parameters()) + [b for b in part.buffers() if b.is_floating_point()]:
+                tensor.fill_(float("nan"))
+        part.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+        for name, tensor in list(part.named_parameters()) + list(part.named_buffers()):
+            assert torch.isfinite(tensor.float()).all(), f"{backbone}: {name} not initialised by reset_parameters"
