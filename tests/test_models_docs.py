@@ -1,0 +1,27 @@
+"""The ``Example::`` sections of the model modules run as written."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "multiembed.models.names",
+    "multiembed.models.layers",
+    "multiembed.models.interactions",
+    "multiembed.models.set_arch",
+    "multiembed.models.over_arch",
+    "multiembed.models.sparse_arch",
+    "multiembed.models.model",
+    "multiembed.models.zoo",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples_run(name: str) -> None:
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0, f"{name} has no examples"
+    assert result.failed == 0, f"{name}: {result.failed} of {result.attempted} examples failed"
