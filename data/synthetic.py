@@ -22,10 +22,17 @@ The generative model (all parameters drawn from ``seed``):
   that each part has the requested standard deviation over the data and ``bias`` so that the mean of
   ``true_prob`` is ``positive_rate``, both measured on a pilot sample of :data:`PILOT_ROWS` rows drawn from its own
   seeded stream (so every ``scale`` gets the same difficulty).
-  Defaults give a positive rate of about 25 % and a Bayes-optimal AUC of about 0.78 (tested on 200k rows).
+  Defaults give a positive rate of about 25 % and a Bayes-optimal AUC of about 0.78 (tested on 200k rows); a
+  model of the first-order part alone reaches about 0.69.
 
-Integer fields and ``--tsv``: the generator draws a *raw integer* for every integer field and derives the id from
-it by the paper's binning (empty -> "NULL", v > 2 -> int(ln(v)^2), else v - 2), so the Criteo TSV it writes is a
+Learnability (measured once, not a test): a field-weighted FM of width 8 (the true model's family; Adam 3e-3,
+batch 2048, no tuning) reaches a test AUC of 0.743 from 800k training rows and 0.764 from 3.2M (Bayes 0.777 and
+0.776) at the default scale, and 0.761 from 800k rows at ``scale=0.005`` (Bayes 0.780): the gap to Bayes closes
+with rows per id. A check that a model approaches the Bayes AUC should use a small ``scale`` or many rows.
+
+Integer fields and ``--tsv``: for every integer field the generator draws the bin id, then a *raw integer*
+uniformly inside that bin, so that the paper's binning (empty -> "NULL", v > 2 -> int(ln(v)^2), else v - 2) of the
+raw integer gives back the id and the dense feature is a function of the raw value. The Criteo TSV it writes is a
 faithful raw log: ``multiembed convert criteo`` on it bins the same raw values into the same bins (its ids are its
 own numbering of those bins, and rare values fall into its OOV id under ``--min-count``). The id of a bin is its
 position in :meth:`SyntheticClickModel.integer_tokens` (``"-2", "NULL", "-1", "0", "1", "2", ...``). Categorical
@@ -290,7 +297,13 @@ class SyntheticClickModel:
         return raw, int_ids == _SPECIAL_INT_VALUES.index(None)
 
     def logit_parts(self, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """Unscaled first-order and interaction parts of the logit, ``[n]`` each."""
+        """The first-order and interaction parts of the logit before calibration, ``[n]`` each.
+
+        ``logit = bias + a * first_order + b * interaction - center`` with the calibrated scales ``a``, ``b``.
+
+        Args:
+            ids: ``[n, 39]`` int64 ids in ``FIELD_NAMES`` order.
+        """
         flat = ids + self._offsets[:-1]
         first = self._first_order[flat].sum(axis=1)
         interaction = np.zeros(ids.shape[0])
@@ -590,6 +603,7 @@ def generate_dataset(
         vocab_fingerprint=model.fingerprint(),
         rows_read=rows,
         options={
+            "mode": "synthetic",
             "rows": rows,
             "split": list(split),
             "tsv": str(tsv_path) if tsv_path is not None else None,
