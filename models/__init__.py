@@ -24,6 +24,7 @@ from multiembed.models.interactions import (  # noqa: E402
 )
 from multiembed.models.layers import BatchedLinear, SetBatchNorm, SetProjection  # noqa: E402
 from multiembed.models.model import (  # noqa: E402
+    DEFAULT_SPECTRAL_REG_WEIGHT,
     MultiEmbeddingModel,
     MultiEmbeddingTrain,
     SetDenseArch,
@@ -67,6 +68,7 @@ __all__ = [
     "BACKBONES",
     "BACKBONE_OPTIONS",
     "BASE_SET_DIM",
+    "DEFAULT_SPECTRAL_REG_WEIGHT",
     "INIT_SCHEMES",
     "LAYOUTS",
     "MODES",
