@@ -167,6 +167,8 @@ class _GramState:
 
     def merge_(self, other: "_GramState") -> "_GramState":
         """Adds another accumulator of the same shape (another row shard or chunk of the same matrix)."""
+        if type(other) is not type(self):
+            raise ValueError(f"merge_: cannot add a {type(other).__name__} to a {type(self).__name__}")
         if other.gram.shape != self.gram.shape or other.row_normalized != self.row_normalized:
             raise ValueError(
                 f"merge_: accumulators differ (gram {tuple(other.gram.shape)} vs {tuple(self.gram.shape)}, "
@@ -242,8 +244,9 @@ class ProjectedGramAccumulator(_GramState):
     ``W_p e_r`` (normalising ``e_r`` first would change nothing: a per-row scale cancels).
 
     The state kept is the input-space Gram ``M_p = sum_r w_rp e_r e_r^T`` with ``w_rp = 1 / |W_p e_r|^2`` (1 for raw
-    rows), and ``G_p = W_p M_p W_p^T``: a chunk costs two GEMMs against the ``d_in^2`` outer products of its rows
-    instead of materialising all ``P`` projections (``P * d_out`` floats a row). Memory ``O(P * d_in^2)``.
+    rows), and ``G_p = W_p M_p W_p^T``: a chunk costs two GEMMs against the ``d_in (d_in + 1) / 2`` distinct outer
+    products of its rows instead of materialising all ``P`` projections (``P * d_out`` floats a row). ``gram``
+    holds the upper triangles of the ``M_p``, ``[P, d_in (d_in + 1) / 2]``; memory ``O(P * d_in^2)``.
 
     Args:
         projections: ``[P, d_out, d_in]``.
@@ -269,26 +272,43 @@ class ProjectedGramAccumulator(_GramState):
                 f"ProjectedGramAccumulator: projections must be [P, d_out, d_in], got {tuple(projections.shape)}"
             )
         num_maps, d_out, d_in = projections.shape
-        super().__init__((num_maps, d_in, d_in), row_normalized, device)
+        # M_p is symmetric: keep its upper triangle, [P, d_in (d_in + 1) / 2], and half the GEMM work.
+        self._upper = torch.triu_indices(d_in, d_in)
+        super().__init__((num_maps, self._upper.shape[1]), row_normalized, device)
+        self._upper = self._upper.to(self.gram.device)
         self.projections = projections.detach().to(device=self.gram.device, dtype=torch.float64)
-        # |W_p e|^2 = vec(e e^T) . vec(W_p^T W_p): one [n, d_in^2] x [d_in^2, P] GEMM per chunk.
-        self._norm_forms = (self.projections.transpose(1, 2) @ self.projections).reshape(num_maps, d_in * d_in).T
+        # |W_p e|^2 = sum_{a<=b} c_ab (W_p^T W_p)_ab e_a e_b with c = 1 on the diagonal, 2 off it: one GEMM a chunk.
+        forms = (self.projections.transpose(1, 2) @ self.projections)[:, self._upper[0], self._upper[1]]
+        self._norm_forms = (forms * torch.where(self._upper[0] == self._upper[1], 1.0, 2.0).to(forms)).T
         self.num_maps, self.d_out, self.d_in = num_maps, d_out, d_in
 
     def add(self, rows: torch.Tensor) -> None:
         """Adds a chunk of rows ``[n, d_in]``."""
         x = self._prepare(rows, self.d_in)
         self._count_zero_rows(x.square().sum(dim=1))
-        outer = (x.unsqueeze(2) * x.unsqueeze(1)).reshape(x.shape[0], -1)  # [n, d_in^2]
+        outer = x[:, self._upper[0]] * x[:, self._upper[1]]  # [n, d_in (d_in + 1) / 2]
         if self.row_normalized:
             weights = _inverse_or_zero(outer @ self._norm_forms)  # [n, P]
-            self.gram += (weights.T @ outer).view_as(self.gram)
+            self.gram += weights.T @ outer
         else:
-            self.gram += outer.sum(dim=0).view(self.d_in, self.d_in)
+            self.gram += outer.sum(dim=0)
+
+    def merge_(self, other: "_GramState") -> "_GramState":
+        """Adds another accumulator of the same maps (another row shard or chunk of the same table)."""
+        if isinstance(other, ProjectedGramAccumulator) and not torch.equal(other.projections, self.projections):
+            raise ValueError("merge_: the accumulators project through different maps")
+        return super().merge_(other)
+
+    def input_grams(self) -> torch.Tensor:
+        """``[P, d_in, d_in]``: the weighted input-space Grams ``M_p``."""
+        full = torch.zeros(self.num_maps, self.d_in, self.d_in, dtype=torch.float64, device=self.gram.device)
+        full[:, self._upper[0], self._upper[1]] = self.gram
+        full[:, self._upper[1], self._upper[0]] = self.gram
+        return full
 
     def projected_grams(self) -> torch.Tensor:
         """``[P, d_out, d_out]``: ``G_p = W_p M_p W_p^T``."""
-        return self.projections @ self.gram @ self.projections.transpose(1, 2)
+        return self.projections @ self.input_grams() @ self.projections.transpose(1, 2)
 
     def singular_values(self) -> torch.Tensor:
         """``[P, d_out]`` singular values of the projected rows, descending."""

@@ -223,6 +223,14 @@ def test_projected_gram_equals_direct_projection(normalized: bool) -> None:
         expected_spectrum = numpy_spectrum(projected[p], normalized)
         np.testing.assert_allclose(acc.singular_values()[p].numpy(), expected_spectrum, rtol=1e-8, atol=1e-6)
     assert acc.zero_rows == 1
+    halves = [ProjectedGramAccumulator(maps, row_normalized=normalized) for _ in range(2)]
+    halves[0].add(rows[:100])
+    halves[1].add(rows[100:])
+    torch.testing.assert_close(halves[0].merge_(halves[1]).projected_grams(), acc.projected_grams())
+    with pytest.raises(ValueError, match="different maps"):
+        acc.merge_(ProjectedGramAccumulator(maps + 1.0, row_normalized=normalized))
+    with pytest.raises(ValueError, match="cannot add"):
+        acc.merge_(GramAccumulator(4))
 
 
 # ------------------------------------------------------------------------------------------------ whole models
