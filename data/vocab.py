@@ -253,8 +253,10 @@ def _merge_counts(keys: np.ndarray, counts: np.ndarray) -> "tuple[np.ndarray, np
 class VocabularyCounter:
     """Counts every field's keys over a counting pass (paper mode), in bounded chunks of numpy work.
 
-    Each added block is reduced to its unique keys and counts; pending blocks are merged into the running totals
-    once they outgrow them (amortised O(n log n) over the pass).
+    Each added block is reduced to its unique keys and counts (sorted runs); pending runs are merged into the running
+    totals once they reach a quarter of them, so a field holds at most about 1.25x its distinct keys (16 bytes each:
+    key and count) between merges. The merge is a stable sort of sorted runs, which numpy's timsort does in about
+    linear time.
 
     Args:
         fields: the fields to count, in schema order.
@@ -275,7 +277,7 @@ class VocabularyCounter:
         unique, counts = np.unique(keys, return_counts=True)
         self._pending[field].append((unique, counts.astype(np.int64)))
         self._pending_size[field] += unique.size
-        if self._pending_size[field] > max(self._MIN_PENDING, self._totals[field][0].size):
+        if self._pending_size[field] > max(self._MIN_PENDING, self._totals[field][0].size // 4):
             self._flush(field)
 
     def _flush(self, field: str) -> None:

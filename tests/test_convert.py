@@ -28,6 +28,7 @@ from multiembed.data.convert import ConvertOptions, convert
 from multiembed.data.metadata import read_metadata
 from multiembed.data.splits import SplitAssigner, random_file_counts, split_sizes
 from multiembed.data.tokens import bucketize, hash_token, hash_tokens, paper_bins, paper_int_keys
+from multiembed.data.vocab import VocabularyCounter
 
 INT_NAMES = [f"I{i}" for i in range(1, 14)]
 CAT_NAMES = [f"C{i}" for i in range(1, 27)]
@@ -167,6 +168,25 @@ def test_paper_int_keys_hash_the_paper_tokens():
                                pa.array([int(c) if c else None for c in cells[5:]], pa.int64())])
     expected = [hash_token(paper_token(c).encode(), 7) for c in cells]
     assert paper_int_keys(column, seed=7).tolist() == expected
+
+
+def test_vocabulary_counter_merges_blocks_exactly(monkeypatch):
+    """Many small blocks with frequent merges (threshold lowered) count exactly like a Counter."""
+    monkeypatch.setattr(VocabularyCounter, "_MIN_PENDING", 8)
+    rng = random.Random(11)
+    tokens = [str(int(rng.paretovariate(1.0))) for _ in range(5000)]
+    counter = VocabularyCounter(["C1"])
+    position = 0
+    while position < len(tokens):
+        size = rng.randint(0, 300)
+        counter.add("C1", hash_tokens(pa.array(tokens[position : position + size], pa.string())))
+        position += size
+    expected = collections.Counter(tokens)
+    assert counter.distinct("C1") == len(expected)
+    vocab = counter.finish("criteo", min_count=3)
+    kept = sorted(hash_token(t.encode()) for t, c in expected.items() if c >= 3)
+    assert vocab.keys("C1").tolist() == kept
+    assert vocab.distinct == {"C1": len(expected)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
