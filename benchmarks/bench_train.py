@@ -1,0 +1,973 @@
+"""Training throughput of multiembed models against an honest plain-PyTorch baseline, measured in one run.
+
+What is timed
+    * **Project step**: the trainer's own path - ``build_model`` on ``meta``, the fused in-backward sparse optimizer
+      (device default: Adagrad on CPU, Adam on GPU), ``plan_sharding`` + ``DistributedModelParallel`` on the job's
+      process group (a one-rank gloo group when started alone), dense Adam through ``build_optimizer``, and
+      TorchRec's ``TrainPipelineSparseDist``. One step is forward + backward + both optimizers.
+    * **Baseline step**: :mod:`paper_baseline` (the paper's public code: one ``nn.Embedding`` per set, a Python loop
+      over sets, dense Adam over the whole tables), on the same batches.
+    * The two run **interleaved** in blocks of steps (project, baseline, project, ...) so that both see the same
+      machine load; ratios are the median of the per-round ratios.
+
+Workload
+    ``R`` rows per set are spread over the 39 fields of Criteo Kaggle in the proportions of the ``criteo-kaggle``
+    preset (:func:`scaled_vocab_sizes`). One id per field per row, drawn as ``floor(D * u**a)`` with ``u``
+    uniform (``a = --id-exponent``, 3 by default: a heavy head, as click logs have; 1 is uniform). A pool of
+    pre-built batches is cycled, so batch generation is never timed.
+
+Step-time breakdown (method: separately timed sub-steps on the same model and batch, median of repetitions)
+    ``input_dist``: the sharded collection's input distribution; ``embedding_fwd``: the sparse arch's forward less
+    ``input_dist`` (lookup, output distribution, set slicing); ``embedding_bwd``: backward through the lookup,
+    which runs the fused optimizer's row updates; ``interaction_fwd`` / ``interaction_bwd``: the set interaction
+    arch; ``over_arch``: mean over sets, over arch and loss, forward + backward; ``optimizer``: ``zero_grad`` +
+    ``step`` of the combined optimizer (dense Adam; the fused part already ran in backward); ``other``: the full step
+    less the parts (pipeline bookkeeping, DDP gradient hooks, autograd overhead). ``--profile`` also writes
+    ``torch.profiler``'s operator table of a few full steps.
+
+FLOPs and GEMM rate
+    ``interaction_gflops`` is the set interaction arch's analytic forward + backward GEMM FLOPs (from the layer
+    shapes, :func:`set_arch_flops`) over its measured forward + backward time; ``gemm_gflops`` is an fp32
+    ``[B, F*d] x [F*d, F*d]`` GEMM, timed alternately with the arch in the same run.
+
+Run (the issue's target configuration)::
+
+    .venv/bin/python -m multiembed.cli bench --model dcnv2-me-4x --batch-size 2048 --rows-per-set 1100000 \\
+        --steps 20 --json runs/bench.json
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+from multiembed.data.stack import installed_versions, require_torchrec_stack
+
+require_torchrec_stack()
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torchrec.datasets.utils import Batch  # noqa: E402
+from torchrec.distributed import DistributedModelParallel  # noqa: E402
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist  # noqa: E402
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from multiembed.data.presets import preset  # noqa: E402
+from multiembed.models import (  # noqa: E402
+    BatchedCrossNet,
+    BatchedLowRankCrossNet,
+    CrossSetArch,
+    MultiEmbeddingModel,
+    ModelSpec,
+    MultiEmbeddingTrain,
+    SetInteractionArch,
+    build_model,
+    parse_model_name,
+)
+from multiembed.sharding import make_sharders, plan_sharding  # noqa: E402
+from multiembed.training.distributed import DistContext, init_distributed  # noqa: E402
+from multiembed.training.optim import OptimizerConfig, attach_sparse_optimizer, build_optimizer  # noqa: E402
+
+
+def _load_sibling(name: str) -> Any:
+    """Imports ``benchmarks/<name>.py`` (``benchmarks/`` is a folder of scripts, not a package)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+paper_baseline = _load_sibling("paper_baseline")
+
+DEFAULT_PRESET = "criteo-kaggle"
+BREAKDOWN_PARTS = (
+    "input_dist", "embedding_fwd", "embedding_bwd", "interaction_fwd", "interaction_bwd", "over_arch", "optimizer",
+)
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+@dataclasses.dataclass
+class BenchConfig:
+    """Options of one benchmark run (``multiembed bench --help`` documents each).
+
+    ``steps`` timed steps per contender are split into blocks of ``block_steps``; ``quick`` shrinks the scaling
+    sweeps (K in {1, 2}, two batch sizes) and the repetition counts for a smoke run.
+    """
+
+    model: str = "dcnv2-me-4x"
+    batch_size: int = 2048
+    rows_per_set: int = 1_100_000
+    steps: int = 20
+    block_steps: int = 5
+    warmup_steps: int = 2
+    baseline: Optional[bool] = None
+    quick: bool = False
+    layout: str = "fused"
+    compare_layouts: bool = True
+    scaling: bool = True
+    k_values: Tuple[int, ...] = (1, 2, 4, 10)
+    batch_sizes: Tuple[int, ...] = (512, 1024, 2048, 4096)
+    hidden: int = 400
+    dropout: float = 0.2
+    sharding: str = "auto"
+    threads: int = 0
+    id_exponent: float = 3.0
+    batch_pool: int = 4
+    seed: int = 0
+    device: str = "auto"
+    profile: Optional[str] = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("batch_size", "rows_per_set", "steps", "block_steps", "batch_pool"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.threads < 0:
+            raise ValueError("--warmup-steps and --threads must be >= 0")
+        if not self.id_exponent > 0:
+            raise ValueError(f"--id-exponent: must be > 0, got {self.id_exponent}")
+        if not self.k_values or min(self.k_values) < 1 or not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ValueError("--k-values and --batch-sizes must be non-empty lists of positive integers")
+        spec = parse_model_name(self.model)
+        if self.baseline and spec.backbone != "dcnv2":
+            raise ValueError(
+                f"--baseline: the plain-PyTorch baseline implements the paper's ME-DCNv2 only, not {spec.backbone}; "
+                "pass --no-baseline"
+            )
+        if self.baseline and spec.mode == "mesi":
+            raise ValueError("--baseline: the baseline has one interaction per set; mesi shares one (--no-baseline)")
+
+    @property
+    def with_baseline(self) -> bool:
+        spec = parse_model_name(self.model)
+        return bool(self.baseline) if self.baseline is not None else spec.backbone == "dcnv2" and spec.mode != "mesi"
+
+
+def scaled_vocab_sizes(rows_per_set: int, preset_name: str = DEFAULT_PRESET) -> Dict[str, int]:
+    """``rows_per_set`` rows spread over the preset's fields in its proportions (each field >= 1 row).
+
+    Example::
+
+        >>> sizes = scaled_vocab_sizes(1_100_000)
+        >>> len(sizes), abs(sum(sizes.values()) - 1_100_000) < 40
+        (39, True)
+    """
+    if rows_per_set < 1:
+        raise ValueError(f"rows_per_set must be >= 1, got {rows_per_set}")
+    sizes = preset(preset_name).vocab_sizes
+    total = sum(sizes.values())
+    return {field: max(1, round(rows * rows_per_set / total)) for field, rows in sizes.items()}
+
+
+@dataclasses.dataclass
+class BenchBatch:
+    """One synthetic batch in both input formats.
+
+    Attributes:
+        batch: TorchRec ``Batch`` (``dense_features [B, 0]``, KJT with one id per field and row, ``labels [B]``).
+        ids: the same ids as ``[B, F]`` (the baseline's input).
+    """
+
+    batch: Batch
+    ids: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def make_batches(
+    vocab_sizes: Mapping[str, int], batch_size: int, count: int, seed: int, id_exponent: float, device: torch.device
+) -> List[BenchBatch]:
+    """``count`` batches of ``batch_size`` rows; ids ``floor(D * u**id_exponent)``, labels Bernoulli(0.25)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.tensor(list(vocab_sizes.values()), dtype=torch.float64)
+    out: List[BenchBatch] = []
+    for _ in range(count):
+        uniform = torch.rand(batch_size, len(rows), generator=generator, dtype=torch.float64)
+        ids = torch.minimum((rows * uniform.pow(id_exponent)).long(), rows.long() - 1)
+        labels = (torch.rand(batch_size, generator=generator) < 0.25).float()
+        features = KeyedJaggedTensor.from_lengths_sync(
+            keys=list(vocab_sizes),
+            values=ids.t().reshape(-1),
+            lengths=torch.ones(batch_size * len(rows), dtype=torch.int32),
+        )
+        batch = Batch(dense_features=torch.empty(batch_size, 0), sparse_features=features, labels=labels)
+        out.append(BenchBatch(batch=batch.to(device), ids=ids.to(device)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ FLOPs
+def _linear_flops(batch: int, n: int, m: int) -> int:
+    """Forward + backward GEMM FLOPs of ``[batch, n] -> [batch, m]``: ``2 b n m`` forward, twice that backward."""
+    return 3 * 2 * batch * n * m
+
+
+def set_arch_flops(arch: SetInteractionArch, batch_size: int) -> Optional[int]:
+    """Analytic forward + backward GEMM FLOPs of a cross set arch from its layer shapes (None for other arches).
+
+    Per set: each full-rank cross layer is a ``[B, D] x [D, D]`` GEMM, each low-rank one two GEMMs through rank
+    ``r``, then the projection ``[B, D] x [D, H]``; backward computes input and weight gradients (2x forward).
+    Element-wise work is not counted.
+    """
+    if not isinstance(arch, CrossSetArch):
+        return None
+    cross, d_in = arch.crossnet, arch.crossnet.in_features
+    if isinstance(cross, BatchedCrossNet):
+        per_set = cross.num_layers * _linear_flops(batch_size, d_in, d_in)
+    elif isinstance(cross, BatchedLowRankCrossNet):
+        per_set = cross.num_layers * 2 * _linear_flops(batch_size, d_in, cross.low_rank)
+    else:
+        return None
+    projection = arch.projection
+    return arch.num_sets * (per_set + _linear_flops(batch_size, projection.in_features, projection.out_features))
+
+
+def counted_flops(fn: Callable[[], None]) -> int:
+    """FLOPs that ``torch.utils.flop_counter`` counts while ``fn`` runs (GEMMs and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def step_flops(model: MultiEmbeddingModel, batch_size: int) -> int:
+    """Forward + backward GEMM FLOPs of one training step of ``model``: the set arch (analytic for cross arches,
+    counted otherwise) plus the over arch and the dense arch (counted on a ``batch_size`` input)."""
+    set_arch, over_arch = model.set_arch, model.over_arch
+    device = next(set_arch.parameters()).device
+    k, f, d = set_arch.num_sets, set_arch.num_fields, set_arch.set_dim
+    analytic = set_arch_flops(set_arch, batch_size)
+    if analytic is None:
+        x = torch.randn(batch_size, k, f, d, device=device, requires_grad=True)
+        analytic = counted_flops(lambda: set_arch(x).sum().backward())
+    h = torch.randn(batch_size, set_arch.output_dim, device=device, requires_grad=True)
+    total = analytic + counted_flops(lambda: over_arch(h).sum().backward())
+    if model.dense_arch is not None:
+        dense = torch.randn(batch_size, model.dense_arch.in_features, device=device)
+        total += counted_flops(lambda: model.dense_arch(dense).sum().backward())
+    for module in (set_arch, over_arch, model.dense_arch):
+        if module is not None:
+            module.zero_grad(set_to_none=True)
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _median_time(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
+    return statistics.median(_timed(fn, device) for _ in range(reps))
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor (local shards of sharded tensors) inside nested dicts / lists / tuples."""
+    if isinstance(obj, torch.Tensor):
+        local = getattr(obj, "local_shards", None)
+        if callable(local):
+            return sum(_tensor_bytes(shard.tensor) for shard in local())
+        to_local = getattr(obj, "to_local", None)
+        if callable(to_local):
+            return _tensor_bytes(to_local())
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# ----------------------------------------------------------------------------------------------------- runners
+class ProjectRunner:
+    """The trainer's training step on synthetic batches: DMP + fused sparse optimizer + dense Adam + pipeline.
+
+    Args:
+        model_name: a zoo name or a parsed :class:`ModelSpec`.
+        vocab_sizes: ``{field: rows}``.
+        ctx: the process's place in the job.
+        local_batch: rows per rank and step (the planner's estimate only; any batch size runs).
+        layout: ``fused`` or ``per_set``.
+        hidden, dropout: as ``build_model``.
+        sharding: strategy name for ``plan_sharding``.
+        seed: initialisation seed.
+    """
+
+    def __init__(
+        self,
+        model_name: Union[str, ModelSpec],
+        vocab_sizes: Mapping[str, int],
+        ctx: DistContext,
+        local_batch: int,
+        layout: str = "fused",
+        hidden: int = 400,
+        dropout: float = 0.2,
+        sharding: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        torch.manual_seed(seed)
+        self.device = ctx.device
+        self.model = build_model(
+            model_name, vocab_sizes, device=torch.device("meta"), hidden=hidden, dropout=dropout, layout=layout
+        )
+        train_module = MultiEmbeddingTrain(self.model)
+        self.optim_config = OptimizerConfig.for_device(ctx.device.type)
+        attach_sparse_optimizer(self.model.sparse_arch.embedding_bag_collection, self.optim_config)
+        plan = plan_sharding(
+            train_module, sharding, world_size=ctx.world_size, local_world_size=ctx.local_world_size,
+            device_type=ctx.device.type, set_width=self.model.sparse_arch.stored_set_dim, pg=dist.group.WORLD,
+            batch_size=local_batch,
+        )
+        self.dmp = DistributedModelParallel(
+            train_module, device=ctx.device, plan=plan, sharders=make_sharders(device_type=ctx.device.type)
+        )
+        self.optimizer, _ = build_optimizer(self.dmp, self.dmp.fused_optimizer, self.optim_config)
+        self.pipeline = TrainPipelineSparseDist(self.dmp, self.optimizer, ctx.device)
+        self.dmp.train()
+        self._pipelined = False
+
+    @property
+    def inner(self) -> MultiEmbeddingModel:
+        """The model inside DMP (sharded collection, dense arches on the device)."""
+        return self.dmp.module.model
+
+    def detached_dense_arches(self) -> Tuple[SetInteractionArch, nn.Module]:
+        """Copies of the set arch and the over arch, for timing them alone.
+
+        DMP's DDP wrapper (``static_graph``) hooks the real parameters and refuses a backward that reaches only some
+        of them; the copies compute the same thing on the same device without the hooks.
+        """
+        return copy.deepcopy(self.inner.set_arch), copy.deepcopy(self.inner.over_arch)
+
+    def run(self, batches: Sequence[BenchBatch], steps: int, offset: int = 0) -> float:
+        """Trains ``steps`` steps cycling over ``batches``; returns the wall time in seconds (pipeline drained)."""
+        feed: Iterator[Batch] = (batches[(offset + i) % len(batches)].batch for i in range(steps))
+        self._pipelined = True
+
+        def train() -> None:
+            done = 0
+            while True:
+                try:
+                    loss, _, _ = self.pipeline.progress(feed)
+                except StopIteration:
+                    break
+                done += 1
+            if done != steps:
+                raise RuntimeError(f"the pipeline ran {done} of {steps} steps")
+            if not math.isfinite(float(loss)):
+                raise RuntimeError("the project model's loss is not finite")
+
+        return _timed(train, self.device)
+
+    def breakdown(self, bench_batch: BenchBatch, reps: int) -> Tuple[Dict[str, float], torch.Tensor]:
+        """Median milliseconds of each sub-step (see the module docstring) on ``bench_batch``, and the batch's
+        embeddings ``[B, K, F, d]`` (detached).
+
+        Must run before the first :meth:`run`: the pipeline rewires the sharded collection's forward and input
+        distribution for its own schedule, after which they cannot be called alone.
+        """
+        if self._pipelined:
+            raise RuntimeError("breakdown() must run before the pipeline's first step")
+        device, batch = self.device, bench_batch.batch
+        model = self.inner
+        sparse_arch = model.sparse_arch
+        set_arch, over_arch = self.detached_dense_arches()
+        collection = sparse_arch.embedding_bag_collection
+        times: Dict[str, float] = {}
+
+        def input_dist() -> Any:
+            context = collection.create_context()
+            return collection.input_dist(context, batch.sparse_features).wait().wait()
+
+        times["input_dist"] = _median_time(input_dist, device, reps)
+        sparse_forward = _median_time(lambda: sparse_arch(batch.sparse_features), device, reps)
+        times["embedding_fwd"] = max(sparse_forward - times["input_dist"], 0.0)
+
+        embeddings = sparse_arch(batch.sparse_features)
+        grad = torch.randn_like(embeddings) * 1e-3
+        backward_times = []
+        for _ in range(reps):
+            embeddings = sparse_arch(batch.sparse_features)
+            backward_times.append(_timed(lambda: embeddings.backward(grad), device))
+        times["embedding_bwd"] = statistics.median(backward_times)
+
+        leaf = embeddings.detach().requires_grad_()
+        forward_times, backward_times = [], []
+        for _ in range(reps):
+            box: List[torch.Tensor] = []
+            forward_times.append(_timed(lambda: box.append(set_arch(leaf)), device))
+            out = box[0]
+            backward_times.append(_timed(lambda: out.backward(torch.ones_like(out)), device))
+        times["interaction_fwd"] = statistics.median(forward_times)
+        times["interaction_bwd"] = statistics.median(backward_times)
+
+        per_set = set_arch(leaf).detach().requires_grad_()
+        labels = batch.labels
+
+        def over_step() -> None:
+            loss = F.binary_cross_entropy_with_logits(over_arch(per_set.mean(dim=1)), labels)
+            loss.backward()
+
+        times["over_arch"] = _median_time(over_step, device, reps)
+
+        optimizer_times = []
+        for _ in range(reps):
+            self.optimizer.zero_grad()
+            loss, _ = self.dmp(batch)
+            loss.backward()
+            optimizer_times.append(_timed(self.optimizer.step, device))
+        times["optimizer"] = statistics.median(optimizer_times)
+        self.optimizer.zero_grad()
+        return {key: value * 1e3 for key, value in times.items()}, leaf.detach()
+
+    def byte_counts(self) -> Dict[str, int]:
+        """Parameter and optimizer-state bytes held by this rank (after at least one step)."""
+        dense = [p for n, p in self.dmp.named_parameters() if ".embedding_bags." not in n and p.requires_grad]
+        state = self.optimizer.state_dict()["state"]
+        sparse_state = sum(_tensor_bytes(v) for k, v in state.items() if ".embedding_bags." in k)
+        dense_state = sum(_tensor_bytes(v) for k, v in state.items() if ".embedding_bags." not in k)
+        return {
+            "embedding_param_bytes": int(self.model.embedding_bytes),
+            "dense_param_bytes": sum(p.numel() * p.element_size() for p in dense),
+            "sparse_optimizer_state_bytes": int(sparse_state),
+            "dense_optimizer_state_bytes": int(dense_state),
+        }
+
+
+class BaselineRunner:
+    """The paper-style plain-PyTorch ME-DCNv2 (:mod:`paper_baseline`) with dense Adam over everything.
+
+    Args:
+        model_name: a ``dcnv2-me-*`` / ``dcnv2-se-*`` zoo name (K and d are read from it).
+        vocab_sizes: ``{field: rows}``.
+        device: where the model runs.
+        hidden, dropout: as the project model.
+        seed: initialisation seed.
+    """
+
+    def __init__(
+        self, model_name: str, vocab_sizes: Mapping[str, int], device: torch.device, hidden: int = 400,
+        dropout: float = 0.2, seed: int = 0,
+    ) -> None:
+        spec = parse_model_name(model_name)
+        torch.manual_seed(seed)
+        self.device = device
+        self.model = paper_baseline.PaperMultiDCNv2(
+            list(vocab_sizes.values()), spec.num_sets, spec.set_dim, hidden=hidden, dropout=dropout
+        ).to(device)
+        self.step = paper_baseline.PaperTrainStep(self.model)
+
+    def run(self, batches: Sequence[BenchBatch], steps: int, offset: int = 0) -> float:
+        def train() -> None:
+            for i in range(steps):
+                bench = batches[(offset + i) % len(batches)]
+                loss = self.step(bench.ids, bench.batch.labels)
+            if not math.isfinite(loss):
+                raise RuntimeError("the baseline's loss is not finite")
+
+        return _timed(train, self.device)
+
+    def breakdown(self, bench_batch: BenchBatch, reps: int) -> Dict[str, float]:
+        """Median milliseconds of the baseline's sub-steps (same parts as the project's; no input dist)."""
+        device, model, ids, labels = self.device, self.model, bench_batch.ids, bench_batch.batch.labels
+        model.train()
+        times: Dict[str, float] = {}
+        lookups: List[torch.Tensor] = []
+        times["embedding_fwd"] = _median_time(
+            lambda: lookups.__setitem__(slice(None), [e(ids).view(-1, model.input_dim) for e in model.embeddings]),
+            device, reps,
+        )
+        backward_times = []
+        for _ in range(reps):
+            model.zero_grad()
+            outs = [e(ids) for e in model.embeddings]
+            backward_times.append(_timed(lambda: torch.autograd.backward(outs, [torch.ones_like(o) for o in outs]),
+                                         device))
+        times["embedding_bwd"] = statistics.median(backward_times)
+        leaves = [x.detach().requires_grad_() for x in lookups]
+        forward_times, backward_times = [], []
+        for _ in range(reps):
+            box: List[torch.Tensor] = []
+            forward_times.append(_timed(lambda: box.append(torch.stack([cn(x) for cn, x in zip(model.cns, leaves)],
+                                                                       dim=-1)), device))
+            out = box[0]
+            backward_times.append(_timed(lambda: out.backward(torch.ones_like(out)), device))
+        times["interaction_fwd"] = statistics.median(forward_times)
+        times["interaction_bwd"] = statistics.median(backward_times)
+        stacked = out.detach().requires_grad_()
+
+        def over_step() -> None:
+            F.binary_cross_entropy_with_logits(model.mlp(stacked.mean(dim=-1)).squeeze(1), labels).backward()
+
+        times["over_arch"] = _median_time(over_step, device, reps)
+        optimizer_times = []
+        for _ in range(reps):
+            model.zero_grad()
+            F.binary_cross_entropy_with_logits(model(ids), labels).backward()
+            optimizer_times.append(_timed(self.step.optimizer.step, device))
+        times["optimizer"] = statistics.median(optimizer_times)
+        model.zero_grad()
+        return {key: value * 1e3 for key, value in times.items()}
+
+    def byte_counts(self) -> Dict[str, int]:
+        model = self.model
+        return {
+            "embedding_param_bytes": sum(p.numel() * p.element_size() for p in model.embeddings.parameters()),
+            "dense_param_bytes": sum(
+                p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("embeddings.")
+            ),
+            "optimizer_state_bytes": self.step.optimizer_state_bytes(),
+        }
+
+
+def set_arch_per_set_loop(
+    baseline: Optional[BaselineRunner], project: ProjectRunner
+) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """The per-set loop of the baseline's branches (cross + projection per set), for ``[B, K, F, d]`` input."""
+    if baseline is None:
+        return None
+    branches = baseline.model.cns
+    d_in = baseline.model.input_dim
+
+    def loop(embeddings: torch.Tensor) -> torch.Tensor:
+        per_set = embeddings.transpose(0, 1)
+        return torch.stack([branch(x.reshape(-1, d_in)) for branch, x in zip(branches, per_set)], dim=1)
+
+    return loop
+
+
+# ------------------------------------------------------------------------------------------------- measurement
+def interleave(
+    contenders: Mapping[str, Callable[[int, int], float]], steps: int, block_steps: int, progress: bool, label: str
+) -> Dict[str, List[float]]:
+    """Runs each contender in turn, ``block_steps`` steps a block, until each has run ``steps`` steps.
+
+    ``contenders[name](steps, offset)`` trains and returns seconds. Returns per-block seconds per step.
+    """
+    per_step: Dict[str, List[float]] = {name: [] for name in contenders}
+    rounds = max(1, math.ceil(steps / block_steps))
+    bar = tqdm(total=rounds * len(contenders), desc=label, unit="block", file=sys.stderr, disable=not progress,
+               leave=False)
+    with bar:
+        for r in range(rounds):
+            n = min(block_steps, steps - r * block_steps) if steps > r * block_steps else block_steps
+            for name, run in contenders.items():
+                per_step[name].append(run(n, r * block_steps) / n)
+                bar.update(1)
+    return per_step
+
+
+def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """Median over rounds of ``numerator[r] / denominator[r]`` (both measured in the same round)."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
+
+
+def _all_ranks_max(value: float, device: torch.device) -> float:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def measure_interaction_vs_gemm(
+    project: ProjectRunner,
+    embeddings: torch.Tensor,
+    loop: Optional[Callable[[torch.Tensor], torch.Tensor]],
+    rounds: int,
+) -> Dict[str, Any]:
+    """Alternates the batched set arch (forward + backward), the per-set loop and the GEMM; medians and rates."""
+    device = project.device
+    set_arch, _ = project.detached_dense_arches()
+    batch = embeddings.shape[0]
+    width = set_arch.num_fields * set_arch.set_dim
+    a = torch.randn(batch, width, device=device)
+    b = torch.randn(width, width, device=device)
+    gemm_reps = 4
+    leaf = embeddings.detach().requires_grad_()
+    loop_leaf = embeddings.detach().requires_grad_()
+
+    def batched() -> None:
+        out = set_arch(leaf)
+        out.backward(torch.ones_like(out))
+
+    def per_set() -> None:
+        assert loop is not None
+        out = loop(loop_leaf)
+        out.backward(torch.ones_like(out))
+
+    def gemm() -> None:
+        for _ in range(gemm_reps):
+            torch.mm(a, b)
+
+    batched(), gemm()
+    if loop is not None:
+        per_set()
+    times: Dict[str, List[float]] = {"batched": [], "gemm": [], "per_set_loop": []}
+    for _ in range(rounds):
+        times["gemm"].append(_timed(gemm, device) / gemm_reps)
+        times["batched"].append(_timed(batched, device))
+        if loop is not None:
+            times["per_set_loop"].append(_timed(per_set, device))
+    set_arch.zero_grad(set_to_none=True)
+    flops = set_arch_flops(set_arch, batch)
+    if flops is None:
+        flops = counted_flops(batched)
+        set_arch.zero_grad(set_to_none=True)
+    gemm_flops = 2 * batch * width * width
+    result: Dict[str, Any] = {
+        "interaction_flops": int(flops),
+        "interaction_ms": statistics.median(times["batched"]) * 1e3,
+        "interaction_gflops": flops / statistics.median(times["batched"]) / 1e9,
+        "gemm_shape": [batch, width, width],
+        "gemm_gflops": gemm_flops / statistics.median(times["gemm"]) / 1e9,
+        "interaction_vs_gemm": statistics.median(
+            (flops / t_arch) / (gemm_flops / t_gemm) for t_arch, t_gemm in zip(times["batched"], times["gemm"])
+        ),
+        "rounds": rounds,
+    }
+    if loop is not None:
+        result["per_set_loop_ms"] = statistics.median(times["per_set_loop"]) * 1e3
+        result["batched_vs_loop_speedup"] = paired_ratio(times["per_set_loop"], times["batched"])
+    return result
+
+
+def conditions(config: BenchConfig, ctx: DistContext, argv: Optional[Sequence[str]]) -> Dict[str, Any]:
+    """The machine and software the numbers were measured on."""
+    cpu_model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: Dict[str, Any] = {
+        "command": " ".join(["multiembed", "bench", *argv]) if argv is not None else None,
+        "cpu": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_start": list(os.getloadavg()),
+        "device": str(ctx.device),
+        "backend": ctx.backend,
+        "world_size": ctx.world_size,
+        "versions": installed_versions(),
+        "python": platform.python_version(),
+    }
+    if ctx.device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(ctx.device)
+    return info
+
+
+# ------------------------------------------------------------------------------------------------------ driver
+def run_benchmark(config: BenchConfig, argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Runs every measurement of ``config`` and returns the result record (see :func:`format_table`)."""
+    config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    ctx = init_distributed(config.device)
+    if config.batch_size % ctx.world_size:
+        raise ValueError(f"--batch-size {config.batch_size} must divide evenly over {ctx.world_size} ranks")
+    progress = config.progress and ctx.is_main
+    local_batch = config.batch_size // ctx.world_size
+    vocab = scaled_vocab_sizes(config.rows_per_set)
+    device = ctx.device
+    rounds_small = 3 if config.quick else 7
+    record: Dict[str, Any] = {"config": dataclasses.asdict(config), "conditions": conditions(config, ctx, argv)}
+    record["config"]["fields"] = len(vocab)
+    record["config"]["rows_per_set_actual"] = sum(vocab.values())
+    record["config"]["local_batch"] = local_batch
+
+    def log(message: str) -> None:
+        if ctx.is_main and config.progress:
+            print(message, file=sys.stderr, flush=True)
+
+    batches = make_batches(vocab, local_batch, config.batch_pool, config.seed + 1000 * ctx.rank, config.id_exponent,
+                           device)
+    log(f"bench: {config.model}, {len(vocab)} fields, {sum(vocab.values()):,} rows per set, batch {config.batch_size}")
+    project = ProjectRunner(config.model, vocab, ctx, local_batch, config.layout, config.hidden, config.dropout,
+                            config.sharding, config.seed)
+    log("bench: step-time breakdown")
+    reps = 3 if config.quick else 5
+    parts, embeddings = project.breakdown(batches[0], reps)
+    project.run(batches, max(config.warmup_steps, 1))
+    record["memory"] = {"peak_rss_after_project_bytes": peak_rss_bytes()}
+    record["bytes"] = project.byte_counts()
+    flops = step_flops(project.inner, local_batch)
+    record["flops_per_step"] = flops * ctx.world_size
+
+    contenders: Dict[str, Callable[[int, int], float]] = {"project": lambda n, o: project.run(batches, n, o)}
+    baseline: Optional[BaselineRunner] = None
+    if config.with_baseline:
+        baseline = BaselineRunner(config.model, vocab, device, config.hidden, config.dropout, config.seed)
+        baseline.run(batches, max(config.warmup_steps, 1))
+        record["baseline_bytes"] = baseline.byte_counts()
+        contenders["baseline"] = lambda n, o: baseline.run(batches, n, o)
+    other_layout: Optional[ProjectRunner] = None
+    if config.compare_layouts:
+        layout = "per_set" if config.layout == "fused" else "fused"
+        other_layout = ProjectRunner(config.model, vocab, ctx, local_batch, layout, config.hidden, config.dropout,
+                                     config.sharding, config.seed)
+        other_layout.run(batches, max(config.warmup_steps, 1))
+        contenders[f"project_{layout}"] = lambda n, o: other_layout.run(batches, n, o)
+
+    per_step = interleave(contenders, config.steps, config.block_steps, progress, "throughput")
+    step_s = _all_ranks_max(statistics.median(per_step["project"]), device)
+    record["step_ms"] = step_s * 1e3
+    record["samples_per_s"] = config.batch_size / step_s
+    record["achieved_step_gflops"] = record["flops_per_step"] / step_s / 1e9
+    record["baseline_samples_per_s"] = None
+    if baseline is not None:
+        baseline_s = _all_ranks_max(statistics.median(per_step["baseline"]), device)
+        record["baseline_step_ms"] = baseline_s * 1e3
+        record["baseline_samples_per_s"] = config.batch_size / baseline_s
+        record["speedup_vs_baseline"] = paired_ratio(per_step["baseline"], per_step["project"])
+    if other_layout is not None:
+        record["layouts"] = {
+            config.layout: {"step_ms": step_s * 1e3, "samples_per_s": config.batch_size / step_s},
+            other_layout.model.sparse_arch.layout: {
+                "step_ms": statistics.median(per_step[f"project_{other_layout.model.sparse_arch.layout}"]) * 1e3,
+                "samples_per_s": config.batch_size / statistics.median(
+                    per_step[f"project_{other_layout.model.sparse_arch.layout}"]),
+            },
+        }
+        del other_layout
+    record["blocks_ms_per_step"] = {name: [t * 1e3 for t in times] for name, times in per_step.items()}
+
+    parts["other"] = max(record["step_ms"] - sum(parts.values()), 0.0)
+    record["breakdown_ms"] = parts
+    record["breakdown_method"] = "separately timed sub-steps, median of %d repetitions; other = step - parts" % reps
+    if baseline is not None:
+        baseline_parts = baseline.breakdown(batches[0], reps)
+        baseline_parts["other"] = max(record["baseline_step_ms"] - sum(baseline_parts.values()), 0.0)
+        record["baseline_breakdown_ms"] = baseline_parts
+
+    log("bench: interaction arch vs GEMM")
+    loop = set_arch_per_set_loop(baseline, project)
+    record["set_arch"] = measure_interaction_vs_gemm(project, embeddings, loop, rounds_small)
+    record["interaction_gflops"] = record["set_arch"]["interaction_gflops"]
+    record["gemm_gflops"] = record["set_arch"]["gemm_gflops"]
+    record["interaction_vs_gemm"] = record["set_arch"]["interaction_vs_gemm"]
+
+    if config.profile:
+        record["profile"] = write_profile(project, batches, config.profile, steps=3 if config.quick else 5)
+
+    if baseline is not None:
+        record["memory"]["peak_rss_after_baseline_bytes"] = peak_rss_bytes()
+        del baseline
+    if config.scaling:
+        record["scaling_k"] = scale_over_k(config, ctx, vocab, batches, project, progress)
+        record["scaling_batch"] = scale_over_batch(config, ctx, vocab, project, progress)
+    record["memory"]["peak_rss_bytes"] = peak_rss_bytes()
+    if device.type == "cuda":
+        record["memory"]["gpu_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    record["conditions"]["load_average_end"] = list(os.getloadavg())
+    return record
+
+
+def scale_over_k(
+    config: BenchConfig, ctx: DistContext, vocab: Mapping[str, int], batches: Sequence[BenchBatch],
+    project: ProjectRunner, progress: bool,
+) -> List[Dict[str, Any]]:
+    """Step time vs the number of sets K at fixed d (the same backbone), interleaved; FLOPs from the layer shapes."""
+    spec = parse_model_name(config.model)
+    k_values = tuple(sorted(set((1, 2) if config.quick else config.k_values)))
+    runners: Dict[int, ProjectRunner] = {}
+    for k in k_values:
+        if k == spec.num_sets:
+            runners[k] = project
+            continue
+        # K sets of the model's own set width d (SE models sweep the ME family of the same d).
+        k_spec = dataclasses.replace(spec, mode="me" if spec.mode == "se" else spec.mode, scale=k, num_sets=k)
+        runners[k] = ProjectRunner(k_spec, vocab, ctx, batches[0].size, config.layout, config.hidden, config.dropout,
+                                   config.sharding, config.seed)
+        runners[k].run(batches, max(config.warmup_steps, 1))
+    per_step = interleave(
+        {str(k): (lambda n, o, r=runner: r.run(batches, n, o)) for k, runner in runners.items()},
+        config.steps, config.block_steps, progress, "scaling K",
+    )
+    rows = []
+    base_k = k_values[0]
+    base_flops = step_flops(runners[base_k].inner, batches[0].size)
+    for k, runner in runners.items():
+        seconds = _all_ranks_max(statistics.median(per_step[str(k)]), ctx.device)
+        flops = step_flops(runner.inner, batches[0].size) * ctx.world_size
+        rows.append({
+            "num_sets": k,
+            "step_ms": seconds * 1e3,
+            "samples_per_s": config.batch_size / seconds,
+            "gflop_per_step": flops / 1e9,
+            "achieved_gflops": flops / seconds / 1e9,
+            "time_ratio": paired_ratio(per_step[str(k)], per_step[str(base_k)]),
+            "flops_ratio": flops / (base_flops * ctx.world_size),
+        })
+    return rows
+
+
+def scale_over_batch(
+    config: BenchConfig, ctx: DistContext, vocab: Mapping[str, int], project: ProjectRunner, progress: bool
+) -> List[Dict[str, Any]]:
+    """Step time and samples/s vs the global batch size, on the main model, interleaved."""
+    sizes = tuple(sorted(set(config.batch_sizes)))
+    if config.quick:
+        sizes = (max(ctx.world_size, config.batch_size // 2), config.batch_size)
+    pools: Dict[int, List[BenchBatch]] = {}
+    for size in sizes:
+        if size % ctx.world_size:
+            raise ValueError(f"--batch-sizes: {size} does not divide evenly over {ctx.world_size} ranks")
+        pools[size] = make_batches(vocab, size // ctx.world_size, config.batch_pool, config.seed + 7 + 1000 * ctx.rank,
+                                   config.id_exponent, ctx.device)
+        project.run(pools[size], 1)
+    per_step = interleave(
+        {str(size): (lambda n, o, p=pool: project.run(p, n, o)) for size, pool in pools.items()},
+        config.steps, config.block_steps, progress, "scaling batch",
+    )
+    rows = []
+    for size in sizes:
+        seconds = _all_ranks_max(statistics.median(per_step[str(size)]), ctx.device)
+        flops = step_flops(project.inner, size // ctx.world_size) * ctx.world_size
+        rows.append({
+            "batch_size": size,
+            "step_ms": seconds * 1e3,
+            "samples_per_s": size / seconds,
+            "gflop_per_step": flops / 1e9,
+            "achieved_gflops": flops / seconds / 1e9,
+        })
+    return rows
+
+
+def write_profile(project: ProjectRunner, batches: Sequence[BenchBatch], path: str, steps: int) -> str:
+    """``torch.profiler`` operator table (self time) of ``steps`` full training steps, written to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if project.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        project.run(batches, steps)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+    Path(path).write_text(table + "\n", encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------ output
+def _fmt(value: Optional[float], digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def format_table(record: Mapping[str, Any]) -> str:
+    """The result as markdown tables (throughput, breakdown, scaling)."""
+    cfg = record["config"]
+    lines = [
+        f"### {cfg['model']}, batch {cfg['batch_size']}, {cfg['rows_per_set_actual']:,} rows per set over "
+        f"{cfg['fields']} fields ({record['conditions']['device']}, {record['conditions']['torch_threads']} threads)",
+        "",
+        "| metric | project | baseline | ratio |",
+        "|---|---|---|---|",
+        f"| samples/s | {_fmt(record['samples_per_s'], 0)} | {_fmt(record.get('baseline_samples_per_s'), 0)} | "
+        f"{_fmt(record.get('speedup_vs_baseline'), 2)} |",
+        f"| step ms | {_fmt(record['step_ms'])} | {_fmt(record.get('baseline_step_ms'))} | |",
+        f"| interaction arch GFLOP/s (fwd+bwd) | {_fmt(record['interaction_gflops'])} | | "
+        f"{_fmt(record['interaction_vs_gemm'], 2)} of GEMM |",
+        f"| fp32 GEMM {'x'.join(map(str, record['set_arch']['gemm_shape']))} GFLOP/s | {_fmt(record['gemm_gflops'])} | | |",
+        f"| step GFLOP (fwd+bwd GEMMs) / achieved GFLOP/s | {_fmt(record['flops_per_step'] / 1e9)} / "
+        f"{_fmt(record['achieved_step_gflops'])} | | |",
+    ]
+    if "per_set_loop_ms" in record["set_arch"]:
+        lines.append(
+            f"| set arch fwd+bwd ms: batched / per-set loop | {_fmt(record['set_arch']['interaction_ms'])} | "
+            f"{_fmt(record['set_arch']['per_set_loop_ms'])} | {_fmt(record['set_arch']['batched_vs_loop_speedup'], 2)} |"
+        )
+    for name, row in record.get("layouts", {}).items():
+        lines.append(f"| layout {name}: samples/s | {_fmt(row['samples_per_s'], 0)} | | |")
+    memory, sizes = record["memory"], record["bytes"]
+    base_bytes = record.get("baseline_bytes", {})
+    lines += [
+        f"| embedding / dense parameter MB | {sizes['embedding_param_bytes'] / 2**20:,.1f} / "
+        f"{sizes['dense_param_bytes'] / 2**20:,.1f} | "
+        + (f"{base_bytes['embedding_param_bytes'] / 2**20:,.1f} / {base_bytes['dense_param_bytes'] / 2**20:,.1f}"
+           if base_bytes else "-") + " | |",
+        f"| optimizer state MB (sparse + dense) | {sizes['sparse_optimizer_state_bytes'] / 2**20:,.1f} + "
+        f"{sizes['dense_optimizer_state_bytes'] / 2**20:,.1f} | "
+        + (f"{base_bytes['optimizer_state_bytes'] / 2**20:,.1f}" if base_bytes else "-") + " | |",
+        f"| peak RSS MB (whole run) | {memory['peak_rss_bytes'] / 2**20:,.0f} | | |",
+        "",
+        f"Step-time breakdown, ms ({record['breakdown_method']}):",
+        "",
+        "| part | project | baseline |",
+        "|---|---|---|",
+    ]
+    baseline_parts = record.get("baseline_breakdown_ms", {})
+    for part in (*BREAKDOWN_PARTS, "other"):
+        lines.append(f"| {part} | {_fmt(record['breakdown_ms'].get(part))} | {_fmt(baseline_parts.get(part))} |")
+    if record.get("scaling_k"):
+        lines += ["", "| K | step ms | samples/s | GFLOP/step | GFLOP/s | time ratio | FLOP ratio |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in record["scaling_k"]:
+            lines.append(
+                f"| {row['num_sets']} | {_fmt(row['step_ms'])} | {_fmt(row['samples_per_s'], 0)} | "
+                f"{_fmt(row['gflop_per_step'], 2)} | {_fmt(row['achieved_gflops'])} | {_fmt(row['time_ratio'], 2)} | "
+                f"{_fmt(row['flops_ratio'], 2)} |"
+            )
+    if record.get("scaling_batch"):
+        lines += ["", "| batch | step ms | samples/s | GFLOP/s |", "|---|---|---|---|"]
+        for row in record["scaling_batch"]:
+            lines.append(
+                f"| {row['batch_size']} | {_fmt(row['step_ms'])} | {_fmt(row['samples_per_s'], 0)} | "
+                f"{_fmt(row['achieved_gflops'])} |"
+            )
+    load = record["conditions"]
+    lines += ["", f"Load average at start / end: {load['load_average_start'][0]:.2f} / "
+                  f"{load.get('load_average_end', [float('nan')])[0]:.2f} on {load['cpu_count']} CPUs ({load['cpu']})."]
+    return "\n".join(lines)
+
+
+def write_json(record: Mapping[str, Any], path: str) -> None:
+    """Writes ``record`` to ``path`` atomically (temp name, then rename)."""
+    from multiembed.data.metadata import atomic_write_text
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target, json.dumps(record, indent=2, default=str) + "\n")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Standalone entry point: the same options as ``multiembed bench``."""
+    from multiembed.cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""``multiembed bench``: training throughput against the plain-PyTorch baseline, breakdown, scaling (JSON + markdown).
+
+The harness is ``benchmarks/bench_train.py`` of the source tree (a script folder, not part of the installed
+package), loaded from the checkout this command runs from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, List
+
+HARNESS = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_train.py"
+
+
+def _int_list(text: str) -> List[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark training throughput against the paper-style plain-PyTorch baseline",
+        description=(
+            "Times full training steps of a zoo model (DMP + fused sparse optimizer + dense Adam, the trainer's path) "
+            "on synthetic Criteo-shaped batches, interleaved with the plain-PyTorch baseline written as the paper's "
+            "code (dcnv2 models); also the step-time breakdown, the set interaction arch against an fp32 GEMM, fused "
+            "vs per-set tables, batched vs per-set-loop set arch, and step time vs K and vs batch size. Writes JSON "
+            "(--json) and prints a markdown table."
+        ),
+    )
+    p.add_argument("--model", default="dcnv2-me-4x", help="zoo model name (default dcnv2-me-4x)")
+    p.add_argument("--batch-size", type=int, default=2048, help="global batch size (default 2048)")
+    p.add_argument(
+        "--rows-per-set", type=int, default=1_100_000,
+        help="embedding rows per set, spread over Criteo Kaggle's 39 fields in its proportions (default 1.1M)",
+    )
+    p.add_argument("--steps", type=int, default=20, help="timed steps per contender and sweep point (default 20)")
+    p.add_argument("--block-steps", type=int, default=5, help="steps per interleaved block (default 5)")
+    p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps per contender (default 2)")
+    p.add_argument("--json", required=True, metavar="OUT", help="where to write the JSON result")
+    p.add_argument(
+        "--baseline", action=argparse.BooleanOptionalAction, default=None,
+        help="run the plain-PyTorch baseline interleaved (default: on for dcnv2 models)",
+    )
+    p.add_argument("--quick", action="store_true", help="smoke run: K in {1, 2}, two batch sizes, fewer repetitions")
+    p.add_argument("--layout", choices=["fused", "per_set"], default="fused", help="embedding layout of the main model")
+    p.add_argument("--no-layout-comparison", action="store_true", help="skip the other table layout")
+    p.add_argument("--no-scaling", action="store_true", help="skip the K and batch-size sweeps")
+    p.add_argument("--k-values", type=_int_list, default=[1, 2, 4, 10], help="K sweep (default 1,2,4,10)")
+    p.add_argument("--batch-sizes", type=_int_list, default=[512, 1024, 2048, 4096],
+                   help="batch-size sweep (default 512,1024,2048,4096)")
+    p.add_argument("--hidden", type=int, default=400, help="MLP width (default 400)")
+    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--sharding", default="auto",
+                   choices=["auto", "table_wise", "row_wise", "column_wise", "data_parallel"])
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--id-exponent", type=float, default=3.0,
+                   help="ids are floor(D * u**a) for uniform u (default 3: a heavy head; 1: uniform)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--profile", default=None, metavar="TXT", help="also write torch.profiler's operator table here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def load_harness() -> Any:
+    """Imports ``benchmarks/bench_train.py`` from the checkout.
+
+    Raises:
+        FileNotFoundError: the package was installed without its source tree.
+    """
+    if "bench_train" in sys.modules:
+        return sys.modules["bench_train"]
+    if not HARNESS.is_file():
+        raise FileNotFoundError(
+            f"{HARNESS}: the benchmark harness lives in the source tree's benchmarks/ folder; run multiembed bench "
+            "from a checkout installed with pip install -e ."
+        )
+    spec = importlib.util.spec_from_file_location("bench_train", HARNESS)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_train"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["bench_train"]
+        raise
+    return module
+
+
+def command_line(args: argparse.Namespace) -> List[str]:
+    """The options of this run as ``multiembed bench`` arguments (recorded with the results)."""
+    words: List[str] = []
+    for key, value in vars(args).items():
+        if key in ("func", "command") or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key == "baseline":
+            words.append("--baseline" if value else "--no-baseline")
+        elif value is True:
+            words.append(flag)
+        elif isinstance(value, list):
+            words += [flag, ",".join(str(v) for v in value)]
+        else:
+            words += [flag, str(value)]
+    return words
+
+
+def run(args: argparse.Namespace) -> int:
+    from multiembed.data.stack import require_torchrec_stack
+
+    require_torchrec_stack()
+    from multiembed.training.distributed import destroy
+
+    harness = load_harness()
+    config = harness.BenchConfig(
+        model=args.model,
+        batch_size=args.batch_size,
+        rows_per_set=args.rows_per_set,
+        steps=args.steps,
+        block_steps=args.block_steps,
+        warmup_steps=args.warmup_steps,
+        baseline=args.baseline,
+        quick=args.quick,
+        layout=args.layout,
+        compare_layouts=not args.no_layout_comparison,
+        scaling=not args.no_scaling,
+        k_values=tuple(args.k_values),
+        batch_sizes=tuple(args.batch_sizes),
+        hidden=args.hidden,
+        dropout=args.dropout,
+        sharding=args.sharding,
+        threads=args.threads,
+        id_exponent=args.id_exponent,
+        seed=args.seed,
+        device=args.device,
+        profile=args.profile,
+        progress=not args.no_progress,
+    )
+    try:
+        record = harness.run_benchmark(config, command_line(args))
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            harness.write_json(record, args.json)
+            print(harness.format_table(record))
+    finally:
+        destroy()
+    return 0

@@ -1,0 +1,171 @@
+"""The benchmark harness (``multiembed bench``): a smoke run on a tiny configuration whose JSON carries every
+promised key with values checked against independent counts, the baseline's maths against the package's model,
+and the analytic FLOP count against torch's counter. No timed assertions: speeds are only checked to be positive.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from multiembed.cli import main
+from multiembed.cli.bench import load_harness
+from multiembed.data.presets import preset
+
+K, BATCH, ROWS, HIDDEN, SET_DIM, STORED, LAYERS = 2, 32, 2000, 16, 10, 12, 4
+
+
+@pytest.fixture(scope="module")
+def harness():
+    return load_harness()
+
+
+def independent_vocab(rows_per_set: int):
+    sizes = preset("criteo-kaggle").vocab_sizes
+    total = sum(sizes.values())
+    return {f: max(1, round(v * rows_per_set / total)) for f, v in sizes.items()}
+
+
+def dcnv2_dense_params(k: int, fields: int, d: int, hidden: int) -> int:
+    width = fields * d
+    cross = LAYERS * (width * width + width)
+    projection = width * hidden + hidden + 2 * hidden  # Linear + BatchNorm affine
+    head = hidden * hidden + hidden + 2 * hidden + hidden + 1
+    return k * (cross + projection) + head
+
+
+def dcnv2_flops(k: int, batch: int, width: int, hidden: int) -> int:
+    def fwd_bwd(n: int, m: int) -> int:
+        return 3 * 2 * batch * n * m
+
+    return k * (LAYERS * fwd_bwd(width, width) + fwd_bwd(width, hidden)) + fwd_bwd(hidden, hidden) + fwd_bwd(hidden, 1)
+
+
+def test_bench_smoke_json_has_every_key_and_consistent_values(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    status = main([
+        "bench", "--model", f"dcnv2-me-{K}x", "--batch-size", str(BATCH), "--rows-per-set", str(ROWS),
+        "--steps", "2", "--block-steps", "1", "--warmup-steps", "1", "--quick", "--hidden", str(HIDDEN),
+        "--json", str(out), "--no-progress",
+    ])
+    assert status == 0
+    record = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert "| samples/s |" in printed and "| K |" in printed
+
+    for key in ("samples_per_s", "baseline_samples_per_s", "interaction_gflops", "gemm_gflops", "speedup_vs_baseline",
+                "interaction_vs_gemm", "step_ms", "baseline_step_ms", "achieved_step_gflops"):
+        assert isinstance(record[key], float) and math.isfinite(record[key]) and record[key] > 0, key
+    assert record["samples_per_s"] == pytest.approx(BATCH / (record["step_ms"] / 1e3))
+    assert record["baseline_samples_per_s"] == pytest.approx(BATCH / (record["baseline_step_ms"] / 1e3))
+
+    vocab = independent_vocab(ROWS)
+    fields, width = len(vocab), len(vocab) * SET_DIM
+    assert (record["config"]["fields"], record["config"]["rows_per_set_actual"]) == (fields, sum(vocab.values()))
+    assert record["flops_per_step"] == dcnv2_flops(K, BATCH, width, HIDDEN)
+    assert record["set_arch"]["interaction_flops"] == K * (LAYERS * 6 * BATCH * width**2 + 6 * BATCH * width * HIDDEN)
+    assert record["set_arch"]["gemm_shape"] == [BATCH, width, width]
+    assert record["set_arch"]["per_set_loop_ms"] > 0 and record["set_arch"]["batched_vs_loop_speedup"] > 0
+
+    sizes = record["bytes"]
+    dense_bytes = 4 * dcnv2_dense_params(K, fields, SET_DIM, HIDDEN)
+    assert sizes["embedding_param_bytes"] == 4 * sum(vocab.values()) * K * STORED
+    assert sizes["dense_param_bytes"] == dense_bytes
+    assert sizes["sparse_optimizer_state_bytes"] == sizes["embedding_param_bytes"]  # Adagrad: one sum per weight
+    # Adam: two moments per weight plus a step counter per parameter tensor.
+    assert 2 * dense_bytes <= sizes["dense_optimizer_state_bytes"] <= 2 * dense_bytes + 8 * 64
+    base = record["baseline_bytes"]
+    assert base["embedding_param_bytes"] == 4 * sum(vocab.values()) * K * SET_DIM
+    assert base["dense_param_bytes"] == dense_bytes
+    assert base["optimizer_state_bytes"] >= 2 * (base["embedding_param_bytes"] + dense_bytes)
+
+    parts = ("input_dist", "embedding_fwd", "embedding_bwd", "interaction_fwd", "interaction_bwd", "over_arch",
+             "optimizer", "other")
+    assert set(record["breakdown_ms"]) == set(parts)
+    assert all(record["breakdown_ms"][p] >= 0 for p in parts)
+    assert set(record["baseline_breakdown_ms"]) == set(parts) - {"input_dist"}
+    assert set(record["layouts"]) == {"fused", "per_set"}
+    assert all(row["samples_per_s"] > 0 for row in record["layouts"].values())
+
+    assert [row["num_sets"] for row in record["scaling_k"]] == [1, 2]
+    for row in record["scaling_k"]:
+        expected = dcnv2_flops(row["num_sets"], BATCH, width, HIDDEN)
+        assert row["gflop_per_step"] * 1e9 == pytest.approx(expected)
+        assert row["flops_ratio"] == pytest.approx(expected / dcnv2_flops(1, BATCH, width, HIDDEN))
+        assert row["step_ms"] > 0
+    assert [row["batch_size"] for row in record["scaling_batch"]] == [BATCH // 2, BATCH]
+    assert record["memory"]["peak_rss_bytes"] >= record["memory"]["peak_rss_after_project_bytes"] > 0
+    assert record["conditions"]["command"].startswith("multiembed bench --model dcnv2-me-2x")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "dnn-me-2x", "--baseline"], "implements the paper's ME-DCNv2 only"),
+        (["--batch-size", "0"], "--batch-size: must be >= 1"),
+        (["--model", "dcnv2-xx-2x"], "unknown model name"),
+    ],
+)
+def test_bench_refuses_bad_options_with_one_line(tmp_path: Path, capsys, argv, message) -> None:
+    status = main(["bench", "--json", str(tmp_path / "x.json"), "--no-progress", *argv])
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("multiembed bench: error:") and message in err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_paper_baseline_computes_the_same_model(harness) -> None:
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from multiembed.models import build_model
+
+    baseline_module = harness.paper_baseline
+    torch.manual_seed(0)
+    vocab = {"a": 13, "b": 7, "c": 21}
+    model = build_model("dcnv2-me-4x", vocab, device=torch.device("cpu"), hidden=16)
+    baseline = baseline_module.PaperMultiDCNv2(list(vocab.values()), 4, 10, hidden=16)
+    # Running statistics that are not the defaults, so eval mode checks that they are carried over.
+    with torch.no_grad():
+        model.set_arch.projection.norm.batch_norm.running_mean.uniform_(-1, 1)
+        model.set_arch.projection.norm.batch_norm.running_var.uniform_(0.5, 2)
+    baseline_module.copy_weights_from(baseline, model)
+    ids = torch.stack([torch.randint(0, v, (32,)) for v in vocab.values()], dim=1)
+    features = KeyedJaggedTensor.from_lengths_sync(
+        keys=list(vocab), values=ids.t().reshape(-1), lengths=torch.ones(ids.numel(), dtype=torch.int32)
+    )
+    model.eval(), baseline.eval()
+    torch.testing.assert_close(baseline(ids), model(torch.empty(32, 0), features), rtol=1e-5, atol=1e-6)
+    for module in (*model.modules(), *baseline.modules()):
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.train(), baseline.train()
+    torch.testing.assert_close(baseline(ids), model(torch.empty(32, 0), features), rtol=1e-5, atol=1e-6)
+    # A different weight must show: the comparison is not vacuous.
+    with torch.no_grad():
+        baseline.cns[1][0].W[0].add_(0.1)
+    assert not torch.allclose(baseline(ids), model(torch.empty(32, 0), features), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["dcnv2-me-3x", "dcnv2lr-me-2x"])
+def test_analytic_set_arch_flops_match_torch_flop_counter(harness, name: str) -> None:
+    from multiembed.models import build_set_arch, parse_model_name
+
+    arch = build_set_arch(parse_model_name(name), num_fields=5, hidden=24, **({"cross_rank": 8} if "lr" in name else {}))
+    x = torch.randn(16, arch.num_sets, 5, arch.set_dim, requires_grad=True)
+    counted = harness.counted_flops(lambda: arch(x).sum().backward())
+    assert harness.set_arch_flops(arch, 16) == counted > 0
+
+
+def test_scaled_vocab_keeps_criteo_proportions(harness) -> None:
+    sizes = harness.scaled_vocab_sizes(1_100_000)
+    full = preset("criteo-kaggle").vocab_sizes
+    assert list(sizes) == list(full) and len(sizes) == 39
+    assert abs(sum(sizes.values()) - 1_100_000) <= len(sizes)
+    scale = 1_100_000 / sum(full.values())
+    for field in ("C3", "C12", "I1"):
+        assert sizes[field] == round(full[field] * scale)
+    assert min(harness.scaled_vocab_sizes(50).values()) == 1
