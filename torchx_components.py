@@ -137,3 +137,72 @@ def train(
     )
     return _with_max_restarts(app, max_restarts)
 
+
+
+def benchmark(
+    *extra_args: str,
+    out: str,
+    model: str = "dcnv2-me-4x",
+    batch_size: int = 2048,
+    rows_per_set: int = 1_100_000,
+    steps: int = 20,
+    baseline: bool = True,
+    quick: bool = False,
+    threads: int = 0,
+    j: str = "1x1",
+    image: str = torchx.IMAGE,
+    h: Optional[str] = None,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    env: Optional[Dict[str, str]] = None,
+    rdzv_port: int = 29500,
+    name: str = "/multiembed-bench",
+) -> specs.AppDef:
+    """Benchmarks training throughput (``multiembed bench``) on synthetic Criteo-shaped batches, one worker per rank.
+
+    Every rank trains through DMP on its share of the global batch; rank 0 writes the JSON and prints the markdown
+    table. The plain-PyTorch baseline runs on each rank alone (no gradient exchange), interleaved with the project's
+    steps.
+
+    Args:
+        extra_args: further ``multiembed bench`` options, passed through (e.g. ``--no-scaling``, ``--k-values 1,4``).
+        out: JSON result path (rank 0 writes it).
+        model: model name, e.g. ``dcnv2-me-4x``.
+        batch_size: global batch size (split evenly over all ranks).
+        rows_per_set: embedding rows per set, spread over Criteo Kaggle's fields in its proportions.
+        steps: timed steps per contender and sweep point.
+        baseline: run the paper-style plain-PyTorch baseline (dcnv2 models only).
+        quick: smoke run (small sweeps, fewer repetitions).
+        threads: torch intra-op threads per rank (0: torch's default; torchrun sets one thread per rank when
+            several share a node unless ``OMP_NUM_THREADS`` is given in ``env``).
+        j: ``{nnodes}x{nproc_per_node}``.
+        image: image (docker / slurm: a directory holding the environment) that has multiembed installed.
+        h: a registered named resource (takes precedence over cpu, gpu, memMB).
+        cpu: CPUs per node.
+        gpu: GPUs per node (one rank per GPU; 0 benchmarks the CPU path with gloo).
+        memMB: memory per node in MB.
+        env: extra environment variables for the workers.
+        rdzv_port: rendezvous port on the first node (multi-node only).
+        name: torchx job name.
+    """
+    args: List[str] = [
+        "bench", "--json", out, "--model", model, "--batch-size", str(batch_size), "--rows-per-set", str(rows_per_set),
+        "--steps", str(steps), "--threads", str(threads), "--baseline" if baseline else "--no-baseline",
+    ]
+    if quick:
+        args.append("--quick")
+    args += list(extra_args)
+    return dist.ddp(
+        *args,
+        m="multiembed.cli",
+        image=image,
+        name=name,
+        h=h,
+        cpu=cpu,
+        gpu=gpu,
+        memMB=memMB,
+        j=j,
+        env=env,
+        rdzv_port=rdzv_port,
+    )
