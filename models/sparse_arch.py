@@ -254,13 +254,14 @@ class MultiEmbeddingSparseArch(nn.Module):
         self.field_names: List[str] = []
         self.vocab_sizes: Dict[str, int] = {}
         self.table_layout: List[TableSlice] = []
+        self._slice_of: Dict[str, TableSlice] = {}  # table -> its first (field, set)
         self.stored_set_dim = self._read_tables(self._tables)
         output_names = [name for names in get_embedding_names_by_table(self._tables) for name in names]
         # Output keys in the order the forward gathers them: fused by field; per_set by (set, field).
         if layout == "fused":
             self._output_keys: List[str] = output_names
         else:
-            by_slot = {}
+            by_slot: Dict[Tuple[int, str], str] = {}
             for table, key in zip(self._tables, output_names):
                 by_slot[(self._slice_of[table.name].set_index, self._slice_of[table.name].field)] = key
             self._output_keys = [by_slot[(m, f)] for m in range(num_sets) for f in self.field_names]
@@ -268,7 +269,6 @@ class MultiEmbeddingSparseArch(nn.Module):
     def _read_tables(self, tables: Sequence[EmbeddingBagConfig]) -> int:
         """Validates the tables against the layout; fills field names, vocab sizes and the table layout."""
         sets_seen: Dict[str, int] = {}
-        self._slice_of: Dict[str, TableSlice] = {}
         stored_widths = set()
         for table in tables:
             if len(table.feature_names) != 1:
