@@ -169,3 +169,26 @@ def test_scaled_vocab_keeps_criteo_proportions(harness) -> None:
     for field in ("C3", "C12", "I1"):
         assert sizes[field] == round(full[field] * scale)
     assert min(harness.scaled_vocab_sizes(50).values()) == 1
+
+
+def test_gpu_check_runs_on_cpu_without_the_torchrec_stack(tmp_path: Path) -> None:
+    """The prepared GPU script, in a fresh process as on the GPU machine (it must not import the package's
+    ``__init__``, which needs the CPU TorchRec stack): one-rank all-reduce correct, FLOPs as the harness counts."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu.json"
+    code = (
+        "import runpy, sys; sys.argv = ['gpu_check.py', '--device', 'cpu', '--quick', '--json', sys.argv[1]]; "
+        "runpy.run_path('benchmarks/gpu_check.py', run_name='__main__'); "
+        "assert 'torchrec' not in sys.modules, 'gpu_check imported torchrec'"
+    )
+    subprocess.run([sys.executable, "-c", code, str(out)], cwd=repo, check=True, capture_output=True, timeout=300)
+    record = json.loads(out.read_text())
+    assert record["collective"]["all_reduce_correct"] is True and record["collective"]["backend"] == "gloo"
+    (row,) = record["interaction"]
+    assert (row["batch"], row["num_sets"], row["width"]) == (64, 4, 60)
+    assert row["interaction_ms"] > 0 and row["gemm_gflops"] > 0 and row["interaction_vs_gemm"] > 0
+    flops = 4 * (4 * 6 * 64 * 60 * 60 + 6 * 64 * 60 * 32)
+    assert row["interaction_gflops"] == pytest.approx(flops / (row["interaction_ms"] / 1e3) / 1e9)
