@@ -487,7 +487,9 @@ class ParquetBatchLoader:
         one_hot = np.ascontiguousarray(np.take(store.one_hot, local_rows, axis=0).T, dtype=np.int64)
         if self._all_one_hot:
             values = torch.from_numpy(one_hot.reshape(-1))
-            lengths = torch.ones(size * len(self.keys), dtype=torch.int32)
+            # numpy, not torch.ones: a torch fill may wake the intra-op thread pool, which costs milliseconds on a
+            # busy machine; a fresh array per batch, since consumers may keep or modify a batch's tensors.
+            lengths = torch.from_numpy(np.ones(size * len(self.keys), dtype=np.int32))
             length_per_key = [size] * len(self.keys)
         else:
             value_parts: List[np.ndarray] = []
