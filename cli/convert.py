@@ -49,7 +49,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--row-group-size", type=int, default=None, metavar="ROWS",
                    help="Parquet rows per row group (default: 131072)")
     p.add_argument("--compression", default=None, choices=("none", "snappy", "zstd", "lz4", "gzip"),
-                   help="Parquet codec (default: snappy)")
+                   help="Parquet codec (default: none; the id columns are delta-bit-packed either way)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
