@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embedding_names_by_table
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 LAYOUTS: Tuple[str, ...] = ("fused", "per_set")
 INIT_SCHEMES: Tuple[str, ...] = ("xavier_set", "xavier_field", "torchrec")
@@ -202,6 +202,26 @@ def multi_embedding_tables(
     return tables
 
 
+@torch.fx.wrap
+def pooled_values_in_key_order(pooled: KeyedTensor, keys: List[str]) -> torch.Tensor:
+    """The ``[B, sum of widths]`` values of ``pooled`` with the keys' column blocks in ``keys`` order.
+
+    An unsharded (or one-rank) collection returns its keys in table order, which is the order the fused layout
+    reads, so its values are used as they are; otherwise (sharded outputs are in shard order; the per-set layout
+    reads sets before fields) TorchRec's ``KeyedTensor.regroup`` reorders them in one permute kernel. Wrapped for
+    fx: the key comparison is plain Python and stays out of the traced graph.
+
+    Example::
+
+        >>> pooled = KeyedTensor(keys=["a", "b"], length_per_key=[1, 2], values=torch.tensor([[1.0, 2.0, 3.0]]))
+        >>> pooled_values_in_key_order(pooled, ["b", "a"]).tolist()
+        [[2.0, 3.0, 1.0]]
+    """
+    if pooled.keys() == keys:
+        return pooled.values()
+    return KeyedTensor.regroup([pooled], [keys])[0]
+
+
 class MultiEmbeddingSparseArch(nn.Module):
     """K embedding sets over one ``EmbeddingBagCollection``: KJT -> ``[B, K, F, d]``.
 
@@ -341,15 +361,15 @@ class MultiEmbeddingSparseArch(nn.Module):
         Returns:
             ``[B, K, F, d]``, a view of contiguous ``[K, B, F, d]`` storage.
         """
-        pooled: Dict[str, torch.Tensor] = self.embedding_bag_collection(features).to_dict()
-        k, stored, d = self.num_sets, self.stored_set_dim, self.set_dim
+        values = pooled_values_in_key_order(self.embedding_bag_collection(features), self._output_keys)
+        k, stored, d, f = self.num_sets, self.stored_set_dim, self.set_dim, self.num_fields
         if self.layout == "fused":
-            # pooled[field]: [B, K*stored] -> [K, B, d] views; one stack gathers fields and drops the padding.
-            per_field = [pooled[key].unflatten(1, (k, stored))[:, :, :d].transpose(0, 1) for key in self._output_keys]
-            return torch.stack(per_field, dim=2).transpose(0, 1)
-        per_table = [pooled[key][:, :d] for key in self._output_keys]  # (set, field) order, each [B, d]
-        batch_major = torch.stack(per_table, dim=1).view(-1, k, self.num_fields, d)
-        return batch_major.transpose(0, 1).contiguous().transpose(0, 1)
+            padded = values.reshape(-1, f, k, stored).permute(2, 0, 1, 3)  # [K, B, F, stored] view
+        else:
+            padded = values.reshape(-1, k, f, stored).transpose(0, 1)  # keys in (set, field) order
+        # One copy gathers every field and set into set-major storage and drops the padding: per-field slices would
+        # cost 2F kernels forward and backward, which dominated the lookup on CPU.
+        return padded[..., :d].contiguous().transpose(0, 1)
 
     def set_weight_views(self, table_weights: Mapping[str, torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
         """Per set, ``{field: [D_i, d]}`` views of full (unsharded) table weights, padding removed.
