@@ -195,6 +195,7 @@ class CountedVocabulary:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays)
                 f.flush()
+                os.fchmod(f.fileno(), 0o644)  # mkstemp creates 0600; the vocabulary is shared like the Parquet files
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
