@@ -18,14 +18,112 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from multiembed.models.layers import SetProjection, _check_groups
+from multiembed.models.layers import SetProjection, _check_groups, gemm_width, pad_last, pad_matrices, per_set_gemms
+
+
+class _CrossNetFunction(torch.autograd.Function):
+    r"""L full-rank cross layers on CPU: one GEMM per weight set at a padded width, the backward written out.
+
+    The width D is zero-padded to a GEMM-friendly D' (:func:`~multiembed.models.layers.gemm_width`; 390 -> 392
+    doubles the GEMM rate on the development CPU). Padded columns of :math:`x_0`, of every :math:`x_l` and of the
+    weights and biases are exact zeros, and stay zeros (:math:`0 \odot P + 0`), so the first D columns are the
+    unpadded computation.
+
+    Forward per layer: :math:`P_l = x_l W_l^T + b_l` (one ``addmm`` per weight set), :math:`x_{l+1} = x_0 \odot P_l
+    + x_l`. Backward, from :math:`G = \partial L / \partial x_{l+1}`: :math:`dP = G \odot x_0`, the :math:`x_0`
+    gradient accumulates :math:`G \odot P_l` in place, :math:`dW_l = dP^T x_l`, :math:`db_l = \sum dP`, and
+    :math:`\partial L / \partial x_l = G + dP\, W_l` is one GEMM accumulating into :math:`G`: three element-wise
+    passes a layer where autograd's addcmul / baddbmm backward takes about seven. Saved tensors are those autograd
+    would keep (each layer's input and projection), padded.
+    """
+
+    @staticmethod
+    def forward(ctx, x0: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        num_layers = len(params) // 2
+        width = x0.shape[-1]
+        padded = gemm_width(width)
+        weights = [pad_matrices(w, padded, padded) for w in params[:num_layers]]
+        biases = [pad_last(b, padded) for b in params[num_layers:]]
+        x0_padded = pad_last(x0, padded).contiguous()
+        inputs: List[torch.Tensor] = []
+        projections: List[torch.Tensor] = []
+        xl = x0_padded
+        for weight, bias in zip(weights, biases):
+            projected = torch.empty_like(x0_padded)
+            for g in range(x0.shape[0]):
+                torch.addmm(bias[g], xl[g], weight[g].t(), out=projected[g])
+            inputs.append(xl)
+            projections.append(projected)
+            xl = torch.addcmul(xl, x0_padded, projected)
+        ctx.num_layers = num_layers
+        ctx.width = width
+        ctx.save_for_backward(*weights, *inputs, *projections)
+        return xl[..., :width]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        n, width = ctx.num_layers, ctx.width
+        saved = ctx.saved_tensors
+        weights, inputs, projections = saved[:n], saved[n : 2 * n], saved[2 * n :]
+        x0 = inputs[0]
+        grad_weights: List[Optional[torch.Tensor]] = [None] * n
+        grad_biases: List[Optional[torch.Tensor]] = [None] * n
+        # dL/dx_l, updated in place layer by layer (a fresh padded copy: the incoming gradient is never modified).
+        upstream = grad.new_zeros(x0.shape)
+        upstream[..., :width] = grad
+        grad_x0: Optional[torch.Tensor] = None
+        for layer in reversed(range(n)):
+            grad_projected = upstream * x0
+            if grad_x0 is None:
+                grad_x0 = upstream * projections[layer]
+            else:
+                grad_x0.addcmul_(upstream, projections[layer])
+            if ctx.needs_input_grad[1 + layer]:
+                grad_weight = torch.empty_like(weights[layer])
+                for g in range(x0.shape[0]):
+                    torch.mm(grad_projected[g].t(), inputs[layer][g], out=grad_weight[g])
+                grad_weights[layer] = grad_weight[:, :width, :width]
+            if ctx.needs_input_grad[1 + n + layer]:
+                grad_biases[layer] = grad_projected.sum(dim=1)[:, :width]
+            for g in range(x0.shape[0]):
+                upstream[g].addmm_(grad_projected[g], weights[layer][g])
+        grad_input = upstream.add_(grad_x0)[..., :width] if ctx.needs_input_grad[0] else None
+        return (grad_input, *grad_weights, *grad_biases)
+
+
+@torch.fx.wrap
+def cross_network(x0: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor]) -> torch.Tensor:
+    r"""Full-rank cross layers :math:`x_{l+1} = x_0 \odot (W_l x_l + b_l) + x_l` on ``[G, N, D]`` input with
+    ``[G, D, D]`` weights and ``[G, D]`` biases per layer.
+
+    One batched GEMM per layer on GPU (autograd); on CPU one GEMM per weight set at a padded width and a
+    written-out backward (:class:`_CrossNetFunction`; see :mod:`multiembed.models.layers` for why). On CPU the
+    result is a ``[G, N, D]`` view of ``[G, N, D']`` storage. Wrapped for fx: the device test is
+    plain Python, outside the traced graph.
+
+    Example::
+
+        >>> x = torch.randn(2, 8, 6)
+        >>> weights, biases = [torch.randn(2, 6, 6)], [torch.zeros(2, 6)]
+        >>> torch.allclose(cross_network(x, weights, biases), x * torch.bmm(x, weights[0].transpose(1, 2)) + x,
+        ...                atol=1e-5)
+        True
+    """
+    if per_set_gemms(x0):
+        return _CrossNetFunction.apply(x0, *weights, *biases)
+    xl = x0
+    for weight, bias in zip(weights, biases):
+        projected = torch.baddbmm(bias.unsqueeze(1), xl, weight.transpose(1, 2))
+        xl = torch.addcmul(xl, x0, projected)
+    return xl
 
 
 class BatchedCrossNet(nn.Module):
     r"""K full-rank DCNv2 cross networks: :math:`x_{l+1} = x_0 \odot (W_l x_l + b_l) + x_l`.
 
-    The paper's (and DCNv2's) full-rank form, stacked before the MLP. Per layer and set it is one ``baddbmm``
-    (the ``W_l x_l + b_l`` GEMM) and one ``addcmul``; the layer runs at GEMM speed.
+    The paper's (and DCNv2's) full-rank form, stacked before the MLP. Per layer it is one ``baddbmm`` (the
+    ``W_l x_l + b_l`` GEMM; one GEMM per weight set on CPU, :func:`cross_network`) and one ``addcmul``; the layer
+    runs at GEMM speed.
 
     ``weights[l][g]`` is ``[D, D]`` in ``nn.Linear``'s (out, in) convention, acting on the concatenation of the
     set's field embeddings, so the block ``weights[l][g][j*d:(j+1)*d, i*d:(i+1)*d]`` is ``W_{i->j}``, the map by
@@ -86,11 +184,7 @@ class BatchedCrossNet(nn.Module):
             ``[K, B, D]``.
         """
         x0 = x.reshape(self.num_weight_sets, -1, self.in_features)
-        xl = x0
-        for weight, bias in zip(self.weights, self.biases):
-            projected = torch.baddbmm(bias.unsqueeze(1), xl, weight.transpose(1, 2))
-            xl = torch.addcmul(xl, x0, projected)
-        return xl.view(self.num_sets, -1, self.in_features)
+        return cross_network(x0, list(self.weights), list(self.biases)).reshape(self.num_sets, -1, self.in_features)
 
     def extra_repr(self) -> str:
         return (
