@@ -241,33 +241,28 @@ def set_arch_flops(arch: SetInteractionArch, batch_size: int) -> Optional[int]:
     return arch.num_sets * (per_set + _linear_flops(batch_size, projection.in_features, projection.out_features))
 
 
-def counted_flops(fn: Callable[[], None]) -> int:
-    """FLOPs that ``torch.utils.flop_counter`` counts while ``fn`` runs (GEMMs and convolutions)."""
+def counted_flops(module: nn.Module, *shapes: Sequence[int]) -> int:
+    """Forward + backward FLOPs that ``torch.utils.flop_counter`` counts (GEMMs) for ``module`` on random inputs of
+    ``shapes``, run on a ``meta`` copy: logical layer shapes, no compute, and none of the CPU fast path's padding."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    meta = copy.deepcopy(module).to(torch.device("meta"))
+    inputs = [torch.empty(*shape, device="meta", requires_grad=True) for shape in shapes]
     with FlopCounterMode(display=False) as counter:
-        fn()
+        meta(*inputs).sum().backward()
     return int(counter.get_total_flops())
 
 
 def step_flops(model: MultiEmbeddingModel, batch_size: int) -> int:
     """Forward + backward GEMM FLOPs of one training step of ``model``: the set arch (analytic for cross arches,
     counted otherwise) plus the over arch and the dense arch (counted on a ``batch_size`` input)."""
-    set_arch, over_arch = model.set_arch, model.over_arch
-    device = next(set_arch.parameters()).device
-    k, f, d = set_arch.num_sets, set_arch.num_fields, set_arch.set_dim
-    analytic = set_arch_flops(set_arch, batch_size)
-    if analytic is None:
-        x = torch.randn(batch_size, k, f, d, device=device, requires_grad=True)
-        analytic = counted_flops(lambda: set_arch(x).sum().backward())
-    h = torch.randn(batch_size, set_arch.output_dim, device=device, requires_grad=True)
-    total = analytic + counted_flops(lambda: over_arch(h).sum().backward())
+    set_arch = model.set_arch
+    total = set_arch_flops(set_arch, batch_size)
+    if total is None:
+        total = counted_flops(set_arch, (batch_size, set_arch.num_sets, set_arch.num_fields, set_arch.set_dim))
+    total += counted_flops(model.over_arch, (batch_size, set_arch.output_dim))
     if model.dense_arch is not None:
-        dense = torch.randn(batch_size, model.dense_arch.in_features, device=device)
-        total += counted_flops(lambda: model.dense_arch(dense).sum().backward())
-    for module in (set_arch, over_arch, model.dense_arch):
-        if module is not None:
-            module.zero_grad(set_to_none=True)
+        total += counted_flops(model.dense_arch, (batch_size, model.dense_arch.in_features))
     return total
 
 
@@ -645,8 +640,7 @@ def measure_interaction_vs_gemm(
     set_arch.zero_grad(set_to_none=True)
     flops = set_arch_flops(set_arch, batch)
     if flops is None:
-        flops = counted_flops(batched)
-        set_arch.zero_grad(set_to_none=True)
+        flops = counted_flops(set_arch, tuple(embeddings.shape))
     gemm_flops = 2 * batch * width * width
     result: Dict[str, Any] = {
         "interaction_flops": int(flops),
