@@ -44,7 +44,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         help="embedding rows per set, spread over Criteo Kaggle's 39 fields in its proportions (default 1.1M)",
     )
     p.add_argument("--steps", type=int, default=20, help="timed steps per contender and sweep point (default 20)")
-    p.add_argument("--block-steps", type=int, default=5, help="steps per interleaved block (default 5)")
+    p.add_argument("--block-steps", type=int, default=2, help="steps per interleaved block (default 2)")
     p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps per contender (default 2)")
     p.add_argument("--json", required=True, metavar="OUT", help="where to write the JSON result")
     p.add_argument(
@@ -67,6 +67,11 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                    help="ids are floor(D * u**a) for uniform u (default 3: a heavy head; 1: uniform)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument(
+        "--malloc", choices=["default", "retain"], default="default",
+        help="retain: glibc keeps freed memory instead of unmapping it (no page faults on reused buffers; both "
+        "contenders); default: the process as started",
+    )
     p.add_argument("--profile", default=None, metavar="TXT", help="also write torch.profiler's operator table here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -143,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         id_exponent=args.id_exponent,
         seed=args.seed,
         device=args.device,
+        malloc=args.malloc,
         profile=args.profile,
         progress=not args.no_progress,
     )

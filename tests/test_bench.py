@@ -100,6 +100,9 @@ def test_bench_smoke_json_has_every_key_and_consistent_values(tmp_path: Path, ca
     assert [row["batch_size"] for row in record["scaling_batch"]] == [BATCH // 2, BATCH]
     assert record["memory"]["peak_rss_bytes"] >= record["memory"]["peak_rss_after_project_bytes"] > 0
     assert record["conditions"]["command"].startswith("multiembed bench --model dcnv2-me-2x")
+    assert record["conditions"]["malloc"] == "default"
+    assert set(record["page_fault_mb_per_step"]) == {"project", "baseline", "project_per_set"}
+    assert all(v >= 0 for v in record["page_fault_mb_per_step"].values())
 
 
 @pytest.mark.parametrize(
