@@ -82,9 +82,11 @@ class _CrossNetFunction(torch.autograd.Function):
                 grad_weight = torch.empty_like(weights[layer])
                 for g in range(x0.shape[0]):
                     torch.mm(grad_projected[g].t(), inputs[layer][g], out=grad_weight[g])
-                grad_weights[layer] = grad_weight[:, :width, :width]
+                # Parameter gradients in the parameters' own (contiguous) layout: DDP's buckets and AccumulateGrad
+                # would otherwise copy them anyway, DDP with a warning.
+                grad_weights[layer] = grad_weight[:, :width, :width].contiguous()
             if ctx.needs_input_grad[1 + n + layer]:
-                grad_biases[layer] = grad_projected.sum(dim=1)[:, :width]
+                grad_biases[layer] = grad_projected[..., :width].sum(dim=1)
             for g in range(x0.shape[0]):
                 upstream[g].addmm_(grad_projected[g], weights[layer][g])
         grad_input = upstream.add_(grad_x0)[..., :width] if ctx.needs_input_grad[0] else None

@@ -111,7 +111,7 @@ class _SetLinearFunction(torch.autograd.Function):
                     torch.mm(grad_padded[k].t(), x_padded[k], out=grad_weight[k // per_weight])
                 else:
                     grad_weight[k // per_weight].addmm_(grad_padded[k].t(), x_padded[k])
-            grad_weight = grad_weight[:, :out_features, :in_features]
+            grad_weight = grad_weight[:, :out_features, :in_features].contiguous()  # the parameter's layout
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum(dim=1).view(groups, per_weight, -1).sum(dim=1)
         return grad_x, grad_weight, grad_bias
