@@ -8,7 +8,14 @@ What is timed
     * **Baseline step**: :mod:`paper_baseline` (the paper's public code: one ``nn.Embedding`` per set, a Python loop
       over sets, dense Adam over the whole tables), on the same batches.
     * The two run **interleaved** in blocks of steps (project, baseline, project, ...) so that both see the same
-      machine load; ratios are the median of the per-round ratios.
+      machine load; ratios are the median of the per-round ratios. The other table layout runs in the same rounds.
+    * Under ``torchrun`` each rank trains its share of the global batch through DMP; ``samples_per_s`` is the global
+      batch over the slowest rank's step. The baseline then runs on every rank alone on the local batch (no gradient
+      exchange, so an upper bound for it).
+    * Memory: glibc returns large freed blocks to the kernel, so every step page-faults its big temporaries back in
+      (``page_fault_mb_per_step``; the baseline's dense embedding gradients and Adam temporaries fault about ten
+      times more than the project). ``--malloc retain`` keeps freed memory in the process for both contenders; report
+      both settings.
 
 Workload
     ``R`` rows per set are spread over the 39 fields of Criteo Kaggle in the proportions of the ``criteo-kaggle``
@@ -28,12 +35,16 @@ Step-time breakdown (method: separately timed sub-steps on the same model and ba
 FLOPs and GEMM rate
     ``interaction_gflops`` is the set interaction arch's analytic forward + backward GEMM FLOPs (from the layer
     shapes, :func:`set_arch_flops`) over its measured forward + backward time; ``gemm_gflops`` is an fp32
-    ``[B, F*d] x [F*d, F*d]`` GEMM, timed alternately with the arch in the same run.
+    ``[B, F*d] x [F*d, F*d]`` GEMM, timed alternately with the arch in the same run, as is the baseline's per-set
+    Python loop over the same branches (``set_arch.per_set_loop_ms``; ``benchmarks/bench_set_arch.py`` sweeps that
+    comparison over every backbone). Step FLOPs add the over arch (counted by ``torch.utils.flop_counter`` on a
+    ``meta`` copy); element-wise work and lookups are not counted.
 
-Run (the issue's target configuration)::
+Run (the issue's target configuration; ``--malloc retain`` for the second memory setting)::
 
     .venv/bin/python -m multiembed.cli bench --model dcnv2-me-4x --batch-size 2048 --rows-per-set 1100000 \\
         --steps 20 --json runs/bench.json
+    .venv/bin/python benchmarks/bench_train.py --model dcnv2-me-4x ... # the same, as a script
 """
 
 from __future__ import annotations
