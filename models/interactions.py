@@ -69,22 +69,25 @@ class _CrossNetFunction(torch.autograd.Function):
         grad_weights: List[Optional[torch.Tensor]] = [None] * n
         grad_biases: List[Optional[torch.Tensor]] = [None] * n
         # dL/dx_l, updated in place layer by layer (a fresh padded copy: the incoming gradient is never modified).
-        upstream = grad.new_zeros(x0.shape)
+        upstream = torch.empty_like(x0)
         upstream[..., :width] = grad
+        upstream[..., width:] = 0.0
+        # One buffer each for dP and the padded dW, reused by every layer (fewer large allocations per step).
+        grad_projected = torch.empty_like(x0)
+        grad_weight = torch.empty_like(weights[0])
         grad_x0: Optional[torch.Tensor] = None
         for layer in reversed(range(n)):
-            grad_projected = upstream * x0
+            torch.mul(upstream, x0, out=grad_projected)
             if grad_x0 is None:
                 grad_x0 = upstream * projections[layer]
             else:
                 grad_x0.addcmul_(upstream, projections[layer])
             if ctx.needs_input_grad[1 + layer]:
-                grad_weight = torch.empty_like(weights[layer])
                 for g in range(x0.shape[0]):
                     torch.mm(grad_projected[g].t(), inputs[layer][g], out=grad_weight[g])
-                # Parameter gradients in the parameters' own (contiguous) layout: DDP's buckets and AccumulateGrad
-                # would otherwise copy them anyway, DDP with a warning.
-                grad_weights[layer] = grad_weight[:, :width, :width].contiguous()
+                # A copy out of the reused buffer, in the parameter's own (contiguous) layout: DDP's buckets and
+                # AccumulateGrad would otherwise copy a strided gradient anyway, DDP with a warning.
+                grad_weights[layer] = grad_weight[:, :width, :width].clone(memory_format=torch.contiguous_format)
             if ctx.needs_input_grad[1 + n + layer]:
                 grad_biases[layer] = grad_projected[..., :width].sum(dim=1)
             for g in range(x0.shape[0]):
