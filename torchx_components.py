@@ -15,7 +15,6 @@ Every component delegates to ``torchx.components.dist.ddp`` (torchrun under the 
 {nnodes}x{nproc_per_node}`` and scheduler support are torchx's own.
 """
 
-from __future__ import annotations
 
 from typing import Dict, List, Optional
 

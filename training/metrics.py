@@ -86,6 +86,10 @@ class EvalMetrics:
         rows = self._weight_sum.clone()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(rows)
+            # torchrec gathers AUC's raw predictions on rank 0 only: share rank 0's results with every rank.
+            box = [values]
+            dist.broadcast_object_list(box, src=0)
+            values = box[0]
         return {
             "auc": values["window_auc"],
             # torchrec reports log loss in bits (log2); CTR papers use nats.
