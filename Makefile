@@ -8,7 +8,16 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 STACK ?= cpu
 STAMP := $(VENV)/.installed-$(STACK)
 
-.PHONY: venv test clean-venv
+.PHONY: venv test train clean-venv
+
+# `make train`: a multi-embedding DCNv2 (4 sets) on the built-in synthetic click log, 2 local ranks through torchx.
+TRAIN_ROWS ?= 400000
+TRAIN_SCALE ?= 0.005
+TRAIN_DATA ?= runs/data/synth-$(TRAIN_ROWS)-$(TRAIN_SCALE)
+TRAIN_MODEL ?= dcnv2-me-4x
+TRAIN_EPOCHS ?= 3
+TRAIN_ARGS ?= -- --hidden 128
+TRAIN_RUN ?= runs/$(TRAIN_MODEL)-$(shell date +%Y%m%d-%H%M%S)
 
 venv: $(STAMP)
 
@@ -22,6 +31,12 @@ $(STAMP): pyproject.toml requirements/$(STACK).txt
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+train: $(STAMP)
+	test -f $(TRAIN_DATA)/metadata.json || $(VENV)/bin/multiembed synth --rows $(TRAIN_ROWS) --scale $(TRAIN_SCALE) --out $(TRAIN_DATA)
+	$(VENV)/bin/torchx run -s local_cwd ./torchx_components.py:train --data $(TRAIN_DATA) --out $(TRAIN_RUN) \
+		--model $(TRAIN_MODEL) --epochs $(TRAIN_EPOCHS) -j 1x2 $(TRAIN_ARGS)
+	@echo "run directory: $(TRAIN_RUN)"
 
 clean-venv:
 	rm -rf $(VENV)
