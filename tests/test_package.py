@@ -60,3 +60,17 @@ def test_data_package_imports_without_torch() -> None:
         "assert 'torch' not in sys.modules and 'torchrec' not in sys.modules, sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_atomic_write_publishes_with_the_default_file_mode(tmp_path) -> None:
+    import os
+
+    from multiembed.data.metadata import atomic_write_text
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "f.json", "{}")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "f.json").read_text() == "{}"
