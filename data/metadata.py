@@ -27,7 +27,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, BinaryIO, Callable, Dict, List, Mapping, Optional
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -191,10 +191,9 @@ class DatasetMetadata:
         )
 
 
-def atomic_write_text(path: os.PathLike, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``.
-
-    A reader never sees a half-written file: either the old content or the new one.
+def atomic_write(path: os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Publishes a file written by ``write(binary_file)`` through a temporary file in the same directory and
+    ``os.replace``: a reader never sees a half-written file, only the old content or the new one.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -203,8 +202,8 @@ def atomic_write_text(path: os.PathLike, text: str) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -214,6 +213,11 @@ def atomic_write_text(path: os.PathLike, text: str) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def atomic_write_text(path: os.PathLike, text: str) -> None:
+    """Writes ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_metadata(data_dir: os.PathLike, meta: DatasetMetadata) -> Path:

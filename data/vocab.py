@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
@@ -32,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from multiembed.data.formats import HASHING_MODE, PAPER_MODE, RawFormat
-from multiembed.data.metadata import DatasetError
+from multiembed.data.metadata import DatasetError, atomic_write
 from multiembed.data.tokens import HASH_NAME, bucketize, hash_tokens, paper_int_keys
 
 VOCAB_FILE = "vocab.npz"
@@ -190,20 +189,7 @@ class CountedVocabulary:
         arrays = {f"field_{i}": self._keys[f] for i, f in enumerate(self.fields)}
         arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
         path = directory / VOCAB_FILE
-        fd, tmp = tempfile.mkstemp(prefix=f".{VOCAB_FILE}.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fchmod(f.fileno(), 0o644)  # mkstemp creates 0600; the vocabulary is shared like the Parquet files
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        atomic_write(path, lambda f: np.savez(f, **arrays))
         return path
 
     @classmethod
