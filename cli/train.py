@@ -26,7 +26,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         help="fused embedding optimizer (default: adagrad on CPU, adam on GPU; adam needs a GPU)",
     )
     p.add_argument("--sparse-lr", type=float, default=None, help="embedding learning rate (default 0.05 adagrad, 1e-3 adam)")
-    p.add_argument("--lr", type=float, default=None, help="dense Adam learning rate (default 1e-3)")
+    p.add_argument("--dense-optimizer", choices=["adam", "sgd"], default="adam", help="dense optimizer (default adam)")
+    p.add_argument("--lr", type=float, default=None, help="dense learning rate (default 1e-3)")
     p.add_argument("--weight-decay", type=float, default=None, help="dense weight decay (default 1e-6)")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up steps for both optimizers")
     p.add_argument(

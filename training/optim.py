@@ -7,6 +7,11 @@ Defaults follow the device:
 * CPU: FBGEMM's CPU TBE kernels implement only SGD, Adagrad and row-wise Adagrad, so the sparse tables use
   element-wise Adagrad (lr 0.05) - element-wise state keeps the model identical whatever the table layout or
   sharding; row-wise Adagrad would keep one accumulator per row per column shard. Dense parameters keep Adam.
+
+Dense Adam runs torch's fused (single-kernel, multi-tensor) implementation: the same update rule as the
+for-loop one, without a kernel launch and temporary per parameter and per elementwise op. SGD is offered for the
+dense parameters as well (``dense_optimizer="sgd"``): its update is linear in the gradient, which makes sharded
+and unsharded runs comparable to the last bit of float32 summation order.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ SPARSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
     "adam": trec_optim.Adam,
 }
 CPU_SPARSE_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "sgd")
+DENSE_OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +44,9 @@ class OptimizerConfig:
         sparse_optimizer: ``adagrad``, ``rowwise_adagrad``, ``sgd`` or ``adam`` (GPU only).
         sparse_lr: learning rate of the embedding tables.
         sparse_weight_decay: weight decay of the embedding tables (Adam only; FBGEMM's Adagrad has none here).
-        lr: dense learning rate (Adam).
+        lr: dense learning rate.
         weight_decay: dense weight decay.
+        dense_optimizer: ``adam`` (default) or ``sgd`` for the dense parameters.
         warmup_steps: linear warm-up from 0 over this many steps (0: none).
         decay_start, decay_steps: polynomial (linear) decay to 0 from ``decay_start`` over ``decay_steps``
             steps (``decay_steps`` 0: no decay), as in TorchRec's DLRM recipes.
@@ -50,6 +57,7 @@ class OptimizerConfig:
     sparse_weight_decay: float
     lr: float
     weight_decay: float
+    dense_optimizer: str = "adam"
     warmup_steps: int = 0
     decay_start: int = 0
     decay_steps: int = 0
@@ -65,6 +73,7 @@ class OptimizerConfig:
         warmup_steps: int = 0,
         decay_start: int = 0,
         decay_steps: int = 0,
+        dense_optimizer: str = "adam",
     ) -> "OptimizerConfig":
         """Fills unset options with the device's defaults and validates the rest.
 
@@ -80,6 +89,8 @@ class OptimizerConfig:
                 f"--sparse-optimizer {name}: FBGEMM's CPU kernels support only {', '.join(CPU_SPARSE_OPTIMIZERS)} "
                 "for fused embedding updates (Adam needs a GPU)"
             )
+        if dense_optimizer not in DENSE_OPTIMIZERS:
+            raise ValueError(f"--dense-optimizer: unknown {dense_optimizer!r}; choose from {list(DENSE_OPTIMIZERS)}")
         default_sparse_lr = 0.05 if name in ("adagrad", "rowwise_adagrad") else (1e-3 if name == "adam" else 0.1)
         config = cls(
             sparse_optimizer=name,
@@ -87,6 +98,7 @@ class OptimizerConfig:
             sparse_weight_decay=1e-6 if name == "adam" else 0.0,
             lr=1e-3 if lr is None else lr,
             weight_decay=1e-6 if weight_decay is None else weight_decay,
+            dense_optimizer=dense_optimizer,
             warmup_steps=warmup_steps,
             decay_start=decay_start,
             decay_steps=decay_steps,
@@ -164,10 +176,19 @@ def _regular_sparse_optimizer(params: Any, config: OptimizerConfig) -> torch.opt
     )
 
 
+def _dense_optimizer(params: Any, config: OptimizerConfig) -> torch.optim.Optimizer:
+    params = list(params)
+    if config.dense_optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
+    # The fused kernel needs every parameter on one floating-point device type (true for a built model).
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+
+
 def build_optimizer(
     model: nn.Module, fused_optimizer: KeyedOptimizer, config: OptimizerConfig
 ) -> Tuple[CombinedOptimizer, List[WarmupOptimizer]]:
-    """Combines the DMP's fused optimizer with an Adam over the dense parameters, both under the LR schedule.
+    """Combines the DMP's fused optimizer with the dense optimizer (Adam by default), both under the LR schedule.
 
     Args:
         model: the ``DistributedModelParallel`` module.
@@ -184,9 +205,7 @@ def build_optimizer(
     if tables:
         replicated = KeyedOptimizerWrapper(tables, lambda params: _regular_sparse_optimizer(params, config))
         sparse = CombinedOptimizer([("fused", fused_optimizer), ("replicated", replicated)])
-    dense_optimizer = KeyedOptimizerWrapper(
-        dense, lambda params: torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    )
+    dense_optimizer = KeyedOptimizerWrapper(dense, lambda params: _dense_optimizer(params, config))
     sparse_scheduled = WarmupOptimizer(sparse, stages, lr=config.sparse_lr)
     dense_scheduled = WarmupOptimizer(dense_optimizer, stages, lr=config.lr)
     combined = CombinedOptimizer([("sparse", sparse_scheduled), ("dense", dense_scheduled)])

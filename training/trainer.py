@@ -74,6 +74,7 @@ class TrainConfig:
     sparse_lr: Optional[float] = None
     lr: Optional[float] = None
     weight_decay: Optional[float] = None
+    dense_optimizer: str = "adam"
     warmup_steps: int = 0
     sharding: str = "auto"
     patience: int = 3
@@ -178,6 +179,7 @@ class Trainer:
             lr=config.lr,
             weight_decay=config.weight_decay,
             warmup_steps=config.warmup_steps,
+            dense_optimizer=config.dense_optimizer,
         )
         if not evaluate_only:
             self._prepare_run_dir()
