@@ -323,7 +323,25 @@ class Trainer:
             f"rank{self.ctx.rank}": {"rng": ckpt.rng_state()},
         }
 
+    def _average_batch_norm_statistics(self) -> None:
+        """Makes every rank's BatchNorm running statistics the mean over ranks.
+
+        TorchRec wraps the dense part in DDP with ``broadcast_buffers=False``, so each rank's running statistics
+        follow its own batches. Left alone, ranks would evaluate slightly different models, and a checkpoint
+        (DCP keeps one copy of a key every rank saves) would hold one rank's statistics, so a resumed run would
+        evaluate differently from an uninterrupted one. Averaging before every evaluation and checkpoint gives
+        one model everywhere, the statistics of all ranks' batches, and exact resumes.
+        """
+        if self.ctx.world_size == 1:
+            return
+        for module in self.dmp.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+                for statistic in (module.running_mean, module.running_var):
+                    dist.all_reduce(statistic)
+                    statistic.div_(self.ctx.world_size)
+
     def save(self) -> Path:
+        self._average_batch_norm_statistics()
         info = {k: v for k, v in self.progress.items()}
         path = ckpt.save_checkpoint(self.run_dir, int(self.progress["step"]), self._state(), info)
         keep = [path]
@@ -409,6 +427,7 @@ class Trainer:
 
     def evaluate(self, split: str, data_dir: Optional[str] = None) -> Dict[str, float]:
         """Evaluates every row of ``split`` exactly once over all ranks (a collective)."""
+        self._average_batch_norm_statistics()
         loader = ParquetBatchLoader(
             data_dir or self.config.data, split, self.local_batch, rank=self.ctx.rank,
             world_size=self.ctx.world_size, shuffle=False, last_batch="pad", use_dense=self.config.dense_features,
