@@ -55,3 +55,39 @@ def test_existing_run_directory_is_refused_without_resume(synthetic: Path, tmp_p
 def test_sparse_adam_on_cpu_is_refused_at_the_cli(synthetic: Path, tmp_path: Path, capsys) -> None:
     assert _train(synthetic, tmp_path / "run", "--sparse-optimizer", "adam") == 2
     assert "Adam needs a GPU" in capsys.readouterr().err
+
+
+def test_the_warmup_schedule_reaches_the_fused_embedding_optimizer(synthetic: Path, tmp_path: Path) -> None:
+    """Linear warm-up from 0: the first step must leave the tables untouched (the fused kernel updates rows inside
+    backward, so a schedule that only reached the dense optimizer would show here), later steps grow with the LR."""
+    from itertools import islice
+
+    from multiembed.training.trainer import TrainConfig, Trainer
+
+    trainer = Trainer(
+        TrainConfig(
+            data=str(synthetic), out=str(tmp_path / "run"), model="dcnv2-me-2x", batch_size=64, hidden=16,
+            warmup_steps=4, sparse_optimizer="sgd", sparse_lr=1.0, progress=False, device="cpu", patience=0,
+        )
+    )
+
+    def snapshot() -> dict:
+        return {k: v.detach().clone() for k, v in trainer.dmp.named_parameters()} | {
+            k: v.local_shards()[0].tensor.clone() for k, v in trainer.dmp.state_dict().items() if ".embedding_bags." in k
+        }
+
+    batches = iter(list(islice(trainer.train_loader.iter_epoch(0), 6)))
+    changes = []
+    before = snapshot()
+    for _ in range(5):
+        trainer.pipeline.progress(batches)
+        after = snapshot()
+        table = max((after[k] - before[k]).abs().max().item() for k in after if ".embedding_bags." in k)
+        dense = max((after[k] - before[k]).abs().max().item() for k in after if ".embedding_bags." not in k)
+        changes.append((table, dense))
+        before = after
+    sparse_lrs = {group["lr"] for group in trainer._schedules[0].param_groups}
+    assert changes[0] == (0.0, 0.0)
+    assert all(table > 0 and dense > 0 for table, dense in changes[1:])
+    assert sparse_lrs == {1.0}  # warm-up over after 4 steps
+    assert trainer._schedules[1].param_groups[0]["lr"] == pytest.approx(1e-3)
