@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
+
+# Exit status when the loss became NaN or infinite: distinct from a user error (2) so that schedulers and scripts
+# can tell "fix the options" from "the run diverged; the last good checkpoint is kept".
+EXIT_DIVERGED = 3
 
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -14,6 +20,10 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
             "Trains a multi-embedding model with TorchRec (DMP + sparse-dist pipeline), early-stopping on validation "
             "AUC, and writes config.json, metrics.jsonl, summary.json and checkpoints/ into --out. Started alone it "
             "is a one-process job; under torchrun / torchx each process is one rank."
+        ),
+        epilog=(
+            f"Exit status: 0 done, 2 bad options or input, {EXIT_DIVERGED} the training loss became NaN or infinite "
+            "(one error line; the last good checkpoint stays in --out/checkpoints)."
         ),
     )
     p.add_argument("--data", required=True, help="converted dataset directory (multiembed convert / synth)")
@@ -42,6 +52,10 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     group.add_argument("--overwrite", action="store_true", help="delete --out first")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: once per epoch)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
+    p.add_argument(
+        "--ia-every", type=int, default=1,
+        help="log information abundance (mean/min per set) every N evaluations into metrics.jsonl (0: off)",
+    )
     p.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0: no limit)")
     p.add_argument("--hidden", type=int, default=400, help="MLP width (default 400, the paper's)")
     p.add_argument("--dropout", type=float, default=0.2)
@@ -58,14 +72,23 @@ def run(args: argparse.Namespace) -> int:
 
     require_torchrec_stack()
     from multiembed.training.distributed import destroy
-    from multiembed.training.trainer import TrainConfig, Trainer, format_summary
+    from multiembed.training.trainer import TrainConfig, Trainer, TrainingDiverged, format_summary
 
     names = {field.name for field in dataclasses.fields(TrainConfig)}
     options = {key: value for key, value in vars(args).items() if key in names}
     options["progress"] = not args.no_progress
     try:
         trainer = Trainer(TrainConfig(**options))
-        summary = trainer.fit()
+        try:
+            summary = trainer.fit()
+        except TrainingDiverged as e:
+            # Every rank raises (the check is collective); one line from rank 0 is the whole story, as for the
+            # user errors cli.main prints. MULTIEMBED_DEBUG=1 shows the traceback instead.
+            if os.environ.get("MULTIEMBED_DEBUG"):
+                raise
+            if trainer.ctx.is_main:
+                print(f"multiembed train: error: {e}", file=sys.stderr)
+            return EXIT_DIVERGED
         if trainer.ctx.is_main:
             print(format_summary(summary, trainer.run_dir))
     finally:

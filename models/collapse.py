@@ -1021,9 +1021,13 @@ def collapse_from_tables(
 
 
 def _unwrap_model(model: nn.Module) -> nn.Module:
-    """The model zoo's model inside DistributedModelParallel / DDP wrappers."""
-    while not hasattr(model, "sparse_arch") and isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
+    """The model zoo's model inside DistributedModelParallel / DDP wrappers and ``MultiEmbeddingTrain``."""
+    while not hasattr(model, "sparse_arch"):
+        inner = getattr(model, "module", None)
+        inner = inner if isinstance(inner, nn.Module) else getattr(model, "model", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
     if not hasattr(model, "sparse_arch"):
         raise ValueError(f"{type(model).__name__} has no sparse_arch: expected a MultiEmbeddingModel (or DMP of one)")
     return model

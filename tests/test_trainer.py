@@ -91,3 +91,42 @@ def test_the_warmup_schedule_reaches_the_fused_embedding_optimizer(synthetic: Pa
     assert all(table > 0 and dense > 0 for table, dense in changes[1:])
     assert sparse_lrs == {1.0}  # warm-up over after 4 steps
     assert trainer._schedules[1].param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+def test_metrics_log_information_abundance_every_n_evaluations(synthetic: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    from multiembed.training.trainer import TrainConfig, Trainer
+
+    trainer = Trainer(
+        TrainConfig(
+            data=str(synthetic), out=str(tmp_path / "run"), model="dcnv2-me-2x", batch_size=256, hidden=16,
+            eval_every=3, max_steps=6, ia_every=2, patience=0, progress=False, device="cpu",
+        )
+    )
+    trainer.fit()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [3, 6]
+    assert "ia_mean" not in lines[0]
+    logged = lines[1]
+    assert logged["ia_row_normalized"] is True and len(logged["ia_mean"]) == len(logged["ia_min"]) == 2
+
+    # Independently: the step-6 checkpoint's tables (one rank holds every table whole), rows L2-normalised,
+    # numpy's SVD, IA = sum(s) / max(s) per field, then mean and min over fields per set.
+    trainer.load_model_only(tmp_path / "run" / "checkpoints" / "step-00000006")
+    state = trainer.dmp.state_dict()
+    sparse_arch = trainer.model.sparse_arch
+    tables = {
+        name: state[f"model.sparse_arch.embedding_bag_collection.embedding_bags.{name}.weight"].local_shards()[0].tensor
+        for name in sparse_arch.table_names
+    }
+    for set_index, fields in enumerate(sparse_arch.set_weight_views(tables)):
+        values = []
+        for weight in fields.values():
+            rows = weight.double().numpy()
+            rows = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+            s = np.linalg.svd(rows, compute_uv=False)
+            values.append(s.sum() / s.max())
+        # The trainer's route squares the condition number (eigenvalues of a float64 Gram of float32 rows).
+        assert logged["ia_mean"][set_index] == pytest.approx(np.mean(values), rel=1e-6)
+        assert logged["ia_min"][set_index] == pytest.approx(min(values), rel=1e-6)

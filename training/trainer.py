@@ -41,6 +41,7 @@ from tqdm import tqdm  # noqa: E402
 from multiembed.data.loader import ParquetBatchLoader  # noqa: E402
 from multiembed.data.metadata import DatasetMetadata, atomic_write_text, read_metadata  # noqa: E402
 from multiembed.models import MultiEmbeddingTrain, build_model  # noqa: E402
+from multiembed.models.collapse import collapse_from_model, summarize_sets  # noqa: E402
 from multiembed.sharding import format_plan, make_sharders, plan_sharding, plan_summary  # noqa: E402
 from multiembed.training import checkpoint as ckpt  # noqa: E402
 from multiembed.training.distributed import DistContext, init_distributed  # noqa: E402
@@ -83,6 +84,7 @@ class TrainConfig:
     overwrite: bool = False
     eval_every: int = 0
     checkpoint_every: int = 0
+    ia_every: int = 1
     max_steps: int = 0
     hidden: int = 400
     dropout: float = 0.2
@@ -96,7 +98,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
-        for name in ("patience", "eval_every", "checkpoint_every", "max_steps", "warmup_steps"):
+        for name in ("patience", "eval_every", "checkpoint_every", "ia_every", "max_steps", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
@@ -448,6 +450,19 @@ class Trainer:
         self.dmp.train()
         return metrics.compute()
 
+    def information_abundance(self) -> Dict[str, Any]:
+        """IA per set of the tables as they are now (row-normalised), mean and min over fields (a collective).
+
+        Streams each rank's own shards into ``d x d`` Gram matrices (models/collapse.py), so no table is gathered.
+        """
+        result = collapse_from_model(self.dmp, sub_embedding=False, concat=False, random_init_seed=None)
+        per_set = summarize_sets(result.sets)
+        return {
+            "ia_mean": [s["mean"] for s in per_set],
+            "ia_min": [s["min"] for s in per_set],
+            "ia_row_normalized": result.row_normalized,
+        }
+
     def _append_metrics(self, record: Dict[str, Any]) -> None:
         if self.ctx.is_main:
             with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
@@ -466,6 +481,8 @@ class Trainer:
             self.progress["evals_since_best"] += 1
         stop = self.config.patience > 0 and self.progress["evals_since_best"] >= self.config.patience
         throughput = self.progress["samples_trained"] / max(self.progress["train_time_s"], 1e-9)
+        every = self.config.ia_every
+        collapse = self.information_abundance() if every and self.progress["evaluations"] % every == 0 else {}
         self._append_metrics(
             {
                 "evaluation": int(self.progress["evaluations"]),
@@ -477,12 +494,14 @@ class Trainer:
                 "samples_per_s": throughput,
                 "lr": self._schedules[1].param_groups[0]["lr"],
                 "sparse_lr": self._schedules[0].param_groups[0]["lr"] if self._schedules[0].param_groups else None,
+                **collapse,
             }
         )
         self._log(
             f"step {self.progress['step']:>7} epoch {self.progress['epoch']}: val auc {val['auc']:.5f} "
             f"logloss {val['logloss']:.5f} ne {val['ne']:.4f} {'(best)' if improved else ''} "
             f"| {throughput:,.0f} samples/s"
+            + (f" | IA mean per set {' '.join(f'{v:.2f}' for v in collapse['ia_mean'])}" if collapse else "")
         )
         return stop
 
