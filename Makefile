@@ -17,6 +17,10 @@ TRAIN_DATA ?= runs/data/synth-$(TRAIN_ROWS)-$(TRAIN_SCALE)
 TRAIN_MODEL ?= dcnv2-me-4x
 TRAIN_EPOCHS ?= 3
 TRAIN_ARGS ?= -- --hidden 128
+# Restart budget: torchrun restarts both ranks from the newest complete checkpoint after a rank dies (0: fail).
+TRAIN_MAX_RESTARTS ?= 0
+# Also checkpoint every N steps (0: at evaluations only), so that a restart loses at most N steps.
+TRAIN_CHECKPOINT_EVERY ?= 0
 TRAIN_RUN ?= runs/$(TRAIN_MODEL)-$(shell date +%Y%m%d-%H%M%S)
 
 venv: $(STAMP)
@@ -35,7 +39,8 @@ test: $(STAMP)
 train: $(STAMP)
 	test -f $(TRAIN_DATA)/metadata.json || $(VENV)/bin/multiembed synth --rows $(TRAIN_ROWS) --scale $(TRAIN_SCALE) --out $(TRAIN_DATA)
 	$(VENV)/bin/torchx run -s local_cwd ./torchx_components.py:train --data $(TRAIN_DATA) --out $(TRAIN_RUN) \
-		--model $(TRAIN_MODEL) --epochs $(TRAIN_EPOCHS) -j 1x2 $(TRAIN_ARGS)
+		--model $(TRAIN_MODEL) --epochs $(TRAIN_EPOCHS) --max_restarts $(TRAIN_MAX_RESTARTS) \
+		--checkpoint_every $(TRAIN_CHECKPOINT_EVERY) -j 1x2 $(TRAIN_ARGS)
 	@echo "run directory: $(TRAIN_RUN)"
 
 clean-venv:

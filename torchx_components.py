@@ -37,6 +37,10 @@ def _with_max_restarts(app: specs.AppDef, max_restarts: int) -> specs.AppDef:
         if not command.startswith("torchrun "):
             raise ValueError(f"unexpected torchx ddp command line (expected torchrun): {command[:80]!r}")
         role.args[-1] = command.replace("torchrun ", f"torchrun --max-restarts {int(max_restarts)} ", 1)
+        # torchrun's c10d rendezvous lends its TCPStore to the workers and keeps it across restarts, so a restarted
+        # worker group reads the killed attempt's gloo / nccl addresses from it and fails to connect ("Connection
+        # refused"; pytorch/pytorch#135712). A fresh store per attempt avoids that; an explicit env entry wins.
+        role.env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     return app
 
 
