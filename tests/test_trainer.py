@@ -130,3 +130,33 @@ def test_metrics_log_information_abundance_every_n_evaluations(synthetic: Path, 
         # The trainer's route squares the condition number (eigenvalues of a float64 Gram of float32 rows).
         assert logged["ia_mean"][set_index] == pytest.approx(np.mean(values), rel=1e-6)
         assert logged["ia_min"][set_index] == pytest.approx(min(values), rel=1e-6)
+
+
+def test_a_model_with_non_finite_weights_is_never_checkpointed(synthetic: Path, tmp_path: Path) -> None:
+    import torch
+
+    from multiembed.training import checkpoint as ckpt
+    from multiembed.training.trainer import TrainConfig, Trainer, TrainingDiverged
+
+    trainer = Trainer(
+        TrainConfig(data=str(synthetic), out=str(tmp_path / "run"), model="dcnv2-me-2x", batch_size=256, hidden=16,
+                    progress=False, device="cpu")
+    )
+    good = trainer.save()
+    table = next(v for k, v in trainer.dmp.state_dict().items() if ".embedding_bags." in k)
+    table.local_shards()[0].tensor[3, 1] = float("inf")  # a finite loss can still come with such a weight
+    trainer.progress["step"] = 1
+    with pytest.raises(TrainingDiverged, match="not checkpointed"):
+        trainer.save()
+    assert ckpt.newest_valid_checkpoint(tmp_path / "run") == good
+
+
+def test_resume_drops_evaluations_logged_after_the_restored_checkpoint(synthetic: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert _train(synthetic, run, "--epochs", "1") == 0
+    log = run / "metrics.jsonl"
+    logged = log.read_text()
+    # As if the job died between an evaluation and its checkpoint: a line the checkpoint does not know about.
+    log.write_text(logged + json.dumps({"evaluation": 2, "step": 99}) + "\n")
+    assert _train(synthetic, run, "--epochs", "1", "--resume") == 0
+    assert log.read_text() == logged

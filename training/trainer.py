@@ -342,8 +342,27 @@ class Trainer:
                     dist.all_reduce(statistic)
                     statistic.div_(self.ctx.world_size)
 
+    def _weights_are_finite(self) -> bool:
+        """Whether every weight this rank holds (its table shards included) is finite, on every rank.
+
+        A segment's loss is computed before its last update, so a finite loss does not prove finite weights; this
+        keeps a non-finite model out of the checkpoints.
+        """
+        finite = True
+        for value in self.dmp.state_dict().values():
+            shards = [s.tensor for s in value.local_shards()] if hasattr(value, "local_shards") else [value]
+            for tensor in shards:
+                if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                    finite = finite and bool(torch.isfinite(tensor).all())
+        return _all_ranks_agree(finite)
+
     def save(self) -> Path:
         self._average_batch_norm_statistics()
+        if not self._weights_are_finite():
+            raise TrainingDiverged(
+                f"model weights became NaN or infinite by step {self.progress['step']}; not checkpointed: the last "
+                f"good checkpoint is kept in {self.run_dir / ckpt.CHECKPOINT_DIR}. Lower --lr / --sparse-lr."
+            )
         info = {k: v for k, v in self.progress.items()}
         path = ckpt.save_checkpoint(self.run_dir, int(self.progress["step"]), self._state(), info)
         keep = [path]
@@ -366,7 +385,19 @@ class Trainer:
             kind = type(self.progress[key])
             self.progress[key] = kind(value.item()) if kind is not bool else bool(value.item())
         ckpt.set_rng_state(state[f"rank{self.ctx.rank}"]["rng"])
+        self._truncate_metrics_log(int(self.progress["evaluations"]))
         self._log(f"resumed from {path} (epoch {self.progress['epoch']}, batch {self.progress['batch']}, step {self.progress['step']})")
+
+    def _truncate_metrics_log(self, evaluations: int) -> None:
+        """Keeps the first ``evaluations`` lines of ``metrics.jsonl``: a run killed after an evaluation but before
+        its checkpoint logged an evaluation the resumed run repeats."""
+        path = self.run_dir / METRICS_FILE
+        if not self.ctx.is_main or not path.is_file():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        if len(lines) > evaluations:
+            atomic_write_text(path, "".join(lines[:evaluations]))
+            self._log(f"{path}: dropped {len(lines) - evaluations} evaluation(s) logged after the checkpoint")
 
     def load_model_only(self, path: Path) -> None:
         state = {"model": self.dmp.state_dict()}
