@@ -18,7 +18,7 @@ import sys
 from typing import List, Optional, Sequence
 
 # Subcommand modules, in the order `multiembed --help` lists them.
-SUBCOMMANDS: List[str] = ["synth", "plan", "train", "evaluate", "convert", "inspect", "bench"]
+SUBCOMMANDS: List[str] = ["synth", "plan", "train", "evaluate", "analyze", "scale", "convert", "inspect", "bench"]
 
 EXIT_USER_ERROR = 2
 

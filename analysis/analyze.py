@@ -1,0 +1,282 @@
+"""Collapse analysis of a trained run: what ``multiembed analyze`` does, without the command line.
+
+A run directory (``RUN/config.json``, ``RUN/checkpoints/step-N/``) records every option of its run, so the sharded
+model is rebuilt exactly as the trainer built it (:class:`~multiembed.training.trainer.Trainer` with
+``evaluate_only=True``, which touches nothing in the run directory), the checkpoint is loaded into it, and
+:func:`~multiembed.models.collapse.collapse_from_model` streams its tables: a collective over the ranks when started
+by torchrun / torchx, one rank otherwise. No table is gathered on one rank. Rank 0 writes the report
+(:func:`~multiembed.analysis.report.write_collapse_report`): ``collapse.json`` and the figures.
+
+``collapse.json`` holds :meth:`CollapseResult.to_dict` plus ``source``: the model name, run directory, checkpoint
+and its training step, so a report says what it analysed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from multiembed.data.stack import require_torchrec_stack
+
+require_torchrec_stack()
+
+from multiembed.analysis.report import (  # noqa: E402
+    COLLAPSE_JSON,
+    CollapseReport,
+    read_collapse_json,
+    write_collapse_report,
+)
+from multiembed.data.metadata import read_metadata  # noqa: E402
+from multiembed.models.collapse import CollapseResult, collapse_from_model, summarize_sets  # noqa: E402
+from multiembed.training import checkpoint as ckpt  # noqa: E402
+from multiembed.training.distributed import DistContext  # noqa: E402
+from multiembed.training.trainer import (  # noqa: E402
+    CONFIG_FILE,
+    SUMMARY_FILE,
+    TrainConfig,
+    Trainer,
+    best_checkpoint,
+    load_run_config,
+)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass(frozen=True)
+class RunCheckpoint:
+    """A run directory and the checkpoint of it to analyse.
+
+    Attributes:
+        run_dir: the run directory (holds ``config.json``).
+        checkpoint: ``run_dir/checkpoints/step-N``, verified against its manifest.
+        step: the training step the checkpoint was written at.
+    """
+
+    run_dir: Path
+    checkpoint: Path
+    step: int
+
+
+@dataclass
+class RunAnalysis:
+    """What :func:`analyze_run` computed and wrote.
+
+    Attributes:
+        source: the run and checkpoint analysed.
+        model: the run's model name (e.g. ``dcnv2-me-4x``).
+        collapse: the metrics (identical on every rank).
+        data: the dict written to ``collapse.json`` (``collapse.to_dict()`` plus ``source``).
+        report: the files and figure data written (rank 0; None on other ranks).
+    """
+
+    source: RunCheckpoint
+    model: str
+    collapse: CollapseResult
+    data: Dict[str, Any]
+    report: Optional[CollapseReport]
+
+
+def resolve_checkpoint(path: PathLike) -> RunCheckpoint:
+    """The run directory and checkpoint that ``path`` names.
+
+    Args:
+        path: a run directory (its best checkpoint is taken: the one ``summary.json`` names, else the newest complete
+            one) or a checkpoint directory ``RUN/checkpoints/step-N``.
+
+    Returns:
+        the verified :class:`RunCheckpoint`.
+
+    Raises:
+        ValueError: ``path`` is missing, is neither a run nor a checkpoint directory, the run has no complete
+            checkpoint, or the checkpoint is incomplete or corrupted (the message names the file).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such directory (expected a run directory or RUN/checkpoints/step-N)")
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a directory (expected a run directory or RUN/checkpoints/step-N)")
+    if (path / CONFIG_FILE).is_file():
+        run_dir = path
+        try:
+            checkpoint = best_checkpoint(run_dir)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{run_dir / SUMMARY_FILE}: not valid JSON ({e})") from None
+        except KeyError:
+            raise ValueError(f"{run_dir / SUMMARY_FILE}: has no 'checkpoint' entry") from None
+    elif path.parent.name == ckpt.CHECKPOINT_DIR and (path.parent.parent / CONFIG_FILE).is_file():
+        run_dir, checkpoint = path.parent.parent, path
+    else:
+        raise ValueError(
+            f"{path}: not a multiembed run directory ({CONFIG_FILE} missing) nor a checkpoint directory "
+            f"(RUN/{ckpt.CHECKPOINT_DIR}/step-N of a run)"
+        )
+    manifest = ckpt.verify_checkpoint(checkpoint)
+    return RunCheckpoint(run_dir=run_dir, checkpoint=checkpoint, step=int(manifest.get("step", -1)))
+
+
+def build_run_trainer(
+    run_dir: PathLike, data: Optional[PathLike] = None, device: str = "auto", ctx: Optional[DistContext] = None
+) -> Trainer:
+    """The run's model rebuilt from its ``config.json`` (sharded by DMP, weights not loaded yet).
+
+    Args:
+        run_dir: the run directory.
+        data: a dataset directory to read the vocabulary from instead of the one the run recorded (for data that
+            moved); its vocabulary fingerprint must equal the run's.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        ctx: the process group context (``init_distributed()`` when omitted: a one-rank gloo group in a plain
+            process).
+
+    Raises:
+        ValueError: not a run directory, unreadable dataset, or a vocabulary that differs from the run's.
+    """
+    record = load_run_config(Path(run_dir))
+    options = dict(record["options"])
+    data_dir = str(data) if data is not None else options["data"]
+    meta = read_metadata(data_dir)
+    trained_on = record.get("data", {}).get("vocab_fingerprint")
+    if trained_on and meta.vocab_fingerprint != trained_on:
+        raise ValueError(
+            f"{data_dir}: vocabulary fingerprint {meta.vocab_fingerprint[:16]}... differs from the run's "
+            f"({trained_on[:16]}...) in {Path(run_dir) / CONFIG_FILE}"
+        )
+    options.update(data=data_dir, resume=False, overwrite=False, progress=False, device=device)
+    return Trainer(TrainConfig(**options), ctx=ctx, evaluate_only=True)
+
+
+def trained_model(trainer: Trainer) -> Any:
+    """The zoo model inside the trainer's DMP (``DMP -> MultiEmbeddingTrain -> model``), its tables sharded."""
+    return trainer.dmp.module.model
+
+
+def analyze_run(
+    path: PathLike,
+    out: Optional[PathLike],
+    *,
+    row_normalized: bool = True,
+    sub_embedding: bool = True,
+    random_init_seed: Optional[int] = 0,
+    data: Optional[PathLike] = None,
+    device: str = "auto",
+    compare_with: Sequence[Mapping[str, Any]] = (),
+    compare_labels: Optional[Sequence[str]] = None,
+    ctx: Optional[DistContext] = None,
+    progress: bool = False,
+) -> RunAnalysis:
+    """Analyses one checkpoint of a run and (rank 0) writes ``collapse.json`` and the figures into ``out``.
+
+    A collective when several ranks run it (torchrun): every rank passes the same arguments.
+
+    Args:
+        path: a run directory (its best checkpoint) or ``RUN/checkpoints/step-N``.
+        out: the report folder (created); None computes without writing.
+        row_normalized: L2-normalise rows before the spectra (the paper's analysis; False: raw rows).
+        sub_embedding: DCNv2's sub-embedding IA through the first cross layer (ignored for other backbones).
+        random_init_seed: seed of the random-initialisation reference tables (None: skip them).
+        data: dataset directory to read the vocabulary from when the run's has moved (same fingerprint).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        compare_with: other analyses (``collapse.json`` dicts over the same fields, e.g. SE of the same scale),
+            drawn next to this one in ``ia_sets.png``.
+        compare_labels: their legend names (default: each one's model name).
+        ctx: the process group context (see :func:`build_run_trainer`).
+        progress: progress bar on stderr (rank 0).
+
+    Returns:
+        the :class:`RunAnalysis`.
+
+    Raises:
+        ValueError: bad path, missing or corrupted checkpoint, dataset mismatch, or an undefined IA (all-zero table).
+    """
+    source = resolve_checkpoint(path)
+    trainer = build_run_trainer(source.run_dir, data=data, device=device, ctx=ctx)
+    trainer.load_model_only(source.checkpoint)
+    collapse = collapse_from_model(
+        trained_model(trainer), sub_embedding=sub_embedding, row_normalized=row_normalized, concat=True,
+        random_init_seed=random_init_seed, progress=progress and trainer.ctx.is_main,
+    )
+    model = trainer.config.model
+    data_dict = collapse.to_dict()
+    data_dict["source"] = {
+        "model": model,
+        "run_dir": str(source.run_dir.resolve()),
+        "checkpoint": str(source.checkpoint.resolve()),
+        "step": source.step,
+    }
+    report = None
+    if out is not None and trainer.ctx.is_main:
+        labels = None
+        if compare_with:
+            others = list(compare_labels) if compare_labels else [_label_of(c) for c in compare_with]
+            labels = [model, *others]
+        report = write_collapse_report(data_dict, out, compare_with=compare_with, labels=labels)
+    return RunAnalysis(source=source, model=model, collapse=collapse, data=data_dict, report=report)
+
+
+def _label_of(collapse: Mapping[str, Any]) -> str:
+    source = collapse.get("source") or {}
+    if source.get("model"):
+        return str(source["model"])
+    sets = len(collapse["sets"])
+    return f"SE (d={collapse['dim']})" if sets == 1 else f"ME ({sets} sets x d={collapse['dim']})"
+
+
+def read_comparison(path: PathLike) -> Dict[str, Any]:
+    """An earlier analysis to compare with: a ``collapse.json`` file or a folder holding one.
+
+    Raises:
+        ValueError: no such file, or not a valid ``collapse.json``.
+    """
+    path = Path(path)
+    file = path / COLLAPSE_JSON if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"{file}: no such file (expected a {COLLAPSE_JSON} or a folder written by multiembed analyze)")
+    return read_collapse_json(file)
+
+
+def summary_rows(collapse: Mapping[str, Any]) -> List[Tuple[str, float, float]]:
+    """The rows of the summary table: ``(label, IA mean over fields, IA min over fields)``.
+
+    One row per set, then the sets concatenated (ME), then the random-initialisation reference.
+    """
+    rows = [(f"set {k}", s["mean"], s["min"]) for k, s in enumerate(summarize_sets(collapse["sets"]))]
+    num_sets, dim = len(collapse["sets"]), collapse["dim"]
+    for label, values in (
+        (f"sets concatenated ({num_sets} x {dim})", collapse.get("concat")),
+        (f"random init (d={dim})", collapse.get("random_init")),
+    ):
+        if values:
+            summary = summarize_sets([values])[0]
+            rows.append((label, summary["mean"], summary["min"]))
+    return rows
+
+
+def format_summary(collapse: Mapping[str, Any]) -> str:
+    """A short text table: IA mean and min over fields per set, for the concatenation and the random reference."""
+    source = collapse.get("source") or {}
+    mode = "rows L2-normalised" if collapse["row_normalized"] else "raw rows"
+    head = f"collapse of {source.get('model', 'model')}"
+    if source.get("checkpoint"):
+        head += f" at {Path(source['checkpoint']).name}"
+    lines = [f"{head} ({mode}, d={collapse['dim']}, {len(collapse['fields'])} fields)"]
+    rows = summary_rows(collapse)
+    width = max(len(label) for label, _, _ in rows)
+    lines.append(f"{'':<{width}}  {'IA mean':>8}  {'IA min':>8}")
+    lines += [f"{label:<{width}}  {mean:>8.3f}  {low:>8.3f}" for label, mean, low in rows]
+    if collapse.get("sub_embedding"):
+        matrices = [entry["ia"] for entry in collapse["sub_embedding"]]
+        values = [v for m in matrices for row in m for v in row]
+        lines.append(f"{'sub-embedding (all i->j)':<{width}}  {sum(values) / len(values):>8.3f}  {min(values):>8.3f}")
+    return "\n".join(lines)
+
+
+def print_report(analysis: RunAnalysis, stream: Any = None) -> None:
+    """Prints the summary table and the files written (rank 0's :class:`RunAnalysis`)."""
+    stream = stream or sys.stdout
+    print(format_summary(analysis.data), file=stream)
+    if analysis.report is not None:
+        for name, file in analysis.report.files.items():
+            print(f"  {name:<14} {file}", file=stream)

@@ -1,0 +1,367 @@
+"""The scaling study runner: every backbone x mode x scale x seed trained with early stopping, then tabulated.
+
+Layout of ``OUT``::
+
+    runs/<backbone>-<mode>-<s>x-seed<k>/   one run directory each (config.json, summary.json, checkpoints/, ...)
+        collapse.json                      IA of its best checkpoint (sets, fields, sets concatenated)
+    logs/<run>.log                         each run's trainer log (plan, evaluations)
+    scaling.csv, scaling.md, scaling.png   the results (:mod:`multiembed.analysis.scaling`)
+
+The study is resumable: a run whose ``summary.json`` exists is not trained again (its options are checked against
+this study's, so results of different settings never mix), one interrupted mid-way continues from its newest
+checkpoint (``--resume`` semantics), and a finished run without ``collapse.json`` is analysed from its best
+checkpoint.
+
+Runs execute in this process, one after the other, over one process group created once. Why not a subprocess per
+run: importing torch, fbgemm and torchrec costs 5-10 s a process on a 2-core machine, which would dominate the short
+runs of small studies and of the tests; the one-rank group holds nothing between runs (every collective of a run
+finishes before ``fit`` returns), and each run's model, optimizer and loaders are dropped (and the CUDA cache emptied)
+before the next run is built. Re-creating the group per run would, under torchrun / torchx, rendezvous again on the
+launcher's store, which nothing here needs. Started by torchrun with several ranks, every run is trained by all of
+them (decisions are rank 0's, broadcast; only rank 0 writes files).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple
+
+from multiembed.data.stack import require_torchrec_stack
+
+require_torchrec_stack()
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from multiembed.analysis.analyze import analyze_run, trained_model  # noqa: E402
+from multiembed.analysis.report import COLLAPSE_JSON, read_collapse_json, write_collapse_json  # noqa: E402
+from multiembed.analysis.scaling import (  # noqa: E402
+    SCALING_CSV,
+    SCALING_MD,
+    SCALING_PNG,
+    Row,
+    StudyPoint,
+    ia_mean,
+    make_row,
+    plot_scaling,
+    sort_rows,
+    write_csv,
+    write_markdown,
+)
+from multiembed.data.metadata import read_metadata  # noqa: E402
+from multiembed.models.collapse import collapse_from_model  # noqa: E402
+from multiembed.models.names import BASE_SET_DIM, parse_model_name  # noqa: E402
+from multiembed.training.distributed import DistContext, broadcast_object, init_distributed  # noqa: E402
+from multiembed.training.trainer import (  # noqa: E402
+    CONFIG_FILE,
+    SUMMARY_FILE,
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+)
+
+RUNS_DIR = "runs"
+LOGS_DIR = "logs"
+
+# Options of `multiembed train` a study forwards to every run (all others keep TrainConfig's defaults).
+TRAIN_OPTIONS = (
+    "epochs", "batch_size", "hidden", "dropout", "patience", "eval_every", "max_steps", "lr", "sparse_lr",
+    "sparse_optimizer", "dense_optimizer", "weight_decay", "ia_every", "device",
+)
+# Options that must agree with a finished run's for it to count in this study (the others do not change results).
+_RESULT_OPTIONS = tuple(o for o in TRAIN_OPTIONS if o not in ("device", "ia_every"))
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named study size: grid and training options (explicit command-line options override each one).
+
+    Attributes:
+        name: the preset's name.
+        grid: ``backbones``, ``modes``, ``scales`` (lists) and ``seeds`` (a count).
+        train: :class:`TrainConfig` fields.
+        data_hint: the command that makes the dataset the preset was sized for.
+        description: what it is for.
+    """
+
+    name: str
+    grid: Dict[str, Any]
+    train: Dict[str, Any]
+    data_hint: str
+    description: str
+
+
+PRESETS: Dict[str, Preset] = {
+    "small": Preset(
+        name="small",
+        grid={"backbones": ["dcnv2"], "modes": ["se", "me"], "scales": [1, 2, 4], "seeds": 2},
+        train={
+            "epochs": 2, "batch_size": 1024, "hidden": 64, "patience": 2, "eval_every": 100, "max_steps": 300,
+            "device": "auto",
+        },
+        data_hint="multiembed synth --rows 200000 --scale 0.002 --out DATA",
+        description="DCNv2 SE vs ME at 1x, 2x, 4x, 2 seeds: about 20 minutes on 2 CPU cores",
+    ),
+}
+
+
+@dataclass
+class StudyResult:
+    """What :func:`run_scaling_study` produced.
+
+    Attributes:
+        rows: one row per finished run (sorted), the content of ``scaling.csv``.
+        trained: run names trained (or resumed) by this call.
+        skipped: run names finished earlier and only read back.
+        failed: run name -> reason, for runs whose training diverged.
+        files: ``scaling.csv`` / ``scaling.md`` / ``scaling.png`` paths (rank 0; empty without finished runs).
+        figure_data: what ``scaling.png`` drew.
+        seconds: wall time of this call.
+    """
+
+    rows: List[Row] = field(default_factory=list)
+    trained: List[str] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)
+    failed: Dict[str, str] = field(default_factory=dict)
+    files: Dict[str, Path] = field(default_factory=dict)
+    figure_data: Optional[Dict[str, Any]] = None
+    seconds: float = 0.0
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); delete the run directory to train it again") from None
+
+
+def _check_finished_run(run_dir: Path, point: StudyPoint, options: Mapping[str, Any], fingerprint: str) -> None:
+    """Refuses a finished run trained with other settings (its result would silently mix into this study)."""
+    record = _read_json(run_dir / CONFIG_FILE)
+    recorded = record.get("options", {})
+    expected = {"model": point.model, "seed": point.seed, **{k: options[k] for k in _RESULT_OPTIONS}}
+    for key, value in expected.items():
+        if recorded.get(key) != value:
+            raise ValueError(
+                f"{run_dir / CONFIG_FILE}: this finished run used --{key.replace('_', '-')} {recorded.get(key)!r} but "
+                f"the study asks for {value!r}; use another --out, the run's settings, or delete {run_dir}"
+            )
+    if record.get("data", {}).get("vocab_fingerprint") != fingerprint:
+        raise ValueError(
+            f"{run_dir / CONFIG_FILE}: this finished run was trained on other data (vocabulary fingerprint differs "
+            f"from --data's); use another --out or delete {run_dir}"
+        )
+
+
+def _finished_summary(
+    run_dir: Path, point: StudyPoint, options: Mapping[str, Any], fingerprint: str
+) -> Optional[Dict[str, Any]]:
+    """The ``summary.json`` of a finished run of this study, None for a run still to train."""
+    if not (run_dir / SUMMARY_FILE).is_file():
+        return None
+    _check_finished_run(run_dir, point, options, fingerprint)
+    return _read_json(run_dir / SUMMARY_FILE)
+
+
+def _on_rank0(ctx: DistContext, read: Callable[[], Any]) -> Any:
+    """``read()`` on rank 0 (file system decisions), its value broadcast; a ValueError there is raised on every rank
+    (so no rank waits forever in the next collective)."""
+    outcome: Tuple[Optional[str], Any] = (None, None)
+    if ctx.is_main:
+        try:
+            outcome = (None, read())
+        except ValueError as e:
+            outcome = (str(e), None)
+    error, value = broadcast_object(outcome)  # type: ignore[misc]
+    if error is not None:
+        raise ValueError(error)
+    return value
+
+
+def _collapse_of(trainer: Trainer) -> Dict[str, Any]:
+    """IA of the model the trainer holds (after ``fit``: the best checkpoint's weights), as ``collapse.json``."""
+    result = collapse_from_model(
+        trained_model(trainer), sub_embedding=False, row_normalized=True, concat=True, random_init_seed=None
+    )
+    return result.to_dict()
+
+
+def _release(ctx: DistContext) -> None:
+    gc.collect()
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_scaling_study(
+    data: str,
+    out: str,
+    points: Sequence[StudyPoint],
+    train_options: Mapping[str, Any],
+    *,
+    title: str = "Scaling study",
+    notes: Sequence[str] = (),
+    progress: bool = True,
+    log: Optional[TextIO] = None,
+    ctx: Optional[DistContext] = None,
+) -> StudyResult:
+    """Trains (or reads back) every configuration, computes its IA, then writes the CSV, markdown and figure.
+
+    Args:
+        data: converted dataset directory.
+        out: the study directory (created).
+        points: the configurations (:func:`~multiembed.analysis.scaling.study_grid`).
+        train_options: values for :data:`TRAIN_OPTIONS` (every key present).
+        title: heading of ``scaling.md``.
+        notes: extra lines for ``scaling.md``.
+        progress: progress bars (configurations, and each run's batches) on stderr.
+        log: where the per-configuration lines go (stderr by default).
+        ctx: the process group context (``init_distributed`` once when omitted).
+
+    Returns:
+        the :class:`StudyResult`.
+
+    Raises:
+        ValueError: bad model names or options, unreadable data, or a finished run trained with other settings.
+    """
+    started = time.perf_counter()
+    log = log if log is not None else sys.stderr
+    missing = [k for k in TRAIN_OPTIONS if k not in train_options]
+    if missing:
+        raise ValueError(f"run_scaling_study: train_options lacks {missing}")
+    for point in points:
+        parse_model_name(point.model)  # every name checked before the first run starts
+    meta = read_metadata(data)
+    ctx = ctx or init_distributed(train_options["device"])
+    out_dir, runs_dir, logs_dir = Path(out), Path(out) / RUNS_DIR, Path(out) / LOGS_DIR
+    if ctx.is_main:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        logs_dir.mkdir(parents=True, exist_ok=True)
+    result = StudyResult()
+
+    def say(message: str) -> None:
+        if ctx.is_main:
+            tqdm.write(message, file=log)
+
+    bar = tqdm(total=len(points), desc="scaling study", unit="run", file=sys.stderr, dynamic_ncols=True,
+               disable=not (progress and ctx.is_main))
+    with bar:
+        for index, point in enumerate(points, start=1):
+            bar.set_postfix_str(point.run_name)
+            run_dir = runs_dir / point.run_name
+            prefix = f"[{index}/{len(points)}] {point.run_name}:"
+            finished = _on_rank0(ctx, lambda: _finished_summary(run_dir, point, train_options, meta.vocab_fingerprint))
+            trainer: Optional[Trainer] = None
+            if finished is not None:
+                summary: Dict[str, Any] = finished  # type: ignore[assignment]
+                result.skipped.append(point.run_name)
+                how = "finished earlier (summary.json exists), skipped"
+            else:
+                config = TrainConfig(
+                    data=data, model=point.model, out=str(run_dir), seed=point.seed, resume=True,
+                    progress=progress, **{k: train_options[k] for k in TRAIN_OPTIONS},
+                )
+                run_started = time.perf_counter()
+                run_log = open(logs_dir / f"{point.run_name}.log", "a", encoding="utf-8") if ctx.is_main else _NullLog()
+                with run_log:
+                    try:
+                        trainer = Trainer(config, ctx=ctx, log=run_log)
+                        summary = trainer.fit()
+                    except TrainingDiverged as e:
+                        result.failed[point.run_name] = str(e)
+                        say(f"{prefix} FAILED: {e}")
+                        trainer = None
+                        _release(ctx)
+                        bar.update(1)
+                        continue
+                result.trained.append(point.run_name)
+                how = f"trained in {time.perf_counter() - run_started:,.0f} s"
+
+            collapse = _on_rank0(
+                ctx, lambda: read_collapse_json(run_dir / COLLAPSE_JSON) if (run_dir / COLLAPSE_JSON).is_file() else None
+            )
+            if collapse is None:
+                if trainer is not None:
+                    collapse = _collapse_of(trainer)
+                else:  # finished earlier but interrupted before its IA was saved
+                    collapse = analyze_run(
+                        run_dir, None, sub_embedding=False, random_init_seed=None, device=train_options["device"],
+                        ctx=ctx,
+                    ).data
+                if ctx.is_main:
+                    write_collapse_json(collapse, run_dir / COLLAPSE_JSON)
+            trainer = None
+            _release(ctx)
+
+            row = make_row(point, summary, ia_mean(collapse["sets"]))
+            result.rows.append(row)
+            say(
+                f"{prefix} {how}; val AUC {row['val_auc']:.5f}, test AUC {row['test_auc']:.5f}, "
+                f"IA mean {row['ia_mean']:.3f}"
+            )
+            bar.update(1)
+
+    backbones = list(dict.fromkeys(p.backbone for p in points))
+    result.rows = sort_rows(result.rows, backbones)
+    if result.failed:
+        notes = [*notes, *(f"FAILED (training diverged, not in the tables): {name}" for name in result.failed)]
+    if ctx.is_main and result.rows:
+        result.files["csv"] = write_csv(result.rows, out_dir / SCALING_CSV)
+        result.files["md"] = write_markdown(result.rows, out_dir / SCALING_MD, title=title, notes=notes)
+        result.figure_data = plot_scaling(result.rows, out_dir / SCALING_PNG, base_widths=BASE_SET_DIM)
+        result.files["png"] = out_dir / SCALING_PNG
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+class _NullLog:
+    """A do-nothing log for ranks other than 0 (the trainer only logs on rank 0 anyway)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def __enter__(self) -> "_NullLog":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+def resolve_options(explicit: Mapping[str, Any], preset: Optional[str]) -> Dict[str, Any]:
+    """Study settings: explicit values (not None) first, then the preset's, then the paper's defaults.
+
+    Args:
+        explicit: ``backbones``, ``modes``, ``scales``, ``seeds`` and :data:`TRAIN_OPTIONS` as given on the command
+            line (None where not given).
+        preset: a :data:`PRESETS` name or None.
+
+    Returns:
+        every grid key and every :data:`TRAIN_OPTIONS` key with its value.
+    """
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"--preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    defaults: Dict[str, Any] = {
+        "backbones": ["dcnv2", "dnn"], "modes": ["se", "me"], "scales": [1, 2, 3, 4, 10], "seeds": 3,
+    }
+    paper = TrainConfig(data="", model="", out="")
+    defaults.update({k: getattr(paper, k) for k in TRAIN_OPTIONS})
+    chosen = dict(defaults)
+    if preset is not None:
+        chosen.update(PRESETS[preset].grid)
+        chosen.update(PRESETS[preset].train)
+    chosen.update({k: v for k, v in explicit.items() if v is not None and k in chosen})
+    return chosen
+
+
+def describe_options(options: Mapping[str, Any]) -> str:
+    """One line naming every training option of a study (for ``scaling.md`` and the log)."""
+    shown = {k: options[k] for k in TRAIN_OPTIONS if options[k] is not None}
+    return "training options: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in shown.items())
+
