@@ -254,7 +254,7 @@ def scaling_study(
 
     On CPU, the small preset on a synthetic log::
 
-        multiembed synth --rows 200000 --scale 0.002 --out runs/data/synth-small
+        multiembed synth --rows 150000 --scale 0.002 --out runs/data/synth-small
         torchx run -s local_cwd ./torchx_components.py:scaling_study --data runs/data/synth-small \\
             --out runs/scaling-small --preset small
 

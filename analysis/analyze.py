@@ -26,6 +26,7 @@ require_torchrec_stack()
 
 from multiembed.analysis.report import (  # noqa: E402
     COLLAPSE_JSON,
+    SUB_EMBEDDING_PNG,
     CollapseReport,
     read_collapse_json,
     write_collapse_report,
@@ -213,6 +214,9 @@ def analyze_run(
             others = list(compare_labels) if compare_labels else [_label_of(c) for c in compare_with]
             labels = [model, *others]
         report = write_collapse_report(data_dict, out, compare_with=compare_with, labels=labels)
+        stale = Path(out) / SUB_EMBEDDING_PNG
+        if "sub_embedding" not in report.files and stale.exists():
+            stale.unlink()  # an earlier report's figure in the same folder would pass for this model's
     return RunAnalysis(source=source, model=model, collapse=collapse, data=data_dict, report=report)
 
 
@@ -233,7 +237,9 @@ def read_comparison(path: PathLike) -> Dict[str, Any]:
     path = Path(path)
     file = path / COLLAPSE_JSON if path.is_dir() else path
     if not file.is_file():
-        raise ValueError(f"{file}: no such file (expected a {COLLAPSE_JSON} or a folder written by multiembed analyze)")
+        raise ValueError(
+            f"{file}: no such file (expected a {COLLAPSE_JSON} or a folder written by multiembed analyze)"
+        )
     return read_collapse_json(file)
 
 
@@ -269,7 +275,8 @@ def format_summary(collapse: Mapping[str, Any]) -> str:
     if collapse.get("sub_embedding"):
         matrices = [entry["ia"] for entry in collapse["sub_embedding"]]
         values = [v for m in matrices for row in m for v in row]
-        lines.append(f"{'sub-embedding (all i->j)':<{width}}  {sum(values) / len(values):>8.3f}  {min(values):>8.3f}")
+        label = "sub-embedding (all i->j)"
+        lines.append(f"{label:<{width}}  {sum(values) / len(values):>8.3f}  {min(values):>8.3f}")
     return "\n".join(lines)
 
 

@@ -60,6 +60,11 @@ class StudyPoint:
         mode: ``se`` or ``me`` (or ``mesi``).
         scale: the scale factor ``s``.
         seed: the run's seed.
+
+    Example::
+
+        >>> StudyPoint("dcnv2", "me", 4, 0).run_name
+        'dcnv2-me-4x-seed0'
     """
 
     backbone: str
@@ -78,7 +83,9 @@ class StudyPoint:
         return f"{self.model}-seed{self.seed}"
 
 
-def study_grid(backbones: Sequence[str], modes: Sequence[str], scales: Sequence[int], num_seeds: int) -> List[StudyPoint]:
+def study_grid(
+    backbones: Sequence[str], modes: Sequence[str], scales: Sequence[int], num_seeds: int
+) -> List[StudyPoint]:
     """Every configuration, seed-major: all of seed 0 first, so an interrupted study already covers the whole grid.
 
     Within a seed: backbone, then scale, then mode (SE and ME of one scale run back to back).
@@ -91,6 +98,11 @@ def study_grid(backbones: Sequence[str], modes: Sequence[str], scales: Sequence[
 
     Raises:
         ValueError: an empty or duplicated list, a scale below 1 or fewer than one seed.
+
+    Example::
+
+        >>> [p.run_name for p in study_grid(["dnn"], ["se", "me"], [1, 2], 1)]
+        ['dnn-se-1x-seed0', 'dnn-me-1x-seed0', 'dnn-se-2x-seed0', 'dnn-me-2x-seed0']
     """
     for name, values in (("--backbones", backbones), ("--modes", modes), ("--scales", scales)):
         if not values:
@@ -171,7 +183,10 @@ def read_csv(path: PathLike) -> List[Row]:
             for column in SCALING_COLUMNS:
                 text = raw[column]
                 try:
-                    row[column] = text if column in _STR_COLUMNS else int(text) if column in _INT_COLUMNS else float(text)
+                    if column in _STR_COLUMNS:
+                        row[column] = text
+                    else:
+                        row[column] = int(text) if column in _INT_COLUMNS else float(text)
                 except (TypeError, ValueError):
                     raise ValueError(f"{path}: line {line}, column {column!r}: cannot parse {text!r}") from None
             rows.append(row)
@@ -365,7 +380,8 @@ def difference_table(differences: Sequence[PairedDifference], digits: int = 5) -
     for d in differences:
         std = "n/a" if d.std is None else f"{d.std:.{digits}f}"
         interval = "n/a" if d.low is None else f"[{d.low:+.{digits}f}, {d.high:+.{digits}f}]"
-        out.append(f"| {_backbone_label(d.backbone)} | {d.scale}x | {d.n} | {d.mean:+.{digits}f} | {std} | {interval} |")
+        label = _backbone_label(d.backbone)
+        out.append(f"| {label} | {d.scale}x | {d.n} | {d.mean:+.{digits}f} | {std} | {interval} |")
     if len(out) == 2:
         out.append("| - | - | 0 | no scale has both an SE and an ME run | | |")
     return "\n".join(out)
@@ -433,7 +449,9 @@ def _params_table(rows: Sequence[Row]) -> str:
     return "\n".join(out)
 
 
-def write_markdown(rows: Sequence[Row], path: PathLike, title: str = "Scaling study", notes: Sequence[str] = ()) -> Path:
+def write_markdown(
+    rows: Sequence[Row], path: PathLike, title: str = "Scaling study", notes: Sequence[str] = ()
+) -> Path:
     """Writes ``scaling.md`` atomically."""
     path = Path(path)
     atomic_write_text(path, format_markdown(rows, title, notes))

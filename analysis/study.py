@@ -101,10 +101,10 @@ PRESETS: Dict[str, Preset] = {
         name="small",
         grid={"backbones": ["dcnv2"], "modes": ["se", "me"], "scales": [1, 2, 4], "seeds": 2},
         train={
-            "epochs": 2, "batch_size": 1024, "hidden": 64, "patience": 2, "eval_every": 100, "max_steps": 300,
+            "epochs": 2, "batch_size": 1024, "hidden": 64, "patience": 2, "eval_every": 50, "max_steps": 200,
             "device": "auto",
         },
-        data_hint="multiembed synth --rows 200000 --scale 0.002 --out DATA",
+        data_hint="multiembed synth --rows 150000 --scale 0.002 --out DATA",
         description="DCNv2 SE vs ME at 1x, 2x, 4x, 2 seeds: about 20 minutes on 2 CPU cores",
     ),
 }
@@ -254,7 +254,9 @@ def run_scaling_study(
             bar.set_postfix_str(point.run_name)
             run_dir = runs_dir / point.run_name
             prefix = f"[{index}/{len(points)}] {point.run_name}:"
-            finished = _on_rank0(ctx, lambda: _finished_summary(run_dir, point, train_options, meta.vocab_fingerprint))
+            finished = _on_rank0(
+                ctx, lambda: _finished_summary(run_dir, point, train_options, meta.vocab_fingerprint)
+            )
             trainer: Optional[Trainer] = None
             if finished is not None:
                 summary: Dict[str, Any] = finished  # type: ignore[assignment]
@@ -266,7 +268,8 @@ def run_scaling_study(
                     progress=progress, **{k: train_options[k] for k in TRAIN_OPTIONS},
                 )
                 run_started = time.perf_counter()
-                run_log = open(logs_dir / f"{point.run_name}.log", "a", encoding="utf-8") if ctx.is_main else _NullLog()
+                log_path = logs_dir / f"{point.run_name}.log"
+                run_log = open(log_path, "a", encoding="utf-8") if ctx.is_main else _NullLog()
                 with run_log:
                     try:
                         trainer = Trainer(config, ctx=ctx, log=run_log)
@@ -282,7 +285,8 @@ def run_scaling_study(
                 how = f"trained in {time.perf_counter() - run_started:,.0f} s"
 
             collapse = _on_rank0(
-                ctx, lambda: read_collapse_json(run_dir / COLLAPSE_JSON) if (run_dir / COLLAPSE_JSON).is_file() else None
+                ctx,
+                lambda: read_collapse_json(run_dir / COLLAPSE_JSON) if (run_dir / COLLAPSE_JSON).is_file() else None,
             )
             if collapse is None:
                 if trainer is not None:

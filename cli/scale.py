@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List
 
@@ -10,8 +11,8 @@ from typing import List
 # inside run); tests check this text against analysis.study.PRESETS.
 PRESET_HELP = (
     "small: --backbones dcnv2 --modes se,me --scales 1,2,4 --seeds 2 --epochs 2 --batch-size 1024 --hidden 64 "
-    "--patience 2 --eval-every 100 --max-steps 300, sized for data from "
-    "`multiembed synth --rows 200000 --scale 0.002` (about 20 minutes on 2 CPU cores)"
+    "--patience 2 --eval-every 50 --max-steps 200, sized for data from "
+    "`multiembed synth --rows 150000 --scale 0.002` (about 20 minutes on 2 CPU cores)"
 )
 
 
@@ -67,7 +68,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--dense-optimizer", choices=["adam", "sgd"], default=None, help="dense optimizer (default adam)")
     p.add_argument("--weight-decay", type=float, default=None, help="dense weight decay (default 1e-6)")
     p.add_argument("--ia-every", type=int, default=None,
-                   help="log information abundance every N evaluations into each run's metrics.jsonl (default 1; 0: off)")
+                   help="log IA every N evaluations into each run's metrics.jsonl (default 1; 0: off)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (one line per run is still printed)")
     p.set_defaults(func=run)
@@ -89,12 +90,17 @@ def run(args: argparse.Namespace) -> int:
     notes = [f"data: `{args.data}`", described]
     if args.preset:
         notes.append(f"preset: {args.preset}")
-    print(
-        f"scaling study: {len(points)} runs ({', '.join(options['backbones'])} x {', '.join(options['modes'])} x "
-        f"scales {', '.join(str(s) for s in options['scales'])} x {options['seeds']} seeds) into {args.out}; "
-        f"finished runs are skipped, so rerunning resumes\n{described}",
-        file=sys.stderr,
-    )
+    # Under torchrun every rank runs this command; the header is rank 0's (RANK is set by the launcher).
+    if os.environ.get("RANK", "0") == "0":
+        grid = (
+            f"{', '.join(options['backbones'])} x {', '.join(options['modes'])} x scales "
+            f"{', '.join(str(s) for s in options['scales'])} x {options['seeds']} seeds"
+        )
+        print(
+            f"scaling study: {len(points)} runs ({grid}) into {args.out}; finished runs are skipped, so rerunning "
+            f"resumes\n{described}",
+            file=sys.stderr,
+        )
     try:
         result = run_scaling_study(
             args.data, args.out, points, train_options, notes=notes, progress=not args.no_progress,

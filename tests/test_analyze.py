@@ -22,7 +22,8 @@ FILES = {"collapse.json", "spectra.png", "ia_vs_random.png", "ia_sets.png", "sub
 def run_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("analyze")
     data, run = root / "data", root / "run"
-    assert cli_main(["synth", "--rows", "3000", "--out", str(data), "--seed", "3", "--scale", "0.001", "--no-progress"]) == 0
+    synth = ["synth", "--rows", "3000", "--out", str(data), "--seed", "3", "--scale", "0.001", "--no-progress"]
+    assert cli_main(synth) == 0
     # Two evaluations, two checkpoints kept (the best and the last, unless they coincide).
     assert cli_main(
         ["train", "--data", str(data), "--out", str(run), "--model", MODEL, "--batch-size", "256", "--hidden", "16",
@@ -136,7 +137,8 @@ def test_analyze_run_writes_every_file_with_values_from_the_checkpoint(run_dir: 
     by_vocab = sorted(fields, key=lambda f: (saved["vocab_sizes"][f], fields.index(f)))
     assert figures["spectra"]["fields"] == by_vocab
     for k in range(2):
-        np.testing.assert_array_equal(figures["spectra"]["panels"][f"set {k}"], [saved["spectra"][k][f] for f in by_vocab])
+        expected_panel = [saved["spectra"][k][f] for f in by_vocab]
+        np.testing.assert_array_equal(figures["spectra"]["panels"][f"set {k}"], expected_panel)
         np.testing.assert_array_equal(figures["sub_embedding"]["panels"][k], saved["sub_embedding"][k]["ia"])
     per_set = np.array([[saved["sets"][k][f] for f in by_vocab] for k in range(2)])
     np.testing.assert_allclose(figures["ia_vs_random"]["mean"], per_set.mean(axis=0))
@@ -153,7 +155,8 @@ def test_cli_analyzes_a_checkpoint_directory_raw_and_prints_the_summary(run_dir:
     checkpoints = sorted((run_dir / "checkpoints").glob("step-*"))
     chosen = checkpoints[0]
     out = tmp_path / "raw"
-    args = ["analyze", str(chosen), "--out", str(out), "--raw", "--no-sub-embedding", "--device", "cpu", "--no-progress"]
+    args = ["analyze", str(chosen), "--out", str(out), "--raw", "--no-sub-embedding", "--device", "cpu",
+            "--no-progress"]
     assert cli_main([*args, "--compare", str(tmp_path / "missing.json")]) == 2
     assert "missing.json: no such file" in capsys.readouterr().err
     assert cli_main(args) == 0
@@ -188,7 +191,10 @@ def _error_line(capsys) -> str:
 def test_bad_paths_give_one_line_errors(run_dir: Path, tmp_path: Path, capsys) -> None:
     out = str(tmp_path / "out")
     assert cli_main(["analyze", str(tmp_path / "nope"), "--out", out]) == 2
-    assert _error_line(capsys) == f"multiembed analyze: error: {tmp_path / 'nope'}: no such directory (expected a run directory or RUN/checkpoints/step-N)"
+    assert _error_line(capsys) == (
+        f"multiembed analyze: error: {tmp_path / 'nope'}: no such directory (expected a run directory or "
+        "RUN/checkpoints/step-N)"
+    )
 
     (tmp_path / "empty").mkdir()
     assert cli_main(["analyze", str(tmp_path / "empty"), "--out", out]) == 2

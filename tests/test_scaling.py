@@ -176,7 +176,8 @@ def test_preset_resolution_and_help_text() -> None:
 
     small = resolve_options({"hidden": 32, "backbones": None}, "small")
     assert small["hidden"] == 32  # explicit wins
-    assert small["backbones"] == PRESETS["small"].grid["backbones"] and small["max_steps"] == PRESETS["small"].train["max_steps"]
+    assert small["backbones"] == PRESETS["small"].grid["backbones"]
+    assert small["max_steps"] == PRESETS["small"].train["max_steps"]
     paper = resolve_options({}, None)
     assert paper["batch_size"] == 2048 and paper["hidden"] == 400 and paper["scales"] == [1, 2, 3, 4, 10]
     # The --help text spells the preset out (no torch import at parse time): it must say what the preset sets.
@@ -221,7 +222,8 @@ class TestScalingStudyComponent(ComponentTestCase):
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("scaling") / "data"
-    assert cli_main(["synth", "--rows", "3000", "--out", str(out), "--seed", "4", "--scale", "0.001", "--no-progress"]) == 0
+    synth = ["synth", "--rows", "3000", "--out", str(out), "--seed", "4", "--scale", "0.001", "--no-progress"]
+    assert cli_main(synth) == 0
     return out
 
 
