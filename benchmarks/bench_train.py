@@ -9,13 +9,17 @@ What is timed
       over sets, dense Adam over the whole tables), on the same batches.
     * The two run **interleaved** in blocks of steps (project, baseline, project, ...) so that both see the same
       machine load; ratios are the median of the per-round ratios. The other table layout runs in the same rounds.
+    * The baseline trains in a **process of its own** (started by the harness, driven over a pipe, building the same
+      batches from the same seed), as it would in practice: sharing one process let each contender's allocations
+      reshape the other's malloc heap (measured: the project page-faulted 4 MB a step alone and 60-75 MB a step
+      after the baseline had run in the same process), so the step times depended on the neighbour.
     * Under ``torchrun`` each rank trains its share of the global batch through DMP; ``samples_per_s`` is the global
-      batch over the slowest rank's step. The baseline then runs on every rank alone on the local batch (no gradient
-      exchange, so an upper bound for it).
-    * Memory: glibc returns large freed blocks to the kernel, so every step page-faults its big temporaries back in
-      (``page_fault_mb_per_step``; the baseline's dense embedding gradients and Adam temporaries fault about ten
-      times more than the project). ``--malloc retain`` keeps freed memory in the process for both contenders; report
-      both settings.
+      batch over the slowest rank's step. The baseline then runs beside every rank alone on the local batch (no
+      gradient exchange, so an upper bound for it).
+    * Memory: glibc returns large freed blocks to the kernel, so a step page-faults its big temporaries back in
+      (``page_fault_mb_per_step``, each contender counted in its own process; the baseline's dense embedding
+      gradients and Adam temporaries, over glibc's 32 MB mmap limit, fault every step). ``--malloc retain`` keeps
+      freed memory in the process for both contenders (both processes); report both settings.
 
 Workload
     ``R`` rows per set are spread over the 39 fields of Criteo Kaggle in the proportions of the ``criteo-kaggle``
@@ -36,8 +40,9 @@ FLOPs and GEMM rate
     ``interaction_gflops`` is the set interaction arch's analytic forward + backward GEMM FLOPs (from the layer
     shapes, :func:`set_arch_flops`) over its measured forward + backward time; ``gemm_gflops`` is an fp32
     ``[B, F*d] x [F*d, F*d]`` GEMM, timed alternately with the arch in the same run, as is the baseline's per-set
-    Python loop over the same branches (``set_arch.per_set_loop_ms``; ``benchmarks/bench_set_arch.py`` sweeps that
-    comparison over every backbone). Step FLOPs add the over arch (counted by ``torch.utils.flop_counter`` on a
+    Python loop over branches of the same shapes (``set_arch.per_set_loop_ms``; :mod:`paper_baseline`'s branch
+    modules, built in the harness's process; ``benchmarks/bench_set_arch.py`` sweeps that comparison over every
+    backbone). Step FLOPs add the over arch (counted by ``torch.utils.flop_counter`` on a
     ``meta`` copy); element-wise work and lookups are not counted.
 
 Run (the issue's target configuration; ``--malloc retain`` for the second memory setting)::
@@ -57,9 +62,12 @@ import math
 import os
 import platform
 import resource
+import socket
 import statistics
+import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -594,14 +602,175 @@ class BaselineRunner:
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class BaselineSpec:
+    """What a baseline process needs to build the baseline and the same batches as the harness (picklable).
+
+    Attributes:
+        model_name: a ``dcnv2-me-*`` / ``dcnv2-se-*`` zoo name.
+        vocab_sizes: ``{field: rows}``.
+        batch_size, batch_pool, seed, id_exponent: as :func:`make_batches` (the harness's own arguments).
+        device: ``cpu`` or ``cuda:N``.
+        hidden, dropout, model_seed: as :class:`BaselineRunner`.
+        threads: torch intra-op threads (the harness's count).
+        malloc: ``default`` or ``retain`` (:func:`retain_freed_memory`).
+    """
+
+    model_name: str
+    vocab_sizes: Dict[str, int]
+    batch_size: int
+    batch_pool: int
+    seed: int
+    id_exponent: float
+    device: str
+    hidden: int
+    dropout: float
+    model_seed: int
+    threads: int
+    malloc: str
+
+
+def serve_baseline(fd: int) -> None:
+    """Body of a baseline process: reads a :class:`BaselineSpec` and then commands from the socket ``fd``, answers each.
+
+    Commands (tuples): ``("run", steps, offset)`` -> ``(seconds, minor page faults)``; ``("breakdown", reps)`` ->
+    ms per part; ``("bytes",)`` -> :meth:`BaselineRunner.byte_counts`; ``("peak_rss",)`` -> bytes; ``("stop",)``.
+    A failure is answered with ``("error", traceback text)`` and ends the process.
+    """
+    from multiprocessing.connection import Connection
+
+    conn = Connection(fd)
+    try:
+        spec: BaselineSpec = conn.recv()
+        if spec.malloc == "retain":
+            retain_freed_memory()
+        torch.set_num_threads(spec.threads)
+        device = torch.device(spec.device)
+        batches = make_batches(spec.vocab_sizes, spec.batch_size, spec.batch_pool, spec.seed, spec.id_exponent, device)
+        runner = BaselineRunner(spec.model_name, spec.vocab_sizes, device, spec.hidden, spec.dropout, spec.model_seed)
+        conn.send(("ready",))
+        while True:
+            command = conn.recv()
+            if command[0] == "stop":
+                break
+            if command[0] == "run":
+                before = page_faults()
+                seconds = runner.run(batches, command[1], command[2])
+                conn.send(("ok", (seconds, page_faults() - before)))
+            elif command[0] == "breakdown":
+                conn.send(("ok", runner.breakdown(batches[0], command[1])))
+            elif command[0] == "bytes":
+                conn.send(("ok", runner.byte_counts()))
+            elif command[0] == "peak_rss":
+                conn.send(("ok", peak_rss_bytes()))
+            else:
+                raise ValueError(f"unknown command {command!r}")
+    except EOFError:
+        pass  # the harness went away: nothing to answer
+    except BaseException:
+        try:
+            conn.send(("error", traceback.format_exc()))
+        except OSError:
+            pass
+        raise
+    finally:
+        conn.close()
+
+
+class BaselineProcess:
+    """:class:`BaselineRunner` in a child process of its own, driven over a socket (see the module docstring for why).
+
+    The child builds the baseline and the same batches (same generator seed) itself, so only commands and numbers
+    cross the pipe. Call :meth:`close` when done (``run_benchmark`` does, also on errors).
+
+    Args:
+        spec: the baseline and batches to build.
+
+    Raises:
+        RuntimeError: the child failed (its traceback is in the message) or exited.
+    """
+
+    def __init__(self, spec: BaselineSpec) -> None:
+        from multiprocessing.connection import Connection
+
+        parent, child = socket.socketpair()
+        harness = Path(__file__).resolve()
+        # The harness file is imported by path in the child as here (benchmarks/ is a folder of scripts).
+        code = (
+            "import importlib.util, sys; "
+            "spec = importlib.util.spec_from_file_location('bench_train', sys.argv[1]); "
+            "module = importlib.util.module_from_spec(spec); sys.modules['bench_train'] = module; "
+            "spec.loader.exec_module(module); module.serve_baseline(int(sys.argv[2]))"
+        )
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", code, str(harness), str(child.fileno())], pass_fds=(child.fileno(),)
+        )
+        child.close()
+        self._conn = Connection(parent.detach())
+        self.page_faults = 0
+        self._conn.send(spec)
+        self._receive()
+
+    def _receive(self) -> Any:
+        try:
+            reply = self._conn.recv()
+        except EOFError:
+            code = self._process.wait()
+            raise RuntimeError(f"the baseline process exited (code {code}) without answering") from None
+        if reply[0] == "error":
+            self._process.wait()
+            raise RuntimeError(f"the baseline process failed:\n{reply[1]}")
+        return reply[1] if len(reply) > 1 else None
+
+    def _call(self, *command: Any) -> Any:
+        self._conn.send(command)
+        return self._receive()
+
+    def run(self, steps: int, offset: int = 0) -> float:
+        """Trains ``steps`` baseline steps (batches ``offset``, ``offset + 1``, ...); returns the wall seconds."""
+        seconds, faults = self._call("run", steps, offset)
+        self.page_faults += faults
+        return seconds
+
+    def breakdown(self, reps: int) -> Dict[str, float]:
+        """:meth:`BaselineRunner.breakdown` on the first batch."""
+        return self._call("breakdown", reps)
+
+    def byte_counts(self) -> Dict[str, int]:
+        return self._call("bytes")
+
+    def peak_rss_bytes(self) -> int:
+        """Peak resident set size of the baseline process."""
+        return self._call("peak_rss")
+
+    def close(self) -> None:
+        """Stops the child (idempotent)."""
+        if self._process.poll() is None:
+            try:
+                self._conn.send(("stop",))
+            except OSError:
+                pass
+            try:
+                self._process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._conn.close()
+
+
 def set_arch_per_set_loop(
-    baseline: Optional[BaselineRunner], project: ProjectRunner
+    config: BenchConfig, project: ProjectRunner
 ) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
-    """The per-set loop of the baseline's branches (cross + projection per set), for ``[B, K, F, d]`` input."""
-    if baseline is None:
+    """The baseline's per-set branches (cross + projection per set, :mod:`paper_baseline`) as a loop over sets, for
+    ``[B, K, F, d]`` input (None without a baseline). Built here (the timed baseline lives in its own process)."""
+    if not config.with_baseline:
         return None
-    branches = baseline.model.cns
-    d_in = baseline.model.input_dim
+    arch = project.inner.set_arch
+    shape_only = paper_baseline.PaperMultiDCNv2(
+        [1] * arch.num_fields, arch.num_sets, arch.set_dim, hidden=config.hidden, dropout=config.dropout
+    ).to(project.device)
+    branches = shape_only.cns
+    d_in = shape_only.input_dim
 
     def loop(embeddings: torch.Tensor) -> torch.Tensor:
         per_set = embeddings.transpose(0, 1)
@@ -744,7 +913,6 @@ def run_benchmark(config: BenchConfig, argv: Optional[Sequence[str]] = None) -> 
     ctx = init_distributed(config.device)
     if config.batch_size % ctx.world_size:
         raise ValueError(f"--batch-size {config.batch_size} must divide evenly over {ctx.world_size} ranks")
-    progress = config.progress and ctx.is_main
     local_batch = config.batch_size // ctx.world_size
     vocab = scaled_vocab_sizes(config.rows_per_set)
     device = ctx.device
@@ -753,6 +921,28 @@ def run_benchmark(config: BenchConfig, argv: Optional[Sequence[str]] = None) -> 
     record["config"]["fields"] = len(vocab)
     record["config"]["rows_per_set_actual"] = sum(vocab.values())
     record["config"]["local_batch"] = local_batch
+    baseline: Optional[BaselineProcess] = None
+    if config.with_baseline:
+        baseline = BaselineProcess(BaselineSpec(
+            model_name=config.model, vocab_sizes=dict(vocab), batch_size=local_batch, batch_pool=config.batch_pool,
+            seed=config.seed + 1000 * ctx.rank, id_exponent=config.id_exponent, device=str(device),
+            hidden=config.hidden, dropout=config.dropout, model_seed=config.seed, threads=torch.get_num_threads(),
+            malloc=config.malloc,
+        ))
+    try:
+        return _measure(config, ctx, record, vocab, baseline, rounds_small)
+    finally:
+        if baseline is not None:
+            baseline.close()
+
+
+def _measure(
+    config: BenchConfig, ctx: DistContext, record: Dict[str, Any], vocab: Mapping[str, int],
+    baseline: Optional["BaselineProcess"], rounds_small: int,
+) -> Dict[str, Any]:
+    """The measurements of :func:`run_benchmark`, filling ``record``."""
+    device, local_batch = ctx.device, config.batch_size // ctx.world_size
+    progress = config.progress and ctx.is_main
 
     def log(message: str) -> None:
         if ctx.is_main and config.progress:
@@ -773,12 +963,10 @@ def run_benchmark(config: BenchConfig, argv: Optional[Sequence[str]] = None) -> 
     record["flops_per_step"] = flops * ctx.world_size
 
     contenders: Dict[str, Callable[[int, int], float]] = {"project": lambda n, o: project.run(batches, n, o)}
-    baseline: Optional[BaselineRunner] = None
-    if config.with_baseline:
-        baseline = BaselineRunner(config.model, vocab, device, config.hidden, config.dropout, config.seed)
-        baseline.run(batches, max(config.warmup_steps, 1))
+    if baseline is not None:
+        baseline.run(max(config.warmup_steps, 1))
         record["baseline_bytes"] = baseline.byte_counts()
-        contenders["baseline"] = lambda n, o: baseline.run(batches, n, o)
+        contenders["baseline"] = lambda n, o: baseline.run(n, o)
     other_layout: Optional[ProjectRunner] = None
     if config.compare_layouts:
         layout = "per_set" if config.layout == "fused" else "fused"
@@ -790,6 +978,8 @@ def run_benchmark(config: BenchConfig, argv: Optional[Sequence[str]] = None) -> 
     faults = {name: 0 for name in contenders}
 
     def counting_faults(name: str, run: Callable[[int, int], float]) -> Callable[[int, int], float]:
+        if name == "baseline":
+            return run  # counted in its own process
         def counted(steps: int, offset: int) -> float:
             before = page_faults()
             seconds = run(steps, offset)
@@ -798,8 +988,12 @@ def run_benchmark(config: BenchConfig, argv: Optional[Sequence[str]] = None) -> 
 
         return counted
 
+    if baseline is not None:
+        baseline.page_faults = 0
     per_step = interleave({name: counting_faults(name, run) for name, run in contenders.items()}, config.steps,
                           config.block_steps, progress, "throughput")
+    if baseline is not None:
+        faults["baseline"] = baseline.page_faults
     page = resource.getpagesize()
     record["page_fault_mb_per_step"] = {
         name: count * page / config.steps / 2**20 for name, count in faults.items()
@@ -833,12 +1027,12 @@ def run_benchmark(config: BenchConfig, argv: Optional[Sequence[str]] = None) -> 
         "parts, each paying its own allocations and page faults alone, add up to more than the step)"
     )
     if baseline is not None:
-        baseline_parts = baseline.breakdown(batches[0], reps)
+        baseline_parts = baseline.breakdown(reps)
         baseline_parts["other"] = record["baseline_step_ms"] - sum(baseline_parts.values())
         record["baseline_breakdown_ms"] = baseline_parts
 
     log("bench: interaction arch vs GEMM")
-    loop = set_arch_per_set_loop(baseline, project)
+    loop = set_arch_per_set_loop(config, project)
     record["set_arch"] = measure_interaction_vs_gemm(project, embeddings, loop, rounds_small)
     record["interaction_gflops"] = record["set_arch"]["interaction_gflops"]
     record["gemm_gflops"] = record["set_arch"]["gemm_gflops"]
@@ -848,8 +1042,8 @@ def run_benchmark(config: BenchConfig, argv: Optional[Sequence[str]] = None) -> 
         record["profile"] = write_profile(project, batches, config.profile, steps=3 if config.quick else 5)
 
     if baseline is not None:
-        record["memory"]["peak_rss_after_baseline_bytes"] = peak_rss_bytes()
-        del baseline
+        record["memory"]["baseline_process_peak_rss_bytes"] = baseline.peak_rss_bytes()
+        baseline.close()
     if config.scaling:
         record["scaling_k"] = scale_over_k(config, ctx, vocab, batches, project, progress)
         record["scaling_batch"] = scale_over_batch(config, ctx, vocab, project, progress)

@@ -100,6 +100,7 @@ def test_bench_smoke_json_has_every_key_and_consistent_values(tmp_path: Path, ca
         assert row["step_ms"] > 0
     assert [row["batch_size"] for row in record["scaling_batch"]] == [BATCH // 2, BATCH]
     assert record["memory"]["peak_rss_bytes"] >= record["memory"]["peak_rss_after_project_bytes"] > 0
+    assert record["memory"]["baseline_process_peak_rss_bytes"] > 0
     assert record["conditions"]["command"].startswith("multiembed bench --model dcnv2-me-2x")
     assert record["conditions"]["malloc"] == "default"
     assert set(record["page_fault_mb_per_step"]) == {"project", "baseline", "project_per_set"}
@@ -120,6 +121,17 @@ def test_bench_refuses_bad_options_with_one_line(tmp_path: Path, capsys, argv, m
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("multiembed bench: error:") and message in err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_baseline_process_reports_the_childs_error(harness) -> None:
+    """The baseline runs in a child process (its own malloc heap); a failure there surfaces here with its cause."""
+    spec = harness.BaselineSpec(
+        model_name="dcnv2-me-2x", vocab_sizes={}, batch_size=4, batch_pool=1, seed=0, id_exponent=1.0, device="cpu",
+        hidden=8, dropout=0.0, model_seed=0, threads=1, malloc="default",
+    )
+    with pytest.raises(RuntimeError, match="the baseline process failed") as info:
+        harness.BaselineProcess(spec)
+    assert "field_dims must be non-empty" in str(info.value)
 
 
 def test_paper_baseline_computes_the_same_model(harness) -> None:
