@@ -18,23 +18,35 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from multiembed.models.layers import SetProjection, _check_groups, gemm_width, pad_last, pad_matrices, per_set_gemms
+from multiembed.models.layers import (
+    SetProjection,
+    _check_groups,
+    gemm_width,
+    pad_with_ones_column,
+    per_set_gemms,
+    weights_with_bias_column,
+)
 
 
 class _CrossNetFunction(torch.autograd.Function):
     r"""L full-rank cross layers on CPU: one GEMM per weight set at a padded width, the backward written out.
 
     The width D is zero-padded to a GEMM-friendly D' (:func:`~multiembed.models.layers.gemm_width`; 390 -> 392
-    doubles the GEMM rate on the development CPU). Padded columns of :math:`x_0`, of every :math:`x_l` and of the
-    weights and biases are exact zeros, and stay zeros (:math:`0 \odot P + 0`), so the first D columns are the
-    unpadded computation.
+    doubles the GEMM rate on the development CPU). When there is padding (D' > D) the bias rides in it: :math:`x_0`
+    and every :math:`x_l` carry a constant 1 in column D (:func:`pad_with_ones_column`) and the padded weight holds
+    :math:`b_l` in column D (:func:`weights_with_bias_column`), so :math:`P_l = x_l W'^T_l` is the biased projection
+    with no bias broadcast, and :math:`dW'_l = dP^T x_l` carries :math:`db_l = \sum dP` in its column D (no separate
+    reduction over the batch). Row D of :math:`W'` is zero, so column D of every :math:`P_l` is 0 and that of
+    :math:`x_{l+1} = x_0 \odot P_l + x_l` stays 1; the other padded columns stay 0. Without padding the bias is a
+    separate ``addmm`` term and reduction.
 
-    Forward per layer: :math:`P_l = x_l W_l^T + b_l` (one ``addmm`` per weight set), :math:`x_{l+1} = x_0 \odot P_l
-    + x_l`. Backward, from :math:`G = \partial L / \partial x_{l+1}`: :math:`dP = G \odot x_0`, the :math:`x_0`
-    gradient accumulates :math:`G \odot P_l` in place, :math:`dW_l = dP^T x_l`, :math:`db_l = \sum dP`, and
-    :math:`\partial L / \partial x_l = G + dP\, W_l` is one GEMM accumulating into :math:`G`: three element-wise
-    passes a layer where autograd's addcmul / baddbmm backward takes about seven. Saved tensors are those autograd
-    would keep (each layer's input and projection), padded.
+    Forward per layer: :math:`P_l = x_l W_l^T + b_l` (one GEMM per weight set), :math:`x_{l+1} = x_0 \odot P_l +
+    x_l`. Backward, from :math:`G = \partial L / \partial x_{l+1}`: :math:`dP = G \odot x_0`, the :math:`x_0`
+    gradient accumulates :math:`G \odot P_l` in place, :math:`dW_l = dP^T x_l`, and :math:`\partial L / \partial
+    x_l = G + dP\, W_l` is one GEMM accumulating into :math:`G` (the padded columns of :math:`G` pick up values
+    there, which meet only zero rows of :math:`W'` and are sliced off): three element-wise passes a layer where
+    autograd's addcmul / baddbmm backward takes about seven. Saved tensors are those autograd would keep (each
+    layer's input and projection), padded.
     """
 
     @staticmethod
@@ -42,21 +54,33 @@ class _CrossNetFunction(torch.autograd.Function):
         num_layers = len(params) // 2
         width = x0.shape[-1]
         padded = gemm_width(width)
-        weights = [pad_matrices(w, padded, padded) for w in params[:num_layers]]
-        biases = [pad_last(b, padded) for b in params[num_layers:]]
-        x0_padded = pad_last(x0, padded).contiguous()
+        bias_in_gemm = padded > width
+        if bias_in_gemm:
+            weights = [
+                weights_with_bias_column(w, b, padded, padded) for w, b in zip(params[:num_layers], params[num_layers:])
+            ]
+            biases: List[Optional[torch.Tensor]] = [None] * num_layers
+            x0_padded = pad_with_ones_column(x0, padded)
+        else:
+            weights = list(params[:num_layers])
+            biases = list(params[num_layers:])
+            x0_padded = x0.contiguous()
         inputs: List[torch.Tensor] = []
         projections: List[torch.Tensor] = []
         xl = x0_padded
         for weight, bias in zip(weights, biases):
             projected = torch.empty_like(x0_padded)
             for g in range(x0.shape[0]):
-                torch.addmm(bias[g], xl[g], weight[g].t(), out=projected[g])
+                if bias is None:
+                    torch.mm(xl[g], weight[g].t(), out=projected[g])
+                else:
+                    torch.addmm(bias[g], xl[g], weight[g].t(), out=projected[g])
             inputs.append(xl)
             projections.append(projected)
             xl = torch.addcmul(xl, x0_padded, projected)
         ctx.num_layers = num_layers
         ctx.width = width
+        ctx.bias_in_gemm = bias_in_gemm
         ctx.save_for_backward(*weights, *inputs, *projections)
         return xl[..., :width]
 
@@ -82,14 +106,20 @@ class _CrossNetFunction(torch.autograd.Function):
                 grad_x0 = upstream * projections[layer]
             else:
                 grad_x0.addcmul_(upstream, projections[layer])
-            if ctx.needs_input_grad[1 + layer]:
+            weight_needed = ctx.needs_input_grad[1 + layer]
+            bias_needed = ctx.needs_input_grad[1 + n + layer]
+            if weight_needed or (bias_needed and ctx.bias_in_gemm):
                 for g in range(x0.shape[0]):
                     torch.mm(grad_projected[g].t(), inputs[layer][g], out=grad_weight[g])
+            if weight_needed:
                 # A copy out of the reused buffer, in the parameter's own (contiguous) layout: DDP's buckets and
                 # AccumulateGrad would otherwise copy a strided gradient anyway, DDP with a warning.
                 grad_weights[layer] = grad_weight[:, :width, :width].clone(memory_format=torch.contiguous_format)
-            if ctx.needs_input_grad[1 + n + layer]:
-                grad_biases[layer] = grad_projected[..., :width].sum(dim=1)
+            if bias_needed:
+                if ctx.bias_in_gemm:
+                    grad_biases[layer] = grad_weight[:, :width, width].clone(memory_format=torch.contiguous_format)
+                else:
+                    grad_biases[layer] = grad_projected.sum(dim=1)
             for g in range(x0.shape[0]):
                 upstream[g].addmm_(grad_projected[g], weights[layer][g])
         grad_input = upstream.add_(grad_x0)[..., :width] if ctx.needs_input_grad[0] else None

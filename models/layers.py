@@ -25,7 +25,10 @@ same; on GPU the layers are the single batched kernel.
 from __future__ import annotations
 
 import math
-from typing import Optional
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -60,11 +63,48 @@ def pad_matrices(weight: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return padded
 
 
+def pad_with_ones_column(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``[..., D]`` -> ``[..., width]`` (``width > D``): ``x``, then a column of ones, then zeros (a fresh tensor).
+
+    Example::
+
+        >>> pad_with_ones_column(torch.tensor([[2.0, 3.0]]), 4).tolist()
+        [[2.0, 3.0, 1.0, 0.0]]
+    """
+    features = x.shape[-1]
+    out = x.new_empty(*x.shape[:-1], width)
+    out[..., :features] = x
+    out[..., features] = 1.0
+    out[..., features + 1 :] = 0.0
+    return out
+
+
+def weights_with_bias_column(weight: torch.Tensor, bias: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``[G, out, in]`` and ``[G, out]`` -> ``[G, rows, cols]`` (``rows >= out``, ``cols > in``): ``W`` in the top-left
+    block, ``b`` in column ``in``, zeros elsewhere, so that ``[x, 1, 0] @ W'^T = [x W^T + b, 0]``: the bias rides in
+    the GEMM (the input carries the 1, :func:`pad_with_ones_column`) and its gradient is column ``in`` of the
+    weight gradient ``dY^T [x, 1, 0]``.
+
+    Example::
+
+        >>> w = weights_with_bias_column(torch.ones(1, 2, 2), torch.tensor([[5.0, 6.0]]), 4, 4)
+        >>> (pad_with_ones_column(torch.tensor([[1.0, 2.0]]), 4) @ w[0].t()).tolist()
+        [[8.0, 9.0, 0.0, 0.0]]
+    """
+    out_features, in_features = weight.shape[1:]
+    padded = weight.new_zeros(weight.shape[0], rows, cols)
+    padded[:, :out_features, :in_features] = weight
+    padded[:, :out_features, in_features] = bias
+    return padded
+
+
 class _SetLinearFunction(torch.autograd.Function):
     """``y[k] = x[k] @ W[g(k)]^T + b[g(k)]`` as one GEMM per set at padded widths, the output stored batch-major.
 
     Inputs and weights are zero-padded to GEMM-friendly widths (the padding contributes exact zeros, so the
-    unpadded block of every result is unchanged). Forward writes set ``k`` into columns ``[k*out, (k+1)*out)`` of a
+    unpadded block of every result is unchanged). When the input width has padding, the bias rides in it
+    (:func:`weights_with_bias_column`): no bias broadcast forward, and its gradient comes out of the weight-gradient
+    GEMM instead of a reduction over the batch. Forward writes set ``k`` into columns ``[k*out, (k+1)*out)`` of a
     ``[B, K * out]`` buffer (the GEMM's leading dimension does the interleaving), so the BatchNorm that follows in
     :class:`SetProjection` reads it without a copy and the gradient it returns feeds the backward GEMMs in place.
     """
@@ -75,9 +115,15 @@ class _SetLinearFunction(torch.autograd.Function):
         out_features = weight.shape[1]
         per_weight = num_sets // weight.shape[0]
         in_padded, out_padded = gemm_width(in_features), gemm_width(out_features)
-        x_padded = pad_last(x, in_padded)
-        weight_padded = pad_matrices(weight, out_padded, in_padded)
-        bias_padded = None if bias is None else pad_last(bias, out_padded)
+        bias_in_gemm = bias is not None and in_padded > in_features
+        bias_padded: Optional[torch.Tensor] = None
+        if bias is not None and bias_in_gemm:
+            x_padded = pad_with_ones_column(x, in_padded)
+            weight_padded = weights_with_bias_column(weight, bias, out_padded, in_padded)
+        else:
+            x_padded = pad_last(x, in_padded)
+            weight_padded = pad_matrices(weight, out_padded, in_padded)
+            bias_padded = None if bias is None else pad_last(bias, out_padded)
         out = x.new_empty(batch, num_sets, out_padded)
         for k in range(num_sets):
             g = k // per_weight
@@ -88,6 +134,7 @@ class _SetLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x_padded, weight_padded)
         ctx.widths = (in_features, out_features)
         ctx.has_bias = bias is not None
+        ctx.bias_in_gemm = bias_in_gemm
         return out[..., :out_features].transpose(0, 1)
 
     @staticmethod
@@ -104,15 +151,19 @@ class _SetLinearFunction(torch.autograd.Function):
             for k in range(num_sets):
                 torch.mm(grad_padded[k], weight_padded[k // per_weight], out=grad_x[k])
             grad_x = grad_x[..., :in_features]
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.empty_like(weight_padded, memory_format=torch.contiguous_format)
+        bias_needed = ctx.has_bias and ctx.needs_input_grad[2]
+        if ctx.needs_input_grad[1] or (bias_needed and ctx.bias_in_gemm):
+            grad_padded_weight = torch.empty_like(weight_padded, memory_format=torch.contiguous_format)
             for k in range(num_sets):
                 if k % per_weight == 0:
-                    torch.mm(grad_padded[k].t(), x_padded[k], out=grad_weight[k // per_weight])
+                    torch.mm(grad_padded[k].t(), x_padded[k], out=grad_padded_weight[k // per_weight])
                 else:
-                    grad_weight[k // per_weight].addmm_(grad_padded[k].t(), x_padded[k])
-            grad_weight = grad_weight[:, :out_features, :in_features].contiguous()  # the parameter's layout
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+                    grad_padded_weight[k // per_weight].addmm_(grad_padded[k].t(), x_padded[k])
+            if ctx.needs_input_grad[1]:
+                grad_weight = grad_padded_weight[:, :out_features, :in_features].contiguous()  # the parameter's layout
+            if bias_needed and ctx.bias_in_gemm:
+                grad_bias = grad_padded_weight[:, :out_features, in_features].contiguous()
+        if bias_needed and not ctx.bias_in_gemm:
             grad_bias = grad.sum(dim=1).view(groups, per_weight, -1).sum(dim=1)
         return grad_x, grad_weight, grad_bias
 
@@ -287,14 +338,136 @@ class SetBatchNorm(nn.Module):
         return torch.addcmul(self.bias, grouped, self.weight).view(-1, self.num_sets, self.num_features)
 
 
+# Elements per independently seeded random stream of a CPU dropout mask. A constant, not derived from the thread
+# count, so that a seed draws the same masks whatever the number of threads.
+MASK_CHUNK = 1 << 18
+
+_mask_pool: Optional[ThreadPoolExecutor] = None
+_mask_pool_key: Tuple[int, int] = (0, 0)
+_mask_thread_state = threading.local()
+
+
+def _mask_threads() -> Optional[ThreadPoolExecutor]:
+    """The worker threads that draw mask chunks (None with one intra-op thread); rebuilt after a fork or a change of
+    ``torch.set_num_threads``."""
+    global _mask_pool, _mask_pool_key
+    threads = torch.get_num_threads()
+    if threads < 2:
+        return None
+    key = (os.getpid(), threads)
+    if _mask_pool is None or _mask_pool_key != key:
+        _mask_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="multiembed-mask")
+        _mask_pool_key = key
+    return _mask_pool
+
+
+def _fill_uniform_chunk(chunk: torch.Tensor, seed: int) -> None:
+    generator = getattr(_mask_thread_state, "generator", None)
+    if generator is None:
+        generator = _mask_thread_state.generator = torch.Generator()
+    generator.manual_seed(seed)
+    chunk.uniform_(generator=generator)
+
+
+def uniform_like(x: torch.Tensor) -> torch.Tensor:
+    """Uniform ``[0, 1)`` floats shaped like ``x`` (same distribution as ``torch.rand_like``), drawn in parallel on CPU.
+
+    Why not ``torch.rand_like``: torch's CPU ``uniform_`` runs on one thread (one mt19937 behind a lock), so on the
+    2-core development machine the ``[2048, 4, 400]`` dropout mask of an ME-DCNv2 step (9 ms) left a core idle. Here
+    the tensor is cut into chunks of :data:`MASK_CHUNK` elements, each filled from its own generator seeded with
+    ``base + i`` (``base`` drawn from torch's default generator, so ``torch.manual_seed`` governs it; consecutive seeds
+    per stream as DataLoader seeds its workers), on ``torch.get_num_threads()`` threads (``uniform_`` releases the
+    GIL). The chunking is fixed, so the values depend on the seed only, not on the thread count. Other devices use
+    ``torch.rand_like``.
+
+    Example::
+
+        >>> u = uniform_like(torch.empty(3, 1_000_000))
+        >>> u.shape, bool(u.min() >= 0) and bool(u.max() < 1), abs(float(u.mean()) - 0.5) < 0.01
+        (torch.Size([3, 1000000]), True, True)
+    """
+    if x.device.type != "cpu":
+        return torch.rand_like(x, memory_format=torch.contiguous_format)
+    out = torch.empty(x.shape, dtype=x.dtype)
+    chunks = out.view(-1).split(MASK_CHUNK)
+    base = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+    pool = _mask_threads() if len(chunks) > 1 else None
+    if pool is None:
+        for i, chunk in enumerate(chunks):
+            _fill_uniform_chunk(chunk, base + i)
+    else:
+        list(pool.map(_fill_uniform_chunk, chunks, range(base, base + len(chunks))))
+    return out
+
+
+def dropout_scale(p: float) -> float:
+    """``1 / (1 - p)``, the factor of the kept elements (as ``nn.Dropout``)."""
+    return 1.0 / (1.0 - p)
+
+
+@torch.fx.wrap
+def uniform_mask_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout in training: ``x * keep`` with ``keep = 1 / (1 - p)`` where ``uniform >= p``, else 0.
+
+    Wrapped for fx: :func:`uniform_like` branches on the device in plain Python.
+
+    Example::
+
+        >>> out = uniform_mask_dropout(torch.ones(100_000), 0.2)
+        >>> sorted(set(out.tolist())), 0.79 < float((out > 0).float().mean()) < 0.81
+        ([0.0, 1.25], True)
+    """
+    keep = uniform_like(x).ge_(p).mul_(dropout_scale(p))
+    return x * keep
+
+
+class _ReLUDropoutFunction(torch.autograd.Function):
+    r"""``relu(x) * keep`` (``keep`` as :func:`uniform_mask_dropout`), with one saved tensor: the output.
+
+    Forward is exactly ``torch.relu`` followed by the dropout multiply. Backward uses that an output element is
+    positive exactly where ``x > 0`` and the element was kept (``1 / (1 - p) > 1`` never rounds a positive product
+    to 0), so :math:`\partial L / \partial x = \text{threshold\_backward}(g, \text{out}, 0) / (1 - p)`: the
+    values autograd computes through ReLU and dropout (``g * keep`` masked where ``x <= 0``), without keeping the
+    mask alive until backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        keep = uniform_like(x).ge_(p).mul_(dropout_scale(p))
+        out = torch.relu(x).mul_(keep)
+        ctx.save_for_backward(out)
+        ctx.scale = dropout_scale(p)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(grad, out, 0.0).mul_(ctx.scale), None
+
+
+@torch.fx.wrap
+def relu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """``dropout(relu(x))`` in training (inverted dropout with probability ``p``, mask as :func:`uniform_like`).
+
+    Example::
+
+        >>> x = torch.randn(100_000)
+        >>> out = relu_dropout(x, 0.2)
+        >>> bool(((out == 0) | (out == 1.25 * x)).all()), bool((out[x <= 0] == 0).all())
+        (True, True)
+    """
+    return _ReLUDropoutFunction.apply(x, p)
+
+
 class UniformMaskDropout(nn.Module):
-    """Inverted dropout exactly as ``nn.Dropout`` computes it (each element kept with probability ``1 - p`` and
-    scaled by ``1 / (1 - p)`` in training, the identity in eval), with the mask drawn as ``uniform >= p``.
+    """Inverted dropout as ``nn.Dropout`` computes it (each element kept with probability ``1 - p`` and scaled by
+    ``1 / (1 - p)`` in training, the identity in eval), with the mask drawn as ``uniform >= p`` by
+    :func:`uniform_like`.
 
     Why not ``nn.Dropout``: on CPU its mask comes from ``bernoulli_``, which runs single-threaded at about three
     times the cost of ``torch.rand_like`` (torch 2.13; 24 ms against 9 ms for the ``[2048, 4, 400]`` projection
-    output, 30 against 15 ms forward + backward), and that was the largest non-GEMM item of an ME-DCNv2 step. The
-    distribution of the mask is the same; the random stream (which elements a given seed drops) differs.
+    output), and :func:`uniform_like` draws on every intra-op thread. The distribution of the mask is the same; the
+    random stream (which elements a given seed drops) differs.
 
     Args:
         p: probability of dropping an element, in ``[0, 1)``.
@@ -323,11 +496,39 @@ class UniformMaskDropout(nn.Module):
         """
         if not self.training or self.p == 0.0:
             return x
-        keep = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))
-        return x * keep
+        return uniform_mask_dropout(x, self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+class ReLUDropout(UniformMaskDropout):
+    """``ReLU`` then :class:`UniformMaskDropout`, in one autograd node (:func:`relu_dropout`).
+
+    The same values as ``UniformMaskDropout(p)(torch.relu(x))`` forward and backward, for one pass fewer backward
+    and no mask kept until backward (the ``[B, K, H]`` projection output is the largest activation of a step).
+
+    Args:
+        p: probability of dropping an element, in ``[0, 1)``.
+
+    Example::
+
+        >>> activation = ReLUDropout(0.2).eval()
+        >>> activation(torch.tensor([-1.0, 2.0])).tolist()
+        [0.0, 2.0]
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: any shape.
+
+        Returns:
+            ``relu(x)`` with dropped elements zeroed and the rest scaled (training), or ``relu(x)`` (eval).
+        """
+        if not self.training or self.p == 0.0:
+            return torch.relu(x)
+        return relu_dropout(x, self.p)
 
 
 class SetProjection(nn.Module):
@@ -368,7 +569,7 @@ class SetProjection(nn.Module):
         self.out_features = out_features
         self.linear = BatchedLinear(num_sets, in_features, out_features, num_weight_sets, device=device)
         self.norm = SetBatchNorm(num_sets, out_features, num_weight_sets, device=device)
-        self.dropout = UniformMaskDropout(dropout)
+        self.relu_dropout = ReLUDropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """
@@ -379,7 +580,7 @@ class SetProjection(nn.Module):
             ``[B, K, out_features]`` batch-major (ready for the mean over sets).
         """
         hidden = self.linear(x).transpose(0, 1)
-        return self.dropout(torch.relu(self.norm(hidden)))
+        return self.relu_dropout(self.norm(hidden))
 
 
 def set_major(embeddings: torch.Tensor) -> torch.Tensor:

@@ -154,7 +154,9 @@ class MultiEmbeddingModel(nn.Module):
         if self.dense_arch is not None:
             fields = append_field(embeddings, self.dense_arch(dense_features))
         per_set = self.set_arch(fields)
-        return self.over_arch(per_set.mean(dim=1)), embeddings
+        # The mean over sets as sum then divide: the same values as ``mean`` (which is that on CPU), but backward
+        # hands the set arch a broadcast view of the [B, H] gradient instead of writing a [B, K, H] copy.
+        return self.over_arch(per_set.sum(dim=1).div(self.set_arch.num_sets)), embeddings
 
     @property
     def num_sets(self) -> int:

@@ -12,9 +12,14 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
+from multiembed.models.layers import UniformMaskDropout
+
 
 class MLPOverArch(nn.Module):
     """``(Linear -> BatchNorm -> ReLU -> Dropout)`` per hidden layer, then ``Linear(., 1)``.
+
+    The dropout is :class:`~multiembed.models.layers.UniformMaskDropout` (``nn.Dropout``'s maths; its mask is
+    drawn on every CPU thread instead of by a single-threaded ``bernoulli_``).
 
     Args:
         in_features: width of the averaged set features.
@@ -49,7 +54,7 @@ class MLPOverArch(nn.Module):
                 nn.Linear(previous, size, device=device),
                 nn.BatchNorm1d(size, device=device),
                 nn.ReLU(),
-                nn.Dropout(dropout),
+                UniformMaskDropout(dropout),
             ]
             previous = size
         layers.append(nn.Linear(previous, 1, device=device))

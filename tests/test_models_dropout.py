@@ -1,0 +1,135 @@
+"""The CPU dropout of the model (``multiembed.models.layers``): a correct inverted dropout (mask statistics, exact
+kept values, eval identity), ReLU + dropout fused with autograd's gradient, masks governed by ``torch.manual_seed``
+and independent of the thread count, and fx-traceable modules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from multiembed.models.layers import (
+    MASK_CHUNK,
+    ReLUDropout,
+    SetProjection,
+    UniformMaskDropout,
+    uniform_like,
+)
+
+SIGMAS = 6.0  # statistical bounds: a correct implementation fails one of these checks with probability ~1e-9
+
+
+def binomial_bound(n: int, q: float) -> float:
+    return SIGMAS * math.sqrt(q * (1 - q) / n)
+
+
+@pytest.fixture()
+def threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_uniform_like_is_uniform_seeded_and_thread_count_independent(threads) -> None:
+    shape = (7, MASK_CHUNK // 2)  # 3.5 chunks: whole chunks and a partial one
+    torch.set_num_threads(1)
+    torch.manual_seed(11)
+    one_thread = uniform_like(torch.empty(shape))
+    torch.set_num_threads(2)
+    torch.manual_seed(11)
+    two_threads = uniform_like(torch.empty(shape))
+    assert torch.equal(one_thread, two_threads)
+    again = uniform_like(torch.empty(shape))
+    assert not torch.equal(again, two_threads)  # the default generator moved on
+
+    u = two_threads.view(-1).double()
+    n = u.numel()
+    assert one_thread.shape == shape and one_thread.dtype == torch.float32
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < SIGMAS * math.sqrt(1 / 12 / n)
+    counts = torch.histc(u, bins=10, min=0.0, max=1.0) / n
+    assert float((counts - 0.1).abs().max()) < binomial_bound(n, 0.1)
+    # Streams of neighbouring chunks (seeds base + i) are not copies or shifts of each other: uncorrelated.
+    first, second = u[:MASK_CHUNK], u[MASK_CHUNK : 2 * MASK_CHUNK]
+    correlation = float(torch.corrcoef(torch.stack([first, second]))[0, 1])
+    assert abs(correlation) < SIGMAS / math.sqrt(MASK_CHUNK)
+    assert not torch.equal(first[:-1], second[1:]) and not torch.equal(first[1:], second[:-1])
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_uniform_mask_dropout_is_inverted_dropout(p: float) -> None:
+    torch.manual_seed(0)
+    x = torch.rand(1000, 600) + 0.5  # positive, so a kept element is never 0
+    dropout = UniformMaskDropout(p)
+    out = dropout(x)
+    kept = out != 0
+    scale = 1.0 / (1.0 - p)
+    assert torch.equal(out[kept], x[kept] * scale)  # kept values exactly as nn.Dropout scales them
+    n = x.numel()
+    assert abs(float(kept.double().mean()) - (1 - p)) < binomial_bound(n, 1 - p)
+    # Unbiased: E[out] = x, checked on the mean of out / x (each term scale * Bernoulli(1 - p)).
+    ratio = (out / x).double()
+    assert abs(float(ratio.mean()) - 1.0) < SIGMAS * scale * math.sqrt(p * (1 - p) / n)
+
+    x.requires_grad_(True)
+    out = dropout(x)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    assert torch.equal(x.grad, grad * (out != 0) * scale)
+
+    assert dropout.eval()(x) is x
+    assert UniformMaskDropout(0.0)(x) is x
+
+
+@pytest.mark.parametrize("p", [0.2, 0.35])
+def test_relu_dropout_equals_relu_then_dropout_forward_and_backward(p: float) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(2048, 3, 50, requires_grad=True)
+    out = ReLUDropout(p)(x)
+    scale = 1.0 / (1.0 - p)
+    positive = x.detach() > 0
+    assert bool((out[~positive] == 0).all())
+    kept = out != 0
+    assert not bool((kept & ~positive).any())
+    assert torch.equal(out[kept], x.detach()[kept] * scale)
+    n_positive = int(positive.sum())
+    kept_fraction = float(kept.sum()) / n_positive
+    assert abs(kept_fraction - (1 - p)) < binomial_bound(n_positive, 1 - p)
+
+    # Reference: autograd through torch.relu and a dropout with the same mask (read off the output).
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    reference_input = x.detach().clone().requires_grad_(True)
+    keep = torch.where(kept | ~positive, scale, 0.0)  # the mask of the dropped positives; any mask where x <= 0
+    (torch.relu(reference_input) * keep).backward(grad)
+    assert torch.equal(x.grad, reference_input.grad)
+
+    activation = ReLUDropout(p).eval()
+    assert torch.equal(activation(x), torch.relu(x))
+    assert torch.equal(ReLUDropout(0.0)(x), torch.relu(x))
+
+
+def test_dropout_draws_follow_the_global_seed() -> None:
+    x = torch.randn(300, 400)
+    torch.manual_seed(5)
+    a = ReLUDropout(0.2)(x), UniformMaskDropout(0.2)(x)
+    torch.manual_seed(5)
+    b = ReLUDropout(0.2)(x), UniformMaskDropout(0.2)(x)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    torch.manual_seed(6)
+    assert not torch.equal(ReLUDropout(0.2)(x), a[0])
+
+
+def test_dropout_modules_validate_and_trace() -> None:
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="dropout must be in"):
+            ReLUDropout(bad)
+    projection = SetProjection(num_sets=2, in_features=6, out_features=5, dropout=0.3)
+    traced = torch.fx.symbolic_trace(projection)
+    assert any(node.target.__name__ == "relu_dropout" for node in traced.graph.nodes if node.op == "call_function")
+    x = torch.randn(2, 64, 6)
+    torch.manual_seed(3)
+    eager = projection(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(traced(x), eager, rtol=0, atol=0)
