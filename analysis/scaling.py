@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter, ScalarFormatter
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 from multiembed.data.metadata import atomic_write, atomic_write_text
 
@@ -534,6 +534,7 @@ def plot_scaling(
     ax_ia.set_title("IA vs scale (rows L2-normalised)")
     if ceilings:  # SE's ceiling grows with the scale: a log axis keeps ME's values readable next to it
         ax_ia.set_yscale("log")
+        ax_ia.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax_ia.yaxis.set_major_formatter(ScalarFormatter())
         ax_ia.yaxis.set_minor_formatter(NullFormatter())
     ax_ia.legend(fontsize=7)

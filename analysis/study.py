@@ -101,7 +101,7 @@ PRESETS: Dict[str, Preset] = {
         name="small",
         grid={"backbones": ["dcnv2"], "modes": ["se", "me"], "scales": [1, 2, 4], "seeds": 2},
         train={
-            "epochs": 2, "batch_size": 1024, "hidden": 64, "patience": 2, "eval_every": 50, "max_steps": 200,
+            "epochs": 3, "batch_size": 1024, "hidden": 64, "patience": 2, "eval_every": 50, "max_steps": 300,
             "device": "auto",
         },
         data_hint="multiembed synth --rows 150000 --scale 0.002 --out DATA",
@@ -284,20 +284,22 @@ def run_scaling_study(
                 result.trained.append(point.run_name)
                 how = f"trained in {time.perf_counter() - run_started:,.0f} s"
 
-            collapse = _on_rank0(
-                ctx,
-                lambda: read_collapse_json(run_dir / COLLAPSE_JSON) if (run_dir / COLLAPSE_JSON).is_file() else None,
-            )
+            collapse_path = run_dir / COLLAPSE_JSON
+            collapse = None
+            if trainer is None:
+                collapse = _on_rank0(
+                    ctx, lambda: read_collapse_json(collapse_path) if collapse_path.is_file() else None
+                )
             if collapse is None:
-                if trainer is not None:
+                if trainer is not None:  # just trained: after fit the model holds the best checkpoint's weights
                     collapse = _collapse_of(trainer)
-                else:  # finished earlier but interrupted before its IA was saved
+                else:  # finished earlier, interrupted before its IA was saved
                     collapse = analyze_run(
                         run_dir, None, sub_embedding=False, random_init_seed=None, device=train_options["device"],
                         ctx=ctx,
                     ).data
                 if ctx.is_main:
-                    write_collapse_json(collapse, run_dir / COLLAPSE_JSON)
+                    write_collapse_json(collapse, collapse_path)
             trainer = None
             _release(ctx)
 

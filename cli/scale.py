@@ -10,8 +10,8 @@ from typing import List
 # The preset's settings are spelled out here too so that `--help` needs no torch import (cli/ keeps heavy imports
 # inside run); tests check this text against analysis.study.PRESETS.
 PRESET_HELP = (
-    "small: --backbones dcnv2 --modes se,me --scales 1,2,4 --seeds 2 --epochs 2 --batch-size 1024 --hidden 64 "
-    "--patience 2 --eval-every 50 --max-steps 200, sized for data from "
+    "small: --backbones dcnv2 --modes se,me --scales 1,2,4 --seeds 2 --epochs 3 --batch-size 1024 --hidden 64 "
+    "--patience 2 --eval-every 50 --max-steps 300, sized for data from "
     "`multiembed synth --rows 150000 --scale 0.002` (about 20 minutes on 2 CPU cores)"
 )
 
