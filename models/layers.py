@@ -79,6 +79,33 @@ def pad_with_ones_column(x: torch.Tensor, width: int) -> torch.Tensor:
     return out
 
 
+def ones_column_padded_base(x: torch.Tensor, width: int) -> Optional[torch.Tensor]:
+    """The ``[..., width]`` tensor ``x`` is the leading columns of, when its storage already holds exactly what
+    :func:`pad_with_ones_column` would build (a 1, then zeros, after each row); else None.
+
+    The cross network returns such a view (its padded output, whose padding holds the bias column's 1 and zeros), so
+    the projection after it reads that storage instead of copying the activations into a fresh padded tensor. The
+    padding's values are checked, not assumed (two strided columns: negligible next to the copy).
+
+    Example::
+
+        >>> base = pad_with_ones_column(torch.randn(2, 3, 5), 8)
+        >>> ones_column_padded_base(base[..., :5], 8) is not None, ones_column_padded_base(base[..., :5].clone(), 8)
+        (True, None)
+    """
+    if x.dim() < 2 or x.shape[-1] >= width or x.numel() == 0:
+        return None
+    rows = x.numel() // x.shape[-1]
+    expected = tuple(width * math.prod(x.shape[i + 1 : -1]) for i in range(x.dim() - 1)) + (1,)
+    if x.stride() != expected or x.storage_offset() + rows * width > x.untyped_storage().nbytes() // x.element_size():
+        return None
+    base = x.as_strided((*x.shape[:-1], width), expected)
+    padding = base[..., x.shape[-1] :]
+    if not (bool((padding[..., 0] == 1).all()) and bool((padding[..., 1:] == 0).all())):
+        return None
+    return base
+
+
 def weights_with_bias_column(weight: torch.Tensor, bias: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """``[G, out, in]`` and ``[G, out]`` -> ``[G, rows, cols]`` (``rows >= out``, ``cols > in``): ``W`` in the top-left
     block, ``b`` in column ``in``, zeros elsewhere, so that ``[x, 1, 0] @ W'^T = [x W^T + b, 0]``: the bias rides in
@@ -118,7 +145,8 @@ class _SetLinearFunction(torch.autograd.Function):
         bias_in_gemm = bias is not None and in_padded > in_features
         bias_padded: Optional[torch.Tensor] = None
         if bias is not None and bias_in_gemm:
-            x_padded = pad_with_ones_column(x, in_padded)
+            base = ones_column_padded_base(x, in_padded)
+            x_padded = pad_with_ones_column(x, in_padded) if base is None else base
             weight_padded = weights_with_bias_column(weight, bias, out_padded, in_padded)
         else:
             x_padded = pad_last(x, in_padded)
@@ -340,7 +368,7 @@ class SetBatchNorm(nn.Module):
 
 # Elements per independently seeded random stream of a CPU dropout mask. A constant, not derived from the thread
 # count, so that a seed draws the same masks whatever the number of threads.
-MASK_CHUNK = 1 << 18
+MASK_CHUNK = 1 << 17
 
 _mask_pool: Optional[ThreadPoolExecutor] = None
 _mask_pool_key: Tuple[int, int] = (0, 0)
