@@ -8,7 +8,8 @@ What is timed
     * **Baseline step**: :mod:`paper_baseline` (the paper's public code: one ``nn.Embedding`` per set, a Python loop
       over sets, dense Adam over the whole tables), on the same batches.
     * The two run **interleaved** in blocks of steps (project, baseline, project, ...) so that both see the same
-      machine load; ratios are the median of the per-round ratios. The other table layout runs in the same rounds.
+      machine load; ratios are the median of the per-round ratios. The other table layout, the K sweep and the batch
+      sweep are interleaved with the main model in phases of their own, afterwards.
     * The baseline trains in a **process of its own** (started by the harness, driven over a pipe, building the same
       batches from the same seed), as it would in practice: sharing one process let each contender's allocations
       reshape the other's malloc heap (measured: the project page-faulted 4 MB a step alone and 60-75 MB a step
@@ -487,7 +488,7 @@ class ProjectRunner:
         labels = batch.labels
 
         def over_step() -> None:
-            loss = F.binary_cross_entropy_with_logits(over_arch(per_set.mean(dim=1)), labels)
+            loss = F.binary_cross_entropy_with_logits(over_arch(per_set.sum(dim=1).div(per_set.shape[1])), labels)
             loss.backward()
 
         times["over_arch"] = _median_time(over_step, device, reps)
@@ -967,14 +968,6 @@ def _measure(
         baseline.run(max(config.warmup_steps, 1))
         record["baseline_bytes"] = baseline.byte_counts()
         contenders["baseline"] = lambda n, o: baseline.run(n, o)
-    other_layout: Optional[ProjectRunner] = None
-    if config.compare_layouts:
-        layout = "per_set" if config.layout == "fused" else "fused"
-        other_layout = ProjectRunner(config.model, vocab, ctx, local_batch, layout, config.hidden, config.dropout,
-                                     config.sharding, config.seed)
-        other_layout.run(batches, max(config.warmup_steps, 1))
-        contenders[f"project_{layout}"] = lambda n, o: other_layout.run(batches, n, o)
-
     faults = {name: 0 for name in contenders}
 
     def counting_faults(name: str, run: Callable[[int, int], float]) -> Callable[[int, int], float]:
@@ -1008,17 +1001,9 @@ def _measure(
         record["baseline_step_ms"] = baseline_s * 1e3
         record["baseline_samples_per_s"] = config.batch_size / baseline_s
         record["speedup_vs_baseline"] = paired_ratio(per_step["baseline"], per_step["project"])
-    if other_layout is not None:
-        record["layouts"] = {
-            config.layout: {"step_ms": step_s * 1e3, "samples_per_s": config.batch_size / step_s},
-            other_layout.model.sparse_arch.layout: {
-                "step_ms": statistics.median(per_step[f"project_{other_layout.model.sparse_arch.layout}"]) * 1e3,
-                "samples_per_s": config.batch_size / statistics.median(
-                    per_step[f"project_{other_layout.model.sparse_arch.layout}"]),
-            },
-        }
-        del other_layout
     record["blocks_ms_per_step"] = {name: [t * 1e3 for t in times] for name, times in per_step.items()}
+    if config.compare_layouts:
+        record["layouts"] = compare_layouts(config, ctx, vocab, batches, project, progress)
 
     parts["other"] = record["step_ms"] - sum(parts.values())
     record["breakdown_ms"] = parts
@@ -1052,6 +1037,43 @@ def _measure(
         record["memory"]["gpu_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
     record["conditions"]["load_average_end"] = list(os.getloadavg())
     return record
+
+
+def compare_layouts(
+    config: BenchConfig, ctx: DistContext, vocab: Mapping[str, int], batches: Sequence[BenchBatch],
+    project: ProjectRunner, progress: bool,
+) -> Dict[str, Dict[str, float]]:
+    """Step time of the main model against the same model with the other table layout, interleaved in a phase of
+    their own (after the baseline comparison: a second model in the process reshapes its malloc heap, see the module
+    docstring, so it must not share the main measurement). Keyed by layout name."""
+    layout = "per_set" if config.layout == "fused" else "fused"
+    other = ProjectRunner(config.model, vocab, ctx, batches[0].size, layout, config.hidden, config.dropout,
+                          config.sharding, config.seed)
+    other.run(batches, max(config.warmup_steps, 1))
+    runners = {config.layout: project, layout: other}
+    faults = {name: 0 for name in runners}
+
+    def timed(name: str, runner: ProjectRunner) -> Callable[[int, int], float]:
+        def run(steps: int, offset: int) -> float:
+            before = page_faults()
+            seconds = runner.run(batches, steps, offset)
+            faults[name] += page_faults() - before
+            return seconds
+
+        return run
+
+    per_step = interleave({name: timed(name, runner) for name, runner in runners.items()}, config.steps,
+                          config.block_steps, progress, "layouts")
+    rows = {}
+    for name in runners:
+        seconds = _all_ranks_max(statistics.median(per_step[name]), ctx.device)
+        rows[name] = {
+            "step_ms": seconds * 1e3,
+            "samples_per_s": config.batch_size / seconds,
+            "page_fault_mb_per_step": faults[name] * resource.getpagesize() / config.steps / 2**20,
+        }
+    rows[layout]["time_ratio_vs_" + config.layout] = paired_ratio(per_step[layout], per_step[config.layout])
+    return rows
 
 
 def scale_over_k(

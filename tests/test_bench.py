@@ -103,8 +103,10 @@ def test_bench_smoke_json_has_every_key_and_consistent_values(tmp_path: Path, ca
     assert record["memory"]["baseline_process_peak_rss_bytes"] > 0
     assert record["conditions"]["command"].startswith("multiembed bench --model dcnv2-me-2x")
     assert record["conditions"]["malloc"] == "default"
-    assert set(record["page_fault_mb_per_step"]) == {"project", "baseline", "project_per_set"}
+    assert set(record["page_fault_mb_per_step"]) == {"project", "baseline"}
     assert all(v >= 0 for v in record["page_fault_mb_per_step"].values())
+    assert all(row["page_fault_mb_per_step"] >= 0 for row in record["layouts"].values())
+    assert record["layouts"]["per_set"]["time_ratio_vs_fused"] > 0
 
 
 @pytest.mark.parametrize(
