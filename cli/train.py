@@ -40,6 +40,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--lr", type=float, default=None, help="dense learning rate (default 1e-3)")
     p.add_argument("--weight-decay", type=float, default=None, help="dense weight decay (default 1e-6)")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up steps for both optimizers")
+    p.add_argument("--decay-start", type=int, default=0, help="step where the linear LR decay starts (both optimizers)")
+    p.add_argument("--decay-steps", type=int, default=0, help="steps of linear LR decay to 0 (0: no decay)")
     p.add_argument(
         "--sharding", default="auto",
         choices=["auto", "table_wise", "row_wise", "column_wise", "data_parallel"],

@@ -139,3 +139,31 @@ def test_checkpoint_without_manifest_is_incomplete(tmp_path: Path, one_rank) -> 
     with pytest.raises(ckpt.CheckpointError, match="incomplete"):
         ckpt.verify_checkpoint(path)
     assert ckpt.newest_valid_checkpoint(tmp_path, report=lambda m: None) is None
+
+
+@pytest.mark.parametrize("warmup,decay_start,decay_steps", [(0, 0, 0), (4, 0, 0), (3, 3, 5), (2, 6, 4), (0, 5, 5)])
+def test_the_lr_schedule_warms_up_holds_decays_to_zero_and_stays_there(warmup, decay_start, decay_steps) -> None:
+    from torchrec.optim.keyed import KeyedOptimizerWrapper
+    from torchrec.optim.warmup import WarmupOptimizer
+
+    config = OptimizerConfig.for_device(
+        "cpu", lr=0.5, warmup_steps=warmup, decay_start=decay_start, decay_steps=decay_steps
+    )
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = WarmupOptimizer(
+        KeyedOptimizerWrapper({"w": weight}, lambda p: torch.optim.SGD(p, lr=0.5)), config.schedule(), lr=0.5
+    )
+    lrs = []
+    for _ in range(20):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        weight.grad = torch.ones(2)
+        optimizer.step()
+
+    def expected(step: int) -> float:  # the rate used by the step with this index (0-based)
+        if warmup and step < warmup:
+            return 0.5 * step / warmup
+        if decay_steps and step >= decay_start:
+            return 0.5 * max(0.0, 1 - (step - decay_start) / decay_steps)
+        return 0.5
+
+    assert lrs == pytest.approx([expected(i) for i in range(20)], abs=1e-12)

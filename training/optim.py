@@ -111,21 +111,27 @@ class OptimizerConfig:
         return config
 
     def schedule(self) -> List[WarmupStage]:
-        """The LR multiplier stages shared by the sparse and dense optimizers."""
+        """The LR multiplier stages shared by the sparse and dense optimizers.
+
+        Linear warm-up from 0 over ``warmup_steps``, constant 1 until ``decay_start``, linear decay to 0 over
+        ``decay_steps``, then 0. TorchRec's stages see the global step, and after the last stage TorchRec returns to
+        the full rate; hence INTERPOLATE (which knows where the decay starts) rather than POLY (which would start
+        below 1 and go negative), and a closing stage that holds 0.
+        """
         stages: List[WarmupStage] = []
         if self.warmup_steps:
             stages.append(WarmupStage(policy=WarmupPolicy.LINEAR, max_iters=self.warmup_steps, value=0.0))
         if self.decay_steps:
             if self.decay_start > self.warmup_steps:
                 stages.append(WarmupStage(policy=WarmupPolicy.CONSTANT, max_iters=self.decay_start, value=1.0))
+            end = self.decay_start + self.decay_steps
             stages.append(
                 WarmupStage(
-                    policy=WarmupPolicy.POLY,
-                    max_iters=self.decay_start + self.decay_steps,
-                    value=1.0,
-                    decay_iters=self.decay_steps,
+                    policy=WarmupPolicy.INTERPOLATE, max_iters=end, value=1.0, end_value=0.0,
+                    start_interpolating_iters=self.decay_start,
                 )
             )
+            stages.append(WarmupStage(policy=WarmupPolicy.CONSTANT, max_iters=1 << 62, value=0.0))
         return stages
 
 

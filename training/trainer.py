@@ -77,6 +77,8 @@ class TrainConfig:
     weight_decay: Optional[float] = None
     dense_optimizer: str = "adam"
     warmup_steps: int = 0
+    decay_start: int = 0
+    decay_steps: int = 0
     sharding: str = "auto"
     patience: int = 3
     seed: int = 0
@@ -98,7 +100,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
-        for name in ("patience", "eval_every", "checkpoint_every", "ia_every", "max_steps", "warmup_steps"):
+        for name in ("patience", "eval_every", "checkpoint_every", "ia_every", "max_steps", "warmup_steps",
+                     "decay_start", "decay_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
@@ -181,6 +184,8 @@ class Trainer:
             lr=config.lr,
             weight_decay=config.weight_decay,
             warmup_steps=config.warmup_steps,
+            decay_start=config.decay_start,
+            decay_steps=config.decay_steps,
             dense_optimizer=config.dense_optimizer,
         )
         if not evaluate_only:
