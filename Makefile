@@ -11,12 +11,18 @@ STAMP := $(VENV)/.installed-$(STACK)
 .PHONY: venv test train clean-venv
 
 # `make train`: a multi-embedding DCNv2 (4 sets) on the built-in synthetic click log, 2 local ranks through torchx.
-TRAIN_ROWS ?= 400000
-TRAIN_SCALE ?= 0.005
+# The recipe is one pass over 1.6M fresh rows with the LR decaying linearly to 0 (measured: test AUC within 0.02 of
+# the Bayes-optimal AUC in about 5 minutes on 2 cores; a second pass over the same rows overfits).
+TRAIN_ROWS ?= 2000000
+TRAIN_SCALE ?= 0.001
 TRAIN_DATA ?= runs/data/synth-$(TRAIN_ROWS)-$(TRAIN_SCALE)
 TRAIN_MODEL ?= dcnv2-me-4x
-TRAIN_EPOCHS ?= 3
-TRAIN_ARGS ?= -- --hidden 128
+TRAIN_EPOCHS ?= 1
+TRAIN_BATCH ?= 2048
+# Training steps of the run (train split = 8/10 of the rows), for the decay and three evaluations along the way.
+TRAIN_STEPS = $(shell expr $(TRAIN_ROWS) \* 8 / 10 / $(TRAIN_BATCH) \* $(TRAIN_EPOCHS))
+TRAIN_ARGS ?= -- --hidden 128 --sparse-lr 0.1 --lr 3e-3 --dropout 0 --decay-steps $(TRAIN_STEPS) \
+	--eval-every $(shell expr $(TRAIN_STEPS) / 3 + 1)
 # Restart budget: torchrun restarts both ranks from the newest complete checkpoint after a rank dies (0: fail).
 TRAIN_MAX_RESTARTS ?= 0
 # Also checkpoint every N steps (0: at evaluations only), so that a restart loses at most N steps.
@@ -39,7 +45,7 @@ test: $(STAMP)
 train: $(STAMP)
 	test -f $(TRAIN_DATA)/metadata.json || $(VENV)/bin/multiembed synth --rows $(TRAIN_ROWS) --scale $(TRAIN_SCALE) --out $(TRAIN_DATA)
 	$(VENV)/bin/torchx run -s local_cwd ./torchx_components.py:train --data $(TRAIN_DATA) --out $(TRAIN_RUN) \
-		--model $(TRAIN_MODEL) --epochs $(TRAIN_EPOCHS) --max_restarts $(TRAIN_MAX_RESTARTS) \
+		--model $(TRAIN_MODEL) --epochs $(TRAIN_EPOCHS) --batch_size $(TRAIN_BATCH) --max_restarts $(TRAIN_MAX_RESTARTS) \
 		--checkpoint_every $(TRAIN_CHECKPOINT_EVERY) -j 1x2 $(TRAIN_ARGS)
 	@echo "run directory: $(TRAIN_RUN)"
 
