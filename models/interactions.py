@@ -21,6 +21,7 @@ from torch import nn
 from multiembed.models.layers import (
     SetProjection,
     _check_groups,
+    cpu_linear,
     gemm_width,
     pad_with_ones_column,
     per_set_gemms,
@@ -40,8 +41,8 @@ class _CrossNetFunction(torch.autograd.Function):
     :math:`x_{l+1} = x_0 \odot P_l + x_l` stays 1; the other padded columns stay 0. Without padding the bias is a
     separate ``addmm`` term and reduction.
 
-    Forward per layer: :math:`P_l = x_l W_l^T + b_l` (one GEMM per weight set), :math:`x_{l+1} = x_0 \odot P_l +
-    x_l`. Backward, from :math:`G = \partial L / \partial x_{l+1}`: :math:`dP = G \odot x_0`, the :math:`x_0`
+    Forward per layer: :math:`P_l = x_l W_l^T + b_l` (one GEMM per weight set, oneDNN's on float32, see
+    :func:`~multiembed.models.layers.cpu_linear`), :math:`x_{l+1} = x_0 \odot P_l + x_l`. Backward, from :math:`G = \partial L / \partial x_{l+1}`: :math:`dP = G \odot x_0`, the :math:`x_0`
     gradient accumulates :math:`G \odot P_l` in place, :math:`dW_l = dP^T x_l`, and :math:`\partial L / \partial
     x_l = G + dP\, W_l` is one GEMM accumulating into :math:`G` (the padded columns of :math:`G` pick up values
     there, which meet only zero rows of :math:`W'` and are sliced off): three element-wise passes a layer where
@@ -65,19 +66,18 @@ class _CrossNetFunction(torch.autograd.Function):
             weights = list(params[:num_layers])
             biases = list(params[num_layers:])
             x0_padded = x0.contiguous()
+        groups = x0.shape[0]
         inputs: List[torch.Tensor] = []
-        projections: List[torch.Tensor] = []
+        projections: List[torch.Tensor] = []  # layer-major: layer l's set g at l * G + g
         xl = x0_padded
         for weight, bias in zip(weights, biases):
-            projected = torch.empty_like(x0_padded)
-            for g in range(x0.shape[0]):
-                if bias is None:
-                    torch.mm(xl[g], weight[g].t(), out=projected[g])
-                else:
-                    torch.addmm(bias[g], xl[g], weight[g].t(), out=projected[g])
+            following = torch.empty_like(x0_padded)
+            for g in range(groups):
+                projected = cpu_linear(xl[g], weight[g], None if bias is None else bias[g])
+                torch.addcmul(xl[g], x0_padded[g], projected, out=following[g])
+                projections.append(projected)
             inputs.append(xl)
-            projections.append(projected)
-            xl = torch.addcmul(xl, x0_padded, projected)
+            xl = following
         ctx.num_layers = num_layers
         ctx.width = width
         ctx.bias_in_gemm = bias_in_gemm
@@ -100,12 +100,17 @@ class _CrossNetFunction(torch.autograd.Function):
         grad_projected = torch.empty_like(x0)
         grad_weight = torch.empty_like(weights[0])
         grad_x0: Optional[torch.Tensor] = None
+        groups = x0.shape[0]
         for layer in reversed(range(n)):
             torch.mul(upstream, x0, out=grad_projected)
+            first = grad_x0 is None
             if grad_x0 is None:
-                grad_x0 = upstream * projections[layer]
-            else:
-                grad_x0.addcmul_(upstream, projections[layer])
+                grad_x0 = torch.empty_like(x0)
+            for g in range(groups):
+                if first:
+                    torch.mul(upstream[g], projections[layer * groups + g], out=grad_x0[g])
+                else:
+                    grad_x0[g].addcmul_(upstream[g], projections[layer * groups + g])
             weight_needed = ctx.needs_input_grad[1 + layer]
             bias_needed = ctx.needs_input_grad[1 + n + layer]
             if weight_needed or (bias_needed and ctx.bias_in_gemm):

@@ -49,6 +49,41 @@ def gemm_width(width: int) -> int:
     return -(-width // GEMM_WIDTH_MULTIPLE) * GEMM_WIDTH_MULTIPLE
 
 
+def _onednn_linear_op() -> Optional[Callable[..., torch.Tensor]]:
+    """torch's oneDNN linear kernel (the one torch.compile's CPU backend emits), or None where this build lacks it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_ONEDNN_LINEAR = _onednn_linear_op()
+
+
+def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ weight^T (+ bias)`` for ``[N, in]`` and ``[out, in]`` CPU tensors, a fresh ``[N, out]`` tensor.
+
+    float32 goes through oneDNN's GEMM (``torch.ops.mkldnn._linear_pointwise``): on the development CPU (AMD EPYC,
+    AVX-512, torch 2.13) it runs the cross network's ``[2048, 392] x [392, 392]^T`` at about 215 GFLOP/s against
+    MKL's 195-200 (``torch.mm``), which took the 16 forward GEMMs of an ME-DCNv2 step from 65 to 58 ms. Same maths,
+    another summation order (float32 rounding-level differences). Other dtypes, or a build without the kernel, use
+    ``torch.addmm`` / ``torch.mm``.
+
+    Example::
+
+        >>> x, weight, bias = torch.randn(5, 3), torch.randn(4, 3), torch.randn(4)
+        >>> torch.allclose(cpu_linear(x, weight, bias), x @ weight.t() + bias, atol=1e-6)
+        True
+    """
+    if _ONEDNN_LINEAR is not None and x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+    if bias is None:
+        return torch.mm(x, weight.t())
+    return torch.addmm(bias, x, weight.t())
+
+
 def pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
     """``x`` with its last dimension zero-padded to ``width`` (``x`` itself when it is that wide already)."""
     return x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))

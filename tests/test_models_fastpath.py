@@ -4,12 +4,14 @@ the same outputs and the same gradients for the embeddings and every parameter."
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from multiembed.models import build_set_arch, parse_model_name
-from multiembed.models.layers import ReLUDropout, ones_column_padded_base, pad_with_ones_column
+from multiembed.models.layers import ReLUDropout, cpu_linear, ones_column_padded_base, pad_with_ones_column
 
 
 def reference_forward(arch, embeddings: torch.Tensor) -> torch.Tensor:
@@ -40,29 +42,44 @@ def reference_forward(arch, embeddings: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name, fields", [("dcnv2-me-3x", 5), ("dcnv2-mesi-4x", 5), ("dcnv2-me-2x", 4)])
-def test_cross_set_arch_fast_path_matches_plain_autograd(name: str, fields: int) -> None:
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cross_set_arch_fast_path_matches_plain_autograd(name: str, fields: int, dtype: torch.dtype) -> None:
+    """float64 checks the maths tightly (torch's GEMMs); float32 runs the fast path's oneDNN GEMMs, against the
+    float64 reference."""
     torch.manual_seed(0)
-    arch = build_set_arch(parse_model_name(name), num_fields=fields, hidden=6).double()
-    for module in arch.modules():
+    reference_arch = build_set_arch(parse_model_name(name), num_fields=fields, hidden=6).double()
+    for module in reference_arch.modules():
         if isinstance(module, ReLUDropout):
             module.p = 0.0  # deterministic; the dropout itself is tested in test_models_dropout.py
     with torch.no_grad():  # non-trivial biases and affine parameters
-        for param in arch.parameters():
+        for param in reference_arch.parameters():
             if param.dim() <= 2 or param.shape[-2] == 1:
                 param.uniform_(-0.5, 0.5)
-    embeddings = torch.randn(16, arch.num_sets, fields, arch.set_dim, dtype=torch.float64, requires_grad=True)
+    arch = copy.deepcopy(reference_arch).to(dtype)
+    embeddings = torch.randn(16, arch.num_sets, fields, arch.set_dim, dtype=torch.float64)
     upstream = torch.randn(16, arch.num_sets, arch.output_dim, dtype=torch.float64)
-    inputs = [embeddings, *arch.parameters()]
 
-    out = arch(embeddings)
-    grads = torch.autograd.grad(out, inputs, upstream)
-    expected = reference_forward(arch, embeddings)
-    expected_grads = torch.autograd.grad(expected, inputs, upstream)
+    leaf = embeddings.to(dtype).requires_grad_(True)
+    out = arch(leaf)
+    grads = torch.autograd.grad(out, [leaf, *arch.parameters()], upstream.to(dtype))
+    reference_leaf = embeddings.clone().requires_grad_(True)
+    expected = reference_forward(reference_arch, reference_leaf)
+    expected_grads = torch.autograd.grad(expected, [reference_leaf, *reference_arch.parameters()], upstream)
 
-    torch.testing.assert_close(out, expected)
+    tolerance = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(out.double(), expected, **tolerance)
     names = ["embeddings", *(n for n, _ in arch.named_parameters())]
     for label, got, want in zip(names, grads, expected_grads):
-        torch.testing.assert_close(got, want, msg=lambda m, label=label: f"{label}: {m}")
+        torch.testing.assert_close(got.double(), want, **tolerance, msg=lambda m, label=label: f"{label}: {m}")
+
+
+def test_cpu_linear_matches_float64_matmul() -> None:
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(300, 392), torch.randn(392, 392) / 20, torch.randn(392)
+    expected = x.double() @ weight.double().t() + bias.double()
+    torch.testing.assert_close(cpu_linear(x, weight, bias).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu_linear(x, weight).double(), expected - bias.double(), rtol=1e-5, atol=1e-5)
+    assert cpu_linear(x.double(), weight.double()).dtype == torch.float64
 
 
 def test_padded_base_is_found_only_when_the_padding_holds_ones_then_zeros() -> None:
