@@ -42,12 +42,12 @@ class _CrossNetFunction(torch.autograd.Function):
     separate ``addmm`` term and reduction.
 
     Forward per layer: :math:`P_l = x_l W_l^T + b_l` (one GEMM per weight set, oneDNN's on float32, see
-    :func:`~multiembed.models.layers.cpu_linear`), :math:`x_{l+1} = x_0 \odot P_l + x_l`. Backward, from
-    :math:`G = \partial L / \partial x_{l+1}`: :math:`dP = G \odot x_0`, the :math:`x_0` gradient accumulates :math:`G \odot P_l` in place, :math:`dW_l = dP^T x_l`, and :math:`\partial L / \partial
-    x_l = G + dP\, W_l` is one GEMM accumulating into :math:`G` (the padded columns of :math:`G` pick up values
-    there, which meet only zero rows of :math:`W'` and are sliced off): three element-wise passes a layer where
-    autograd's addcmul / baddbmm backward takes about seven. Saved tensors are those autograd would keep (each
-    layer's input and projection), padded.
+    :func:`~multiembed.models.layers.cpu_linear`), :math:`x_{l+1} = x_0 \odot P_l + x_l`. Backward, from :math:`G =
+    \partial L / \partial x_{l+1}`: :math:`dP = G \odot x_0`, the :math:`x_0` gradient accumulates :math:`G \odot
+    P_l` in place, :math:`dW_l = dP^T x_l`, and :math:`\partial L / \partial x_l = G + dP\, W_l` is one GEMM
+    accumulating into :math:`G` (the padded columns of :math:`G` pick up values there, which meet only zero rows of
+    :math:`W'` and are sliced off): three element-wise passes a layer where autograd's addcmul / baddbmm backward
+    takes about seven. Saved tensors are those autograd would keep (each layer's input and projection), padded.
     """
 
     @staticmethod
