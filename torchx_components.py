@@ -44,6 +44,39 @@ def _with_max_restarts(app: specs.AppDef, max_restarts: int) -> specs.AppDef:
     return app
 
 
+def _cli_app(
+    args: List[str],
+    *,
+    name: str,
+    image: str,
+    h: Optional[str],
+    cpu: int,
+    gpu: int,
+    memMB: int,
+    j: str,
+    env: Optional[Dict[str, str]],
+    rdzv_port: int,
+    max_retries: int = 0,
+    max_restarts: int = 0,
+) -> specs.AppDef:
+    """``python -m multiembed.cli ARGS`` on every rank, through ``dist.ddp`` (torchrun), with the restart budget."""
+    app = dist.ddp(
+        *args,
+        m="multiembed.cli",
+        image=image,
+        name=name,
+        h=h,
+        cpu=cpu,
+        gpu=gpu,
+        memMB=memMB,
+        j=j,
+        env=env,
+        max_retries=max_retries,
+        rdzv_port=rdzv_port,
+    )
+    return _with_max_restarts(app, max_restarts)
+
+
 def train(
     *extra_args: str,
     data: str,
@@ -124,21 +157,10 @@ def train(
             raise ValueError("overwrite cannot be combined with resume or max_restarts (a restart would erase the run)")
         args.append("--overwrite")
     args += list(extra_args)
-    app = dist.ddp(
-        *args,
-        m="multiembed.cli",
-        image=image,
-        name=name,
-        h=h,
-        cpu=cpu,
-        gpu=gpu,
-        memMB=memMB,
-        j=j,
-        env=env,
-        max_retries=max_retries,
-        rdzv_port=rdzv_port,
+    return _cli_app(
+        args, name=name, image=image, h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j, env=env, rdzv_port=rdzv_port,
+        max_retries=max_retries, max_restarts=max_restarts,
     )
-    return _with_max_restarts(app, max_restarts)
 
 
 
@@ -196,18 +218,8 @@ def benchmark(
     if quick:
         args.append("--quick")
     args += list(extra_args)
-    return dist.ddp(
-        *args,
-        m="multiembed.cli",
-        image=image,
-        name=name,
-        h=h,
-        cpu=cpu,
-        gpu=gpu,
-        memMB=memMB,
-        j=j,
-        env=env,
-        rdzv_port=rdzv_port,
+    return _cli_app(
+        args, name=name, image=image, h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j, env=env, rdzv_port=rdzv_port
     )
 
 
@@ -292,18 +304,7 @@ def scaling_study(
         if value is not None:
             args += [flag, str(value)]
     args += list(extra_args)
-    app = dist.ddp(
-        *args,
-        m="multiembed.cli",
-        image=image,
-        name=name,
-        h=h,
-        cpu=cpu,
-        gpu=gpu,
-        memMB=memMB,
-        j=j,
-        env=env,
-        max_retries=max_retries,
-        rdzv_port=rdzv_port,
+    return _cli_app(
+        args, name=name, image=image, h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j, env=env, rdzv_port=rdzv_port,
+        max_retries=max_retries, max_restarts=max_restarts,
     )
-    return _with_max_restarts(app, max_restarts)
