@@ -347,14 +347,16 @@ class Trainer:
                     dist.all_reduce(statistic)
                     statistic.div_(self.ctx.world_size)
 
-    def _weights_are_finite(self) -> bool:
-        """Whether every weight this rank holds (its table shards included) is finite, on every rank.
+    @staticmethod
+    def _weights_are_finite(model_state: Dict[str, Any]) -> bool:
+        """Whether every weight of ``model_state`` this rank holds (its table shards included) is finite, on every
+        rank.
 
         A segment's loss is computed before its last update, so a finite loss does not prove finite weights; this
         keeps a non-finite model out of the checkpoints.
         """
         finite = True
-        for value in self.dmp.state_dict().values():
+        for value in model_state.values():
             shards = [s.tensor for s in value.local_shards()] if hasattr(value, "local_shards") else [value]
             for tensor in shards:
                 if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
@@ -363,13 +365,14 @@ class Trainer:
 
     def save(self) -> Path:
         self._average_batch_norm_statistics()
-        if not self._weights_are_finite():
+        state = self._state()
+        if not self._weights_are_finite(state["model"]):
             raise TrainingDiverged(
                 f"model weights became NaN or infinite by step {self.progress['step']}; not checkpointed: the last "
                 f"good checkpoint is kept in {self.run_dir / ckpt.CHECKPOINT_DIR}. Lower --lr / --sparse-lr."
             )
         info = {k: v for k, v in self.progress.items()}
-        path = ckpt.save_checkpoint(self.run_dir, int(self.progress["step"]), self._state(), info)
+        path = ckpt.save_checkpoint(self.run_dir, int(self.progress["step"]), state, info)
         keep = [path]
         if self.progress["best_step"] >= 0:
             keep.append(self.run_dir / ckpt.CHECKPOINT_DIR / ckpt.step_dir_name(int(self.progress["best_step"])))
