@@ -31,17 +31,15 @@ from multiembed.analysis.report import (  # noqa: E402
     read_collapse_json,
     write_collapse_report,
 )
-from multiembed.data.metadata import read_metadata  # noqa: E402
 from multiembed.models.collapse import CollapseResult, collapse_from_model, summarize_sets  # noqa: E402
 from multiembed.training import checkpoint as ckpt  # noqa: E402
 from multiembed.training.distributed import DistContext  # noqa: E402
 from multiembed.training.trainer import (  # noqa: E402
     CONFIG_FILE,
     SUMMARY_FILE,
-    TrainConfig,
     Trainer,
     best_checkpoint,
-    load_run_config,
+    trainer_for_run,
 )
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -119,36 +117,6 @@ def resolve_checkpoint(path: PathLike) -> RunCheckpoint:
     return RunCheckpoint(run_dir=run_dir, checkpoint=checkpoint, step=int(manifest.get("step", -1)))
 
 
-def build_run_trainer(
-    run_dir: PathLike, data: Optional[PathLike] = None, device: str = "auto", ctx: Optional[DistContext] = None
-) -> Trainer:
-    """The run's model rebuilt from its ``config.json`` (sharded by DMP, weights not loaded yet).
-
-    Args:
-        run_dir: the run directory.
-        data: a dataset directory to read the vocabulary from instead of the one the run recorded (for data that
-            moved); its vocabulary fingerprint must equal the run's.
-        device: ``auto``, ``cpu`` or ``cuda``.
-        ctx: the process group context (``init_distributed()`` when omitted: a one-rank gloo group in a plain
-            process).
-
-    Raises:
-        ValueError: not a run directory, unreadable dataset, or a vocabulary that differs from the run's.
-    """
-    record = load_run_config(Path(run_dir))
-    options = dict(record["options"])
-    data_dir = str(data) if data is not None else options["data"]
-    meta = read_metadata(data_dir)
-    trained_on = record.get("data", {}).get("vocab_fingerprint")
-    if trained_on and meta.vocab_fingerprint != trained_on:
-        raise ValueError(
-            f"{data_dir}: vocabulary fingerprint {meta.vocab_fingerprint[:16]}... differs from the run's "
-            f"({trained_on[:16]}...) in {Path(run_dir) / CONFIG_FILE}"
-        )
-    options.update(data=data_dir, resume=False, overwrite=False, progress=False, device=device)
-    return Trainer(TrainConfig(**options), ctx=ctx, evaluate_only=True)
-
-
 def trained_model(trainer: Trainer) -> Any:
     """The zoo model inside the trainer's DMP (``DMP -> MultiEmbeddingTrain -> model``), its tables sharded."""
     return trainer.dmp.module.model
@@ -183,7 +151,7 @@ def analyze_run(
         compare_with: other analyses (``collapse.json`` dicts over the same fields, e.g. SE of the same scale),
             drawn next to this one in ``ia_sets.png``.
         compare_labels: their legend names (default: each one's model name).
-        ctx: the process group context (see :func:`build_run_trainer`).
+        ctx: the process group context (see :func:`multiembed.training.trainer.trainer_for_run`).
         progress: progress bar on stderr (rank 0).
 
     Returns:
@@ -193,7 +161,7 @@ def analyze_run(
         ValueError: bad path, missing or corrupted checkpoint, dataset mismatch, or an undefined IA (all-zero table).
     """
     source = resolve_checkpoint(path)
-    trainer = build_run_trainer(source.run_dir, data=data, device=device, ctx=ctx)
+    trainer = trainer_for_run(source.run_dir, None if data is None else str(data), device=device, ctx=ctx)
     trainer.load_model_only(source.checkpoint)
     collapse = collapse_from_model(
         trained_model(trainer), sub_embedding=sub_embedding, row_normalized=row_normalized, concat=True,

@@ -160,3 +160,16 @@ def test_resume_drops_evaluations_logged_after_the_restored_checkpoint(synthetic
     log.write_text(logged + json.dumps({"evaluation": 2, "step": 99}) + "\n")
     assert _train(synthetic, run, "--epochs", "1", "--resume") == 0
     assert log.read_text() == logged
+
+
+def test_evaluate_refuses_data_with_another_vocabulary(synthetic: Path, tmp_path: Path, capsys) -> None:
+    run, other = tmp_path / "run", tmp_path / "other"
+    assert _train(synthetic, run, "--max-steps", "2") == 0
+    assert cli_main(["synth", "--rows", "3000", "--out", str(other), "--seed", "3", "--scale", "0.001", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli_main(["evaluate", str(run), "--data", str(other), "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"multiembed evaluate: error: {other}: vocabulary fingerprint")
+    assert "config.json" in lines[0] and "--vocab-from" in lines[0]

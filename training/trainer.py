@@ -637,28 +637,46 @@ def best_checkpoint(run_dir: Path) -> Path:
     return found
 
 
+def trainer_for_run(
+    run_dir: Path, data_dir: Optional[str] = None, device: str = "auto", ctx: Optional[DistContext] = None
+) -> Trainer:
+    """The model of a finished (or running) run, rebuilt from its ``config.json`` and sharded, weights not loaded.
+
+    Args:
+        run_dir: the run directory.
+        data_dir: a dataset to read instead of the one the run recorded (another conversion, or data that moved);
+            its vocabulary fingerprint must equal the run's.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        ctx: this process's place in the job (``init_distributed()`` when omitted).
+
+    Raises:
+        ValueError: not a run directory, an unreadable dataset, or a vocabulary that differs from the run's.
+    """
+    record = load_run_config(run_dir)
+    options = dict(record["options"])
+    data_dir = str(data_dir) if data_dir is not None else options["data"]
+    meta = read_metadata(data_dir)
+    trained_on = record.get("data", {}).get("vocab_fingerprint")
+    if trained_on and meta.vocab_fingerprint != trained_on:
+        raise ValueError(
+            f"{data_dir}: vocabulary fingerprint {meta.vocab_fingerprint[:16]}... differs from the run's "
+            f"({trained_on[:16]}...) in {Path(run_dir) / CONFIG_FILE}; convert the data with --vocab-from the "
+            "training data's directory"
+        )
+    options.update(data=data_dir, resume=False, overwrite=False, progress=False, device=device)
+    return Trainer(TrainConfig(**options), ctx=ctx, evaluate_only=True)
+
+
 def evaluate_run(run_dir: Path, data_dir: str, split: str = "test", device: str = "auto") -> Dict[str, Any]:
     """Evaluates the best checkpoint of a run on (another conversion of) data with the same vocabulary.
 
     Raises:
         ValueError: not a run directory, no checkpoint, or data whose vocabulary fingerprint differs.
     """
-    record = load_run_config(run_dir)
-    meta = read_metadata(data_dir)
-    trained_on = record["data"]["vocab_fingerprint"]
-    if meta.vocab_fingerprint != trained_on:
-        raise ValueError(
-            f"{data_dir}: vocabulary fingerprint {meta.vocab_fingerprint[:16]}... differs from the model's "
-            f"({trained_on[:16]}...); convert the data with --vocab-from the training data's directory"
-        )
-    if meta.split_rows().get(split, 0) == 0:
+    trainer = trainer_for_run(run_dir, data_dir, device=device)
+    if trainer.meta.split_rows().get(split, 0) == 0:
         raise ValueError(f"{data_dir}: split {split!r} has no rows")
-    options = dict(record["options"])
-    options.update(data=data_dir, resume=False, overwrite=False, progress=False, device=device)
-    config = TrainConfig(**options)
-    path = best_checkpoint(run_dir)
-    trainer = Trainer(config, evaluate_only=True)
-    trainer.load_model_only(path)
+    trainer.load_model_only(best_checkpoint(run_dir))
     result = trainer.evaluate(split, data_dir=data_dir)
     return {f"{split}_{k}": v for k, v in result.items()}
 
