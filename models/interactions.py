@@ -18,117 +18,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from multiembed.models.layers import (
-    SetProjection,
-    _check_groups,
-    cpu_linear,
-    gemm_width,
-    pad_with_ones_column,
-    per_set_gemms,
-    weights_with_bias_column,
-)
-
-
-class _CrossNetFunction(torch.autograd.Function):
-    r"""L full-rank cross layers on CPU: one GEMM per weight set at a padded width, the backward written out.
-
-    The width D is zero-padded to a GEMM-friendly D' (:func:`~multiembed.models.layers.gemm_width`; 390 -> 392
-    doubles the GEMM rate on the development CPU). When there is padding (D' > D) the bias rides in it: :math:`x_0`
-    and every :math:`x_l` carry a constant 1 in column D (:func:`pad_with_ones_column`) and the padded weight holds
-    :math:`b_l` in column D (:func:`weights_with_bias_column`), so :math:`P_l = x_l W'^T_l` is the biased projection
-    with no bias broadcast, and :math:`dW'_l = dP^T x_l` carries :math:`db_l = \sum dP` in its column D (no separate
-    reduction over the batch). Row D of :math:`W'` is zero, so column D of every :math:`P_l` is 0 and that of
-    :math:`x_{l+1} = x_0 \odot P_l + x_l` stays 1; the other padded columns stay 0. Without padding the bias is a
-    separate ``addmm`` term and reduction.
-
-    Forward per layer: :math:`P_l = x_l W_l^T + b_l` (one GEMM per weight set, oneDNN's on float32, see
-    :func:`~multiembed.models.layers.cpu_linear`), :math:`x_{l+1} = x_0 \odot P_l + x_l`. Backward, from :math:`G =
-    \partial L / \partial x_{l+1}`: :math:`dP = G \odot x_0`, the :math:`x_0` gradient accumulates :math:`G \odot
-    P_l` in place, :math:`dW_l = dP^T x_l`, and :math:`\partial L / \partial x_l = G + dP\, W_l` is one GEMM
-    accumulating into :math:`G` (the padded columns of :math:`G` pick up values there, which meet only zero rows of
-    :math:`W'` and are sliced off): three element-wise passes a layer where autograd's addcmul / baddbmm backward
-    takes about seven. Saved tensors are those autograd would keep (each layer's input and projection), padded.
-    """
-
-    @staticmethod
-    def forward(ctx, x0: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        num_layers = len(params) // 2
-        width = x0.shape[-1]
-        padded = gemm_width(width)
-        bias_in_gemm = padded > width
-        if bias_in_gemm:
-            weights = [
-                weights_with_bias_column(w, b, padded, padded) for w, b in zip(params[:num_layers], params[num_layers:])
-            ]
-            biases: List[Optional[torch.Tensor]] = [None] * num_layers
-            x0_padded = pad_with_ones_column(x0, padded)
-        else:
-            weights = list(params[:num_layers])
-            biases = list(params[num_layers:])
-            x0_padded = x0.contiguous()
-        groups = x0.shape[0]
-        inputs: List[torch.Tensor] = []
-        projections: List[torch.Tensor] = []  # layer-major: layer l's set g at l * G + g
-        xl = x0_padded
-        for weight, bias in zip(weights, biases):
-            following = torch.empty_like(x0_padded)
-            for g in range(groups):
-                projected = cpu_linear(xl[g], weight[g], None if bias is None else bias[g])
-                torch.addcmul(xl[g], x0_padded[g], projected, out=following[g])
-                projections.append(projected)
-            inputs.append(xl)
-            xl = following
-        ctx.num_layers = num_layers
-        ctx.width = width
-        ctx.bias_in_gemm = bias_in_gemm
-        ctx.save_for_backward(*weights, *inputs, *projections)
-        return xl[..., :width]
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        n, width = ctx.num_layers, ctx.width
-        saved = ctx.saved_tensors
-        weights, inputs, projections = saved[:n], saved[n : 2 * n], saved[2 * n :]
-        x0 = inputs[0]
-        grad_weights: List[Optional[torch.Tensor]] = [None] * n
-        grad_biases: List[Optional[torch.Tensor]] = [None] * n
-        # dL/dx_l, updated in place layer by layer (a fresh padded copy: the incoming gradient is never modified).
-        upstream = torch.empty_like(x0)
-        upstream[..., :width] = grad
-        upstream[..., width:] = 0.0
-        # One buffer each for dP and the padded dW, reused by every layer (fewer large allocations per step).
-        grad_projected = torch.empty_like(x0)
-        grad_weight = torch.empty_like(weights[0])
-        grad_x0: Optional[torch.Tensor] = None
-        groups = x0.shape[0]
-        for layer in reversed(range(n)):
-            torch.mul(upstream, x0, out=grad_projected)
-            first = grad_x0 is None
-            if grad_x0 is None:
-                grad_x0 = torch.empty_like(x0)
-            for g in range(groups):
-                if first:
-                    torch.mul(upstream[g], projections[layer * groups + g], out=grad_x0[g])
-                else:
-                    grad_x0[g].addcmul_(upstream[g], projections[layer * groups + g])
-            weight_needed = ctx.needs_input_grad[1 + layer]
-            bias_needed = ctx.needs_input_grad[1 + n + layer]
-            if weight_needed or (bias_needed and ctx.bias_in_gemm):
-                for g in range(x0.shape[0]):
-                    torch.mm(grad_projected[g].t(), inputs[layer][g], out=grad_weight[g])
-            if weight_needed:
-                # A copy out of the reused buffer, in the parameter's own (contiguous) layout: DDP's buckets and
-                # AccumulateGrad would otherwise copy a strided gradient anyway, DDP with a warning.
-                grad_weights[layer] = grad_weight[:, :width, :width].clone(memory_format=torch.contiguous_format)
-            if bias_needed:
-                if ctx.bias_in_gemm:
-                    grad_biases[layer] = grad_weight[:, :width, width].clone(memory_format=torch.contiguous_format)
-                else:
-                    grad_biases[layer] = grad_projected.sum(dim=1)
-            for g in range(x0.shape[0]):
-                upstream[g].addmm_(grad_projected[g], weights[layer][g])
-        grad_input = upstream.add_(grad_x0)[..., :width] if ctx.needs_input_grad[0] else None
-        return (grad_input, *grad_weights, *grad_biases)
+from multiembed.models import cpu_fastpath
+from multiembed.models.layers import SetProjection, _check_groups
 
 
 @torch.fx.wrap
@@ -136,10 +27,10 @@ def cross_network(x0: torch.Tensor, weights: List[torch.Tensor], biases: List[to
     r"""Full-rank cross layers :math:`x_{l+1} = x_0 \odot (W_l x_l + b_l) + x_l` on ``[G, N, D]`` input with
     ``[G, D, D]`` weights and ``[G, D]`` biases per layer.
 
-    One batched GEMM per layer on GPU (autograd); on CPU one GEMM per weight set at a padded width and a
-    written-out backward (:class:`_CrossNetFunction`; see :mod:`multiembed.models.layers` for why). On CPU the
-    result is a ``[G, N, D]`` view of ``[G, N, D']`` storage. Wrapped for fx: the device test is
-    plain Python, outside the traced graph.
+    The reference path is one batched GEMM per layer (autograd); where :func:`~multiembed.models.cpu_fastpath.enabled`
+    it is :func:`multiembed.models.cpu_fastpath.cross_network` (one GEMM per weight set at a padded width and a
+    written-out backward; the result a ``[G, N, D]`` view of ``[G, N, D']`` storage). Wrapped for fx: the switch is
+    plain Python, read at run time.
 
     Example::
 
@@ -149,8 +40,8 @@ def cross_network(x0: torch.Tensor, weights: List[torch.Tensor], biases: List[to
         ...                atol=1e-5)
         True
     """
-    if per_set_gemms(x0):
-        return _CrossNetFunction.apply(x0, *weights, *biases)
+    if cpu_fastpath.enabled(x0):
+        return cpu_fastpath.cross_network(x0, weights, biases)
     xl = x0
     for weight, bias in zip(weights, biases):
         projected = torch.baddbmm(bias.unsqueeze(1), xl, weight.transpose(1, 2))
@@ -162,8 +53,8 @@ class BatchedCrossNet(nn.Module):
     r"""K full-rank DCNv2 cross networks: :math:`x_{l+1} = x_0 \odot (W_l x_l + b_l) + x_l`.
 
     The paper's (and DCNv2's) full-rank form, stacked before the MLP. Per layer it is one ``baddbmm`` (the
-    ``W_l x_l + b_l`` GEMM; one GEMM per weight set on CPU, :func:`cross_network`) and one ``addcmul``; the layer
-    runs at GEMM speed.
+    ``W_l x_l + b_l`` GEMM; one GEMM per weight set on the CPU fast path, :func:`cross_network`) and one
+    ``addcmul``.
 
     ``weights[l][g]`` is ``[D, D]`` in ``nn.Linear``'s (out, in) convention, acting on the concatenation of the
     set's field embeddings, so the block ``weights[l][g][j*d:(j+1)*d, i*d:(i+1)*d]`` is ``W_{i->j}``, the map by
@@ -411,8 +302,8 @@ class CompressedInteraction(nn.Module):
 
     Computed without the ``[F * H, N * d]`` outer product the paper's code materialises: with ``W_c`` viewed as
     ``[F, H]``, ``sum_{i,h} W_{c,i,h} x0_i h_h = sum_i x0_i (W_c h)_i``, so each layer is one batched GEMM
-    ``[C*F, H] @ [H, N*d]`` and a weighted sum over fields (same FLOPs, ``C/H`` of the memory; 2.5x faster than
-    the outer product at K = 10 on CPU). Activations are field-major ``[G, F, N*d]``.
+    ``[C*F, H] @ [H, N*d]`` and a weighted sum over fields (same FLOPs, ``C/H`` of the memory of the outer
+    product). Activations are field-major ``[G, F, N*d]``.
 
     Args:
         num_sets: K.

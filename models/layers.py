@@ -12,231 +12,30 @@ batched matmul over more rows, never a copy of the weight.
 Every module here implements ``reset_parameters`` for its own parameters: DMP materialises modules built on the
 ``meta`` device (and modules it moves between devices) with ``module.apply(reset_parameters)``.
 
-CPU fast path (measured on the 2-core AVX-512 CPU this package is developed on, torch 2.13 with MKL): an fp32 GEMM
-whose widths are not a multiple of 8 runs at about half speed (``[2048, 390] x [390, 390]``: 70-120 GFLOP/s;
-``[2048, 392] x [392, 392]``: about 190), and torch's batched GEMM is slower than the same GEMMs issued one by one
-for the set arches' shapes. :func:`set_linear` (and the cross network in :mod:`multiembed.models.interactions`)
-therefore issue one plain GEMM per set on CPU with every width zero-padded to a multiple of
-:data:`GEMM_WIDTH_MULTIPLE`, inside an autograd function whose backward is written out. The padding is compute-only
-(parameters keep their shapes; padded rows and columns are exact zeros and are sliced off), so the maths is the
-same; on GPU the layers are the single batched kernel.
+On CPU the layers take the fast path of :mod:`multiembed.models.cpu_fastpath` (one GEMM per set at padded widths
+with a written-out backward, dropout masks drawn on every thread) when :func:`~multiembed.models.cpu_fastpath.enabled`
+says so; the batched ops here are the reference path, and the path GPUs run.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-# CPU GEMM widths are padded to a multiple of this (see the module docstring).
-GEMM_WIDTH_MULTIPLE = 8
-
-
-def per_set_gemms(x: torch.Tensor) -> bool:
-    """True where the CPU fast path applies: one plain GEMM per set, widths padded (see the module docstring)."""
-    return x.device.type == "cpu"
-
-
-def gemm_width(width: int) -> int:
-    """``width`` rounded up to a multiple of :data:`GEMM_WIDTH_MULTIPLE`."""
-    return -(-width // GEMM_WIDTH_MULTIPLE) * GEMM_WIDTH_MULTIPLE
-
-
-def _onednn_linear_op() -> Optional[Callable[..., torch.Tensor]]:
-    """torch's oneDNN linear kernel (the one torch.compile's CPU backend emits), or None where this build lacks it."""
-    if not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        return torch.ops.mkldnn._linear_pointwise.default
-    except (AttributeError, RuntimeError):
-        return None
-
-
-_ONEDNN_LINEAR = _onednn_linear_op()
-
-
-def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x @ weight^T (+ bias)`` for ``[N, in]`` and ``[out, in]`` CPU tensors, a fresh ``[N, out]`` tensor.
-
-    float32 goes through oneDNN's GEMM (``torch.ops.mkldnn._linear_pointwise``): on the development CPU (AMD EPYC,
-    AVX-512, torch 2.13) it runs the cross network's ``[2048, 392] x [392, 392]^T`` at about 215 GFLOP/s against
-    MKL's 195-200 (``torch.mm``), which took the 16 forward GEMMs of an ME-DCNv2 step from 65 to 58 ms. Same maths,
-    another summation order (float32 rounding-level differences). Other dtypes, or a build without the kernel, use
-    ``torch.addmm`` / ``torch.mm``.
-
-    Example::
-
-        >>> x, weight, bias = torch.randn(5, 3), torch.randn(4, 3), torch.randn(4)
-        >>> torch.allclose(cpu_linear(x, weight, bias), x @ weight.t() + bias, atol=1e-6)
-        True
-    """
-    if _ONEDNN_LINEAR is not None and x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
-    if bias is None:
-        return torch.mm(x, weight.t())
-    return torch.addmm(bias, x, weight.t())
-
-
-def pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
-    """``x`` with its last dimension zero-padded to ``width`` (``x`` itself when it is that wide already)."""
-    return x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
-
-
-def pad_matrices(weight: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """``[G, r, c]`` zero-padded to ``[G, rows, cols]`` (``weight`` itself when no padding is needed)."""
-    if weight.shape[-2:] == (rows, cols):
-        return weight
-    padded = weight.new_zeros(weight.shape[0], rows, cols)
-    padded[:, : weight.shape[1], : weight.shape[2]] = weight
-    return padded
-
-
-def pad_with_ones_column(x: torch.Tensor, width: int) -> torch.Tensor:
-    """``[..., D]`` -> ``[..., width]`` (``width > D``): ``x``, then a column of ones, then zeros (a fresh tensor).
-
-    Example::
-
-        >>> pad_with_ones_column(torch.tensor([[2.0, 3.0]]), 4).tolist()
-        [[2.0, 3.0, 1.0, 0.0]]
-    """
-    features = x.shape[-1]
-    out = x.new_empty(*x.shape[:-1], width)
-    out[..., :features] = x
-    out[..., features] = 1.0
-    out[..., features + 1 :] = 0.0
-    return out
-
-
-def ones_column_padded_base(x: torch.Tensor, width: int) -> Optional[torch.Tensor]:
-    """The ``[..., width]`` tensor ``x`` is the leading columns of, when its storage already holds exactly what
-    :func:`pad_with_ones_column` would build (a 1, then zeros, after each row); else None.
-
-    The cross network returns such a view (its padded output, whose padding holds the bias column's 1 and zeros), so
-    the projection after it reads that storage instead of copying the activations into a fresh padded tensor. The
-    padding's values are checked, not assumed (two strided columns: negligible next to the copy).
-
-    Example::
-
-        >>> base = pad_with_ones_column(torch.randn(2, 3, 5), 8)
-        >>> ones_column_padded_base(base[..., :5], 8) is not None, ones_column_padded_base(base[..., :5].clone(), 8)
-        (True, None)
-    """
-    if x.dim() < 2 or x.shape[-1] >= width or x.numel() == 0:
-        return None
-    rows = x.numel() // x.shape[-1]
-    expected = tuple(width * math.prod(x.shape[i + 1 : -1]) for i in range(x.dim() - 1)) + (1,)
-    if x.stride() != expected or x.storage_offset() + rows * width > x.untyped_storage().nbytes() // x.element_size():
-        return None
-    base = x.as_strided((*x.shape[:-1], width), expected)
-    padding = base[..., x.shape[-1] :]
-    if not (bool((padding[..., 0] == 1).all()) and bool((padding[..., 1:] == 0).all())):
-        return None
-    return base
-
-
-def weights_with_bias_column(weight: torch.Tensor, bias: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """``[G, out, in]`` and ``[G, out]`` -> ``[G, rows, cols]`` (``rows >= out``, ``cols > in``): ``W`` in the top-left
-    block, ``b`` in column ``in``, zeros elsewhere, so that ``[x, 1, 0] @ W'^T = [x W^T + b, 0]``: the bias rides in
-    the GEMM (the input carries the 1, :func:`pad_with_ones_column`) and its gradient is column ``in`` of the
-    weight gradient ``dY^T [x, 1, 0]``.
-
-    Example::
-
-        >>> w = weights_with_bias_column(torch.ones(1, 2, 2), torch.tensor([[5.0, 6.0]]), 4, 4)
-        >>> (pad_with_ones_column(torch.tensor([[1.0, 2.0]]), 4) @ w[0].t()).tolist()
-        [[8.0, 9.0, 0.0, 0.0]]
-    """
-    out_features, in_features = weight.shape[1:]
-    padded = weight.new_zeros(weight.shape[0], rows, cols)
-    padded[:, :out_features, :in_features] = weight
-    padded[:, :out_features, in_features] = bias
-    return padded
-
-
-class _SetLinearFunction(torch.autograd.Function):
-    """``y[k] = x[k] @ W[g(k)]^T + b[g(k)]`` as one GEMM per set at padded widths, the output stored batch-major.
-
-    Inputs and weights are zero-padded to GEMM-friendly widths (the padding contributes exact zeros, so the
-    unpadded block of every result is unchanged). When the input width has padding, the bias rides in it
-    (:func:`weights_with_bias_column`): no bias broadcast forward, and its gradient comes out of the weight-gradient
-    GEMM instead of a reduction over the batch. Forward writes set ``k`` into columns ``[k*out, (k+1)*out)`` of a
-    ``[B, K * out]`` buffer (the GEMM's leading dimension does the interleaving), so the BatchNorm that follows in
-    :class:`SetProjection` reads it without a copy and the gradient it returns feeds the backward GEMMs in place.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        num_sets, batch, in_features = x.shape
-        out_features = weight.shape[1]
-        per_weight = num_sets // weight.shape[0]
-        in_padded, out_padded = gemm_width(in_features), gemm_width(out_features)
-        bias_in_gemm = bias is not None and in_padded > in_features
-        bias_padded: Optional[torch.Tensor] = None
-        if bias is not None and bias_in_gemm:
-            base = ones_column_padded_base(x, in_padded)
-            x_padded = pad_with_ones_column(x, in_padded) if base is None else base
-            weight_padded = weights_with_bias_column(weight, bias, out_padded, in_padded)
-        else:
-            x_padded = pad_last(x, in_padded)
-            weight_padded = pad_matrices(weight, out_padded, in_padded)
-            bias_padded = None if bias is None else pad_last(bias, out_padded)
-        out = x.new_empty(batch, num_sets, out_padded)
-        for k in range(num_sets):
-            g = k // per_weight
-            if bias_padded is None:
-                torch.mm(x_padded[k], weight_padded[g].t(), out=out[:, k])
-            else:
-                torch.addmm(bias_padded[g], x_padded[k], weight_padded[g].t(), out=out[:, k])
-        ctx.save_for_backward(x_padded, weight_padded)
-        ctx.widths = (in_features, out_features)
-        ctx.has_bias = bias is not None
-        ctx.bias_in_gemm = bias_in_gemm
-        return out[..., :out_features].transpose(0, 1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        x_padded, weight_padded = ctx.saved_tensors
-        in_features, out_features = ctx.widths
-        num_sets = x_padded.shape[0]
-        groups = weight_padded.shape[0]
-        per_weight = num_sets // groups
-        grad_padded = pad_last(grad, weight_padded.shape[1])
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.empty_like(x_padded, memory_format=torch.contiguous_format)
-            for k in range(num_sets):
-                torch.mm(grad_padded[k], weight_padded[k // per_weight], out=grad_x[k])
-            grad_x = grad_x[..., :in_features]
-        bias_needed = ctx.has_bias and ctx.needs_input_grad[2]
-        if ctx.needs_input_grad[1] or (bias_needed and ctx.bias_in_gemm):
-            grad_padded_weight = torch.empty_like(weight_padded, memory_format=torch.contiguous_format)
-            for k in range(num_sets):
-                if k % per_weight == 0:
-                    torch.mm(grad_padded[k].t(), x_padded[k], out=grad_padded_weight[k // per_weight])
-                else:
-                    grad_padded_weight[k // per_weight].addmm_(grad_padded[k].t(), x_padded[k])
-            if ctx.needs_input_grad[1]:
-                grad_weight = grad_padded_weight[:, :out_features, :in_features].contiguous()  # the parameter's layout
-            if bias_needed and ctx.bias_in_gemm:
-                grad_bias = grad_padded_weight[:, :out_features, in_features].contiguous()
-        if bias_needed and not ctx.bias_in_gemm:
-            grad_bias = grad.sum(dim=1).view(groups, per_weight, -1).sum(dim=1)
-        return grad_x, grad_weight, grad_bias
+from multiembed.models import cpu_fastpath
 
 
 @torch.fx.wrap
 def set_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """K set-specific linear layers: ``[K, B, in]`` x ``[G, out, in]`` (+ ``[G, out]``) -> ``[K, B, out]``.
 
-    One batched GEMM on GPU (output set-major); on CPU one GEMM per set at padded widths (output a ``[K, B, out]``
-    view of batch-major storage). Wrapped for fx: the device test is plain Python, outside the traced graph.
+    The reference path is one batched GEMM (output set-major); where :func:`~multiembed.models.cpu_fastpath.enabled`
+    it is :func:`multiembed.models.cpu_fastpath.set_linear` (one GEMM per set at padded widths, output a
+    ``[K, B, out]`` view of batch-major storage). Wrapped for fx: the switch is plain Python, read at run time.
 
     Example::
 
@@ -246,8 +45,8 @@ def set_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         True
     """
     num_sets, groups = x.shape[0], weight.shape[0]
-    if per_set_gemms(x):
-        return _SetLinearFunction.apply(x, weight, bias)
+    if cpu_fastpath.enabled(x):
+        return cpu_fastpath.set_linear(x, weight, bias)
     grouped = x.reshape(groups, -1, x.shape[-1])
     if bias is None:
         out = torch.bmm(grouped, weight.transpose(1, 2))
@@ -266,7 +65,8 @@ def _check_groups(num_sets: int, num_weight_sets: Optional[int]) -> int:
 
 
 class BatchedLinear(nn.Module):
-    """K independent ``Linear`` layers on set-major input, as one batched matmul (one GEMM per set on CPU).
+    """K independent ``Linear`` layers on set-major input, as one batched matmul (one GEMM per set on the CPU fast
+    path, :func:`set_linear`).
 
     ``y[k] = x[k] @ weight[g(k)]^T + bias[g(k)]`` with ``g(k) = k // (K // G)``. Initialised per set exactly as
     ``nn.Linear`` (uniform in ``+-1/sqrt(in_features)`` for weight and bias).
@@ -321,7 +121,7 @@ class BatchedLinear(nn.Module):
             x: ``[K, B, in_features]`` (on GPU copied when not contiguous).
 
         Returns:
-            ``[K, B, out_features]`` (on CPU a view of batch-major storage, see :func:`set_linear`).
+            ``[K, B, out_features]`` (on the CPU fast path a view of batch-major storage, see :func:`set_linear`).
         """
         return set_linear(x, self.weight, self.bias)
 
@@ -401,93 +201,13 @@ class SetBatchNorm(nn.Module):
         return torch.addcmul(self.bias, grouped, self.weight).view(-1, self.num_sets, self.num_features)
 
 
-# Elements per independently seeded random stream of a CPU dropout mask. A constant, not derived from the thread
-# count, so that a seed draws the same masks whatever the number of threads.
-MASK_CHUNK = 1 << 17
-
-_mask_pool: Optional[ThreadPoolExecutor] = None
-_mask_pool_key: Tuple[int, int] = (0, 0)
-_mask_thread_state = threading.local()
-
-
-def _mask_threads() -> Optional[ThreadPoolExecutor]:
-    """The worker threads that draw mask chunks (None with one intra-op thread); rebuilt after a fork or a change of
-    ``torch.set_num_threads``."""
-    global _mask_pool, _mask_pool_key
-    threads = torch.get_num_threads()
-    if threads < 2:
-        return None
-    key = (os.getpid(), threads)
-    if _mask_pool is None or _mask_pool_key != key:
-        _mask_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="multiembed-mask")
-        _mask_pool_key = key
-    return _mask_pool
-
-
-def _seeded_generator(seed: int) -> torch.Generator:
-    """This thread's generator, reseeded."""
-    generator = getattr(_mask_thread_state, "generator", None)
-    if generator is None:
-        generator = _mask_thread_state.generator = torch.Generator()
-    generator.manual_seed(seed)
-    return generator
-
-
-def _for_each_chunk(work: Callable[[int], None], count: int) -> None:
-    """``work(i)`` for every chunk index, on the mask threads (or here with one intra-op thread)."""
-    pool = _mask_threads() if count > 1 else None
-    if pool is None:
-        for i in range(count):
-            work(i)
-    else:
-        list(pool.map(work, range(count)))
-
-
-def _stream_base() -> int:
-    """The seed of chunk 0 of a new mask (chunk ``i`` uses ``base + i``), from torch's default generator."""
-    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
-
-
-def uniform_like(x: torch.Tensor) -> torch.Tensor:
-    """Uniform ``[0, 1)`` floats shaped like ``x`` (same distribution as ``torch.rand_like``), drawn in parallel on CPU.
-
-    Why not ``torch.rand_like``: torch's CPU ``uniform_`` runs on one thread (one mt19937 behind a lock), so on the
-    2-core development machine the ``[2048, 4, 400]`` dropout mask of an ME-DCNv2 step (9 ms) left a core idle. Here
-    the tensor is cut into chunks of :data:`MASK_CHUNK` elements, each filled from its own generator seeded with
-    ``base + i`` (``base`` drawn from torch's default generator, so ``torch.manual_seed`` governs it; consecutive seeds
-    per stream as DataLoader seeds its workers), on ``torch.get_num_threads()`` threads (``uniform_`` releases the
-    GIL). The chunking is fixed, so the values depend on the seed only, not on the thread count. Other devices use
-    ``torch.rand_like``.
-
-    Example::
-
-        >>> u = uniform_like(torch.empty(3, 1_000_000))
-        >>> u.shape, bool(u.min() >= 0) and bool(u.max() < 1), abs(float(u.mean()) - 0.5) < 0.01
-        (torch.Size([3, 1000000]), True, True)
-    """
-    if x.device.type != "cpu":
-        return torch.rand_like(x, memory_format=torch.contiguous_format)
-    out = torch.empty(x.shape, dtype=x.dtype)
-    chunks = out.view(-1).split(MASK_CHUNK)
-    base = _stream_base()
-
-    def fill(i: int) -> None:
-        chunks[i].uniform_(generator=_seeded_generator(base + i))
-
-    _for_each_chunk(fill, len(chunks))
-    return out
-
-
-def dropout_scale(p: float) -> float:
-    """``1 / (1 - p)``, the factor of the kept elements (as ``nn.Dropout``)."""
-    return 1.0 / (1.0 - p)
-
-
 @torch.fx.wrap
 def uniform_mask_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Inverted dropout in training: ``x * keep`` with ``keep = 1 / (1 - p)`` where ``uniform >= p``, else 0.
+    """Inverted dropout in training: each element kept with probability ``1 - p`` and scaled by ``1 / (1 - p)``.
 
-    Wrapped for fx: :func:`uniform_like` branches on the device in plain Python.
+    The reference path is ``F.dropout``; where :func:`~multiembed.models.cpu_fastpath.enabled` it is
+    :func:`multiembed.models.cpu_fastpath.dropout` (the same distribution, the mask drawn on every thread, another
+    random stream). Wrapped for fx: the switch is plain Python, read at run time.
 
     Example::
 
@@ -495,41 +215,18 @@ def uniform_mask_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
         >>> sorted(set(out.tolist())), 0.79 < float((out > 0).float().mean()) < 0.81
         ([0.0, 1.25], True)
     """
-    keep = uniform_like(x).ge_(p).mul_(dropout_scale(p))
-    return x * keep
-
-
-class _ReLUDropoutFunction(torch.autograd.Function):
-    r"""``relu(x) * keep`` (``keep`` as :func:`uniform_mask_dropout`), with one saved tensor: the output.
-
-    Forward is exactly ``torch.relu`` followed by the dropout multiply. Backward uses that an output element is
-    positive exactly where ``x > 0`` and the element was kept (``1 / (1 - p) > 1`` never rounds a positive product
-    to 0), so :math:`\partial L / \partial x = \text{threshold\_backward}(g, \text{out}, 0) / (1 - p)`: the
-    values autograd computes through ReLU and dropout (``g * keep`` masked where ``x <= 0``), without keeping the
-    mask alive until backward.
-
-    (Fusing the mask into the ReLU chunk by chunk on the mask threads, while each chunk's uniforms are in cache,
-    measured slower here: 12 against 8 ms for ``[2048, 4, 400]``, the per-block Python calls and the GIL cost more
-    than the memory passes they save.)
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        keep = uniform_like(x).ge_(p).mul_(dropout_scale(p))
-        out = torch.relu(x).mul_(keep)
-        ctx.save_for_backward(out)
-        ctx.scale = dropout_scale(p)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (out,) = ctx.saved_tensors
-        return torch.ops.aten.threshold_backward(grad, out, 0.0).mul_(ctx.scale), None
+    if cpu_fastpath.enabled(x):
+        return cpu_fastpath.dropout(x, p)
+    return F.dropout(x, p, training=True)
 
 
 @torch.fx.wrap
 def relu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """``dropout(relu(x))`` in training (inverted dropout with probability ``p``, mask as :func:`uniform_like`).
+    """``dropout(relu(x))`` in training (inverted dropout with probability ``p``).
+
+    The reference path is ``F.dropout(F.relu(x))``; where :func:`~multiembed.models.cpu_fastpath.enabled` it is
+    :func:`multiembed.models.cpu_fastpath.relu_dropout` (one autograd node that keeps no mask until backward).
+    Wrapped for fx: the switch is plain Python, read at run time.
 
     Example::
 
@@ -538,18 +235,18 @@ def relu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
         >>> bool(((out == 0) | (out == 1.25 * x)).all()), bool((out[x <= 0] == 0).all())
         (True, True)
     """
-    return _ReLUDropoutFunction.apply(x, p)
+    if cpu_fastpath.enabled(x):
+        return cpu_fastpath.relu_dropout(x, p)
+    return F.dropout(F.relu(x), p, training=True)
 
 
 class UniformMaskDropout(nn.Module):
     """Inverted dropout as ``nn.Dropout`` computes it (each element kept with probability ``1 - p`` and scaled by
-    ``1 / (1 - p)`` in training, the identity in eval), with the mask drawn as ``uniform >= p`` by
-    :func:`uniform_like`.
+    ``1 / (1 - p)`` in training, the identity in eval), on CPU with the fast path's mask drawn on every intra-op
+    thread (:func:`uniform_mask_dropout`).
 
-    Why not ``nn.Dropout``: on CPU its mask comes from ``bernoulli_``, which runs single-threaded at about three
-    times the cost of ``torch.rand_like`` (torch 2.13; 24 ms against 9 ms for the ``[2048, 4, 400]`` projection
-    output), and :func:`uniform_like` draws on every intra-op thread. The distribution of the mask is the same; the
-    random stream (which elements a given seed drops) differs.
+    The distribution of the mask is ``nn.Dropout``'s; on the fast path the random stream (which elements a given
+    seed drops) differs.
 
     Args:
         p: probability of dropping an element, in ``[0, 1)``.
@@ -585,10 +282,11 @@ class UniformMaskDropout(nn.Module):
 
 
 class ReLUDropout(UniformMaskDropout):
-    """``ReLU`` then :class:`UniformMaskDropout`, in one autograd node (:func:`relu_dropout`).
+    """``ReLU`` then :class:`UniformMaskDropout` (:func:`relu_dropout`; one autograd node on the fast path).
 
-    The same values as ``UniformMaskDropout(p)(torch.relu(x))`` forward and backward, for one pass fewer backward
-    and no mask kept until backward (the ``[B, K, H]`` projection output is the largest activation of a step).
+    The same values as ``UniformMaskDropout(p)(torch.relu(x))`` forward and backward; on the fast path one pass
+    fewer backward and no mask kept until backward (the ``[B, K, H]`` projection output is the largest activation
+    of a step).
 
     Args:
         p: probability of dropping an element, in ``[0, 1)``.

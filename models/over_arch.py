@@ -18,8 +18,8 @@ from multiembed.models.layers import UniformMaskDropout
 class MLPOverArch(nn.Module):
     """``(Linear -> BatchNorm -> ReLU -> Dropout)`` per hidden layer, then ``Linear(., 1)``.
 
-    The dropout is :class:`~multiembed.models.layers.UniformMaskDropout` (``nn.Dropout``'s maths; its mask is
-    drawn on every CPU thread instead of by a single-threaded ``bernoulli_``).
+    The dropout is :class:`~multiembed.models.layers.UniformMaskDropout` (``nn.Dropout``'s maths; on the CPU fast
+    path its mask is drawn on every thread, :mod:`multiembed.models.cpu_fastpath`).
 
     Args:
         in_features: width of the averaged set features.

@@ -1,6 +1,8 @@
-"""The CPU dropout of the model (``multiembed.models.layers``): a correct inverted dropout (mask statistics, exact
-kept values, eval identity), ReLU + dropout fused with autograd's gradient, masks governed by ``torch.manual_seed``
-and independent of the thread count, and fx-traceable modules."""
+"""The dropout of the model (``multiembed.models.layers``), on both paths: the CPU fast path's threaded masks
+(``multiembed.models.cpu_fastpath``) and the plain ``F.dropout`` reference. Each is a correct inverted dropout (mask
+statistics, exact kept values, eval identity), ReLU + dropout with autograd's gradient, masks governed by
+``torch.manual_seed`` (on the fast path independent of the thread count), and fx-traceable modules. The two paths
+draw different random streams, so the whole-model comparison of ``test_models_fastpath.py`` runs without masks."""
 
 from __future__ import annotations
 
@@ -9,19 +11,24 @@ import math
 import pytest
 import torch
 
-from multiembed.models.layers import (
-    MASK_CHUNK,
-    ReLUDropout,
-    SetProjection,
-    UniformMaskDropout,
-    uniform_like,
-)
+import torch.nn.functional as F
+
+from multiembed.models import cpu_fastpath
+from multiembed.models.cpu_fastpath import MASK_CHUNK, uniform_like
+from multiembed.models.layers import ReLUDropout, SetProjection, UniformMaskDropout
 
 SIGMAS = 6.0  # statistical bounds: a correct implementation fails one of these checks with probability ~1e-9
 
 
 def binomial_bound(n: int, q: float) -> float:
     return SIGMAS * math.sqrt(q * (1 - q) / n)
+
+
+@pytest.fixture(params=[True, False], ids=["fast", "plain"])
+def path(request):
+    """Runs a test on the fast path and on the plain path; yields which."""
+    with cpu_fastpath.use_fast_path(request.param):
+        yield request.param
 
 
 @pytest.fixture()
@@ -58,7 +65,7 @@ def test_uniform_like_is_uniform_seeded_and_thread_count_independent(threads) ->
 
 
 @pytest.mark.parametrize("p", [0.2, 0.5])
-def test_uniform_mask_dropout_is_inverted_dropout(p: float) -> None:
+def test_uniform_mask_dropout_is_inverted_dropout(p: float, path: bool) -> None:
     torch.manual_seed(0)
     x = torch.rand(1000, 600) + 0.5  # positive, so a kept element is never 0
     dropout = UniformMaskDropout(p)
@@ -83,7 +90,7 @@ def test_uniform_mask_dropout_is_inverted_dropout(p: float) -> None:
 
 
 @pytest.mark.parametrize("p", [0.2, 0.35])
-def test_relu_dropout_equals_relu_then_dropout_forward_and_backward(p: float) -> None:
+def test_relu_dropout_equals_relu_then_dropout_forward_and_backward(p: float, path: bool) -> None:
     torch.manual_seed(1)
     x = torch.randn(2048, 3, 50, requires_grad=True)
     out = ReLUDropout(p)(x)
@@ -110,7 +117,7 @@ def test_relu_dropout_equals_relu_then_dropout_forward_and_backward(p: float) ->
     assert torch.equal(ReLUDropout(0.0)(x), torch.relu(x))
 
 
-def test_dropout_draws_follow_the_global_seed() -> None:
+def test_dropout_draws_follow_the_global_seed(path: bool) -> None:
     x = torch.randn(300, 400)
     torch.manual_seed(5)
     a = ReLUDropout(0.2)(x), UniformMaskDropout(0.2)(x)
@@ -121,7 +128,7 @@ def test_dropout_draws_follow_the_global_seed() -> None:
     assert not torch.equal(ReLUDropout(0.2)(x), a[0])
 
 
-def test_dropout_modules_validate_and_trace() -> None:
+def test_dropout_modules_validate_and_trace(path: bool) -> None:
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="dropout must be in"):
             ReLUDropout(bad)
@@ -133,3 +140,17 @@ def test_dropout_modules_validate_and_trace() -> None:
     eager = projection(x)
     torch.manual_seed(3)
     torch.testing.assert_close(traced(x), eager, rtol=0, atol=0)
+
+
+def test_plain_path_is_torchs_dropout_and_the_fast_path_draws_another_stream() -> None:
+    x = torch.randn(300, 400)
+    with cpu_fastpath.use_fast_path(False):
+        torch.manual_seed(7)
+        plain = ReLUDropout(0.2)(x), UniformMaskDropout(0.2)(x)
+    torch.manual_seed(7)
+    expected = F.dropout(F.relu(x), 0.2, training=True), F.dropout(x, 0.2, training=True)
+    assert torch.equal(plain[0], expected[0]) and torch.equal(plain[1], expected[1])
+    with cpu_fastpath.use_fast_path(True):
+        torch.manual_seed(7)
+        fast = ReLUDropout(0.2)(x)
+    assert not torch.equal(fast, plain[0])

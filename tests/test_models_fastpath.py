@@ -1,17 +1,242 @@
-"""The CPU fast path of the cross set arch as a whole (bias carried in the padded GEMM column, the projection
-reading the cross network's padded output in place, ReLU + dropout in one node) against plain autograd in float64:
-the same outputs and the same gradients for the embeddings and every parameter."""
+"""The CPU fast path (``multiembed.models.cpu_fastpath``) against the plain batched reference path (the path GPUs
+run): every backbone in SE, ME and shared-interaction form, forward and backward with the switch on and off on the
+same weights and batch, in float64 and float32; the switch itself (it really changes the path, also in a traced
+model, and follows ``MULTIEMBED_FAST_PATH``); the per-machine GEMM choice and its probe; the padding helpers; and
+the cross set arch against a hand-written autograd reference."""
 
 from __future__ import annotations
 
 import copy
+import doctest
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from multiembed.models import build_set_arch, parse_model_name
-from multiembed.models.layers import ReLUDropout, cpu_linear, ones_column_padded_base, pad_with_ones_column
+from multiembed.models import BACKBONES, build_model, build_set_arch, parse_model_name
+from multiembed.models import cpu_fastpath
+from multiembed.models.cpu_fastpath import cpu_linear, ones_column_padded_base, pad_with_ones_column
+from multiembed.models.layers import ReLUDropout
+
+FAST_FUNCTIONS = ("set_linear", "cross_network", "dropout", "relu_dropout")
+BATCH = 16
+# Small options for every backbone (the defaults are the paper's sizes).
+SMALL_OPTIONS: Dict[str, Dict[str, object]] = {
+    "dnn": {},
+    "dcnv2": {"cross_layers": 2},
+    "dcnv2lr": {"cross_layers": 2, "cross_rank": 3},
+    "ipnn": {},
+    "nfwfm": {},
+    "xdeepfm": {"cin_layer_sizes": (3, 4)},
+    "finalmlp": {"stream_layer_sizes": (12, 8)},
+    "dlrm": {"dense_arch_layer_sizes": (8,)},
+}
+# (name suffix, fields, hidden): padded widths (3 fields x 5 = 15 -> 16, hidden 12 -> 16), shared interaction
+# (mesi), and widths that are multiples of 8 already (4 fields x 4 = 16, hidden 16: no padding, bias outside the GEMM).
+FORMS: List[Tuple[str, int, int]] = [("se-2x5", 3, 12), ("me-2x5", 3, 12), ("mesi-3x4", 3, 12), ("me-2x4", 4, 16)]
+
+
+class FixedEmbeddings(nn.Module):
+    """Stands in for the sparse arch: returns the ``[B, K, F, d]`` tensor it holds (a leaf that gets a gradient), so
+    the model runs in float64 too (FBGEMM's tables are float32) and the embedding gradient can be compared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value: Optional[torch.Tensor] = None
+
+    def forward(self, _features: object) -> torch.Tensor:
+        assert self.value is not None
+        return self.value
+
+
+@pytest.fixture()
+def fast_calls(monkeypatch) -> Iterator[Dict[str, int]]:
+    """Counts the calls of the fast path's entry points (they still run)."""
+    calls = {name: 0 for name in FAST_FUNCTIONS}
+    for name in FAST_FUNCTIONS:
+        original = getattr(cpu_fastpath, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(cpu_fastpath, name, counted)
+    yield calls
+
+
+def small_model(name: str, fields: int, hidden: int, dropout: float, dtype: torch.dtype) -> nn.Module:
+    spec = parse_model_name(name)
+    vocab = {f"f{i}": 5 + i for i in range(fields - (1 if spec.backbone == "dlrm" else 0))}
+    num_dense = 2 if spec.backbone == "dlrm" else 0
+    model = build_model(name, vocab, num_dense, device=torch.device("cpu"), hidden=hidden, dropout=dropout,
+                        **SMALL_OPTIONS[spec.backbone])
+    model.sparse_arch = FixedEmbeddings()
+    with torch.no_grad():  # non-trivial biases, affine parameters and running statistics
+        for param in model.parameters():
+            if param.dim() <= 2 or param.shape[-2] == 1:
+                param.uniform_(-0.5, 0.5)
+        for buffer_name, buffer in model.named_buffers():
+            if buffer_name.endswith("running_mean"):
+                buffer.uniform_(-0.5, 0.5)
+            elif buffer_name.endswith("running_var"):
+                buffer.uniform_(0.5, 2.0)
+    return model.to(dtype)
+
+
+def run(model: nn.Module, embeddings: torch.Tensor, dense: torch.Tensor, upstream: torch.Tensor,
+        fast: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    leaf = embeddings.clone().requires_grad_(True)
+    model.sparse_arch.value = leaf
+    params = [p for p in model.parameters()]
+    with cpu_fastpath.use_fast_path(fast):
+        logits = model(dense, None)
+        grads = torch.autograd.grad(logits, [leaf, *params], upstream)
+    return logits.detach(), list(grads)
+
+
+def compare(model: nn.Module, dtype: torch.dtype, fast_calls: Dict[str, int]) -> None:
+    num_sets, fields, set_dim = model.set_arch.num_sets, model.set_arch.num_fields, model.set_arch.set_dim
+    stored_fields = fields - (1 if model.dense_arch is not None else 0)
+    embeddings = torch.randn(BATCH, num_sets, stored_fields, set_dim, dtype=dtype)
+    dense = torch.randn(BATCH, 2 if model.dense_arch is not None else 0, dtype=dtype)
+    upstream = torch.randn(BATCH, dtype=dtype)
+    plain = copy.deepcopy(model)
+
+    before = dict(fast_calls)
+    fast_out, fast_grads = run(model, embeddings, dense, upstream, fast=True)
+    assert fast_calls["set_linear"] > before["set_linear"], "the fast path was not taken"
+    before = dict(fast_calls)
+    plain_out, plain_grads = run(plain, embeddings, dense, upstream, fast=False)
+    assert fast_calls == before, "the plain path called the fast path"
+
+    tolerance = {"rtol": 1e-9, "atol": 1e-9} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(fast_out, plain_out, **tolerance)
+    names = ["embeddings", *(n for n, _ in model.named_parameters())]
+    assert len(names) == len(fast_grads) == len(plain_grads)
+    for label, got, want in zip(names, fast_grads, plain_grads):
+        torch.testing.assert_close(got, want, **tolerance, msg=lambda m, label=label: f"{label}: {m}")
+    for (label, got), (_, want) in zip(model.named_buffers(), plain.named_buffers()):  # BatchNorm statistics
+        torch.testing.assert_close(got, want, **tolerance, msg=lambda m, label=label: f"{label}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("form, fields, hidden", FORMS, ids=[f[0] for f in FORMS])
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_every_backbone_fast_path_matches_the_plain_path(backbone: str, form: str, fields: int, hidden: int,
+                                                         dtype: torch.dtype, fast_calls) -> None:
+    """Train mode (batch statistics; dropout 0, so both paths draw no mask) and eval mode (running statistics;
+    dropout 0.2 is the identity there): outputs, the embedding gradient, every parameter gradient and the BatchNorm
+    running statistics. The dropout masks themselves differ by design (another random stream) and are tested
+    separately in ``test_models_dropout.py``, on both paths."""
+    torch.manual_seed(0)
+    name = f"{backbone}-{form}"
+    compare(small_model(name, fields, hidden, 0.0, dtype).train(), dtype, fast_calls)
+    compare(small_model(name, fields, hidden, 0.2, dtype).eval(), dtype, fast_calls)
+
+
+def test_the_switch_changes_the_path_also_in_a_traced_model(fast_calls) -> None:
+    """With dropout > 0 in training every fast entry point runs when the switch is on, none when it is off; an
+    fx-traced set arch (TorchRec's pipeline traces the model) reads the switch at run time as the eager model does."""
+    torch.manual_seed(0)
+    model = small_model("dcnv2-me-2x5", 3, 12, 0.3, torch.float32).train()
+    model.sparse_arch.value = torch.randn(BATCH, 2, 3, 5, requires_grad=True)
+    traced_set_arch = torch.fx.symbolic_trace(model.set_arch)
+    wrapped = {node.target.__name__ for node in traced_set_arch.graph.nodes if node.op == "call_function"}
+    assert {"set_linear", "cross_network", "relu_dropout"} <= wrapped
+
+    def eager() -> None:
+        model(torch.empty(BATCH, 0), None).sum().backward()
+
+    def traced() -> None:
+        traced_set_arch(model.sparse_arch.value).sum().backward()
+
+    expected = {"eager": set(FAST_FUNCTIONS), "traced": {"set_linear", "cross_network", "relu_dropout"}}
+    for label, runner in (("eager", eager), ("traced", traced)):
+        for fast in (True, False):
+            for name in fast_calls:
+                fast_calls[name] = 0
+            with cpu_fastpath.use_fast_path(fast):
+                runner()
+            called = {name for name, count in fast_calls.items() if count}
+            assert called == (expected[label] if fast else set()), (label, fast, fast_calls)
+
+
+def test_switch_setting_context_manager_and_environment(monkeypatch) -> None:
+    x = torch.ones(3)
+    on = cpu_fastpath.fast_path_on()
+    with cpu_fastpath.use_fast_path(False):
+        assert not cpu_fastpath.enabled(x)
+        with cpu_fastpath.use_fast_path(True):
+            assert cpu_fastpath.enabled(x) and not cpu_fastpath.enabled(x.to(torch.bfloat16))
+            assert not cpu_fastpath.enabled(x.to("meta"))
+        assert not cpu_fastpath.enabled(x)
+    assert cpu_fastpath.fast_path_on() == on
+    for value, expected in (("0", False), ("off", False), ("1", True), ("", True), ("TRUE", True)):
+        monkeypatch.setenv(cpu_fastpath.FAST_PATH_ENV, value)
+        assert cpu_fastpath._setting_from_env() is expected
+    monkeypatch.setenv(cpu_fastpath.FAST_PATH_ENV, "maybe")
+    with pytest.raises(ValueError, match="MULTIEMBED_FAST_PATH='maybe'"):
+        cpu_fastpath._setting_from_env()
+    monkeypatch.delenv(cpu_fastpath.FAST_PATH_ENV)
+    assert cpu_fastpath._setting_from_env() is True
+
+
+@pytest.fixture()
+def fresh_probe() -> Iterator[None]:
+    cpu_fastpath._onednn_linear.cache_clear()
+    yield
+    cpu_fastpath._onednn_linear.cache_clear()
+
+
+def test_gemm_choice_follows_the_machine_and_the_probe(monkeypatch, fresh_probe) -> None:
+    assert cpu_fastpath.gemm_backend(torch.float64) == "addmm"
+    assert cpu_fastpath.gemm_backend(torch.bfloat16) == "addmm"
+    monkeypatch.setattr(cpu_fastpath, "_cpu_capability", lambda: "AVX512")
+    assert cpu_fastpath.gemm_backend(torch.float32) == ("onednn" if torch.backends.mkldnn.is_available() else "addmm")
+    cpu_fastpath._onednn_linear.cache_clear()
+    monkeypatch.setattr(cpu_fastpath, "_cpu_capability", lambda: "AVX2")  # measured slower than addmm there
+    assert cpu_fastpath.gemm_backend(torch.float32) == "addmm"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("mkldnn_linear_pointwise: unsupported")
+
+    cpu_fastpath._onednn_linear.cache_clear()
+    monkeypatch.setattr(cpu_fastpath, "_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(cpu_fastpath, "_linear_pointwise", lambda: broken)
+    assert cpu_fastpath.gemm_backend(torch.float32) == "addmm"
+    x, weight, bias = torch.randn(5, 3), torch.randn(4, 3), torch.randn(4)
+    torch.testing.assert_close(cpu_linear(x, weight, bias), torch.addmm(bias, x, weight.t()))
+    cpu_fastpath._onednn_linear.cache_clear()
+    monkeypatch.setattr(cpu_fastpath, "_linear_pointwise", lambda: (lambda *args: torch.zeros(2, 4)))  # wrong values
+    assert cpu_fastpath.gemm_backend(torch.float32) == "addmm"
+
+
+def test_cpu_linear_matches_float64_matmul() -> None:
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(300, 392), torch.randn(392, 392) / 20, torch.randn(392)
+    expected = x.double() @ weight.double().t() + bias.double()
+    torch.testing.assert_close(cpu_linear(x, weight, bias).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu_linear(x, weight).double(), expected - bias.double(), rtol=1e-5, atol=1e-5)
+    assert cpu_linear(x.double(), weight.double()).dtype == torch.float64
+
+
+def test_padded_base_is_found_only_when_the_padding_holds_ones_then_zeros() -> None:
+    x = torch.randn(3, 4, 5)
+    padded = pad_with_ones_column(x, 8)
+    assert torch.equal(padded[..., :5], x) and bool((padded[..., 5] == 1).all()) and bool((padded[..., 6:] == 0).all())
+    base = ones_column_padded_base(padded[..., :5], 8)
+    assert base is not None and base.data_ptr() == padded.data_ptr() and torch.equal(base, padded)
+    padded[1, 2, 7] = 0.5  # a stray value in the padding: the storage must not be used
+    assert ones_column_padded_base(padded[..., :5], 8) is None
+    assert ones_column_padded_base(x, 8) is None  # contiguous, no padding around it
+    assert ones_column_padded_base(padded[..., :4], 8) is None  # column 4 is data, not the ones column
+
+
+def test_fast_path_module_examples_run() -> None:
+    result = doctest.testmod(cpu_fastpath, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
 
 
 def reference_forward(arch, embeddings: torch.Tensor) -> torch.Tensor:
@@ -44,8 +269,9 @@ def reference_forward(arch, embeddings: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("name, fields", [("dcnv2-me-3x", 5), ("dcnv2-mesi-4x", 5), ("dcnv2-me-2x", 4)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_cross_set_arch_fast_path_matches_plain_autograd(name: str, fields: int, dtype: torch.dtype) -> None:
-    """float64 checks the maths tightly (torch's GEMMs); float32 runs the fast path's oneDNN GEMMs, against the
-    float64 reference."""
+    """The fast path of the cross set arch as a whole (bias carried in the padded GEMM column, the projection
+    reading the cross network's padded output in place, ReLU + dropout in one node) against a hand-written
+    autograd reference in float64 (float32: the fast path's oneDNN GEMMs where chosen)."""
     torch.manual_seed(0)
     reference_arch = build_set_arch(parse_model_name(name), num_fields=fields, hidden=6).double()
     for module in reference_arch.modules():
@@ -60,8 +286,9 @@ def test_cross_set_arch_fast_path_matches_plain_autograd(name: str, fields: int,
     upstream = torch.randn(16, arch.num_sets, arch.output_dim, dtype=torch.float64)
 
     leaf = embeddings.to(dtype).requires_grad_(True)
-    out = arch(leaf)
-    grads = torch.autograd.grad(out, [leaf, *arch.parameters()], upstream.to(dtype))
+    with cpu_fastpath.use_fast_path(True):
+        out = arch(leaf)
+        grads = torch.autograd.grad(out, [leaf, *arch.parameters()], upstream.to(dtype))
     reference_leaf = embeddings.clone().requires_grad_(True)
     expected = reference_forward(reference_arch, reference_leaf)
     expected_grads = torch.autograd.grad(expected, [reference_leaf, *reference_arch.parameters()], upstream)
@@ -71,24 +298,3 @@ def test_cross_set_arch_fast_path_matches_plain_autograd(name: str, fields: int,
     names = ["embeddings", *(n for n, _ in arch.named_parameters())]
     for label, got, want in zip(names, grads, expected_grads):
         torch.testing.assert_close(got.double(), want, **tolerance, msg=lambda m, label=label: f"{label}: {m}")
-
-
-def test_cpu_linear_matches_float64_matmul() -> None:
-    torch.manual_seed(0)
-    x, weight, bias = torch.randn(300, 392), torch.randn(392, 392) / 20, torch.randn(392)
-    expected = x.double() @ weight.double().t() + bias.double()
-    torch.testing.assert_close(cpu_linear(x, weight, bias).double(), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cpu_linear(x, weight).double(), expected - bias.double(), rtol=1e-5, atol=1e-5)
-    assert cpu_linear(x.double(), weight.double()).dtype == torch.float64
-
-
-def test_padded_base_is_found_only_when_the_padding_holds_ones_then_zeros() -> None:
-    x = torch.randn(3, 4, 5)
-    padded = pad_with_ones_column(x, 8)
-    assert torch.equal(padded[..., :5], x) and bool((padded[..., 5] == 1).all()) and bool((padded[..., 6:] == 0).all())
-    base = ones_column_padded_base(padded[..., :5], 8)
-    assert base is not None and base.data_ptr() == padded.data_ptr() and torch.equal(base, padded)
-    padded[1, 2, 7] = 0.5  # a stray value in the padding: the storage must not be used
-    assert ones_column_padded_base(padded[..., :5], 8) is None
-    assert ones_column_padded_base(x, 8) is None  # contiguous, no padding around it
-    assert ones_column_padded_base(padded[..., :4], 8) is None  # column 4 is data, not the ones column

@@ -1,0 +1,608 @@
+"""The CPU fast path of the dense layers, behind one switch; the plain batched ops of
+:mod:`multiembed.models.layers` and :mod:`multiembed.models.interactions` are the reference.
+
+What is here (each the same maths as the reference, with its backward written out where autograd would be slower):
+
+* :func:`set_linear`: K set-specific ``Linear`` layers as one GEMM per set at padded widths
+  (:data:`GEMM_WIDTH_MULTIPLE`), the bias carried in a padded column, the output stored batch-major for the
+  BatchNorm that follows;
+* :func:`cross_network`: DCNv2's full-rank cross layers the same way (:class:`_CrossNetFunction`);
+* :func:`uniform_like`, :func:`dropout`, :func:`relu_dropout`: inverted dropout whose mask is drawn on every intra-op
+  thread (torch's CPU random draws run on one), ReLU and dropout fused into one autograd node;
+* :func:`cpu_linear` / :func:`gemm_backend`: the GEMM kernel, chosen per machine and dtype.
+
+Why: on CPU, GEMMs whose widths are not a multiple of 8 and torch's batched GEMM run well below the machine's GEMM
+rate for the set arches' shapes, and torch draws dropout masks on one thread. Figures, and the alternatives that were
+measured and rejected, are in ``benchmarks/README.md`` ("CPU fast path: measurements and rejected alternatives").
+
+The switch: the layers call :func:`enabled` on their input and take the fast path only when it returns True: the
+global setting is on (default; ``MULTIEMBED_FAST_PATH=0`` in the environment, :func:`set_fast_path` or the
+:func:`use_fast_path` context manager turn it off), the tensor is on CPU and its dtype is in :data:`FAST_DTYPES`.
+Everything else (GPU, ``meta``, half precision) runs the reference path. The switch is read at call time inside
+functions the layers wrap for ``torch.fx``, so traced models (TorchRec's pipeline) follow it too.
+
+This module is plain torch (no TorchRec), like the layers that call it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------------------------------
+# The switch
+
+FAST_PATH_ENV = "MULTIEMBED_FAST_PATH"
+# dtypes the fast path runs; others (bfloat16, float16) take the reference path.
+FAST_DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.float64)
+
+_OFF_VALUES = ("0", "false", "off", "no")
+_ON_VALUES = ("", "1", "true", "on", "yes")
+
+
+def _setting_from_env() -> bool:
+    value = os.environ.get(FAST_PATH_ENV, "1").strip().lower()
+    if value in _OFF_VALUES:
+        return False
+    if value in _ON_VALUES:
+        return True
+    raise ValueError(f"{FAST_PATH_ENV}={os.environ[FAST_PATH_ENV]!r}: expected 1 (fast path on) or 0 (off)")
+
+
+_fast_path_on = _setting_from_env()
+
+
+def fast_path_on() -> bool:
+    """The global setting (True unless ``MULTIEMBED_FAST_PATH=0`` or :func:`set_fast_path` turned it off)."""
+    return _fast_path_on
+
+
+def set_fast_path(on: bool) -> bool:
+    """Turns the fast path on or off for the whole process; returns the previous setting."""
+    global _fast_path_on
+    previous, _fast_path_on = _fast_path_on, bool(on)
+    return previous
+
+
+@contextlib.contextmanager
+def use_fast_path(on: bool) -> Iterator[None]:
+    """The fast path on or off inside a ``with`` block (the previous setting is restored on exit).
+
+    Example::
+
+        >>> with use_fast_path(False):
+        ...     enabled(torch.ones(2))
+        False
+        >>> enabled(torch.ones(2)) == fast_path_on()
+        True
+    """
+    previous = set_fast_path(on)
+    try:
+        yield
+    finally:
+        set_fast_path(previous)
+
+
+def enabled(x: torch.Tensor) -> bool:
+    """True where the layers take the fast path for input ``x``: setting on, ``x`` on CPU, dtype in
+    :data:`FAST_DTYPES`.
+
+    Example::
+
+        >>> enabled(torch.ones(2, dtype=torch.bfloat16)), enabled(torch.ones(2, device="meta"))
+        (False, False)
+    """
+    return _fast_path_on and x.device.type == "cpu" and x.dtype in FAST_DTYPES
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GEMM kernel per machine and dtype
+
+# CPU GEMM widths are padded to a multiple of this.
+GEMM_WIDTH_MULTIPLE = 8
+
+
+def gemm_width(width: int) -> int:
+    """``width`` rounded up to a multiple of :data:`GEMM_WIDTH_MULTIPLE`."""
+    return -(-width // GEMM_WIDTH_MULTIPLE) * GEMM_WIDTH_MULTIPLE
+
+
+def _cpu_capability() -> str:
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # noqa: BLE001 - an older or unusual build: assume nothing about the CPU
+        return "unknown"
+
+
+def _linear_pointwise() -> Callable[..., torch.Tensor]:
+    """The private oneDNN op (raises where this build lacks it)."""
+    return torch.ops.mkldnn._linear_pointwise.default
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_linear(dtype: torch.dtype) -> Optional[Callable[..., torch.Tensor]]:
+    """torch's oneDNN linear kernel (``torch.ops.mkldnn._linear_pointwise``, a private op: the one torch.compile's
+    CPU backend emits) for ``dtype``, or None where it is not the better choice or does not work.
+
+    Used for float32 on AVX-512 CPUs only, and only after a tiny probe call returned the right values (any exception
+    means None): on an AVX2-only CPU it was slower than ``addmm``, and some builds raise for bfloat16 (figures in
+    ``benchmarks/README.md``).
+    """
+    if dtype != torch.float32 or not _cpu_capability().startswith("AVX512"):
+        return None
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return None
+        op = _linear_pointwise()
+        x = torch.arange(6, dtype=dtype).view(2, 3) / 8
+        weight = torch.arange(12, dtype=dtype).view(4, 3) / 16
+        bias = torch.arange(4, dtype=dtype) / 4
+        got = op(x, weight, bias, "none", [], "")
+        if not torch.allclose(got, torch.addmm(bias, x, weight.t()), rtol=1e-4, atol=1e-5):
+            return None
+    except Exception:  # noqa: BLE001 - the op is private: a missing or changed op means "use addmm"
+        return None
+    return op
+
+
+def gemm_backend(dtype: torch.dtype) -> str:
+    """The GEMM :func:`cpu_linear` uses for ``dtype`` on this machine: ``"onednn"`` or ``"addmm"`` (for reports).
+
+    Example::
+
+        >>> gemm_backend(torch.float64)
+        'addmm'
+    """
+    return "onednn" if _onednn_linear(dtype) is not None else "addmm"
+
+
+def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ weight^T (+ bias)`` for ``[N, in]`` and ``[out, in]`` CPU tensors, a fresh ``[N, out]`` tensor.
+
+    oneDNN's GEMM where :func:`gemm_backend` chose it (same maths, another summation order: float32 rounding-level
+    differences), else ``torch.addmm`` / ``torch.mm``.
+
+    Example::
+
+        >>> x, weight, bias = torch.randn(5, 3), torch.randn(4, 3), torch.randn(4)
+        >>> torch.allclose(cpu_linear(x, weight, bias), x @ weight.t() + bias, atol=1e-6)
+        True
+    """
+    op = _onednn_linear(x.dtype) if weight.dtype == x.dtype else None
+    if op is not None:
+        return op(x, weight, bias, "none", [], "")
+    if bias is None:
+        return torch.mm(x, weight.t())
+    return torch.addmm(bias, x, weight.t())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Padding: compute-only (parameters keep their shapes; padded rows and columns are exact zeros and are sliced off)
+
+
+def pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``x`` with its last dimension zero-padded to ``width`` (``x`` itself when it is that wide already)."""
+    return x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
+
+
+def pad_matrices(weight: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``[G, r, c]`` zero-padded to ``[G, rows, cols]`` (``weight`` itself when no padding is needed)."""
+    if weight.shape[-2:] == (rows, cols):
+        return weight
+    padded = weight.new_zeros(weight.shape[0], rows, cols)
+    padded[:, : weight.shape[1], : weight.shape[2]] = weight
+    return padded
+
+
+def pad_with_ones_column(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``[..., D]`` -> ``[..., width]`` (``width > D``): ``x``, then a column of ones, then zeros (a fresh tensor).
+
+    Example::
+
+        >>> pad_with_ones_column(torch.tensor([[2.0, 3.0]]), 4).tolist()
+        [[2.0, 3.0, 1.0, 0.0]]
+    """
+    features = x.shape[-1]
+    out = x.new_empty(*x.shape[:-1], width)
+    out[..., :features] = x
+    out[..., features] = 1.0
+    out[..., features + 1 :] = 0.0
+    return out
+
+
+def ones_column_padded_base(x: torch.Tensor, width: int) -> Optional[torch.Tensor]:
+    """The ``[..., width]`` tensor ``x`` is the leading columns of, when its storage already holds exactly what
+    :func:`pad_with_ones_column` would build (a 1, then zeros, after each row); else None.
+
+    The cross network returns such a view (its padded output, whose padding holds the bias column's 1 and zeros), so
+    the projection after it reads that storage instead of copying the activations into a fresh padded tensor. The
+    padding's values are checked, not assumed (two strided columns: negligible next to the copy).
+
+    Example::
+
+        >>> base = pad_with_ones_column(torch.randn(2, 3, 5), 8)
+        >>> ones_column_padded_base(base[..., :5], 8) is not None, ones_column_padded_base(base[..., :5].clone(), 8)
+        (True, None)
+    """
+    if x.dim() < 2 or x.shape[-1] >= width or x.numel() == 0:
+        return None
+    rows = x.numel() // x.shape[-1]
+    expected = tuple(width * math.prod(x.shape[i + 1 : -1]) for i in range(x.dim() - 1)) + (1,)
+    if x.stride() != expected or x.storage_offset() + rows * width > x.untyped_storage().nbytes() // x.element_size():
+        return None
+    base = x.as_strided((*x.shape[:-1], width), expected)
+    padding = base[..., x.shape[-1] :]
+    if not (bool((padding[..., 0] == 1).all()) and bool((padding[..., 1:] == 0).all())):
+        return None
+    return base
+
+
+def weights_with_bias_column(weight: torch.Tensor, bias: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``[G, out, in]`` and ``[G, out]`` -> ``[G, rows, cols]`` (``rows >= out``, ``cols > in``): ``W`` in the top-left
+    block, ``b`` in column ``in``, zeros elsewhere, so that ``[x, 1, 0] @ W'^T = [x W^T + b, 0]``: the bias rides in
+    the GEMM (the input carries the 1, :func:`pad_with_ones_column`) and its gradient is column ``in`` of the
+    weight gradient ``dY^T [x, 1, 0]``.
+
+    Example::
+
+        >>> w = weights_with_bias_column(torch.ones(1, 2, 2), torch.tensor([[5.0, 6.0]]), 4, 4)
+        >>> (pad_with_ones_column(torch.tensor([[1.0, 2.0]]), 4) @ w[0].t()).tolist()
+        [[8.0, 9.0, 0.0, 0.0]]
+    """
+    out_features, in_features = weight.shape[1:]
+    padded = weight.new_zeros(weight.shape[0], rows, cols)
+    padded[:, :out_features, :in_features] = weight
+    padded[:, :out_features, in_features] = bias
+    return padded
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# K set-specific linear layers
+
+
+class _SetLinearFunction(torch.autograd.Function):
+    """``y[k] = x[k] @ W[g(k)]^T + b[g(k)]`` as one GEMM per set at padded widths, the output stored batch-major.
+
+    Inputs and weights are zero-padded to GEMM-friendly widths (the padding contributes exact zeros, so the
+    unpadded block of every result is unchanged). When the input width has padding, the bias rides in it
+    (:func:`weights_with_bias_column`): no bias broadcast forward, and its gradient comes out of the weight-gradient
+    GEMM instead of a reduction over the batch. Forward writes set ``k`` into columns ``[k*out, (k+1)*out)`` of a
+    ``[B, K * out]`` buffer (the GEMM's leading dimension does the interleaving), so the BatchNorm that follows in
+    ``SetProjection`` reads it without a copy and the gradient it returns feeds the backward GEMMs in place.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        num_sets, batch, in_features = x.shape
+        out_features = weight.shape[1]
+        per_weight = num_sets // weight.shape[0]
+        in_padded, out_padded = gemm_width(in_features), gemm_width(out_features)
+        bias_in_gemm = bias is not None and in_padded > in_features
+        bias_padded: Optional[torch.Tensor] = None
+        if bias is not None and bias_in_gemm:
+            base = ones_column_padded_base(x, in_padded)
+            x_padded = pad_with_ones_column(x, in_padded) if base is None else base
+            weight_padded = weights_with_bias_column(weight, bias, out_padded, in_padded)
+        else:
+            x_padded = pad_last(x, in_padded)
+            weight_padded = pad_matrices(weight, out_padded, in_padded)
+            bias_padded = None if bias is None else pad_last(bias, out_padded)
+        out = x.new_empty(batch, num_sets, out_padded)
+        for k in range(num_sets):
+            g = k // per_weight
+            if bias_padded is None:
+                torch.mm(x_padded[k], weight_padded[g].t(), out=out[:, k])
+            else:
+                torch.addmm(bias_padded[g], x_padded[k], weight_padded[g].t(), out=out[:, k])
+        ctx.save_for_backward(x_padded, weight_padded)
+        ctx.widths = (in_features, out_features)
+        ctx.has_bias = bias is not None
+        ctx.bias_in_gemm = bias_in_gemm
+        return out[..., :out_features].transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x_padded, weight_padded = ctx.saved_tensors
+        in_features, out_features = ctx.widths
+        num_sets = x_padded.shape[0]
+        groups = weight_padded.shape[0]
+        per_weight = num_sets // groups
+        grad_padded = pad_last(grad, weight_padded.shape[1])
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.empty_like(x_padded, memory_format=torch.contiguous_format)
+            for k in range(num_sets):
+                torch.mm(grad_padded[k], weight_padded[k // per_weight], out=grad_x[k])
+            grad_x = grad_x[..., :in_features]
+        bias_needed = ctx.has_bias and ctx.needs_input_grad[2]
+        if ctx.needs_input_grad[1] or (bias_needed and ctx.bias_in_gemm):
+            grad_padded_weight = torch.empty_like(weight_padded, memory_format=torch.contiguous_format)
+            for k in range(num_sets):
+                if k % per_weight == 0:
+                    torch.mm(grad_padded[k].t(), x_padded[k], out=grad_padded_weight[k // per_weight])
+                else:
+                    grad_padded_weight[k // per_weight].addmm_(grad_padded[k].t(), x_padded[k])
+            if ctx.needs_input_grad[1]:
+                grad_weight = grad_padded_weight[:, :out_features, :in_features].contiguous()  # the parameter's layout
+            if bias_needed and ctx.bias_in_gemm:
+                grad_bias = grad_padded_weight[:, :out_features, in_features].contiguous()
+        if bias_needed and not ctx.bias_in_gemm:
+            grad_bias = grad.sum(dim=1).view(groups, per_weight, -1).sum(dim=1)
+        return grad_x, grad_weight, grad_bias
+
+
+def set_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """K set-specific linear layers on CPU: ``[K, B, in]`` x ``[G, out, in]`` (+ ``[G, out]``) -> ``[K, B, out]``, a
+    view of batch-major storage (:class:`_SetLinearFunction`).
+
+    Example::
+
+        >>> x, weight, bias = torch.randn(3, 5, 7), torch.randn(3, 2, 7), torch.randn(3, 2)
+        >>> torch.allclose(set_linear(x, weight, bias), torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2)),
+        ...                atol=1e-5)
+        True
+    """
+    return _SetLinearFunction.apply(x, weight, bias)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DCNv2's full-rank cross network
+
+
+class _CrossNetFunction(torch.autograd.Function):
+    r"""L full-rank cross layers on CPU: one GEMM per weight set at a padded width, the backward written out.
+
+    The width D is zero-padded to a GEMM-friendly D' (:func:`gemm_width`). When there is padding (D' > D) the bias
+    rides in it: :math:`x_0` and every :math:`x_l` carry a constant 1 in column D (:func:`pad_with_ones_column`) and
+    the padded weight holds :math:`b_l` in column D (:func:`weights_with_bias_column`), so :math:`P_l = x_l W'^T_l`
+    is the biased projection with no bias broadcast, and :math:`dW'_l = dP^T x_l` carries :math:`db_l = \sum dP` in
+    its column D (no separate reduction over the batch). Row D of :math:`W'` is zero, so column D of every
+    :math:`P_l` is 0 and that of :math:`x_{l+1} = x_0 \odot P_l + x_l` stays 1; the other padded columns stay 0.
+    Without padding the bias is a separate ``addmm`` term and reduction.
+
+    Forward per layer: :math:`P_l = x_l W_l^T + b_l` (one GEMM per weight set, :func:`cpu_linear`),
+    :math:`x_{l+1} = x_0 \odot P_l + x_l`. Backward, from :math:`G = \partial L / \partial x_{l+1}`:
+    :math:`dP = G \odot x_0`, the :math:`x_0` gradient accumulates :math:`G \odot P_l` in place,
+    :math:`dW_l = dP^T x_l`, and :math:`\partial L / \partial x_l = G + dP\, W_l` is one GEMM accumulating into
+    :math:`G` (the padded columns of :math:`G` pick up values there, which meet only zero rows of :math:`W'` and are
+    sliced off): fewer element-wise passes a layer than autograd's addcmul / baddbmm backward. Saved tensors are
+    those autograd would keep (each layer's input and projection), padded.
+    """
+
+    @staticmethod
+    def forward(ctx, x0: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        num_layers = len(params) // 2
+        width = x0.shape[-1]
+        padded = gemm_width(width)
+        bias_in_gemm = padded > width
+        if bias_in_gemm:
+            weights = [
+                weights_with_bias_column(w, b, padded, padded) for w, b in zip(params[:num_layers], params[num_layers:])
+            ]
+            biases: List[Optional[torch.Tensor]] = [None] * num_layers
+            x0_padded = pad_with_ones_column(x0, padded)
+        else:
+            weights = list(params[:num_layers])
+            biases = list(params[num_layers:])
+            x0_padded = x0.contiguous()
+        groups = x0.shape[0]
+        inputs: List[torch.Tensor] = []
+        projections: List[torch.Tensor] = []  # layer-major: layer l's set g at l * G + g
+        xl = x0_padded
+        for weight, bias in zip(weights, biases):
+            following = torch.empty_like(x0_padded)
+            for g in range(groups):
+                projected = cpu_linear(xl[g], weight[g], None if bias is None else bias[g])
+                torch.addcmul(xl[g], x0_padded[g], projected, out=following[g])
+                projections.append(projected)
+            inputs.append(xl)
+            xl = following
+        ctx.num_layers = num_layers
+        ctx.width = width
+        ctx.bias_in_gemm = bias_in_gemm
+        ctx.save_for_backward(*weights, *inputs, *projections)
+        return xl[..., :width]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        n, width = ctx.num_layers, ctx.width
+        saved = ctx.saved_tensors
+        weights, inputs, projections = saved[:n], saved[n : 2 * n], saved[2 * n :]
+        x0 = inputs[0]
+        grad_weights: List[Optional[torch.Tensor]] = [None] * n
+        grad_biases: List[Optional[torch.Tensor]] = [None] * n
+        # dL/dx_l, updated in place layer by layer (a fresh padded copy: the incoming gradient is never modified).
+        upstream = torch.empty_like(x0)
+        upstream[..., :width] = grad
+        upstream[..., width:] = 0.0
+        # One buffer each for dP and the padded dW, reused by every layer (fewer large allocations per step).
+        grad_projected = torch.empty_like(x0)
+        grad_weight = torch.empty_like(weights[0])
+        grad_x0: Optional[torch.Tensor] = None
+        groups = x0.shape[0]
+        for layer in reversed(range(n)):
+            torch.mul(upstream, x0, out=grad_projected)
+            first = grad_x0 is None
+            if grad_x0 is None:
+                grad_x0 = torch.empty_like(x0)
+            for g in range(groups):
+                if first:
+                    torch.mul(upstream[g], projections[layer * groups + g], out=grad_x0[g])
+                else:
+                    grad_x0[g].addcmul_(upstream[g], projections[layer * groups + g])
+            weight_needed = ctx.needs_input_grad[1 + layer]
+            bias_needed = ctx.needs_input_grad[1 + n + layer]
+            if weight_needed or (bias_needed and ctx.bias_in_gemm):
+                for g in range(x0.shape[0]):
+                    torch.mm(grad_projected[g].t(), inputs[layer][g], out=grad_weight[g])
+            if weight_needed:
+                # A copy out of the reused buffer, in the parameter's own (contiguous) layout: DDP's buckets and
+                # AccumulateGrad would otherwise copy a strided gradient anyway, DDP with a warning.
+                grad_weights[layer] = grad_weight[:, :width, :width].clone(memory_format=torch.contiguous_format)
+            if bias_needed:
+                if ctx.bias_in_gemm:
+                    grad_biases[layer] = grad_weight[:, :width, width].clone(memory_format=torch.contiguous_format)
+                else:
+                    grad_biases[layer] = grad_projected.sum(dim=1)
+            for g in range(x0.shape[0]):
+                upstream[g].addmm_(grad_projected[g], weights[layer][g])
+        grad_input = upstream.add_(grad_x0)[..., :width] if ctx.needs_input_grad[0] else None
+        return (grad_input, *grad_weights, *grad_biases)
+
+
+def cross_network(x0: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor]) -> torch.Tensor:
+    r"""Full-rank cross layers :math:`x_{l+1} = x_0 \odot (W_l x_l + b_l) + x_l` on CPU (:class:`_CrossNetFunction`):
+    ``[G, N, D]`` input, ``[G, D, D]`` weights and ``[G, D]`` biases per layer; the result is a ``[G, N, D]`` view of
+    ``[G, N, D']`` storage.
+
+    Example::
+
+        >>> x = torch.randn(2, 8, 6)
+        >>> weights, biases = [torch.randn(2, 6, 6)], [torch.zeros(2, 6)]
+        >>> torch.allclose(cross_network(x, weights, biases), x * torch.bmm(x, weights[0].transpose(1, 2)) + x,
+        ...                atol=1e-5)
+        True
+    """
+    return _CrossNetFunction.apply(x0, *weights, *biases)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Dropout with a mask drawn on every intra-op thread
+
+# Elements per independently seeded random stream of a dropout mask. A constant, not derived from the thread count,
+# so that a seed draws the same masks whatever the number of threads.
+MASK_CHUNK = 1 << 17
+
+_mask_pool: Optional[ThreadPoolExecutor] = None
+_mask_pool_key: Tuple[int, int] = (0, 0)
+_mask_thread_state = threading.local()
+
+
+def _mask_threads() -> Optional[ThreadPoolExecutor]:
+    """The worker threads that draw mask chunks (None with one intra-op thread); rebuilt after a fork or a change of
+    ``torch.set_num_threads``."""
+    global _mask_pool, _mask_pool_key
+    threads = torch.get_num_threads()
+    if threads < 2:
+        return None
+    key = (os.getpid(), threads)
+    if _mask_pool is None or _mask_pool_key != key:
+        _mask_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="multiembed-mask")
+        _mask_pool_key = key
+    return _mask_pool
+
+
+def _seeded_generator(seed: int) -> torch.Generator:
+    """This thread's generator, reseeded."""
+    generator = getattr(_mask_thread_state, "generator", None)
+    if generator is None:
+        generator = _mask_thread_state.generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def _for_each_chunk(work: Callable[[int], None], count: int) -> None:
+    """``work(i)`` for every chunk index, on the mask threads (or here with one intra-op thread)."""
+    pool = _mask_threads() if count > 1 else None
+    if pool is None:
+        for i in range(count):
+            work(i)
+    else:
+        list(pool.map(work, range(count)))
+
+
+def _stream_base() -> int:
+    """The seed of chunk 0 of a new mask (chunk ``i`` uses ``base + i``), from torch's default generator."""
+    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+
+
+def uniform_like(x: torch.Tensor) -> torch.Tensor:
+    """Uniform ``[0, 1)`` floats shaped like ``x`` (same distribution as ``torch.rand_like``), drawn in parallel on CPU.
+
+    torch's CPU ``uniform_`` runs on one thread (one mt19937 behind a lock). Here the tensor is cut into chunks of
+    :data:`MASK_CHUNK` elements, each filled from its own generator seeded with ``base + i`` (``base`` drawn from
+    torch's default generator, so ``torch.manual_seed`` governs it; consecutive seeds per stream as DataLoader seeds
+    its workers), on ``torch.get_num_threads()`` threads (``uniform_`` releases the GIL). The chunking is fixed, so
+    the values depend on the seed only, not on the thread count. Other devices use ``torch.rand_like``.
+
+    Example::
+
+        >>> u = uniform_like(torch.empty(3, 1_000_000))
+        >>> u.shape, bool(u.min() >= 0) and bool(u.max() < 1), abs(float(u.mean()) - 0.5) < 0.01
+        (torch.Size([3, 1000000]), True, True)
+    """
+    if x.device.type != "cpu":
+        return torch.rand_like(x, memory_format=torch.contiguous_format)
+    out = torch.empty(x.shape, dtype=x.dtype)
+    chunks = out.view(-1).split(MASK_CHUNK)
+    base = _stream_base()
+
+    def fill(i: int) -> None:
+        chunks[i].uniform_(generator=_seeded_generator(base + i))
+
+    _for_each_chunk(fill, len(chunks))
+    return out
+
+
+def dropout_scale(p: float) -> float:
+    """``1 / (1 - p)``, the factor of the kept elements (as ``nn.Dropout``)."""
+    return 1.0 / (1.0 - p)
+
+
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout in training: ``x * keep`` with ``keep = 1 / (1 - p)`` where ``uniform >= p``, else 0 (the mask
+    from :func:`uniform_like`). The distribution is ``nn.Dropout``'s; the random stream differs.
+
+    Example::
+
+        >>> out = dropout(torch.ones(100_000), 0.2)
+        >>> sorted(set(out.tolist())), 0.79 < float((out > 0).float().mean()) < 0.81
+        ([0.0, 1.25], True)
+    """
+    keep = uniform_like(x).ge_(p).mul_(dropout_scale(p))
+    return x * keep
+
+
+class _ReLUDropoutFunction(torch.autograd.Function):
+    r"""``relu(x) * keep`` (``keep`` as :func:`dropout`), with one saved tensor: the output.
+
+    Forward is exactly ``torch.relu`` followed by the dropout multiply. Backward uses that an output element is
+    positive exactly where ``x > 0`` and the element was kept (``1 / (1 - p) > 1`` never rounds a positive product
+    to 0), so :math:`\partial L / \partial x = \text{threshold\_backward}(g, \text{out}, 0) / (1 - p)`: the
+    values autograd computes through ReLU and dropout (``g * keep`` masked where ``x <= 0``), without keeping the
+    mask alive until backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        keep = uniform_like(x).ge_(p).mul_(dropout_scale(p))
+        out = torch.relu(x).mul_(keep)
+        ctx.save_for_backward(out)
+        ctx.scale = dropout_scale(p)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(grad, out, 0.0).mul_(ctx.scale), None
+
+
+def relu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """``dropout(relu(x))`` in training, in one autograd node (:class:`_ReLUDropoutFunction`).
+
+    Example::
+
+        >>> x = torch.randn(100_000)
+        >>> out = relu_dropout(x, 0.2)
+        >>> bool(((out == 0) | (out == 1.25 * x)).all()), bool((out[x <= 0] == 0).all())
+        (True, True)
+    """
+    return _ReLUDropoutFunction.apply(x, p)
