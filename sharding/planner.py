@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import heapq
+import inspect
 import logging
 import os
 import warnings
@@ -32,12 +33,26 @@ from torch import nn  # noqa: E402
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel  # noqa: E402
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder  # noqa: E402
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology  # noqa: E402
-from torchrec.distributed.planner.partitioners import GreedyPerfPartitioner  # noqa: E402
-from torchrec.distributed.planner.stats import NoopEmbeddingStats  # noqa: E402
-from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation  # noqa: E402
-from torchrec.distributed.planner.types import PlannerError, PlannerErrorType, ShardingOption  # noqa: E402
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType  # noqa: E402
-from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS  # noqa: E402
+
+from multiembed.data.stack import PINNED, installed_versions  # noqa: E402
+
+
+def _stack_line() -> str:
+    return ", ".join(f"{name} {version or 'not installed'}" for name, version in installed_versions().items())
+
+
+try:  # planner internals this module builds on (not TorchRec's documented API; checked against the pinned stack)
+    from torchrec.distributed.planner.partitioners import GreedyPerfPartitioner
+    from torchrec.distributed.planner.stats import NoopEmbeddingStats
+    from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+    from torchrec.distributed.planner.types import PlannerError, PlannerErrorType, ShardingOption
+    from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS
+except ImportError as e:  # pragma: no cover - depends on the installed TorchRec
+    raise ImportError(
+        f"multiembed.sharding needs TorchRec planner internals that this TorchRec does not have ({e}); installed: "
+        f"{_stack_line()}; supported: {PINNED}"
+    ) from e
 from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E402
 
 from multiembed.sharding.strategy import ShardingStrategy  # noqa: E402
@@ -258,6 +273,23 @@ def make_sharders(
     return [sharder_class(fused_params=params)]
 
 
+def _partition_hook_matches() -> bool:
+    """True when TorchRec's greedy partitioner still has the private hook :class:`SetParallelPartitioner` overrides,
+    with the parameters it had in the pinned TorchRec."""
+    hook = getattr(GreedyPerfPartitioner, "_device_partition", None)
+    if hook is None:
+        return False
+    try:
+        parameters = list(inspect.signature(hook).parameters)
+    except (TypeError, ValueError):
+        return False
+    return parameters[:2] == ["sharding_option", "minheap_devices"]
+
+
+# Whether the override can take effect; when it cannot, plan_sharding's check of the plan says so if it matters.
+PARTITION_HOOK_MATCHES = _partition_hook_matches()
+
+
 class SetParallelPartitioner(GreedyPerfPartitioner):
     """TorchRec's greedy partitioner, with the column shards of one table on distinct ranks.
 
@@ -265,6 +297,11 @@ class SetParallelPartitioner(GreedyPerfPartitioner):
     sets of a small table; with set-wide shards that defeats set parallelism. TorchRec keeps column shards apart
     only for key-value tables, so this partitioner places every column-wise table that way (least-loaded rank
     first, as TorchRec orders them) whenever there are at least as many ranks as shards.
+
+    It overrides a private method of TorchRec's ``GreedyPerfPartitioner`` (``_device_partition``, as in the pinned
+    TorchRec). :func:`plan_sharding` checks every plan for the promise (column shards of a table on distinct ranks
+    when there are enough ranks) and raises ``RuntimeError`` naming the installed versions when a TorchRec that no
+    longer calls the hook broke it.
 
     Example::
 
@@ -515,7 +552,7 @@ def plan_sharding(
         raise ShardingError(str(payload))
     plan = payload
     assert isinstance(plan, ShardingPlan)
-    _check_plan(plan, tables, strategies, set_width)
+    _check_plan(plan, tables, strategies, set_width, world_size)
     return plan
 
 
@@ -524,8 +561,16 @@ def _check_plan(
     tables: Sequence[TableSpec],
     strategies: Mapping[str, ShardingStrategy],
     set_width: Optional[int],
+    world_size: int,
 ) -> None:
-    """Guards the promises of the named strategies against a planner that would quietly do otherwise."""
+    """Guards the promises of the named strategies, and of :class:`SetParallelPartitioner`, against a planner that
+    would quietly do otherwise.
+
+    Raises:
+        ShardingError: a table unplanned, planned with another strategy or with column shards not one set wide.
+        RuntimeError: column shards of one table sharing a rank although there are enough ranks (the partitioner
+            override did not take effect: a TorchRec other than the pinned one).
+    """
     for table in tables:
         sharding = plan.plan.get(table.module_path, {}).get(table.name)  # type: ignore[union-attr]
         if sharding is None:
@@ -540,6 +585,15 @@ def _check_plan(
             if table.embedding_dim % set_width == 0 and widths != {set_width}:
                 raise ShardingError(
                     f"table {table.name!r}: column shards of width {sorted(widths)}, expected one set ({set_width})"
+                )
+        if sharding.sharding_type == ShardingType.COLUMN_WISE.value:
+            ranks = list(sharding.ranks or [])
+            if 1 < len(ranks) <= world_size and len(set(ranks)) < len(ranks):
+                hook = "" if PARTITION_HOOK_MATCHES else " (GreedyPerfPartitioner._device_partition has changed)"
+                raise RuntimeError(
+                    f"table {table.name!r}: column shards on ranks {ranks}, expected distinct ranks (one set per rank); "
+                    f"SetParallelPartitioner's override of TorchRec's private GreedyPerfPartitioner hook did not take "
+                    f"effect{hook}; installed: {_stack_line()}; supported: {PINNED}"
                 )
 
 

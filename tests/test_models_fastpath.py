@@ -298,3 +298,31 @@ def test_cross_set_arch_fast_path_matches_plain_autograd(name: str, fields: int,
     names = ["embeddings", *(n for n, _ in arch.named_parameters())]
     for label, got, want in zip(names, grads, expected_grads):
         torch.testing.assert_close(got.double(), want, **tolerance, msg=lambda m, label=label: f"{label}: {m}")
+
+
+@pytest.mark.filterwarnings("ignore:HeuristicalStorageReservation:FutureWarning")
+def test_planner_refuses_a_plan_where_the_partitioner_override_did_not_take_effect(monkeypatch) -> None:
+    """The other private API of this package's hot paths: ``SetParallelPartitioner`` overrides TorchRec's private
+    ``GreedyPerfPartitioner._device_partition``. Simulated here as a TorchRec that no longer calls the override (the
+    stock method in its place): the two sets of the light table then share a rank and ``plan_sharding`` refuses the
+    plan, naming the versions, instead of quietly giving up set parallelism."""
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+    from torchrec.distributed.planner.partitioners import GreedyPerfPartitioner
+
+    from multiembed.data.stack import PINNED
+    from multiembed.sharding.planner import PARTITION_HOOK_MATCHES, SetParallelPartitioner, plan_sharding
+
+    assert PARTITION_HOOK_MATCHES
+    ebc = EmbeddingBagCollection(
+        [EmbeddingBagConfig(name="heavy", embedding_dim=12, num_embeddings=1000, feature_names=["heavy"]),
+         EmbeddingBagConfig(name="light", embedding_dim=24, num_embeddings=10, feature_names=["light"])],
+        device=torch.device("meta"),
+    )
+    options = dict(world_size=2, local_world_size=2, device_type="cuda", hbm_gb=80, set_width=12, batch_size=512,
+                   pooling_factors={"heavy": 500.0, "light": 1.0})
+    assert sorted(plan_sharding(ebc, "column_wise", **options).plan[""]["light"].ranks) == [0, 1]
+    monkeypatch.setattr(SetParallelPartitioner, "_device_partition",
+                        GreedyPerfPartitioner.__dict__["_device_partition"])
+    with pytest.raises(RuntimeError, match=r"table 'light': column shards on ranks \[1, 1\].*distinct") as error:
+        plan_sharding(ebc, "column_wise", **options)
+    assert PINNED in str(error.value)
