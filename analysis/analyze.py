@@ -3,7 +3,7 @@
 A run directory (``RUN/config.json``, ``RUN/checkpoints/step-N/``) records every option of its run, so the sharded
 model is rebuilt exactly as the trainer built it (:class:`~multiembed.training.trainer.Trainer` with
 ``evaluate_only=True``, which touches nothing in the run directory), the checkpoint is loaded into it, and
-:func:`~multiembed.models.collapse.collapse_from_model` streams its tables: a collective over the ranks when started
+:func:`~multiembed.collapse.collapse_from_model` streams its tables: a collective over the ranks when started
 by torchrun / torchx, one rank otherwise. No table is gathered on one rank. Rank 0 writes the report
 (:func:`~multiembed.analysis.report.write_collapse_report`): ``collapse.json`` and the figures.
 
@@ -31,7 +31,7 @@ from multiembed.analysis.report import (  # noqa: E402
     read_collapse_json,
     write_collapse_report,
 )
-from multiembed.models.collapse import CollapseResult, collapse_from_model, summarize_sets  # noqa: E402
+from multiembed.collapse import CollapseResult, collapse_from_model, summarize_sets  # noqa: E402
 from multiembed.training import checkpoint as ckpt  # noqa: E402
 from multiembed.training.distributed import DistContext  # noqa: E402
 from multiembed.training.trainer import (  # noqa: E402

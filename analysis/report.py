@@ -1,6 +1,6 @@
 """Collapse reports: ``collapse.json`` and the figures of the paper's collapse analysis.
 
-Everything here reads the dict form of :class:`multiembed.models.collapse.CollapseResult` (what ``collapse.json``
+Everything here reads the dict form of :class:`multiembed.collapse.CollapseResult` (what ``collapse.json``
 holds), so a report can be redrawn from a saved file without a model. Figures are drawn with matplotlib's
 object-oriented API on the Agg canvas (no pyplot state, no display needed) and written atomically (temporary name,
 then rename). Every plotting function returns the arrays it drew, so tests and callers can check the figure's data.
@@ -31,8 +31,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from multiembed.collapse import CollapseResult, summarize_sets
 from multiembed.data.metadata import atomic_write_text
-from multiembed.models.collapse import CollapseResult, summarize_sets
 
 COLLAPSE_JSON = "collapse.json"
 SPECTRA_PNG = "spectra.png"
@@ -365,7 +365,7 @@ def write_collapse_report(
         import tempfile, torch
         from types import SimpleNamespace
         from multiembed.analysis.report import write_collapse_report
-        from multiembed.models.collapse import collapse_from_tables
+        from multiembed.collapse import collapse_from_tables
 
         layout = [SimpleNamespace(table_name="t", field="f", set_index=0, col_start=0, col_stop=8)]
         result = collapse_from_tables({"t": torch.randn(100, 8)}, layout)

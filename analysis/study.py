@@ -53,8 +53,8 @@ from multiembed.analysis.scaling import (  # noqa: E402
     write_csv,
     write_markdown,
 )
+from multiembed.collapse import collapse_from_model  # noqa: E402
 from multiembed.data.metadata import read_metadata  # noqa: E402
-from multiembed.models.collapse import collapse_from_model  # noqa: E402
 from multiembed.models.names import BASE_SET_DIM, parse_model_name  # noqa: E402
 from multiembed.training.distributed import DistContext, broadcast_object, init_distributed  # noqa: E402
 from multiembed.training.trainer import (  # noqa: E402

@@ -62,7 +62,6 @@ from multiembed.models.sparse_arch import (  # noqa: E402
     padded_set_dim,
 )
 from multiembed.models.zoo import BACKBONE_OPTIONS, build_model, build_over_arch, build_set_arch  # noqa: E402
-from multiembed.models.collapse import CollapseResult, collapse_from_model, information_abundance  # noqa: E402,F401
 
 __all__ = [
     "BACKBONES",

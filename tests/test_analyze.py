@@ -81,7 +81,7 @@ def random_comparison(run: Path) -> Dict:
     import torch
     from types import SimpleNamespace
 
-    from multiembed.models.collapse import collapse_from_tables
+    from multiembed.collapse import collapse_from_tables
 
     vocab = json.loads((run / "config.json").read_text())["data"]["vocab_sizes"]
     generator = torch.Generator().manual_seed(0)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from multiembed.models.collapse import (
+from multiembed.collapse import (
     CollapseResult,
     GramAccumulator,
     LocalShard,
@@ -404,7 +404,7 @@ def _zoo_model(name: str, layout: str = "fused", num_dense: int = 0):
 
 @pytest.mark.parametrize("layout", ["fused", "per_set"])
 def test_zoo_dcnv2_model_matches_direct_computation(layout: str) -> None:
-    from multiembed.models.collapse import collapse_from_model
+    from multiembed.collapse import collapse_from_model
 
     model = _zoo_model("dcnv2-me-2x", layout, num_dense=2)  # the dense arch's field enters the cross last
     result = collapse_from_model(model, chunk_rows=16)
@@ -426,7 +426,7 @@ def test_zoo_dcnv2_model_matches_direct_computation(layout: str) -> None:
 
 
 def test_zoo_models_without_full_rank_cross_have_no_sub_embedding() -> None:
-    from multiembed.models.collapse import collapse_from_model, first_cross_weights
+    from multiembed.collapse import collapse_from_model, first_cross_weights
 
     for name in ("dnn-me-2x", "dcnv2lr-se-1x"):
         model = _zoo_model(name)
@@ -481,8 +481,8 @@ def _dmp_cases(rank: int, world_size: int) -> Tuple[Dict[str, CollapseResult], D
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.types import ShardingEnv
 
+    from multiembed.collapse import collapse_from_model
     from multiembed.models import build_model
-    from multiembed.models.collapse import collapse_from_model
     from multiembed.sharding import make_sharders, plan_sharding
 
     reference = _zoo_model("dcnv2-me-2x").state_dict()
@@ -534,7 +534,7 @@ def test_two_gloo_ranks_equal_single_process(tmp_path: Path) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from dist_utils import run_ranks
 
-    from multiembed.models.collapse import collapse_from_model
+    from multiembed.collapse import collapse_from_model
 
     run_ranks(_gloo_worker, 2, str(tmp_path))
     per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]

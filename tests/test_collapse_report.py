@@ -20,7 +20,7 @@ from multiembed.analysis.report import (
     write_collapse_json,
     write_collapse_report,
 )
-from multiembed.models.collapse import CollapseResult, collapse_from_tables
+from multiembed.collapse import CollapseResult, collapse_from_tables
 
 VOCAB = {"user": 120, "ad": 35, "site": 70, "hour": 24}  # deliberately not in vocabulary order
 NUM_SETS, DIM, STORED = 3, 6, 8

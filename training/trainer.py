@@ -41,7 +41,7 @@ from tqdm import tqdm  # noqa: E402
 from multiembed.data.loader import ParquetBatchLoader  # noqa: E402
 from multiembed.data.metadata import DatasetMetadata, atomic_write_text, read_metadata  # noqa: E402
 from multiembed.models import MultiEmbeddingTrain, build_model  # noqa: E402
-from multiembed.models.collapse import collapse_from_model, summarize_sets  # noqa: E402
+from multiembed.collapse import collapse_from_model, summarize_sets  # noqa: E402
 from multiembed.sharding import format_plan, make_sharders, plan_sharding, plan_summary  # noqa: E402
 from multiembed.training import checkpoint as ckpt  # noqa: E402
 from multiembed.training.distributed import DistContext, init_distributed  # noqa: E402
