@@ -42,9 +42,9 @@ from multiembed.models.names import (  # noqa: E402
 )
 from multiembed.models.over_arch import BilinearFusionOverArch, CINOverArch, MLPOverArch  # noqa: E402
 from multiembed.models.set_arch import (  # noqa: E402
+    PREPEND_CHOICES,
     CINSetArch,
     CrossSetArch,
-    DotSetArch,
     FlatSetArch,
     FwFMSetArch,
     InnerProductSetArch,
@@ -72,6 +72,7 @@ __all__ = [
     "LAYOUTS",
     "MODES",
     "PAPER_SCALES",
+    "PREPEND_CHOICES",
     "BatchedCrossNet",
     "BatchedLinear",
     "BatchedLowRankCrossNet",
@@ -80,7 +81,6 @@ __all__ = [
     "CINSetArch",
     "CompressedInteraction",
     "CrossSetArch",
-    "DotSetArch",
     "FieldWeightedFM",
     "FlatSetArch",
     "FwFMSetArch",

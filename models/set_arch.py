@@ -4,7 +4,7 @@ Every arch maps the sparse arch's ``[B, K, F, d]`` to ``[B, K, output_dim]``: on
 averaged over sets by the model. Each is composed from built modules (an interaction core of
 :mod:`multiembed.models.interactions` and a :class:`~multiembed.models.layers.SetProjection`), in the paper's ME
 form; SE is K = 1. Where the paper's code builds SE differently (IPNN: SE feeds the embeddings *and* the products
-to its MLP, the ME branch only the products) a flag selects the form.
+to its MLP, the ME branch only the products) an argument selects the form.
 """
 
 from __future__ import annotations
@@ -154,70 +154,42 @@ class CrossSetArch(SetInteractionArch):
         return weight.repeat_interleave(self.num_sets // self.crossnet.num_weight_sets, dim=0)
 
 
+PREPEND_CHOICES = ("none", "embeddings", "dense_field")
+
+
 class InnerProductSetArch(SetInteractionArch):
-    """IPNN: pairwise inner products, optionally with the concatenated embeddings, then the projection.
+    """IPNN and DLRM: pairwise inner products of the fields, optionally with features concatenated in front, then
+    the projection. The two backbones differ only in what goes in front of the products (``prepend``):
 
-    The paper's SE IPNN feeds ``[embeddings, products]`` to its MLP; its ME branch feeds the products only
-    (``include_embeddings=False``). So ME with K = 1 is not SE for IPNN: both forms are kept faithful.
+    - ``"none"``: the products alone (the paper's ME IPNN branch; DLRM without a dense arch).
+    - ``"embeddings"``: each set's concatenated embeddings ``[F*d]`` (the paper's SE IPNN feeds
+      ``[embeddings, products]`` to its MLP, so ME with K = 1 is not SE for IPNN: both forms are kept faithful).
+    - ``"dense_field"``: the last field, the dense arch's output ``[d]`` (DLRM, as TorchRec's ``InteractionArch``).
 
     Args:
-        num_fields: F.
+        num_fields: F (the dense field included when present).
         set_dim: d.
-        projection: ``SetProjection(K, F*(F-1)/2 [+ F*d], H)``.
-        include_embeddings: prepend each set's concatenated embeddings to its products (the SE form).
+        projection: ``SetProjection(K, F*(F-1)/2 + P, H)`` with ``P`` = 0, ``F*d`` or ``d`` by ``prepend``.
+        prepend: one of :data:`PREPEND_CHOICES`.
 
     Example::
 
-        >>> arch = InnerProductSetArch(39, 10, SetProjection(4, 741, 400, 0.2), include_embeddings=False)
-        >>> arch(torch.randn(32, 4, 39, 10)).shape
+        >>> ipnn = InnerProductSetArch(39, 10, SetProjection(4, 741, 400, 0.2))  # ME IPNN
+        >>> ipnn(torch.randn(32, 4, 39, 10)).shape
         torch.Size([32, 4, 400])
-    """
-
-    def __init__(self, num_fields: int, set_dim: int, projection: SetProjection, include_embeddings: bool) -> None:
-        super().__init__(projection.num_sets, num_fields, set_dim, projection.out_features)
-        self.products = PairwiseInnerProducts(num_fields)
-        self.include_embeddings = include_embeddings
-        width = self.products.output_dim + (num_fields * set_dim if include_embeddings else 0)
-        _check_projection(self, projection, width)
-        self.projection = projection
-
-    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            embeddings: ``[B, K, F, d]``.
-
-        Returns:
-            ``[B, K, H]``.
-        """
-        per_set = set_major(embeddings)
-        products = self.products(per_set)
-        if self.include_embeddings:
-            products = torch.cat([per_set.flatten(2), products], dim=2)
-        return self.projection(products)
-
-
-class DotSetArch(SetInteractionArch):
-    """DLRM (TorchRec's ``InteractionArch``): pairwise dot products of all fields, the dense arch's output (the
-    last field, when present) concatenated in front, then the projection.
-
-    Args:
-        num_fields: F, the dense field included.
-        set_dim: d.
-        projection: ``SetProjection(K, F*(F-1)/2 [+ d], H)``.
-        dense_field: the last field is the dense arch's output.
-
-    Example::
-
-        >>> arch = DotSetArch(27, 16, SetProjection(2, 351 + 16, 400, 0.2), dense_field=True)
-        >>> arch(torch.randn(32, 2, 27, 16)).shape
+        >>> dlrm = InnerProductSetArch(27, 16, SetProjection(2, 351 + 16, 400, 0.2), prepend="dense_field")
+        >>> dlrm(torch.randn(32, 2, 27, 16)).shape
         torch.Size([32, 2, 400])
     """
 
-    def __init__(self, num_fields: int, set_dim: int, projection: SetProjection, dense_field: bool) -> None:
+    def __init__(self, num_fields: int, set_dim: int, projection: SetProjection, prepend: str = "none") -> None:
         super().__init__(projection.num_sets, num_fields, set_dim, projection.out_features)
+        if prepend not in PREPEND_CHOICES:
+            raise ValueError(f"prepend must be one of {', '.join(PREPEND_CHOICES)}, got {prepend!r}")
         self.products = PairwiseInnerProducts(num_fields)
-        self.dense_field = dense_field
-        _check_projection(self, projection, self.products.output_dim + (set_dim if dense_field else 0))
+        self.prepend = prepend
+        extra = {"none": 0, "embeddings": num_fields * set_dim, "dense_field": set_dim}[prepend]
+        _check_projection(self, projection, self.products.output_dim + extra)
         self.projection = projection
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -228,11 +200,13 @@ class DotSetArch(SetInteractionArch):
         Returns:
             ``[B, K, H]``.
         """
-        per_set = set_major(embeddings)
-        interactions = self.products(per_set)
-        if self.dense_field:
-            interactions = torch.cat([per_set[:, :, -1, :], interactions], dim=2)
-        return self.projection(interactions)
+        per_set = set_major(embeddings)  # [K, B, F, d]
+        products = self.products(per_set)  # [K, B, F*(F-1)/2]
+        if self.prepend == "embeddings":
+            products = torch.cat([per_set.flatten(2), products], dim=2)
+        elif self.prepend == "dense_field":
+            products = torch.cat([per_set[:, :, -1, :], products], dim=2)
+        return self.projection(products)
 
 
 class FwFMSetArch(SetInteractionArch):

@@ -43,7 +43,6 @@ from multiembed.models.over_arch import BilinearFusionOverArch, CINOverArch, MLP
 from multiembed.models.set_arch import (
     CINSetArch,
     CrossSetArch,
-    DotSetArch,
     FlatSetArch,
     FwFMSetArch,
     InnerProductSetArch,
@@ -131,7 +130,7 @@ def build_set_arch(
         include = options["include_embeddings"]
         include = spec.mode == "se" if include is None else bool(include)
         width = f * (f - 1) // 2 + (f * d if include else 0)
-        return InnerProductSetArch(f, d, projection(width), include_embeddings=include)
+        return InnerProductSetArch(f, d, projection(width), prepend="embeddings" if include else "none")
     if spec.backbone == "nfwfm":
         return FwFMSetArch(
             f, d, FieldWeightedFM(k, f, groups, device=device), SetBatchNorm(k, d, groups, device=device), dropout,
@@ -145,7 +144,7 @@ def build_set_arch(
         return TwoStreamSetArch(f, d, TwoStreamMLP(k, f * d, tuple(sizes), dropout, groups, device=device))
     if spec.backbone == "dlrm":
         width = f * (f - 1) // 2 + (d if dense_field else 0)
-        return DotSetArch(f, d, projection(width), dense_field=dense_field)
+        return InnerProductSetArch(f, d, projection(width), prepend="dense_field" if dense_field else "none")
     raise ValueError(f"unknown backbone {spec.backbone!r}")
 
 

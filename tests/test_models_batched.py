@@ -76,14 +76,14 @@ def pair_products(e: torch.Tensor) -> torch.Tensor:
 
 def ref_ipnn(arch, k, e):
     products = pair_products(e)
-    if arch.include_embeddings:
+    if arch.prepend == "embeddings":
         products = torch.cat([e.flatten(1), products], dim=1)
     return ref_projection(arch.projection, k, products)
 
 
 def ref_dlrm(arch, k, e):
     products = pair_products(e)
-    if arch.dense_field:
+    if arch.prepend == "dense_field":
         products = torch.cat([e[:, -1], products], dim=1)
     return ref_projection(arch.projection, k, products)
 
