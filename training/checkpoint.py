@@ -15,22 +15,35 @@ The state saved is ``{"model": dmp.state_dict(), "optim": optimizer.state_dict()
 files load on another world size or plan. Per-rank state (RNG) sits under a rank-specific key because DCP
 deduplicates equal keys across ranks.
 
-Checkpoints hold pickled Python objects: load only checkpoints you trust.
+Loading runs no code from the files. DCP pickles ``.metadata`` and any non-tensor value; here ``.metadata`` is
+unpickled by :class:`SafeFileSystemReader`, which admits only the classes DCP's ``Metadata`` is made of, and
+non-tensor values are read by :class:`SafeLoadPlanner` with ``torch.load(weights_only=True)``, which also refuses
+a value stored as bytes where the state being loaded holds a tensor (DCP would replace the tensor with the object).
+Tensors DCP itself reads with ``weights_only=True``. A refusal is a one-line :class:`CheckpointError` that names the
+file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import pickle
 import re
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageInfo
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST = "manifest.json"
@@ -42,7 +55,214 @@ _before_publish_hook: Optional[Callable[[Path], None]] = None
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete or corrupted (the message names the directory and the file)."""
+    """A checkpoint is missing, incomplete, corrupted or unsafe (the one-line message names the file)."""
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """``text`` as one printable line (names read from a crafted file may hold newlines), at most ``limit`` chars."""
+    line = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+# ------------------------------------------------------------------------------------------- safe loading
+# What the pinned torch pickles into a DCP ``.metadata`` (logged from find_class on checkpoints of our trainer):
+# the Metadata dataclasses, the file reader's _StorageInfo, torch.Size, dtypes (pickled as ``torch.<name>``),
+# layouts (through ``torch.serialization._get_layout``) and StorageMeta.checkpoint_id, a PosixPath.
+_METADATA_ALLOWLIST: Dict[str, frozenset] = {
+    "torch.distributed.checkpoint.metadata": frozenset(
+        {
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "_MEM_FORMAT_ENCODING",
+        }
+    ),
+    "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
+    "torch": frozenset({"Size"}),
+    "torch.serialization": frozenset({"_get_layout"}),
+    "pathlib": frozenset({"PosixPath", "PurePosixPath"}),
+}
+
+# Dtypes by the name they pickle as (``torch.float32``), looked up here rather than with getattr(torch, name): torch's
+# module __getattr__ imports submodules on demand.
+_TORCH_DTYPES: Dict[str, torch.dtype] = {n: v for n, v in vars(torch).items() if isinstance(v, torch.dtype)}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP ``.metadata``, admitting only :data:`_METADATA_ALLOWLIST` and torch dtypes."""
+
+    def __init__(self, file: Any, path: Any) -> None:
+        super().__init__(file)
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _METADATA_ALLOWLIST.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and name in _TORCH_DTYPES:
+            return _TORCH_DTYPES[name]
+        raise CheckpointError(
+            f"{_one_line(self._path)}: refuses to load class {_one_line(module, 120)}.{_one_line(name, 120)}: "
+            "not a checkpoint metadata class"
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise CheckpointError(f"{_one_line(self._path)}: refuses a persistent id: not checkpoint metadata")
+
+
+def _check_metadata(metadata: Any, path: Any) -> None:
+    """Raises :class:`CheckpointError` unless ``metadata`` has the shape DCP writes (checked before DCP uses it)."""
+    where = _one_line(path)
+    if not isinstance(metadata, dcp_metadata.Metadata):
+        raise CheckpointError(f"{where}: not checkpoint metadata (a {type(metadata).__name__})")
+    entries = metadata.state_dict_metadata
+    storage = metadata.storage_data
+    if not isinstance(entries, dict) or not isinstance(storage, dict):
+        raise CheckpointError(f"{where}: malformed checkpoint metadata (state_dict_metadata / storage_data)")
+    for fqn, md in entries.items():
+        if not isinstance(fqn, str) or not isinstance(
+            md, (dcp_metadata.TensorStorageMetadata, dcp_metadata.BytesStorageMetadata)
+        ):
+            raise CheckpointError(f"{where}: malformed checkpoint metadata entry {_one_line(repr(fqn), 120)}")
+    for index, info in storage.items():
+        if not isinstance(index, dcp_metadata.MetadataIndex) or not isinstance(info, _StorageInfo):
+            raise CheckpointError(f"{where}: malformed checkpoint storage entry {_one_line(repr(index), 120)}")
+        rel = info.relative_path
+        if (
+            not isinstance(rel, str)
+            or not rel
+            or PurePosixPath(rel).is_absolute()
+            or ".." in PurePosixPath(rel).parts
+            or "\\" in rel
+            or not isinstance(info.offset, int)
+            or not isinstance(info.length, int)
+            or info.offset < 0
+            or info.length < 0
+        ):
+            raise CheckpointError(
+                f"{where}: storage entry {_one_line(index.fqn, 120)} points outside the checkpoint "
+                f"({_one_line(repr(rel), 120)}, offset {_one_line(repr(info.offset), 40)})"
+            )
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """A DCP ``FileSystemReader`` that unpickles ``.metadata`` with an allowlist of DCP's metadata classes.
+
+    ``FileSystemReader.read_metadata`` runs ``pickle.load`` on the file, so a crafted ``.metadata`` runs arbitrary
+    code. Here any class outside :data:`_METADATA_ALLOWLIST` (and torch dtypes) raises :class:`CheckpointError`
+    ("<path>/.metadata: refuses to load class X.Y: not a checkpoint metadata class") before it is imported or
+    called, and the result must have the shape of DCP ``Metadata`` with storage inside the checkpoint directory.
+    Tensor data DCP's ``read_data`` already reads with ``torch.load(weights_only=True)``; bytes entries go to the
+    planner's ``load_bytes`` (see :class:`SafeLoadPlanner`).
+    """
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        try:
+            with self.fs.create_stream(path, "rb") as metadata_file:
+                metadata = _MetadataUnpickler(metadata_file, path).load()
+        except CheckpointError:
+            raise
+        except OSError as e:
+            reason = _one_line(e.strerror or e)
+            raise CheckpointError(f"{_one_line(path)}: cannot read checkpoint metadata ({reason})") from None
+        except Exception as e:  # a truncated or garbled pickle, or an allowed class given bad arguments
+            raise CheckpointError(
+                f"{_one_line(path)}: unreadable checkpoint metadata ({type(e).__name__}: {_one_line(e, 160)})"
+            ) from None
+        _check_metadata(metadata, path)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _holds_tensor(value: Any) -> bool:
+    """Whether a state-dict leaf is a tensor (plain, ShardedTensor or DTensor: all ``torch.Tensor`` subclasses)."""
+    return isinstance(value, torch.Tensor)
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner without its two ways to run code from a checkpoint.
+
+    * A key the metadata declares as bytes (``BytesStorageMetadata``) where the state being loaded holds a tensor
+      is refused: DCP would unpickle the bytes in place of the tensor.
+    * Bytes entries (non-tensor values) are read with ``torch.load(weights_only=True)`` instead of DCP's
+      ``weights_only=False``.
+
+    Args:
+        checkpoint: the checkpoint directory, named in error messages.
+    """
+
+    def __init__(self, checkpoint: Any = "checkpoint", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.checkpoint = str(checkpoint)
+
+    def create_local_plan(self) -> LoadPlan:
+        plan = super().create_local_plan()
+        for item in plan.items:
+            if item.type != LoadItemType.BYTE_IO:
+                continue
+            fqn = item.dest_index.fqn
+            if _holds_tensor(self.state_dict.get(fqn)):
+                raise CheckpointError(
+                    f"{_one_line(self.checkpoint)}/.metadata: refuses {_one_line(fqn, 160)}: stored as pickled "
+                    "bytes where the model/optimizer state holds a tensor"
+                )
+        return plan
+
+    def _data_file(self, read_item: ReadItem) -> str:
+        storage = getattr(self.metadata, "storage_data", None) or {}
+        info = storage.get(read_item.storage_index)
+        name = info.relative_path if isinstance(info, _StorageInfo) else "?"
+        return f"{_one_line(self.checkpoint)}/{_one_line(name, 120)}"
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        if _holds_tensor(self.state_dict.get(fqn)):  # create_local_plan refused this already
+            raise CheckpointError(f"{self._data_file(read_item)}: refuses bytes for tensor {_one_line(fqn, 160)}")
+        try:
+            obj = torch.load(value, weights_only=True)
+        except Exception as e:
+            # torch's message is many lines; keep the class it refused (its wording varies by cause).
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            reason = f"refuses to load class {found.group(1)}" if found else _first_line(e)
+            raise CheckpointError(
+                f"{self._data_file(read_item)}: value {_one_line(fqn, 160)}: {_one_line(reason, 160)}: not plain "
+                "checkpoint data"
+            ) from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
+
+
+def _first_refusal(error: CheckpointException) -> Optional[CheckpointError]:
+    for failure in error.failures.values():
+        exc = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(exc, CheckpointError):
+            return exc
+    return None
+
+
+def _agree_on_error(problem: Optional[CheckpointError]) -> Optional[CheckpointError]:
+    """The first rank's error when any rank has one (so that every rank raises, instead of some waiting in DCP)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return problem
+    messages: List[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, str(problem) if problem is not None else None)
+    first = next((m for m in messages if m), None)
+    if first is None:
+        return None
+    return problem if problem is not None else CheckpointError(first)
 
 
 def step_dir_name(step: int) -> str:
@@ -184,8 +404,36 @@ def load_checkpoint(path: Path, state: Dict[str, Any]) -> None:
 
     For optimizer state, the caller must run ``optimizer.init_state()`` before taking ``optimizer.state_dict()``
     as the template: lazily created state that is absent from the template is silently not loaded by DCP.
+
+    The files are read by :class:`SafeFileSystemReader` and :class:`SafeLoadPlanner`: no code in them runs.
+
+    Raises:
+        CheckpointError: (one line, naming the file) ``.metadata`` holds a class that is not checkpoint metadata,
+            a value is not plain data, a tensor is stored as pickled bytes, or the checkpoint does not fit
+            ``state`` (a missing key, another shape).
     """
-    dcp.load(state, checkpoint_id=str(path))
+    path = Path(path)
+    reader = SafeFileSystemReader(str(path))
+    # Read (and refuse) the metadata before DCP does, on every rank: DCP would log a traceback, fall back to
+    # per-rank metadata files and wrap the error; refusing here is one line, and every rank refuses together.
+    problem: Optional[CheckpointError] = None
+    try:
+        reader.read_metadata()
+    except CheckpointError as e:
+        problem = e
+    problem = _agree_on_error(problem)
+    if problem is not None:
+        raise problem
+    try:
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(path))
+    except CheckpointException as e:
+        refusal = _first_refusal(e)
+        if refusal is not None:
+            raise CheckpointError(str(refusal)) from None
+        detail = next(iter(e.failures.values()), None)
+        exc = detail[0] if isinstance(detail, tuple) else detail
+        reason = _first_line(exc) if exc is not None else _first_line(e)
+        raise CheckpointError(f"{_one_line(path)}: cannot load checkpoint ({_one_line(reason, 240)})") from e
 
 
 def prune_checkpoints(run_dir: Path, keep: List[Path]) -> None:
