@@ -42,6 +42,8 @@ class RawFormat:
         default_mode: ``paper`` or ``hashing``.
         default_min_count: paper mode's threshold (values seen fewer times share the OOV id).
         default_hash_size: hashing mode's table size per field.
+        quoted: fields may be quoted in the standard CSV way (``"1005"``, ``"a""b"``): the quotes are removed
+            before a cell is read as a label or a token (Avazu); otherwise a ``"`` is an ordinary character.
     """
 
     name: str
@@ -55,6 +57,7 @@ class RawFormat:
     default_mode: str
     default_min_count: int
     default_hash_size: Optional[int]
+    quoted: bool = False
 
     def __post_init__(self) -> None:
         named = (self.label_column,) + self.int_columns + self.cat_columns + self.dropped_columns
@@ -119,6 +122,7 @@ FORMATS: Dict[str, RawFormat] = {
         default_mode=PAPER_MODE,
         default_min_count=4,
         default_hash_size=None,
+        quoted=True,
     ),
 }
 
