@@ -21,13 +21,15 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
             "{train,val,test}/part-NNNNN.parquet (one per input) and metadata.json. Paper mode (default for criteo and "
             "avazu) counts every token first and keeps those seen at least --min-count times (one out-of-vocabulary "
             "id per field; Criteo integers binned into categorical fields); hashing mode (default for criteo-1tb) "
-            "maps every token with a fixed 64-bit hash into --hash-size buckets in one pass. A re-run skips the "
-            "inputs whose outputs are complete."
+            "maps every token with a fixed 64-bit hash into --hash-size buckets in one pass. A re-run with the same "
+            "inputs and options skips the inputs whose outputs are complete; a finished dataset of other inputs or "
+            "options is replaced only with --overwrite. One conversion at a time per --out (a lock file)."
         ),
     )
     p.add_argument("dataset", choices=FORMAT_NAMES, help="raw log format")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="raw log files, in order (day_0 .. day_23 for 1TB)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output dataset directory (new, empty, or resumed)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output dataset directory (new, empty, resumed, or with --overwrite replaced)")
     p.add_argument("--mode", choices=("paper", "hashing"), default=None,
                    help="vocabulary mode (default: paper for criteo/avazu, hashing for criteo-1tb)")
     p.add_argument("--min-count", type=int, default=None, metavar="N",
@@ -50,6 +52,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                    help="Parquet rows per row group (default: 131072)")
     p.add_argument("--compression", default=None, choices=("none", "snappy", "zstd", "lz4", "gzip"),
                    help="Parquet codec (default: none; the id columns are delta-bit-packed either way)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished dataset in --out made from other inputs or options (refused otherwise); "
+                        "only a multiembed dataset directory (one holding metadata.json) is ever replaced")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -81,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         row_group_size=args.row_group_size if args.row_group_size is not None else DEFAULT_ROW_GROUP_SIZE,
         compression=args.compression if args.compression is not None else DEFAULT_COMPRESSION,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
     result = convert(options)
     for line in summary_lines(result):

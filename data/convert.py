@@ -2,8 +2,11 @@
 
 One call of :func:`convert`:
 
-1. checks the options (:func:`resolve_options`) and every input (:func:`multiembed.data.rawlog.scan_source`:
-   readable, not empty, complete gzip stream, header; data rows counted, bytes fingerprinted);
+1. checks the options (:func:`resolve_options`: no file twice, by device and inode), takes the output directory's
+   lock (:mod:`multiembed.data.locking`: one job per directory), refuses a symbolic link inside it and a finished
+   dataset of other options or inputs (unless ``overwrite``), and checks every input
+   (:func:`multiembed.data.rawlog.scan_source`: a regular file, readable, not empty, complete gzip stream, header;
+   data rows counted; size, mtime and a SHA-256 of every byte recorded in the same pass);
 2. gets the vocabulary: ``--vocab-from DIR``'s, a hashing vocabulary (nothing to count), or in paper mode a counting
    pass over all inputs (saved as ``vocab.npz``; reused by a resumed run with the same inputs and options);
 3. encodes each input in one streaming pass into ``{train,val,test}/part-<input index>.parquet``: chunks parsed by
@@ -12,7 +15,12 @@ One call of :func:`convert`:
 4. writes ``metadata.json`` (the contract of :mod:`multiembed.data.metadata`) atomically.
 
 A re-run with the same options skips every input whose manifest matches (same options, same row counts of all
-inputs, same bytes of this input) and says so. Memory in hashing mode is bounded by the chunk size and the Parquet
+inputs, same size, mtime and content hash of this input) and says so. Into a finished dataset (``metadata.json``)
+a run with other options, or other inputs (neither the same paths nor files of the same content), is refused
+unless ``overwrite`` is set; ``overwrite`` only ever replaces a multiembed dataset or conversion. ``metadata.json``
+names every file relative to the dataset directory and records the ``split_recipe`` that
+:func:`multiembed.data.metadata.split_identity` hashes; a ``--vocab-from`` conversion keeps a copy of the paper-mode
+vocabulary, so it can be a ``--vocab-from`` source in turn. Memory in hashing mode is bounded by the chunk size and the Parquet
 row groups, whatever the input size; paper mode's counting pass grows with the number of distinct tokens
 (:mod:`multiembed.data.vocab`).
 
@@ -46,6 +54,7 @@ import numpy as np
 import pyarrow as pa
 
 from multiembed.data.formats import HASHING_MODE, MODES, PAPER_MODE, RawFormat, raw_format
+from multiembed.data.locking import LOCK_FILE, exclusive_lock
 from multiembed.data.metadata import (
     DENSE_PREFIX,
     LABEL_COLUMN,
@@ -67,6 +76,7 @@ from multiembed.data.rawlog import (
     InputError,
     ParsedChunk,
     SourceScan,
+    file_state,
     iter_chunks,
     scan_source,
 )
@@ -81,6 +91,9 @@ from multiembed.data.tokens import MAX_HASH_SIZE, dense_log1p
 from multiembed.data.vocab import VOCAB_FILE, CountedVocabulary, HashingVocabulary, VocabularyCounter, field_keys
 
 STATE_DIR = ".convert"
+# Version of what assigns rows to splits (parsing rules, exact-count random or by-file assignment): part of every
+# split identity, so a change of these rules never passes for the same split.
+SPLIT_RULES = "exact-counts-v1"
 DEFAULT_SPLIT = "8,1,1"
 COMPRESSIONS = ("none", "snappy", "zstd", "lz4", "gzip")
 _PART_NAME = re.compile(r"^part-(\d{5,})\.parquet$")
@@ -117,6 +130,8 @@ class ConvertOptions:
         chunk_bytes: raw bytes parsed at a time.
         hash_seed: seed of the token hash.
         progress: show tqdm progress bars on stderr.
+        overwrite: replace a finished dataset in ``out`` made from other inputs or options (refused otherwise);
+            only a multiembed dataset directory is ever replaced.
     """
 
     dataset: str
@@ -136,6 +151,7 @@ class ConvertOptions:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     hash_seed: int = 0
     progress: bool = True
+    overwrite: bool = False
 
 
 @dataclasses.dataclass
@@ -158,11 +174,17 @@ class ResolvedOptions:
     chunk_bytes: int
     hash_seed: int
     progress: bool
+    overwrite: bool = False
 
-    def to_json(self) -> Dict[str, Any]:
+    def to_json(self, base: Optional[os.PathLike] = None) -> Dict[str, Any]:
+        """The options as metadata.json records them; ``vocab_from`` relative to ``base`` (the dataset directory)
+        when given, so a moved pair of datasets still names each other."""
+        vocab_from = self.vocab_from
+        if vocab_from is not None and base is not None:
+            vocab_from = os.path.relpath(os.path.abspath(vocab_from), os.path.abspath(base))
         return {
             "dataset": self.dataset, "mode": self.mode, "min_count": self.min_count, "hash_sizes": self.hash_sizes,
-            "hash_seed": self.hash_seed, "vocab_from": self.vocab_from, "split": self.split,
+            "hash_seed": self.hash_seed, "vocab_from": vocab_from, "split": self.split,
             "split_by_file": self.split_by_file, "seed": self.seed, "on_error": self.on_error,
             "row_group_size": self.row_group_size, "compression": self.compression,
         }
@@ -179,6 +201,7 @@ class ConvertResult:
         reused: inputs whose complete outputs from an earlier run were kept.
         vocab_reused: paper mode: the counting pass was skipped because ``vocab.npz`` matched.
         seconds: wall time.
+        rows_converted: data rows of the inputs encoded by this run.
     """
 
     metadata: DatasetMetadata
@@ -187,6 +210,7 @@ class ConvertResult:
     reused: List[str]
     vocab_reused: bool
     seconds: float
+    rows_converted: int = 0
 
 
 def _parse_int(text: str, what: str) -> int:
@@ -239,12 +263,19 @@ def resolve_options(options: ConvertOptions) -> ResolvedOptions:
     inputs = [str(p) for p in options.inputs]
     if not inputs:
         raise ValueError("no input files given")
-    seen = set()
+    seen: Dict[Tuple[Any, ...], str] = {}
     for path in inputs:
-        key = os.path.realpath(path)
+        try:
+            st = os.stat(path)
+            key: Tuple[Any, ...] = (st.st_dev, st.st_ino)  # one file under two names (hard or symbolic links)
+        except OSError:
+            key = (os.path.realpath(path),)  # missing or unreadable: reported by the input checks
         if key in seen:
-            raise ValueError(f"{path}: given twice as an input")
-        seen.add(key)
+            first = seen[key]
+            same = "given twice as an input" if os.path.realpath(first) == os.path.realpath(path) else (
+                f"the same file as input {first} (same device and inode: a hard link); its rows would be read twice")
+            raise ValueError(f"{path}: {same}")
+        seen[key] = path
     if options.on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"--on-error must be one of {', '.join(ON_ERROR_CHOICES)}, got {options.on_error!r}")
     if options.mode is not None and options.mode not in MODES:
@@ -303,7 +334,7 @@ def resolve_options(options: ConvertOptions) -> ResolvedOptions:
         hash_sizes=hash_sizes, vocab_from=options.vocab_from, split=split, split_by_file=options.split_by_file,
         seed=options.seed, on_error=options.on_error, row_group_size=options.row_group_size,
         compression=options.compression, chunk_bytes=options.chunk_bytes, hash_seed=options.hash_seed,
-        progress=options.progress,
+        progress=options.progress, overwrite=options.overwrite,
     )
 
 
@@ -536,10 +567,10 @@ def _convert_input(
             examples.extend(parsed.examples[: max(0, 20 - len(examples))])
             lines += parsed.lines
             bar.update(parsed.lines)
-        if lines != scan.rows:
+        if lines != scan.rows or file_state(scan.path) != (scan.bytes, scan.mtime_ns):
             raise InputError(
-                f"{scan.path}: {lines} data rows read, but {scan.rows} were counted before: the file changed while "
-                "it was being converted"
+                f"{scan.path}: {lines} data rows read, {scan.rows} counted before, size or modification time "
+                "changed: the file changed while it was being converted"
             )
         rows = writers.close()
     except BaseException:
@@ -548,7 +579,7 @@ def _convert_input(
         raise
     return {
         "index": index,
-        "source": scan.to_json(),
+        "source": scan.to_json(base=resolved.out),
         "files": {split: {"path": _part_path(split, index), "rows": rows[split]} for split in SPLITS if split in rows},
         "skipped": dict(skipped),
         "skipped_examples": examples,
@@ -556,23 +587,115 @@ def _convert_input(
     }
 
 
-def _prepare_out_dir(out: Path) -> None:
+_OWN_ENTRIES = frozenset({METADATA_FILE, STATE_DIR, VOCAB_FILE, LOCK_FILE, *SPLITS})
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    """``out`` is new, empty, a conversion in progress (``.convert/``), or with ``overwrite`` a multiembed dataset
+    (``metadata.json``) holding nothing a producer does not write; anything else is refused untouched."""
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory")
-    if out.is_dir():
-        known = {METADATA_FILE, STATE_DIR, VOCAB_FILE, *SPLITS}
-        entries = {p.name for p in out.iterdir()}
-        if entries and STATE_DIR not in entries:
+    if not out.is_dir():
+        return
+    entries = {p.name for p in out.iterdir()} - {LOCK_FILE}
+    unexpected = sorted(entries - _OWN_ENTRIES)
+    if entries and STATE_DIR not in entries:
+        if overwrite and METADATA_FILE in entries and not unexpected:
+            return  # a dataset another producer (synth) made: --overwrite may replace it
+        if METADATA_FILE in entries and not unexpected:
             raise OutputError(
-                f"{out}: not empty and not a conversion in progress (no {STATE_DIR}/); choose an empty or new directory"
+                f"{out}: holds a dataset that convert did not make here (no {STATE_DIR}/); give --overwrite to "
+                "replace it, or choose another --out"
             )
-        unexpected = sorted(entries - known)
-        if unexpected and STATE_DIR in entries:
-            raise OutputError(f"{out}: holds files a conversion does not write ({', '.join(unexpected[:3])})")
+        raise OutputError(
+            f"{out}: not empty and not a conversion in progress (no {STATE_DIR}/) nor a multiembed dataset; choose "
+            "an empty or new directory"
+        )
+    if unexpected:
+        raise OutputError(f"{out}: holds files a conversion does not write ({', '.join(unexpected[:3])})")
+
+
+def _check_no_links(out: Path) -> None:
+    """Refuses a symbolic link anywhere convert writes or deletes inside ``out`` (``out`` itself may be one)."""
+    candidates = [out / name for name in sorted(_OWN_ENTRIES)]
+    for folder in (out / STATE_DIR, *(out / split for split in SPLITS)):
+        if folder.is_dir() and not folder.is_symlink():
+            candidates.extend(sorted(folder.iterdir()))
+    for path in candidates:
+        if path.is_symlink():
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            raise OutputError(
+                f"{path}: is a symbolic link (to {target}) inside the output directory; convert never writes or "
+                "deletes through a link there: remove the link or choose another --out"
+            )
+
+
+def _clear_outputs(out: Path) -> None:
+    """``--overwrite``: deletes what a producer wrote in ``out`` (metadata first, so it never looks complete)."""
+    (out / METADATA_FILE).unlink(missing_ok=True)
+    (out / VOCAB_FILE).unlink(missing_ok=True)
+    _remove_outputs(out, keep=())  # every part file and manifest (a synth dataset's part files included)
+
+
+def _read_finished(out: Path, overwrite: bool) -> Optional[DatasetMetadata]:
+    """The metadata of a finished dataset in ``out`` (None when there is none)."""
+    if not (out / METADATA_FILE).exists():
+        return None
     try:
-        (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
+        return read_metadata(out)
+    except DatasetError as e:
+        if overwrite:
+            return None
+        raise OutputError(f"{e}; give --overwrite to replace this dataset, or choose another --out") from None
+
+
+# The options that, when they differ, make another dataset (progress, chunk size: how, not what).
+_COMPARED_OPTIONS = ("dataset", "mode", "min_count", "hash_sizes", "hash_seed", "split", "split_by_file", "seed",
+                     "on_error", "row_group_size", "compression")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _option_differences(meta: DatasetMetadata, resolved: ResolvedOptions, vocab_fingerprint: Optional[str]) -> List[str]:
+    """What differs between a finished dataset's recorded options and this run's (empty: the same)."""
+    recorded = meta.options
+    current = json.loads(json.dumps(resolved.to_json()))
+    differences = [f"{key} {_short(recorded.get(key))} -> {_short(current.get(key))}"
+                   for key in _COMPARED_OPTIONS if recorded.get(key) != current.get(key)]
+    if (recorded.get("vocab_from") is None) != (resolved.vocab_from is None):
+        differences.append("--vocab-from " + ("given" if resolved.vocab_from is not None else "not given"))
+    elif vocab_fingerprint is not None and vocab_fingerprint != meta.vocab_fingerprint:
+        differences.append(
+            f"--vocab-from vocabulary {meta.vocab_fingerprint[:12]}... -> {vocab_fingerprint[:12]}..."
+        )
+    return differences
+
+
+def _input_difference(meta: DatasetMetadata, out: Path, scans: Sequence[SourceScan]) -> Optional[str]:
+    """How a finished dataset's inputs differ from this run's, or None when they are the same files (the same
+    paths, whose changed content a resume re-converts, or files of the same content elsewhere)."""
+    recorded = meta.sources
+    if len(recorded) != len(scans):
+        return f"{len(recorded)} input(s) converted there, {len(scans)} given"
+    for i, (entry, scan) in enumerate(zip(recorded, scans)):
+        path = os.path.normpath(os.path.join(os.path.abspath(out), str(entry.get("path"))))
+        if path == os.path.abspath(scan.path):
+            continue
+        try:
+            if os.path.samefile(path, scan.path):
+                continue
+        except OSError:
+            pass
+        if entry.get("sha256") == scan.sha256 and entry.get("bytes") == scan.bytes:
+            continue
+        return f"input {i + 1}: {path} was converted, {scan.path} given"
+    return None
 
 
 def _read_manifest(path: Path) -> Optional[Dict[str, Any]]:
@@ -608,8 +731,26 @@ def _remove_outputs(out: Path, keep: Iterable[int]) -> None:
             path.unlink()
 
 
+def split_recipe(fmt: RawFormat, resolved: ResolvedOptions, scans: Sequence[SourceScan]) -> Dict[str, Any]:
+    """What decides which row lands in which split (metadata.json's ``split_recipe``, hashed by
+    :func:`multiembed.data.metadata.split_identity`): the parsing and assignment rules, every input's content
+    hash and rows in order, the split weights or ``--split-by-file``, the seed and ``--on-error``. Not the
+    vocabulary or the Parquet layout."""
+    return {
+        "producer": "convert",
+        "rules": SPLIT_RULES,
+        "dataset": fmt.name,
+        "split": resolved.split,
+        "split_by_file": resolved.split_by_file,
+        "seed": resolved.seed,
+        "on_error": resolved.on_error,
+        "inputs": [{"sha256": scan.sha256, "rows": scan.rows} for scan in scans],
+    }
+
+
 def _build_metadata(
-    fmt: RawFormat, resolved: ResolvedOptions, vocab: Vocabulary, manifests: Sequence[Dict[str, Any]]
+    fmt: RawFormat, resolved: ResolvedOptions, vocab: Vocabulary, manifests: Sequence[Dict[str, Any]],
+    scans: Sequence[SourceScan],
 ) -> DatasetMetadata:
     splits: Dict[str, SplitFiles] = {}
     for split in SPLITS:
@@ -625,7 +766,7 @@ def _build_metadata(
     for manifest in manifests:
         skipped.update(manifest["skipped"])
         examples.extend(manifest["skipped_examples"][: max(0, 20 - len(examples))])
-    options = resolved.to_json()
+    options = resolved.to_json(base=resolved.out)
     options.update(vocab.describe())
     if resolved.vocab_from is not None:
         options["mode"] = vocab.mode
@@ -646,6 +787,7 @@ def _build_metadata(
         rows_read=sum(int(m["rows_read"]) for m in manifests),
         sources=[m["source"] for m in manifests],
         options=options,
+        split_recipe=split_recipe(fmt, resolved, scans),
         extra=extra,
     )
 
@@ -663,17 +805,53 @@ def convert(options: ConvertOptions) -> ConvertResult:
     started = time.perf_counter()
     resolved = resolve_options(options)
     fmt = raw_format(resolved.dataset)
-    vocab_reused = False
+    source_vocab: Optional[Vocabulary] = None
     if resolved.vocab_from is not None:
-        vocab, _ = _load_vocabulary(resolved.vocab_from, fmt)
-        resolved.mode = vocab.mode
-        if isinstance(vocab, HashingVocabulary):
-            resolved.hash_sizes = vocab.sizes
+        source_vocab, _ = _load_vocabulary(resolved.vocab_from, fmt)
+        resolved.mode = source_vocab.mode
+        if isinstance(source_vocab, HashingVocabulary):
+            resolved.hash_sizes = source_vocab.sizes
         else:
-            resolved.min_count = vocab.min_count
-        resolved.hash_seed = vocab.seed
-    _prepare_out_dir(resolved.out)
+            resolved.min_count = source_vocab.min_count
+        resolved.hash_seed = source_vocab.seed
+    out = resolved.out
+    _check_out_dir(out, resolved.overwrite)  # before the lock file is created: a refused directory stays untouched
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
+    with exclusive_lock(out, "conversion"):
+        return _convert_locked(resolved, fmt, source_vocab, started)
+
+
+def _convert_locked(
+    resolved: ResolvedOptions, fmt: RawFormat, source_vocab: Optional[Vocabulary], started: float
+) -> ConvertResult:
+    out = resolved.out
+    _check_out_dir(out, resolved.overwrite)
+    _check_no_links(out)
+    finished = _read_finished(out, resolved.overwrite)
+    if finished is not None and not resolved.overwrite:
+        differences = _option_differences(finished, resolved, source_vocab.fingerprint if source_vocab else None)
+        if differences:
+            raise OutputError(
+                f"{out}: holds a finished dataset converted with other options ({'; '.join(differences)}); give "
+                "--overwrite to replace it, or choose another --out"
+            )
     scans = [scan_source(path, fmt) for path in resolved.inputs]
+    if finished is not None and not resolved.overwrite:
+        difference = _input_difference(finished, out, scans)
+        if difference is not None:
+            raise OutputError(
+                f"{out}: holds a finished dataset converted from other inputs ({difference}); give --overwrite to "
+                "replace it, or choose another --out"
+            )
+    try:
+        if resolved.overwrite:
+            _clear_outputs(out)
+        (out / STATE_DIR).mkdir(exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot prepare the output directory ({e.strerror or e})") from None
     file_rows = [scan.rows for scan in scans]
     if resolved.split_by_file:
         counts = by_file_counts(file_rows)
@@ -681,36 +859,50 @@ def convert(options: ConvertOptions) -> ConvertResult:
         assert resolved.split is not None
         counts = random_file_counts(file_rows, parse_split_weights(resolved.split), resolved.seed)
 
-    if resolved.vocab_from is None and resolved.mode == HASHING_MODE:
+    vocab_reused = False
+    vocab: Vocabulary
+    if source_vocab is not None:
+        vocab = source_vocab
+        if isinstance(vocab, CountedVocabulary):
+            # The dataset keeps its own copy of the vocabulary: it can be a --vocab-from source in turn.
+            saved = CountedVocabulary.saved_extra(out)
+            if saved is None or saved.get("copied_from") != vocab.fingerprint:
+                try:
+                    vocab.save(out, extra={"copied_from": vocab.fingerprint})
+                except OSError as e:
+                    raise OutputError(f"{out / VOCAB_FILE}: cannot write ({e})") from None
+    elif resolved.mode == HASHING_MODE:
         assert resolved.hash_sizes is not None
         vocab = HashingVocabulary(fmt.name, resolved.hash_sizes, resolved.hash_seed)
-    elif resolved.vocab_from is None:
+    else:
         vocab_key = _digest({"dataset": fmt.name, "min_count": resolved.min_count, "hash_seed": resolved.hash_seed,
                              "on_error": resolved.on_error, "sources": [s.to_json() for s in scans]})
-        saved = CountedVocabulary.saved_extra(resolved.out)
+        saved = CountedVocabulary.saved_extra(out)
         if saved is not None and saved.get("vocab_key") == vocab_key:
-            vocab = CountedVocabulary.load(resolved.out)
+            vocab = CountedVocabulary.load(out)
             vocab_reused = True
         else:
             vocab = _count_vocabulary(fmt, resolved, scans)
             try:
-                vocab.save(resolved.out, extra={"vocab_key": vocab_key})
+                vocab.save(out, extra={"vocab_key": vocab_key})
             except OSError as e:
-                raise OutputError(f"{resolved.out / VOCAB_FILE}: cannot write ({e})") from None
+                raise OutputError(f"{out / VOCAB_FILE}: cannot write ({e})") from None
 
-    run_key = _digest({"options": resolved.to_json(), "vocab": vocab.fingerprint,
+    options_key = resolved.to_json()
+    options_key["vocab_from"] = None  # the vocabulary's fingerprint below says what --vocab-from gave
+    run_key = _digest({"options": options_key, "vocab": vocab.fingerprint,
                        "rows": [[os.path.abspath(s.path), s.rows] for s in scans]})
-    state = resolved.out / STATE_DIR
+    state = out / STATE_DIR
     part_keys = [_digest({"run": run_key, "index": i, "source": s.to_json()}) for i, s in enumerate(scans)]
     manifests: List[Optional[Dict[str, Any]]] = []
     for i in range(len(scans)):
         manifest = _read_manifest(state / f"part-{i:05d}.json")
-        manifests.append(manifest if _manifest_is_complete(resolved.out, manifest, part_keys[i]) else None)
+        manifests.append(manifest if _manifest_is_complete(out, manifest, part_keys[i]) else None)
     todo = [i for i, m in enumerate(manifests) if m is None]
     if todo:
         # The dataset is about to change: it must not look complete until metadata.json is rewritten.
-        (resolved.out / METADATA_FILE).unlink(missing_ok=True)
-    _remove_outputs(resolved.out, keep=[i for i, m in enumerate(manifests) if m is not None])
+        (out / METADATA_FILE).unlink(missing_ok=True)
+    _remove_outputs(out, keep=[i for i, m in enumerate(manifests) if m is not None])
 
     schema = arrow_schema([FieldSpec(name, 1) for name in vocab.fields], fmt.dense_fields)
     with _progress(sum(scans[i].rows for i in todo), "converting", resolved.progress and bool(todo)) as bar:
@@ -723,18 +915,19 @@ def convert(options: ConvertOptions) -> ConvertResult:
                 raise OutputError(f"{state / f'part-{i:05d}.json'}: cannot write ({e})") from None
             manifests[i] = manifest
     complete = [m for m in manifests if m is not None]
-    metadata = _build_metadata(fmt, resolved, vocab, complete)
+    metadata = _build_metadata(fmt, resolved, vocab, complete, scans)
     try:
-        write_metadata(resolved.out, metadata)
+        write_metadata(out, metadata)
     except OSError as e:
-        raise OutputError(f"{resolved.out / METADATA_FILE}: cannot write ({e})") from None
+        raise OutputError(f"{out / METADATA_FILE}: cannot write ({e})") from None
     return ConvertResult(
         metadata=metadata,
-        out=resolved.out,
+        out=out,
         converted=[scans[i].path for i in todo],
         reused=[scans[i].path for i in range(len(scans)) if i not in todo],
         vocab_reused=vocab_reused,
         seconds=time.perf_counter() - started,
+        rows_converted=sum(scans[i].rows for i in todo),
     )
 
 
@@ -747,8 +940,7 @@ def summary_lines(result: ConvertResult) -> List[str]:
         lines.append(f"{path}: already converted (complete outputs kept), skipped")
     if result.vocab_reused:
         lines.append(f"{result.out / VOCAB_FILE}: vocabulary of an earlier run with the same inputs reused")
-    converted = {os.path.abspath(p) for p in result.converted}
-    rate = sum(s["rows"] for s in meta.sources if s["path"] in converted) / max(result.seconds, 1e-9)
+    rate = result.rows_converted / max(result.seconds, 1e-9)
     lines.append(
         f"{meta.dataset} -> {result.out}: {len(result.converted)} input(s) converted, {len(result.reused)} reused, "
         f"{result.seconds:.1f} s ({rate:,.0f} rows/s)"

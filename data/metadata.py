@@ -23,6 +23,7 @@ This module only knows JSON and the file system: it imports neither pyarrow nor 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -78,10 +79,17 @@ class DatasetMetadata:
             function); a model trained on one fingerprint refuses data with another.
         skipped: rows skipped under ``--on-error skip``, by reason (empty when none).
         rows_read: data rows read from the sources (skipped rows included).
-        sources: ``[{"path", "bytes", "fingerprint", "rows"}]``.
-        options: every option the producer ran with.
+        sources: ``[{"path", "bytes", "mtime_ns", "sha256", "fingerprint", "rows"}]``; ``path`` relative to the
+            dataset directory (older datasets: absolute; ``mtime_ns`` and ``sha256`` absent).
+        options: every option the producer ran with (``seed``: the split seed; paths relative to the dataset
+            directory).
         bayes: synthetic data only: ``{split: {"auc": float, "logloss": float}}`` of the true probabilities.
+        split_recipe: what decides which row lands in which split (producer, rules, seed, split weights, every
+            input's content hash and rows, or the generator's parameters); hashed by :func:`split_identity`.
+            ``None`` in metadata written before it was recorded (unknown).
         extra: anything else a producer recorded (kept on round trips).
+
+    Every path a dataset's metadata names is relative to the dataset directory, so a moved directory still loads.
     """
 
     dataset: str
@@ -94,6 +102,7 @@ class DatasetMetadata:
     sources: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     options: Dict[str, Any] = dataclasses.field(default_factory=dict)
     bayes: Optional[Dict[str, Dict[str, float]]] = None
+    split_recipe: Optional[Dict[str, Any]] = None
     extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -126,6 +135,8 @@ class DatasetMetadata:
         }
         if self.bayes is not None:
             out["bayes"] = self.bayes
+        if self.split_recipe is not None:
+            out["split_recipe"] = dict(self.split_recipe)
         out.update(self.extra)
         return out
 
@@ -174,8 +185,11 @@ class DatasetMetadata:
             splits[name] = SplitFiles(files=files, file_rows=rows)
         known = {
             "format_version", "dataset", "fields", "dense_fields", "splits", "vocab_fingerprint", "skipped",
-            "rows_read", "sources", "options", "bayes",
+            "rows_read", "sources", "options", "bayes", "split_recipe",
         }
+        recipe = obj.get("split_recipe")
+        if recipe is not None and not isinstance(recipe, Mapping):
+            raise DatasetError(f"{where}: split_recipe: expected an object, got {type(recipe).__name__}")
         return cls(
             dataset=str(obj["dataset"]),
             fields=fields,
@@ -187,8 +201,29 @@ class DatasetMetadata:
             sources=list(obj.get("sources", [])),
             options=dict(obj.get("options", {})),
             bayes=obj.get("bayes"),
+            split_recipe=dict(recipe) if recipe is not None else None,
             extra={k: v for k, v in obj.items() if k not in known},
         )
+
+
+def split_identity(meta: DatasetMetadata) -> Optional[str]:
+    """A SHA-256 hex digest of what decides which row lands in which split, or None when unknown.
+
+    Two datasets share it exactly when they put the same rows into the same splits: the same producer and rules,
+    split seed, split weights (or ``--split-by-file``), ``--on-error`` and inputs of the same content in the same
+    order (converted data), or the same generator parameters, seed, row count and weights (synthetic data). The
+    vocabulary, the Parquet layout and the file names play no part (a copy or a moved dataset keeps it; the
+    vocabulary has its own check, ``vocab_fingerprint``). Metadata written before ``split_recipe`` was recorded
+    gives None: the split is unknown, not different.
+
+    A consumer that must not evaluate on rows a model was trained on compares this value with the one recorded
+    for its training data (and decides what an unknown value means). Note that a held-out dataset converted from
+    other inputs (``--vocab-from`` with ``--split 0,0,1``) has another identity by design.
+    """
+    if meta.split_recipe is None:
+        return None
+    text = json.dumps(meta.split_recipe, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def atomic_write(path: os.PathLike, write: Callable[[BinaryIO], None]) -> None:

@@ -72,6 +72,7 @@ from multiembed.data.metadata import (
     SplitFiles,
     write_metadata,
 )
+from multiembed.data.locking import exclusive_lock
 from multiembed.data.presets import CRITEO_CAT_FIELDS, CRITEO_INT_FIELDS, preset
 
 GENERATOR_VERSION = 1
@@ -513,6 +514,7 @@ def generate_dataset(
 
     Raises:
         DatasetError: ``out_dir`` already holds a dataset and ``force`` is False.
+        LockHeldError: another job (``synth``, ``convert``) is writing ``out_dir`` (:mod:`.locking`).
         ValueError: bad ``rows`` or ``split``.
     """
     from tqdm import tqdm
@@ -526,91 +528,104 @@ def generate_dataset(
     if (out / METADATA_FILE).exists() and not force:
         raise DatasetError(f"{out / METADATA_FILE}: a dataset already exists here (use --force to replace it)")
     out.mkdir(parents=True, exist_ok=True)
-    if (out / METADATA_FILE).exists():
-        # Removed first, so a run interrupted while replacing leaves no metadata pointing at half-new files.
-        (out / METADATA_FILE).unlink()
+    with exclusive_lock(out, "synth"):
+        if (out / METADATA_FILE).exists() and not force:  # finished by a job that ran in between
+            raise DatasetError(f"{out / METADATA_FILE}: a dataset already exists here (use --force to replace it)")
+        if (out / METADATA_FILE).exists():
+            # Removed first, so a run interrupted while replacing leaves no metadata pointing at half-new files.
+            (out / METADATA_FILE).unlink()
 
-    model = SyntheticClickModel(config)
-    fields = [FieldSpec(name=name, vocab_size=model.vocab_sizes[name]) for name in FIELD_NAMES]
-    schema = arrow_schema(fields, CRITEO_INT_FIELDS, with_true_prob=True)
-    writer = None
-    tsv = _TsvWriter(Path(tsv_path), model) if tsv_path is not None else None
-    splits: Dict[str, SplitFiles] = {}
-    bayes: Dict[str, Dict[str, float]] = {}
-    bar = tqdm(total=rows, unit="rows", unit_scale=True, desc="synth", file=sys.stderr, disable=not progress)
-    try:
-        for split_index, name in enumerate(SPLITS):
-            split_dir = out / name
-            split_dir.mkdir(exist_ok=True)
-            for stale in split_dir.glob("*.parquet"):
-                stale.unlink()
-            files: List[str] = []
-            file_rows: List[int] = []
-            labels: List[np.ndarray] = []
-            probs: List[np.ndarray] = []
-            writer = None
-            remaining = counts[name]
-            chunk_index = 0
-            while remaining > 0:
-                n = min(CHUNK_ROWS, remaining)
-                chunk = model.sample(_chunk_rng(config.seed, split_index, chunk_index), n)
-                if writer is None or writer.rows >= ROWS_PER_FILE:
-                    if writer is not None:
-                        writer.close()
-                    file_name = f"part-{len(files):05d}.parquet"
-                    writer = SplitParquetWriter(split_dir / file_name, schema, row_group_size=CHUNK_ROWS)
-                    files.append(f"{name}/{file_name}")
-                    file_rows.append(0)
-                writer.write(_parquet_columns(chunk))
-                file_rows[-1] += n
-                if tsv is not None:
-                    tsv.write(chunk)
-                labels.append(chunk.labels)
-                probs.append(chunk.true_prob)
-                remaining -= n
-                chunk_index += 1
-                bar.update(n)
-            if writer is not None:
-                writer.close()
+        model = SyntheticClickModel(config)
+        fields = [FieldSpec(name=name, vocab_size=model.vocab_sizes[name]) for name in FIELD_NAMES]
+        schema = arrow_schema(fields, CRITEO_INT_FIELDS, with_true_prob=True)
+        writer = None
+        tsv = _TsvWriter(Path(tsv_path), model) if tsv_path is not None else None
+        splits: Dict[str, SplitFiles] = {}
+        bayes: Dict[str, Dict[str, float]] = {}
+        bar = tqdm(total=rows, unit="rows", unit_scale=True, desc="synth", file=sys.stderr, disable=not progress)
+        try:
+            for split_index, name in enumerate(SPLITS):
+                split_dir = out / name
+                split_dir.mkdir(exist_ok=True)
+                for stale in split_dir.glob("*.parquet"):
+                    stale.unlink()
+                files: List[str] = []
+                file_rows: List[int] = []
+                labels: List[np.ndarray] = []
+                probs: List[np.ndarray] = []
                 writer = None
-            splits[name] = SplitFiles(files=files, file_rows=file_rows)
-            if labels:
-                y = np.concatenate(labels)
-                p = np.concatenate(probs)
-                both_classes = 0 < int(y.sum()) < y.shape[0]
-                bayes[name] = {
-                    "auc": roc_auc(y, p) if both_classes else None,
-                    "logloss": log_loss(y, p),
-                    "positive_rate": float(y.mean()),
-                }
-        if tsv is not None:
-            tsv.close()
-            tsv = None
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        if tsv is not None:
-            tsv.abort()
-        raise
-    finally:
-        bar.close()
+                remaining = counts[name]
+                chunk_index = 0
+                while remaining > 0:
+                    n = min(CHUNK_ROWS, remaining)
+                    chunk = model.sample(_chunk_rng(config.seed, split_index, chunk_index), n)
+                    if writer is None or writer.rows >= ROWS_PER_FILE:
+                        if writer is not None:
+                            writer.close()
+                        file_name = f"part-{len(files):05d}.parquet"
+                        writer = SplitParquetWriter(split_dir / file_name, schema, row_group_size=CHUNK_ROWS)
+                        files.append(f"{name}/{file_name}")
+                        file_rows.append(0)
+                    writer.write(_parquet_columns(chunk))
+                    file_rows[-1] += n
+                    if tsv is not None:
+                        tsv.write(chunk)
+                    labels.append(chunk.labels)
+                    probs.append(chunk.true_prob)
+                    remaining -= n
+                    chunk_index += 1
+                    bar.update(n)
+                if writer is not None:
+                    writer.close()
+                    writer = None
+                splits[name] = SplitFiles(files=files, file_rows=file_rows)
+                if labels:
+                    y = np.concatenate(labels)
+                    p = np.concatenate(probs)
+                    both_classes = 0 < int(y.sum()) < y.shape[0]
+                    bayes[name] = {
+                        "auc": roc_auc(y, p) if both_classes else None,
+                        "logloss": log_loss(y, p),
+                        "positive_rate": float(y.mean()),
+                    }
+            if tsv is not None:
+                tsv.close()
+                tsv = None
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            if tsv is not None:
+                tsv.abort()
+            raise
+        finally:
+            bar.close()
 
-    meta = DatasetMetadata(
-        dataset="synthetic",
-        fields=fields,
-        dense_fields=list(CRITEO_INT_FIELDS),
-        splits=splits,
-        vocab_fingerprint=model.fingerprint(),
-        rows_read=rows,
-        options={
-            "mode": "synthetic",
-            "rows": rows,
-            "split": list(split),
-            "tsv": str(tsv_path) if tsv_path is not None else None,
-            **dataclasses.asdict(config),
-        },
-        bayes=bayes,
-        extra={"generator": model.describe()},
-    )
-    write_metadata(out, meta)
-    return meta
+        meta = DatasetMetadata(
+            dataset="synthetic",
+            fields=fields,
+            dense_fields=list(CRITEO_INT_FIELDS),
+            splits=splits,
+            vocab_fingerprint=model.fingerprint(),
+            rows_read=rows,
+            options={
+                "mode": "synthetic",
+                "rows": rows,
+                "split": list(split),
+                # relative to the dataset directory, like every path its metadata names
+                "tsv": os.path.relpath(os.path.abspath(tsv_path), os.path.abspath(out)) if tsv_path is not None else None,
+                **dataclasses.asdict(config),
+            },
+            bayes=bayes,
+            split_recipe={
+                "producer": "synthetic",
+                "rules": "synthetic-splits-v1",
+                "rows": rows,
+                "split": [float(w) for w in split],
+                "seed": config.seed,
+                "config": dataclasses.asdict(config),
+                "model": model.fingerprint(),
+            },
+            extra={"generator": model.describe()},
+        )
+        write_metadata(out, meta)
+        return meta
