@@ -224,7 +224,7 @@ def copy_weights_from(baseline: PaperMultiDCNv2, model: Any) -> None:
             f"model has K={k}, d={d}, F={sparse.num_fields}; baseline has K={baseline.num_sets}, "
             f"d={baseline.set_dim}, F={len(baseline.field_dims)}"
         )
-    for m, table in enumerate(sparse.set_weights()):
+    for m, table in enumerate(sparse.weights_per_set()):
         baseline.embeddings[m].embedding.weight.copy_(torch.cat([table[f] for f in sparse.field_names], dim=0))
     crossnet, projection = set_arch.crossnet, set_arch.projection
     per_weight = k // crossnet.num_weight_sets

@@ -371,7 +371,7 @@ class MultiEmbeddingSparseArch(nn.Module):
         # cost 2F kernels forward and backward, which dominated the lookup on CPU.
         return padded[..., :d].contiguous().transpose(0, 1)
 
-    def set_weight_views(self, table_weights: Mapping[str, torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
+    def weight_views_per_set(self, table_weights: Mapping[str, torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
         """Per set, ``{field: [D_i, d]}`` views of full (unsharded) table weights, padding removed.
 
         Args:
@@ -395,16 +395,25 @@ class MultiEmbeddingSparseArch(nn.Module):
             views[piece.set_index][piece.field] = weight[:, piece.col_start : piece.col_stop]
         return [{f: v[f] for f in self.field_names} for v in views]
 
-    def set_weights(self) -> List[Dict[str, torch.Tensor]]:
-        """:meth:`set_weight_views` of this (unsharded) collection's own weights, detached.
+    def weights_per_set(self) -> List[Dict[str, torch.Tensor]]:
+        """:meth:`weight_views_per_set` of this (unsharded) collection's own weights, detached.
+
+        Returns:
+            K dicts (set order) of ``{field: [D_i, d]}``, fields in schema order.
+
+        Example::
+
+            >>> arch = build_sparse_arch({"f1": 10, "f2": 20}, num_sets=2, set_dim=10, device=torch.device("cpu"))
+            >>> [tuple(w.shape) for w in arch.weights_per_set()[1].values()]  # set 1: d = 10, padding (12) removed
+            [(10, 10), (20, 10)]
 
         Raises:
-            ValueError: the collection is sharded (gather the tables and call :meth:`set_weight_views`).
+            ValueError: the collection is sharded (gather the tables and call :meth:`weight_views_per_set`).
         """
         if not isinstance(self.embedding_bag_collection, EmbeddingBagCollection):
-            raise ValueError("the collection is sharded: gather its tables and call set_weight_views")
+            raise ValueError("the collection is sharded: gather its tables and call weight_views_per_set")
         bags = self.embedding_bag_collection.embedding_bags
-        return self.set_weight_views({name: bags[name].weight.detach() for name in self.table_names})
+        return self.weight_views_per_set({name: bags[name].weight.detach() for name in self.table_names})
 
 
 def build_sparse_arch(

@@ -408,7 +408,7 @@ def test_zoo_dcnv2_model_matches_direct_computation(layout: str) -> None:
 
     model = _zoo_model("dcnv2-me-2x", layout, num_dense=2)  # the dense arch's field enters the cross last
     result = collapse_from_model(model, chunk_rows=16)
-    sets = model.sparse_arch.set_weights()  # per set {field: [D, d]}, padding removed (the zoo's own view)
+    sets = model.sparse_arch.weights_per_set()  # per set {field: [D, d]}, padding removed (the zoo's own view)
     d = model.sparse_arch.set_dim
     cross = model.set_arch.cross_weights(0).double().numpy()  # the zoo's accessor: [K, (F+1)*d, (F+1)*d]
     fields = list(ZOO_VOCAB)

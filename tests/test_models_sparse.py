@@ -48,7 +48,7 @@ def copy_dense_state(source: MultiEmbeddingModel, target: MultiEmbeddingModel) -
 
 def logical_copy(source: MultiEmbeddingModel, target: MultiEmbeddingModel) -> None:
     """Copies every (field, set)'s logical columns from ``source``'s tables to ``target``'s (any layout/padding)."""
-    source_views = source.sparse_arch.set_weights()
+    source_views = source.sparse_arch.weights_per_set()
     target_tables = tables_of(target)
     with torch.no_grad():
         for piece in target.sparse_arch.table_layout:
@@ -61,7 +61,7 @@ def forward_and_table_grads(model: MultiEmbeddingModel, features: KeyedJaggedTen
     logits = model(torch.empty(B, 0), features)
     (logits * torch.linspace(-1, 1, B)).sum().backward()
     grads = {name: w.grad.clone() for name, w in tables_of(model).items()}
-    return logits.detach(), model.sparse_arch.set_weight_views(grads)
+    return logits.detach(), model.sparse_arch.weight_views_per_set(grads)
 
 
 @pytest.mark.parametrize("name", ["dcnv2-me-3x", "ipnn-me-2x", "xdeepfm-mesi-2x"])
@@ -115,7 +115,7 @@ def test_init_bound_per_set_table_and_zero_padding(layout: str, init: str) -> No
         "xavier_field": {f: math.sqrt(6.0 / (rows + 10)) for f, rows in vocab.items()},
         "torchrec": {f: math.sqrt(1.0 / rows) for f, rows in vocab.items()},
     }[init]
-    for set_index, views in enumerate(model.sparse_arch.set_weights()):
+    for set_index, views in enumerate(model.sparse_arch.weights_per_set()):
         for field, view in views.items():
             bound = expected[field]
             assert view.shape == (vocab[field], 10)
@@ -187,7 +187,7 @@ def test_padding_stays_zero_while_training(make_optimizer) -> None:
 
 
 @pytest.mark.parametrize("layout", ["fused", "per_set"])
-def test_table_layout_and_set_weight_views(layout: str) -> None:
+def test_table_layout_and_weight_views_per_set(layout: str) -> None:
     model = build_model("dnn-me-3x", VOCAB, device=CPU, hidden=8, layout=layout)
     arch = model.sparse_arch
     assert arch.field_names == list(VOCAB) and arch.num_sets == 3 and arch.set_dim == 10 and arch.layout == layout
@@ -201,18 +201,18 @@ def test_table_layout_and_set_weight_views(layout: str) -> None:
             else:
                 assert piece == TableSlice(f"t_{field}_s{m}", field, m, 0, 10)
     tables = tables_of(model)
-    views = arch.set_weight_views({name: w.detach() for name, w in tables.items()})
+    views = arch.weight_views_per_set({name: w.detach() for name, w in tables.items()})
     for (field, m), piece in pieces.items():
         expected = tables[piece.table_name].detach()[:, piece.col_start : piece.col_stop]
         assert views[m][field].shape == (VOCAB[field], 10)
         assert torch.equal(views[m][field], expected)
     missing = {name: w for name, w in tables.items() if name != arch.table_layout[0].table_name}
     with pytest.raises(ValueError, match="missing"):
-        arch.set_weight_views(missing)
+        arch.weight_views_per_set(missing)
     wrong = dict(tables)
     wrong[arch.table_layout[0].table_name] = torch.zeros(3, 3)
     with pytest.raises(ValueError, match="shape"):
-        arch.set_weight_views(wrong)
+        arch.weight_views_per_set(wrong)
 
 
 def test_sparse_output_is_set_major_and_matches_a_plain_lookup() -> None:
@@ -222,7 +222,7 @@ def test_sparse_output_is_set_major_and_matches_a_plain_lookup() -> None:
     out = model.sparse_arch(features)
     assert out.shape == (B, 3, len(VOCAB), 10)
     assert out.transpose(0, 1).is_contiguous()
-    views = model.sparse_arch.set_weights()
+    views = model.sparse_arch.weights_per_set()
     for f_index, (field, jagged) in enumerate(features.to_dict().items()):
         offsets = jagged.offsets()
         for row in range(B):

@@ -120,7 +120,7 @@ def test_metrics_log_information_abundance_every_n_evaluations(synthetic: Path, 
         name: state[f"model.sparse_arch.embedding_bag_collection.embedding_bags.{name}.weight"].local_shards()[0].tensor
         for name in sparse_arch.table_names
     }
-    for set_index, fields in enumerate(sparse_arch.set_weight_views(tables)):
+    for set_index, fields in enumerate(sparse_arch.weight_views_per_set(tables)):
         values = []
         for weight in fields.values():
             rows = weight.double().numpy()
