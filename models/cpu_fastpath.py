@@ -3,7 +3,7 @@
 
 What is here (each the same maths as the reference, with its backward written out where autograd would be slower):
 
-* :func:`set_linear`: K set-specific ``Linear`` layers as one GEMM per set at padded widths
+* :func:`per_set_linear`: K set-specific ``Linear`` layers as one GEMM per set at padded widths
   (:data:`GEMM_WIDTH_MULTIPLE`), the bias carried in a padded column, the output stored batch-major for the
   BatchNorm that follows;
 * :func:`cross_network`: DCNv2's full-rank cross layers the same way (:class:`_CrossNetFunction`);
@@ -339,14 +339,14 @@ class _SetLinearFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
-def set_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def per_set_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """K set-specific linear layers on CPU: ``[K, B, in]`` x ``[G, out, in]`` (+ ``[G, out]``) -> ``[K, B, out]``, a
     view of batch-major storage (:class:`_SetLinearFunction`).
 
     Example::
 
         >>> x, weight, bias = torch.randn(3, 5, 7), torch.randn(3, 2, 7), torch.randn(3, 2)
-        >>> torch.allclose(set_linear(x, weight, bias), torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2)),
+        >>> torch.allclose(per_set_linear(x, weight, bias), torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2)),
         ...                atol=1e-5)
         True
     """

@@ -30,23 +30,23 @@ from multiembed.models import cpu_fastpath
 
 
 @torch.fx.wrap
-def set_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def per_set_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """K set-specific linear layers: ``[K, B, in]`` x ``[G, out, in]`` (+ ``[G, out]``) -> ``[K, B, out]``.
 
     The reference path is one batched GEMM (output set-major); where :func:`~multiembed.models.cpu_fastpath.enabled`
-    it is :func:`multiembed.models.cpu_fastpath.set_linear` (one GEMM per set at padded widths, output a
+    it is :func:`multiembed.models.cpu_fastpath.per_set_linear` (one GEMM per set at padded widths, output a
     ``[K, B, out]`` view of batch-major storage). Wrapped for fx: the switch is plain Python, read at run time.
 
     Example::
 
         >>> x, weight, bias = torch.randn(3, 5, 7), torch.randn(3, 2, 7), torch.randn(3, 2)
-        >>> torch.allclose(set_linear(x, weight, bias), torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2)),
+        >>> torch.allclose(per_set_linear(x, weight, bias), torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2)),
         ...                atol=1e-5)
         True
     """
     num_sets, groups = x.shape[0], weight.shape[0]
     if cpu_fastpath.enabled(x):
-        return cpu_fastpath.set_linear(x, weight, bias)
+        return cpu_fastpath.per_set_linear(x, weight, bias)
     grouped = x.reshape(groups, -1, x.shape[-1])
     if bias is None:
         out = torch.bmm(grouped, weight.transpose(1, 2))
@@ -66,7 +66,7 @@ def _check_groups(num_sets: int, num_weight_sets: Optional[int]) -> int:
 
 class BatchedLinear(nn.Module):
     """K independent ``Linear`` layers on set-major input, as one batched matmul (one GEMM per set on the CPU fast
-    path, :func:`set_linear`).
+    path, :func:`per_set_linear`).
 
     ``y[k] = x[k] @ weight[g(k)]^T + bias[g(k)]`` with ``g(k) = k // (K // G)``. Initialised per set exactly as
     ``nn.Linear`` (uniform in ``+-1/sqrt(in_features)`` for weight and bias).
@@ -121,9 +121,9 @@ class BatchedLinear(nn.Module):
             x: ``[K, B, in_features]`` (on GPU copied when not contiguous).
 
         Returns:
-            ``[K, B, out_features]`` (on the CPU fast path a view of batch-major storage, see :func:`set_linear`).
+            ``[K, B, out_features]`` (on the CPU fast path a view of batch-major storage, see :func:`per_set_linear`).
         """
-        return set_linear(x, self.weight, self.bias)
+        return per_set_linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (
@@ -363,7 +363,7 @@ class SetProjection(nn.Module):
         return self.relu_dropout(self.norm(hidden))
 
 
-def set_major(embeddings: torch.Tensor) -> torch.Tensor:
+def as_set_major(embeddings: torch.Tensor) -> torch.Tensor:
     """``[B, K, F, d]`` -> ``[K, B, F, d]``; free (a view) when the input is the sparse arch's output, whose storage
     is set-major already."""
     return embeddings.transpose(0, 1)
@@ -372,4 +372,4 @@ def set_major(embeddings: torch.Tensor) -> torch.Tensor:
 def flatten_fields(embeddings: torch.Tensor) -> torch.Tensor:
     """``[B, K, F, d]`` -> set-major ``[K, B, F*d]`` (each set's concatenated field embeddings); a view for the
     sparse arch's output."""
-    return set_major(embeddings).flatten(2)
+    return as_set_major(embeddings).flatten(2)

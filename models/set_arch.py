@@ -22,7 +22,7 @@ from multiembed.models.interactions import (
     PairwiseInnerProducts,
     TwoStreamMLP,
 )
-from multiembed.models.layers import SetBatchNorm, SetProjection, flatten_fields, set_major
+from multiembed.models.layers import SetBatchNorm, SetProjection, as_set_major, flatten_fields
 
 
 class SetInteractionArch(nn.Module):
@@ -200,7 +200,7 @@ class InnerProductSetArch(SetInteractionArch):
         Returns:
             ``[B, K, H]``.
         """
-        per_set = set_major(embeddings)  # [K, B, F, d]
+        per_set = as_set_major(embeddings)  # [K, B, F, d]
         products = self.products(per_set)  # [K, B, F*(F-1)/2]
         if self.prepend == "embeddings":
             products = torch.cat([per_set.flatten(2), products], dim=2)
@@ -255,7 +255,7 @@ class FwFMSetArch(SetInteractionArch):
         Returns:
             ``[B, K, H]``.
         """
-        interaction = self.fwfm(set_major(embeddings))  # [K, B, d]
+        interaction = self.fwfm(as_set_major(embeddings))  # [K, B, d]
         normed = self.dropout(self.norm(interaction.transpose(0, 1)))  # [B, K, d]
         return self.projection(normed.transpose(0, 1))
 
@@ -297,7 +297,7 @@ class CINSetArch(SetInteractionArch):
         Returns:
             ``[B, K, C + H]``.
         """
-        per_set = set_major(embeddings)
+        per_set = as_set_major(embeddings)
         cin_features = self.cin(per_set).transpose(0, 1)  # [B, K, C]
         return torch.cat([cin_features, self.projection(per_set.flatten(2))], dim=2)
 

@@ -217,17 +217,17 @@ def test_cpu_fast_paths_have_exact_gradients(num_sets: int, groups: int, width: 
     """The performance work's CPU paths (one GEMM per set at padded widths, written-out backward) against finite
     differences in float64, with and without padding (8 is already a multiple of 8) and with shared weights."""
     from multiembed.models.interactions import cross_network
-    from multiembed.models.layers import set_linear
+    from multiembed.models.layers import per_set_linear
 
     torch.manual_seed(0)
     f64 = {"dtype": torch.float64, "requires_grad": True}
     x = torch.randn(num_sets, 3, width, **f64)
     weight, bias = torch.randn(groups, 5, width, **f64), torch.randn(groups, 5, **f64)
-    assert torch.autograd.gradcheck(set_linear, (x, weight, bias))
-    assert torch.autograd.gradcheck(lambda x, w: set_linear(x, w, None), (x, weight))
+    assert torch.autograd.gradcheck(per_set_linear, (x, weight, bias))
+    assert torch.autograd.gradcheck(lambda x, w: per_set_linear(x, w, None), (x, weight))
     per = num_sets // groups
     expected = torch.baddbmm(bias.repeat_interleave(per, 0).unsqueeze(1), x, weight.repeat_interleave(per, 0).mT)
-    torch.testing.assert_close(set_linear(x, weight, bias), expected)
+    torch.testing.assert_close(per_set_linear(x, weight, bias), expected)
 
     layers = 3
     x0 = torch.randn(groups, 4, width, **f64)

@@ -20,7 +20,7 @@ from multiembed.models import cpu_fastpath
 from multiembed.models.cpu_fastpath import cpu_linear, ones_column_padded_base, pad_with_ones_column
 from multiembed.models.layers import ReLUDropout
 
-FAST_FUNCTIONS = ("set_linear", "cross_network", "dropout", "relu_dropout")
+FAST_FUNCTIONS = ("per_set_linear", "cross_network", "dropout", "relu_dropout")
 BATCH = 16
 # Small options for every backbone (the defaults are the paper's sizes).
 SMALL_OPTIONS: Dict[str, Dict[str, object]] = {
@@ -106,7 +106,7 @@ def compare(model: nn.Module, dtype: torch.dtype, fast_calls: Dict[str, int]) ->
 
     before = dict(fast_calls)
     fast_out, fast_grads = run(model, embeddings, dense, upstream, fast=True)
-    assert fast_calls["set_linear"] > before["set_linear"], "the fast path was not taken"
+    assert fast_calls["per_set_linear"] > before["per_set_linear"], "the fast path was not taken"
     before = dict(fast_calls)
     plain_out, plain_grads = run(plain, embeddings, dense, upstream, fast=False)
     assert fast_calls == before, "the plain path called the fast path"
@@ -144,7 +144,7 @@ def test_the_switch_changes_the_path_also_in_a_traced_model(fast_calls) -> None:
     model.sparse_arch.value = torch.randn(BATCH, 2, 3, 5, requires_grad=True)
     traced_set_arch = torch.fx.symbolic_trace(model.set_arch)
     wrapped = {node.target.__name__ for node in traced_set_arch.graph.nodes if node.op == "call_function"}
-    assert {"set_linear", "cross_network", "relu_dropout"} <= wrapped
+    assert {"per_set_linear", "cross_network", "relu_dropout"} <= wrapped
 
     def eager() -> None:
         model(torch.empty(BATCH, 0), None).sum().backward()
@@ -152,7 +152,7 @@ def test_the_switch_changes_the_path_also_in_a_traced_model(fast_calls) -> None:
     def traced() -> None:
         traced_set_arch(model.sparse_arch.value).sum().backward()
 
-    expected = {"eager": set(FAST_FUNCTIONS), "traced": {"set_linear", "cross_network", "relu_dropout"}}
+    expected = {"eager": set(FAST_FUNCTIONS), "traced": {"per_set_linear", "cross_network", "relu_dropout"}}
     for label, runner in (("eager", eager), ("traced", traced)):
         for fast in (True, False):
             for name in fast_calls:
