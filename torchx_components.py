@@ -22,6 +22,15 @@ import torchx
 import torchx.specs as specs
 from torchx.components import dist
 
+# The options' spellings come from their one definition (multiembed.config, importable without torch); each
+# component below names the options a launcher most often sets and passes any other through ``extra_args``.
+from multiembed.config import TrainConfig, to_command_line
+
+# Component parameters that size or place the job rather than configure the command.
+LAUNCH_PARAMETERS = frozenset(
+    {"extra_args", "j", "image", "h", "cpu", "gpu", "memMB", "env", "max_retries", "max_restarts", "rdzv_port", "name"}
+)
+
 
 def _with_max_restarts(app: specs.AppDef, max_restarts: int) -> specs.AppDef:
     """Adds ``--max-restarts`` to the torchrun command line that ``dist.ddp`` builds.
@@ -138,25 +147,16 @@ def train(
         rdzv_port: rendezvous port on the first node (multi-node only; single-node jobs pick a free port).
         name: torchx job name.
     """
-    args: List[str] = [
-        "train", "--data", data, "--out", out, "--model", model, "--epochs", str(epochs),
-        "--batch-size", str(batch_size), "--sharding", sharding, "--patience", str(patience), "--seed", str(seed),
-        "--eval-every", str(eval_every), "--checkpoint-every", str(checkpoint_every),
-    ]
-    if sparse_optimizer is not None:
-        args += ["--sparse-optimizer", sparse_optimizer]
-    if sparse_lr is not None:
-        args += ["--sparse-lr", str(sparse_lr)]
-    if lr is not None:
-        args += ["--lr", str(lr)]
-    if resume or max_restarts > 0:
+    if overwrite and (resume or max_restarts > 0):
+        raise ValueError("overwrite cannot be combined with resume or max_restarts (a restart would erase the run)")
+    options = dict(
+        data=data, out=out, model=model, epochs=epochs, batch_size=batch_size, sharding=sharding,
+        sparse_optimizer=sparse_optimizer, sparse_lr=sparse_lr, lr=lr, patience=patience, seed=seed,
+        eval_every=eval_every, checkpoint_every=checkpoint_every,
         # A restarted worker must pick up the run it was part of rather than refuse the existing directory.
-        args.append("--resume")
-    if overwrite:
-        if resume or max_restarts > 0:
-            raise ValueError("overwrite cannot be combined with resume or max_restarts (a restart would erase the run)")
-        args.append("--overwrite")
-    args += list(extra_args)
+        resume=resume or max_restarts > 0, overwrite=overwrite,
+    )
+    args: List[str] = ["train", *to_command_line(TrainConfig, options), *extra_args]
     return _cli_app(
         args, name=name, image=image, h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j, env=env, rdzv_port=rdzv_port,
         max_retries=max_retries, max_restarts=max_restarts,
@@ -297,12 +297,11 @@ def scaling_study(
     """
     args: List[str] = ["scale", "--data", data, "--out", out]
     for flag, value in (
-        ("--backbones", backbones), ("--scales", scales), ("--modes", modes), ("--seeds", seeds),
-        ("--preset", preset), ("--epochs", epochs), ("--batch-size", batch_size), ("--hidden", hidden),
-        ("--patience", patience),
+        ("--backbones", backbones), ("--scales", scales), ("--modes", modes), ("--seeds", seeds), ("--preset", preset),
     ):
         if value is not None:
             args += [flag, str(value)]
+    args += to_command_line(TrainConfig, dict(epochs=epochs, batch_size=batch_size, hidden=hidden, patience=patience))
     args += list(extra_args)
     return _cli_app(
         args, name=name, image=image, h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j, env=env, rdzv_port=rdzv_port,

@@ -1,8 +1,8 @@
 """Collapse analysis of a trained run: what ``multiembed analyze`` does, without the command line.
 
 A run directory (``RUN/config.json``, ``RUN/checkpoints/step-N/``) records every option of its run, so the sharded
-model is rebuilt exactly as the trainer built it (:class:`~multiembed.training.trainer.Trainer` with
-``evaluate_only=True``, which touches nothing in the run directory), the checkpoint is loaded into it, and
+model is rebuilt through the one build path (:func:`~multiembed.training.evaluation.model_for_run`, which touches
+nothing in the run directory and needs no dataset), the checkpoint is loaded into it, and
 :func:`~multiembed.collapse.collapse_from_model` streams its tables: a collective over the ranks when started
 by torchrun / torchx, one rank otherwise. No table is gathered on one rank. Rank 0 writes the report
 (:func:`~multiembed.analysis.report.write_collapse_report`): ``collapse.json`` and the figures.
@@ -34,12 +34,13 @@ from multiembed.analysis.report import (  # noqa: E402
 from multiembed.collapse import CollapseResult, collapse_from_model, summarize_sets  # noqa: E402
 from multiembed.training import checkpoint as ckpt  # noqa: E402
 from multiembed.training.distributed import DistContext  # noqa: E402
-from multiembed.training.trainer import (  # noqa: E402
+from multiembed.data.metadata import read_metadata  # noqa: E402
+from multiembed.training.evaluation import (  # noqa: E402
     CONFIG_FILE,
     SUMMARY_FILE,
-    Trainer,
+    RunModel,
     best_checkpoint,
-    trainer_for_run,
+    model_for_run,
 )
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -117,9 +118,11 @@ def resolve_checkpoint(path: PathLike) -> RunCheckpoint:
     return RunCheckpoint(run_dir=run_dir, checkpoint=checkpoint, step=int(manifest.get("step", -1)))
 
 
-def trained_model(trainer: Trainer) -> Any:
-    """The zoo model inside the trainer's DMP (``DMP -> MultiEmbeddingTrain -> model``), its tables sharded."""
-    return trainer.dmp.module.model
+def trained_model(holder: Any) -> Any:
+    """The zoo model inside a trainer's or a :class:`RunModel`'s DMP (``DMP -> MultiEmbeddingTrain -> model``), its
+    tables sharded."""
+    built = holder.built
+    return built.model
 
 
 def analyze_run(
@@ -146,12 +149,13 @@ def analyze_run(
         row_normalized: L2-normalise rows before the spectra (the paper's analysis; False: raw rows).
         sub_embedding: DCNv2's sub-embedding IA through the first cross layer (ignored for other backbones).
         random_init_seed: seed of the random-initialisation reference tables (None: skip them).
-        data: dataset directory to read the vocabulary from when the run's has moved (same fingerprint).
+        data: a dataset to check against the run's vocabulary fingerprint (the model itself is rebuilt from
+            ``config.json`` alone).
         device: ``auto``, ``cpu`` or ``cuda``.
         compare_with: other analyses (``collapse.json`` dicts over the same fields, e.g. SE of the same scale),
             drawn next to this one in ``ia_sets.png``.
         compare_labels: their legend names (default: each one's model name).
-        ctx: the process group context (see :func:`multiembed.training.trainer.trainer_for_run`).
+        ctx: the process group context (see :func:`multiembed.training.evaluation.model_for_run`).
         progress: progress bar on stderr (rank 0).
 
     Returns:
@@ -161,22 +165,28 @@ def analyze_run(
         ValueError: bad path, missing or corrupted checkpoint, dataset mismatch, or an undefined IA (all-zero table).
     """
     source = resolve_checkpoint(path)
-    trainer = trainer_for_run(source.run_dir, None if data is None else str(data), device=device, ctx=ctx)
-    trainer.load_model_only(source.checkpoint)
+    run: RunModel = model_for_run(source.run_dir, device=device, ctx=ctx)
+    if data is not None:
+        run.check_data(read_metadata(str(data)), str(data))
+    run.load(source.checkpoint)
     collapse = collapse_from_model(
-        trained_model(trainer), sub_embedding=sub_embedding, row_normalized=row_normalized, concat=True,
-        random_init_seed=random_init_seed, progress=progress and trainer.ctx.is_main,
+        trained_model(run), sub_embedding=sub_embedding, row_normalized=row_normalized, concat=True,
+        random_init_seed=random_init_seed, progress=progress and run.ctx.is_main,
     )
-    model = trainer.config.model
+    model = run.config.model
     data_dict = collapse.to_dict()
+    # Paths relative to the report folder (or absolute without one), the checkpoint relative to its run.
+    run_dir_text = os.path.relpath(source.run_dir.resolve(), Path(out).resolve()) if out is not None else str(
+        source.run_dir.resolve()
+    )
     data_dict["source"] = {
         "model": model,
-        "run_dir": str(source.run_dir.resolve()),
-        "checkpoint": str(source.checkpoint.resolve()),
+        "run_dir": Path(run_dir_text).as_posix(),
+        "checkpoint": source.checkpoint.resolve().relative_to(source.run_dir.resolve()).as_posix(),
         "step": source.step,
     }
     report = None
-    if out is not None and trainer.ctx.is_main:
+    if out is not None and run.ctx.is_main:
         labels = None
         if compare_with:
             others = list(compare_labels) if compare_labels else [_label_of(c) for c in compare_with]

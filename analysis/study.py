@@ -57,22 +57,15 @@ from multiembed.collapse import collapse_from_model  # noqa: E402
 from multiembed.data.metadata import read_metadata  # noqa: E402
 from multiembed.models.names import BASE_SET_DIM, parse_model_name  # noqa: E402
 from multiembed.training.distributed import DistContext, broadcast_object, init_distributed  # noqa: E402
-from multiembed.training.trainer import (  # noqa: E402
-    CONFIG_FILE,
-    SUMMARY_FILE,
-    TrainConfig,
-    Trainer,
-    TrainingDiverged,
-)
+from multiembed.config import STUDY_OPTIONS, TrainConfig  # noqa: E402
+from multiembed.training.evaluation import CONFIG_FILE, SUMMARY_FILE  # noqa: E402
+from multiembed.training.trainer import Trainer, TrainingDiverged  # noqa: E402
 
 RUNS_DIR = "runs"
 LOGS_DIR = "logs"
 
 # Options of `multiembed train` a study forwards to every run (all others keep TrainConfig's defaults).
-TRAIN_OPTIONS = (
-    "epochs", "batch_size", "hidden", "dropout", "patience", "eval_every", "max_steps", "lr", "sparse_lr",
-    "sparse_optimizer", "dense_optimizer", "weight_decay", "ia_every", "device",
-)
+TRAIN_OPTIONS = STUDY_OPTIONS
 # Options that must agree with a finished run's for it to count in this study (the others do not change results).
 _RESULT_OPTIONS = tuple(o for o in TRAIN_OPTIONS if o not in ("device", "ia_every"))
 

@@ -1,10 +1,10 @@
 """Training throughput of multiembed models against an honest plain-PyTorch baseline, measured in one run.
 
 What is timed
-    * **Project step**: the trainer's own path - ``build_model`` on ``meta``, the fused in-backward sparse optimizer
-      (device default: Adagrad on CPU, Adam on GPU), ``plan_sharding`` + ``DistributedModelParallel`` on the job's
-      process group (a one-rank gloo group when started alone), dense Adam through ``build_optimizer``, and
-      TorchRec's ``TrainPipelineSparseDist``. One step is forward + backward + both optimizers.
+    * **Project step**: the trainer's own build path (``multiembed.training.build.build_training``): the model on
+      ``meta``, the fused in-backward sparse optimizer (device default: Adagrad on CPU, Adam on GPU), the plan and
+      ``DistributedModelParallel`` on the job's process group (a one-rank gloo group when started alone), dense Adam,
+      and TorchRec's ``TrainPipelineSparseDist``. One step is forward + backward + both optimizers.
     * **Baseline step**: :mod:`paper_baseline` (the paper's public code: one ``nn.Embedding`` per set, a Python loop
       over sets, dense Adam over the whole tables), on the same batches.
     * The two run **interleaved** in blocks of steps (project, baseline, project, ...) so that both see the same
@@ -50,14 +50,13 @@ Run (the issue's target configuration; ``--malloc retain`` for the second memory
 
     .venv/bin/python -m multiembed.cli bench --model dcnv2-me-4x --batch-size 2048 --rows-per-set 1100000 \\
         --steps 20 --json runs/bench.json
-    .venv/bin/python benchmarks/bench_train.py --model dcnv2-me-4x ... # the same, as a script
+    .venv/bin/python -m multiembed.benchmarks.bench_train --model dcnv2-me-4x ... # the same, as a module
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -81,8 +80,6 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torchrec.datasets.utils import Batch  # noqa: E402
-from torchrec.distributed import DistributedModelParallel  # noqa: E402
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist  # noqa: E402
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -93,29 +90,14 @@ from multiembed.models import (  # noqa: E402
     CrossSetArch,
     MultiEmbeddingModel,
     ModelSpec,
-    MultiEmbeddingTrain,
     SetInteractionArch,
-    build_model,
     parse_model_name,
 )
-from multiembed.sharding import make_sharders, plan_sharding  # noqa: E402
 from multiembed.training.distributed import DistContext, init_distributed  # noqa: E402
-from multiembed.training.optim import OptimizerConfig, attach_sparse_optimizer, build_optimizer  # noqa: E402
+from multiembed.config import TrainConfig  # noqa: E402
+from multiembed.benchmarks import paper_baseline  # noqa: E402
+from multiembed.training.build import build_training  # noqa: E402
 
-
-def _load_sibling(name: str) -> Any:
-    """Imports ``benchmarks/<name>.py`` (``benchmarks/`` is a folder of scripts, not a package)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-paper_baseline = _load_sibling("paper_baseline")
 
 DEFAULT_PRESET = "criteo-kaggle"
 MALLOC_MODES = ("default", "retain")
@@ -388,24 +370,19 @@ class ProjectRunner:
         sharding: str = "auto",
         seed: int = 0,
     ) -> None:
-        torch.manual_seed(seed)
         self.device = ctx.device
-        self.model = build_model(
-            model_name, vocab_sizes, device=torch.device("meta"), hidden=hidden, dropout=dropout, layout=layout
+        name = model_name.name if isinstance(model_name, ModelSpec) else model_name
+        config = TrainConfig(
+            data="", model=name, out="", layout=layout, hidden=hidden, dropout=dropout, sharding=sharding, seed=seed,
+            batch_size=local_batch * ctx.world_size, device=ctx.device.type,
         )
-        train_module = MultiEmbeddingTrain(self.model)
-        self.optim_config = OptimizerConfig.for_device(ctx.device.type)
-        attach_sparse_optimizer(self.model.sparse_arch.embedding_bag_collection, self.optim_config)
-        plan = plan_sharding(
-            train_module, sharding, world_size=ctx.world_size, local_world_size=ctx.local_world_size,
-            device_type=ctx.device.type, set_width=self.model.sparse_arch.stored_set_dim, pg=dist.group.WORLD,
-            batch_size=local_batch,
-        )
-        self.dmp = DistributedModelParallel(
-            train_module, device=ctx.device, plan=plan, sharders=make_sharders(device_type=ctx.device.type)
-        )
-        self.optimizer, _ = build_optimizer(self.dmp, self.dmp.fused_optimizer, self.optim_config)
-        self.pipeline = TrainPipelineSparseDist(self.dmp, self.optimizer, ctx.device)
+        config.validate()
+        built = build_training(config, vocab_sizes, num_dense=0, ctx=ctx, local_batch=local_batch)
+        self.model = built.planned.model
+        self.optim_config = built.optim_config
+        self.dmp = built.dmp
+        self.optimizer = built.optimizer
+        self.pipeline = built.pipeline
         self.dmp.train()
         self._pipelined = False
 
@@ -431,7 +408,7 @@ class ProjectRunner:
             done = 0
             while True:
                 try:
-                    loss, _, _ = self.pipeline.progress(feed)
+                    loss, *_ = self.pipeline.progress(feed)
                 except StopIteration:
                     break
                 done += 1
@@ -695,17 +672,8 @@ class BaselineProcess:
         from multiprocessing.connection import Connection
 
         parent, child = socket.socketpair()
-        harness = Path(__file__).resolve()
-        # The harness file is imported by path in the child as here (benchmarks/ is a folder of scripts).
-        code = (
-            "import importlib.util, sys; "
-            "spec = importlib.util.spec_from_file_location('bench_train', sys.argv[1]); "
-            "module = importlib.util.module_from_spec(spec); sys.modules['bench_train'] = module; "
-            "spec.loader.exec_module(module); module.serve_baseline(int(sys.argv[2]))"
-        )
-        self._process = subprocess.Popen(
-            [sys.executable, "-c", code, str(harness), str(child.fileno())], pass_fds=(child.fileno(),)
-        )
+        code = "import sys; from multiembed.benchmarks.bench_train import serve_baseline; serve_baseline(int(sys.argv[1]))"
+        self._process = subprocess.Popen([sys.executable, "-c", code, str(child.fileno())], pass_fds=(child.fileno(),))
         child.close()
         self._conn = Connection(parent.detach())
         self.page_faults = 0

@@ -1,10 +1,12 @@
 """GPU check in pure torch (no FBGEMM, no TorchRec): the set interaction arch against the card's own GEMM rate,
 and an NCCL all-reduce sanity check with one process.
 
-The lent GPU machines run torch 2.11 (CUDA 13) on Python 3.12 without the CUDA FBGEMM wheel (STACK.md), so the
-package's TorchRec paths cannot run there; its dense arches can. This script imports the project's own
-``BatchedCrossNet`` and ``SetProjection`` (``models/interactions.py``, ``models/layers.py``, plain torch) straight
-from the checkout, bypassing the package's TorchRec version guard, and measures:
+The lent GPU machines run torch 2.11 (CUDA 13) on Python 3.12 without the CUDA FBGEMM wheel, so the package's
+fused TorchRec paths cannot run there; its dense arches can. This script imports the package's own
+``BatchedCrossNet`` and ``SetProjection`` through ``multiembed.models`` like any user, so the machine needs the
+package and a TorchRec stack that matches its torch: torch 2.11 pairs with ``fbgemm-gpu-cpu==1.6.0`` and
+``torchrec==1.6.1`` (about 10 MiB of wheels, carried with the checkout and installed with ``pip install --no-deps``,
+then ``pip install --no-deps -e .``). It measures:
 
 * ``gemm``: fp32 ``[B, F*d] x [F*d, F*d]`` (TF32 off, true fp32), the rate the interaction arch is compared with;
   TF32 and bf16 rates of the same shape are reported for reference;
@@ -17,50 +19,27 @@ from the checkout, bypassing the package's TorchRec version guard, and measures:
 Each measurement alternates with the GEMM in rounds (median reported), so the ratio is taken under the same
 conditions. Run::
 
-    python benchmarks/gpu_check.py --json gpu_check.json              # on the GPU machine, from the checkout
-    python benchmarks/gpu_check.py --device cpu --quick               # smoke test anywhere (gloo instead of NCCL)
+    python -m multiembed.benchmarks.gpu_check --json gpu_check.json   # on the GPU machine
+    python -m multiembed.benchmarks.gpu_check --device cpu --quick    # smoke test anywhere (gloo instead of NCCL)
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
 import socket
 import statistics
-import sys
 import time
-import types
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def load_project_modules() -> Tuple[type, type]:
-    """``(BatchedCrossNet, SetProjection)`` from the checkout's ``models/`` folder.
-
-    When ``multiembed.models`` is already imported (the full stack is installed) those classes are used. Otherwise
-    a bare ``multiembed.models`` package entry pointing at ``models/`` is registered, so that importing
-    ``multiembed.models.interactions`` runs only that file and ``layers.py`` (plain torch) and not the package's
-    ``__init__``, which checks for the CPU TorchRec stack.
-    """
-    if "multiembed.models" not in sys.modules:
-        for name, path in (("multiembed", None), ("multiembed.models", REPO / "models")):
-            if name not in sys.modules:
-                package = types.ModuleType(name)
-                package.__path__ = [str(path)] if path else []  # type: ignore[attr-defined]
-                sys.modules[name] = package
-    interactions = importlib.import_module("multiembed.models.interactions")
-    layers = importlib.import_module("multiembed.models.layers")
-    return interactions.BatchedCrossNet, layers.SetProjection
 
 
 class SetInteraction(nn.Module):
@@ -104,7 +83,7 @@ def measure_interaction(
     rounds: int, iters: int,
 ) -> Dict[str, Any]:
     """The set arch's forward + backward rate and an fp32 GEMM's, alternating in ``rounds`` rounds."""
-    BatchedCrossNet, SetProjection = load_project_modules()
+    from multiembed.models import BatchedCrossNet, SetProjection
     width = fields * set_dim
     arch = SetInteraction(
         BatchedCrossNet(num_sets, width, layers, device=device), SetProjection(num_sets, width, hidden, 0.2, device=device)

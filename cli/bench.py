@@ -1,18 +1,12 @@
 """``multiembed bench``: training throughput against the plain-PyTorch baseline, breakdown, scaling (JSON + markdown).
 
-The harness is ``benchmarks/bench_train.py`` of the source tree (a script folder, not part of the installed
-package), loaded from the checkout this command runs from.
+The harness is :mod:`multiembed.benchmarks.bench_train` (``benchmarks/`` installs as ``multiembed.benchmarks``).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Any, List
-
-HARNESS = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_train.py"
 
 
 def _int_list(text: str) -> List[int]:
@@ -78,28 +72,10 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 
 
 def load_harness() -> Any:
-    """Imports ``benchmarks/bench_train.py`` from the checkout.
+    """The benchmark harness module (imports torch and torchrec)."""
+    from multiembed.benchmarks import bench_train
 
-    Raises:
-        FileNotFoundError: the package was installed without its source tree.
-    """
-    if "bench_train" in sys.modules:
-        return sys.modules["bench_train"]
-    if not HARNESS.is_file():
-        raise FileNotFoundError(
-            f"{HARNESS}: the benchmark harness lives in the source tree's benchmarks/ folder; run multiembed bench "
-            "from a checkout installed with pip install -e ."
-        )
-    spec = importlib.util.spec_from_file_location("bench_train", HARNESS)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_train"] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules["bench_train"]
-        raise
-    return module
+    return bench_train
 
 
 def command_line(args: argparse.Namespace) -> List[str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from multiembed.config import Device
+
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = subparsers.add_parser(
@@ -19,7 +21,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--data", required=True, help="converted dataset directory")
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=Device.choices(), default="auto")
     p.set_defaults(func=run)
 
 
@@ -30,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from multiembed.training.distributed import destroy
-    from multiembed.training.trainer import evaluate_run
+    from multiembed.training.evaluation import evaluate_run
 
     try:
         result = evaluate_run(args.run_dir, args.data, split=args.split, device=args.device)

@@ -13,9 +13,8 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from multiembed.sharding.strategy import ShardingStrategy
+from multiembed.config import ShardingStrategy, TrainConfig, add_arguments
 
-SPARSE_OPTIMIZERS = ("adam", "adagrad", "rowwise_adagrad", "sgd")
 DEFAULT_HOST_SIZE = 8
 
 
@@ -31,7 +30,6 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
             "when no plan fits."
         ),
     )
-    p.add_argument("--model", required=True, help="model name, e.g. dcnv2-me-4x")
     p.add_argument(
         "--data",
         required=True,
@@ -63,22 +61,12 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     )
     p.add_argument("--batch-size", type=int, default=2048, help="per-rank batch size (default: 2048)")
     p.add_argument(
-        "--sparse-optimizer",
-        choices=SPARSE_OPTIMIZERS,
-        default=None,
-        help="optimizer of the sharded tables (default: adam on cuda, adagrad on cpu, as the trainer)",
-    )
-    p.add_argument(
-        "--dense-optimizer",
-        choices=SPARSE_OPTIMIZERS,
-        default="adam",
-        help="optimizer of data-parallel tables (default: adam)",
-    )
-    p.add_argument(
         "--multi-hot",
         action="store_true",
         help="size inputs for the preset's multi-hot variant (criteo-1tb: MLPerf DLRM-DCNv2 ids per sample)",
     )
+    # The model and optimizer options are the trainer's own, so the plan sizes what `multiembed train` would run.
+    add_arguments(p, TrainConfig, ("model", "hidden", "layout", "dense_features", "sparse_optimizer"))
     p.add_argument("--json", metavar="OUT", default=None, help="also write the plan summary as JSON to OUT")
     p.set_defaults(func=run)
 
@@ -140,62 +128,40 @@ def run(args: argparse.Namespace) -> int:
     from multiembed.data.stack import require_torchrec_stack
 
     require_torchrec_stack()
-    import torch
-    from torchrec import optim as trec_optim
-    from torch.distributed.optim import _apply_optimizer_in_backward
-
     from multiembed.data.metadata import atomic_write_text
-    from multiembed.models import build_model
-    from multiembed.sharding import build_topology, embedding_tables, format_summary, plan_sharding, plan_summary
+    from multiembed.sharding import build_topology, format_summary
     from multiembed.sharding.planner import GB
+    from multiembed.training.build import plan_model
 
     overrides = parse_overrides(args.override)
     label, vocab_sizes, num_dense, pooling, exact = resolve_data(args.data, args.multi_hot)
     local_world_size = args.local_world_size or default_local_world_size(args.world_size)
-    sparse_optimizer = args.sparse_optimizer or ("adam" if args.device == "cuda" else "adagrad")
-    if args.device == "cpu" and sparse_optimizer == "adam":
-        raise ValueError("--sparse-optimizer adam: FBGEMM's CPU kernels have no fused Adam (use adagrad)")
-
-    model = build_model(args.model, vocab_sizes, num_dense=num_dense, device=torch.device("meta"))
-    # Mark the tables with their fused optimizer as the trainer does: TorchRec's planner reads it off the
-    # parameters to size the optimizer state.
-    optimizer_class = {
-        "adam": trec_optim.Adam,
-        "adagrad": trec_optim.Adagrad,
-        "rowwise_adagrad": trec_optim.RowWiseAdagrad,
-        "sgd": trec_optim.SGD,
-    }[sparse_optimizer]
-    for path in sorted({t.module_path for t in embedding_tables(model)}):
-        _apply_optimizer_in_backward(optimizer_class, model.get_submodule(path).parameters(), {"lr": 0.01})
-
-    plan = plan_sharding(
-        model,
-        args.strategy,
-        world_size=args.world_size,
-        local_world_size=local_world_size,
-        device_type=args.device,
-        set_width=args.set_width,
-        overrides=overrides,
-        hbm_gb=args.hbm_gb,
-        ddr_gb=args.ddr_gb,
-        batch_size=args.batch_size,
-        pooling_factors=pooling,
+    config = TrainConfig(
+        data=label, model=args.model, out="", hidden=args.hidden, layout=args.layout,
+        dense_features=args.dense_features, sparse_optimizer=args.sparse_optimizer, sharding=args.strategy,
     )
-    # The capacity the planner worked with (TorchRec's defaults where no size was given).
+    config.validate()
+    # The capacity the planner works with (TorchRec's defaults where no size was given).
     topology = build_topology(args.world_size, local_world_size, args.device, hbm_gb=args.hbm_gb, ddr_gb=args.ddr_gb)
     storage = topology.devices[0].storage
     capacity = (storage.hbm if args.device == "cuda" else storage.ddr) / GB
-    summary = plan_summary(
-        plan,
-        model,
+    planned = plan_model(
+        config,
+        vocab_sizes,
+        num_dense=num_dense if config.dense_features else 0,
         world_size=args.world_size,
         local_world_size=local_world_size,
-        batch_size=args.batch_size,
-        pooling_factors=pooling,
-        dense_optimizer=args.dense_optimizer,
         device_type=args.device,
+        batch_size=args.batch_size,
+        overrides=overrides,
+        set_width=args.set_width,
+        hbm_gb=args.hbm_gb,
+        ddr_gb=args.ddr_gb,
+        pooling_factors=pooling,
         capacity_gb=capacity,
     )
+    summary = planned.summary
+    sparse_optimizer = planned.optim_config.sparse_optimizer
     summary["request"] = {
         "model": args.model,
         "data": label,

@@ -7,6 +7,8 @@ import os
 import sys
 from typing import List
 
+from multiembed.config import STUDY_OPTIONS, TrainConfig, add_arguments
+
 # The preset's settings are spelled out here too so that `--help` needs no torch import (cli/ keeps heavy imports
 # inside run); tests check this text against analysis.study.PRESETS.
 PRESET_HELP = (
@@ -54,22 +56,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--modes", type=_names, default=None, help="comma-separated modes: se, me, mesi (default se,me)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds per configuration, 0..N-1 (default 3)")
     p.add_argument("--preset", choices=["small"], default=None, help=f"named study size; {PRESET_HELP}")
-    p.add_argument("--epochs", type=int, default=None, help="maximum epochs per run under early stopping (default 10)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch size (default 2048)")
-    p.add_argument("--hidden", type=int, default=None, help="MLP width (default 400)")
-    p.add_argument("--dropout", type=float, default=None, help="dropout (default 0.2)")
-    p.add_argument("--patience", type=int, default=None, help="evaluations without val AUC gain before stopping (3)")
-    p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: once per epoch)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop each run after N steps (default: no limit)")
-    p.add_argument("--lr", type=float, default=None, help="dense learning rate (default 1e-3)")
-    p.add_argument("--sparse-lr", type=float, default=None, help="embedding learning rate (device default)")
-    p.add_argument("--sparse-optimizer", choices=["adagrad", "rowwise_adagrad", "sgd", "adam"], default=None,
-                   help="fused embedding optimizer (default: adagrad on CPU, adam on GPU)")
-    p.add_argument("--dense-optimizer", choices=["adam", "sgd"], default=None, help="dense optimizer (default adam)")
-    p.add_argument("--weight-decay", type=float, default=None, help="dense weight decay (default 1e-6)")
-    p.add_argument("--ia-every", type=int, default=None,
-                   help="log IA every N evaluations into each run's metrics.jsonl (default 1; 0: off)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    # The training options every run of the study shares: TrainConfig's fields, unset unless given (a preset or
+    # the paper's defaults fill the rest).
+    add_arguments(p, TrainConfig, STUDY_OPTIONS, unset_defaults=True)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (one line per run is still printed)")
     p.set_defaults(func=run)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Dict
 
-from multiembed.sharding.strategy import ShardingStrategy
+from multiembed.config.choices import ShardingStrategy
 
 _LAZY: Dict[str, str] = {
     "DEFAULT_BATCH_SIZE": "planner",

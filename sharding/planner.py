@@ -55,7 +55,7 @@ except ImportError as e:  # pragma: no cover - depends on the installed TorchRec
     ) from e
 from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E402
 
-from multiembed.sharding.strategy import ShardingStrategy  # noqa: E402
+from multiembed.config.choices import ShardingStrategy  # noqa: E402
 
 try:  # TorchRec >= 1.8 builds topologies through a validating factory; older releases only have Topology.
     from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig

@@ -7,7 +7,8 @@ checked by hand:
 * **Memory**: each shard's weights (rows x columns x bytes per value) plus its optimizer state, fp32:
   SGD none; Adagrad one value per weight; row-wise Adagrad one value per row of the shard; Adam and LAMB two per
   weight; partial row-wise Adam / LAMB one per weight plus one per row. Data-parallel tables hold a full replica
-  on every rank, with the dense optimizer's state. Dense (non-embedding) parameters are reported once, separately.
+  on every rank, with the state of the same optimizer (the trainer steps them with the sparse optimizer's
+  rule through a regular torch optimizer). Dense (non-embedding) parameters are reported once, separately.
 * **Communication** per training step, summed over all ranks (bytes sent), for a per-rank batch ``b``, ``W`` ranks,
   ``Wl`` ranks per host, a table of width ``D`` (shard width ``d``) whose features average ``L`` ids per sample
   (8-byte ids, 4-byte lengths, fp32 pooled embeddings):
@@ -184,7 +185,6 @@ def plan_summary(
     batch_size: int = DEFAULT_BATCH_SIZE,
     pooling_factors: Optional[Mapping[str, float]] = None,
     fused_params: Optional[Mapping[str, Any]] = None,
-    dense_optimizer: str = "adam",
     device_type: Optional[str] = None,
     capacity_gb: Optional[float] = None,
 ) -> Dict[str, Any]:
@@ -199,13 +199,12 @@ def plan_summary(
         batch_size: per-rank batch size.
         pooling_factors: ``{feature: mean ids per sample}`` (1 when absent).
         fused_params: FBGEMM options; their ``optimizer`` counts for tables without an in-backward optimizer.
-        dense_optimizer: optimizer of the data-parallel tables (the trainer's dense optimizer).
         device_type: ``"cpu"`` or ``"cuda"``, to name the memory tier.
         capacity_gb: memory per rank in GiB, to report the share used.
 
     Returns:
         ``{"world_size", "local_world_size", "batch_size_per_rank", "device_type", "capacity_bytes_per_rank",
-        "dense_optimizer", "dense_parameter_bytes", "tables": [...], "ranks": [...], "memory": {...},
+        "dense_parameter_bytes", "tables": [...], "ranks": [...], "memory": {...},
         "communication": {...}}``; each table has ``module``, ``name``, ``rows``, ``width``, ``features``,
         ``sharding_type``, ``compute_kernel``, ``ranks``, ``shards`` (rank, offsets, sizes; empty for replicas),
         ``optimizer``, ``weight_bytes``, ``optimizer_bytes``, ``max_bytes_per_rank``, ``communication_bytes``.
@@ -232,7 +231,9 @@ def plan_summary(
     for table in tables:
         sharding = shardings[table.name]
         replicated = sharding.sharding_type == ShardingType.DATA_PARALLEL.value
-        optimizer = normalize_optimizer(dense_optimizer) if replicated else table_optimizer(module, table, fused_params)
+        # Replicated tables are stepped with the same rule as sharded ones (a regular optimizer instead of the
+        # fused kernel), so the optimizer marked on the weight counts for every table.
+        optimizer = table_optimizer(module, table, fused_params)
         shards = _shards(sharding, table)
         per_rank: Dict[int, int] = {}
         weight_total = optimizer_total = 0
@@ -282,7 +283,6 @@ def plan_summary(
         "batch_size_per_rank": batch_size,
         "device_type": device_type,
         "capacity_bytes_per_rank": None if capacity_gb is None else int(capacity_gb * GB),
-        "dense_optimizer": normalize_optimizer(dense_optimizer),
         "dense_parameter_bytes": dense_bytes,
         "tables": table_rows,
         "ranks": rank_rows,
@@ -344,10 +344,11 @@ def format_summary(summary: Mapping[str, Any], max_rank_lines: int = 16) -> str:
     lines.append(line(header).rstrip())
     lines.extend(line(r).rstrip() for r in rows)
     replicated = ShardingType.DATA_PARALLEL.value
-    optimizers = sorted({t["optimizer"] for t in summary["tables"] if t["sharding_type"] != replicated})
-    states = [f"{', '.join(optimizers)} for sharded tables"] if optimizers else []
-    if any(t["sharding_type"] == replicated for t in summary["tables"]):
-        states.append(f"{summary['dense_optimizer']} (the dense optimizer) for data-parallel tables")
+    states = []
+    for kind, label in ((False, "sharded tables (fused in backward)"), (True, "data-parallel tables (torch optimizer)")):
+        names = sorted({t["optimizer"] for t in summary["tables"] if (t["sharding_type"] == replicated) == kind})
+        if names:
+            states.append(f"{', '.join(names)} for {label}")
     lines.append(f"Optimizer state: {'; '.join(states)}")
     memory = summary["memory"]
     capacity = summary.get("capacity_bytes_per_rank")

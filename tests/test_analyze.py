@@ -41,18 +41,16 @@ def numpy_ia(matrix: np.ndarray, normalize: bool = True) -> float:
 
 
 def loaded_weights(run: Path, checkpoint: Path) -> Tuple[Dict[Tuple[str, int], np.ndarray], np.ndarray, list]:
-    """The checkpoint's per-(field, set) tables and first cross weights, loaded through the trainer's own API
-    (``Trainer(evaluate_only=True)`` + ``load_model_only``), assembled here from the DMP state dict."""
+    """The checkpoint's per-(field, set) tables and first cross weights, loaded through the build path
+    (``model_for_run`` + ``load``), assembled here from the DMP state dict."""
     from multiembed.training.distributed import destroy
-    from multiembed.training.trainer import TrainConfig, Trainer
+    from multiembed.training.evaluation import model_for_run
 
-    options = json.loads((run / "config.json").read_text())["options"]
-    options.update(resume=False, overwrite=False, progress=False, device="cpu")
     try:
-        trainer = Trainer(TrainConfig(**options), evaluate_only=True)
-        trainer.load_model_only(checkpoint)
-        model = trainer.dmp.module.model
-        state = trainer.dmp.state_dict()
+        loaded = model_for_run(run, device="cpu")
+        loaded.load(checkpoint)
+        model = loaded.built.model
+        state = loaded.built.dmp.state_dict()
         tables = {}
         for key, value in state.items():
             if ".embedding_bags." not in key:
@@ -107,8 +105,13 @@ def test_analyze_run_writes_every_file_with_values_from_the_checkpoint(run_dir: 
         assert matplotlib.image.imread(out / name).ndim == 3, name
 
     saved = json.loads((out / "collapse.json").read_text())
-    best = Path(json.loads((run_dir / "summary.json").read_text())["checkpoint"])
-    assert saved["source"]["model"] == MODEL and Path(saved["source"]["checkpoint"]) == best.resolve()
+    # Files name other files relative to the folder that holds them: summary.json's checkpoint is relative to the
+    # run, collapse.json's run relative to the report folder and its checkpoint relative to the run.
+    relative = json.loads((run_dir / "summary.json").read_text())["checkpoint"]
+    assert not Path(relative).is_absolute() and relative.startswith("checkpoints/")
+    best = run_dir / relative
+    assert saved["source"]["model"] == MODEL and saved["source"]["checkpoint"] == relative
+    assert (out / saved["source"]["run_dir"]).resolve() == run_dir.resolve()
     assert saved["row_normalized"] is True and saved["dim"] == 10 and len(saved["sets"]) == 2
     assert analysis.collapse.to_dict() == {k: v for k, v in saved.items() if k != "source"}
 
@@ -164,7 +167,7 @@ def test_cli_analyzes_a_checkpoint_directory_raw_and_prints_the_summary(run_dir:
     assert {p.name for p in out.iterdir()} == FILES - {"sub_embedding.png"}
     saved = json.loads((out / "collapse.json").read_text())
     assert saved["row_normalized"] is False and saved["sub_embedding"] is None and saved["concat"] is not None
-    assert Path(saved["source"]["checkpoint"]) == chosen.resolve()
+    assert (out / saved["source"]["run_dir"] / saved["source"]["checkpoint"]).resolve() == chosen.resolve()
     assert saved["source"]["step"] == int(chosen.name.split("-")[1])
     per_slot, _, fields = loaded_weights(run_dir, chosen)
     for field in fields[::6]:

@@ -114,6 +114,27 @@ def test_train_component_builds_the_worker_command_line() -> None:
     assert "--max-restarts" not in command and "--resume" not in command
 
 
+def test_component_options_are_the_trainers_own() -> None:
+    """Every option a component passes to the worker is a TrainConfig field with the same default, so an option is
+    defined once (multiembed.config) and the components cannot drift from it."""
+    import dataclasses
+    import inspect
+
+    from multiembed.config import TrainConfig
+
+    components = load_components()
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    grid = {"backbones", "scales", "modes", "seeds", "preset"}
+    for component in (components.train, components.scaling_study):
+        for name, parameter in inspect.signature(component).parameters.items():
+            if name in components.LAUNCH_PARAMETERS or name in grid:
+                continue
+            assert name in fields, f"{component.__name__}: {name} is not a TrainConfig option"
+            default = fields[name].default
+            if component is components.train and default is not dataclasses.MISSING:
+                assert parameter.default == default, f"train: {name} defaults to {parameter.default!r}, not {default!r}"
+
+
 def test_max_restarts_reaches_torchrun_and_makes_workers_resume() -> None:
     components = load_components()
     app = components.train(data="d", out="r", max_restarts=2, checkpoint_every=50)

@@ -168,18 +168,45 @@ def split_unfused_parameters(
     return tables, dense
 
 
+# The element-wise torch optimizers that apply a fused sparse optimizer's update rule to a replicated
+# (data-parallel) table, which TorchRec's in-backward optimizer leaves out.
+_REPLICATED_TABLE_RULES = ("adagrad", "sgd", "adam")
+
+
+def table_update_rule(config: OptimizerConfig, replicated: bool, table: str = "") -> str:
+    """The optimizer that updates an embedding table: the sparse optimizer, whatever the table's sharding.
+
+    A sharded table is updated by FBGEMM's fused kernel in backward; a replicated (data-parallel) one by a regular
+    torch optimizer with the same update rule (:func:`build_optimizer`). The planner's memory account
+    (``multiembed plan``) and the trainer both take a table's rule from here.
+
+    Args:
+        config: resolved options.
+        replicated: the table is data-parallel.
+        table: the table's name, for the error message.
+
+    Raises:
+        ValueError: a replicated table under an optimizer without an element-wise torch equivalent (row-wise
+            Adagrad keeps one accumulator per row that torch's optimizers do not have).
+    """
+    name = config.sparse_optimizer
+    if replicated and name not in _REPLICATED_TABLE_RULES:
+        where = f"table {table!r} is data-parallel" if table else "data-parallel tables"
+        raise ValueError(
+            f"--sparse-optimizer {name}: {where}, and {name} has no element-wise torch equivalent for replicated "
+            f"tables; use {', '.join(_REPLICATED_TABLE_RULES)}, or another sharding"
+        )
+    return name
+
+
 def _regular_sparse_optimizer(params: Any, config: OptimizerConfig) -> torch.optim.Optimizer:
     """The torch optimizer with the fused sparse optimizer's update rule (for replicated tables)."""
-    if config.sparse_optimizer == "adagrad":
+    name = table_update_rule(config, replicated=True)
+    if name == "adagrad":
         return torch.optim.Adagrad(params, lr=config.sparse_lr, eps=1e-8)
-    if config.sparse_optimizer == "sgd":
+    if name == "sgd":
         return torch.optim.SGD(params, lr=config.sparse_lr)
-    if config.sparse_optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.sparse_lr, weight_decay=config.sparse_weight_decay)
-    raise ValueError(
-        f"--sparse-optimizer {config.sparse_optimizer} has no element-wise equivalent for data-parallel tables; "
-        "use adagrad, sgd or adam, or another sharding"
-    )
+    return torch.optim.Adam(params, lr=config.sparse_lr, weight_decay=config.sparse_weight_decay)
 
 
 def _dense_optimizer(params: Any, config: OptimizerConfig) -> torch.optim.Optimizer:

@@ -28,86 +28,33 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from multiembed.data.stack import installed_versions, require_torchrec_stack
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
-require_torchrec_stack()
+from multiembed.collapse import collapse_from_model, summarize_sets
+from multiembed.config import MODEL_OPTIONS, TrainConfig
+from multiembed.data.loader import ParquetBatchLoader
+from multiembed.data.locking import LOCK_FILE, exclusive_lock
+from multiembed.data.metadata import DatasetMetadata, atomic_write_text, read_metadata, split_identity
+from multiembed.data.stack import installed_versions
+from multiembed.training import checkpoint as ckpt
+from multiembed.training.distributed import DistContext, init_distributed
+from multiembed.training.evaluation import (
+    CONFIG_FILE,
+    SUMMARY_FILE,
+    average_batch_norm_statistics,
+    build_for_data,
+    evaluate_split,
+    load_model_weights,
+)
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torchrec.distributed import DistributedModelParallel  # noqa: E402
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from multiembed.data.loader import ParquetBatchLoader  # noqa: E402
-from multiembed.data.metadata import DatasetMetadata, atomic_write_text, read_metadata  # noqa: E402
-from multiembed.models import MultiEmbeddingTrain, build_model  # noqa: E402
-from multiembed.collapse import collapse_from_model, summarize_sets  # noqa: E402
-from multiembed.sharding import format_plan, make_sharders, plan_sharding, plan_summary  # noqa: E402
-from multiembed.training import checkpoint as ckpt  # noqa: E402
-from multiembed.training.distributed import DistContext, init_distributed  # noqa: E402
-from multiembed.training.metrics import EvalMetrics  # noqa: E402
-from multiembed.training.optim import OptimizerConfig, attach_sparse_optimizer, build_optimizer  # noqa: E402
-
-CONFIG_FILE = "config.json"
-SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
 PLAN_FILE = "plan.txt"
 
 
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Every option of a training run (``multiembed train --help`` documents each one).
-
-    ``batch_size`` is the global batch (the paper's 2048); each rank gets ``batch_size / world_size`` rows.
-    ``None`` optimizer fields take the device's defaults (:class:`OptimizerConfig`).
-    """
-
-    data: str
-    model: str
-    out: str
-    epochs: int = 10
-    batch_size: int = 2048
-    sparse_optimizer: Optional[str] = None
-    sparse_lr: Optional[float] = None
-    lr: Optional[float] = None
-    weight_decay: Optional[float] = None
-    dense_optimizer: str = "adam"
-    warmup_steps: int = 0
-    decay_start: int = 0
-    decay_steps: int = 0
-    sharding: str = "auto"
-    patience: int = 3
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    eval_every: int = 0
-    checkpoint_every: int = 0
-    ia_every: int = 1
-    max_steps: int = 0
-    hidden: int = 400
-    dropout: float = 0.2
-    layout: str = "fused"
-    dense_features: bool = False
-    spectral_reg: float = 0.0
-    device: str = "auto"
-    progress: bool = True
-
-    def validate(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
-        for name in ("patience", "eval_every", "checkpoint_every", "ia_every", "max_steps", "warmup_steps",
-                     "decay_start", "decay_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"--dropout: must be in [0, 1), got {self.dropout}")
-        if self.resume and self.overwrite:
-            raise ValueError("--resume and --overwrite contradict each other: pick one")
 
 
 def _git_commit() -> Optional[str]:
@@ -130,6 +77,13 @@ def _package_version() -> Optional[str]:
         return None
 
 
+def _exact_tensor(value: Any) -> torch.Tensor:
+    """A progress counter as a tensor that holds it exactly (int64 counts: float32 loses them past 2^24)."""
+    if isinstance(value, bool) or isinstance(value, int):
+        return torch.tensor(int(value), dtype=torch.int64)
+    return torch.tensor(float(value), dtype=torch.float64)
+
+
 def _all_ranks_agree(flag: bool) -> bool:
     """True only when ``flag`` holds on every rank (a MIN all-reduce)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -149,26 +103,28 @@ def _raise_collectively(error: Optional[str]) -> None:
 
 
 class Trainer:
-    """Builds the sharded model, the pipeline and the loaders from a :class:`TrainConfig`, then trains.
+    """Builds the sharded model (:mod:`multiembed.training.build`) and the loaders from a :class:`TrainConfig`,
+    then trains.
 
     Args:
         config: the run's options.
         ctx: this process's place in the job (``init_distributed()`` when omitted).
         log: where rank-0 messages go (stderr by default).
-        evaluate_only: build the model for :meth:`evaluate` only: no run directory is touched and no train
-            split is needed.
+
+    Example::
+
+        trainer = Trainer(TrainConfig(data="runs/data/synth", model="dcnv2-me-4x", out="runs/me4x"))
+        summary = trainer.fit()  # {"test_auc": ..., "best_step": ..., ...}
     """
 
-    def __init__(
-        self, config: TrainConfig, ctx: Optional[DistContext] = None, log: Any = None, evaluate_only: bool = False
-    ) -> None:
+    def __init__(self, config: TrainConfig, ctx: Optional[DistContext] = None, log: Any = None) -> None:
         config.validate()
         self.config = config
         self.ctx = ctx or init_distributed(config.device)
         self._log_stream = log if log is not None else sys.stderr
         self.run_dir = Path(config.out)
         self.meta: DatasetMetadata = read_metadata(config.data)
-        for split in () if evaluate_only else ("train", "val", "test"):
+        for split in ("train", "val", "test"):
             if self.meta.split_rows().get(split, 0) == 0:
                 raise ValueError(f"{config.data}: split {split!r} has no rows; training needs train, val and test")
         if config.batch_size % self.ctx.world_size:
@@ -177,65 +133,21 @@ class Trainer:
                 f"{self.ctx.world_size} ranks"
             )
         self.local_batch = config.batch_size // self.ctx.world_size
-        self.optim_config = OptimizerConfig.for_device(
-            self.ctx.device.type,
-            sparse_optimizer=config.sparse_optimizer,
-            sparse_lr=config.sparse_lr,
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            warmup_steps=config.warmup_steps,
-            decay_start=config.decay_start,
-            decay_steps=config.decay_steps,
-            dense_optimizer=config.dense_optimizer,
-        )
-        if not evaluate_only:
-            self._prepare_run_dir()
-        torch.manual_seed(config.seed)
-
-        self.model = build_model(
-            config.model,
-            self.meta.vocab_sizes,
-            num_dense=len(self.meta.dense_fields) if config.dense_features else 0,
-            device=torch.device("meta"),
-            hidden=config.hidden,
-            dropout=config.dropout,
-            layout=config.layout,
-        )
-        train_module = MultiEmbeddingTrain(self.model, spectral_reg_weight=config.spectral_reg)
-        attach_sparse_optimizer(self.model.sparse_arch.embedding_bag_collection, self.optim_config)
-        pg = dist.group.WORLD
-        self.plan = plan_sharding(
-            train_module,
-            config.sharding,
-            world_size=self.ctx.world_size,
-            local_world_size=self.ctx.local_world_size,
-            device_type=self.ctx.device.type,
-            set_width=self.model.sparse_arch.stored_set_dim,
-            pg=pg,
-            batch_size=self.local_batch,
-        )
-        report_options = dict(
-            world_size=self.ctx.world_size, local_world_size=self.ctx.local_world_size,
-            batch_size=self.local_batch, device_type=self.ctx.device.type,
-        )
-        self.plan_text = format_plan(self.plan, train_module, **report_options)
-        self.plan_json = plan_summary(self.plan, train_module, **report_options)
-        self.dmp = DistributedModelParallel(
-            train_module,
-            device=self.ctx.device,
-            plan=self.plan,
-            sharders=make_sharders(device_type=self.ctx.device.type),
-        )
-        self.optimizer, self._schedules = build_optimizer(self.dmp, self.dmp.fused_optimizer, self.optim_config)
-        self.pipeline = TrainPipelineSparseDist(
-            self.dmp, self.optimizer, self.ctx.device, custom_model_fwd=self._forward_with_weights
-        )
+        self._prepare_run_dir()
+        self.built = build_for_data(config, self.meta, self.ctx, self.local_batch)
+        self.dmp = self.built.dmp
+        self.optimizer = self.built.optimizer
+        self.pipeline = self.built.pipeline
+        self._schedules = self.built.schedules
+        self.optim_config = self.built.optim_config
+        self.model = self.built.planned.model
+        self.plan = self.built.planned.plan
+        self.plan_text = self.built.planned.text
+        self.plan_json = self.built.planned.summary
         self.progress: Dict[str, Any] = {
             "epoch": 0, "batch": 0, "step": 0, "best_auc": -1.0, "best_step": -1, "evals_since_best": 0,
             "evaluations": 0, "train_time_s": 0.0, "samples_trained": 0, "done": False,
         }
-        if evaluate_only:
-            return
         self.train_loader = ParquetBatchLoader(
             config.data, "train", self.local_batch, rank=self.ctx.rank, world_size=self.ctx.world_size,
             shuffle=True, seed=config.seed, last_batch="drop", use_dense=config.dense_features,
@@ -252,40 +164,95 @@ class Trainer:
             print(message, file=self._log_stream, flush=True)
 
     def _prepare_run_dir(self) -> None:
+        """Checks ``--out`` (rank 0), takes the job's lock on it and, with ``--overwrite``, empties it.
+
+        The lock (:func:`~multiembed.data.locking.exclusive_lock`, held by rank 0 for the job, released by
+        :meth:`close` or when the process ends) refuses a second job on the same directory in one line.
+        """
         error: Optional[str] = None
         if self.ctx.is_main:
-            exists = self.run_dir.exists() and any(self.run_dir.iterdir()) if self.run_dir.is_dir() else self.run_dir.exists()
-            if self.run_dir.exists() and not self.run_dir.is_dir():
-                error = f"--out {self.run_dir}: exists and is not a directory"
-            elif exists and self.config.overwrite:
-                shutil.rmtree(self.run_dir)
-            elif exists and self.config.resume:
-                error = self._check_resumable()
-            elif exists:
-                error = f"--out {self.run_dir}: exists; pass --resume to continue that run or --overwrite to replace it"
+            error = self._run_dir_problem()
             if error is None:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
+                try:
+                    self.run_dir.mkdir(parents=True, exist_ok=True)
+                    self._lock = exclusive_lock(self.run_dir, "training run")
+                    lock_file = self._lock.__enter__()
+                except OSError as e:
+                    self._lock = None
+                    error = str(e)
+                else:
+                    if self.config.overwrite:
+                        # Only the run's own entries go; the lock file stays (the directory is a run: checked).
+                        for entry in self.run_dir.iterdir():
+                            if entry == lock_file:
+                                continue
+                            if entry.is_dir() and not entry.is_symlink():
+                                shutil.rmtree(entry)
+                            else:
+                                entry.unlink()
         _raise_collectively(error)
+
+    def close(self) -> None:
+        """Releases the run directory's lock (rank 0); :meth:`fit` calls it when it ends."""
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+    def _run_dir_problem(self) -> Optional[str]:
+        """Why ``--out`` cannot be used as asked (None: it can); nothing is touched here."""
+        out = self.run_dir
+        if out.is_symlink():
+            return f"--out {out}: is a symbolic link; give the directory it points to"
+        if out.exists() and not out.is_dir():
+            return f"--out {out}: exists and is not a directory"
+        if not out.exists() or not any(p.name != LOCK_FILE for p in out.iterdir()):
+            return None
+        for name in (CONFIG_FILE, SUMMARY_FILE, METRICS_FILE, PLAN_FILE, ckpt.CHECKPOINT_DIR):
+            if (out / name).is_symlink():
+                return f"--out {out}: {out / name} is a symbolic link; refusing to write through it"
+        if self.config.overwrite:
+            if not (out / CONFIG_FILE).is_file():
+                return (
+                    f"--overwrite: {out} is not a multiembed run directory ({CONFIG_FILE} missing); refusing to "
+                    "delete it"
+                )
+            data, target = Path(self.config.data).resolve(), out.resolve()
+            if data == target or target in data.parents:
+                return f"--overwrite: {out} holds the --data directory {self.config.data}; refusing to delete it"
+            return None
+        if self.config.resume:
+            return self._check_resumable()
+        return f"--out {out}: exists; pass --resume to continue that run or --overwrite to replace it"
 
     def _check_resumable(self) -> Optional[str]:
         path = self.run_dir / CONFIG_FILE
         if not path.is_file():
             return f"--resume: {path} is missing; {self.run_dir} is not a multiembed run directory"
         try:
-            previous = json.loads(path.read_text(encoding="utf-8"))["options"]
+            record = json.loads(path.read_text(encoding="utf-8"))
+            previous = record["options"]
         except (OSError, ValueError, KeyError) as e:
             return f"--resume: {path} is unreadable ({e})"
-        for key in ("model", "batch_size", "seed", "layout", "hidden", "dense_features"):
+        for key in (*MODEL_OPTIONS, "batch_size", "seed"):
             if previous.get(key) != getattr(self.config, key):
                 return (
                     f"--resume: --{key.replace('_', '-')} is {getattr(self.config, key)!r} but the run in "
                     f"{self.run_dir} used {previous.get(key)!r}"
                 )
+        trained_on = record.get("data", {}).get("vocab_fingerprint")
+        if trained_on is not None and trained_on != self.meta.vocab_fingerprint:
+            return (
+                f"--resume: --data {self.config.data} has vocabulary fingerprint {self.meta.vocab_fingerprint[:16]}... "
+                f"but the run in {self.run_dir} was trained on {trained_on[:16]}... ({path})"
+            )
+        trained_split = record.get("data", {}).get("split_identity")
+        current_split = split_identity(self.meta)
+        if trained_split is not None and current_split is not None and trained_split != current_split:
+            return (
+                f"--resume: --data {self.config.data} has split identity {current_split[:16]}... but the run in "
+                f"{self.run_dir} was trained on {trained_split[:16]}... ({path})"
+            )
         return None
-
-    def _forward_with_weights(self, batch: Any) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
-        loss, (loss_detached, logits, labels) = self.dmp(batch)
-        return loss, (loss_detached, logits, labels, batch.weights)
 
     def _write_config(self) -> None:
         if not self.ctx.is_main:
@@ -308,6 +275,9 @@ class Trainer:
                 "dataset": self.meta.dataset,
                 "vocab_fingerprint": self.meta.vocab_fingerprint,
                 "vocab_sizes": self.meta.vocab_sizes,
+                "num_dense": len(self.meta.dense_fields),
+                "split_identity": split_identity(self.meta),
+                "split_recipe": self.meta.split_recipe,
                 "rows": self.meta.split_rows(),
             },
             "model": {
@@ -326,26 +296,9 @@ class Trainer:
         return {
             "model": self.dmp.state_dict(),
             "optim": self.optimizer.state_dict(),
-            "progress": {k: torch.tensor(float(v)) for k, v in self.progress.items()},
+            "progress": {k: _exact_tensor(v) for k, v in self.progress.items()},
             f"rank{self.ctx.rank}": {"rng": ckpt.rng_state()},
         }
-
-    def _average_batch_norm_statistics(self) -> None:
-        """Makes every rank's BatchNorm running statistics the mean over ranks.
-
-        TorchRec wraps the dense part in DDP with ``broadcast_buffers=False``, so each rank's running statistics
-        follow its own batches. Left alone, ranks would evaluate slightly different models, and a checkpoint
-        (DCP keeps one copy of a key every rank saves) would hold one rank's statistics, so a resumed run would
-        evaluate differently from an uninterrupted one. Averaging before every evaluation and checkpoint gives
-        one model everywhere, the statistics of all ranks' batches, and exact resumes.
-        """
-        if self.ctx.world_size == 1:
-            return
-        for module in self.dmp.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-                for statistic in (module.running_mean, module.running_var):
-                    dist.all_reduce(statistic)
-                    statistic.div_(self.ctx.world_size)
 
     @staticmethod
     def _weights_are_finite(model_state: Dict[str, Any]) -> bool:
@@ -363,13 +316,20 @@ class Trainer:
                     finite = finite and bool(torch.isfinite(tensor).all())
         return _all_ranks_agree(finite)
 
+    def _kept_checkpoint(self) -> str:
+        """What a diverged run leaves behind, as it is."""
+        kept = ckpt.newest_valid_checkpoint(self.run_dir, report=lambda _: None)
+        if kept is None:
+            return "no checkpoint was written before it"
+        return f"the last good checkpoint is kept: {kept}"
+
     def save(self) -> Path:
-        self._average_batch_norm_statistics()
+        average_batch_norm_statistics(self.dmp, self.ctx.world_size)
         state = self._state()
         if not self._weights_are_finite(state["model"]):
             raise TrainingDiverged(
-                f"model weights became NaN or infinite by step {self.progress['step']}; not checkpointed: the last "
-                f"good checkpoint is kept in {self.run_dir / ckpt.CHECKPOINT_DIR}. Lower --lr / --sparse-lr."
+                f"model weights became NaN or infinite by step {self.progress['step']}; not checkpointed; "
+                f"{self._kept_checkpoint()}. Lower --lr / --sparse-lr."
             )
         info = {k: v for k, v in self.progress.items()}
         path = ckpt.save_checkpoint(self.run_dir, int(self.progress["step"]), state, info)
@@ -391,7 +351,7 @@ class Trainer:
             sched.post_load_state_dict()
         for key, value in state["progress"].items():
             kind = type(self.progress[key])
-            self.progress[key] = kind(value.item()) if kind is not bool else bool(value.item())
+            self.progress[key] = bool(value.item()) if kind is bool else kind(value.item())
         ckpt.set_rng_state(state[f"rank{self.ctx.rank}"]["rng"])
         self._truncate_metrics_log(int(self.progress["evaluations"]))
         self._log(f"resumed from {path} (epoch {self.progress['epoch']}, batch {self.progress['batch']}, step {self.progress['step']})")
@@ -408,9 +368,8 @@ class Trainer:
             self._log(f"{path}: dropped {len(lines) - evaluations} evaluation(s) logged after the checkpoint")
 
     def load_model_only(self, path: Path) -> None:
-        state = {"model": self.dmp.state_dict()}
-        ckpt.load_checkpoint(path, state)
-        self.dmp.load_state_dict(state["model"])
+        """Loads only the model's weights from a checkpoint (e.g. the best one, to test it)."""
+        load_model_weights(self.built, path)
 
     # ---------------------------------------------------------------------------------------------- loops
     def _segment_end(self, start: int) -> int:
@@ -461,38 +420,21 @@ class Trainer:
         if not _all_ranks_agree(math.isfinite(mean)):
             raise TrainingDiverged(
                 f"training loss is NaN or infinite at step {self.progress['step']} (epoch {epoch}); "
-                f"the last good checkpoint is kept in {self.run_dir / ckpt.CHECKPOINT_DIR}. "
-                "Lower --lr / --sparse-lr or check the data."
+                f"{self._kept_checkpoint()}. Lower --lr / --sparse-lr or check the data."
             )
         return mean
 
-    def evaluate(self, split: str, data_dir: Optional[str] = None) -> Dict[str, float]:
-        """Evaluates every row of ``split`` exactly once over all ranks (a collective)."""
-        self._average_batch_norm_statistics()
-        loader = ParquetBatchLoader(
-            data_dir or self.config.data, split, self.local_batch, rank=self.ctx.rank,
-            world_size=self.ctx.world_size, shuffle=False, last_batch="pad", use_dense=self.config.dense_features,
+    def evaluate(self, split: str) -> Dict[str, float]:
+        """Evaluates every row of ``split`` of the run's data exactly once over all ranks (a collective)."""
+        return evaluate_split(
+            self.built, self.config.data, split, ctx=self.ctx, local_batch=self.local_batch,
+            use_dense=self.config.dense_features,
         )
-        metrics = EvalMetrics(
-            rows_per_rank=loader.num_batches * self.local_batch, batch_size=self.local_batch,
-            world_size=self.ctx.world_size, rank=self.ctx.rank, device=self.ctx.device,
-        )
-        self.dmp.eval()
-        batches = iter(loader)
-        with torch.no_grad():
-            while True:
-                try:
-                    _, logits, labels, weights = self.pipeline.progress(batches)
-                except StopIteration:
-                    break
-                metrics.update(logits, labels, weights)
-        self.dmp.train()
-        return metrics.compute()
 
     def information_abundance(self) -> Dict[str, Any]:
         """IA per set of the tables as they are now (row-normalised), mean and min over fields (a collective).
 
-        Streams each rank's own shards into ``d x d`` Gram matrices (models/collapse.py), so no table is gathered.
+        Streams each rank's own shards into ``d x d`` Gram matrices (``multiembed.collapse``), so no table is gathered.
         """
         result = collapse_from_model(self.dmp, sub_embedding=False, concat=False, random_init_seed=None)
         per_set = summarize_sets(result.sets)
@@ -504,7 +446,10 @@ class Trainer:
 
     def _append_metrics(self, record: Dict[str, Any]) -> None:
         if self.ctx.is_main:
-            with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+            path = self.run_dir / METRICS_FILE
+            if path.is_symlink():
+                raise ValueError(f"{path}: is a symbolic link; refusing to write through it")
+            with open(path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
     def _evaluate_and_checkpoint(self, train_loss: float) -> bool:
@@ -550,6 +495,12 @@ class Trainer:
         Returns:
             The summary written to ``summary.json``.
         """
+        try:
+            return self._fit()
+        finally:
+            self.close()
+
+    def _fit(self) -> Dict[str, Any]:
         if self.config.resume:
             found = ckpt.newest_valid_checkpoint(self.run_dir, report=self._log)
             if found is not None:
@@ -594,7 +545,7 @@ class Trainer:
             "world_size": self.ctx.world_size,
             "embedding_params": int(self.model.embedding_params),
             "dense_params": int(self.model.dense_params),
-            "checkpoint": str(best),
+            "checkpoint": best.relative_to(self.run_dir).as_posix(),
         }
         if self.meta.bayes:
             for split in ("val", "test"):
@@ -609,76 +560,6 @@ class Trainer:
 def train(config: TrainConfig) -> Dict[str, Any]:
     """Runs one training job in this process (one rank of it under torchrun / torchx)."""
     return Trainer(config).fit()
-
-
-def load_run_config(run_dir: Path) -> Dict[str, Any]:
-    """The ``config.json`` of a run directory, with a clear error when it is not one."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise ValueError(f"{run_dir}: not a multiembed run directory ({CONFIG_FILE} missing)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
-def best_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint ``summary.json`` names, else the newest valid one."""
-    summary = Path(run_dir) / SUMMARY_FILE
-    if summary.is_file():
-        path = Path(json.loads(summary.read_text(encoding="utf-8"))["checkpoint"])
-        if not path.is_absolute():
-            path = Path(run_dir) / path
-        ckpt.verify_checkpoint(path)
-        return path
-    found = ckpt.newest_valid_checkpoint(Path(run_dir))
-    if found is None:
-        raise ValueError(f"{run_dir}: no complete checkpoint to evaluate")
-    return found
-
-
-def trainer_for_run(
-    run_dir: Path, data_dir: Optional[str] = None, device: str = "auto", ctx: Optional[DistContext] = None
-) -> Trainer:
-    """The model of a finished (or running) run, rebuilt from its ``config.json`` and sharded, weights not loaded.
-
-    Args:
-        run_dir: the run directory.
-        data_dir: a dataset to read instead of the one the run recorded (another conversion, or data that moved);
-            its vocabulary fingerprint must equal the run's.
-        device: ``auto``, ``cpu`` or ``cuda``.
-        ctx: this process's place in the job (``init_distributed()`` when omitted).
-
-    Raises:
-        ValueError: not a run directory, an unreadable dataset, or a vocabulary that differs from the run's.
-    """
-    record = load_run_config(run_dir)
-    options = dict(record["options"])
-    data_dir = str(data_dir) if data_dir is not None else options["data"]
-    meta = read_metadata(data_dir)
-    trained_on = record.get("data", {}).get("vocab_fingerprint")
-    if trained_on and meta.vocab_fingerprint != trained_on:
-        raise ValueError(
-            f"{data_dir}: vocabulary fingerprint {meta.vocab_fingerprint[:16]}... differs from the run's "
-            f"({trained_on[:16]}...) in {Path(run_dir) / CONFIG_FILE}; convert the data with --vocab-from the "
-            "training data's directory"
-        )
-    options.update(data=data_dir, resume=False, overwrite=False, progress=False, device=device)
-    return Trainer(TrainConfig(**options), ctx=ctx, evaluate_only=True)
-
-
-def evaluate_run(run_dir: Path, data_dir: str, split: str = "test", device: str = "auto") -> Dict[str, Any]:
-    """Evaluates the best checkpoint of a run on (another conversion of) data with the same vocabulary.
-
-    Raises:
-        ValueError: not a run directory, no checkpoint, or data whose vocabulary fingerprint differs.
-    """
-    trainer = trainer_for_run(run_dir, data_dir, device=device)
-    if trainer.meta.split_rows().get(split, 0) == 0:
-        raise ValueError(f"{data_dir}: split {split!r} has no rows")
-    trainer.load_model_only(best_checkpoint(run_dir))
-    result = trainer.evaluate(split, data_dir=data_dir)
-    return {f"{split}_{k}": v for k, v in result.items()}
 
 
 def format_summary(summary: Dict[str, Any], run_dir: Path) -> str:

@@ -1,4 +1,4 @@
-"""Named sharding strategies: the choices a user makes on the command line or in a config.
+"""Named choices of the command line and configs: each an enum whose values are the spellings users type.
 
 This module imports nothing heavy, so command-line parsers can list and validate the choices without torch.
 """
@@ -6,10 +6,53 @@ This module imports nothing heavy, so command-line parsers can list and validate
 from __future__ import annotations
 
 import enum
-from typing import Union
+from typing import List, Union
 
 
-class ShardingStrategy(str, enum.Enum):
+class Choice(str, enum.Enum):
+    """An option with fixed choices: each member's value is its command-line spelling."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def choices(cls) -> List[str]:
+        """The valid spellings, in documentation order."""
+        return [member.value for member in cls]
+
+
+class SparseOptimizer(Choice):
+    """The embedding tables' optimizer (FBGEMM's fused in-backward kernels; Adam needs a GPU)."""
+
+    ADAGRAD = "adagrad"
+    ROWWISE_ADAGRAD = "rowwise_adagrad"
+    SGD = "sgd"
+    ADAM = "adam"
+
+
+class DenseOptimizer(Choice):
+    """The optimizer of the dense (non-embedding) parameters."""
+
+    ADAM = "adam"
+    SGD = "sgd"
+
+
+class Layout(Choice):
+    """How the K embedding sets are stored (see ``multiembed.models.sparse_arch``)."""
+
+    FUSED = "fused"
+    PER_SET = "per_set"
+
+
+class Device(Choice):
+    """Where the job runs: ``auto`` picks CUDA (nccl) when a GPU is visible, else CPU (gloo)."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class ShardingStrategy(Choice):
     """How the embedding tables of a model are spread over the ranks.
 
     * ``auto``: TorchRec's ``EmbeddingShardingPlanner`` chooses per table (table-wise, row-wise, column-wise,
@@ -19,7 +62,8 @@ class ShardingStrategy(str, enum.Enum):
     * ``column_wise``: every table is split by columns into shards one embedding set wide, so the sets of a
       multi-embedding model land on different ranks (set-parallel).
     * ``data_parallel``: every table is replicated on every rank and its gradient all-reduced; TorchRec's fused
-      in-backward optimizer does not update such tables, so the trainer steps them with its dense optimizer.
+      in-backward optimizer does not update such tables, so the trainer steps them with the sparse optimizer's
+      update rule through a regular torch optimizer (``multiembed.training.optim``).
 
     Example::
 
@@ -32,14 +76,6 @@ class ShardingStrategy(str, enum.Enum):
     ROW_WISE = "row_wise"
     COLUMN_WISE = "column_wise"
     DATA_PARALLEL = "data_parallel"
-
-    def __str__(self) -> str:
-        return self.value
-
-    @classmethod
-    def choices(cls) -> list:
-        """The strategy names, in documentation order."""
-        return [s.value for s in cls]
 
     @classmethod
     def parse(cls, value: Union[str, "ShardingStrategy"], where: str = "strategy") -> "ShardingStrategy":

@@ -1,0 +1,38 @@
+"""Options and named choices, defined once and importable without torch.
+
+Every command-line option of a run is a field of :class:`TrainConfig` (with its default, help and choices), and
+every fixed set of choices is an enum in :mod:`multiembed.config.choices`; the CLI parsers, the torchx components'
+pass-through and the benchmark derive from them. ``config`` sits at the bottom of the package's flow beside ``data``:
+it imports nothing else of the package.
+"""
+
+from multiembed.config.choices import Choice, DenseOptimizer, Device, Layout, ShardingStrategy, SparseOptimizer
+from multiembed.config.options import (
+    MODEL_OPTIONS,
+    STUDY_OPTIONS,
+    TrainConfig,
+    add_arguments,
+    cli_fields,
+    flag_of,
+    from_arguments,
+    option,
+    to_command_line,
+)
+
+__all__ = [
+    "MODEL_OPTIONS",
+    "STUDY_OPTIONS",
+    "Choice",
+    "DenseOptimizer",
+    "Device",
+    "Layout",
+    "ShardingStrategy",
+    "SparseOptimizer",
+    "TrainConfig",
+    "add_arguments",
+    "cli_fields",
+    "flag_of",
+    "from_arguments",
+    "option",
+    "to_command_line",
+]

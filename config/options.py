@@ -1,0 +1,232 @@
+"""The options of a training run, defined once: a dataclass whose fields carry their default, help and choices.
+
+Everything that offers these options derives from :class:`TrainConfig`: ``multiembed train``'s parser
+(:func:`add_arguments`), ``multiembed scale``'s (the same fields with no defaults, so a preset can fill them),
+the torchx components' pass-through (:func:`to_command_line`) and the benchmark's model options. Adding an option
+means adding one field here (and, where it should be a named torchx parameter, one parameter there).
+
+This module imports nothing heavy (no torch), so command-line parsers can be built without loading torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Type, TypeVar
+
+from multiembed.config.choices import DenseOptimizer, Device, Layout, ShardingStrategy, SparseOptimizer
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    choices: Optional[Sequence[str]] = None,
+    flag: Optional[str] = None,
+    cli: bool = True,
+) -> Any:
+    """A dataclass field that also describes its command-line option.
+
+    Args:
+        default: the default (``dataclasses.MISSING``: required).
+        help: the ``--help`` text.
+        choices: the valid values (an enum's :meth:`Choice.choices`).
+        flag: the command-line spelling when it is not ``--`` + the field name with ``-`` for ``_``.
+        cli: False for fields that are not command-line options (set by the program).
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "cli": cli})
+
+
+def flag_of(field: "dataclasses.Field[Any]") -> str:
+    """The command-line spelling of a field (``batch_size`` -> ``--batch-size``)."""
+    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every option of a training run (``multiembed train --help`` prints each one's help).
+
+    ``batch_size`` is the global batch (the paper's 2048); each rank gets ``batch_size / world_size`` rows.
+    ``None`` optimizer fields take the device's defaults (``multiembed.training.optim.OptimizerConfig``).
+
+    Example::
+
+        >>> config = TrainConfig(data="runs/data/synth", model="dcnv2-me-4x", out="runs/me4x", epochs=1)
+        >>> config.validate()
+    """
+
+    data: str = option(help="converted dataset directory (multiembed convert / synth)")
+    model: str = option(help="model name, e.g. dcnv2-me-4x, dnn-se-10x, dcnv2-me-4x16")
+    out: str = option(help="run directory (refused if it exists, unless --resume/--overwrite)")
+    epochs: int = option(10, help="maximum epochs under early stopping")
+    batch_size: int = option(2048, help="global batch size, split evenly over the ranks")
+    sparse_optimizer: Optional[str] = option(
+        None, choices=SparseOptimizer.choices(),
+        help="embedding optimizer (default: adagrad on CPU, adam on GPU; adam needs a GPU)",
+    )
+    sparse_lr: Optional[float] = option(None, help="embedding learning rate (default 0.05 adagrad, 1e-3 adam)")
+    lr: Optional[float] = option(None, help="dense learning rate (default 1e-3)")
+    weight_decay: Optional[float] = option(None, help="dense weight decay (default 1e-6)")
+    dense_optimizer: str = option("adam", choices=DenseOptimizer.choices(), help="dense optimizer")
+    warmup_steps: int = option(0, help="linear LR warm-up steps for both optimizers")
+    decay_start: int = option(0, help="step where the linear LR decay starts (both optimizers)")
+    decay_steps: int = option(0, help="steps of linear LR decay to 0 (0: no decay)")
+    sharding: str = option(
+        "auto", choices=ShardingStrategy.choices(),
+        help="embedding sharding strategy (column_wise puts different sets on different ranks)",
+    )
+    patience: int = option(3, help="evaluations without validation AUC gain before stopping (0: off)")
+    seed: int = option(0, help="seed of initialisation, shuffling and dropout")
+    resume: bool = option(False, help="continue the run in --out from its newest complete checkpoint")
+    overwrite: bool = option(False, help="replace the run in --out (only a multiembed run directory is replaced)")
+    eval_every: int = option(0, help="evaluate every N steps (0: once per epoch)")
+    checkpoint_every: int = option(0, help="also checkpoint every N steps (0: at evaluations only)")
+    ia_every: int = option(
+        1, help="log information abundance (mean/min per set) every N evaluations into metrics.jsonl (0: off)"
+    )
+    max_steps: int = option(0, help="stop after N steps (0: no limit)")
+    hidden: int = option(400, help="MLP width (the paper's 400)")
+    dropout: float = option(0.2, help="dropout of the MLPs")
+    layout: str = option("fused", choices=Layout.choices(), help="embedding table layout")
+    dense_features: bool = option(False, help="feed the raw dense features through a dense arch")
+    spectral_reg: float = option(0.0, help="weight of the singular-spectrum regulariser (0: off)")
+    device: str = option("auto", choices=Device.choices(), help="auto: CUDA + nccl when a GPU is visible, else CPU")
+    progress: bool = option(True, flag="--no-progress", help="no progress bar")
+
+    def validate(self) -> None:
+        """Checks every option on its own (data-dependent checks come when the run is built).
+
+        Raises:
+            ValueError: a value out of range, an unknown choice, or contradictory options.
+        """
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
+        for name in ("patience", "eval_every", "checkpoint_every", "ia_every", "max_steps", "warmup_steps",
+                     "decay_start", "decay_steps", "hidden"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"--dropout: must be in [0, 1), got {self.dropout}")
+        for field in dataclasses.fields(self):
+            choices = field.metadata.get("choices")
+            value = getattr(self, field.name)
+            if choices and value is not None and str(value) not in choices:
+                raise ValueError(f"{flag_of(field)}: unknown {value!r}; choose from {', '.join(choices)}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other: pick one")
+
+
+# Options that decide the model's parameters: a resumed run, an evaluation and an analysis rebuild the model from
+# these recorded values.
+MODEL_OPTIONS = ("model", "hidden", "dropout", "layout", "dense_features", "spectral_reg")
+
+# Options of a run that a scaling study sets for all its runs (the grid sets model and seed; the study sets data,
+# out, resume and progress).
+STUDY_OPTIONS = (
+    "epochs", "batch_size", "hidden", "dropout", "patience", "eval_every", "max_steps", "lr", "sparse_lr",
+    "sparse_optimizer", "dense_optimizer", "weight_decay", "ia_every", "device",
+)
+
+C = TypeVar("C")
+
+
+def cli_fields(config_class: Type[Any], names: Optional[Iterable[str]] = None) -> List["dataclasses.Field[Any]"]:
+    """The command-line fields of ``config_class`` (only ``names``, in that order, when given)."""
+    fields = {f.name: f for f in dataclasses.fields(config_class) if f.metadata.get("cli", False)}
+    if names is None:
+        return list(fields.values())
+    missing = [n for n in names if n not in fields]
+    if missing:
+        raise KeyError(f"{config_class.__name__} has no command-line option {missing}")
+    return [fields[n] for n in names]
+
+
+def _default_text(field: "dataclasses.Field[Any]") -> str:
+    if field.default is dataclasses.MISSING or field.default is None or isinstance(field.default, bool):
+        return ""
+    return f" (default {field.default})"
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    config_class: Type[Any],
+    names: Optional[Iterable[str]] = None,
+    *,
+    unset_defaults: bool = False,
+    exclusive: Sequence[Sequence[str]] = (),
+) -> None:
+    """Adds one argparse option per field of ``config_class``.
+
+    Args:
+        parser: the parser (or group) to add to.
+        config_class: a dataclass built with :func:`option` fields.
+        names: only these fields (default: every command-line field).
+        unset_defaults: every option defaults to None (the caller fills unset ones, e.g. from a preset); help
+            texts still name the dataclass default.
+        exclusive: groups of boolean field names that are mutually exclusive.
+    """
+    fields = cli_fields(config_class, names)
+    groups: Dict[str, Any] = {}
+    for group_names in exclusive:
+        group = parser.add_mutually_exclusive_group()
+        for name in group_names:
+            groups[name] = group
+    for field in fields:
+        target = groups.get(field.name, parser)
+        flag = flag_of(field)
+        help_text = field.metadata["help"] + _default_text(field)
+        required = field.default is dataclasses.MISSING and not unset_defaults
+        if isinstance(field.default, bool):
+            # A True default is turned off by its flag (``--no-progress``), a False one on (``--resume``).
+            action = "store_false" if field.default else "store_true"
+            target.add_argument(flag, dest=field.name, action=action, help=help_text,
+                                **({"default": None} if unset_defaults else {}))
+            continue
+        kind = _scalar_type(field)
+        kwargs: Dict[str, Any] = {"dest": field.name, "help": help_text, "type": kind}
+        if field.metadata.get("choices"):
+            kwargs["choices"] = list(field.metadata["choices"])
+        if required:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = None if unset_defaults else field.default
+        target.add_argument(flag, **kwargs)
+
+
+def _scalar_type(field: "dataclasses.Field[Any]") -> Any:
+    text = str(field.type)
+    for name, kind in (("float", float), ("int", int), ("str", str)):
+        if name in text:
+            return kind
+    raise TypeError(f"option {field.name}: unsupported type {field.type!r}")
+
+
+def from_arguments(config_class: Type[C], args: argparse.Namespace, **overrides: Any) -> C:
+    """Builds ``config_class`` from parsed arguments (fields the namespace lacks keep their defaults)."""
+    names = {f.name for f in dataclasses.fields(config_class)}  # type: ignore[arg-type]
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values.update(overrides)
+    return config_class(**values)
+
+
+def to_command_line(config_class: Type[Any], values: Mapping[str, Any]) -> List[str]:
+    """The command-line words that set ``values`` (None values are left out; booleans become their flag).
+
+    Raises:
+        KeyError: a name that is not an option of ``config_class``.
+    """
+    fields = {f.name: f for f in cli_fields(config_class)}
+    words: List[str] = []
+    for name, value in values.items():
+        if name not in fields:
+            raise KeyError(f"{config_class.__name__} has no command-line option {name!r}")
+        field = fields[name]
+        if value is None:
+            continue
+        if isinstance(field.default, bool):
+            if bool(value) != field.default:
+                words.append(flag_of(field))
+            continue
+        words += [flag_of(field), str(value)]
+    return words

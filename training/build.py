@@ -1,0 +1,259 @@
+"""The one build path: a zoo model, its fused sparse optimizer, the sharding plan, DMP, the combined optimizer and
+TorchRec's sparse-dist pipeline, from a :class:`~multiembed.config.TrainConfig`.
+
+The trainer, evaluation, analysis, ``multiembed plan`` and the benchmark all build through here, so they agree on
+what a run is: which optimizer updates each table (:func:`~multiembed.training.optim.table_update_rule`), how it
+is sharded, and what the plan's memory figures count.
+
+Two levels:
+
+* :func:`plan_model`: the model on ``meta`` with its optimizer marks, and its plan (nothing allocated; any
+  topology, on paper) plus the plan's account (``plan_summary``) - what ``multiembed plan`` prints.
+* :func:`build_training`: the same plan over the job's process group, then DMP, optimizer and pipeline.
+
+Example::
+
+    from multiembed.config import TrainConfig
+    from multiembed.training.build import build_training
+    from multiembed.training.distributed import init_distributed
+
+    ctx = init_distributed("cpu")
+    config = TrainConfig(data="runs/data/synth", model="dcnv2-me-4x", out="runs/x", hidden=64)
+    built = build_training(config, {"C1": 1000, "C2": 500}, num_dense=0, ctx=ctx, local_batch=256)
+    loss, logits, labels, weights = built.pipeline.progress(iter(batches))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.types import ShardingPlan, ShardingType
+from torchrec.optim.keyed import CombinedOptimizer
+from torchrec.optim.warmup import WarmupOptimizer
+
+from multiembed.config import TrainConfig
+from multiembed.models import MultiEmbeddingModel, MultiEmbeddingTrain, build_model
+from multiembed.sharding import embedding_tables, format_plan, make_sharders, plan_sharding, plan_summary
+from multiembed.training.distributed import DistContext
+from multiembed.training.optim import (
+    OptimizerConfig,
+    attach_sparse_optimizer,
+    build_optimizer,
+    table_update_rule,
+)
+
+
+def optimizer_config(config: TrainConfig, device_type: str) -> OptimizerConfig:
+    """The run's optimizer options, with the device's defaults for those not given.
+
+    Raises:
+        ValueError: an optimizer the device cannot run, or an inconsistent schedule.
+    """
+    return OptimizerConfig.for_device(
+        device_type,
+        sparse_optimizer=config.sparse_optimizer,
+        sparse_lr=config.sparse_lr,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        decay_start=config.decay_start,
+        decay_steps=config.decay_steps,
+        dense_optimizer=config.dense_optimizer,
+    )
+
+
+@dataclasses.dataclass
+class PlannedModel:
+    """A model on ``meta`` with its sparse optimizer attached, and its sharding plan.
+
+    Attributes:
+        model: the zoo model (tables on ``meta``).
+        train_module: ``MultiEmbeddingTrain(model)`` (loss and outputs), what DMP wraps.
+        optim_config: the resolved optimizer options.
+        plan: TorchRec's sharding plan.
+        summary: :func:`~multiembed.sharding.plan_summary` of the plan (per table: sharding, optimizer, bytes).
+        text: the plan as printed (:func:`~multiembed.sharding.format_plan`).
+    """
+
+    model: MultiEmbeddingModel
+    train_module: MultiEmbeddingTrain
+    optim_config: OptimizerConfig
+    plan: ShardingPlan
+    summary: Dict[str, Any]
+    text: str
+
+
+def plan_model(
+    config: TrainConfig,
+    vocab_sizes: Mapping[str, int],
+    *,
+    num_dense: int,
+    world_size: int,
+    local_world_size: int,
+    device_type: str,
+    batch_size: int,
+    pg: Optional[dist.ProcessGroup] = None,
+    overrides: Optional[Mapping[str, str]] = None,
+    set_width: Optional[int] = None,
+    hbm_gb: Optional[float] = None,
+    ddr_gb: Optional[float] = None,
+    pooling_factors: Optional[Mapping[str, float]] = None,
+    capacity_gb: Optional[float] = None,
+) -> PlannedModel:
+    """Builds ``config.model`` on ``meta``, marks its tables for the sparse optimizer and plans their sharding.
+
+    Args:
+        config: the run's options (model, its sizes, optimizers, ``sharding`` strategy).
+        vocab_sizes: ``{field: rows}``.
+        num_dense: dense input features fed to the model (0 without ``--dense-features``).
+        world_size, local_world_size: the topology.
+        device_type: ``"cpu"`` or ``"cuda"``.
+        batch_size: per-rank batch size.
+        pg: the job's process group (rank 0 plans, every rank gets the same plan); None plans on paper.
+        overrides, set_width, hbm_gb, ddr_gb, pooling_factors: as :func:`~multiembed.sharding.plan_sharding`.
+        capacity_gb: memory per rank, for the summary's share used.
+
+    Raises:
+        ValueError: a bad option, or a plan whose tables the optimizer cannot update (e.g. row-wise Adagrad on a
+            data-parallel table).
+        ShardingError: no plan fits.
+    """
+    optim_config = optimizer_config(config, device_type)
+    model = build_model(
+        config.model,
+        vocab_sizes,
+        num_dense=num_dense,
+        device=torch.device("meta"),
+        hidden=config.hidden,
+        dropout=config.dropout,
+        layout=config.layout,
+    )
+    train_module = MultiEmbeddingTrain(model, spectral_reg_weight=config.spectral_reg)
+    attach_sparse_optimizer(model.sparse_arch.embedding_bag_collection, optim_config)
+    plan = plan_sharding(
+        train_module,
+        config.sharding,
+        world_size=world_size,
+        local_world_size=local_world_size,
+        device_type=device_type,
+        set_width=model.sparse_arch.stored_set_dim if set_width is None else set_width,
+        overrides=overrides,
+        pg=pg,
+        hbm_gb=hbm_gb,
+        ddr_gb=ddr_gb,
+        batch_size=batch_size,
+        pooling_factors=pooling_factors,
+    )
+    check_update_rules(plan, train_module, optim_config)
+    report = dict(
+        world_size=world_size, local_world_size=local_world_size, batch_size=batch_size, device_type=device_type,
+        pooling_factors=pooling_factors,
+    )
+    summary = plan_summary(plan, train_module, capacity_gb=capacity_gb, **report)
+    summary["sparse_optimizer"] = optim_config.sparse_optimizer
+    text = format_plan(plan, train_module, **report)
+    return PlannedModel(model, train_module, optim_config, plan, summary, text)
+
+
+def check_update_rules(plan: ShardingPlan, module: torch.nn.Module, optim_config: OptimizerConfig) -> None:
+    """Refuses a plan with a table that no optimizer of the run can update as the options say.
+
+    Raises:
+        ValueError: a data-parallel table under an optimizer with no element-wise torch equivalent.
+    """
+    for table in embedding_tables(module):
+        sharding = plan.plan.get(table.module_path, {}).get(table.name)  # type: ignore[union-attr]
+        if sharding is None:
+            continue
+        table_update_rule(optim_config, replicated=sharding.sharding_type == ShardingType.DATA_PARALLEL.value,
+                          table=table.name)
+
+
+def forward_with_weights(dmp: torch.nn.Module) -> Callable[[Any], Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]]:
+    """The pipeline's forward: DMP's ``(loss, (loss, logits, labels))`` plus the batch's row weights (zero for the
+    padding rows of an evaluation's last batch; None for a batch type without weights), so ``pipeline.progress``
+    returns ``(loss, logits, labels, weights)``."""
+
+    def forward(batch: Any) -> Tuple[torch.Tensor, Tuple[Optional[torch.Tensor], ...]]:
+        loss, (loss_detached, logits, labels) = dmp(batch)
+        return loss, (loss_detached, logits, labels, getattr(batch, "weights", None))
+
+    return forward
+
+
+@dataclasses.dataclass
+class TrainingModel:
+    """Everything a training or evaluation loop needs, built and sharded.
+
+    Attributes:
+        planned: the model, its options and its plan (:class:`PlannedModel`).
+        dmp: ``DistributedModelParallel(train_module)``; its forward returns ``(loss, (loss, logits, labels))``.
+        optimizer: the fused sparse optimizer and the dense optimizer, combined under the LR schedule.
+        schedules: the two schedule wrappers (sparse, dense), for reading the current rates.
+        pipeline: TorchRec's ``TrainPipelineSparseDist`` over ``dmp`` and ``optimizer``; ``progress`` returns
+            ``(loss, logits, labels, weights)`` (:func:`forward_with_weights`).
+    """
+
+    planned: PlannedModel
+    dmp: DistributedModelParallel
+    optimizer: CombinedOptimizer
+    schedules: List[WarmupOptimizer]
+    pipeline: TrainPipelineSparseDist
+
+    @property
+    def model(self) -> MultiEmbeddingModel:
+        """The zoo model as DMP holds it (sharded tables, dense arches on the device)."""
+        return self.dmp.module.model
+
+    @property
+    def optim_config(self) -> OptimizerConfig:
+        return self.planned.optim_config
+
+
+def build_training(
+    config: TrainConfig,
+    vocab_sizes: Mapping[str, int],
+    *,
+    num_dense: int,
+    ctx: DistContext,
+    local_batch: int,
+) -> TrainingModel:
+    """Builds, plans over the job's ranks, shards (DMP) and wraps ``config.model`` for training or evaluation.
+
+    Seeds torch with ``config.seed`` first, so the initial weights depend on the seed only.
+
+    Args:
+        config: the run's options.
+        vocab_sizes: ``{field: rows}``.
+        num_dense: dense input features fed to the model.
+        ctx: this process's place in the job.
+        local_batch: rows per rank and step.
+
+    Raises:
+        ValueError: see :func:`plan_model`.
+    """
+    torch.manual_seed(config.seed)
+    planned = plan_model(
+        config,
+        vocab_sizes,
+        num_dense=num_dense,
+        world_size=ctx.world_size,
+        local_world_size=ctx.local_world_size,
+        device_type=ctx.device.type,
+        batch_size=local_batch,
+        pg=dist.group.WORLD,
+    )
+    dmp = DistributedModelParallel(
+        planned.train_module,
+        device=ctx.device,
+        plan=planned.plan,
+        sharders=make_sharders(device_type=ctx.device.type),
+    )
+    optimizer, schedules = build_optimizer(dmp, dmp.fused_optimizer, planned.optim_config)
+    pipeline = TrainPipelineSparseDist(dmp, optimizer, ctx.device, custom_model_fwd=forward_with_weights(dmp))
+    return TrainingModel(planned, dmp, optimizer, schedules, pipeline)
