@@ -50,13 +50,13 @@ Run (the issue's target configuration; ``--malloc retain`` for the second memory
 
     .venv/bin/python -m multiembed.cli bench --model dcnv2-me-4x --batch-size 2048 --rows-per-set 1100000 \\
         --steps 20 --json runs/bench.json
-    .venv/bin/python -m multiembed.benchmarks.bench_train --model dcnv2-me-4x ... # the same, as a module
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -71,7 +71,9 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+from multiembed.benchmarks import bench_memory, machine
 from multiembed.data.stack import installed_versions, require_torchrec_stack
+from multiembed.models.precision import check_precision, dense_autocast
 
 require_torchrec_stack()
 
@@ -100,6 +102,8 @@ from multiembed.training.build import build_training  # noqa: E402
 
 
 DEFAULT_PRESET = "criteo-kaggle"
+# The plain-PyTorch baselines, each in a process of its own: the paper's code and the savvy rewrite.
+BASELINE_KINDS = ("paper", "savvy")
 MALLOC_MODES = ("default", "retain")
 BREAKDOWN_PARTS = (
     "input_dist", "embedding_fwd", "embedding_bwd", "interaction_fwd", "interaction_bwd", "over_arch", "optimizer",
@@ -139,6 +143,14 @@ class BenchConfig:
     malloc: str = "default"
     profile: Optional[str] = None
     progress: bool = True
+    precision: str = "fp32"
+    table_dtype: str = "fp32"
+    compare_precision: bool = True
+    memory: bool = False
+    memory_rows: Tuple[int, ...] = (2_000_000, 8_000_000)
+    memory_steps: int = 3
+    memory_budget_gib: float = 24.0
+    memory_variants: Tuple[str, ...] = ("adagrad:fp32", "rowwise_adagrad:fp32", "adagrad:fp16", "rowwise_adagrad:fp16")
 
     def validate(self) -> None:
         for name in ("batch_size", "rows_per_set", "steps", "block_steps", "batch_pool"):
@@ -150,6 +162,19 @@ class BenchConfig:
             raise ValueError(f"--id-exponent: must be > 0, got {self.id_exponent}")
         if self.malloc not in MALLOC_MODES:
             raise ValueError(f"--malloc: expected one of {', '.join(MALLOC_MODES)}, got {self.malloc!r}")
+        from multiembed.models.precision import PRECISIONS, TABLE_DTYPES
+
+        if self.precision not in PRECISIONS or self.table_dtype not in TABLE_DTYPES:
+            raise ValueError(f"--precision / --table-dtype: expected {PRECISIONS} / {TABLE_DTYPES}, got "
+                             f"{self.precision!r} / {self.table_dtype!r}")
+        if self.memory:
+            if len(set(self.memory_rows)) < 2 or min(self.memory_rows) < 1:
+                raise ValueError("--memory-rows: needs two or more different positive sizes")
+            for variant in self.memory_variants:
+                optimizer, _, dtype = variant.partition(":")
+                if optimizer not in ("adagrad", "rowwise_adagrad", "sgd") or dtype not in TABLE_DTYPES:
+                    raise ValueError(f"--memory-variants: {variant!r} is not OPTIMIZER:TABLE_DTYPE (optimizer adagrad, "
+                                     f"rowwise_adagrad or sgd; table dtype {' or '.join(TABLE_DTYPES)})")
         if not self.k_values or min(self.k_values) < 1 or not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ValueError("--k-values and --batch-sizes must be non-empty lists of positive integers")
         spec = parse_model_name(self.model)
@@ -356,6 +381,8 @@ class ProjectRunner:
         hidden, dropout: as ``build_model``.
         sharding: strategy name for ``plan_sharding``.
         seed: initialisation seed.
+        precision: the dense arches' compute precision (``fp32`` or ``bf16``).
+        table_dtype: the tables' storage dtype (``fp32`` or ``fp16``).
     """
 
     def __init__(
@@ -369,12 +396,15 @@ class ProjectRunner:
         dropout: float = 0.2,
         sharding: str = "auto",
         seed: int = 0,
+        precision: str = "fp32",
+        table_dtype: str = "fp32",
     ) -> None:
         self.device = ctx.device
         name = model_name.name if isinstance(model_name, ModelSpec) else model_name
         config = TrainConfig(
             data="", model=name, out="", layout=layout, hidden=hidden, dropout=dropout, sharding=sharding, seed=seed,
-            batch_size=local_batch * ctx.world_size, device=ctx.device.type,
+            batch_size=local_batch * ctx.world_size, device=ctx.device.type, precision=precision,
+            table_dtype=table_dtype,
         )
         config.validate()
         built = build_training(config, vocab_sizes, num_dense=0, ctx=ctx, local_batch=local_batch)
@@ -453,20 +483,29 @@ class ProjectRunner:
 
         leaf = embeddings.detach().requires_grad_()
         forward_times, backward_times = [], []
+        # The dense arches in the model's precision (bf16: under autocast, as the model's forward runs them).
+        autocast = functools.partial(dense_autocast, model.precision, device.type)
+
+        def interaction_forward(box: List[torch.Tensor]) -> None:
+            with autocast():
+                box.append(set_arch(leaf))
+
         for _ in range(reps):
             box: List[torch.Tensor] = []
-            forward_times.append(_timed(lambda: box.append(set_arch(leaf)), device))
+            forward_times.append(_timed(lambda: interaction_forward(box), device))
             out = box[0]
             backward_times.append(_timed(lambda: out.backward(torch.ones_like(out)), device))
         times["interaction_fwd"] = statistics.median(forward_times)
         times["interaction_bwd"] = statistics.median(backward_times)
 
-        per_set = set_arch(leaf).detach().requires_grad_()
+        with autocast():
+            per_set = set_arch(leaf).detach().requires_grad_()
         labels = batch.labels
 
         def over_step() -> None:
-            loss = F.binary_cross_entropy_with_logits(over_arch(per_set.sum(dim=1).div(per_set.shape[1])), labels)
-            loss.backward()
+            with autocast():
+                logits = over_arch(per_set.sum(dim=1).div(per_set.shape[1]))
+            F.binary_cross_entropy_with_logits(logits.float(), labels).backward()
 
         times["over_arch"] = _median_time(over_step, device, reps)
 
@@ -495,7 +534,8 @@ class ProjectRunner:
 
 
 class BaselineRunner:
-    """The paper-style plain-PyTorch ME-DCNv2 (:mod:`paper_baseline`) with dense Adam over everything.
+    """A plain-PyTorch ME-DCNv2 (:mod:`paper_baseline`): ``paper`` (dense tables, one dense Adam over everything, the
+    paper's code) or ``savvy`` (sparse-gradient tables + ``SparseAdam``, fused dense Adam).
 
     Args:
         model_name: a ``dcnv2-me-*`` / ``dcnv2-se-*`` zoo name (K and d are read from it).
@@ -503,19 +543,24 @@ class BaselineRunner:
         device: where the model runs.
         hidden, dropout: as the project model.
         seed: initialisation seed.
+        kind: ``paper`` or ``savvy`` (:data:`BASELINE_KINDS`).
     """
 
     def __init__(
         self, model_name: str, vocab_sizes: Mapping[str, int], device: torch.device, hidden: int = 400,
-        dropout: float = 0.2, seed: int = 0,
+        dropout: float = 0.2, seed: int = 0, kind: str = "paper",
     ) -> None:
+        if kind not in BASELINE_KINDS:
+            raise ValueError(f"unknown baseline kind {kind!r}; expected one of {', '.join(BASELINE_KINDS)}")
         spec = parse_model_name(model_name)
         torch.manual_seed(seed)
         self.device = device
+        self.kind = kind
         self.model = paper_baseline.PaperMultiDCNv2(
-            list(vocab_sizes.values()), spec.num_sets, spec.set_dim, hidden=hidden, dropout=dropout
+            list(vocab_sizes.values()), spec.num_sets, spec.set_dim, hidden=hidden, dropout=dropout,
+            sparse=kind == "savvy",
         ).to(device)
-        self.step = paper_baseline.PaperTrainStep(self.model)
+        self.step = (paper_baseline.SavvyTrainStep if kind == "savvy" else paper_baseline.PaperTrainStep)(self.model)
 
     def run(self, batches: Sequence[BenchBatch], steps: int, offset: int = 0) -> float:
         def train() -> None:
@@ -564,7 +609,7 @@ class BaselineRunner:
         for _ in range(reps):
             model.zero_grad()
             F.binary_cross_entropy_with_logits(model(ids), labels).backward()
-            optimizer_times.append(_timed(self.step.optimizer.step, device))
+            optimizer_times.append(_timed(self.step.step_optimizers, device))
         times["optimizer"] = statistics.median(optimizer_times)
         model.zero_grad()
         return {key: value * 1e3 for key, value in times.items()}
@@ -592,6 +637,7 @@ class BaselineSpec:
         hidden, dropout, model_seed: as :class:`BaselineRunner`.
         threads: torch intra-op threads (the harness's count).
         malloc: ``default`` or ``retain`` (:func:`retain_freed_memory`).
+        kind: ``paper`` or ``savvy`` (:class:`BaselineRunner`).
     """
 
     model_name: str
@@ -606,6 +652,7 @@ class BaselineSpec:
     model_seed: int
     threads: int
     malloc: str
+    kind: str = "paper"
 
 
 def serve_baseline(fd: int) -> None:
@@ -625,7 +672,8 @@ def serve_baseline(fd: int) -> None:
         torch.set_num_threads(spec.threads)
         device = torch.device(spec.device)
         batches = make_batches(spec.vocab_sizes, spec.batch_size, spec.batch_pool, spec.seed, spec.id_exponent, device)
-        runner = BaselineRunner(spec.model_name, spec.vocab_sizes, device, spec.hidden, spec.dropout, spec.model_seed)
+        runner = BaselineRunner(spec.model_name, spec.vocab_sizes, device, spec.hidden, spec.dropout, spec.model_seed,
+                                spec.kind)
         conn.send(("ready",))
         while True:
             command = conn.recv()
@@ -880,6 +928,7 @@ def run_benchmark(config: BenchConfig, argv: Optional[Sequence[str]] = None) -> 
     if config.malloc == "retain":
         retain_freed_memory()
     ctx = init_distributed(config.device)
+    check_precision(config.precision, ctx.device.type)
     if config.batch_size % ctx.world_size:
         raise ValueError(f"--batch-size {config.batch_size} must divide evenly over {ctx.world_size} ranks")
     local_batch = config.batch_size // ctx.world_size
@@ -890,24 +939,29 @@ def run_benchmark(config: BenchConfig, argv: Optional[Sequence[str]] = None) -> 
     record["config"]["fields"] = len(vocab)
     record["config"]["rows_per_set_actual"] = sum(vocab.values())
     record["config"]["local_batch"] = local_batch
-    baseline: Optional[BaselineProcess] = None
-    if config.with_baseline:
-        baseline = BaselineProcess(BaselineSpec(
-            model_name=config.model, vocab_sizes=dict(vocab), batch_size=local_batch, batch_pool=config.batch_pool,
-            seed=config.seed + 1000 * ctx.rank, id_exponent=config.id_exponent, device=str(device),
-            hidden=config.hidden, dropout=config.dropout, model_seed=config.seed, threads=torch.get_num_threads(),
-            malloc=config.malloc,
-        ))
+    baselines: Dict[str, BaselineProcess] = {}
     try:
-        return _measure(config, ctx, record, vocab, baseline, rounds_small)
+        if config.with_baseline:
+            for kind in BASELINE_KINDS:
+                baselines[kind] = BaselineProcess(BaselineSpec(
+                    model_name=config.model, vocab_sizes=dict(vocab), batch_size=local_batch,
+                    batch_pool=config.batch_pool, seed=config.seed + 1000 * ctx.rank, id_exponent=config.id_exponent,
+                    device=str(device), hidden=config.hidden, dropout=config.dropout, model_seed=config.seed,
+                    threads=torch.get_num_threads(), malloc=config.malloc, kind=kind,
+                ))
+        return _measure(config, ctx, record, vocab, baselines, rounds_small)
     finally:
-        if baseline is not None:
+        for baseline in baselines.values():
             baseline.close()
+
+
+# The JSON prefix of each contender's figures: the paper-style baseline keeps the original ``baseline_*`` keys.
+CONTENDER_PREFIX = {"project": "", "paper": "baseline_", "savvy": "savvy_baseline_"}
 
 
 def _measure(
     config: BenchConfig, ctx: DistContext, record: Dict[str, Any], vocab: Mapping[str, int],
-    baseline: Optional["BaselineProcess"], rounds_small: int,
+    baselines: Mapping[str, "BaselineProcess"], rounds_small: int,
 ) -> Dict[str, Any]:
     """The measurements of :func:`run_benchmark`, filling ``record``."""
     device, local_batch = ctx.device, config.batch_size // ctx.world_size
@@ -921,7 +975,7 @@ def _measure(
                            device)
     log(f"bench: {config.model}, {len(vocab)} fields, {sum(vocab.values()):,} rows per set, batch {config.batch_size}")
     project = ProjectRunner(config.model, vocab, ctx, local_batch, config.layout, config.hidden, config.dropout,
-                            config.sharding, config.seed)
+                            config.sharding, config.seed, config.precision, config.table_dtype)
     log("bench: step-time breakdown")
     reps = 3 if config.quick else 5
     parts, embeddings = project.breakdown(batches[0], reps)
@@ -932,14 +986,15 @@ def _measure(
     record["flops_per_step"] = flops * ctx.world_size
 
     contenders: Dict[str, Callable[[int, int], float]] = {"project": lambda n, o: project.run(batches, n, o)}
-    if baseline is not None:
-        baseline.run(max(config.warmup_steps, 1))
-        record["baseline_bytes"] = baseline.byte_counts()
-        contenders["baseline"] = lambda n, o: baseline.run(n, o)
+    for kind, process in baselines.items():
+        process.run(max(config.warmup_steps, 1))
+        record[CONTENDER_PREFIX[kind] + "bytes"] = process.byte_counts()
+        process.page_faults = 0
+        contenders[kind] = functools.partial(lambda n, o, p: p.run(n, o), p=process)
     faults = {name: 0 for name in contenders}
 
     def counting_faults(name: str, run: Callable[[int, int], float]) -> Callable[[int, int], float]:
-        if name == "baseline":
+        if name in baselines:
             return run  # counted in its own process
         def counted(steps: int, offset: int) -> float:
             before = page_faults()
@@ -949,29 +1004,38 @@ def _measure(
 
         return counted
 
-    if baseline is not None:
-        baseline.page_faults = 0
+    log("bench: throughput, interleaved: " + ", ".join(contenders))
     per_step = interleave({name: counting_faults(name, run) for name, run in contenders.items()}, config.steps,
                           config.block_steps, progress, "throughput")
-    if baseline is not None:
-        faults["baseline"] = baseline.page_faults
+    for kind, process in baselines.items():
+        faults[kind] = process.page_faults
     page = resource.getpagesize()
     record["page_fault_mb_per_step"] = {
-        name: count * page / config.steps / 2**20 for name, count in faults.items()
+        ("baseline" if name == "paper" else name): count * page / config.steps / 2**20 for name, count in faults.items()
     }
     step_s = _all_ranks_max(statistics.median(per_step["project"]), device)
     record["step_ms"] = step_s * 1e3
     record["samples_per_s"] = config.batch_size / step_s
     record["achieved_step_gflops"] = record["flops_per_step"] / step_s / 1e9
     record["baseline_samples_per_s"] = None
-    if baseline is not None:
-        baseline_s = _all_ranks_max(statistics.median(per_step["baseline"]), device)
-        record["baseline_step_ms"] = baseline_s * 1e3
-        record["baseline_samples_per_s"] = config.batch_size / baseline_s
-        record["speedup_vs_baseline"] = paired_ratio(per_step["baseline"], per_step["project"])
-    record["blocks_ms_per_step"] = {name: [t * 1e3 for t in times] for name, times in per_step.items()}
+    record["savvy_baseline_samples_per_s"] = None
+    # The baselines compute the same model (paper_baseline.copy_weights_from), so the same GEMM FLOPs per step.
+    baseline_flops = flops if baselines else 0
+    for kind in baselines:
+        prefix = CONTENDER_PREFIX[kind]
+        seconds = _all_ranks_max(statistics.median(per_step[kind]), device)
+        record[prefix + "step_ms"] = seconds * 1e3
+        record[prefix + "samples_per_s"] = config.batch_size / seconds
+        record[prefix + "achieved_step_gflops"] = baseline_flops / seconds / 1e9
+        record["speedup_vs_" + prefix.rstrip("_")] = paired_ratio(per_step[kind], per_step["project"])
+    record["blocks_ms_per_step"] = {
+        ("baseline" if name == "paper" else name): [t * 1e3 for t in times] for name, times in per_step.items()
+    }
     if config.compare_layouts:
         record["layouts"] = compare_layouts(config, ctx, vocab, batches, project, progress)
+    if config.precision == "bf16" and config.compare_precision:
+        log("bench: bf16 against fp32, interleaved")
+        record["precisions"] = compare_precisions(config, ctx, vocab, batches, project, progress)
 
     parts["other"] = record["step_ms"] - sum(parts.values())
     record["breakdown_ms"] = parts
@@ -979,10 +1043,11 @@ def _measure(
         f"separately timed sub-steps, median of {reps} repetitions; other = step - sum of parts (negative when the "
         "parts, each paying its own allocations and page faults alone, add up to more than the step)"
     )
-    if baseline is not None:
-        baseline_parts = baseline.breakdown(reps)
-        baseline_parts["other"] = record["baseline_step_ms"] - sum(baseline_parts.values())
-        record["baseline_breakdown_ms"] = baseline_parts
+    for kind, process in baselines.items():
+        prefix = CONTENDER_PREFIX[kind]
+        baseline_parts = process.breakdown(reps)
+        baseline_parts["other"] = record[prefix + "step_ms"] - sum(baseline_parts.values())
+        record[prefix + "breakdown_ms"] = baseline_parts
 
     log("bench: interaction arch vs GEMM")
     loop = set_arch_per_set_loop(config, project)
@@ -990,21 +1055,70 @@ def _measure(
     record["interaction_gflops"] = record["set_arch"]["interaction_gflops"]
     record["gemm_gflops"] = record["set_arch"]["gemm_gflops"]
     record["interaction_vs_gemm"] = record["set_arch"]["interaction_vs_gemm"]
+    # Step efficiency: the whole step's GEMM FLOPs per second against the fp32 GEMM rate measured in this run.
+    gemm_rate = record["gemm_gflops"] * ctx.world_size
+    record["step_efficiency"] = record["achieved_step_gflops"] / gemm_rate
+    for kind in baselines:
+        prefix = CONTENDER_PREFIX[kind]
+        record[prefix + "step_efficiency"] = record[prefix + "achieved_step_gflops"] / record["gemm_gflops"]
+    record["step_efficiency_method"] = (
+        "(analytic forward + backward GEMM FLOPs of one step / median step time) / the fp32 GEMM rate "
+        f"({'x'.join(map(str, record['set_arch']['gemm_shape']))}) measured in the same run; element-wise work and "
+        "lookups are not counted as FLOPs"
+    )
 
     if config.profile:
         record["profile"] = write_profile(project, batches, config.profile, steps=3 if config.quick else 5)
 
-    if baseline is not None:
-        record["memory"]["baseline_process_peak_rss_bytes"] = baseline.peak_rss_bytes()
-        baseline.close()
+    for kind, process in baselines.items():
+        record["memory"][("baseline" if kind == "paper" else CONTENDER_PREFIX[kind].rstrip("_"))
+                         + "_process_peak_rss_bytes"] = process.peak_rss_bytes()
+        process.close()
     if config.scaling:
         record["scaling_k"] = scale_over_k(config, ctx, vocab, batches, project, progress)
         record["scaling_batch"] = scale_over_batch(config, ctx, vocab, project, progress)
     record["memory"]["peak_rss_bytes"] = peak_rss_bytes()
     if device.type == "cuda":
         record["memory"]["gpu_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    if config.memory and ctx.is_main and device.type == "cpu":
+        record["memory_per_row"] = bench_memory.measure_memory(
+            memory_specs(config), config.memory_rows, config.memory_budget_gib, log=log
+        )
     record["conditions"]["load_average_end"] = list(os.getloadavg())
     return record
+
+
+def memory_specs(config: BenchConfig) -> List[bench_memory.MemoryProbeSpec]:
+    """The ``--memory`` phase's contenders: the savvy baseline, then the package at each of ``memory_variants``."""
+    common = dict(model=config.model, rows_per_set=config.rows_per_set, batch_size=config.batch_size,
+                  steps=config.memory_steps, hidden=config.hidden, dropout=config.dropout, seed=config.seed,
+                  id_exponent=config.id_exponent, threads=config.threads)
+    specs = [bench_memory.MemoryProbeSpec(kind="savvy", **common)] if config.with_baseline else []
+    for variant in config.memory_variants:
+        optimizer, _, dtype = variant.partition(":")
+        specs.append(bench_memory.MemoryProbeSpec(kind="project", sparse_optimizer=optimizer, table_dtype=dtype,
+                                                  **common))
+    return specs
+
+
+def compare_precisions(
+    config: BenchConfig, ctx: DistContext, vocab: Mapping[str, int], batches: Sequence[BenchBatch],
+    project: ProjectRunner, progress: bool,
+) -> Dict[str, Any]:
+    """Step time of the main (bf16) model against the same model in fp32, interleaved in a phase of their own
+    (same initial weights, same batches). Keyed by precision, plus ``bf16_speedup`` (median paired fp32 / bf16)."""
+    other = ProjectRunner(config.model, vocab, ctx, batches[0].size, config.layout, config.hidden, config.dropout,
+                          config.sharding, config.seed, "fp32", config.table_dtype)
+    other.run(batches, max(config.warmup_steps, 1))
+    runners = {config.precision: project, "fp32": other}
+    per_step = interleave({name: (lambda n, o, r=runner: r.run(batches, n, o)) for name, runner in runners.items()},
+                          config.steps, config.block_steps, progress, "precisions")
+    rows: Dict[str, Any] = {}
+    for name in runners:
+        seconds = _all_ranks_max(statistics.median(per_step[name]), ctx.device)
+        rows[name] = {"step_ms": seconds * 1e3, "samples_per_s": config.batch_size / seconds}
+    rows["bf16_speedup"] = paired_ratio(per_step["fp32"], per_step[config.precision])
+    return rows
 
 
 def compare_layouts(
@@ -1210,13 +1324,3 @@ def write_json(record: Mapping[str, Any], path: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(target, json.dumps(record, indent=2, default=str) + "\n")
 
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Standalone entry point: the same options as ``multiembed bench``."""
-    from multiembed.cli import main as cli_main
-
-    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
