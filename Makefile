@@ -21,7 +21,9 @@ TRAIN_EPOCHS ?= 1
 TRAIN_BATCH ?= 2048
 # Training steps of the run (train split = 8/10 of the rows), for the decay and three evaluations along the way.
 TRAIN_STEPS = $(shell expr $(TRAIN_ROWS) \* 8 / 10 / $(TRAIN_BATCH) \* $(TRAIN_EPOCHS))
-TRAIN_ARGS ?= -- --hidden 128 --sparse-lr 0.1 --lr 3e-3 --dropout 0 --decay-steps $(TRAIN_STEPS) \
+# MLP width (tests/test_first_run.py runs this recipe at a small size).
+TRAIN_HIDDEN ?= 128
+TRAIN_ARGS ?= -- --hidden $(TRAIN_HIDDEN) --sparse-lr 0.1 --lr 3e-3 --dropout 0 --decay-steps $(TRAIN_STEPS) \
 	--eval-every $(shell expr $(TRAIN_STEPS) / 3 + 1)
 # Restart budget: torchrun restarts both ranks from the newest complete checkpoint after a rank dies (0: fail).
 TRAIN_MAX_RESTARTS ?= 0

@@ -16,6 +16,7 @@ Every component delegates to ``torchx.components.dist.ddp`` (torchrun under the 
 """
 
 
+import logging
 from typing import Dict, List, Optional
 
 import torchx
@@ -24,6 +25,7 @@ from torchx.components import dist
 
 # The options' spellings come from their one definition (multiembed.config, importable without torch); each
 # component below names the options a launcher most often sets and passes any other through ``extra_args``.
+from multiembed.cli.errors import one_line_error
 from multiembed.config import TrainConfig, to_command_line
 
 # Component parameters that size or place the job rather than configure the command.
@@ -51,6 +53,40 @@ def _with_max_restarts(app: specs.AppDef, max_restarts: int) -> specs.AppDef:
         # refused"; pytorch/pytorch#135712). A fresh store per attempt avoids that; an explicit env entry wins.
         role.env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     return app
+
+
+def _with_launcher(app: specs.AppDef) -> specs.AppDef:
+    """Runs torchrun through ``python -m multiembed.cli.launch``, so that a failed job ends with the failing worker's
+    one-line error instead of torchrun's ``ChildFailedError`` traceback (``multiembed/cli/launch.py``)."""
+    for role in app.roles:
+        command = role.args[-1]
+        if not command.startswith("torchrun "):
+            raise ValueError(f"unexpected torchx ddp command line (expected torchrun): {command[:80]!r}")
+        role.args[-1] = "python -m multiembed.cli.launch " + command
+    return app
+
+
+class _OneLineFailure(logging.Filter):
+    """Replaces the status dump ``torchx run`` logs after a failed job with the worker's one-line error.
+
+    ``torchx run`` ends a failed job with a YAML dump of its ``AppStatus``; when the worker failed with a multiembed
+    one-line error (which torchrun copies into the reply file torchx reads, ``structured_error_msg``), that line is
+    the whole story, so it is what the user sees last. Installed on torchx's CLI logger when this file is loaded as
+    a component file (only ``torchx`` loads it); any other status is logged unchanged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        status = record.msg
+        if isinstance(status, specs.AppStatus) and status.state != specs.AppState.SUCCEEDED:
+            line = one_line_error(status.structured_error_msg)
+            if line is not None:
+                record.msg, record.args = line, ()
+        return True
+
+
+_CLI_LOGGER = logging.getLogger("torchx.cli.cmd_run")
+if not any(isinstance(f, _OneLineFailure) for f in _CLI_LOGGER.filters):
+    _CLI_LOGGER.addFilter(_OneLineFailure())
 
 
 def _cli_app(
@@ -83,7 +119,7 @@ def _cli_app(
         max_retries=max_retries,
         rdzv_port=rdzv_port,
     )
-    return _with_max_restarts(app, max_restarts)
+    return _with_launcher(_with_max_restarts(app, max_restarts))
 
 
 def train(

@@ -59,6 +59,7 @@ from multiembed.models.names import BASE_SET_DIM, parse_model_name  # noqa: E402
 from multiembed.training.distributed import DistContext, broadcast_object, init_distributed  # noqa: E402
 from multiembed.config import STUDY_OPTIONS, TrainConfig  # noqa: E402
 from multiembed.training.evaluation import CONFIG_FILE, SUMMARY_FILE  # noqa: E402
+from multiembed.training.progress import progress_bar  # noqa: E402
 from multiembed.training.trainer import Trainer, TrainingDiverged  # noqa: E402
 
 RUNS_DIR = "runs"
@@ -240,8 +241,9 @@ def run_scaling_study(
         if ctx.is_main:
             tqdm.write(message, file=log)
 
-    bar = tqdm(total=len(points), desc="scaling study", unit="run", file=sys.stderr, dynamic_ncols=True,
-               disable=not (progress and ctx.is_main))
+    # A bar on a terminal, a line every 10 % of the runs in a log (training.progress).
+    bar = progress_bar(total=len(points), desc="scaling study", unit="run", file=sys.stderr, dynamic_ncols=True,
+                       disable=not (progress and ctx.is_main))
     with bar:
         for index, point in enumerate(points, start=1):
             bar.set_postfix_str(point.run_name)

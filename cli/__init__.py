@@ -17,6 +17,8 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
+from multiembed.cli.errors import report_error
+
 # Subcommand modules, in the order `multiembed --help` lists them.
 SUBCOMMANDS: List[str] = ["synth", "plan", "train", "evaluate", "analyze", "scale", "convert", "inspect", "bench"]
 
@@ -47,7 +49,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if os.environ.get("MULTIEMBED_DEBUG"):
             raise
         message = str(e) or type(e).__name__
-        print(f"multiembed {args.command}: error: {message}", file=sys.stderr)
+        # Printed, and recorded for torchrun so that a launched job ends with this line (multiembed.cli.launch).
+        report_error(f"multiembed {args.command}: error: {message}", EXIT_USER_ERROR)
         return EXIT_USER_ERROR
     return int(status or 0)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
+from multiembed.cli.errors import report_error
 from multiembed.config import TrainConfig, add_arguments, from_arguments
 
 # Exit status when the loss became NaN or infinite: distinct from a user error (2) so that schedulers and scripts
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
             if os.environ.get("MULTIEMBED_DEBUG"):
                 raise
             if trainer.ctx.is_main:
-                print(f"multiembed train: error: {e}", file=sys.stderr)
+                report_error(f"multiembed train: error: {e}", EXIT_DIVERGED)
             return EXIT_DIVERGED
         if trainer.ctx.is_main:
             print(format_summary(summary, trainer.run_dir))

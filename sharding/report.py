@@ -397,3 +397,32 @@ def format_plan(plan: ShardingPlan, module: nn.Module, **kwargs: Any) -> str:
         True
     """
     return format_summary(plan_summary(plan, module, **kwargs))
+
+
+def format_brief(summary: Mapping[str, Any], max_table_lines: int = 8) -> str:
+    """:func:`format_summary` for a console: a plan with more than ``max_table_lines`` tables shows one line of
+    table counts per sharding type and kernel instead of one line per table (a Criteo model has 39), then the same
+    optimizer, memory and communication lines. The full table belongs in a file (the trainer's ``plan.txt``).
+
+    Example::
+
+        >>> summary = {"world_size": 2, "local_world_size": 2, "batch_size_per_rank": 8, "tables": [],
+        ...     "memory": {"min_bytes": 0, "median_bytes": 0, "mean_bytes": 0, "max_bytes": 0, "max_rank": 0},
+        ...     "dense_parameter_bytes": 0, "ranks": [], "communication": {k: 0 for k in ("input_bytes",
+        ...     "forward_bytes", "backward_bytes", "dense_allreduce_bytes", "total_bytes", "per_rank_mean_bytes")}}
+        >>> format_brief(summary).splitlines()[0]
+        'Sharding plan: 0 tables on 2 ranks (one host), per-rank batch 8; bytes include optimizer state'
+    """
+    full = format_summary(summary)
+    tables = summary["tables"]
+    if len(tables) <= max_table_lines:
+        return full
+    lines = full.splitlines()
+    # format_summary writes: the title, the column header, one line per table, then the rest.
+    rest = lines[2 + len(tables):]
+    counts: Dict[str, int] = {}
+    for t in tables:
+        key = f"{t['sharding_type']} ({t['compute_kernel']})"
+        counts[key] = counts.get(key, 0) + 1
+    by_type = ", ".join(f"{n} {key}" for key, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return "\n".join([lines[0], f"Tables: {by_type}", *rest])

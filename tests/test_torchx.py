@@ -106,7 +106,9 @@ def test_train_component_builds_the_worker_command_line() -> None:
     components = load_components()
     app = components.train("--dropout", "0", data="d", out="r", model="dnn-me-2x", batch_size=512, j="1x2")
     command = _command_line(app)
-    assert command.startswith("torchrun ") and "--nproc_per_node 2" in command and "--nnodes 1" in command
+    # torchrun through multiembed.cli.launch, which ends a failed job with the worker's one-line error.
+    assert command.startswith("python -m multiembed.cli.launch torchrun ")
+    assert "--nproc_per_node 2" in command and "--nnodes 1" in command
     # One node: torchx lets torchrun pick a free rendezvous port (never a fixed one).
     assert "--rdzv_endpoint localhost:0" in command
     assert "-m multiembed.cli train --data d --out r --model dnn-me-2x" in command
@@ -139,7 +141,7 @@ def test_max_restarts_reaches_torchrun_and_makes_workers_resume() -> None:
     components = load_components()
     app = components.train(data="d", out="r", max_restarts=2, checkpoint_every=50)
     command = _command_line(app)
-    assert command.startswith("torchrun --max-restarts 2 ")
+    assert command.startswith("python -m multiembed.cli.launch torchrun --max-restarts 2 ")
     assert "--checkpoint-every 50" in command and " --resume" in command
     # A fresh rendezvous store per restart attempt (the shared one hands out the dead attempt's addresses).
     assert app.roles[0].env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"

@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from multiembed.training.quiet import silence_known_warnings
+
 
 @dataclasses.dataclass(frozen=True)
 class DistContext:
@@ -77,6 +79,8 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
     """
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"--device: expected auto, cpu or cuda, got {device!r}")
+    # Every job starts here: silence the known third-party warnings once, before TorchRec builds anything.
+    silence_known_warnings()
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible to this process")

@@ -30,7 +30,6 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from multiembed.collapse import collapse_from_model, summarize_sets
 from multiembed.config import MODEL_OPTIONS, TrainConfig
@@ -38,6 +37,7 @@ from multiembed.data.loader import ParquetBatchLoader
 from multiembed.data.locking import LOCK_FILE, exclusive_lock
 from multiembed.data.metadata import DatasetMetadata, atomic_write_text, read_metadata, split_identity
 from multiembed.data.stack import installed_versions
+from multiembed.sharding.report import format_brief
 from multiembed.training import checkpoint as ckpt
 from multiembed.training.distributed import DistContext, init_distributed
 from multiembed.training.evaluation import (
@@ -48,6 +48,7 @@ from multiembed.training.evaluation import (
     evaluate_split,
     load_model_weights,
 )
+from multiembed.training.progress import progress_bar
 
 METRICS_FILE = "metrics.jsonl"
 PLAN_FILE = "plan.txt"
@@ -156,7 +157,11 @@ class Trainer:
             raise ValueError(
                 f"{config.data}: the train split has too few rows for one global batch of {config.batch_size}"
             )
-        self._log(f"sharding plan ({config.sharding}, {self.ctx.world_size} ranks, {self.ctx.backend}):\n{self.plan_text}")
+        # The console gets the plan in brief (one line per table is 39 lines for Criteo); plan.txt has every table.
+        self._log(
+            f"sharding plan ({config.sharding}, {self.ctx.world_size} ranks, {self.ctx.backend}; every table in "
+            f"{self.run_dir / PLAN_FILE}):\n{format_brief(self.plan_json)}"
+        )
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _log(self, message: str) -> None:
@@ -387,9 +392,15 @@ class Trainer:
         """Trains batches ``[start, stop)`` of ``epoch``; returns the mean loss of this rank."""
         self.dmp.train()
         batches: Iterator[Any] = islice(self.train_loader.iter_epoch(epoch, start_batch=start), stop - start)
-        bar = tqdm(
-            total=stop - start, desc=f"epoch {epoch}", unit="batch", file=sys.stderr, leave=False,
-            disable=not (self.config.progress and self.ctx.is_main), dynamic_ncols=True,
+        # Progress over the whole run (every epoch, or up to --max-steps), so a log gets about ten lines per run
+        # rather than ten per segment; a bar on a terminal (training.progress).
+        planned = self.config.epochs * self.train_loader.num_batches
+        if self.config.max_steps:
+            planned = min(planned, self.config.max_steps)
+        step = int(self.progress["step"])
+        bar = progress_bar(
+            total=max(planned, step + stop - start), initial=step, desc=f"epoch {epoch}", unit="step",
+            file=sys.stderr, leave=False, disable=not (self.config.progress and self.ctx.is_main), dynamic_ncols=True,
         )
         loss_sum, steps, running = 0.0, 0, None
         started = time.perf_counter()

@@ -1,0 +1,57 @@
+"""torchrun that ends a failed job with the failing worker's one-line error.
+
+A ``multiembed`` command refuses bad options or input with one line (``multiembed train: error: ...``, exit status
+2). Under torchrun that line scrolled away: every rank printed it, then torchrun raised ``ChildFailedError`` and
+printed a 30-line traceback and failure report naming no cause ("To enable traceback see ..."). Here:
+
+* the worker (:func:`~multiembed.cli.errors.report_error`, called where ``multiembed`` prints its one-line errors)
+  records the line in torchrun's per-worker reply file (``TORCHELASTIC_ERROR_FILE``) and prints it itself only when
+  no launcher of ours will;
+* the launcher (``python -m multiembed.cli.launch torchrun [TORCHRUN ARGS]``, what the torchx components run) is
+  torchrun in-process; when a worker failed with such a line it prints that line, once, as its last output, and
+  exits with the worker's status. Any other failure (a crash, a signal) keeps torchrun's own report.
+
+torchrun's ``@record`` also copies the root-cause reply file into its own (the file torchx's local scheduler reads),
+so ``torchx`` learns the line too (``torchx_components.py`` prints it in place of the status dump).
+
+Example (two local ranks, as ``torchx run -s local_cwd ./torchx_components.py:train`` runs them)::
+
+    python -m multiembed.cli.launch torchrun --nproc_per_node 2 -m multiembed.cli train --data D --out RUN
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import List, Optional, Sequence
+
+from multiembed.cli.errors import LAUNCHED_ENV, one_line_error
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs torchrun with ``argv`` (a leading ``torchrun`` is dropped); returns the exit status.
+
+    Raises:
+        ChildFailedError: a worker failed without a one-line error (torchrun's own report follows).
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+
+    args: List[str] = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["torchrun"]:
+        args = args[1:]
+    os.environ[LAUNCHED_ENV] = "1"  # inherited by the workers torchrun starts
+    try:
+        torchrun_main(args)
+    except ChildFailedError as e:
+        _rank, failure = e.get_first_failure()
+        line = one_line_error(failure.error_file_data)
+        if line is None:
+            raise
+        print(line, file=sys.stderr, flush=True)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
