@@ -20,22 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from multiembed.data.stack import require_torchrec_stack
-
-require_torchrec_stack()
-
-from multiembed.analysis.report import (  # noqa: E402
+from multiembed.analysis.report import (
     COLLAPSE_JSON,
     SUB_EMBEDDING_PNG,
     CollapseReport,
     read_collapse_json,
     write_collapse_report,
 )
-from multiembed.collapse import CollapseResult, collapse_from_model, summarize_sets  # noqa: E402
-from multiembed.training import checkpoint as ckpt  # noqa: E402
-from multiembed.training.distributed import DistContext  # noqa: E402
-from multiembed.data.metadata import read_metadata  # noqa: E402
-from multiembed.training.evaluation import (  # noqa: E402
+from multiembed.collapse import CollapseResult, collapse_from_model, summarize_sets
+from multiembed.training import checkpoint as ckpt
+from multiembed.training.distributed import DistContext
+from multiembed.data.metadata import read_metadata
+from multiembed.training.evaluation import (
     CONFIG_FILE,
     SUMMARY_FILE,
     RunModel,

@@ -31,16 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple
 
-from multiembed.data.stack import require_torchrec_stack
+import torch
+from tqdm import tqdm
 
-require_torchrec_stack()
-
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from multiembed.analysis.analyze import analyze_run, trained_model  # noqa: E402
-from multiembed.analysis.report import COLLAPSE_JSON, read_collapse_json, write_collapse_json  # noqa: E402
-from multiembed.analysis.scaling import (  # noqa: E402
+from multiembed.analysis.analyze import analyze_run, trained_model
+from multiembed.analysis.report import COLLAPSE_JSON, read_collapse_json, write_collapse_json
+from multiembed.analysis.scaling import (
     SCALING_CSV,
     SCALING_MD,
     SCALING_PNG,
@@ -53,14 +49,14 @@ from multiembed.analysis.scaling import (  # noqa: E402
     write_csv,
     write_markdown,
 )
-from multiembed.collapse import collapse_from_model  # noqa: E402
-from multiembed.data.metadata import read_metadata  # noqa: E402
-from multiembed.models.names import BASE_SET_DIM, parse_model_name  # noqa: E402
-from multiembed.training.distributed import DistContext, broadcast_object, init_distributed  # noqa: E402
-from multiembed.config import STUDY_OPTIONS, TrainConfig  # noqa: E402
-from multiembed.training.evaluation import CONFIG_FILE, SUMMARY_FILE  # noqa: E402
-from multiembed.training.progress import progress_bar  # noqa: E402
-from multiembed.training.trainer import Trainer, TrainingDiverged  # noqa: E402
+from multiembed.collapse import collapse_from_model
+from multiembed.data.metadata import read_metadata
+from multiembed.models.names import BASE_SET_DIM, parse_model_name
+from multiembed.training.distributed import DistContext, broadcast_object, init_distributed
+from multiembed.config import STUDY_OPTIONS, TrainConfig
+from multiembed.training.evaluation import CONFIG_FILE, SUMMARY_FILE
+from multiembed.training.progress import progress_bar
+from multiembed.training.trainer import Trainer, TrainingDiverged
 
 RUNS_DIR = "runs"
 LOGS_DIR = "logs"

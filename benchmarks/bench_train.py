@@ -72,21 +72,19 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from multiembed.benchmarks import bench_memory, machine
-from multiembed.data.stack import installed_versions, require_torchrec_stack
+from multiembed.data.stack import installed_versions
 from multiembed.models.precision import check_precision, dense_autocast
 
-require_torchrec_stack()
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from tqdm import tqdm
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from torchrec.datasets.utils import Batch  # noqa: E402
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from multiembed.data.presets import preset  # noqa: E402
-from multiembed.models import (  # noqa: E402
+from multiembed.data.presets import preset
+from multiembed.models import (
     BatchedCrossNet,
     BatchedLowRankCrossNet,
     CrossSetArch,
@@ -95,10 +93,10 @@ from multiembed.models import (  # noqa: E402
     SetInteractionArch,
     parse_model_name,
 )
-from multiembed.training.distributed import DistContext, init_distributed  # noqa: E402
-from multiembed.config import TrainConfig  # noqa: E402
-from multiembed.benchmarks import paper_baseline  # noqa: E402
-from multiembed.training.build import build_training  # noqa: E402
+from multiembed.training.distributed import DistContext, init_distributed
+from multiembed.config import TrainConfig
+from multiembed.benchmarks import paper_baseline
+from multiembed.training.build import build_training
 
 
 DEFAULT_PRESET = "criteo-kaggle"

@@ -26,14 +26,12 @@ Example::
     True
 """
 
-from multiembed.data.stack import require_torchrec_stack
+import multiembed.data.stack_check  # noqa: F401  (checks the TorchRec stack before any torchrec import)
 
-require_torchrec_stack()
-
-from multiembed.collapse.adapters import collapse_from_model, first_cross_weights, unwrap_model  # noqa: E402
-from multiembed.collapse.result import CollapseResult, summarize_sets  # noqa: E402
-from multiembed.collapse.shards import EmbeddingSliceLike, LocalShard, local_shards_from_tensors  # noqa: E402
-from multiembed.collapse.spectrum import (  # noqa: E402
+from multiembed.collapse.adapters import collapse_from_model, first_cross_weights, unwrap_model
+from multiembed.collapse.result import CollapseResult, summarize_sets
+from multiembed.collapse.shards import EmbeddingSliceLike, LocalShard, local_shards_from_tensors
+from multiembed.collapse.spectrum import (
     GramAccumulator,
     ProjectedGramAccumulator,
     information_abundance,
@@ -41,7 +39,7 @@ from multiembed.collapse.spectrum import (  # noqa: E402
     singular_values,
     singular_values_from_gram,
 )
-from multiembed.collapse.streaming import (  # noqa: E402
+from multiembed.collapse.streaming import (
     DEFAULT_CHUNK_ROWS,
     collapse_from_sharded,
     collapse_from_tables,

@@ -39,6 +39,8 @@ ahead. ``benchmarks/bench_loader.py`` measures it.
 
 from __future__ import annotations
 
+import multiembed.data.stack_check  # noqa: F401  (checks the TorchRec stack before any torchrec import)
+
 import dataclasses
 import logging
 import math
@@ -46,29 +48,25 @@ import os
 import queue
 import threading
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
+from typing import Callable, Dict, Iterator, List, Tuple, TypeVar
 
 import numpy as np
 
-from multiembed.data.stack import require_torchrec_stack
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-require_torchrec_stack()
-
-import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import torch  # noqa: E402
-from torchrec.datasets.utils import Batch  # noqa: E402
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
-
-from multiembed.data.metadata import (  # noqa: E402
+from multiembed.data.metadata import (
     DENSE_PREFIX,
     LABEL_COLUMN,
     DatasetError,
     DatasetMetadata,
     read_metadata,
 )
-from multiembed.data.parquet_io import check_dataset_files  # noqa: E402
+from multiembed.data.parquet_io import check_dataset_files
 
 LAST_BATCH_POLICIES = ("drop", "pad", "keep")
 _INT32_MAX = np.iinfo(np.int32).max

@@ -10,11 +10,9 @@ Example::
     train_module = MultiEmbeddingTrain(model)
 """
 
-from multiembed.data.stack import require_torchrec_stack
+import multiembed.data.stack_check  # noqa: F401  (checks the TorchRec stack before any torchrec import)
 
-require_torchrec_stack()
-
-from multiembed.models.interactions import (  # noqa: E402
+from multiembed.models.interactions import (
     BatchedCrossNet,
     BatchedLowRankCrossNet,
     CompressedInteraction,
@@ -22,8 +20,8 @@ from multiembed.models.interactions import (  # noqa: E402
     PairwiseInnerProducts,
     TwoStreamMLP,
 )
-from multiembed.models.layers import BatchedLinear, SetBatchNorm, SetProjection  # noqa: E402
-from multiembed.models.model import (  # noqa: E402
+from multiembed.models.layers import BatchedLinear, SetBatchNorm, SetProjection
+from multiembed.models.model import (
     DEFAULT_SPECTRAL_REG_WEIGHT,
     MultiEmbeddingModel,
     MultiEmbeddingTrain,
@@ -31,7 +29,7 @@ from multiembed.models.model import (  # noqa: E402
     spectral_regularizer,
     weighted_bce_with_logits,
 )
-from multiembed.models.names import (  # noqa: E402
+from multiembed.models.names import (
     BACKBONES,
     BASE_SET_DIM,
     MODES,
@@ -40,8 +38,8 @@ from multiembed.models.names import (  # noqa: E402
     model_names,
     parse_model_name,
 )
-from multiembed.models.over_arch import BilinearFusionOverArch, CINOverArch, MLPOverArch  # noqa: E402
-from multiembed.models.set_arch import (  # noqa: E402
+from multiembed.models.over_arch import BilinearFusionOverArch, CINOverArch, MLPOverArch
+from multiembed.models.set_arch import (
     PREPEND_CHOICES,
     CINSetArch,
     CrossSetArch,
@@ -51,7 +49,7 @@ from multiembed.models.set_arch import (  # noqa: E402
     SetInteractionArch,
     TwoStreamSetArch,
 )
-from multiembed.models.sparse_arch import (  # noqa: E402
+from multiembed.models.sparse_arch import (
     INIT_SCHEMES,
     LAYOUTS,
     MultiEmbeddingSparseArch,
@@ -61,7 +59,7 @@ from multiembed.models.sparse_arch import (  # noqa: E402
     multi_embedding_tables,
     padded_set_dim,
 )
-from multiembed.models.zoo import BACKBONE_OPTIONS, build_model, build_over_arch, build_set_arch  # noqa: E402
+from multiembed.models.zoo import BACKBONE_OPTIONS, build_model, build_over_arch, build_set_arch
 
 __all__ = [
     "BACKBONES",

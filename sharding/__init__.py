@@ -1,10 +1,12 @@
 """Sharding plans for multi-embedding models: planner wrapper, named strategies, plan printing.
 
-:class:`ShardingStrategy` imports nothing heavy; everything else imports torchrec (after the version guard) on
-first use, so command-line parsers can list the strategies without loading torch.
+Importing the package checks the TorchRec stack once (``multiembed.data.stack_check``); its heavy names load on
+first use. The strategy names themselves live in :mod:`multiembed.config` (torch-free, for command-line parsers).
 """
 
 from __future__ import annotations
+
+import multiembed.data.stack_check  # noqa: F401  (checks the TorchRec stack before any torchrec import)
 
 import importlib
 from typing import Any, Dict

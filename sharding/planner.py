@@ -24,18 +24,14 @@ import os
 import warnings
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
-from multiembed.data.stack import require_torchrec_stack
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 
-require_torchrec_stack()
-
-import torch.distributed as dist  # noqa: E402
-from torch import nn  # noqa: E402
-from torchrec.distributed.embedding_types import EmbeddingComputeKernel  # noqa: E402
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder  # noqa: E402
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology  # noqa: E402
-from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType  # noqa: E402
-
-from multiembed.data.stack import PINNED, installed_versions  # noqa: E402
+from multiembed.data.stack import PINNED, installed_versions
 
 
 def _stack_line() -> str:
@@ -53,9 +49,9 @@ except ImportError as e:  # pragma: no cover - depends on the installed TorchRec
         f"multiembed.sharding needs TorchRec planner internals that this TorchRec does not have ({e}); installed: "
         f"{_stack_line()}; supported: {PINNED}"
     ) from e
-from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E402
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from multiembed.config.choices import ShardingStrategy  # noqa: E402
+from multiembed.config.choices import ShardingStrategy
 
 try:  # TorchRec >= 1.8 builds topologies through a validating factory; older releases only have Topology.
     from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig

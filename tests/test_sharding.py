@@ -8,20 +8,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
-from multiembed.data.stack import require_torchrec_stack
+import torch
+from torch import nn
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec import optim as trec_optim
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.partitioners import GreedyPerfPartitioner
 
-require_torchrec_stack()
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.distributed.optim import _apply_optimizer_in_backward  # noqa: E402
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig  # noqa: E402
-from torchrec import optim as trec_optim  # noqa: E402
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder  # noqa: E402
-from torchrec.distributed.planner import EmbeddingShardingPlanner  # noqa: E402
-from torchrec.distributed.planner.partitioners import GreedyPerfPartitioner  # noqa: E402
-
-from multiembed.sharding import (  # noqa: E402
+from multiembed.sharding import (
     SetParallelPartitioner,
     ShardingError,
     ShardingStrategy,
@@ -34,7 +30,7 @@ from multiembed.sharding import (  # noqa: E402
     plan_summary,
     table_strategies,
 )
-from multiembed.sharding.report import format_ranks  # noqa: E402
+from multiembed.sharding.report import format_ranks
 
 SET_WIDTH = 12
 # Criteo-1TB-like spread: two huge tables, mid-size and tiny ones; 4 sets of 12 columns each.

@@ -141,7 +141,7 @@ def test_bad_requests_exit_2_with_one_line(zoo, capsys, extra: List[str], needle
 
 def test_the_command_module_imports_without_torch() -> None:
     code = (
-        "import sys, multiembed.cli.plan, multiembed.sharding;"
+        "import sys, multiembed.cli.plan, multiembed.config;"
         "multiembed.cli.plan.register(__import__('argparse').ArgumentParser().add_subparsers());"
         "assert 'torch' not in sys.modules"
     )

@@ -8,19 +8,15 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from multiembed.data.stack import require_torchrec_stack
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.types import ShardingEnv
 
-require_torchrec_stack()
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-from torch import nn  # noqa: E402
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor  # noqa: E402
-from torchrec.distributed.model_parallel import DistributedModelParallel  # noqa: E402
-from torchrec.distributed.types import ShardingEnv  # noqa: E402
-
-from multiembed.sharding import ShardingError, make_sharders, plan_sharding  # noqa: E402
+from multiembed.sharding import ShardingError, make_sharders, plan_sharding
 
 WORLD_SIZE = 2
 SET_WIDTH = 4

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from multiembed.data.stack import require_torchrec_stack
+import torch
 
-require_torchrec_stack()
-
-import torch  # noqa: E402
-
-from multiembed.cli import main  # noqa: E402
-from multiembed.data.presets import preset  # noqa: E402
-from multiembed.models import build_model  # noqa: E402
-from multiembed.sharding import embedding_tables, format_plan, plan_sharding, plan_summary  # noqa: E402
+from multiembed.cli import main
+from multiembed.data.presets import preset
+from multiembed.models import build_model
+from multiembed.sharding import embedding_tables, format_plan, plan_sharding, plan_summary
 
 EBC_PATH = "sparse_arch.embedding_bag_collection"
 
