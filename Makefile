@@ -46,7 +46,9 @@ test: $(STAMP)
 
 train: $(STAMP)
 	test -f $(TRAIN_DATA)/metadata.json || $(VENV)/bin/multiembed synth --rows $(TRAIN_ROWS) --scale $(TRAIN_SCALE) --out $(TRAIN_DATA)
-	$(VENV)/bin/torchx run -s local_cwd ./torchx_components.py:train --data $(TRAIN_DATA) --out $(TRAIN_RUN) \
+	@# One intra-op thread per rank unless OMP_NUM_THREADS is set: what torchrun picks for several ranks on a node anyway,
+	@# without its four-line notice saying so.
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/torchx run -s local_cwd ./torchx_components.py:train --data $(TRAIN_DATA) --out $(TRAIN_RUN) \
 		--model $(TRAIN_MODEL) --epochs $(TRAIN_EPOCHS) --batch_size $(TRAIN_BATCH) --max_restarts $(TRAIN_MAX_RESTARTS) \
 		--checkpoint_every $(TRAIN_CHECKPOINT_EVERY) -j 1x2 $(TRAIN_ARGS)
 	@echo "run directory: $(TRAIN_RUN)"
