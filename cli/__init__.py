@@ -20,7 +20,9 @@ from typing import List, Optional, Sequence
 from multiembed.cli.errors import report_error
 
 # Subcommand modules, in the order `multiembed --help` lists them.
-SUBCOMMANDS: List[str] = ["synth", "plan", "train", "evaluate", "analyze", "scale", "convert", "inspect", "bench"]
+SUBCOMMANDS: List[str] = [
+    "synth", "plan", "train", "evaluate", "analyze", "scale", "export", "predict", "convert", "inspect", "bench",
+]
 
 EXIT_USER_ERROR = 2
 

@@ -1,0 +1,371 @@
+"""A finished run's best checkpoint -> an inference artifact (:mod:`multiembed.serving.artifact`).
+
+:func:`export_run`:
+
+1. finds the run's best checkpoint (refused in one line when the run has no complete one) and the training data's
+   preprocessing: the raw format, vocabulary mode, hash seed and sizes, and the paper-mode vocabulary, read from the
+   dataset directory ``config.json`` names (or ``data_dir``) and checked against the run's vocabulary fingerprint;
+2. rebuilds the model through the one build path (:func:`~multiembed.training.evaluation.model_for_run`, one CPU
+   rank) and loads the checkpoint, whatever world size and sharding it was saved with;
+3. assembles every table from its shards, strips the padding (``K * stored_d -> K * d`` columns) and quantises the
+   rows with TorchRec's inference quantisation (what ``quantize_inference_model`` does to an
+   ``EmbeddingBagCollection``: row-wise int8 or int4 with an fp16 scale and bias per row); the artifact stores the
+   quantised rows and rebuilds TorchRec's ``QuantEmbeddingBagCollection`` from them at load (tested to give the
+   same outputs as ``quantize_inference_model``'s module);
+4. exports the dense part (dense arch, set arch, mean over sets, over arch; eval mode, the plain path of
+   :mod:`multiembed.models.cpu_fastpath`) with ``torch.export`` over a dynamic batch dimension;
+5. writes everything into a temporary directory beside ``out``, the manifest last, and renames it into place.
+   ``out`` must not exist; ``overwrite`` replaces only an earlier artifact (a directory whose manifest says so).
+
+Example::
+
+    >>> result = export_run("runs/me4x", "runs/me4x.int8", quantize="int8")  # doctest: +SKIP
+    >>> result.manifest.sizes["memory_ratio"]  # doctest: +SKIP
+    0.3
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.quant.embedding_modules import quantize_state_dict
+
+from multiembed.collapse import local_shards_from_tensors
+from multiembed.data.formats import HASHING_MODE, PAPER_MODE, raw_format
+from multiembed.data.metadata import DatasetError, read_metadata
+from multiembed.data.vocab import VOCAB_FILE, CountedVocabulary, HashingVocabulary
+from multiembed.models import MultiEmbeddingModel, multi_embedding_tables
+from multiembed.models.cpu_fastpath import use_fast_path
+from multiembed.models.model import append_field
+from multiembed.serving.artifact import (
+    ARTIFACT_FORMAT,
+    DENSE_FILE,
+    MANIFEST_FILE,
+    NO_RAW_PREPROCESSING,
+    QUANT_BITS,
+    QUANT_DATA_TYPES,
+    QUANTIZE_CHOICES,
+    RAW_PREPROCESSING,
+    TABLES_FILE,
+    ArtifactError,
+    Manifest,
+    build_collection,
+    file_entry,
+    load_artifact,
+    quantized_row_bytes,
+    table_memory_bytes,
+)
+from multiembed.training.evaluation import best_checkpoint, load_run_config, model_for_run
+
+_TMP_PREFIX = ".tmp-export-"
+
+
+class DenseHead(nn.Module):
+    """The dense part of a :class:`~multiembed.models.MultiEmbeddingModel` as one module for ``torch.export``:
+    ``(embeddings [B, K, F, d], dense_features [B, num_dense]) -> logits [B]``.
+
+    The same computation as the model's forward after its sparse arch (the dense arch's output joined as the last
+    field, the set arch, the mean over sets, the over arch), in fp32.
+
+    Args:
+        model: the trained model; its dense arches are copied.
+
+    Example::
+
+        >>> from multiembed.models import build_model
+        >>> model = build_model("dcnv2-me-2x", {"f1": 10, "f2": 20}, device=torch.device("cpu"), hidden=16)
+        >>> head = DenseHead(model).eval()
+        >>> head(torch.rand(3, 2, 2, 10), torch.empty(3, 0)).shape
+        torch.Size([3])
+    """
+
+    def __init__(self, model: MultiEmbeddingModel) -> None:
+        super().__init__()
+        self.dense_arch = copy.deepcopy(model.dense_arch)
+        self.set_arch = copy.deepcopy(model.set_arch)
+        self.over_arch = copy.deepcopy(model.over_arch)
+        self.num_sets = model.num_sets
+
+    def forward(self, embeddings: torch.Tensor, dense_features: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            embeddings: ``[B, K, F, d]``.
+            dense_features: ``[B, num_dense]`` (ignored without a dense arch).
+
+        Returns:
+            logits ``[B]``.
+        """
+        fields = embeddings
+        if self.dense_arch is not None:
+            fields = append_field(embeddings, self.dense_arch(dense_features))
+        return self.over_arch(self.set_arch(fields).sum(dim=1).div(self.num_sets))
+
+
+@dataclasses.dataclass
+class ExportResult:
+    """What :func:`export_run` wrote.
+
+    Attributes:
+        out: the artifact directory.
+        manifest: its manifest (``sizes`` holds the table byte counts).
+        checkpoint: the checkpoint exported.
+    """
+
+    out: Path
+    manifest: Manifest
+    checkpoint: Path
+
+
+def preprocessing_of(record: Mapping[str, Any], data_dir: Optional[str]) -> Tuple[Dict[str, Any], Optional[CountedVocabulary], list]:
+    """The training data's preprocessing, vocabulary (paper mode) and dense field names.
+
+    Args:
+        record: the run's ``config.json``.
+        data_dir: the dataset directory (default: the one ``config.json`` names).
+
+    Raises:
+        ValueError: the dataset is unreadable or its vocabulary fingerprint is not the run's.
+    """
+    data = record.get("data", {})
+    where = data_dir or data.get("dir") or record.get("options", {}).get("data")
+    if not where:
+        raise ValueError("config.json names no dataset directory; pass --data with the training data")
+    try:
+        meta = read_metadata(where)
+    except DatasetError as e:
+        raise ValueError(f"{e} (export reads the training data's vocabulary; pass --data if it moved)") from None
+    trained_on = data.get("vocab_fingerprint")
+    if trained_on and meta.vocab_fingerprint != trained_on:
+        raise ValueError(
+            f"{where}: vocabulary fingerprint {meta.vocab_fingerprint[:16]}... differs from the run's "
+            f"({trained_on[:16]}...); pass --data with the training data"
+        )
+    if meta.dataset == "synthetic" or "mode" not in meta.options:
+        reason = f"{meta.dataset} data has no raw-log tokenisation: predict reads its converted Parquet only"
+        return {"kind": NO_RAW_PREPROCESSING, "reason": reason}, None, list(meta.dense_fields)
+    fmt = raw_format(meta.dataset)
+    mode = meta.options["mode"]
+    seed = int(meta.options.get("hash_seed", 0))
+    spec: Dict[str, Any] = {"kind": RAW_PREPROCESSING, "format": fmt.name, "mode": mode, "hash_seed": seed,
+                            "dense": "log1p(max(x, 0)), 0 when empty"}
+    vocab: Optional[CountedVocabulary] = None
+    if mode == HASHING_MODE:
+        built = HashingVocabulary(fmt.name, meta.vocab_sizes, seed)
+        spec["hash_sizes"] = [[f, int(n)] for f, n in meta.vocab_sizes.items()]
+        fingerprint = built.fingerprint
+    elif mode == PAPER_MODE:
+        try:
+            vocab = CountedVocabulary.load(where)
+        except DatasetError as e:
+            raise ValueError(str(e)) from None
+        spec["vocabulary"] = VOCAB_FILE
+        fingerprint = vocab.fingerprint
+    else:
+        raise ValueError(f"{where}: options.mode {mode!r} is not one of paper, hashing")
+    if fingerprint != meta.vocab_fingerprint:
+        raise ValueError(f"{where}: the vocabulary gives fingerprint {fingerprint[:16]}..., metadata.json records "
+                         f"{meta.vocab_fingerprint[:16]}...")
+    return spec, vocab, list(meta.dense_fields)
+
+
+def logical_tables(model: MultiEmbeddingModel) -> Dict[str, torch.Tensor]:
+    """``{field: [rows, K * d]}``: every table assembled from this process's shards (one rank holds them all),
+    padding stripped, the K sets side by side."""
+    sparse = model.sparse_arch
+    state = sparse.embedding_bag_collection.state_dict()
+    stored = {name: state[f"embedding_bags.{name}.weight"] for name in sparse.table_names}
+    full = {name: torch.zeros(tuple(weight.shape), dtype=torch.float32) for name, weight in stored.items()}
+    for shard in local_shards_from_tensors(stored, rank=0):
+        rows, cols = shard.tensor.shape
+        full[shard.table_name][shard.row_offset : shard.row_offset + rows, shard.col_offset : shard.col_offset + cols] = (
+            shard.tensor.detach().float().cpu()
+        )
+    per_set = sparse.weight_views_per_set(full)
+    return {f: torch.cat([per_set[k][f] for k in range(sparse.num_sets)], dim=1).contiguous() for f in sparse.field_names}
+
+
+def table_tensors(
+    tables: Mapping[str, torch.Tensor], num_sets: int, set_dim: int, quantize: str
+) -> Dict[str, torch.Tensor]:
+    """The tensors ``tables.pt`` stores: fp32 rows, or TorchRec's row-wise quantisation of them.
+
+    The quantisation is TorchRec's ``quantize_state_dict``, the step ``quantize_inference_model`` runs when it
+    swaps an ``EmbeddingBagCollection`` for a ``QuantEmbeddingBagCollection`` (``from_float``): per table the
+    row-wise quantised rows (FBGEMM's ``FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf``) and their fp16 scale and
+    bias, which the artifact stores and hands back to ``QuantEmbeddingBagCollection`` at load.
+    """
+    if quantize == "none":
+        return {f"t_{f}.weight": w for f, w in tables.items()}
+    vocab_sizes = {f: int(w.shape[0]) for f, w in tables.items()}
+    configs = multi_embedding_tables(vocab_sizes, num_sets, set_dim, layout="fused", init="torchrec",
+                                     stored_set_dim=set_dim)
+    collection = EmbeddingBagCollection(tables=configs, device=torch.device("meta"))
+    collection.load_state_dict({f"embedding_bags.t_{f}.weight": w for f, w in tables.items()}, assign=True)
+    quantized: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    quantize_state_dict(collection, quantized, {c.name: QUANT_DATA_TYPES[quantize] for c in configs})
+    out: Dict[str, torch.Tensor] = {}
+    for name, (weight, scale_shift) in quantized.items():
+        out[f"{name}.weight"] = weight.contiguous().clone()
+        out[f"{name}.scale_shift"] = scale_shift.contiguous().clone()
+    return out
+
+
+def export_dense(model: MultiEmbeddingModel, num_fields: int, num_dense: int, path: Path) -> None:
+    """``torch.export`` of :class:`DenseHead` (eval mode, the plain path) over a dynamic batch, saved to ``path``."""
+    head = DenseHead(model).eval()
+    k, d = model.num_sets, model.sparse_arch.set_dim
+    example = (torch.randn(2, k, num_fields, d), torch.rand(2, num_dense))
+    batch = torch.export.Dim("batch", min=1)
+    with use_fast_path(False), torch.no_grad():
+        program = torch.export.export(head, example, dynamic_shapes=({0: batch}, {0: batch}))
+    torch.export.save(program, str(path))
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.is_symlink():
+        raise ValueError(f"{out}: is a symbolic link; export writes a new directory, never through a link")
+    if not out.exists():
+        return
+    if not overwrite:
+        raise ValueError(f"{out}: already exists; choose a new --out (or --overwrite to replace an earlier export)")
+    try:
+        obj = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))
+        ours = isinstance(obj, dict) and obj.get("format") == ARTIFACT_FORMAT
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise ValueError(f"{out}: not a multiembed export artifact; --overwrite only replaces one")
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Renames the finished ``tmp`` to ``out`` (an earlier artifact is moved aside first, then removed)."""
+    old = None
+    if overwrite and out.exists():
+        old = out.parent / f"{_TMP_PREFIX}old-{out.name}-{os.getpid()}"
+        os.rename(out, old)
+    if out.exists():
+        raise ValueError(f"{out}: appeared while exporting; not replaced")
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def export_run(
+    run_dir: "str | Path",
+    out: "str | Path",
+    quantize: str = "int8",
+    data_dir: Optional[str] = None,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Exports a run's best checkpoint as an artifact directory (see the module docstring).
+
+    Args:
+        run_dir: the run directory (any world size and sharding it was trained with).
+        out: the artifact directory to create.
+        quantize: ``int8`` (default of the CLI), ``int4`` or ``none`` (fp32 tables).
+        data_dir: the training data, when it moved from where ``config.json`` says.
+        overwrite: replace ``out`` when it is an earlier artifact.
+
+    Raises:
+        ValueError: not a run, no complete checkpoint, the training data unreadable or of another vocabulary, a
+            table width int4 cannot store, ``out`` exists.
+    """
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise ValueError("export runs as one process (not under torchrun); it reads every shard itself")
+    run_dir, out = Path(run_dir), Path(out)
+    record = load_run_config(run_dir)
+    try:
+        checkpoint = best_checkpoint(run_dir)
+    except ValueError as e:
+        raise ValueError(f"{run_dir}: no complete checkpoint to export ({e})") from None
+    _check_out(out, overwrite)
+    spec, vocab, dense_names = preprocessing_of(record, data_dir)
+    run = model_for_run(run_dir, device="cpu")
+    run.load(checkpoint)
+    model = run.built.model
+    model.eval()
+    num_dense = int(record.get("data", {}).get("num_dense", len(dense_names))) if run.config.dense_features else 0
+    dense_fields = dense_names[:num_dense] if num_dense else []
+    sparse = model.sparse_arch
+    if quantize != "none":
+        quantized_row_bytes(sparse.num_sets * sparse.set_dim, quantize)  # refuses int4 of an odd width
+    tables = logical_tables(model)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{out.name}-", dir=out.parent))
+    try:
+        tensors = table_tensors(tables, sparse.num_sets, sparse.set_dim, quantize)
+        torch.save(tensors, tmp / TABLES_FILE)
+        export_dense(model, sparse.num_fields, num_dense, tmp / DENSE_FILE)
+        files = {"tables": file_entry(tmp / TABLES_FILE), "dense": file_entry(tmp / DENSE_FILE)}
+        if vocab is not None:
+            vocab.save(tmp)
+            files["vocabulary"] = file_entry(tmp / VOCAB_FILE)
+        data = record.get("data", {})
+        manifest = Manifest(
+            model=str(record.get("options", {}).get("model", run.config.model)),
+            quantize=quantize,
+            num_sets=sparse.num_sets,
+            set_dim=sparse.set_dim,
+            vocab_sizes={f: int(n) for f, n in sparse.vocab_sizes.items()},
+            dense_fields=dense_fields,
+            dataset=str(data.get("dataset", "")),
+            vocab_fingerprint=str(data.get("vocab_fingerprint", "")),
+            preprocessing=spec,
+            files=files,
+            source={
+                "run": os.path.relpath(os.path.abspath(run_dir), os.path.abspath(out)),
+                "checkpoint": os.path.relpath(os.path.abspath(checkpoint), os.path.abspath(out)),
+                "versions": {"torch": torch.__version__, **_versions()},
+            },
+        )
+        manifest.sizes = table_sizes(manifest, tensors)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
+        load_artifact(tmp)  # what predict will do: the artifact must load before it is published
+        _publish(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(out, manifest, checkpoint)
+
+
+def table_sizes(manifest: Manifest, tensors: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
+    """Byte counts of the tables: logical fp32 (unpadded), as stored in the file, and in memory once loaded."""
+    rows = sum(manifest.vocab_sizes.values())
+    logical = rows * manifest.table_width * 4
+    stored = sum(t.numel() * t.element_size() for t in tensors.values())
+    memory = table_memory_bytes(build_collection(manifest, tensors))
+    return {
+        "rows": rows,
+        "table_width": manifest.table_width,
+        "bits": QUANT_BITS[manifest.quantize],
+        "logical_fp32_bytes": logical,
+        "stored_bytes": stored,
+        "memory_bytes": memory,
+        "stored_ratio": round(stored / logical, 4),
+        "memory_ratio": round(memory / logical, 4),
+    }
+
+
+def _versions() -> Dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in ("torchrec", "fbgemm-gpu-cpu", "fbgemm-gpu"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out

@@ -1,0 +1,222 @@
+"""Predictions from an artifact: a converted dataset's split, or raw Criteo / Avazu lines.
+
+Raw lines go through the converter's own steps (:mod:`multiembed.data.rawlog` parses them in chunks,
+:func:`multiembed.data.convert.encode_table` turns tokens into ids and integers into dense features) with the
+vocabulary the artifact carries, so a served model sees exactly the features it was trained on; a token the
+vocabulary does not hold gets the out-of-vocabulary id (paper mode) or its hash bucket (hashing mode). A converted
+dataset must have the artifact's vocabulary fingerprint.
+
+Example::
+
+    >>> from multiembed.serving import load_artifact
+    >>> artifact = load_artifact("runs/me4x.int8")  # doctest: +SKIP
+    >>> result = predict_raw(artifact, "day_23.tsv")  # doctest: +SKIP
+    >>> result.metrics()["auc"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from multiembed.data.convert import encode_table
+from multiembed.data.formats import HASHING_MODE, RawFormat, raw_format
+from multiembed.data.loader import ParquetBatchLoader
+from multiembed.data.metadata import DENSE_PREFIX, LABEL_COLUMN, atomic_write, read_metadata
+from multiembed.data.rawlog import ON_ERROR_CHOICES, ChunkParser, iter_chunks, scan_source
+from multiembed.data.synthetic import log_loss, roc_auc
+from multiembed.data.vocab import CountedVocabulary, HashingVocabulary
+from multiembed.serving.artifact import RAW_PREPROCESSING, ArtifactError, ServingArtifact
+
+DEFAULT_BATCH_SIZE = 4096
+Vocabulary = Union[HashingVocabulary, CountedVocabulary]
+
+
+@dataclasses.dataclass
+class Predictions:
+    """Predictions of a pass, in input order.
+
+    Attributes:
+        logits: float32 ``[N]``.
+        labels: int8 ``[N]`` (the data's labels), or None when it had none.
+        rows: int64 ``[N]``: the row of each prediction (index in the split; data row of a raw file, 0-based).
+        skipped: raw rows skipped under ``on_error="skip"``, by reason.
+    """
+
+    logits: np.ndarray
+    labels: Optional[np.ndarray]
+    rows: np.ndarray
+    skipped: Dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def probs(self) -> np.ndarray:
+        return (1.0 / (1.0 + np.exp(-self.logits.astype(np.float64)))).astype(np.float32)
+
+    def metrics(self) -> Dict[str, Optional[float]]:
+        """``{"rows", "auc", "logloss"}``: AUC (exact, ties at mid-rank) and log loss (nats) when labels are
+        present and hold both classes, else None."""
+        out: Dict[str, Optional[float]] = {"rows": int(self.logits.shape[0]), "auc": None, "logloss": None}
+        if self.labels is not None and self.labels.size:
+            out["logloss"] = log_loss(self.labels, self.probs)
+            if 0 < int(self.labels.sum()) < self.labels.size:
+                out["auc"] = roc_auc(self.labels, self.logits)
+        return out
+
+    def write_parquet(self, path: "str | os.PathLike") -> Path:
+        """Writes ``row`` (int64), ``logit``, ``prob`` (float32) and ``label`` (int8, when known) atomically."""
+        path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"{path}: is a directory; --out names the Parquet file to write")
+        columns = {"row": pa.array(self.rows, pa.int64()), "logit": pa.array(self.logits, pa.float32()),
+                   "prob": pa.array(self.probs, pa.float32())}
+        if self.labels is not None:
+            columns[LABEL_COLUMN] = pa.array(self.labels, pa.int8())
+        table = pa.table(columns)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: pq.write_table(table, f))
+        return path
+
+
+def _run(artifact: ServingArtifact, batches: Iterator[Tuple[torch.Tensor, KeyedJaggedTensor]]) -> np.ndarray:
+    parts: List[np.ndarray] = []
+    with torch.inference_mode():
+        for dense, sparse in batches:
+            parts.append(artifact.model(dense, sparse).float().numpy())
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+
+def predict_dataset(
+    artifact: ServingArtifact, data_dir: "str | os.PathLike", split: str = "test", batch_size: int = DEFAULT_BATCH_SIZE
+) -> Predictions:
+    """Predicts every row of ``split`` of a converted dataset, in order.
+
+    Raises:
+        ValueError: another vocabulary fingerprint or schema, no such split, or unreadable data.
+    """
+    manifest = artifact.manifest
+    meta = read_metadata(data_dir)
+    if meta.vocab_fingerprint != manifest.vocab_fingerprint:
+        raise ValueError(
+            f"{data_dir}: vocabulary fingerprint {meta.vocab_fingerprint[:16]}... differs from the artifact's "
+            f"({manifest.vocab_fingerprint[:16]}...) in {artifact.directory / 'manifest.json'}; convert the data with "
+            "--vocab-from the training data's directory"
+        )
+    if meta.field_names != manifest.fields:
+        raise ValueError(f"{data_dir}: fields {meta.field_names[:3]}... are not the artifact's {manifest.fields[:3]}...")
+    if manifest.dense_fields and list(meta.dense_fields) != manifest.dense_fields:
+        raise ValueError(f"{data_dir}: dense fields {meta.dense_fields} are not the artifact's {manifest.dense_fields}")
+    if meta.split_rows().get(split, 0) == 0:
+        raise ValueError(f"{data_dir}: split {split!r} has no rows")
+    loader = ParquetBatchLoader(data_dir, split, batch_size, shuffle=False, last_batch="keep",
+                                use_dense=bool(manifest.dense_fields), prefetch=2)
+    labels: List[np.ndarray] = []
+
+    def batches() -> Iterator[Tuple[torch.Tensor, KeyedJaggedTensor]]:
+        for batch in loader:
+            labels.append(batch.labels.numpy().astype(np.int8))
+            yield batch.dense_features, batch.sparse_features
+
+    logits = _run(artifact, batches())
+    return Predictions(logits, np.concatenate(labels), np.arange(logits.shape[0], dtype=np.int64))
+
+
+def artifact_vocabulary(artifact: ServingArtifact) -> Tuple[RawFormat, str, int, Vocabulary]:
+    """The raw format, vocabulary mode, hash seed and vocabulary the artifact's training data was converted with.
+
+    Raises:
+        ArtifactError: the artifact records no raw preprocessing (synthetic training data), or its vocabulary does
+            not give the recorded fingerprint.
+    """
+    manifest, spec = artifact.manifest, artifact.manifest.preprocessing
+    if spec.get("kind") != RAW_PREPROCESSING:
+        raise ArtifactError(f"{artifact.directory}: no raw-row preprocessing ({spec.get('reason', spec.get('kind'))}); "
+                            "use --data")
+    fmt = raw_format(str(spec["format"]))
+    mode, seed = str(spec["mode"]), int(spec.get("hash_seed", 0))
+    vocab: Vocabulary
+    if mode == HASHING_MODE:
+        vocab = HashingVocabulary(fmt.name, {str(f): int(n) for f, n in spec["hash_sizes"]}, seed)
+    else:
+        vocab = CountedVocabulary.load(artifact.directory)
+    if vocab.fingerprint != manifest.vocab_fingerprint:
+        raise ArtifactError(f"{artifact.directory}: the stored vocabulary gives fingerprint {vocab.fingerprint[:16]}..., "
+                            f"the manifest records {manifest.vocab_fingerprint[:16]}...")
+    if list(vocab.fields) != manifest.fields:
+        raise ArtifactError(f"{artifact.directory}: the vocabulary's fields are not the model's")
+    return fmt, mode, seed, vocab
+
+
+def encode_rows(
+    columns: Dict[str, np.ndarray], fields: List[str], dense_fields: List[str]
+) -> Tuple[torch.Tensor, KeyedJaggedTensor]:
+    """Encoded columns (:func:`~multiembed.data.convert.encode_table`) -> ``(dense [n, num_dense], KJT)``."""
+    n = columns[LABEL_COLUMN].shape[0]
+    values = torch.from_numpy(np.concatenate([columns[f] for f in fields]).astype(np.int64, copy=False))
+    sparse = KeyedJaggedTensor.from_lengths_sync(
+        keys=fields, values=values, lengths=torch.ones(n * len(fields), dtype=torch.int32)
+    )
+    if dense_fields:
+        dense = torch.from_numpy(np.stack([columns[DENSE_PREFIX + f] for f in dense_fields], axis=1))
+    else:
+        dense = torch.zeros((n, 0), dtype=torch.float32)
+    return dense, sparse
+
+
+def predict_raw(
+    artifact: ServingArtifact,
+    path: "str | os.PathLike",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_error: str = "fail",
+) -> Predictions:
+    """Predicts every line of a raw Criteo / Avazu file (the format the artifact's training data was converted
+    from; ``.gz`` allowed), through the converter's tokenisation and the artifact's vocabulary.
+
+    Args:
+        artifact: the loaded artifact.
+        path: the raw file.
+        batch_size: rows per model call.
+        on_error: ``fail`` stops at the first bad line (``file:line: field: what``); ``skip`` drops and counts them.
+
+    Raises:
+        ArtifactError: the artifact has no raw preprocessing.
+        ValueError: a bad line (``fail``), an unreadable file.
+    """
+    if on_error not in ON_ERROR_CHOICES:
+        raise ValueError(f"--on-error must be one of {', '.join(ON_ERROR_CHOICES)}, got {on_error!r}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    fmt, mode, seed, vocab = artifact_vocabulary(artifact)
+    scan_source(path, fmt)  # a regular, readable, non-empty file with the format's header
+    manifest = artifact.manifest
+    parser = ChunkParser(fmt, str(path), on_error)
+    labels: List[np.ndarray] = []
+    rows: List[np.ndarray] = []
+    skipped: Dict[str, int] = {}
+
+    def batches() -> Iterator[Tuple[torch.Tensor, KeyedJaggedTensor]]:
+        for chunk in iter_chunks(path, fmt):
+            parsed = parser.parse(chunk)
+            for reason, count in parsed.skipped.items():
+                skipped[reason] = skipped.get(reason, 0) + count
+            n = parsed.table.num_rows
+            rows.append(parsed.rows if parsed.rows is not None else parsed.first_row + np.arange(n, dtype=np.int64))
+            for start in range(0, n, batch_size):
+                columns = encode_table(parsed.table.slice(start, batch_size), fmt, mode, vocab, seed)
+                labels.append(columns[LABEL_COLUMN])
+                yield encode_rows(columns, manifest.fields, manifest.dense_fields)
+
+    logits = _run(artifact, batches())
+    return Predictions(
+        logits,
+        np.concatenate(labels) if labels else np.zeros(0, dtype=np.int8),
+        np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64),
+        skipped,
+    )
