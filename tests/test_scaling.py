@@ -207,7 +207,8 @@ class TestScalingStudyComponent(ComponentTestCase):
         app = load_components().scaling_study("--lr", "0.002", data="d", out="o", preset="small", gpu=1)
         (role,) = app.roles
         command = role.args[-1]
-        assert command.startswith("torchrun ") and "--nproc_per_node 1" in command
+        # torchrun through multiembed.cli.launch (a failed job ends with the worker's one-line error).
+        assert command.startswith("python -m multiembed.cli.launch torchrun ") and "--nproc_per_node 1" in command
         assert command.endswith("-m multiembed.cli scale --data d --out o --preset small --lr 0.002")
         assert role.resource.gpu == 1
         full = load_components().scaling_study(
