@@ -845,8 +845,11 @@ def measure_interaction_vs_gemm(
     leaf = embeddings.detach().requires_grad_()
     loop_leaf = embeddings.detach().requires_grad_()
 
+    precision = project.inner.precision
+
     def batched() -> None:
-        out = set_arch(leaf)
+        with dense_autocast(precision, device.type):
+            out = set_arch(leaf)
         out.backward(torch.ones_like(out))
 
     def per_set() -> None:
@@ -858,12 +861,22 @@ def measure_interaction_vs_gemm(
         for _ in range(gemm_reps):
             torch.mm(a, b)
 
+    a_bf16, b_bf16 = a.bfloat16(), b.bfloat16()
+
+    def gemm_bf16() -> None:
+        for _ in range(gemm_reps):
+            torch.mm(a_bf16, b_bf16)
+
     batched(), gemm()
     if loop is not None:
         per_set()
-    times: Dict[str, List[float]] = {"batched": [], "gemm": [], "per_set_loop": []}
+    if precision == "bf16":
+        gemm_bf16()
+    times: Dict[str, List[float]] = {"batched": [], "gemm": [], "per_set_loop": [], "gemm_bf16": []}
     for _ in range(rounds):
         times["gemm"].append(_timed(gemm, device) / gemm_reps)
+        if precision == "bf16":
+            times["gemm_bf16"].append(_timed(gemm_bf16, device) / gemm_reps)
         times["batched"].append(_timed(batched, device))
         if loop is not None:
             times["per_set_loop"].append(_timed(per_set, device))
@@ -883,6 +896,8 @@ def measure_interaction_vs_gemm(
         ),
         "rounds": rounds,
     }
+    if precision == "bf16":
+        result["gemm_gflops_bf16"] = gemm_flops / statistics.median(times["gemm_bf16"]) / 1e9
     if loop is not None:
         result["per_set_loop_ms"] = statistics.median(times["per_set_loop"]) * 1e3
         result["batched_vs_loop_speedup"] = paired_ratio(times["per_set_loop"], times["batched"])
@@ -890,19 +905,10 @@ def measure_interaction_vs_gemm(
 
 
 def conditions(config: BenchConfig, ctx: DistContext, argv: Optional[Sequence[str]]) -> Dict[str, Any]:
-    """The machine and software the numbers were measured on."""
-    cpu_model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """The machine and software the numbers were measured on (CPU facts: :func:`machine.cpu_facts`)."""
     info: Dict[str, Any] = {
         "command": " ".join(["multiembed", "bench", *argv]) if argv is not None else None,
-        "cpu": cpu_model,
-        "cpu_count": os.cpu_count(),
+        **machine.cpu_facts(),
         "torch_threads": torch.get_num_threads(),
         "malloc": config.malloc,
         "load_average_start": list(os.getloadavg()),
@@ -1128,7 +1134,7 @@ def compare_layouts(
     docstring, so it must not share the main measurement). Keyed by layout name."""
     layout = "per_set" if config.layout == "fused" else "fused"
     other = ProjectRunner(config.model, vocab, ctx, batches[0].size, layout, config.hidden, config.dropout,
-                          config.sharding, config.seed)
+                          config.sharding, config.seed, config.precision, config.table_dtype)
     other.run(batches, max(config.warmup_steps, 1))
     runners = {config.layout: project, layout: other}
     faults = {name: 0 for name in runners}
@@ -1171,7 +1177,7 @@ def scale_over_k(
         # K sets of the model's own set width d (SE models sweep the ME family of the same d).
         k_spec = dataclasses.replace(spec, mode="me" if spec.mode == "se" else spec.mode, scale=k, num_sets=k)
         runners[k] = ProjectRunner(k_spec, vocab, ctx, batches[0].size, config.layout, config.hidden, config.dropout,
-                                   config.sharding, config.seed)
+                                   config.sharding, config.seed, config.precision, config.table_dtype)
         runners[k].run(batches, max(config.warmup_steps, 1))
     per_step = interleave(
         {str(k): (lambda n, o, r=runner: r.run(batches, n, o)) for k, runner in runners.items()},
@@ -1245,53 +1251,98 @@ def _fmt(value: Optional[float], digits: int = 1) -> str:
 
 
 def format_table(record: Mapping[str, Any]) -> str:
-    """The result as markdown tables (throughput, breakdown, scaling)."""
-    cfg = record["config"]
+    """The result as markdown tables (throughput against both baselines, breakdown, memory per row, scaling)."""
+    cfg, cond = record["config"], record["conditions"]
+    sizes = record["bytes"]
+    paper_bytes, savvy_bytes = record.get("baseline_bytes", {}), record.get("savvy_baseline_bytes", {})
+
+    def per_contender(key: str, digits: int = 1) -> str:
+        return " | ".join(_fmt(record.get(prefix + key), digits) for prefix in ("", "baseline_", "savvy_baseline_"))
+
+    def megabytes(value: Optional[int]) -> str:
+        return "-" if value is None else f"{value / 2**20:,.1f}"
+
     lines = [
         f"### {cfg['model']}, batch {cfg['batch_size']}, {cfg['rows_per_set_actual']:,} rows per set over "
-        f"{cfg['fields']} fields ({record['conditions']['device']}, {record['conditions']['torch_threads']} threads, "
-        f"malloc {record['conditions']['malloc']})",
+        f"{cfg['fields']} fields, precision {cfg.get('precision', 'fp32')}, tables {cfg.get('table_dtype', 'fp32')} "
+        f"({cond['device']}, {cond['torch_threads']} threads, malloc {cond['malloc']})",
         "",
-        "| metric | project | baseline | ratio |",
-        "|---|---|---|---|",
-        f"| samples/s | {_fmt(record['samples_per_s'], 0)} | {_fmt(record.get('baseline_samples_per_s'), 0)} | "
-        f"{_fmt(record.get('speedup_vs_baseline'), 2)} |",
-        f"| step ms | {_fmt(record['step_ms'])} | {_fmt(record.get('baseline_step_ms'))} | |",
-        f"| interaction arch GFLOP/s (fwd+bwd) | {_fmt(record['interaction_gflops'])} | | "
+        f"CPU: {cond['cpu']}, {cond['cpu_count']} CPUs, capability {cond.get('cpu_capability')}, native bf16 "
+        f"{cond.get('mkldnn_bf16_supported')}, fp32 GEMM backend {cond.get('gemm_backend', {}).get('float32')}.",
+        "",
+        "| metric | project | paper baseline | savvy baseline | project / paper | project / savvy |",
+        "|---|---|---|---|---|---|",
+        f"| samples/s | {per_contender('samples_per_s', 0)} | {_fmt(record.get('speedup_vs_baseline'), 2)} | "
+        f"{_fmt(record.get('speedup_vs_savvy_baseline'), 2)} |",
+        f"| step ms | {per_contender('step_ms')} | | |",
+        f"| step GFLOP/s (fwd+bwd GEMMs, {_fmt(record['flops_per_step'] / 1e9)} GFLOP a step) | "
+        f"{per_contender('achieved_step_gflops')} | | |",
+        f"| step efficiency (step GFLOP/s / fp32 GEMM GFLOP/s) | {per_contender('step_efficiency', 2)} | | |",
+        f"| embedding / dense parameter MB | {megabytes(sizes['embedding_param_bytes'])} / "
+        f"{megabytes(sizes['dense_param_bytes'])} | "
+        + " | ".join(
+            f"{megabytes(b['embedding_param_bytes'])} / {megabytes(b['dense_param_bytes'])}" if b else "-"
+            for b in (paper_bytes, savvy_bytes)
+        ) + " | | |",
+        f"| optimizer state MB (sparse + dense) | {megabytes(sizes['sparse_optimizer_state_bytes'])} + "
+        f"{megabytes(sizes['dense_optimizer_state_bytes'])} | "
+        + " | ".join(megabytes(b.get("optimizer_state_bytes")) if b else "-" for b in (paper_bytes, savvy_bytes))
+        + " | | |",
+        f"| page faults MB / step | {_fmt(record['page_fault_mb_per_step']['project'])} | "
+        f"{_fmt(record['page_fault_mb_per_step'].get('baseline'))} | "
+        f"{_fmt(record['page_fault_mb_per_step'].get('savvy'))} | | |",
+        f"| peak RSS MB (whole run / own process) | {record['memory']['peak_rss_bytes'] / 2**20:,.0f} | "
+        f"{megabytes(record['memory'].get('baseline_process_peak_rss_bytes'))} | "
+        f"{megabytes(record['memory'].get('savvy_baseline_process_peak_rss_bytes'))} | | |",
+        "",
+        "| set arch and GEMM | value | |",
+        "|---|---|---|",
+        f"| interaction arch GFLOP/s (fwd+bwd) | {_fmt(record['interaction_gflops'])} | "
         f"{_fmt(record['interaction_vs_gemm'], 2)} of GEMM |",
-        f"| fp32 GEMM {'x'.join(map(str, record['set_arch']['gemm_shape']))} GFLOP/s | {_fmt(record['gemm_gflops'])} | | |",
-        f"| step GFLOP (fwd+bwd GEMMs) / achieved GFLOP/s | {_fmt(record['flops_per_step'] / 1e9)} / "
-        f"{_fmt(record['achieved_step_gflops'])} | | |",
+        f"| fp32 GEMM {'x'.join(map(str, record['set_arch']['gemm_shape']))} GFLOP/s | {_fmt(record['gemm_gflops'])} | |",
     ]
+    if "gemm_gflops_bf16" in record["set_arch"]:
+        lines.append(f"| bf16 GEMM, same shape, GFLOP/s | {_fmt(record['set_arch']['gemm_gflops_bf16'])} | |")
     if "per_set_loop_ms" in record["set_arch"]:
         lines.append(
-            f"| set arch fwd+bwd ms: batched / per-set loop | {_fmt(record['set_arch']['interaction_ms'])} | "
-            f"{_fmt(record['set_arch']['per_set_loop_ms'])} | {_fmt(record['set_arch']['batched_vs_loop_speedup'], 2)} |"
+            f"| set arch fwd+bwd ms: batched / per-set loop | {_fmt(record['set_arch']['interaction_ms'])} / "
+            f"{_fmt(record['set_arch']['per_set_loop_ms'])} | {_fmt(record['set_arch']['batched_vs_loop_speedup'], 2)}x |"
         )
     for name, row in record.get("layouts", {}).items():
-        lines.append(f"| layout {name}: samples/s | {_fmt(row['samples_per_s'], 0)} | | |")
-    memory, sizes = record["memory"], record["bytes"]
-    base_bytes = record.get("baseline_bytes", {})
+        lines.append(f"| layout {name}: samples/s | {_fmt(row['samples_per_s'], 0)} | |")
+    precisions = record.get("precisions")
+    if precisions:
+        lines.append(f"| bf16 / fp32 samples/s (interleaved) | {_fmt(precisions['bf16']['samples_per_s'], 0)} / "
+                     f"{_fmt(precisions['fp32']['samples_per_s'], 0)} | {_fmt(precisions['bf16_speedup'], 2)}x |")
     lines += [
-        f"| embedding / dense parameter MB | {sizes['embedding_param_bytes'] / 2**20:,.1f} / "
-        f"{sizes['dense_param_bytes'] / 2**20:,.1f} | "
-        + (f"{base_bytes['embedding_param_bytes'] / 2**20:,.1f} / {base_bytes['dense_param_bytes'] / 2**20:,.1f}"
-           if base_bytes else "-") + " | |",
-        f"| optimizer state MB (sparse + dense) | {sizes['sparse_optimizer_state_bytes'] / 2**20:,.1f} + "
-        f"{sizes['dense_optimizer_state_bytes'] / 2**20:,.1f} | "
-        + (f"{base_bytes['optimizer_state_bytes'] / 2**20:,.1f}" if base_bytes else "-") + " | |",
-        f"| page faults MB / step | {_fmt(record['page_fault_mb_per_step']['project'])} | "
-        f"{_fmt(record['page_fault_mb_per_step'].get('baseline'))} | |",
-        f"| peak RSS MB (whole run) | {memory['peak_rss_bytes'] / 2**20:,.0f} | | |",
         "",
         f"Step-time breakdown, ms ({record['breakdown_method']}):",
         "",
-        "| part | project | baseline |",
-        "|---|---|---|",
+        "| part | project | paper baseline | savvy baseline |",
+        "|---|---|---|---|",
     ]
-    baseline_parts = record.get("baseline_breakdown_ms", {})
+    paper_parts = record.get("baseline_breakdown_ms", {})
+    savvy_parts = record.get("savvy_baseline_breakdown_ms", {})
     for part in (*BREAKDOWN_PARTS, "other"):
-        lines.append(f"| {part} | {_fmt(record['breakdown_ms'].get(part))} | {_fmt(baseline_parts.get(part))} |")
+        lines.append(f"| {part} | {_fmt(record['breakdown_ms'].get(part))} | {_fmt(paper_parts.get(part))} | "
+                     f"{_fmt(savvy_parts.get(part))} |")
+    memory = record.get("memory_per_row")
+    if memory:
+        lines += [
+            "",
+            f"Memory per table row ({memory['method']}; sizes {', '.join(f'{r:,}' for r in memory['rows_per_set'])} "
+            f"rows per set; largest rows per set within {memory['budget_gib']:g} GiB):",
+            "",
+            "| contender | bytes per row (K sets) | per set-row | fixed MB | vs savvy | max rows per set | assumes |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        ratios = memory.get("ratio_vs_savvy", {})
+        for label, row in memory["contenders"].items():
+            lines.append(
+                f"| {label} | {_fmt(row['bytes_per_row'])} | {_fmt(row['bytes_per_set_row'])} | "
+                f"{row['fixed_bytes'] / 2**20:,.0f} | {_fmt(ratios.get(label), 2)} | "
+                f"{row['max_rows_per_set'] or 0:,} | {row['assumes']} |"
+            )
     if record.get("scaling_k"):
         lines += ["", "| K | step ms | samples/s | GFLOP/step | GFLOP/s | time ratio | FLOP ratio |",
                   "|---|---|---|---|---|---|---|"]

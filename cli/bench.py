@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from typing import Any, List
 
+from multiembed.config import TrainConfig, add_arguments
+
 
 def _int_list(text: str) -> List[int]:
     try:
@@ -67,6 +69,23 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         "contenders); default: the process as started",
     )
     p.add_argument("--profile", default=None, metavar="TXT", help="also write torch.profiler's operator table here")
+    add_arguments(p, TrainConfig, ["precision", "table_dtype"])
+    p.add_argument("--no-precision-comparison", action="store_true",
+                   help="with --precision bf16: skip the interleaved fp32 run of the same model")
+    p.add_argument(
+        "--memory", action="store_true",
+        help="also measure bytes per table row: peak RSS of short runs at --memory-rows sizes, each contender in a "
+        "fresh process (the savvy baseline and the package at each --memory-variants)",
+    )
+    p.add_argument("--memory-rows", type=_int_list, default=[2_000_000, 8_000_000],
+                   help="rows per set of the memory probes (default 2000000,8000000)")
+    p.add_argument("--memory-steps", type=int, default=3, help="training steps per memory probe (default 3)")
+    p.add_argument("--memory-budget-gib", type=float, default=24.0,
+                   help="memory budget for the largest rows per set that trains (default 24)")
+    p.add_argument("--memory-variants", type=lambda t: [v for v in t.split(",") if v],
+                   default=["adagrad:fp32", "rowwise_adagrad:fp32", "adagrad:fp16", "rowwise_adagrad:fp16"],
+                   help="the package's memory contenders as SPARSE_OPTIMIZER:TABLE_DTYPE (default adagrad:fp32,"
+                   "rowwise_adagrad:fp32,adagrad:fp16,rowwise_adagrad:fp16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -127,6 +146,14 @@ def run(args: argparse.Namespace) -> int:
         malloc=args.malloc,
         profile=args.profile,
         progress=not args.no_progress,
+        precision=args.precision,
+        table_dtype=args.table_dtype,
+        compare_precision=not args.no_precision_comparison,
+        memory=args.memory,
+        memory_rows=tuple(args.memory_rows),
+        memory_steps=args.memory_steps,
+        memory_budget_gib=args.memory_budget_gib,
+        memory_variants=tuple(args.memory_variants),
     )
     try:
         record = harness.run_benchmark(config, command_line(args))

@@ -6,7 +6,16 @@ pass-through and the benchmark derive from them. ``config`` sits at the bottom o
 it imports nothing else of the package.
 """
 
-from multiembed.config.choices import Choice, DenseOptimizer, Device, Layout, ShardingStrategy, SparseOptimizer
+from multiembed.config.choices import (
+    Choice,
+    DenseOptimizer,
+    Device,
+    Layout,
+    Precision,
+    ShardingStrategy,
+    SparseOptimizer,
+    TableDtype,
+)
 from multiembed.config.options import (
     MODEL_OPTIONS,
     STUDY_OPTIONS,
@@ -26,8 +35,10 @@ __all__ = [
     "DenseOptimizer",
     "Device",
     "Layout",
+    "Precision",
     "ShardingStrategy",
     "SparseOptimizer",
+    "TableDtype",
     "TrainConfig",
     "add_arguments",
     "cli_fields",

@@ -44,6 +44,22 @@ class Layout(Choice):
     PER_SET = "per_set"
 
 
+class Precision(Choice):
+    """The dense arches' compute precision (``multiembed.models.precision``): ``bf16`` runs them under bf16 autocast
+    with fp32 master weights, optimizer state, loss and metrics; refused on a CPU without native bf16."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+class TableDtype(Choice):
+    """The embedding tables' storage dtype: ``fp16`` halves the table bytes (fp32 output from FBGEMM's kernels; no
+    fp32 master copy, so every update is rounded to fp16)."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+
+
 class Device(Choice):
     """Where the job runs: ``auto`` picks CUDA (nccl) when a GPU is visible, else CPU (gloo)."""
 

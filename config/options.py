@@ -14,7 +14,15 @@ import argparse
 import dataclasses
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Type, TypeVar
 
-from multiembed.config.choices import DenseOptimizer, Device, Layout, ShardingStrategy, SparseOptimizer
+from multiembed.config.choices import (
+    DenseOptimizer,
+    Device,
+    Layout,
+    Precision,
+    ShardingStrategy,
+    SparseOptimizer,
+    TableDtype,
+)
 
 
 def option(
@@ -88,6 +96,16 @@ class TrainConfig:
     hidden: int = option(400, help="MLP width (the paper's 400)")
     dropout: float = option(0.2, help="dropout of the MLPs")
     layout: str = option("fused", choices=Layout.choices(), help="embedding table layout")
+    precision: str = option(
+        "fp32", choices=Precision.choices(),
+        help="dense arches' compute precision: bf16 = bf16 autocast with fp32 master weights, optimizer state, loss "
+        "and metrics (refused on a CPU without native bf16)",
+    )
+    table_dtype: str = option(
+        "fp32", choices=TableDtype.choices(),
+        help="embedding table storage: fp16 halves the table bytes (fp32 lookups out; no fp32 master copy: updates "
+        "are rounded to fp16)",
+    )
     dense_features: bool = option(False, help="feed the raw dense features through a dense arch")
     spectral_reg: float = option(0.0, help="weight of the singular-spectrum regulariser (0: off)")
     device: str = option("auto", choices=Device.choices(), help="auto: CUDA + nccl when a GPU is visible, else CPU")
@@ -119,7 +137,7 @@ class TrainConfig:
 
 # Options that decide the model's parameters: a resumed run, an evaluation and an analysis rebuild the model from
 # these recorded values.
-MODEL_OPTIONS = ("model", "hidden", "dropout", "layout", "dense_features", "spectral_reg")
+MODEL_OPTIONS = ("model", "hidden", "dropout", "layout", "dense_features", "spectral_reg", "table_dtype")
 
 # Options of a run that a scaling study sets for all its runs (the grid sets model and seed; the study sets data,
 # out, resume and progress).

@@ -17,7 +17,8 @@ measured and rejected, are in ``benchmarks/README.md`` ("CPU fast path: measurem
 
 The switch: the layers call :func:`enabled` on their input and take the fast path only when it returns True: the
 global setting is on (default; ``MULTIEMBED_FAST_PATH=0`` in the environment, :func:`set_fast_path` or the
-:func:`use_fast_path` context manager turn it off), the tensor is on CPU and its dtype is in :data:`FAST_DTYPES`.
+:func:`use_fast_path` context manager turn it off), the tensor is on CPU, its dtype is in :data:`FAST_DTYPES` and CPU
+autocast is off.
 Everything else (GPU, ``meta``, half precision) runs the reference path. The switch is read at call time inside
 functions the layers wrap for ``torch.fx``, so traced models (TorchRec's pipeline) follow it too.
 
@@ -100,7 +101,10 @@ def enabled(x: torch.Tensor) -> bool:
         >>> enabled(torch.ones(2, dtype=torch.bfloat16)), enabled(torch.ones(2, device="meta"))
         (False, False)
     """
-    return _fast_path_on and x.device.type == "cpu" and x.dtype in FAST_DTYPES
+    # Under autocast (``--precision bf16``) the reference path runs: its ops are what autocast lowers to bf16.
+    return (
+        _fast_path_on and x.device.type == "cpu" and x.dtype in FAST_DTYPES and not torch.is_autocast_enabled("cpu")
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------

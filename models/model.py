@@ -12,6 +12,7 @@ from torch import nn
 from torchrec.modules.mlp import MLP
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from multiembed.models.precision import compute_dtype, dense_autocast
 from multiembed.models.set_arch import SetInteractionArch
 from multiembed.models.sparse_arch import MultiEmbeddingSparseArch
 
@@ -89,6 +90,8 @@ class MultiEmbeddingModel(nn.Module):
         over_arch: the shared head, ``[B, O] -> [B]``.
         dense_arch: optional :class:`SetDenseArch` for raw dense features (DLRM style); None is the paper's
             all-categorical mode.
+        precision: ``fp32``, or ``bf16``: the dense arches run under bf16 autocast (parameters stay fp32) and the
+            logits are returned in fp32 (:mod:`multiembed.models.precision`).
 
     Raises:
         ValueError: the arches' K, d, field counts or widths disagree.
@@ -109,8 +112,10 @@ class MultiEmbeddingModel(nn.Module):
         set_arch: SetInteractionArch,
         over_arch: nn.Module,
         dense_arch: Optional[SetDenseArch] = None,
+        precision: str = "fp32",
     ) -> None:
         super().__init__()
+        compute_dtype(precision)  # validates the spelling
         expected_fields = sparse_arch.num_fields + (1 if dense_arch is not None else 0)
         checks = [
             ("set_arch num_sets", set_arch.num_sets, sparse_arch.num_sets),
@@ -132,6 +137,7 @@ class MultiEmbeddingModel(nn.Module):
         self.dense_arch = dense_arch
         self.set_arch = set_arch
         self.over_arch = over_arch
+        self.precision = precision
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """
@@ -150,13 +156,24 @@ class MultiEmbeddingModel(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """As :meth:`forward`, also returning the pooled embeddings ``[B, K, F, d]`` (for the regulariser)."""
         embeddings = self.sparse_arch(sparse_features)
+        if self.precision == "fp32":
+            return self._dense_forward(dense_features, embeddings), embeddings
+        # bf16: the dense arches under autocast (device from a parameter: plain Python, also while fx traces), the
+        # logits back in fp32 for the loss and the metrics.
+        device_type = next(self.over_arch.parameters()).device.type
+        with dense_autocast(self.precision, device_type):
+            logits = self._dense_forward(dense_features, embeddings)
+        return logits.float(), embeddings
+
+    def _dense_forward(self, dense_features: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """Dense arch, set arch, mean over sets and over arch: ``[B, K, F, d]`` embeddings -> logits ``[B]``."""
         fields = embeddings
         if self.dense_arch is not None:
             fields = append_field(embeddings, self.dense_arch(dense_features))
         per_set = self.set_arch(fields)
         # The mean over sets as sum then divide: the same values as ``mean`` (which is that on CPU), but backward
         # hands the set arch a broadcast view of the [B, H] gradient instead of writing a [B, K, H] copy.
-        return self.over_arch(per_set.sum(dim=1).div(self.set_arch.num_sets)), embeddings
+        return self.over_arch(per_set.sum(dim=1).div(self.set_arch.num_sets))
 
     @property
     def num_sets(self) -> int:

@@ -44,9 +44,11 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from multiembed.models.precision import table_data_type
 
 LAYOUTS: Tuple[str, ...] = ("fused", "per_set")
 INIT_SCHEMES: Tuple[str, ...] = ("xavier_set", "xavier_field", "torchrec")
@@ -145,6 +147,7 @@ def multi_embedding_tables(
     layout: str = "fused",
     init: str = "xavier_set",
     stored_set_dim: Optional[int] = None,
+    table_dtype: str = "fp32",
 ) -> List[EmbeddingBagConfig]:
     """The ``EmbeddingBagConfig``s of K sets over the fields of ``vocab_sizes`` (SUM pooling).
 
@@ -158,9 +161,12 @@ def multi_embedding_tables(
         init: an entry of :data:`INIT_SCHEMES`.
         stored_set_dim: stored width per set (default: ``d`` padded to a multiple of 4; ``d`` itself gives the
             unpadded reference, usable unsharded only).
+        table_dtype: storage dtype, ``fp32`` or ``fp16`` (``EmbeddingBagConfig.data_type``; FBGEMM's kernels return
+            fp32 pooled embeddings from fp16 tables, and an fp16 table has no fp32 master copy).
 
     Raises:
-        ValueError: no fields, a non-positive size, an unknown layout or init, ``stored_set_dim < set_dim``.
+        ValueError: no fields, a non-positive size, an unknown layout, init or table dtype,
+            ``stored_set_dim < set_dim``.
 
     Example::
 
@@ -178,6 +184,7 @@ def multi_embedding_tables(
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if init not in INIT_SCHEMES:
         raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INIT_SCHEMES)}")
+    data_type = table_data_type(table_dtype)
     stored = padded_set_dim(set_dim) if stored_set_dim is None else stored_set_dim
     if stored < set_dim:
         raise ValueError(f"stored_set_dim ({stored}) must be >= set_dim ({set_dim})")
@@ -194,6 +201,7 @@ def multi_embedding_tables(
                     name=name,
                     feature_names=[field],
                     pooling=PoolingType.SUM,
+                    data_type=data_type,
                     weight_init_min=-bound,
                     weight_init_max=bound,
                     init_fn=PaddedUniformInit(bound, set_dim, stored, name),
@@ -271,6 +279,9 @@ class MultiEmbeddingSparseArch(nn.Module):
         self.set_dim = set_dim
         self.layout = layout
         self._tables: List[EmbeddingBagConfig] = list(configs)
+        # Tables stored below fp32: an unsharded collection returns their dtype, so the lookup is cast to fp32 (a
+        # sharded one already returns fp32, FBGEMM's output_dtype, and the cast is then a no-op).
+        self._cast_to_fp32 = any(t.data_type != DataType.FP32 for t in self._tables)
         self.field_names: List[str] = []
         self.vocab_sizes: Dict[str, int] = {}
         self.table_layout: List[TableSlice] = []
@@ -362,6 +373,8 @@ class MultiEmbeddingSparseArch(nn.Module):
             ``[B, K, F, d]``, a view of contiguous ``[K, B, F, d]`` storage.
         """
         values = pooled_values_in_key_order(self.embedding_bag_collection(features), self._output_keys)
+        if self._cast_to_fp32:
+            values = values.float()
         k, stored, d, f = self.num_sets, self.stored_set_dim, self.set_dim, self.num_fields
         if self.layout == "fused":
             padded = values.reshape(-1, f, k, stored).permute(2, 0, 1, 3)  # [K, B, F, stored] view
@@ -424,6 +437,7 @@ def build_sparse_arch(
     init: str = "xavier_set",
     device: Optional[torch.device] = None,
     stored_set_dim: Optional[int] = None,
+    table_dtype: str = "fp32",
 ) -> MultiEmbeddingSparseArch:
     """Builds the tables (:func:`multi_embedding_tables`), their collection on ``device`` (``meta`` for DMP) and
     the sparse arch.
@@ -434,6 +448,6 @@ def build_sparse_arch(
         >>> arch.stored_set_dim, arch.embedding_params, arch.embedding_bytes
         (12, 1200, 5760)
     """
-    tables = multi_embedding_tables(vocab_sizes, num_sets, set_dim, layout, init, stored_set_dim)
+    tables = multi_embedding_tables(vocab_sizes, num_sets, set_dim, layout, init, stored_set_dim, table_dtype)
     collection = EmbeddingBagCollection(tables=tables, device=device)
     return MultiEmbeddingSparseArch(collection, num_sets=num_sets, set_dim=set_dim, layout=layout)

@@ -195,6 +195,8 @@ def build_model(
     dropout: float = DEFAULT_DROPOUT,
     layout: str = "fused",
     init: str = "xavier_set",
+    precision: str = "fp32",
+    table_dtype: str = "fp32",
     **backbone_overrides: Any,
 ) -> MultiEmbeddingModel:
     """Builds the named model, e.g. ``build_model("dcnv2-me-4x", meta.vocab_sizes)``.
@@ -212,6 +214,9 @@ def build_model(
         dropout: dropout probability (0.2 in the paper).
         layout: ``fused`` (one table per field, width ``K * stored``) or ``per_set`` (``K * F`` tables).
         init: embedding initialisation, ``xavier_set`` (the paper's), ``xavier_field`` or ``torchrec``.
+        precision: the dense arches' compute precision, ``fp32`` or ``bf16`` (bf16 autocast, fp32 master weights;
+            :mod:`multiembed.models.precision`).
+        table_dtype: the tables' storage dtype, ``fp32`` or ``fp16`` (fp32 lookups out; no fp32 master copy).
         **backbone_overrides: ``cross_layers`` (dcnv2 4, dcnv2lr 3), ``cross_rank`` (dcnv2lr, 512),
             ``include_embeddings`` (ipnn; default True for SE, False for ME/MESI, as the paper's code),
             ``cin_layer_sizes`` (xdeepfm, (16, 16)), ``stream_layer_sizes`` (finalmlp, (hidden, hidden)),
@@ -245,7 +250,7 @@ def build_model(
         dense_device = torch.device("cpu") if device is None or torch.device(device).type == "meta" else device
     sparse_arch = build_sparse_arch(
         sizes, spec.num_sets, spec.set_dim, layout=layout, init=init, device=device,
-        stored_set_dim=options.pop("stored_set_dim", None),
+        stored_set_dim=options.pop("stored_set_dim", None), table_dtype=table_dtype,
     )
     dense_arch = None
     if num_dense > 0:
@@ -260,4 +265,4 @@ def build_model(
     )
     over_arch = build_over_arch(spec, set_arch, hidden=hidden, dropout=dropout, over_layer_sizes=over_layer_sizes,
                                 device=dense_device)
-    return MultiEmbeddingModel(sparse_arch, set_arch, over_arch, dense_arch)
+    return MultiEmbeddingModel(sparse_arch, set_arch, over_arch, dense_arch, precision=precision)

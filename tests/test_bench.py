@@ -50,18 +50,36 @@ def test_bench_smoke_json_has_every_key_and_consistent_values(tmp_path: Path, ca
     status = main([
         "bench", "--model", f"dcnv2-me-{K}x", "--batch-size", str(BATCH), "--rows-per-set", str(ROWS),
         "--steps", "2", "--block-steps", "1", "--warmup-steps", "1", "--quick", "--hidden", str(HIDDEN),
-        "--json", str(out), "--no-progress",
+        "--json", str(out), "--no-progress", "--memory", "--memory-rows", "1000,3000", "--memory-steps", "1",
+        "--memory-variants", "rowwise_adagrad:fp16",
     ])
     assert status == 0
     record = json.loads(out.read_text())
     printed = capsys.readouterr().out
-    assert "| samples/s |" in printed and "| K |" in printed
+    assert "| samples/s |" in printed and "| K |" in printed and "savvy baseline" in printed
+    assert "| step efficiency" in printed and "Memory per table row" in printed
 
     for key in ("samples_per_s", "baseline_samples_per_s", "interaction_gflops", "gemm_gflops", "speedup_vs_baseline",
-                "interaction_vs_gemm", "step_ms", "baseline_step_ms", "achieved_step_gflops"):
+                "interaction_vs_gemm", "step_ms", "baseline_step_ms", "achieved_step_gflops",
+                "savvy_baseline_samples_per_s", "savvy_baseline_step_ms", "speedup_vs_savvy_baseline",
+                "step_efficiency", "baseline_step_efficiency", "savvy_baseline_step_efficiency"):
         assert isinstance(record[key], float) and math.isfinite(record[key]) and record[key] > 0, key
     assert record["samples_per_s"] == pytest.approx(BATCH / (record["step_ms"] / 1e3))
     assert record["baseline_samples_per_s"] == pytest.approx(BATCH / (record["baseline_step_ms"] / 1e3))
+    assert record["savvy_baseline_samples_per_s"] == pytest.approx(BATCH / (record["savvy_baseline_step_ms"] / 1e3))
+    # Step efficiency: the step's GEMM FLOPs per second over the fp32 GEMM rate of the same run; the baselines
+    # compute the same model, so the same FLOPs over their own step times.
+    assert record["step_efficiency"] == pytest.approx(record["achieved_step_gflops"] / record["gemm_gflops"])
+    for prefix in ("baseline_", "savvy_baseline_"):
+        assert record[prefix + "step_efficiency"] == pytest.approx(
+            record["flops_per_step"] / (record[prefix + "step_ms"] / 1e3) / 1e9 / record["gemm_gflops"]
+        )
+    conditions = record["conditions"]
+    assert conditions["cpu"] and conditions["cpu_count"] >= 1
+    assert conditions["cpu_capability"] == str(torch.backends.cpu.get_cpu_capability())
+    assert conditions["mkldnn_bf16_supported"] is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert set(conditions["gemm_backend"]) == {"float32", "bfloat16"}
+    assert set(conditions["gemm_backend"].values()) <= {"onednn", "addmm"}
 
     vocab = independent_vocab(ROWS)
     fields, width = len(vocab), len(vocab) * SET_DIM
@@ -82,6 +100,11 @@ def test_bench_smoke_json_has_every_key_and_consistent_values(tmp_path: Path, ca
     assert base["embedding_param_bytes"] == 4 * sum(vocab.values()) * K * SET_DIM
     assert base["dense_param_bytes"] == dense_bytes
     assert base["optimizer_state_bytes"] >= 2 * (base["embedding_param_bytes"] + dense_bytes)
+    savvy = record["savvy_baseline_bytes"]
+    assert (savvy["embedding_param_bytes"], savvy["dense_param_bytes"]) == (base["embedding_param_bytes"], dense_bytes)
+    # SparseAdam: two moments per table weight (allocated whole), fused Adam: two per dense weight.
+    assert 2 * (savvy["embedding_param_bytes"] + dense_bytes) <= savvy["optimizer_state_bytes"]
+    assert savvy["optimizer_state_bytes"] <= 2 * (savvy["embedding_param_bytes"] + dense_bytes) + 8 * 64
 
     parts = ("input_dist", "embedding_fwd", "embedding_bwd", "interaction_fwd", "interaction_bwd", "over_arch",
              "optimizer", "other")
@@ -89,6 +112,8 @@ def test_bench_smoke_json_has_every_key_and_consistent_values(tmp_path: Path, ca
     assert all(record["breakdown_ms"][p] >= 0 for p in parts if p != "other")
     assert sum(record["breakdown_ms"].values()) == pytest.approx(record["step_ms"])
     assert set(record["baseline_breakdown_ms"]) == set(parts) - {"input_dist"}
+    assert set(record["savvy_baseline_breakdown_ms"]) == set(parts) - {"input_dist"}
+    assert sum(record["savvy_baseline_breakdown_ms"].values()) == pytest.approx(record["savvy_baseline_step_ms"])
     assert set(record["layouts"]) == {"fused", "per_set"}
     assert all(row["samples_per_s"] > 0 for row in record["layouts"].values())
 
@@ -101,12 +126,60 @@ def test_bench_smoke_json_has_every_key_and_consistent_values(tmp_path: Path, ca
     assert [row["batch_size"] for row in record["scaling_batch"]] == [BATCH // 2, BATCH]
     assert record["memory"]["peak_rss_bytes"] >= record["memory"]["peak_rss_after_project_bytes"] > 0
     assert record["memory"]["baseline_process_peak_rss_bytes"] > 0
+    assert record["memory"]["savvy_baseline_process_peak_rss_bytes"] > 0
     assert record["conditions"]["command"].startswith("multiembed bench --model dcnv2-me-2x")
     assert record["conditions"]["malloc"] == "default"
-    assert set(record["page_fault_mb_per_step"]) == {"project", "baseline"}
+    assert set(record["page_fault_mb_per_step"]) == {"project", "baseline", "savvy"}
+    assert set(record["blocks_ms_per_step"]) == {"project", "baseline", "savvy"}
+
+    # --memory: each contender probed in fresh processes at both sizes, a line through the points.
+    memory = record["memory_per_row"]
+    assert memory["rows_per_set"] == [1000, 3000] and memory["budget_gib"] == 24.0
+    assert set(memory["contenders"]) == {"savvy", "project rowwise_adagrad fp16"}
+    for row in memory["contenders"].values():
+        assert [p["rows_per_set"] for p in row["points"]] == [1000, 3000]
+        assert all(p["peak_rss_bytes"] >= p["peak_rss_after_build_bytes"] > 0 for p in row["points"])
+        first, last = row["points"]
+        assert row["bytes_per_row"] == pytest.approx(
+            (last["peak_rss_bytes"] - first["peak_rss_bytes"]) / (last["rows_per_set_actual"] - first["rows_per_set_actual"])
+        )
+        assert row["bytes_per_set_row"] == pytest.approx(row["bytes_per_row"] / K)
+        assert row["assumes"]
+    assert "no fp32 master copy" in memory["contenders"]["project rowwise_adagrad fp16"]["assumes"]
+    assert memory["contenders"]["project rowwise_adagrad fp16"]["points"][0]["table_bytes"] == 2 * sum(
+        independent_vocab(1000).values()) * K * STORED
     assert all(v >= 0 for v in record["page_fault_mb_per_step"].values())
     assert all(row["page_fault_mb_per_step"] >= 0 for row in record["layouts"].values())
     assert record["layouts"]["per_set"]["time_ratio_vs_fused"] > 0
+
+
+def test_bytes_per_row_is_the_slope_and_the_budget_gives_the_largest_table() -> None:
+    from multiembed.benchmarks.bench_memory import bytes_per_row
+
+    points = [{"rows_per_set_actual": r, "peak_rss_bytes": 500_000_000 + 200 * r} for r in (1_000_000, 4_000_000)]
+    fit = bytes_per_row(points, 2**30)
+    assert fit["bytes_per_row"] == pytest.approx(200.0) and fit["fixed_bytes"] == pytest.approx(5e8)
+    assert fit["max_rows_per_set"] == (2**30 - 500_000_000) // 200
+    with pytest.raises(ValueError, match="two or more different"):
+        bytes_per_row(points[:1], 2**30)
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no native bf16")
+def test_bench_bf16_reports_the_speedup_over_fp32(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    assert main([
+        "bench", "--model", "dcnv2-me-2x", "--batch-size", str(BATCH), "--rows-per-set", str(ROWS), "--steps", "2",
+        "--block-steps", "1", "--warmup-steps", "1", "--quick", "--hidden", str(HIDDEN), "--json", str(out),
+        "--no-progress", "--no-baseline", "--no-scaling", "--no-layout-comparison", "--precision", "bf16",
+        "--table-dtype", "fp16",
+    ]) == 0
+    record = json.loads(out.read_text())
+    assert (record["config"]["precision"], record["config"]["table_dtype"]) == ("bf16", "fp16")
+    rows = record["precisions"]
+    assert rows["bf16"]["samples_per_s"] > 0 and rows["fp32"]["samples_per_s"] > 0 and rows["bf16_speedup"] > 0
+    assert record["set_arch"]["gemm_gflops_bf16"] > 0
+    assert record["bytes"]["embedding_param_bytes"] == 2 * sum(independent_vocab(ROWS).values()) * 2 * STORED
+    assert "bf16 / fp32 samples/s" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -129,7 +202,7 @@ def test_baseline_process_reports_the_childs_error(harness) -> None:
     """The baseline runs in a child process (its own malloc heap); a failure there surfaces here with its cause."""
     spec = harness.BaselineSpec(
         model_name="dcnv2-me-2x", vocab_sizes={}, batch_size=4, batch_pool=1, seed=0, id_exponent=1.0, device="cpu",
-        hidden=8, dropout=0.0, model_seed=0, threads=1, malloc="default",
+        hidden=8, dropout=0.0, model_seed=0, threads=1, malloc="default", kind="savvy",
     )
     with pytest.raises(RuntimeError, match="the baseline process failed") as info:
         harness.BaselineProcess(spec)
@@ -241,3 +314,41 @@ def test_cpu_fast_paths_have_exact_gradients(num_sets: int, groups: int, width: 
     for w, b in zip(weights, biases):
         xl = x0 * (torch.bmm(xl, w.mT) + b.unsqueeze(1)) + xl
     torch.testing.assert_close(cross(x0, *weights, *biases), xl)
+
+
+def test_savvy_baseline_trains_the_same_model_as_the_paper_style_one(harness) -> None:
+    """Sparse gradients + SparseAdam + fused dense Adam take the steps dense Adam takes, on the same weights and
+    batches, when every row has a gradient every step (dense Adam moves rows without one by their momentum) and
+    without weight decay (SparseAdam has none)."""
+    module = harness.paper_baseline
+    field_dims, ids_shape = [13, 7, 21], (32, 3)
+    torch.manual_seed(0)
+    paper = module.PaperMultiDCNv2(field_dims, 2, 10, hidden=16, dropout=0.0)
+    savvy = module.PaperMultiDCNv2(field_dims, 2, 10, hidden=16, dropout=0.0, sparse=True)
+    savvy.load_state_dict(paper.state_dict())
+    paper_step = module.PaperTrainStep(paper, weight_decay=0.0)
+    savvy_step = module.SavvyTrainStep(savvy, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        # Every row of every field in each batch (each field has <= 32 rows).
+        ids = torch.stack([torch.randperm(d, generator=generator).repeat(ids_shape[0] // d + 1)[: ids_shape[0]]
+                           for d in field_dims], dim=1)
+        labels = (torch.rand(ids_shape[0], generator=generator) < 0.3).float()
+        assert savvy_step(ids, labels) == pytest.approx(paper_step(ids, labels), rel=1e-5)
+    # Adam's step is about lr = 1e-3 per weight whatever the gradient's size, so a gradient summed in another order
+    # (sparse coalescing vs dense accumulation) can move a weight whose gradient is near 0 by a fraction of lr:
+    # tolerance a tenth of one step. A Linear bias right before train-mode BatchNorm has an exact gradient of 0 (the
+    # normalisation removes it), so Adam turns rounding noise into full steps there: those biases are left out.
+    before_norm = {
+        f"{name}.{i}.bias"
+        for name, module in paper.named_modules() if isinstance(module, torch.nn.Sequential)
+        for i in range(len(module) - 1)
+        if isinstance(module[i], torch.nn.Linear) and isinstance(module[i + 1], torch.nn.BatchNorm1d)
+    }
+    assert len(before_norm) == 3  # one per set's projection, one in the head
+    for (name, want), got in zip(paper.state_dict().items(), savvy.state_dict().values()):
+        if name not in before_norm:
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert savvy.embeddings[0].embedding.weight.grad is None or savvy.embeddings[0].embedding.weight.grad.is_sparse
+    with pytest.raises(ValueError, match="sparse=True"):
+        module.SavvyTrainStep(paper)

@@ -25,7 +25,7 @@ from multiembed.cli.train import EXIT_DIVERGED
 from multiembed.training import checkpoint as ckpt
 
 # Facts of a run that depend on wall-clock time or on the run directory's name, not on what was trained.
-TIMING_KEYS = {"samples_per_s", "checkpoint"}
+TIMING_KEYS = {"samples_per_s", "loader_share", "checkpoint"}
 
 
 @pytest.fixture(scope="module")

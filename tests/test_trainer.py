@@ -34,6 +34,9 @@ def test_train_writes_the_run_directory_and_evaluate_reproduces_test_metrics(syn
     assert summary["test_rows"] == 300 and summary["val_rows"] == 300
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[-1])["step"] == summary["steps"]
+    # The loader's share of the training time (waiting in next() over the segments' wall time).
+    assert 0.0 <= summary["loader_share"] < 1.0
+    assert all(0.0 <= json.loads(line)["loader_share"] < 1.0 for line in lines)
     config = json.loads((run / "config.json").read_text())
     assert config["data"]["vocab_fingerprint"] and config["provenance"]["versions"]["torchrec"] == "1.8.0"
     capsys.readouterr()

@@ -38,6 +38,7 @@ from torchrec.optim.warmup import WarmupOptimizer
 
 from multiembed.config import TrainConfig
 from multiembed.models import MultiEmbeddingModel, MultiEmbeddingTrain, build_model
+from multiembed.models.precision import check_precision
 from multiembed.sharding import embedding_tables, format_plan, make_sharders, plan_sharding, plan_summary
 from multiembed.training.distributed import DistContext
 from multiembed.training.optim import (
@@ -132,6 +133,8 @@ def plan_model(
         hidden=config.hidden,
         dropout=config.dropout,
         layout=config.layout,
+        precision=config.precision,
+        table_dtype=config.table_dtype,
     )
     train_module = MultiEmbeddingTrain(model, spectral_reg_weight=config.spectral_reg)
     attach_sparse_optimizer(model.sparse_arch.embedding_bag_collection, optim_config)
@@ -235,8 +238,10 @@ def build_training(
         local_batch: rows per rank and step.
 
     Raises:
-        ValueError: see :func:`plan_model`.
+        ValueError: see :func:`plan_model`; ``--precision bf16`` on a CPU without native bf16
+            (:func:`~multiembed.models.precision.check_precision`).
     """
+    check_precision(config.precision, ctx.device.type)
     torch.manual_seed(config.seed)
     planned = plan_model(
         config,

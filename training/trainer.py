@@ -78,6 +78,32 @@ def _package_version() -> Optional[str]:
         return None
 
 
+class LoaderWaitTimer:
+    """An iterator over ``batches`` that adds up the seconds spent in ``next()``: how long the training step waited
+    for the loader.
+
+    Example::
+
+        >>> timer = LoaderWaitTimer(iter(range(3)))
+        >>> list(timer), timer.wait_s >= 0.0
+        ([0, 1, 2], True)
+    """
+
+    def __init__(self, batches: Iterator[Any]) -> None:
+        self._batches = batches
+        self.wait_s = 0.0
+
+    def __iter__(self) -> "LoaderWaitTimer":
+        return self
+
+    def __next__(self) -> Any:
+        start = time.perf_counter()
+        try:
+            return next(self._batches)
+        finally:
+            self.wait_s += time.perf_counter() - start
+
+
 def _exact_tensor(value: Any) -> torch.Tensor:
     """A progress counter as a tensor that holds it exactly (int64 counts: float32 loses them past 2^24)."""
     if isinstance(value, bool) or isinstance(value, int):
@@ -149,6 +175,10 @@ class Trainer:
             "epoch": 0, "batch": 0, "step": 0, "best_auc": -1.0, "best_step": -1, "evals_since_best": 0,
             "evaluations": 0, "train_time_s": 0.0, "samples_trained": 0, "done": False,
         }
+        # Seconds this process waited for the loader's next batch, and the wall time of its training segments
+        # (loader_share); not checkpointed.
+        self.loader_wait_s = 0.0
+        self.train_wall_s = 0.0
         self.train_loader = ParquetBatchLoader(
             config.data, "train", self.local_batch, rank=self.ctx.rank, world_size=self.ctx.world_size,
             shuffle=True, seed=config.seed, last_batch="drop", use_dense=config.dense_features,
@@ -391,7 +421,7 @@ class Trainer:
     def _train_segment(self, epoch: int, start: int, stop: int) -> float:
         """Trains batches ``[start, stop)`` of ``epoch``; returns the mean loss of this rank."""
         self.dmp.train()
-        batches: Iterator[Any] = islice(self.train_loader.iter_epoch(epoch, start_batch=start), stop - start)
+        batches = LoaderWaitTimer(islice(self.train_loader.iter_epoch(epoch, start_batch=start), stop - start))
         # Progress over the whole run (every epoch, or up to --max-steps), so a log gets about ten lines per run
         # rather than ten per segment; a bar on a terminal (training.progress).
         planned = self.config.epochs * self.train_loader.num_batches
@@ -421,6 +451,9 @@ class Trainer:
                     )
                     bar.update(1)
         elapsed = time.perf_counter() - started
+        # Not part of the checkpointed progress: wall-clock facts of this process only.
+        self.loader_wait_s += batches.wait_s
+        self.train_wall_s += elapsed
         if steps != stop - start:
             raise RuntimeError(f"the pipeline ran {steps} batches of the {stop - start} it was given")
         self.progress["train_time_s"] += elapsed
@@ -487,6 +520,7 @@ class Trainer:
                 **{f"val_{k}": v for k, v in val.items()},
                 "best_val_auc": self.progress["best_auc"],
                 "samples_per_s": throughput,
+                "loader_share": self.loader_share,
                 "lr": self._schedules[1].param_groups[0]["lr"],
                 "sparse_lr": self._schedules[0].param_groups[0]["lr"] if self._schedules[0].param_groups else None,
                 **collapse,
@@ -499,6 +533,14 @@ class Trainer:
             + (f" | IA mean per set {' '.join(f'{v:.2f}' for v in collapse['ia_mean'])}" if collapse else "")
         )
         return stop
+
+    @property
+    def loader_share(self) -> Optional[float]:
+        """The share of this process's training time spent waiting for the loader's next batch (None before any
+        step): the seconds inside ``next()`` on the batch iterator the pipeline pulls from, over the wall time of the
+        training segments (steps included, evaluations and checkpoints not). The pipeline fetches batch ``i + 1``
+        during step ``i``, so the wait is part of the step time it is divided by."""
+        return self.loader_wait_s / self.train_wall_s if self.train_wall_s > 0 else None
 
     def fit(self) -> Dict[str, Any]:
         """Trains to early stopping or ``--epochs``, then tests the best-validation checkpoint.
@@ -553,6 +595,7 @@ class Trainer:
             **{f"val_{k}": v for k, v in val.items()},
             **{f"test_{k}": v for k, v in test.items()},
             "samples_per_s": samples_per_s,
+            "loader_share": self.loader_share,
             "world_size": self.ctx.world_size,
             "embedding_params": int(self.model.embedding_params),
             "dense_params": int(self.model.dense_params),
