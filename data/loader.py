@@ -5,7 +5,10 @@ together the ranks read the split once, each a disjoint share:
 
 * the split's rows are put in one global order: a permutation drawn from ``(seed, epoch)`` when ``shuffle``, the
   file order otherwise;
-* rank ``r`` takes a contiguous share of that order, and cuts it into batches.
+* under ``"drop"`` (training) global batch ``g`` is rows ``[g W B, (g + 1) W B)`` of that order and rank ``r`` takes
+  its ``B`` rows of each, so a global batch holds the same rows on any number of ranks (a run resumed on another
+  world size continues with exactly the rows it had left); under ``"pad"`` and ``"keep"`` (evaluation) rank ``r``
+  takes a contiguous share of the order and cuts it into batches.
 
 Last-batch policies (the split holds ``N`` rows, ``W`` ranks, batch size ``B``):
 
@@ -385,7 +388,9 @@ class ParquetBatchLoader:
         total = self.metadata.splits[split].rows
         self._total_rows = total
         self._share_lo, self._share_hi, self.num_batches = self._plan(total)
-        self.num_rows = self._share_hi - self._share_lo
+        self.num_rows = (
+            self.num_batches * batch_size if last_batch == "drop" else self._share_hi - self._share_lo
+        )
         self.rows_dropped_per_epoch = total - world_size * self.num_rows if last_batch == "drop" else 0
         if self.rows_dropped_per_epoch and rank == 0:
             _log.warning(
@@ -393,7 +398,9 @@ class ParquetBatchLoader:
                 self.data_dir, split, self.rows_dropped_per_epoch, total, world_size, self.num_batches, batch_size,
             )
 
-        if shuffle:
+        if shuffle or last_batch == "drop":
+            # Any row may come to any rank: a new permutation every epoch, or (unshuffled "drop") every global batch
+            # spread over all ranks.
             load_lo, load_hi = 0, total
         elif self.num_rows > 0:
             load_lo, load_hi = self._share_lo, self._share_hi
@@ -418,12 +425,15 @@ class ParquetBatchLoader:
         raise footer_error
 
     def _plan(self, total: int) -> Tuple[int, int, int]:
-        """This rank's share ``[lo, hi)`` of the epoch's row order and its batch count."""
+        """This rank's share ``[lo, hi)`` of the epoch's row order and its batch count.
+
+        Under ``"drop"`` the share is the first ``num_batches * world_size * batch_size`` rows of the order, of which
+        this rank takes its slice of every global batch (:meth:`epoch_rows`).
+        """
         batch, world, rank = self.batch_size, self.world_size, self.rank
         if self.last_batch == "drop":
             batches = total // (world * batch)
-            share = batches * batch
-            return rank * share, (rank + 1) * share, batches
+            return 0, batches * world * batch, batches
         base, extra = divmod(total, world)
         lo = rank * base + min(rank, extra)
         hi = lo + base + (1 if rank < extra else 0)
@@ -448,6 +458,11 @@ class ParquetBatchLoader:
             rows = order[self._share_lo : self._share_hi]
         else:
             rows = np.arange(self._share_lo, self._share_hi, dtype=np.int64)
+        if self.last_batch == "drop":
+            # Global batch g is rows [g * W * B, (g + 1) * W * B) of the order, whatever the world size W; rank r
+            # takes its B rows of each. A global batch is thus the same rows on any number of ranks, so a run resumed
+            # on another world size at global batch g trains on exactly the rows it had left.
+            rows = rows.reshape(self.num_batches, self.world_size, self.batch_size)[:, self.rank, :].reshape(-1)
         weights = np.ones(rows.shape[0], dtype=np.float32)
         if self.last_batch == "pad":
             missing = self.num_batches * self.batch_size - rows.shape[0]

@@ -399,6 +399,19 @@ def newest_valid_checkpoint(run_dir: Path, report: Callable[[str], None] = print
     return Path(choice) if choice else None
 
 
+def checkpoint_entries(path: Path) -> Dict[str, Optional[tuple]]:
+    """Every key a checkpoint holds and its tensor size (None for a non-tensor value), read safely.
+
+    Raises:
+        CheckpointError: unreadable or unsafe ``.metadata`` (one line, naming the file).
+    """
+    metadata = SafeFileSystemReader(str(Path(path))).read_metadata()
+    return {
+        key: tuple(entry.size) if isinstance(entry, dcp_metadata.TensorStorageMetadata) else None
+        for key, entry in metadata.state_dict_metadata.items()
+    }
+
+
 def load_checkpoint(path: Path, state: Dict[str, Any]) -> None:
     """Loads a checkpoint in place into ``state`` (a template with the same keys, built by the caller).
 

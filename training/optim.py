@@ -162,7 +162,8 @@ def split_unfused_parameters(
     tables: Dict[str, torch.Tensor] = {}
     dense: Dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
-        if not param.requires_grad or name in fused:
+        # Empty parameters are TorchRec's placeholders for tables whose shards live on other ranks: nothing to step.
+        if not param.requires_grad or name in fused or param.numel() == 0:
             continue
         (tables if ".embedding_bags." in name else dense)[name] = param
     return tables, dense

@@ -30,6 +30,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict, unflatten_state_dict
 
 from multiembed.collapse import collapse_from_model, summarize_sets
 from multiembed.config import MODEL_OPTIONS, TrainConfig
@@ -40,6 +41,7 @@ from multiembed.data.stack import installed_versions
 from multiembed.sharding.report import format_brief
 from multiembed.training import checkpoint as ckpt
 from multiembed.training.distributed import DistContext, init_distributed
+from multiembed.training.resume import describe, match_saved_state
 from multiembed.training.evaluation import (
     CONFIG_FILE,
     SUMMARY_FILE,
@@ -76,6 +78,15 @@ def _package_version() -> Optional[str]:
         return version("multiembed")
     except Exception:  # noqa: BLE001 - provenance is best effort; a missing dist-info must not stop training
         return None
+
+
+def _size_of(value: Any) -> Optional[Tuple[int, ...]]:
+    """The global size of a tensor, sharded tensor or DTensor in a state dict; None for other values and for the
+    empty placeholders TorchRec keeps on ranks that hold no shard of a table's state (nothing is loaded into them)."""
+    if isinstance(value, torch.Tensor) or hasattr(value, "local_shards"):
+        size = tuple(value.size())
+        return size if math.prod(size) > 0 else None
+    return None
 
 
 class LoaderWaitTimer:
@@ -376,10 +387,28 @@ class Trainer:
         return path
 
     def restore(self, path: Path) -> None:
-        """Loads model, optimizer state, schedule, data position and this rank's RNG from a checkpoint."""
+        """Loads model, optimizer state, schedule, data position and this rank's RNG from a checkpoint.
+
+        The checkpoint may come from another world size or sharding (:mod:`multiembed.training.resume`): tables and
+        optimizer state are resharded by DCP, state kept by another optimizer implementation is translated where the
+        update is the same, and ranks new to the job are seeded from ``(seed, step, rank)``.
+
+        Raises:
+            ValueError: state that cannot be converted exactly, or a corrupted / unsafe checkpoint (one line).
+        """
         self.optimizer.init_state()
         state = self._state()
-        ckpt.load_checkpoint(path, state)
+        flat, mapping = flatten_state_dict(state)
+        sizes = {key: _size_of(value) for key, value in flat.items()}
+        pairs, kept = match_saved_state(
+            flat, ckpt.checkpoint_entries(path), sizes, sparse_optimizer=self.optim_config.sparse_optimizer,
+            where=str(path),
+        )
+        loaded = {pairs[key]: flat[key] for key in pairs}
+        ckpt.load_checkpoint(path, loaded)
+        for key, saved_key in pairs.items():
+            flat[key] = loaded[saved_key]
+        state = unflatten_state_dict(flat, mapping)
         self.dmp.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optim"])
         for sched in self._schedules:
@@ -387,9 +416,24 @@ class Trainer:
         for key, value in state["progress"].items():
             kind = type(self.progress[key])
             self.progress[key] = bool(value.item()) if kind is bool else kind(value.item())
-        ckpt.set_rng_state(state[f"rank{self.ctx.rank}"]["rng"])
+        rank_key = f"rank{self.ctx.rank}"
+        if any(key.startswith(rank_key + ".") for key in kept):
+            torch.manual_seed(hash((self.config.seed, int(self.progress["step"]), self.ctx.rank)) & (2**63 - 1))
+        else:
+            ckpt.set_rng_state(state[rank_key]["rng"])
+        # Options may extend a run (a larger --max-steps or --epochs): whether it is done follows from them.
+        cfg = self.config
+        self.progress["done"] = bool(
+            (cfg.patience > 0 and self.progress["evals_since_best"] >= cfg.patience)
+            or self.progress["epoch"] >= cfg.epochs
+            or (cfg.max_steps and self.progress["step"] >= cfg.max_steps)
+        )
         self._truncate_metrics_log(int(self.progress["evaluations"]))
-        self._log(f"resumed from {path} (epoch {self.progress['epoch']}, batch {self.progress['batch']}, step {self.progress['step']})")
+        note = describe(kept)
+        self._log(
+            f"resumed from {path} (epoch {self.progress['epoch']}, batch {self.progress['batch']}, step "
+            f"{self.progress['step']}) on {self.ctx.world_size} rank(s)" + (f"; {note}" if note else "")
+        )
 
     def _truncate_metrics_log(self, evaluations: int) -> None:
         """Keeps the first ``evaluations`` lines of ``metrics.jsonl``: a run killed after an evaluation but before
