@@ -188,3 +188,35 @@ def test_progress_counters_survive_a_checkpoint_exactly(data: Path, tmp_path: Pa
         assert trainer.progress["samples_trained"] == 3 * big and trainer.progress["step"] == big
     finally:
         destroy()
+
+
+@pytest.mark.multiprocess
+def test_make_trains_torchx_command_with_a_relative_out_then_evaluate_and_analyze_elsewhere(
+    data: Path, tmp_path: Path
+) -> None:
+    """``make train``'s torchx command (small sizes) run from one directory with a relative ``--out``; the run is then
+    evaluated and analysed from another directory, by a relative path."""
+    from test_torchx import run_torchx, tail, torchx_command, torchx_env
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    component = ["--data", str(data), "--out", "runs/dcnv2-me-2x", "--model", "dcnv2-me-2x", "--epochs", "1",
+                 "--batch_size", "256", "--max_restarts", "0", "--checkpoint_every", "0", "-j", "1x2"]
+    worker = ["--hidden", "16", "--sparse-lr", "0.1", "--lr", "3e-3", "--dropout", "0", "--decay-steps", "6",
+              "--eval-every", "3", "--device", "cpu", "--no-progress"]
+    log = tmp_path / "torchx.log"
+    assert run_torchx(torchx_command(tmp_path / "logs", component, worker), log, cwd=work) == 0, tail(log)
+    run = Path(os.path.relpath(work / "runs" / "dcnv2-me-2x", elsewhere))
+    summary = json.loads((elsewhere / run / "summary.json").read_text())
+    assert not Path(summary["checkpoint"]).is_absolute()
+    cli = [sys.executable, "-m", "multiembed.cli"]
+    result = subprocess.run([*cli, "evaluate", str(run), "--data", str(data), "--device", "cpu"], cwd=elsewhere,
+                            env=torchx_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["test_auc"] == pytest.approx(summary["test_auc"], abs=1e-6)
+    result = subprocess.run([*cli, "analyze", str(run), "--out", "report", "--device", "cpu", "--no-progress",
+                             "--no-sub-embedding"], cwd=elsewhere, env=torchx_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    collapse = json.loads((elsewhere / "report" / "collapse.json").read_text())
+    assert (elsewhere / "report" / collapse["source"]["run_dir"]).resolve() == (work / "runs" / "dcnv2-me-2x").resolve()

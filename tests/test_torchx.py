@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import pytest
 from dist_utils import free_port
@@ -67,11 +67,13 @@ def torchx_command(log_dir: Path, component_args: Sequence[str], worker_args: Se
     return command
 
 
-def run_torchx(command: Sequence[str], log: Path, timeout: float = 300) -> int:
-    """Runs a torchx command to completion (its own process group, killed on timeout); output goes to ``log``."""
+def run_torchx(command: Sequence[str], log: Path, timeout: float = 300, cwd: Optional[Path] = None) -> int:
+    """Runs a torchx command to completion (its own process group, killed on timeout) in ``cwd`` (default: the
+    repository); output goes to ``log``."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            list(command), cwd=REPO, env=torchx_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            list(command), cwd=cwd or REPO, env=torchx_env(), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             return proc.wait(timeout=timeout)
