@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
@@ -32,7 +31,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from multiembed.collapse import CollapseResult, summarize_sets
-from multiembed.data.metadata import atomic_write_text
+from multiembed.data.metadata import atomic_write, atomic_write_text
 
 COLLAPSE_JSON = "collapse.json"
 SPECTRA_PNG = "spectra.png"
@@ -90,14 +89,7 @@ def _save(fig: Figure, path: Union[str, os.PathLike]) -> Path:
     """Writes the figure as PNG under a temporary name, then renames it into place."""
     path = Path(path)
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
     return path
 
 

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from typing import Callable, Dict, List
 
-from multiembed.data.stack import require_torchrec_stack
+from multiembed.data.metadata import atomic_write_text
 
 
 def _parse_args(argv: List[str]) -> argparse.Namespace:
@@ -82,7 +81,6 @@ def _dcnv2_gflop(batch: int, k: int, fields: int, set_dim: int, hidden: int) -> 
 
 def main(argv: List[str]) -> int:
     args = _parse_args(argv)
-    require_torchrec_stack()
     import torch
     from torch import nn
     from tqdm import tqdm
@@ -132,10 +130,7 @@ def main(argv: List[str]) -> int:
         print(f"{r['backbone']:10} {r['K']:>3} {r['set_dim']:>4} {r['batched_ms']:11.1f} {r['loop_ms']:9.1f} "
               f"{r['loop_over_batched']:13.2f} {gflops}")
     if args.json:
-        temporary = f"{args.json}.tmp{os.getpid()}"
-        with open(temporary, "w", encoding="utf-8") as f:
-            json.dump({"argv": argv, "results": results}, f, indent=2)
-        os.replace(temporary, args.json)
+        atomic_write_text(args.json, json.dumps({"argv": argv, "results": results}, indent=2))
     return 0
 
 

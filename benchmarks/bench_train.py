@@ -343,17 +343,10 @@ def retain_freed_memory() -> None:
     Raises:
         OSError: not glibc, or ``mallopt`` refused.
     """
-    import ctypes
-    import ctypes.util
+    from multiembed.data.malloc import M_MMAP_MAX, M_TOP_PAD, M_TRIM_THRESHOLD, set_malloc_options
 
-    name = ctypes.util.find_library("c")
-    if platform.system() != "Linux" or name is None:
-        raise OSError("--malloc retain needs Linux glibc (mallopt)")
-    libc = ctypes.CDLL(name)
-    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # <malloc.h>
-    for option, value in ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_top_pad, 64 * 2**20)):
-        if libc.mallopt(option, value) != 1:
-            raise OSError(f"--malloc retain: mallopt({option}, {value}) failed")
+    if not set_malloc_options([(M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 64 * 2**20)]):
+        raise OSError("--malloc retain needs Linux glibc, and glibc accepting mallopt")
 
 
 def page_faults() -> int:

@@ -34,9 +34,6 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 
 
 def run(args: argparse.Namespace) -> int:
-    from multiembed.data.stack import require_torchrec_stack
-
-    require_torchrec_stack()
     from multiembed.analysis.analyze import analyze_run, print_report, read_comparison
     from multiembed.training.distributed import destroy
 

@@ -116,9 +116,6 @@ def command_line(args: argparse.Namespace) -> List[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from multiembed.data.stack import require_torchrec_stack
-
-    require_torchrec_stack()
     from multiembed.training.distributed import destroy
 
     harness = load_harness()

@@ -26,9 +26,6 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 
 
 def run(args: argparse.Namespace) -> int:
-    from multiembed.data.stack import require_torchrec_stack
-
-    require_torchrec_stack()
     import torch.distributed as dist
 
     from multiembed.training.distributed import destroy

@@ -125,9 +125,6 @@ def default_local_world_size(world_size: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from multiembed.data.stack import require_torchrec_stack
-
-    require_torchrec_stack()
     from multiembed.data.metadata import atomic_write_text
     from multiembed.sharding import build_topology, format_summary
     from multiembed.sharding.planner import GB

@@ -64,9 +64,6 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 
 
 def run(args: argparse.Namespace) -> int:
-    from multiembed.data.stack import require_torchrec_stack
-
-    require_torchrec_stack()
     from multiembed.analysis.scaling import study_grid
     from multiembed.analysis.study import TRAIN_OPTIONS, describe_options, resolve_options, run_scaling_study
     from multiembed.training.distributed import destroy

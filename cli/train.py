@@ -32,9 +32,6 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 
 
 def run(args: argparse.Namespace) -> int:
-    from multiembed.data.stack import require_torchrec_stack
-
-    require_torchrec_stack()
     from multiembed.training.distributed import destroy
     from multiembed.training.trainer import Trainer, TrainingDiverged, format_summary
 

@@ -54,6 +54,7 @@ import numpy as np
 import pyarrow as pa
 
 from multiembed.data.formats import HASHING_MODE, MODES, PAPER_MODE, RawFormat, raw_format
+from multiembed.data.malloc import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, set_malloc_options
 from multiembed.data.locking import LOCK_FILE, exclusive_lock
 from multiembed.data.metadata import (
     DENSE_PREFIX,
@@ -377,20 +378,8 @@ def tune_allocator() -> None:
     same temporaries are live at the peak). Process-wide, so only the ``convert`` command calls it; a no-op where
     the C library is not glibc.
     """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name or not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, 32 << 20)  # glibc refuses more than 32 MiB on 64-bit
-    mallopt(m_trim_threshold, 1 << 30)
+    # glibc refuses an mmap threshold above 32 MiB on 64-bit.
+    set_malloc_options([(M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30)])
 
 
 def _digest(obj: Any) -> str:

@@ -155,7 +155,7 @@ def split_unfused_parameters(
     """Trainable parameters the fused optimizer does not update, as (replicated tables, dense parameters).
 
     Data-parallel embedding tables are replicated weights that TorchRec silently leaves out of the in-backward
-    optimizer (STACK.md); they get the sparse optimizer's rule through a regular optimizer instead, so a table's
+    optimizer (TorchRec 1.8 on CPU); they get the sparse optimizer's rule through a regular optimizer instead, so a table's
     update rule does not depend on its sharding.
     """
     fused = set(fused_param_names)

@@ -1,0 +1,42 @@
+"""glibc ``malloc`` tuning, in one place: keeping freed memory in the process instead of returning it to the kernel.
+
+glibc serves every allocation above its mmap threshold with a fresh ``mmap`` and unmaps it on free, so a loop that
+allocates large temporaries page-faults (and the kernel zeroes) every 4 KiB of them again on every pass. Raising the
+thresholds (or switching ``mmap`` off) makes the heap reuse those pages: speed changes, results do not. Settings are
+process-wide. Used by ``convert`` (its column temporaries) and the training benchmark's ``--malloc retain``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+from typing import Sequence, Tuple
+
+# <malloc.h> parameter numbers.
+M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
+M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
+
+
+def set_malloc_options(settings: Sequence[Tuple[int, int]]) -> bool:
+    """Applies ``mallopt(parameter, value)`` for each pair, in order.
+
+    Returns:
+        True when every setting was applied; False where the C library is not glibc on Linux (nothing changed) or
+        glibc refused one (the ones before it stay applied).
+
+    Example::
+
+        >>> set_malloc_options([(M_TRIM_THRESHOLD, 1 << 30)]) in (True, False)
+        True
+    """
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(parameter, value) == 1 for parameter, value in settings)
