@@ -5,7 +5,7 @@ Every strategy goes through TorchRec's ``EmbeddingShardingPlanner``: a named str
 estimates, storage reservation and balancing apply to all of them, and a plan that does not fit is refused the
 same way whatever the strategy.
 
-Two TorchRec behaviours on CPU are handled here (``STACK.md``):
+Two TorchRec 1.8 behaviours on CPU are handled here:
 
 * the stock ``EmbeddingBagCollectionSharder`` does not offer row-wise sharding on CPU, although DMP runs it
   correctly with gloo; :func:`make_sharders` returns a sharder that offers it.
