@@ -111,38 +111,40 @@ BREAKDOWN_PARTS = (
 # ------------------------------------------------------------------------------------------------ configuration
 @dataclasses.dataclass
 class BenchConfig:
-    """Options of one benchmark run (``multiembed bench --help`` documents each).
+    """Options of one benchmark run (``multiembed bench --help`` documents each). The options it shares with a
+    training run (batch size, model sizes, layout, sharding, seed, device, precision) take
+    :class:`~multiembed.config.TrainConfig`'s defaults, and the command line's help and choices, from there.
 
     ``steps`` timed steps per contender are split into blocks of ``block_steps``; ``quick`` shrinks the scaling
     sweeps (K in {1, 2}, two batch sizes) and the repetition counts for a smoke run.
     """
 
     model: str = "dcnv2-me-4x"
-    batch_size: int = 2048
+    batch_size: int = TrainConfig.batch_size
     rows_per_set: int = 1_100_000
     steps: int = 20
     block_steps: int = 2
     warmup_steps: int = 2
     baseline: Optional[bool] = None
     quick: bool = False
-    layout: str = "fused"
+    layout: str = TrainConfig.layout
     compare_layouts: bool = True
     scaling: bool = True
     k_values: Tuple[int, ...] = (1, 2, 4, 10)
     batch_sizes: Tuple[int, ...] = (512, 1024, 2048, 4096)
-    hidden: int = 400
-    dropout: float = 0.2
-    sharding: str = "auto"
+    hidden: int = TrainConfig.hidden
+    dropout: float = TrainConfig.dropout
+    sharding: str = TrainConfig.sharding
     threads: int = 0
     id_exponent: float = 3.0
     batch_pool: int = 4
-    seed: int = 0
-    device: str = "auto"
+    seed: int = TrainConfig.seed
+    device: str = TrainConfig.device
     malloc: str = "default"
     profile: Optional[str] = None
     progress: bool = True
-    precision: str = "fp32"
-    table_dtype: str = "fp32"
+    precision: str = TrainConfig.precision
+    table_dtype: str = TrainConfig.table_dtype
     compare_precision: bool = True
     memory: bool = False
     memory_rows: Tuple[int, ...] = (2_000_000, 8_000_000)

@@ -34,7 +34,6 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         ),
     )
     p.add_argument("--model", default="dcnv2-me-4x", help="zoo model name (default dcnv2-me-4x)")
-    p.add_argument("--batch-size", type=int, default=2048, help="global batch size (default 2048)")
     p.add_argument(
         "--rows-per-set", type=int, default=1_100_000,
         help="embedding rows per set, spread over Criteo Kaggle's 39 fields in its proportions (default 1.1M)",
@@ -48,28 +47,25 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         help="run the plain-PyTorch baseline interleaved (default: on for dcnv2 models)",
     )
     p.add_argument("--quick", action="store_true", help="smoke run: K in {1, 2}, two batch sizes, fewer repetitions")
-    p.add_argument("--layout", choices=["fused", "per_set"], default="fused", help="embedding layout of the main model")
     p.add_argument("--no-layout-comparison", action="store_true", help="skip the other table layout")
     p.add_argument("--no-scaling", action="store_true", help="skip the K and batch-size sweeps")
     p.add_argument("--k-values", type=_int_list, default=[1, 2, 4, 10], help="K sweep (default 1,2,4,10)")
     p.add_argument("--batch-sizes", type=_int_list, default=[512, 1024, 2048, 4096],
                    help="batch-size sweep (default 512,1024,2048,4096)")
-    p.add_argument("--hidden", type=int, default=400, help="MLP width (default 400)")
-    p.add_argument("--dropout", type=float, default=0.2)
-    p.add_argument("--sharding", default="auto",
-                   choices=["auto", "table_wise", "row_wise", "column_wise", "data_parallel"])
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--id-exponent", type=float, default=3.0,
                    help="ids are floor(D * u**a) for uniform u (default 3: a heavy head; 1: uniform)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument(
         "--malloc", choices=["default", "retain"], default="default",
         help="retain: glibc keeps freed memory instead of unmapping it (no page faults on reused buffers; both "
         "contenders); default: the process as started",
     )
     p.add_argument("--profile", default=None, metavar="TXT", help="also write torch.profiler's operator table here")
-    add_arguments(p, TrainConfig, ["precision", "table_dtype"])
+    # The options a benchmark shares with a training run: defined once, in TrainConfig.
+    add_arguments(
+        p, TrainConfig,
+        ["batch_size", "hidden", "dropout", "layout", "sharding", "seed", "device", "precision", "table_dtype"],
+    )
     p.add_argument("--no-precision-comparison", action="store_true",
                    help="with --precision bf16: skip the interleaved fp32 run of the same model")
     p.add_argument(
