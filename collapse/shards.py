@@ -122,8 +122,14 @@ def local_shards_from_tensors(
         >>> [(s.table_name, tuple(s.tensor.shape), s.row_offset, s.col_offset) for s in shards]
         [('t_a', (100, 24), 0, 0)]
     """
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
     from torch.distributed.tensor import DTensor
+
+    from multiembed.data.stack import private_api_error
+
+    try:  # TorchRec 1.8 still hands out sharded tables as ShardedTensor (no public import path)
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+    except ImportError as e:  # pragma: no cover - depends on the installed torch
+        raise private_api_error("torch.distributed._shard.sharded_tensor.ShardedTensor", e) from e
 
     shards: List[LocalShard] = []
     for name, weight in tables.items():

@@ -52,6 +52,19 @@ def _describe(versions: Dict[str, Optional[str]]) -> str:
     return ", ".join(f"{k} {v or 'not installed'}" for k, v in versions.items())
 
 
+def private_api_error(name: str, error: BaseException) -> ImportError:
+    """The error for a private torch / TorchRec API this package builds on that the installed stack lacks.
+
+    Private APIs (underscore names, internals) are used only where the public API has no equivalent; each import of
+    one goes through ``try: ... except ImportError as e: raise private_api_error(...) from e`` so that a changed
+    stack fails at import with the name, the installed versions and the supported ones.
+    """
+    return ImportError(
+        f"{name}: not in the installed stack ({error}); installed: {_describe(installed_versions())}; "
+        f"supported: {PINNED}"
+    )
+
+
 def check_versions(versions: Dict[str, Optional[str]]) -> None:
     """Raises :class:`StackError` unless ``versions`` is a supported torch / fbgemm_gpu / torchrec triple."""
     missing = [k for k, v in versions.items() if v is None]

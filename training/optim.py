@@ -21,7 +21,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
-from torch.distributed.optim import _apply_optimizer_in_backward
+from multiembed.data.stack import private_api_error
+
+try:  # torch's in-backward optimizer registration, which TorchRec's sharders read (no public equivalent)
+    from torch.distributed.optim import _apply_optimizer_in_backward
+except ImportError as e:  # pragma: no cover - depends on the installed torch
+    raise private_api_error("torch.distributed.optim._apply_optimizer_in_backward", e) from e
 from torchrec import optim as trec_optim
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.warmup import WarmupOptimizer, WarmupPolicy, WarmupStage

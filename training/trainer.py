@@ -30,7 +30,13 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint._nested_dict import flatten_state_dict, unflatten_state_dict
+
+from multiembed.data.stack import private_api_error
+
+try:  # DCP's own (un)flattening of nested state, so keys match the checkpoint's exactly (no public equivalent)
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict, unflatten_state_dict
+except ImportError as e:  # pragma: no cover - depends on the installed torch
+    raise private_api_error("torch.distributed.checkpoint._nested_dict", e) from e
 
 from multiembed.collapse import collapse_from_model, summarize_sets
 from multiembed.config import MODEL_OPTIONS, TrainConfig
@@ -505,7 +511,7 @@ class Trainer:
         self.progress["step"] += steps
         self.progress["batch"] = stop
         mean = loss_sum / max(steps, 1)
-        if not _all_ranks_agree(math.isfinite(mean)):
+        if not math.isfinite(mean):
             raise TrainingDiverged(
                 f"training loss is NaN or infinite at step {self.progress['step']} (epoch {epoch}); "
                 f"{self._kept_checkpoint()}. Lower --lr / --sparse-lr or check the data."
