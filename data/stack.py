@@ -52,6 +52,11 @@ def _describe(versions: Dict[str, Optional[str]]) -> str:
     return ", ".join(f"{k} {v or 'not installed'}" for k, v in versions.items())
 
 
+def describe_installed() -> str:
+    """``torch X, fbgemm_gpu Y, torchrec Z`` as installed (for messages)."""
+    return _describe(installed_versions())
+
+
 def private_api_error(name: str, error: BaseException) -> ImportError:
     """The error for a private torch / TorchRec API this package builds on that the installed stack lacks.
 
@@ -60,7 +65,7 @@ def private_api_error(name: str, error: BaseException) -> ImportError:
     stack fails at import with the name, the installed versions and the supported ones.
     """
     return ImportError(
-        f"{name}: not in the installed stack ({error}); installed: {_describe(installed_versions())}; "
+        f"{name}: not in the installed stack ({error}); installed: {describe_installed()}; "
         f"supported: {PINNED}"
     )
 

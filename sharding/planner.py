@@ -31,11 +31,7 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 
-from multiembed.data.stack import PINNED, installed_versions
-
-
-def _stack_line() -> str:
-    return ", ".join(f"{name} {version or 'not installed'}" for name, version in installed_versions().items())
+from multiembed.data.stack import PINNED, describe_installed, private_api_error
 
 
 try:  # planner internals this module builds on (not TorchRec's documented API; checked against the pinned stack)
@@ -45,10 +41,7 @@ try:  # planner internals this module builds on (not TorchRec's documented API; 
     from torchrec.distributed.planner.types import PlannerError, PlannerErrorType, ShardingOption
     from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS
 except ImportError as e:  # pragma: no cover - depends on the installed TorchRec
-    raise ImportError(
-        f"multiembed.sharding needs TorchRec planner internals that this TorchRec does not have ({e}); installed: "
-        f"{_stack_line()}; supported: {PINNED}"
-    ) from e
+    raise private_api_error("TorchRec planner internals (multiembed.sharding)", e) from e
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from multiembed.config.choices import ShardingStrategy
@@ -589,7 +582,7 @@ def _check_plan(
                 raise RuntimeError(
                     f"table {table.name!r}: column shards on ranks {ranks}, expected distinct ranks (one set per rank); "
                     f"SetParallelPartitioner's override of TorchRec's private GreedyPerfPartitioner hook did not take "
-                    f"effect{hook}; installed: {_stack_line()}; supported: {PINNED}"
+                    f"effect{hook}; installed: {describe_installed()}; supported: {PINNED}"
                 )
 
 
