@@ -511,7 +511,7 @@ class Trainer:
         self.progress["step"] += steps
         self.progress["batch"] = stop
         mean = loss_sum / max(steps, 1)
-        if not math.isfinite(mean):
+        if not _all_ranks_agree(math.isfinite(mean)):
             raise TrainingDiverged(
                 f"training loss is NaN or infinite at step {self.progress['step']} (epoch {epoch}); "
                 f"{self._kept_checkpoint()}. Lower --lr / --sparse-lr or check the data."
