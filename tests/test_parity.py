@@ -1,0 +1,77 @@
+"""The parity harness (benchmarks/parity.py, issue 12) at a tiny size on real Criteo rows: both sides train on the
+same splits, the JSON holds the paired table, and a second invocation reruns nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from multiembed.benchmarks import parity
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SAMPLE = SHARED / "criteo_dac_deepctr_sample_200.txt"
+
+
+def test_recipe_parsing_and_statistics() -> None:
+    recipe = parity.parse_recipe(["table_optimizer=adagrad", "batch_size=256", "drop_last=1", "table_lr=0.01"])
+    assert recipe.differences() == {"table_optimizer": "adagrad", "batch_size": 256, "drop_last": True,
+                                    "table_lr": 0.01}
+    assert parity.ReferenceRecipe().differences() == {}
+    with pytest.raises(ValueError):
+        parity.parse_recipe(["no_such_field=1"])
+    with pytest.raises(ValueError):
+        parity.parse_recipe(["table_optimizer=sgd"])
+    stats = parity.mean_interval([1.0, 2.0, 3.0])
+    assert stats["mean"] == 2.0 and stats["sd"] == 1.0
+    assert stats["ci95"] == pytest.approx([2.0 - 4.303 / math.sqrt(3), 2.0 + 4.303 / math.sqrt(3)])
+    # sklearn's definition: ties count half
+    import numpy as np
+
+    assert parity.exact_auc(np.array([0.1, 0.4, 0.4, 0.8]), np.array([0.0, 0.0, 1.0, 1.0])) == 0.875
+
+
+@pytest.mark.skipif(not SAMPLE.is_file(), reason=f"real Criteo rows not available ({SAMPLE} missing: ../shared/data)")
+def test_both_sides_same_splits_paired_json(tmp_path: Path) -> None:
+    work, out = tmp_path / "work", tmp_path / "parity.json"
+    argv = [
+        "--raw", str(SAMPLE), "--work", str(work), "--models", "dcnv2-se-1x", "--seeds", "1", "--folds", "2",
+        "--reference", "batch_size=32", "max_epochs=1", "hidden=16",
+        "--package-args", "--batch-size 32 --epochs 1 --hidden 16 --ia-every 0",
+        "--tag", "tiny", "--json", str(out),
+    ]
+    assert parity.main(argv) == 0
+    record = json.loads(out.read_text())
+    runs = record["runs"]
+    assert sorted((r["side"], r["fold"]) for r in runs) == [
+        ("package", "0/2"), ("package", "1/2"), ("reference", "0/2"), ("reference", "1/2")]
+    for fold in ("0/2", "1/2"):
+        ref, pkg = (next(r for r in runs if r["side"] == s and r["fold"] == fold) for s in ("reference", "package"))
+        # the same converted dataset, the same split, the same rows evaluated
+        assert ref["data_dir"] == pkg["data_dir"] and ref["split_identity"] == pkg["split_identity"]
+        assert ref["val_rows"] == pkg["val_rows"] == 50 and ref["test_rows"] == pkg["test_rows"] == 50
+        assert ref["rows"] == {"train": 100, "val": 50, "test": 50}
+        assert "--batch-size 32" in pkg["command"] and pkg["options"]["batch_size"] == 32
+        assert ref["recipe"]["batch_size"] == 32 and ref["recipe"]["table_optimizer"] == "adam"
+    # the two folds hold different held-out rows
+    assert runs[0]["split_identity"] != next(r for r in runs if r["fold"] != runs[0]["fold"])["split_identity"]
+    table = {(row["model"], row["metric"]): row for row in record["table"]}
+    assert set(table) == {("dcnv2-se-1x", m) for m in parity.METRICS}
+    for metric in parity.METRICS:
+        row = table[("dcnv2-se-1x", metric)]
+        assert row["pairs"] == 2 and row["folds"] == 2 and "diff_by_fold" in row
+        pairs = [(next(r for r in runs if r["side"] == "package" and r["fold"] == f)[metric]
+                  - next(r for r in runs if r["side"] == "reference" and r["fold"] == f)[metric]) for f in ("0/2", "1/2")]
+        assert row["diff"]["mean"] == pytest.approx(sum(pairs) / 2)
+        lo, hi = row["diff"]["ci95"]
+        assert lo <= row["diff"]["mean"] <= hi
+    assert "| dcnv2-se-1x | test_auc |" in parity.format_table(record["table"])
+
+    # resumable: a second invocation finds every run finished and trains nothing
+    before = {p: p.stat().st_mtime_ns for p in work.rglob(parity.RESULT_FILE)}
+    assert len(before) == 4
+    assert parity.main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in work.rglob(parity.RESULT_FILE)} == before
+    assert json.loads(out.read_text())["table"] == record["table"]
