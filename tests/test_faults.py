@@ -1,8 +1,9 @@
-"""Faults during training: a rank killed mid-epoch (torchrun restarts the job from the newest complete checkpoint
-and it ends exactly as an uninterrupted run), and a diverging loss (one error line, exit status 3, the last good
-checkpoint kept and intact).
+"""Faults during training: a rank killed mid-epoch, and rank 0 killed while it publishes a checkpoint (torchrun
+restarts the job from the newest complete checkpoint and it ends exactly as an uninterrupted run); a diverging loss,
+on every rank or on one rank only (every rank stops: one error line, exit status 3, the last good checkpoint kept
+and intact).
 
-Interrupted and corrupted checkpoint writes are covered in ``test_training_units.py``.
+Interrupted and corrupted checkpoint writes in one process are covered in ``test_training_units.py``.
 """
 
 from __future__ import annotations
@@ -10,18 +11,24 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
-from test_torchx import REPO, TINY_TRAIN, TINY_WORKER, run_torchx, tail, torchx_command, torchx_env
+from test_torchx import REPO, TINY_TRAIN, TINY_WORKER, VENV_BIN, run_torchx, tail, torchx_command, torchx_env
 
 from multiembed.cli import main as cli_main
 from multiembed.cli.train import EXIT_DIVERGED
+from multiembed.data.loader import ParquetBatchLoader
+from multiembed.data.metadata import DENSE_PREFIX, read_metadata
 from multiembed.training import checkpoint as ckpt
 
 # Facts of a run that depend on wall-clock time or on the run directory's name, not on what was trained.
@@ -106,24 +113,50 @@ def _evaluations(run: Path) -> List[dict]:
     ]
 
 
-@pytest.mark.multiprocess
-def test_rank_killed_mid_epoch_restarts_from_newest_checkpoint_and_ends_as_uninterrupted_run(
-    click_log: Path, tmp_path: Path
-) -> None:
+def _elastic_args(data: Path, run: Path) -> List[str]:
     # 16000 train rows / global batch 256: 62 steps an epoch, 2 epochs, a checkpoint every 10 steps. Dropout stays
     # on, so the per-rank RNG state in the checkpoint matters for the result too.
-    def component_args(run: Path) -> List[str]:
-        return [
-            "--data", str(click_log), "--out", str(run), *TINY_TRAIN, "--epochs", str(EPOCHS), "--patience", "0",
-            "--checkpoint_every", str(CHECKPOINT_EVERY), "--max_restarts", "1", "-j", "1x2",
-        ]
+    return [
+        "--data", str(data), "--out", str(run), *TINY_TRAIN, "--epochs", str(EPOCHS), "--patience", "0",
+        "--checkpoint_every", str(CHECKPOINT_EVERY), "--max_restarts", "1", "-j", "1x2",
+    ]
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(click_log: Path, tmp_path_factory) -> Path:
+    """The run the restarted runs must equal: same options, nothing killed (run once for the module)."""
+    base = tmp_path_factory.mktemp("uninterrupted")
+    run, log = base / "run", base / "torchx.log"
+    rc = run_torchx(torchx_command(base / "logs", _elastic_args(click_log, run), TINY_WORKER), log)
+    assert rc == 0, tail(log)
+    assert "resumed from" not in log.read_text(errors="replace")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == EPOCHS * STEPS_PER_EPOCH and summary["world_size"] == 2
+    return run
+
+
+def _assert_same_result(restarted: Path, reference: Path) -> None:
+    got = json.loads((restarted / "summary.json").read_text())
+    want = json.loads((reference / "summary.json").read_text())
+    # Same data order, same RNG streams, the same segment boundaries (every 10 steps and at epoch ends) and
+    # gloo's fixed reduction order on CPU: the restarted run must be bit-identical, so no tolerance.
+    assert {k: v for k, v in got.items() if k not in TIMING_KEYS} == {
+        k: v for k, v in want.items() if k not in TIMING_KEYS
+    }
+    # Per evaluation, including each segment's mean training loss: no batch skipped or trained twice.
+    assert _evaluations(restarted) == _evaluations(reference)
+
+
+@pytest.mark.multiprocess
+def test_rank_killed_mid_epoch_restarts_from_newest_checkpoint_and_ends_as_uninterrupted_run(
+    click_log: Path, uninterrupted: Path, tmp_path: Path
+) -> None:
     restarted, restarted_log = tmp_path / "restarted", tmp_path / "restarted.log"
     env = torchx_env()
     env["LOGLEVEL"] = "INFO"  # torchrun reports the failed worker group and the restart at INFO
     with open(restarted_log, "wb") as out:
         proc = subprocess.Popen(
-            torchx_command(tmp_path / "logs-restarted", component_args(restarted), TINY_WORKER),
+            torchx_command(tmp_path / "logs-restarted", _elastic_args(click_log, restarted), TINY_WORKER),
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
         try:
@@ -144,22 +177,56 @@ def test_rank_killed_mid_epoch_restarts_from_newest_checkpoint_and_ends_as_unint
     assert killed["step"] <= resumed_step < killed["step"] + 2 * CHECKPOINT_EVERY
     assert resumed_step % CHECKPOINT_EVERY == 0
     assert resumed_batch == resumed_step - STEPS_PER_EPOCH * resumed_epoch > 0, "expected a resume mid-epoch"
+    _assert_same_result(restarted, uninterrupted)
 
-    reference, reference_log = tmp_path / "uninterrupted", tmp_path / "uninterrupted.log"
-    rc = run_torchx(torchx_command(tmp_path / "logs-reference", component_args(reference), TINY_WORKER), reference_log)
-    assert rc == 0, tail(reference_log)
-    assert "resumed from" not in reference_log.read_text(errors="replace")
 
-    got = json.loads((restarted / "summary.json").read_text())
-    want = json.loads((reference / "summary.json").read_text())
-    assert want["steps"] == EPOCHS * STEPS_PER_EPOCH and want["world_size"] == 2
-    # Same data order, same RNG streams, the same segment boundaries (every 10 steps and at epoch ends) and
-    # gloo's fixed reduction order on CPU: the restarted run must be bit-identical, so no tolerance.
-    assert {k: v for k, v in got.items() if k not in TIMING_KEYS} == {
-        k: v for k, v in want.items() if k not in TIMING_KEYS
-    }
-    # Per evaluation, including each segment's mean training loss: no batch skipped or trained twice.
-    assert _evaluations(restarted) == _evaluations(reference)
+def _run_logged(command: List[str], log: Path, env: Dict[str, str], timeout: float = 300) -> int:
+    """Runs ``command`` in the repository (its own process group, killed on timeout: a hang fails the test)."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"{command[:4]} did not finish in {timeout} s (a hang?); log:\n{tail(log)}")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    "kill_step,where", [(30, "manifest"), (80, "rename")], ids=["mid-manifest", "manifest-written-not-renamed"]
+)
+def test_rank0_killed_while_publishing_a_checkpoint_resumes_from_the_previous_one_and_ends_as_uninterrupted_run(
+    click_log: Path, uninterrupted: Path, tmp_path: Path, kill_step: int, where: str
+) -> None:
+    # Rank 0 SIGKILLs itself inside save_checkpoint of step kill_step (the test hook of training/checkpoint.py):
+    # every shard is written, the manifest is half written ("manifest") or complete ("rename": it would verify), but
+    # the directory still has its temporary name. The restarted job must resume from the checkpoint before it.
+    restarted, log = tmp_path / "restarted", tmp_path / "restarted.log"
+    env = torchx_env()
+    env["LOGLEVEL"] = "INFO"  # torchrun reports the failed worker group and the restart at INFO
+    env[ckpt.KILL_AT_PUBLISH_ENV] = f"{kill_step}:{where}"
+    rc = _run_logged(torchx_command(tmp_path / "logs", _elastic_args(click_log, restarted), TINY_WORKER), log, env)
+    text = log.read_text(errors="replace")
+    assert rc == 0, tail(log)
+    # Rank 0 died of SIGKILL (the hook fired), and the job was restarted once.
+    assert re.search(r"exitcode: -9\) local_rank: 0 ", text), tail(log)
+    assert "Worker group FAILED. 1/1 attempts left; will restart worker group" in text, tail(log)
+    resumed = re.findall(r"resumed from (\S*)step-(\d+) \(epoch \d+, batch \d+, step \d+\)", text)
+    # The newest complete checkpoint, never the half-published one (nor a "skipping" report about it: it was
+    # never a candidate).
+    assert [int(step) for _, step in resumed] == [kill_step - CHECKPOINT_EVERY], tail(log)
+    assert "skipping checkpoint" not in text, tail(log)
+    assert not list((restarted / ckpt.CHECKPOINT_DIR).glob(".tmp-*")), "the abandoned temporary directory was not cleared"
+    _assert_same_result(restarted, uninterrupted)
+
+
+def test_the_kill_at_publish_hook_is_off_unless_its_variable_is_set(monkeypatch) -> None:
+    monkeypatch.delenv(ckpt.KILL_AT_PUBLISH_ENV, raising=False)
+    assert ckpt._kill_at_publish_from_env() is None
+    monkeypatch.setenv(ckpt.KILL_AT_PUBLISH_ENV, "30:elsewhere")
+    with pytest.raises(ValueError, match="expected <step>:rename or <step>:manifest"):
+        ckpt._kill_at_publish_from_env()
 
 
 # ---------------------------------------------------------------------------------------------- divergence
@@ -194,7 +261,11 @@ def test_diverging_loss_stops_with_one_error_line_and_keeps_last_good_checkpoint
     assert match and str(run / ckpt.CHECKPOINT_DIR) in errors[0], errors[0]
     diverged_at = int(match.group(1))
     assert not (run / "summary.json").exists()
+    _assert_last_good_checkpoint_intact(run, diverged_at, tmp_path)
 
+
+def _assert_last_good_checkpoint_intact(run: Path, diverged_at: int, tmp_path: Path) -> Dict[str, object]:
+    """The newest checkpoint verifies, is from before the divergence, holds only finite weights; its manifest."""
     last_good: Optional[Path] = ckpt.newest_valid_checkpoint(run, report=pytest.fail)
     assert last_good is not None
     manifest = ckpt.verify_checkpoint(last_good)
@@ -212,3 +283,68 @@ def test_diverging_loss_stops_with_one_error_line_and_keeps_last_good_checkpoint
     not_finite = [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()]
     assert not not_finite, f"non-finite weights in the last good checkpoint: {not_finite}"
     assert int(state["progress"]["step"].item()) == manifest["step"]
+    return manifest
+
+
+# One global batch of the click_log fixture's train split where rank 1, and only rank 1, meets a row whose dense
+# feature is infinite: the last batch of the second 2-step segment, so the segment's mean loss is NaN on rank 1 and
+# finite on rank 0 (the NaN reaches rank 0's weights through the gradient all-reduce only after its last forward).
+NAN_CHECKPOINT_EVERY = 2
+NAN_GLOBAL_BATCH = 2 * NAN_CHECKPOINT_EVERY - 1
+
+
+def _copy_with_one_infinite_dense_value(data: Path, out: Path, rank: int, global_batch: int) -> int:
+    """Copies ``data`` to ``out`` with an infinite dense feature on one train row that, in a 2-rank run with global
+    batch 256 and seed 0, only ``rank`` reads, in ``global_batch`` of epoch 0; returns that row (0-based)."""
+    shutil.copytree(data, out)
+    loaders = [
+        ParquetBatchLoader(out, "train", 128, rank=r, world_size=2, shuffle=True, seed=0, last_batch="drop")
+        for r in range(2)
+    ]  # as the trainer's: local batch 256 / 2 ranks
+    row = int(loaders[rank].epoch_rows(0)[0][global_batch * 128])
+    assert all(row not in loader.epoch_rows(0)[0] for r, loader in enumerate(loaders) if r != rank)
+    split = read_metadata(out).splits["train"]
+    start = 0
+    for rel, rows in zip(split.files, split.file_rows):
+        if start <= row < start + rows:
+            path = out / rel
+            groups = pq.ParquetFile(path).metadata
+            group_rows = groups.row_group(0).num_rows
+            table = pq.read_table(path)
+            name = DENSE_PREFIX + read_metadata(out).dense_fields[0]
+            values = table.column(name).to_numpy().copy()
+            values[row - start] = np.inf
+            index = table.schema.get_field_index(name)
+            table = table.set_column(index, table.schema.field(index), pa.array(values, type=pa.float32()))
+            pq.write_table(table, path, row_group_size=group_rows)
+            return row
+        start += rows
+    raise AssertionError(f"train row {row} is in no file")
+
+
+@pytest.mark.multiprocess
+def test_nan_loss_on_one_rank_stops_every_rank_with_one_error_line(click_log: Path, tmp_path: Path) -> None:
+    data, run, log = tmp_path / "data", tmp_path / "run", tmp_path / "launch.log"
+    _copy_with_one_infinite_dense_value(click_log, data, rank=1, global_batch=NAN_GLOBAL_BATCH)
+    # What the torchx component runs (torchrun through multiembed.cli.launch), here with its exit status.
+    command = [
+        str(VENV_BIN / "python"), "-m", "multiembed.cli.launch", "torchrun", "--standalone", "--nproc_per_node", "2",
+        "-m", "multiembed.cli", "train", "--data", str(data), "--out", str(run), "--model", "dnn-me-2x",
+        "--batch-size", "256", "--sharding", "table_wise", *TINY_WORKER, "--dense-features", "--epochs", "1",
+        "--checkpoint-every", str(NAN_CHECKPOINT_EVERY),
+    ]
+    rc = _run_logged(command, log, torchx_env(), timeout=240)
+    text = log.read_text(errors="replace")
+    assert rc == EXIT_DIVERGED == 3, tail(log)
+    errors = [line for line in text.splitlines() if "multiembed train: error:" in line]
+    # One line, said once (not once per rank), the last one, and no traceback from a worker or from torchrun.
+    assert len(errors) == 1, text
+    assert [line for line in text.splitlines() if line.strip()][-1] == errors[0], text
+    assert "Traceback" not in text and "ChildFailedError" not in text, text
+    diverged_at = NAN_GLOBAL_BATCH + 1
+    assert f"training loss is NaN or infinite at step {diverged_at} (epoch 0)" in errors[0], errors[0]
+    last_good = run / ckpt.CHECKPOINT_DIR / ckpt.step_dir_name(diverged_at - NAN_CHECKPOINT_EVERY)
+    assert f"the last good checkpoint is kept: {last_good}" in errors[0], errors[0]
+    assert not (run / "summary.json").exists()
+    manifest = _assert_last_good_checkpoint_intact(run, diverged_at, tmp_path)
+    assert manifest["step"] == diverged_at - NAN_CHECKPOINT_EVERY

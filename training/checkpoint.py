@@ -21,6 +21,12 @@ non-tensor values are read by :class:`SafeLoadPlanner` with ``torch.load(weights
 a value stored as bytes where the state being loaded holds a tensor (DCP would replace the tensor with the object).
 Tensors DCP itself reads with ``weights_only=True``. A refusal is a one-line :class:`CheckpointError` that names the
 file.
+
+Test hook (fault injection for ``tests/test_faults.py``, never set in normal use): with
+``MULTIEMBED_TEST_KILL_AT_PUBLISH=<step>:rename`` rank 0 SIGKILLs itself while publishing checkpoint ``<step>``, after
+the manifest is written and before the rename; with ``<step>:manifest`` it first cuts the manifest to half its bytes,
+as a kill in the middle of writing it would. Only on a job's first attempt (``TORCHELASTIC_RESTART_COUNT`` unset or
+0), so the restarted job gets past that step.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Dict, List, Optional
 
@@ -50,8 +57,33 @@ MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
 
-# Test-only fault injection: called between writing the shards and publishing the checkpoint.
-_before_publish_hook: Optional[Callable[[Path], None]] = None
+KILL_AT_PUBLISH_ENV = "MULTIEMBED_TEST_KILL_AT_PUBLISH"
+
+
+def _kill_at_publish_from_env() -> Optional[Callable[[Path], None]]:
+    """The test hook of the module docstring when ``MULTIEMBED_TEST_KILL_AT_PUBLISH`` asks for it, else None."""
+    spec = os.environ.get(KILL_AT_PUBLISH_ENV)
+    if not spec:
+        return None
+    step, _, where = spec.partition(":")
+    if where not in ("rename", "manifest"):
+        raise ValueError(f"{KILL_AT_PUBLISH_ENV}={spec!r}: expected <step>:rename or <step>:manifest")
+
+    def kill(tmp: Path) -> None:
+        if tmp.name != _TMP_PREFIX + step_dir_name(int(step)) or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+            return
+        if where == "manifest":
+            manifest = tmp / MANIFEST
+            with open(manifest, "r+b") as f:
+                f.truncate(manifest.stat().st_size // 2)
+                os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    return kill
+
+
+# Test-only fault injection: called on rank 0 after the manifest is written, before the checkpoint is published.
+_before_publish_hook: Optional[Callable[[Path], None]] = _kill_at_publish_from_env()
 
 
 class CheckpointError(ValueError):
