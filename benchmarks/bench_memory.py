@@ -4,8 +4,9 @@ of short training runs at two table sizes, each in a fresh process (``multiembed
 Method
     For each contender and each of two sizes ``R1 < R2`` (rows per set, spread over Criteo's 39 fields as
     :func:`~multiembed.benchmarks.bench_train.scaled_vocab_sizes`), a fresh Python process builds the model, trains
-    ``steps`` steps on synthetic batches and reports its peak RSS (``ru_maxrss``: the high-water mark, so transient
-    copies while the tables are built or the optimizer state is first created count too). Everything that does not
+    ``steps`` steps on synthetic batches and reports its peak RSS (``VmHWM``, the high-water mark of its address
+    space, so transient copies while the tables are built or the optimizer state is first created count too; not
+    ``ru_maxrss``, which a child inherits from its parent at ``fork``). Everything that does not
     grow with the tables (interpreter, libraries, dense arches, activations) is the same at both sizes, so
 
         bytes per row = (peak(R2) - peak(R1)) / (rows(R2) - rows(R1)),
@@ -32,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -83,7 +83,9 @@ class MemoryProbeSpec:
 
 
 def _peak_rss_bytes() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    from multiembed.benchmarks.machine import peak_rss_bytes
+
+    return peak_rss_bytes()
 
 
 def run_probe(spec: MemoryProbeSpec) -> Dict[str, Any]:
@@ -226,7 +228,7 @@ def measure_memory(
         }
     result: Dict[str, Any] = {
         "method": (
-            "peak RSS (ru_maxrss) of a fresh process that builds the model and trains a few steps, at each table "
+            "peak RSS (VmHWM) of a fresh process that builds the model and trains a few steps, at each table "
             "size; bytes per row = slope over rows per set (a row = one id of one field in all K sets)"
         ),
         "rows_per_set": [int(r) for r in rows],

@@ -147,6 +147,7 @@ class BenchConfig:
     table_dtype: str = TrainConfig.table_dtype
     compare_precision: bool = True
     memory: bool = False
+    memory_only: bool = False
     memory_rows: Tuple[int, ...] = (2_000_000, 8_000_000)
     memory_steps: int = 3
     memory_budget_gib: float = 24.0
@@ -167,7 +168,7 @@ class BenchConfig:
         if self.precision not in PRECISIONS or self.table_dtype not in TABLE_DTYPES:
             raise ValueError(f"--precision / --table-dtype: expected {PRECISIONS} / {TABLE_DTYPES}, got "
                              f"{self.precision!r} / {self.table_dtype!r}")
-        if self.memory:
+        if self.memory or self.memory_only:
             if len(set(self.memory_rows)) < 2 or min(self.memory_rows) < 1:
                 raise ValueError("--memory-rows: needs two or more different positive sizes")
             for variant in self.memory_variants:
@@ -357,8 +358,9 @@ def page_faults() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    """Peak resident set size of this process's address space (:func:`machine.peak_rss_bytes`: ``VmHWM``, not the
+    ``ru_maxrss`` a child process inherits from its parent)."""
+    return machine.peak_rss_bytes()
 
 
 # ----------------------------------------------------------------------------------------------------- runners
@@ -768,6 +770,22 @@ class BaselineProcess:
         self._conn.close()
 
 
+def fp32_gemm_unit(
+    model: MultiEmbeddingModel, batch: int, device: torch.device, reps: int = 4
+) -> Tuple[Callable[[], None], int]:
+    """``reps`` fp32 GEMMs ``[batch, F*d] x [F*d, F*d]`` (the cross layers' shape, as :func:`measure_interaction_vs_gemm`)
+    as one timed unit, and its FLOPs."""
+    width = model.set_arch.num_fields * model.set_arch.set_dim
+    a = torch.randn(batch, width, device=device)
+    b = torch.randn(width, width, device=device)
+
+    def unit() -> None:
+        for _ in range(reps):
+            torch.mm(a, b)
+
+    return unit, reps * 2 * batch * width * width
+
+
 def set_arch_per_set_loop(
     config: BenchConfig, project: ProjectRunner
 ) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
@@ -938,6 +956,14 @@ def run_benchmark(config: BenchConfig, argv: Optional[Sequence[str]] = None) -> 
     record["config"]["fields"] = len(vocab)
     record["config"]["rows_per_set_actual"] = sum(vocab.values())
     record["config"]["local_batch"] = local_batch
+    if config.memory_only:
+        if ctx.is_main:
+            record["memory_per_row"] = bench_memory.measure_memory(
+                memory_specs(config), config.memory_rows, config.memory_budget_gib,
+                log=(lambda message: print(message, file=sys.stderr, flush=True)) if config.progress else None,
+            )
+        record["conditions"]["load_average_end"] = list(os.getloadavg())
+        return record
     baselines: Dict[str, BaselineProcess] = {}
     try:
         if config.with_baseline:
@@ -990,11 +1016,16 @@ def _measure(
         record[CONTENDER_PREFIX[kind] + "bytes"] = process.byte_counts()
         process.page_faults = 0
         contenders[kind] = functools.partial(lambda n, o, p: p.run(n, o), p=process)
+    # The fp32 GEMM as one more contender of the same rounds: step efficiency compares each round's step with that
+    # round's GEMM rate, so a shared machine's load changes both alike.
+    gemm_unit, gemm_unit_flops = fp32_gemm_unit(project.inner, local_batch, device)
+    gemm_unit()
+    contenders["gemm"] = lambda n, o: _timed(lambda: [gemm_unit() for _ in range(n)], device)
     faults = {name: 0 for name in contenders}
 
     def counting_faults(name: str, run: Callable[[int, int], float]) -> Callable[[int, int], float]:
-        if name in baselines:
-            return run  # counted in its own process
+        if name in baselines or name == "gemm":
+            return run  # counted in its own process, or not a training step
         def counted(steps: int, offset: int) -> float:
             before = page_faults()
             seconds = run(steps, offset)
@@ -1006,6 +1037,8 @@ def _measure(
     log("bench: throughput, interleaved: " + ", ".join(contenders))
     per_step = interleave({name: counting_faults(name, run) for name, run in contenders.items()}, config.steps,
                           config.block_steps, progress, "throughput")
+    gemm_times = per_step.pop("gemm")
+    faults.pop("gemm")
     for kind, process in baselines.items():
         faults[kind] = process.page_faults
     page = resource.getpagesize()
@@ -1054,16 +1087,19 @@ def _measure(
     record["interaction_gflops"] = record["set_arch"]["interaction_gflops"]
     record["gemm_gflops"] = record["set_arch"]["gemm_gflops"]
     record["interaction_vs_gemm"] = record["set_arch"]["interaction_vs_gemm"]
-    # Step efficiency: the whole step's GEMM FLOPs per second against the fp32 GEMM rate measured in this run.
-    gemm_rate = record["gemm_gflops"] * ctx.world_size
-    record["step_efficiency"] = record["achieved_step_gflops"] / gemm_rate
-    for kind in baselines:
+    # Step efficiency: the step's GEMM FLOPs per second over the fp32 GEMM rate of the same round (median over the
+    # throughput rounds, where the GEMM ran as one more contender); per rank (each rank has its own cores).
+    record["gemm_gflops_in_rounds"] = gemm_unit_flops / statistics.median(gemm_times) / 1e9
+    record["gemm_unit"] = {"flops": gemm_unit_flops, "blocks_ms": [t * 1e3 for t in gemm_times]}
+    for kind in ("project", *baselines):
         prefix = CONTENDER_PREFIX[kind]
-        record[prefix + "step_efficiency"] = record[prefix + "achieved_step_gflops"] / record["gemm_gflops"]
+        record[prefix + "step_efficiency"] = statistics.median(
+            (flops / t_step) / (gemm_unit_flops / t_gemm) for t_step, t_gemm in zip(per_step[kind], gemm_times)
+        )
     record["step_efficiency_method"] = (
-        "(analytic forward + backward GEMM FLOPs of one step / median step time) / the fp32 GEMM rate "
-        f"({'x'.join(map(str, record['set_arch']['gemm_shape']))}) measured in the same run; element-wise work and "
-        "lookups are not counted as FLOPs"
+        "median over the throughput rounds of (analytic forward + backward GEMM FLOPs of one step per rank / that "
+        f"round's step time) / (that round's fp32 GEMM rate, {'x'.join(map(str, record['set_arch']['gemm_shape']))}, "
+        "timed as one more contender of the rounds); element-wise work and lookups are not counted as FLOPs"
     )
 
     if config.profile:
@@ -1245,9 +1281,38 @@ def _fmt(value: Optional[float], digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def memory_lines(record: Mapping[str, Any]) -> List[str]:
+    """The ``--memory`` table (no lines without it)."""
+    memory = record.get("memory_per_row")
+    if not memory:
+        return []
+    lines = [
+        "",
+        f"Memory per table row ({memory['method']}; sizes {', '.join(f'{r:,}' for r in memory['rows_per_set'])} "
+        f"rows per set; largest rows per set within {memory['budget_gib']:g} GiB):",
+        "",
+        "| contender | bytes per row (K sets) | per set-row | fixed MB | vs savvy | max rows per set | assumes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    ratios = memory.get("ratio_vs_savvy", {})
+    for label, row in memory["contenders"].items():
+        lines.append(
+            f"| {label} | {_fmt(row['bytes_per_row'])} | {_fmt(row['bytes_per_set_row'])} | "
+            f"{row['fixed_bytes'] / 2**20:,.0f} | {_fmt(ratios.get(label), 2)} | "
+            f"{row['max_rows_per_set'] or 0:,} | {row['assumes']} |"
+        )
+    return lines
+
+
 def format_table(record: Mapping[str, Any]) -> str:
     """The result as markdown tables (throughput against both baselines, breakdown, memory per row, scaling)."""
     cfg, cond = record["config"], record["conditions"]
+    if "samples_per_s" not in record:  # --memory-only
+        return "\n".join([
+            f"### {cfg['model']}: memory per table row (CPU: {cond['cpu']}, {cond['cpu_count']} CPUs, capability "
+            f"{cond.get('cpu_capability')}, native bf16 {cond.get('mkldnn_bf16_supported')})",
+            *memory_lines(record),
+        ])
     sizes = record["bytes"]
     paper_bytes, savvy_bytes = record.get("baseline_bytes", {}), record.get("savvy_baseline_bytes", {})
 
@@ -1272,7 +1337,8 @@ def format_table(record: Mapping[str, Any]) -> str:
         f"| step ms | {per_contender('step_ms')} | | |",
         f"| step GFLOP/s (fwd+bwd GEMMs, {_fmt(record['flops_per_step'] / 1e9)} GFLOP a step) | "
         f"{per_contender('achieved_step_gflops')} | | |",
-        f"| step efficiency (step GFLOP/s / fp32 GEMM GFLOP/s) | {per_contender('step_efficiency', 2)} | | |",
+        f"| step efficiency (step GFLOP/s / fp32 GEMM GFLOP/s of the same rounds, "
+        f"{_fmt(record.get('gemm_gflops_in_rounds'))}) | {per_contender('step_efficiency', 2)} | | |",
         f"| embedding / dense parameter MB | {megabytes(sizes['embedding_param_bytes'])} / "
         f"{megabytes(sizes['dense_param_bytes'])} | "
         + " | ".join(
@@ -1321,23 +1387,7 @@ def format_table(record: Mapping[str, Any]) -> str:
     for part in (*BREAKDOWN_PARTS, "other"):
         lines.append(f"| {part} | {_fmt(record['breakdown_ms'].get(part))} | {_fmt(paper_parts.get(part))} | "
                      f"{_fmt(savvy_parts.get(part))} |")
-    memory = record.get("memory_per_row")
-    if memory:
-        lines += [
-            "",
-            f"Memory per table row ({memory['method']}; sizes {', '.join(f'{r:,}' for r in memory['rows_per_set'])} "
-            f"rows per set; largest rows per set within {memory['budget_gib']:g} GiB):",
-            "",
-            "| contender | bytes per row (K sets) | per set-row | fixed MB | vs savvy | max rows per set | assumes |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        ratios = memory.get("ratio_vs_savvy", {})
-        for label, row in memory["contenders"].items():
-            lines.append(
-                f"| {label} | {_fmt(row['bytes_per_row'])} | {_fmt(row['bytes_per_set_row'])} | "
-                f"{row['fixed_bytes'] / 2**20:,.0f} | {_fmt(ratios.get(label), 2)} | "
-                f"{row['max_rows_per_set'] or 0:,} | {row['assumes']} |"
-            )
+    lines += memory_lines(record)
     if record.get("scaling_k"):
         lines += ["", "| K | step ms | samples/s | GFLOP/step | GFLOP/s | time ratio | FLOP ratio |",
                   "|---|---|---|---|---|---|---|"]

@@ -33,6 +33,25 @@ def cpu_model_name() -> str:
     return platform.processor() or "unknown"
 
 
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process's address space (``VmHWM`` of ``/proc/self/status``).
+
+    Not ``getrusage``'s ``ru_maxrss``: that is the maximum over the process's life, and a child starts with its
+    parent's resident size at ``fork`` (kept across ``exec``), so a small child of a large parent reports the
+    parent's size. ``VmHWM`` belongs to the address space, which ``exec`` replaces. ``ru_maxrss`` is the fallback
+    where ``/proc`` is missing.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
 def cpu_facts() -> Dict[str, Any]:
     """The CPU facts of this process's machine (imports torch).
 

@@ -73,6 +73,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         help="also measure bytes per table row: peak RSS of short runs at --memory-rows sizes, each contender in a "
         "fresh process (the savvy baseline and the package at each --memory-variants)",
     )
+    p.add_argument("--memory-only", action="store_true",
+                   help="only the --memory phase (no throughput, baselines or breakdown)")
     p.add_argument("--memory-rows", type=_int_list, default=[2_000_000, 8_000_000],
                    help="rows per set of the memory probes (default 2000000,8000000)")
     p.add_argument("--memory-steps", type=int, default=3, help="training steps per memory probe (default 3)")
@@ -143,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         table_dtype=args.table_dtype,
         compare_precision=not args.no_precision_comparison,
         memory=args.memory,
+        memory_only=args.memory_only,
         memory_rows=tuple(args.memory_rows),
         memory_steps=args.memory_steps,
         memory_budget_gib=args.memory_budget_gib,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -67,13 +68,17 @@ def test_bench_smoke_json_has_every_key_and_consistent_values(tmp_path: Path, ca
     assert record["samples_per_s"] == pytest.approx(BATCH / (record["step_ms"] / 1e3))
     assert record["baseline_samples_per_s"] == pytest.approx(BATCH / (record["baseline_step_ms"] / 1e3))
     assert record["savvy_baseline_samples_per_s"] == pytest.approx(BATCH / (record["savvy_baseline_step_ms"] / 1e3))
-    # Step efficiency: the step's GEMM FLOPs per second over the fp32 GEMM rate of the same run; the baselines
-    # compute the same model, so the same FLOPs over their own step times.
-    assert record["step_efficiency"] == pytest.approx(record["achieved_step_gflops"] / record["gemm_gflops"])
-    for prefix in ("baseline_", "savvy_baseline_"):
-        assert record[prefix + "step_efficiency"] == pytest.approx(
-            record["flops_per_step"] / (record[prefix + "step_ms"] / 1e3) / 1e9 / record["gemm_gflops"]
-        )
+    # Step efficiency: per round, the step's GEMM FLOPs per second over the fp32 GEMM rate of the same round (the
+    # GEMM is one more contender of the rounds); the baselines compute the same model, so the same FLOPs.
+    gemm = record["gemm_unit"]
+    assert gemm["flops"] == 4 * 2 * BATCH * (len(independent_vocab(ROWS)) * SET_DIM) ** 2
+    for prefix, name in (("", "project"), ("baseline_", "baseline"), ("savvy_baseline_", "savvy")):
+        steps_ms = record["blocks_ms_per_step"][name]
+        assert len(steps_ms) == len(gemm["blocks_ms"])
+        assert record[prefix + "step_efficiency"] == pytest.approx(statistics.median(
+            (record["flops_per_step"] / t) / (gemm["flops"] / g) for t, g in zip(steps_ms, gemm["blocks_ms"])
+        ))
+    assert record["gemm_gflops_in_rounds"] == pytest.approx(gemm["flops"] / statistics.median(gemm["blocks_ms"]) / 1e6)
     conditions = record["conditions"]
     assert conditions["cpu"] and conditions["cpu_count"] >= 1
     assert conditions["cpu_capability"] == str(torch.backends.cpu.get_cpu_capability())
