@@ -499,6 +499,25 @@ def paired_table(results: Iterable[Mapping[str, Any]], models: Sequence[str]) ->
     return rows
 
 
+def factor_effects(results: Sequence[Mapping[str, Any]], work: Path, baseline_tag: str) -> List[Dict[str, Any]]:
+    """Single-factor effects: each run of ``results`` against the same side, model, split and seed of the runs in
+    ``work/runs/BASELINE_TAG`` (this configuration - baseline), per metric, with the 95 % interval over pairs.
+    Runs without a finished baseline counterpart are left out."""
+    rows: List[Dict[str, Any]] = []
+    groups: Dict[Tuple[str, str], List[Tuple[Mapping[str, Any], Mapping[str, Any]]]] = {}
+    for r in results:
+        base = work / "runs" / baseline_tag / run_key(r["side"], r["model"], r["fold"], int(r["seed"])) / RESULT_FILE
+        if base.is_file():
+            groups.setdefault((r["side"], r["model"]), []).append((r, json.loads(base.read_text(encoding="utf-8"))))
+    for (side, model), pairs in sorted(groups.items()):
+        for metric in METRICS:
+            rows.append({"side": side, "model": model, "metric": metric, "pairs": len(pairs),
+                         "baseline": mean_interval([b[metric] for _, b in pairs]),
+                         "this": mean_interval([r[metric] for r, _ in pairs]),
+                         "diff": mean_interval([r[metric] - b[metric] for r, b in pairs])})
+    return rows
+
+
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """The parity table as Markdown."""
     lines = ["| model | metric | reference mean (sd) | package mean (sd) | package - reference [95% CI] | pairs |",
@@ -531,6 +550,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="reference recipe departures (ReferenceRecipe fields), e.g. table_optimizer=adagrad")
     p.add_argument("--package-args", default="", help="extra words for multiembed train, e.g. '--epochs 100'")
     p.add_argument("--tag", default="defaults", help="name of this configuration (its runs live in work/runs/TAG)")
+    p.add_argument("--baseline-tag", default=None,
+                   help="also print this configuration's paired effect against the runs of TAG (same side, model, "
+                        "split, seed): a single factor's measured effect")
     p.add_argument("--json", type=Path, default=None, help="write runs and table as JSON here")
     args = p.parse_args(argv)
 
@@ -541,14 +563,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not set(sides) <= set(SIDES):
         p.error(f"--sides: choose from {', '.join(SIDES)}")
     only = [int(k) for k in args.fold_list.split(",")] if args.fold_list else None
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     splits = prepare_splits(args.raw.resolve(), args.work.resolve(), args.folds, args.fold_seed, only)
     results = run_protocol(splits, models, list(range(args.seeds)), args.work.resolve(), tag=args.tag,
                            recipe=recipe, package_args=shlex.split(args.package_args), sides=sides)
     rows = paired_table(results, models) if set(sides) == set(SIDES) else []
+    effects = factor_effects(results, args.work.resolve(), args.baseline_tag) if args.baseline_tag else []
     wall = time.perf_counter() - started
     if rows:
         print(format_table(rows))
+    for e in effects:
+        lo, hi = e["diff"]["ci95"]
+        print(f"[effect vs {args.baseline_tag}] {e['side']} {e['model']} {e['metric']}: {e['baseline']['mean']:.5f} -> "
+              f"{e['this']['mean']:.5f}, {e['diff']['mean']:+.5f} [{lo:+.5f}, {hi:+.5f}] over {e['pairs']} pairs")
     print(f"[parity] {len(results)} runs ({args.tag}; reference departures {recipe.differences() or 'none'}; "
           f"package args {args.package_args or 'none'}); wall {wall:.0f} s")
     if args.json:
@@ -558,7 +584,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "tag": args.tag, "raw": str(args.raw), "folds": args.folds, "fold_seed": args.fold_seed,
             "seeds": args.seeds, "models": models, "reference_recipe": dataclasses.asdict(recipe),
             "reference_departures": recipe.differences(), "package_args": args.package_args,
-            "wall_s": wall, "table": rows, "runs": results,
+            "wall_s": wall, "table": rows, "baseline_tag": args.baseline_tag, "effects": effects, "runs": results,
         }
         args.json.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
     return 0

@@ -72,6 +72,11 @@ def test_both_sides_same_splits_paired_json(tmp_path: Path) -> None:
     # resumable: a second invocation finds every run finished and trains nothing
     before = {p: p.stat().st_mtime_ns for p in work.rglob(parity.RESULT_FILE)}
     assert len(before) == 4
-    assert parity.main(argv) == 0
+    assert parity.main(argv + ["--baseline-tag", "tiny"]) == 0
     assert {p: p.stat().st_mtime_ns for p in work.rglob(parity.RESULT_FILE)} == before
-    assert json.loads(out.read_text())["table"] == record["table"]
+    again = json.loads(out.read_text())
+    assert again["table"] == record["table"]
+    # a factor's effect is paired against the baseline tag's runs (here itself: exactly 0 on both sides)
+    assert {(e["side"], e["metric"]) for e in again["effects"]} == {
+        (side, m) for side in parity.SIDES for m in parity.METRICS}
+    assert all(e["pairs"] == 2 and e["diff"]["mean"] == 0.0 for e in again["effects"])
