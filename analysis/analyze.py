@@ -28,6 +28,8 @@ from multiembed.analysis.report import (
     write_collapse_report,
 )
 from multiembed.collapse import CollapseResult, collapse_from_model, summarize_sets
+from multiembed.collapse.monitor import CollapsedField, CollapseMonitor, collapsed_fields, format_collapsed
+from multiembed.config import TrainConfig
 from multiembed.training import checkpoint as ckpt
 from multiembed.training.distributed import DistContext
 from multiembed.data.metadata import read_metadata
@@ -134,6 +136,7 @@ def analyze_run(
     compare_labels: Optional[Sequence[str]] = None,
     ctx: Optional[DistContext] = None,
     progress: bool = False,
+    collapse_warn: float = TrainConfig.collapse_warn,
 ) -> RunAnalysis:
     """Analyses one checkpoint of a run and (rank 0) writes ``collapse.json`` and the figures into ``out``.
 
@@ -153,6 +156,9 @@ def analyze_run(
         compare_labels: their legend names (default: each one's model name).
         ctx: the process group context (see :func:`multiembed.training.evaluation.model_for_run`).
         progress: progress bar on stderr (rank 0).
+        collapse_warn: mark the fields whose IA (per set, and of the sets side by side) is below this fraction of
+            the random-init IA of the same shape (``collapsed`` in ``collapse.json``; 0: none marked). Needs
+            ``random_init_seed``.
 
     Returns:
         the :class:`RunAnalysis`.
@@ -171,6 +177,19 @@ def analyze_run(
     )
     model = run.config.model
     data_dict = collapse.to_dict()
+    monitor = CollapseMonitor(collapse_warn, seed=0 if random_init_seed is None else random_init_seed)
+    if monitor.enabled and collapse.random_init is not None:
+        concat_reference = None
+        if collapse.num_sets > 1:  # [D_i, K*d]: the reference of the sets side by side (a collective)
+            concat_reference = monitor.reference(
+                {f: collapse.vocab_sizes[f] for f in collapse.fields}, collapse.num_sets * collapse.dim,
+                collapse.row_normalized,
+            )
+        data_dict["random_init_concat"] = concat_reference
+        data_dict["collapse_warn"] = monitor.fraction
+        data_dict["collapsed"] = [
+            e.to_dict() for e in collapsed_fields(collapse, monitor.fraction, collapse.random_init, concat_reference)
+        ]
     # Paths relative to the report folder (or absolute without one), the checkpoint relative to its run.
     run_dir_text = os.path.relpath(source.run_dir.resolve(), Path(out).resolve()) if out is not None else str(
         source.run_dir.resolve()
@@ -251,7 +270,27 @@ def format_summary(collapse: Mapping[str, Any]) -> str:
         values = [v for m in matrices for row in m for v in row]
         label = "sub-embedding (all i->j)"
         lines.append(f"{label:<{width}}  {sum(values) / len(values):>8.3f}  {min(values):>8.3f}")
+    if collapse.get("collapse_warn"):
+        lines += collapsed_lines(collapse)
     return "\n".join(lines)
+
+
+def collapsed_lines(collapse: Mapping[str, Any]) -> List[str]:
+    """The collapse monitor's marks: one line per field (``*`` marks where it collapsed), or a line saying none.
+
+    Args:
+        collapse: a ``collapse.json`` dict with ``collapsed`` and ``collapse_warn`` (:func:`analyze_run`).
+    """
+    fraction = float(collapse["collapse_warn"])
+    entries = [CollapsedField(**e) for e in collapse.get("collapsed") or []]
+    if not entries:
+        return [f"no field collapsed (every IA >= {fraction:g} x the random init of its shape)"]
+    lines = [format_collapsed(entries, fraction, limit=len(entries))]
+    by_field: Dict[str, List[str]] = {}
+    for entry in entries:
+        by_field.setdefault(entry.field, []).append(entry.where)
+    lines += [f"  * {field}: {', '.join(where)}" for field, where in by_field.items()]
+    return lines
 
 
 def print_report(analysis: RunAnalysis, stream: Any = None) -> None:

@@ -12,7 +12,15 @@ redrawn from ``scaling.csv`` and every number is testable by hand:
 
 ``ia_mean`` is the information abundance averaged over every (set, field) of the run's best checkpoint, rows
 L2-normalised: it is bounded by the set width ``d`` (SE ``s * base``, ME ``base``), so SE and ME of one scale have
-different ceilings; ``scaling.png`` draws each ceiling.
+different ceilings. ``ia_concat_mean`` is the paper's like-for-like figure: per field the IA of the whole embedding
+(SE's one ``[D_i, s*base]`` table, ME's ``s`` sets side by side, also ``[D_i, s*base]``), averaged over fields;
+``ia_random_mean`` is the same average for uniform random tables of that shape (a fresh initialisation,
+:func:`multiembed.collapse.monitor.random_init_ia`), the reference a collapsed model falls below. ``bayes_test_auc``
+is the dataset's Bayes-optimal test AUC (synthetic data; NaN where unknown).
+
+Study modes (:data:`STUDY_MODES`): ``se``, ``me``, ``mesi`` (the paper's ablation: ME sets sharing one interaction)
+and ``se-sr`` (SE trained with the spectral regulariser, the paper's other ablation; the weight is the study's
+``--spectral-reg``). Every mode's paired difference to SE of the same backbone, scale and seed is reported.
 """
 
 from __future__ import annotations
@@ -37,15 +45,42 @@ SCALING_MD = "scaling.md"
 SCALING_PNG = "scaling.png"
 
 SCALING_COLUMNS: Tuple[str, ...] = (
-    "backbone", "mode", "scale", "seed", "val_auc", "test_auc", "test_logloss", "ia_mean", "embedding_params",
-    "dense_params", "samples_per_s",
+    "backbone", "mode", "scale", "seed", "val_auc", "test_auc", "test_logloss", "bayes_test_auc", "ia_mean",
+    "ia_concat_mean", "ia_random_mean", "embedding_params", "dense_params", "samples_per_s",
 )
 _INT_COLUMNS = frozenset({"scale", "seed", "embedding_params", "dense_params"})
 _STR_COLUMNS = frozenset({"backbone", "mode"})
 # Display names of the paper's backbones (anything else is shown upper-cased).
 _BACKBONE_NAMES = {"dnn": "DNN", "ipnn": "IPNN", "nfwfm": "NFwFM", "xdeepfm": "xDeepFM", "dcnv2": "DCNv2",
                    "dcnv2lr": "DCNv2 (low-rank)", "finalmlp": "FinalMLP", "dlrm": "DLRM"}
-_MODE_ORDER = {"se": 0, "me": 1, "mesi": 2}
+_MODE_ORDER = {"se": 0, "me": 1, "mesi": 2, "se-sr": 3}
+
+
+@dataclass(frozen=True)
+class StudyMode:
+    """A mode of the study: the zoo's model mode it trains and whether the spectral regulariser is on.
+
+    Attributes:
+        model_mode: ``se``, ``me`` or ``mesi`` (the model name's mode).
+        spectral_reg: True: the runs train with the study's ``--spectral-reg`` weight (other modes with 0).
+        label: the name in tables and figures.
+    """
+
+    model_mode: str
+    spectral_reg: bool
+    label: str
+
+
+STUDY_MODES: Dict[str, StudyMode] = {
+    "se": StudyMode("se", False, "SE"),
+    "me": StudyMode("me", False, "ME"),
+    "mesi": StudyMode("mesi", False, "MESI"),
+    "se-sr": StudyMode("se", True, "SE+SR"),
+}
+
+
+def _mode_label(mode: str) -> str:
+    return STUDY_MODES[mode].label if mode in STUDY_MODES else mode.upper()
 
 Row = Dict[str, Any]
 PathLike = Union[str, "os.PathLike[str]"]
@@ -57,7 +92,7 @@ class StudyPoint:
 
     Attributes:
         backbone: e.g. ``dcnv2``.
-        mode: ``se`` or ``me`` (or ``mesi``).
+        mode: a :data:`STUDY_MODES` key (``se``, ``me``, ``mesi``, ``se-sr``).
         scale: the scale factor ``s``.
         seed: the run's seed.
 
@@ -65,6 +100,8 @@ class StudyPoint:
 
         >>> StudyPoint("dcnv2", "me", 4, 0).run_name
         'dcnv2-me-4x-seed0'
+        >>> StudyPoint("dcnv2", "se-sr", 4, 0).model, StudyPoint("dcnv2", "se-sr", 4, 0).run_name
+        ('dcnv2-se-4x', 'dcnv2-se-sr-4x-seed0')
     """
 
     backbone: str
@@ -74,13 +111,18 @@ class StudyPoint:
 
     @property
     def model(self) -> str:
-        """The zoo model name, e.g. ``dcnv2-me-4x``."""
-        return f"{self.backbone}-{self.mode}-{self.scale}x"
+        """The zoo model name, e.g. ``dcnv2-me-4x`` (``se-sr`` trains ``dcnv2-se-4x``)."""
+        return f"{self.backbone}-{STUDY_MODES[self.mode].model_mode}-{self.scale}x"
+
+    @property
+    def spectral_reg(self) -> bool:
+        """True when the run trains with the study's spectral regulariser weight."""
+        return STUDY_MODES[self.mode].spectral_reg
 
     @property
     def run_name(self) -> str:
-        """The run directory's name, e.g. ``dcnv2-me-4x-seed0``."""
-        return f"{self.model}-seed{self.seed}"
+        """The run directory's name, e.g. ``dcnv2-me-4x-seed0``, ``dcnv2-se-sr-4x-seed0``."""
+        return f"{self.backbone}-{self.mode}-{self.scale}x-seed{self.seed}"
 
 
 def study_grid(
@@ -92,12 +134,12 @@ def study_grid(
 
     Args:
         backbones: backbone names, in the order the table lists them.
-        modes: ``se``, ``me`` (``mesi``).
+        modes: :data:`STUDY_MODES` keys.
         scales: scale factors.
         num_seeds: seeds ``0 .. num_seeds - 1``.
 
     Raises:
-        ValueError: an empty or duplicated list, a scale below 1 or fewer than one seed.
+        ValueError: an empty or duplicated list, an unknown mode, a scale below 1 or fewer than one seed.
 
     Example::
 
@@ -109,6 +151,9 @@ def study_grid(
             raise ValueError(f"{name}: give at least one value")
         if len(set(values)) != len(values):
             raise ValueError(f"{name}: duplicated values in {list(values)}")
+    unknown = [m for m in modes if m not in STUDY_MODES]
+    if unknown:
+        raise ValueError(f"--modes: unknown {', '.join(unknown)}; choose from {', '.join(STUDY_MODES)}")
     if any(int(s) < 1 for s in scales):
         raise ValueError(f"--scales: every scale must be >= 1, got {list(scales)}")
     if num_seeds < 1:
@@ -127,9 +172,37 @@ def ia_mean(sets: Sequence[Mapping[str, float]]) -> float:
     return float(np.mean(values))
 
 
-def make_row(point: StudyPoint, summary: Mapping[str, Any], ia: float) -> Row:
-    """The CSV row of one run from its ``summary.json`` and its ``ia_mean``."""
-    row: Row = {"backbone": point.backbone, "mode": point.mode, "scale": point.scale, "seed": point.seed, "ia_mean": ia}
+def ia_concat_mean(collapse: Mapping[str, Any]) -> float:
+    """IA of each field's whole embedding averaged over fields: SE's one table, ME's sets side by side (``concat``).
+
+    Raises:
+        ValueError: a result of several sets without ``concat``.
+    """
+    sets = collapse["sets"]
+    if len(sets) == 1:
+        return ia_mean(sets)
+    if not collapse.get("concat"):
+        raise ValueError(f"ia_concat_mean: {len(sets)} sets but no concatenated IA")
+    return float(np.mean([float(v) for v in collapse["concat"].values()]))
+
+
+def make_row(
+    point: StudyPoint,
+    summary: Mapping[str, Any],
+    ia: float,
+    ia_concat: Optional[float] = None,
+    ia_random: Optional[float] = None,
+) -> Row:
+    """The CSV row of one run from its ``summary.json`` and its IA figures (None: NaN, not measured).
+
+    ``bayes_test_auc`` comes from the summary (NaN when the data has no known Bayes-optimal AUC).
+    """
+    row: Row = {
+        "backbone": point.backbone, "mode": point.mode, "scale": point.scale, "seed": point.seed, "ia_mean": ia,
+        "ia_concat_mean": math.nan if ia_concat is None else float(ia_concat),
+        "ia_random_mean": math.nan if ia_random is None else float(ia_random),
+        "bayes_test_auc": float(summary["bayes_test_auc"]) if summary.get("bayes_test_auc") is not None else math.nan,
+    }
     for column in SCALING_COLUMNS:
         if column not in row:
             if column not in summary:
@@ -352,7 +425,7 @@ def _layout(rows: Sequence[Row]) -> Tuple[List[Tuple[str, str]], List[int]]:
 
 
 def _cell(stats: Optional[CellStats], digits: int, max_n: int) -> str:
-    if stats is None:
+    if stats is None or math.isnan(stats.mean):
         return "-"
     text = f"{stats.mean:.{digits}f}"
     if stats.std is not None:
@@ -370,25 +443,40 @@ def metric_table(rows: Sequence[Row], metric: str, digits: int) -> str:
     out = ["| model | " + " | ".join(f"{s}x" for s in scales) + " |", "|---|" + "---|" * len(scales)]
     for backbone, mode in lines:
         values = [_cell(cells.get((backbone, mode, s)), digits, max_n) for s in scales]
-        out.append(f"| {_backbone_label(backbone)} {mode.upper()} | " + " | ".join(values) + " |")
+        out.append(f"| {_backbone_label(backbone)} {_mode_label(mode)} | " + " | ".join(values) + " |")
     return "\n".join(out)
 
 
-def difference_table(differences: Sequence[PairedDifference], digits: int = 5) -> str:
-    """The paired ME - SE differences as a markdown table (``n/a`` for the interval below two seeds)."""
-    out = ["| backbone | scale | seeds | ME - SE (mean) | std | 95% interval |", "|---|---|---|---|---|---|"]
+def with_derived(rows: Iterable[Row]) -> List[Row]:
+    """The rows with two derived metrics: ``bayes_gap`` (Bayes-optimal minus test AUC) and ``ia_concat_ratio``
+    (``ia_concat_mean / ia_random_mean``: the whole embedding's IA as a fraction of a fresh initialisation's)."""
+    out = []
+    for row in rows:
+        extra = dict(row)
+        extra["bayes_gap"] = float(row["bayes_test_auc"]) - float(row["test_auc"])
+        random_ia = float(row["ia_random_mean"])
+        extra["ia_concat_ratio"] = float(row["ia_concat_mean"]) / random_ia if random_ia > 0 else math.nan
+        out.append(extra)
+    return out
+
+
+def difference_table(differences: Sequence[PairedDifference], digits: int = 5, label: str = "ME - SE") -> str:
+    """Paired differences (ME - SE, or ``label``) as a markdown table (``n/a`` for the interval below two seeds)."""
+    out = [f"| backbone | scale | seeds | {label} (mean) | std | 95% interval |", "|---|---|---|---|---|---|"]
     for d in differences:
         std = "n/a" if d.std is None else f"{d.std:.{digits}f}"
         interval = "n/a" if d.low is None else f"[{d.low:+.{digits}f}, {d.high:+.{digits}f}]"
         label = _backbone_label(d.backbone)
         out.append(f"| {label} | {d.scale}x | {d.n} | {d.mean:+.{digits}f} | {std} | {interval} |")
     if len(out) == 2:
-        out.append("| - | - | 0 | no scale has both an SE and an ME run | | |")
+        out.append(f"| - | - | 0 | no scale has both runs of {label} | | |")
     return "\n".join(out)
 
 
 def format_markdown(rows: Sequence[Row], title: str = "Scaling study", notes: Sequence[str] = ()) -> str:
-    """``scaling.md``: test AUC (the paper's Table 1 layout), paired ME - SE test AUC, test log loss, IA, parameters.
+    """``scaling.md``: test AUC (the paper's Table 1 layout), paired differences to SE with t-intervals, the gap to
+    the Bayes-optimal AUC, test log loss, the whole embedding's IA (absolute and against a random initialisation's),
+    the per-set IA, parameters.
 
     Args:
         rows: the study's rows (any order).
@@ -399,6 +487,9 @@ def format_markdown(rows: Sequence[Row], title: str = "Scaling study", notes: Se
         raise ValueError("format_markdown: no rows (no run finished)")
     seeds = sorted({int(r["seed"]) for r in rows})
     confidence = 0.95
+    derived = with_derived(rows)
+    modes = list(dict.fromkeys(sorted((r["mode"] for r in rows), key=lambda m: (_MODE_ORDER.get(m, 9), m))))
+    bayes = sorted({round(float(r["bayes_test_auc"]), 5) for r in rows if not math.isnan(float(r["bayes_test_auc"]))})
     parts = [
         f"# {title}",
         "",
@@ -407,6 +498,10 @@ def format_markdown(rows: Sequence[Row], title: str = "Scaling study", notes: Se
         "(embedding parameters relative to the base model); SE widens one embedding set, ME uses that many sets of "
         "the base width.",
         *[f"- {note}" for note in notes],
+    ]
+    if bayes:
+        parts.append(f"- Bayes-optimal test AUC of the data: {', '.join(f'{b:.5f}' for b in bayes)}")
+    parts += [
         "",
         "## Test AUC",
         "",
@@ -418,11 +513,43 @@ def format_markdown(rows: Sequence[Row], title: str = "Scaling study", notes: Se
         "",
         difference_table(paired_differences(rows, "test_auc", confidence)),
         "",
+    ]
+    for mode in modes:
+        if mode in ("se", "me"):
+            continue
+        label = f"{_mode_label(mode)} - SE"
+        parts += [
+            f"## {label} test AUC, paired by seed ({confidence:.0%} t-interval over seeds)",
+            "",
+            difference_table(paired_differences(rows, "test_auc", confidence, first=mode), label=label),
+            "",
+        ]
+    if bayes:
+        parts += [
+            "## Gap to the Bayes-optimal test AUC (Bayes - model; 0 is the ceiling)",
+            "",
+            metric_table(derived, "bayes_gap", 5),
+            "",
+        ]
+    parts += [
         "## Test log loss",
         "",
         metric_table(rows, "test_logloss", 5),
         "",
-        "## Information abundance (mean over sets and fields, rows L2-normalised; at most the set width d)",
+        "## Information abundance of the whole embedding per field (`ia_concat_mean`: SE's one table, ME's sets "
+        "side by side; mean over fields, rows L2-normalised)",
+        "",
+        metric_table(rows, "ia_concat_mean", 3),
+        "",
+        "Random initialisation of the same shape (`ia_random_mean`, uniform `[D_i, s*d]` tables):",
+        "",
+        metric_table(rows, "ia_random_mean", 3),
+        "",
+        "## Whole-embedding IA as a fraction of the random initialisation's (`ia_concat_mean / ia_random_mean`)",
+        "",
+        metric_table(derived, "ia_concat_ratio", 3),
+        "",
+        "## Information abundance per set (mean over sets and fields; at most the set width d)",
         "",
         metric_table(rows, "ia_mean", 3),
         "",
@@ -445,7 +572,7 @@ def _params_table(rows: Sequence[Row]) -> str:
             cells.append(
                 "-" if key not in emb else f"{emb[key].mean:,.0f} / {dense[key].mean:,.0f} ({speed[key].mean:,.0f}/s)"
             )
-        out.append(f"| {_backbone_label(backbone)} {mode.upper()} | " + " | ".join(cells) + " |")
+        out.append(f"| {_backbone_label(backbone)} {_mode_label(mode)} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -481,46 +608,69 @@ def scaling_series(rows: Sequence[Row], metric: str) -> Dict[Tuple[str, str], Di
     return series
 
 
+def _colour(backbone: str, mode: str, backbones: Sequence[str]) -> str:
+    """One colour per backbone when there are several (modes differ by marker and line), else one per mode."""
+    if len(backbones) > 1:
+        return f"C{list(backbones).index(backbone)}"
+    order = list(STUDY_MODES)
+    return f"C{order.index(mode)}" if mode in order else "C9"
+
+
 def plot_scaling(
     rows: Sequence[Row], path: PathLike, base_widths: Optional[Mapping[str, int]] = None
 ) -> Dict[str, Any]:
-    """``scaling.png``: test AUC vs scale and IA vs scale, one line per backbone x mode, error bars = std over seeds.
+    """``scaling.png``, the paper's Table 1 and Figure 1 in one picture, three panels over the scale: test AUC; IA of
+    the whole embedding (``ia_concat_mean``) with the random-initialisation reference (``ia_random_mean``, grey);
+    IA per set (``ia_mean``) with each line's ceiling, the set width. One line per backbone x mode, error bars =
+    std over seeds.
 
     Args:
         rows: the study's rows.
         path: the PNG to write (atomically).
-        base_widths: backbone -> base set width, to draw each line's IA ceiling (the set width d) dashed; None
-            leaves the ceilings out.
+        base_widths: backbone -> base set width, to draw each line's per-set IA ceiling (the set width d) dashed;
+            None leaves the ceilings out.
 
     Returns:
-        ``{"auc": series, "ia": series, "ceilings": {(backbone, mode): [d per scale]}}`` with the series of
-        :func:`scaling_series`: exactly what was drawn.
+        ``{"auc": series, "ia": series of ia_concat_mean, "ia_random": series, "ia_sets": series of ia_mean,
+        "ceilings": {(backbone, mode): [d per scale]}}`` with the series of :func:`scaling_series`: exactly what was
+        drawn.
     """
     if not rows:
         raise ValueError("plot_scaling: no rows")
-    auc, ia = scaling_series(rows, "test_auc"), scaling_series(rows, "ia_mean")
-    fig = Figure(figsize=(12.0, 4.6), layout="constrained")
-    ax_auc, ax_ia = fig.subplots(1, 2)
+    auc, ia = scaling_series(rows, "test_auc"), scaling_series(rows, "ia_concat_mean")
+    ia_random, ia_sets = scaling_series(rows, "ia_random_mean"), scaling_series(rows, "ia_mean")
+    fig = Figure(figsize=(17.0, 4.8), layout="constrained")
+    ax_auc, ax_ia, ax_sets = fig.subplots(1, 3)
     backbones = list(dict.fromkeys(b for b, _ in auc))
-    styles = {"se": ("o", "--"), "me": ("s", "-"), "mesi": ("^", ":")}
+    styles = {"se": ("o", "--"), "me": ("s", "-"), "mesi": ("^", ":"), "se-sr": ("v", "-.")}
     ceilings: Dict[Tuple[str, str], List[int]] = {}
     all_scales = sorted({int(r["scale"]) for r in rows})
+    random_drawn = set()
     for (backbone, mode), data in auc.items():
-        colour = f"C{backbones.index(backbone)}"
+        colour = _colour(backbone, mode, backbones)
         marker, line = styles.get(mode, ("x", "-."))
-        label = f"{_backbone_label(backbone)} {mode.upper()}"
+        label = f"{_backbone_label(backbone)} {_mode_label(mode)}"
         ax_auc.errorbar(data["scales"], data["mean"], yerr=data["std"], marker=marker, linestyle=line, color=colour,
                         capsize=3, label=label)
-        ia_data = ia[(backbone, mode)]
-        ax_ia.errorbar(ia_data["scales"], ia_data["mean"], yerr=ia_data["std"], marker=marker, linestyle=line,
+        whole = ia[(backbone, mode)]
+        ax_ia.errorbar(whole["scales"], whole["mean"], yerr=whole["std"], marker=marker, linestyle=line,
                        color=colour, capsize=3, label=label)
+        reference = ia_random[(backbone, mode)]
+        key = (backbone, tuple(reference["scales"]), tuple(round(v, 6) for v in reference["mean"]))
+        if key not in random_drawn and not all(math.isnan(v) for v in reference["mean"]):
+            random_drawn.add(key)
+            ax_ia.plot(reference["scales"], reference["mean"], color="grey", linestyle=":", marker=".",
+                       label=f"{_backbone_label(backbone)}: random init" if len(backbones) > 1 else "random init")
+        per_set = ia_sets[(backbone, mode)]
+        ax_sets.errorbar(per_set["scales"], per_set["mean"], yerr=per_set["std"], marker=marker, linestyle=line,
+                         color=colour, capsize=3, label=label)
         if base_widths is not None:
-            widths = [_set_width(backbone, mode, s, base_widths) for s in ia_data["scales"]]
+            widths = [_set_width(backbone, mode, s, base_widths) for s in per_set["scales"]]
             if all(w is not None for w in widths):
                 ceilings[(backbone, mode)] = [int(w) for w in widths]  # type: ignore[arg-type]
-                ax_ia.plot(ia_data["scales"], widths, linestyle=line, color=colour, alpha=0.35, linewidth=1,
-                           label=f"{label}: ceiling d")
-    for ax in (ax_auc, ax_ia):
+                ax_sets.plot(per_set["scales"], widths, linestyle=line, color=colour, alpha=0.35, linewidth=1,
+                             label=f"{label}: ceiling d")
+    for ax in (ax_auc, ax_ia, ax_sets):
         ax.set_xscale("log")
         ax.set_xticks(all_scales)
         ax.set_xticklabels([f"{s}x" for s in all_scales])
@@ -530,15 +680,18 @@ def plot_scaling(
     ax_auc.set_ylabel("test AUC (mean ± std over seeds)")
     ax_auc.set_title("Test AUC vs scale")
     ax_auc.legend(fontsize=8)
-    ax_ia.set_ylabel("information abundance (mean over sets and fields)")
-    ax_ia.set_title("IA vs scale (rows L2-normalised)")
-    if ceilings:  # SE's ceiling grows with the scale: a log axis keeps ME's values readable next to it
-        ax_ia.set_yscale("log")
-        ax_ia.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax_ia.yaxis.set_major_formatter(ScalarFormatter())
-        ax_ia.yaxis.set_minor_formatter(NullFormatter())
+    ax_ia.set_ylabel("IA of the whole embedding (mean over fields)")
+    ax_ia.set_title("Whole-embedding IA vs scale (SE table, ME sets side by side)")
     ax_ia.legend(fontsize=7)
+    ax_sets.set_ylabel("IA per set (mean over sets and fields)")
+    ax_sets.set_title("IA per set vs scale (rows L2-normalised)")
+    # SE's per-set ceiling grows with the scale: a log axis keeps ME's values readable next to it.
+    ax_sets.set_yscale("log")
+    ax_sets.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax_sets.yaxis.set_major_formatter(ScalarFormatter())
+    ax_sets.yaxis.set_minor_formatter(NullFormatter())
+    ax_sets.legend(fontsize=7)
     fig.suptitle("Scaling: single embedding (SE) vs multi-embedding (ME)")
     FigureCanvasAgg(fig)
     atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
-    return {"auc": auc, "ia": ia, "ceilings": ceilings}
+    return {"auc": auc, "ia": ia, "ia_random": ia_random, "ia_sets": ia_sets, "ceilings": ceilings}

@@ -42,6 +42,7 @@ from multiembed.analysis.scaling import (
     SCALING_PNG,
     Row,
     StudyPoint,
+    ia_concat_mean,
     ia_mean,
     make_row,
     plot_scaling,
@@ -50,7 +51,9 @@ from multiembed.analysis.scaling import (
     write_markdown,
 )
 from multiembed.collapse import collapse_from_model
+from multiembed.collapse.monitor import CollapseMonitor
 from multiembed.data.metadata import read_metadata
+from multiembed.models import DEFAULT_SPECTRAL_REG_WEIGHT
 from multiembed.models.names import BASE_SET_DIM, parse_model_name
 from multiembed.training.distributed import DistContext, broadcast_object, init_distributed
 from multiembed.config import STUDY_OPTIONS, TrainConfig
@@ -63,8 +66,9 @@ LOGS_DIR = "logs"
 
 # Options of `multiembed train` a study forwards to every run (all others keep TrainConfig's defaults).
 TRAIN_OPTIONS = STUDY_OPTIONS
-# Options that must agree with a finished run's for it to count in this study (the others do not change results).
-_RESULT_OPTIONS = tuple(o for o in TRAIN_OPTIONS if o not in ("device", "ia_every"))
+# Options that must agree with a finished run's for it to count in this study (the others do not change results;
+# spectral_reg is checked per run: the se-sr mode's runs use the study's weight, the others 0).
+_RESULT_OPTIONS = tuple(o for o in TRAIN_OPTIONS if o not in ("device", "ia_every", "collapse_warn", "spectral_reg"))
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,13 @@ class Preset:
     description: str
 
 
+# The collapse preset's sizes (README, "The collapse regime": how they were measured).
+COLLAPSE_PRESET_DATA = "multiembed synth --regime collapse --rows 450000 --split 16,1,1 --out DATA"
+COLLAPSE_PRESET_TRAIN: Dict[str, Any] = {
+    "epochs": 1, "batch_size": 1024, "hidden": 256, "patience": 2, "eval_every": 60, "max_steps": 180,
+    "device": "auto",
+}
+
 PRESETS: Dict[str, Preset] = {
     "small": Preset(
         name="small",
@@ -96,6 +107,15 @@ PRESETS: Dict[str, Preset] = {
         },
         data_hint="multiembed synth --rows 150000 --scale 0.002 --out DATA",
         description="DCNv2 SE vs ME at 1x, 2x, 4x, 2 seeds: about 20 minutes on 2 CPU cores",
+    ),
+    # Sized from timed single-configuration smoke runs (README, "The collapse regime"): fixed before any full run.
+    "collapse": Preset(
+        name="collapse",
+        grid={"backbones": ["dcnv2"], "modes": ["se", "me"], "scales": [1, 2, 4, 10], "seeds": 5},
+        train=COLLAPSE_PRESET_TRAIN,
+        data_hint=COLLAPSE_PRESET_DATA,
+        description="DCNv2 SE vs ME at 1x, 2x, 4x, 10x, 5 seeds on the collapse regime: at most 90 minutes on 2 "
+        "CPU cores (estimated from timed smoke runs)",
     ),
 }
 
@@ -130,11 +150,22 @@ def _read_json(path: Path) -> Dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({e}); delete the run directory to train it again") from None
 
 
+def run_options(point: StudyPoint, options: Mapping[str, Any]) -> Dict[str, Any]:
+    """The :data:`TRAIN_OPTIONS` of one run: the study's, with ``spectral_reg`` the study's weight for the ``se-sr``
+    mode and 0 for every other mode."""
+    values = {k: options[k] for k in TRAIN_OPTIONS}
+    values["spectral_reg"] = float(options["spectral_reg"]) if point.spectral_reg else 0.0
+    return values
+
+
 def _check_finished_run(run_dir: Path, point: StudyPoint, options: Mapping[str, Any], fingerprint: str) -> None:
     """Refuses a finished run trained with other settings (its result would silently mix into this study)."""
     record = _read_json(run_dir / CONFIG_FILE)
     recorded = record.get("options", {})
-    expected = {"model": point.model, "seed": point.seed, **{k: options[k] for k in _RESULT_OPTIONS}}
+    per_run = run_options(point, options)
+    expected = {
+        "model": point.model, "seed": point.seed, **{k: per_run[k] for k in (*_RESULT_OPTIONS, "spectral_reg")},
+    }
     for key, value in expected.items():
         if recorded.get(key) != value:
             raise ValueError(
@@ -225,6 +256,8 @@ def run_scaling_study(
         raise ValueError(f"run_scaling_study: train_options lacks {missing}")
     for point in points:
         parse_model_name(point.model)  # every name checked before the first run starts
+    if any(p.spectral_reg for p in points) and not train_options["spectral_reg"] > 0:
+        raise ValueError("--modes se-sr: needs a positive --spectral-reg (the regulariser's weight; default 1e-4)")
     meta = read_metadata(data)
     ctx = ctx or init_distributed(train_options["device"])
     out_dir, runs_dir, logs_dir = Path(out), Path(out) / RUNS_DIR, Path(out) / LOGS_DIR
@@ -232,6 +265,9 @@ def run_scaling_study(
         runs_dir.mkdir(parents=True, exist_ok=True)
         logs_dir.mkdir(parents=True, exist_ok=True)
     result = StudyResult()
+    # Random-initialisation IA of each run's whole embedding, [D_i, s * d]: SE and ME of one scale share the shape,
+    # so one reference per scale (collapse/monitor.py; a collective when several ranks run the study).
+    monitor = CollapseMonitor(1.0)
 
     def say(message: str) -> None:
         if ctx.is_main:
@@ -256,7 +292,7 @@ def run_scaling_study(
             else:
                 config = TrainConfig(
                     data=data, model=point.model, out=str(run_dir), seed=point.seed, resume=True,
-                    progress=progress, **{k: train_options[k] for k in TRAIN_OPTIONS},
+                    progress=progress, **run_options(point, train_options),
                 )
                 run_started = time.perf_counter()
                 log_path = logs_dir / f"{point.run_name}.log"
@@ -294,11 +330,18 @@ def run_scaling_study(
             trainer = None
             _release(ctx)
 
-            row = make_row(point, summary, ia_mean(collapse["sets"]))
+            vocab = {f: int(collapse["vocab_sizes"][f]) for f in collapse["fields"]}
+            whole_width = int(collapse["dim"]) * len(collapse["sets"])
+            random_whole = monitor.reference(vocab, whole_width, bool(collapse["row_normalized"]))
+            row = make_row(
+                point, summary, ia_mean(collapse["sets"]), ia_concat_mean(collapse),
+                sum(random_whole.values()) / len(random_whole),
+            )
             result.rows.append(row)
             say(
                 f"{prefix} {how}; val AUC {row['val_auc']:.5f}, test AUC {row['test_auc']:.5f}, "
-                f"IA mean {row['ia_mean']:.3f}"
+                f"IA mean per set {row['ia_mean']:.3f}, whole embedding {row['ia_concat_mean']:.3f} "
+                f"(random init {row['ia_random_mean']:.3f})"
             )
             bar.update(1)
 
@@ -349,6 +392,7 @@ def resolve_options(explicit: Mapping[str, Any], preset: Optional[str]) -> Dict[
     }
     paper = TrainConfig(data="", model="", out="")
     defaults.update({k: getattr(paper, k) for k in TRAIN_OPTIONS})
+    defaults["spectral_reg"] = DEFAULT_SPECTRAL_REG_WEIGHT  # the se-sr mode's weight (the paper's ablation setting)
     chosen = dict(defaults)
     if preset is not None:
         chosen.update(PRESETS[preset].grid)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from multiembed.config import TrainConfig, add_arguments
+
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = subparsers.add_parser(
@@ -13,7 +15,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
             "Rebuilds the run's model from RUN_DIR/config.json, loads its best checkpoint (the one summary.json "
             "names, else the newest complete one) or the checkpoint directory given (RUN/checkpoints/step-N), and "
             "writes into --out: collapse.json (information abundance per field and set, spectra, the sets "
-            "concatenated, a random-initialisation reference, DCNv2 sub-embedding IA) and the figures spectra.png, "
+            "concatenated, a random-initialisation reference, DCNv2 sub-embedding IA, the fields marked collapsed: IA below "
+            "--collapse-warn x the random init of the same shape) and the figures spectra.png, "
             "ia_vs_random.png, ia_sets.png, sub_embedding.png (DCNv2). Rows are L2-normalised before the spectra "
             "unless --raw. Prints a summary table and the files written. Under torchrun every rank streams its own "
             "shards; no table is gathered."
@@ -29,6 +32,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     )
     p.add_argument("--data", default=None, help="dataset directory to use if the run's has moved (same vocabulary)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_arguments(p, TrainConfig, ["collapse_warn"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -42,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         analysis = analyze_run(
             args.path, args.out, row_normalized=not args.raw, sub_embedding=not args.no_sub_embedding,
             data=args.data, device=args.device, compare_with=comparisons, progress=not args.no_progress,
+            collapse_warn=args.collapse_warn,
         )
         if analysis.report is not None:
             print_report(analysis)

@@ -14,8 +14,13 @@ from multiembed.config import STUDY_OPTIONS, TrainConfig, add_arguments
 PRESET_HELP = (
     "small: --backbones dcnv2 --modes se,me --scales 1,2,4 --seeds 2 --epochs 3 --batch-size 1024 --hidden 64 "
     "--patience 2 --eval-every 50 --max-steps 300, sized for data from "
-    "`multiembed synth --rows 150000 --scale 0.002` (about 20 minutes on 2 CPU cores)"
+    "`multiembed synth --rows 150000 --scale 0.002` (about 20 minutes on 2 CPU cores); "
+    "collapse: --backbones dcnv2 --modes se,me --scales 1,2,4,10 --seeds 5 --epochs 1 --batch-size 1024 "
+    "--hidden 256 --patience 2 --eval-every 60 --max-steps 180, sized for data from "
+    "`multiembed synth --regime collapse --rows 450000 --split 16,1,1` (about 85 minutes on 2 otherwise idle CPU "
+    "cores, estimated from timed smoke runs; README, 'The collapse regime')"
 )
+PRESET_NAMES = ("small", "collapse")
 
 
 def _names(text: str) -> List[str]:
@@ -53,9 +58,13 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--out", required=True, help="study directory (created; rerun with the same --out to resume)")
     p.add_argument("--backbones", type=_names, default=None, help="comma-separated backbones (default dcnv2,dnn)")
     p.add_argument("--scales", type=_ints, default=None, help="comma-separated scale factors (default 1,2,3,4,10)")
-    p.add_argument("--modes", type=_names, default=None, help="comma-separated modes: se, me, mesi (default se,me)")
+    p.add_argument(
+        "--modes", type=_names, default=None,
+        help="comma-separated modes: se, me, mesi (ME sets sharing one interaction), se-sr (SE with the spectral "
+        "regulariser, weight --spectral-reg) (default se,me)",
+    )
     p.add_argument("--seeds", type=int, default=None, help="number of seeds per configuration, 0..N-1 (default 3)")
-    p.add_argument("--preset", choices=["small"], default=None, help=f"named study size; {PRESET_HELP}")
+    p.add_argument("--preset", choices=list(PRESET_NAMES), default=None, help=f"named study size; {PRESET_HELP}")
     # The training options every run of the study shares: TrainConfig's fields, unset unless given (a preset or
     # the paper's defaults fill the rest).
     add_arguments(p, TrainConfig, STUDY_OPTIONS, unset_defaults=True)

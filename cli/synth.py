@@ -32,14 +32,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="output dataset directory")
     parser.add_argument("--seed", type=int, default=0, help="seeds the label model and every row (default 0)")
     parser.add_argument(
-        "--scale", type=float, default=0.02,
+        "--regime", choices=["default", "collapse"], default="default",
+        help="default: the Criteo-shaped log above; collapse: 8 fields from 2 to 2000 ids, rich fields with "
+        "planted interactions of total rank 22 and tiny fields interacting with them (the paper's "
+        "interaction-collapse setting; README, 'The collapse regime'); --scale, --signal and --tsv do not apply",
+    )
+    parser.add_argument(
+        "--scale", type=float, default=None,
         help="vocabulary sizes are Criteo Kaggle's times this (default 0.02: about 22k ids over 39 fields)",
     )
     parser.add_argument("--split", type=_split_weights, default=[8.0, 1.0, 1.0], help="train,val,test (default 8,1,1)")
     parser.add_argument("--tsv", default=None, help="also write every row as raw Criteo TSV to this file (.gz allowed)")
     parser.add_argument("--positive-rate", type=float, default=0.25, help="expected click rate (default 0.25)")
     parser.add_argument(
-        "--signal", type=float, default=0.85,
+        "--signal", type=float, default=None,
         help="std of the first-order and of the interaction part of the logit (default 0.85: Bayes AUC about 0.78)",
     )
     parser.add_argument("--force", action="store_true", help="replace a dataset already in --out")
@@ -48,15 +54,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from multiembed.data.synthetic import SyntheticConfig, generate_dataset
+    from multiembed.data.synthetic import AnyConfig, CollapseRegimeConfig, SyntheticConfig, generate_dataset
 
-    config = SyntheticConfig(
-        seed=args.seed,
-        scale=args.scale,
-        positive_rate=args.positive_rate,
-        first_order_std=args.signal,
-        interaction_std=args.signal,
-    )
+    config: AnyConfig
+    if args.regime == "collapse":
+        given = [flag for flag, value in (("--scale", args.scale), ("--signal", args.signal), ("--tsv", args.tsv))
+                 if value is not None]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)}: not options of --regime collapse (its fields, sizes and signal strengths are "
+                "fixed by its design; --rows, --seed, --split and --positive-rate apply)"
+            )
+        config = CollapseRegimeConfig(seed=args.seed, positive_rate=args.positive_rate)
+    else:
+        config = SyntheticConfig(
+            seed=args.seed,
+            scale=0.02 if args.scale is None else args.scale,
+            positive_rate=args.positive_rate,
+            first_order_std=0.85 if args.signal is None else args.signal,
+            interaction_std=0.85 if args.signal is None else args.signal,
+        )
     meta = generate_dataset(
         args.out, args.rows, config, split=args.split, tsv_path=args.tsv, force=args.force,
         progress=not args.no_progress,

@@ -92,6 +92,10 @@ class TrainConfig:
     ia_every: int = option(
         1, help="log information abundance (mean/min per set) every N evaluations into metrics.jsonl (0: off)"
     )
+    collapse_warn: float = option(
+        0.5, help="collapse monitor: at every IA log, name the fields whose IA (per set, and of the sets side by side) "
+        "is below this fraction of a random initialisation's of the same shape (0: off)",
+    )
     max_steps: int = option(0, help="stop after N steps (0: no limit)")
     hidden: int = option(400, help="MLP width (the paper's 400)")
     dropout: float = option(0.2, help="dropout of the MLPs")
@@ -107,7 +111,10 @@ class TrainConfig:
         "are rounded to fp16)",
     )
     dense_features: bool = option(False, help="feed the raw dense features through a dense arch")
-    spectral_reg: float = option(0.0, help="weight of the singular-spectrum regulariser (0: off)")
+    spectral_reg: float = option(
+        0.0, help="weight of the singular-spectrum regulariser (0: off; in multiembed scale: the weight of the se-sr "
+        "mode's runs, default 1e-4, the paper's; other modes train without it)",
+    )
     device: str = option("auto", choices=Device.choices(), help="auto: CUDA + nccl when a GPU is visible, else CPU")
     progress: bool = option(True, flag="--no-progress", help="no progress bar")
 
@@ -124,6 +131,10 @@ class TrainConfig:
                      "decay_start", "decay_steps", "hidden"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.collapse_warn <= 1.0:
+            raise ValueError(f"--collapse-warn: must be in [0, 1], got {self.collapse_warn}")
+        if not self.spectral_reg >= 0.0:
+            raise ValueError(f"--spectral-reg: must be >= 0, got {self.spectral_reg}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--dropout: must be in [0, 1), got {self.dropout}")
         for field in dataclasses.fields(self):
@@ -143,7 +154,7 @@ MODEL_OPTIONS = ("model", "hidden", "dropout", "layout", "dense_features", "spec
 # out, resume and progress).
 STUDY_OPTIONS = (
     "epochs", "batch_size", "hidden", "dropout", "patience", "eval_every", "max_steps", "lr", "sparse_lr",
-    "sparse_optimizer", "dense_optimizer", "weight_decay", "ia_every", "device",
+    "sparse_optimizer", "dense_optimizer", "weight_decay", "ia_every", "collapse_warn", "spectral_reg", "device",
 )
 
 C = TypeVar("C")

@@ -113,7 +113,9 @@ def test_analyze_run_writes_every_file_with_values_from_the_checkpoint(run_dir: 
     assert saved["source"]["model"] == MODEL and saved["source"]["checkpoint"] == relative
     assert (out / saved["source"]["run_dir"]).resolve() == run_dir.resolve()
     assert saved["row_normalized"] is True and saved["dim"] == 10 and len(saved["sets"]) == 2
-    assert analysis.collapse.to_dict() == {k: v for k, v in saved.items() if k != "source"}
+    monitor_keys = ("source", "collapse_warn", "collapsed", "random_init_concat")  # the collapse monitor's marks
+    assert analysis.collapse.to_dict() == {k: v for k, v in saved.items() if k not in monitor_keys}
+    assert saved["collapse_warn"] == 0.5 and set(saved["random_init_concat"]) == set(saved["fields"])
 
     # Every IA against an SVD done here on the checkpoint's tables.
     per_slot, cross, fields = loaded_weights(run_dir, best)

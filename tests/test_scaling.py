@@ -22,6 +22,7 @@ from multiembed.analysis.scaling import (
     aggregate,
     difference_table,
     format_markdown,
+    ia_concat_mean,
     ia_mean,
     make_row,
     mean_std,
@@ -42,8 +43,10 @@ REPO = Path(__file__).resolve().parents[1]
 def row(backbone: str, mode: str, scale: int, seed: int, test_auc: float, ia: float = 5.0) -> Dict:
     return {
         "backbone": backbone, "mode": mode, "scale": scale, "seed": seed, "val_auc": test_auc - 0.01,
-        "test_auc": test_auc, "test_logloss": 0.45, "ia_mean": ia, "embedding_params": 1000 * scale,
-        "dense_params": 50_000 * (scale if mode == "se" else 1), "samples_per_s": 100.0 * seed + 1.0,
+        "test_auc": test_auc, "test_logloss": 0.45, "bayes_test_auc": 0.85, "ia_mean": ia,
+        "ia_concat_mean": ia * (1 if mode == "se" else scale), "ia_random_mean": 9.0 * scale,
+        "embedding_params": 1000 * scale, "dense_params": 50_000 * (scale if mode == "se" else 1),
+        "samples_per_s": 100.0 * seed + 1.0,
     }
 
 
@@ -130,8 +133,8 @@ def test_csv_round_trip_has_the_exact_columns(tmp_path: Path) -> None:
     with open(path, newline="") as f:
         header = next(csv.reader(f))
     assert header == list(SCALING_COLUMNS) == [
-        "backbone", "mode", "scale", "seed", "val_auc", "test_auc", "test_logloss", "ia_mean", "embedding_params",
-        "dense_params", "samples_per_s",
+        "backbone", "mode", "scale", "seed", "val_auc", "test_auc", "test_logloss", "bayes_test_auc", "ia_mean",
+        "ia_concat_mean", "ia_random_mean", "embedding_params", "dense_params", "samples_per_s",
     ]
     assert read_csv(path) == MADE_UP
     (tmp_path / "bad.csv").write_text(path.read_text().replace("0.801", "x.801", 1))
@@ -146,10 +149,13 @@ def test_scaling_figure_draws_the_aggregates(tmp_path: Path) -> None:
     assert se["scales"] == [1, 2]
     assert se["mean"] == pytest.approx([np.mean([0.800, 0.801, 0.803]), 0.811])
     assert se["std"] == pytest.approx([np.std([0.800, 0.801, 0.803], ddof=1), 0.001])
-    assert data["ia"][("dcnv2", "me")]["mean"] == pytest.approx([7.0, 5.25])
+    assert data["ia_sets"][("dcnv2", "me")]["mean"] == pytest.approx([7.0, 5.25])
+    assert data["ia"][("dcnv2", "me")]["mean"] == pytest.approx([7.0, 10.5])  # whole embedding: ME's sets side by side
+    assert data["ia_random"][("dcnv2", "se")]["mean"] == pytest.approx([9.0, 18.0])
     assert data["auc"][("dnn", "me")]["std"] == [0.0]  # one seed: no error bar
     assert data["ceilings"][("dcnv2", "se")] == [10, 20] and data["ceilings"][("dcnv2", "me")] == [10, 10]
-    assert data["ia"] == scaling_series(MADE_UP, "ia_mean")
+    assert data["ia_sets"] == scaling_series(MADE_UP, "ia_mean")
+    assert data["ia"] == scaling_series(MADE_UP, "ia_concat_mean")
 
 
 def test_grid_rows_and_ia_mean() -> None:
@@ -166,13 +172,23 @@ def test_grid_rows_and_ia_mean() -> None:
                "samples_per_s": 3.5, "steps": 9}
     made = make_row(StudyPoint("dnn", "me", 2, 1), summary, 4.5)
     assert list(made) == list(SCALING_COLUMNS) and made["ia_mean"] == 4.5 and made["mode"] == "me"
+    assert math.isnan(made["bayes_test_auc"]) and math.isnan(made["ia_concat_mean"])  # not known / not given
+    full = make_row(StudyPoint("dnn", "me", 2, 1), {**summary, "bayes_test_auc": 0.8}, 4.5, 8.0, 17.5)
+    assert (full["bayes_test_auc"], full["ia_concat_mean"], full["ia_random_mean"]) == (0.8, 8.0, 17.5)
+    assert ia_concat_mean({"sets": [{"a": 2.0}], "concat": None}) == 2.0  # SE: its one table
+    assert ia_concat_mean({"sets": [{"a": 2.0}, {"a": 3.0}], "concat": {"a": 4.0}}) == 4.0
+    with pytest.raises(ValueError, match="no concatenated IA"):
+        ia_concat_mean({"sets": [{"a": 2.0}, {"a": 3.0}], "concat": None})
+    assert StudyPoint("dnn", "se-sr", 2, 0).model == "dnn-se-2x" and StudyPoint("dnn", "se-sr", 2, 0).spectral_reg
+    with pytest.raises(ValueError, match="unknown nosuch"):
+        study_grid(["dnn"], ["se", "nosuch"], [1], 1)
     with pytest.raises(ValueError, match="no 'test_logloss'"):
         make_row(StudyPoint("dnn", "me", 2, 1), {k: v for k, v in summary.items() if k != "test_logloss"}, 1.0)
 
 
 def test_preset_resolution_and_help_text() -> None:
     from multiembed.analysis.study import PRESETS, resolve_options
-    from multiembed.cli.scale import PRESET_HELP
+    from multiembed.cli.scale import PRESET_HELP, PRESET_NAMES
 
     small = resolve_options({"hidden": 32, "backbones": None}, "small")
     assert small["hidden"] == 32  # explicit wins
@@ -180,14 +196,16 @@ def test_preset_resolution_and_help_text() -> None:
     assert small["max_steps"] == PRESETS["small"].train["max_steps"]
     paper = resolve_options({}, None)
     assert paper["batch_size"] == 2048 and paper["hidden"] == 400 and paper["scales"] == [1, 2, 3, 4, 10]
-    # The --help text spells the preset out (no torch import at parse time): it must say what the preset sets.
-    preset = PRESETS["small"]
-    for key, value in {**preset.train, **{k: v for k, v in preset.grid.items()}}.items():
-        if key == "device":
-            continue
-        shown = ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
-        assert f"--{key.replace('_', '-')} {shown}" in PRESET_HELP, key
-    assert preset.data_hint.replace(" --out DATA", "") in PRESET_HELP
+    # The --help text spells every preset out (no torch import at parse time): it must say what the preset sets.
+    assert tuple(PRESETS) == PRESET_NAMES
+    for name, preset in PRESETS.items():
+        text = PRESET_HELP[PRESET_HELP.index(f"{name}: "):]
+        for key, value in {**preset.train, **{k: v for k, v in preset.grid.items()}}.items():
+            if key == "device":
+                continue
+            shown = ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+            assert f"--{key.replace('_', '-')} {shown} " in text or f"--{key.replace('_', '-')} {shown}," in text, key
+        assert preset.data_hint.replace(" --out DATA", "") in text
 
 
 # ------------------------------------------------------------------------------------------- torchx component
@@ -253,6 +271,12 @@ def test_tiny_study_writes_every_file_and_resumes(tiny_data: Path, tmp_path: Pat
         assert collapse["row_normalized"] is True
         assert r["ia_mean"] == pytest.approx(np.mean([v for s in collapse["sets"] for v in s.values()]))
         assert len(collapse["sets"]) == (r["scale"] if r["mode"] == "me" else 1)
+        whole = collapse["concat"] if r["mode"] == "me" and r["scale"] > 1 else collapse["sets"][0]
+        assert r["ia_concat_mean"] == pytest.approx(np.mean(list(whole.values())))
+        assert r["bayes_test_auc"] == summary["bayes_test_auc"]
+    # The random-init reference depends on the shape only: SE and ME of one scale share it, and it grows with s.
+    random_by_scale = {(r["scale"], r["mode"]): r["ia_random_mean"] for r in rows}
+    assert random_by_scale[(2, "se")] == random_by_scale[(2, "me")] > random_by_scale[(1, "se")]
     assert rows[0]["embedding_params"] * 2 == rows[2]["embedding_params"]  # 2x has twice the embeddings
 
     markdown = (out / "scaling.md").read_text()
@@ -288,6 +312,31 @@ def test_tiny_study_writes_every_file_and_resumes(tiny_data: Path, tmp_path: Pat
     assert cli_main(["scale", "--data", str(tiny_data), "--out", str(out), *changed]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("multiembed scale: error: ") and "used --hidden 16 but the study asks for 32" in error
+
+
+def test_ablation_modes_mesi_and_se_sr(tiny_data: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "ablations"
+    options = [a if a != "se,me" else "se,mesi,se-sr" for a in TINY]
+    options = [a if a != "1,2" else "2" for a in options]
+    options[options.index("--seeds") + 1] = "1"
+    assert cli_main(["scale", "--data", str(tiny_data), "--out", str(out), *options, "--spectral-reg", "0.01"]) == 0
+    capsys.readouterr()
+    recorded = {
+        name: json.loads((out / "runs" / f"dnn-{name}-2x-seed0" / "config.json").read_text())["options"]
+        for name in ("se", "mesi", "se-sr")
+    }
+    assert recorded["se-sr"]["model"] == "dnn-se-2x" and recorded["se-sr"]["spectral_reg"] == 0.01
+    assert recorded["se"]["spectral_reg"] == 0.0 and recorded["mesi"]["model"] == "dnn-mesi-2x"
+    assert [r["mode"] for r in read_csv(out / "scaling.csv")] == ["se", "mesi", "se-sr"]
+    markdown = (out / "scaling.md").read_text()
+    assert "## MESI - SE test AUC" in markdown and "## SE+SR - SE test AUC" in markdown
+    assert "| DNN SE+SR |" in markdown and "## Gap to the Bayes-optimal test AUC" in markdown
+    # Another weight for se-sr is another study: refused; se-sr without a weight is refused.
+    assert cli_main(["scale", "--data", str(tiny_data), "--out", str(out), *options, "--spectral-reg", "0.02"]) == 2
+    assert "used --spectral-reg 0.01 but the study asks for 0.02" in capsys.readouterr().err
+    assert cli_main(["scale", "--data", str(tiny_data), "--out", str(tmp_path / "x"), *options,
+                     "--spectral-reg", "0"]) == 2
+    assert "--modes se-sr: needs a positive --spectral-reg" in capsys.readouterr().err
 
 
 def test_bad_study_options_are_refused(tiny_data: Path, tmp_path: Path, capsys) -> None:

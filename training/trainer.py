@@ -39,6 +39,7 @@ except ImportError as e:  # pragma: no cover - depends on the installed torch
     raise private_api_error("torch.distributed.checkpoint._nested_dict", e) from e
 
 from multiembed.collapse import collapse_from_model, summarize_sets
+from multiembed.collapse.monitor import CollapsedField, CollapseMonitor, format_collapsed
 from multiembed.config import MODEL_OPTIONS, TrainConfig
 from multiembed.data.loader import ParquetBatchLoader
 from multiembed.data.locking import LOCK_FILE, exclusive_lock
@@ -196,6 +197,8 @@ class Trainer:
         # (loader_share); not checkpointed.
         self.loader_wait_s = 0.0
         self.train_wall_s = 0.0
+        # Fields whose IA fell below --collapse-warn x a random initialisation's (collapse/monitor.py).
+        self.collapse_monitor = CollapseMonitor(config.collapse_warn)
         self.train_loader = ParquetBatchLoader(
             config.data, "train", self.local_batch, rank=self.ctx.rank, world_size=self.ctx.world_size,
             shuffle=True, seed=config.seed, last_batch="drop", use_dense=config.dense_features,
@@ -526,17 +529,24 @@ class Trainer:
         )
 
     def information_abundance(self) -> Dict[str, Any]:
-        """IA per set of the tables as they are now (row-normalised), mean and min over fields (a collective).
+        """IA per set of the tables as they are now (row-normalised), mean and min over fields (a collective), and
+        the collapse monitor's fields (``collapsed``: IA per set or of the sets side by side below ``--collapse-warn``
+        x the random-init IA of the same shape).
 
         Streams each rank's own shards into ``d x d`` Gram matrices (``multiembed.collapse``), so no table is gathered.
         """
-        result = collapse_from_model(self.dmp, sub_embedding=False, concat=False, random_init_seed=None)
+        monitor = self.collapse_monitor
+        result = collapse_from_model(self.dmp, sub_embedding=False, concat=monitor.enabled, random_init_seed=None)
         per_set = summarize_sets(result.sets)
-        return {
+        record: Dict[str, Any] = {
             "ia_mean": [s["mean"] for s in per_set],
             "ia_min": [s["min"] for s in per_set],
             "ia_row_normalized": result.row_normalized,
         }
+        if monitor.enabled:
+            record["collapse_warn"] = monitor.fraction
+            record["collapsed"] = [entry.to_dict() for entry in monitor.check(result)]
+        return record
 
     def _append_metrics(self, record: Dict[str, Any]) -> None:
         if self.ctx.is_main:
@@ -581,6 +591,7 @@ class Trainer:
             f"logloss {val['logloss']:.5f} ne {val['ne']:.4f} {'(best)' if improved else ''} "
             f"| {throughput:,.0f} samples/s"
             + (f" | IA mean per set {' '.join(f'{v:.2f}' for v in collapse['ia_mean'])}" if collapse else "")
+            + (f" | {_collapsed_text(collapse)}" if collapse.get("collapsed") else "")
         )
         return stop
 
@@ -659,6 +670,11 @@ class Trainer:
         if self.ctx.is_main:
             atomic_write_text(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def _collapsed_text(record: Dict[str, Any]) -> str:
+    """The collapse monitor's fields of a metrics record, as one phrase for the progress line."""
+    return format_collapsed([CollapsedField(**e) for e in record["collapsed"]], record["collapse_warn"])
 
 
 def train(config: TrainConfig) -> Dict[str, Any]:
