@@ -40,6 +40,7 @@ from multiembed.analysis.scaling import (
     SCALING_CSV,
     SCALING_MD,
     SCALING_PNG,
+    STUDY_MODES,
     Row,
     StudyPoint,
     ia_concat_mean,
@@ -404,5 +405,9 @@ def resolve_options(explicit: Mapping[str, Any], preset: Optional[str]) -> Dict[
 def describe_options(options: Mapping[str, Any]) -> str:
     """One line naming every training option of a study (for ``scaling.md`` and the log)."""
     shown = {k: options[k] for k in TRAIN_OPTIONS if options[k] is not None}
-    return "training options: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in shown.items())
+    words = [f"--{k.replace('_', '-')} {v}" for k, v in shown.items() if k != "spectral_reg"]
+    modes = [m for m in options.get("modes", ()) if m in STUDY_MODES]
+    if "spectral_reg" in shown and any(STUDY_MODES[m].spectral_reg for m in modes):
+        words.append(f"--spectral-reg {shown['spectral_reg']} (se-sr runs only)")
+    return "training options: " + ", ".join(words)
 

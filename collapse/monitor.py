@@ -149,7 +149,9 @@ class CollapseMonitor:
         """``{"set": field -> IA of [D_i, d], "concat": field -> IA of [D_i, K*d] or None for one set}``."""
         vocab = {f: result.vocab_sizes[f] for f in result.fields}
         per_set = self.reference(vocab, result.dim, result.row_normalized)
-        concat = self.reference(vocab, result.num_sets * result.dim, result.row_normalized) if result.num_sets > 1 else None
+        concat = None
+        if result.num_sets > 1:
+            concat = self.reference(vocab, result.num_sets * result.dim, result.row_normalized)
         return {"set": per_set, "concat": concat}
 
     def check(self, result: CollapseResult) -> List[CollapsedField]:

@@ -188,7 +188,8 @@ def test_trainer_names_collapsed_fields_and_analyze_marks_them(regime_data: Path
     finally:
         destroy()
     data = marked.data
-    assert data["collapse_warn"] == 1.0 and data["collapsed"] and len(data["random_init_concat"]) == len(COLLAPSE_FIELDS)
+    assert data["collapse_warn"] == 1.0 and data["collapsed"]
+    assert len(data["random_init_concat"]) == len(COLLAPSE_FIELDS)
     saved = json.loads((tmp_path / "report" / "collapse.json").read_text())
     assert saved["collapsed"] == data["collapsed"]
     summary = format_summary(data)
