@@ -66,7 +66,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         help="size inputs for the preset's multi-hot variant (criteo-1tb: MLPerf DLRM-DCNv2 ids per sample)",
     )
     # The model and optimizer options are the trainer's own, so the plan sizes what `multiembed train` would run.
-    add_arguments(p, TrainConfig, ("model", "hidden", "layout", "dense_features", "sparse_optimizer"))
+    add_arguments(p, TrainConfig, ("model", "hidden", "layout", "dense_features", "sparse_optimizer", "table_dtype"))
     p.add_argument("--json", metavar="OUT", default=None, help="also write the plan summary as JSON to OUT")
     p.set_defaults(func=run)
 
@@ -136,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(
         data=label, model=args.model, out="", hidden=args.hidden, layout=args.layout,
         dense_features=args.dense_features, sparse_optimizer=args.sparse_optimizer, sharding=args.strategy,
+        table_dtype=args.table_dtype,
     )
     config.validate()
     # The capacity the planner works with (TorchRec's defaults where no size was given).

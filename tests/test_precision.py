@@ -156,3 +156,20 @@ def test_fp16_tables_train_a_few_steps_through_the_build_path() -> None:
         assert any(not torch.equal(after[k], before[k]) for k in before)
     finally:
         destroy()
+
+
+def test_plan_counts_fp16_tables_at_two_bytes_a_weight(capsys) -> None:
+    """``multiembed plan --table-dtype fp16``: the plan's table bytes halve; Adagrad's per-weight state stays fp32."""
+    from multiembed.training.build import plan_model
+
+    tables = {}
+    for dtype in ("fp32", "fp16"):
+        config = TrainConfig(data="", model="dcnv2-me-2x", out="", hidden=16, table_dtype=dtype, device="cpu")
+        planned = plan_model(config, VOCAB, num_dense=0, world_size=1, local_world_size=1, device_type="cpu",
+                             batch_size=BATCH)
+        tables[dtype] = planned.summary["tables"]
+    for fp32, fp16 in zip(tables["fp32"], tables["fp16"]):
+        assert fp16["weight_bytes"] * 2 == fp32["weight_bytes"] > 0
+        assert fp16["optimizer_bytes"] == fp32["optimizer_bytes"] > 0
+    assert cli_main(["plan", "--model", "dcnv2-me-2x", "--data", "criteo-kaggle", "--world-size", "1", "--device",
+                     "cpu", "--table-dtype", "fp16"]) == 0
