@@ -153,9 +153,12 @@ def main() -> None:
         summary[name] = entry
     floor = summary["read_csv"]["rows_per_s"]
     floor_best = summary["read_csv"]["rows_per_s_best"]
+    from multiembed.benchmarks.machine import cpu_facts
+
     report = {
         "rows": args.rows,
         "bytes": size,
+        **cpu_facts(),  # CPU model, cpu_count, cpu_capability, mkldnn_bf16_supported, gemm_backend
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "python": platform.python_version(),

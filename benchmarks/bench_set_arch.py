@@ -130,7 +130,10 @@ def main(argv: List[str]) -> int:
         print(f"{r['backbone']:10} {r['K']:>3} {r['set_dim']:>4} {r['batched_ms']:11.1f} {r['loop_ms']:9.1f} "
               f"{r['loop_over_batched']:13.2f} {gflops}")
     if args.json:
-        atomic_write_text(args.json, json.dumps({"argv": argv, "results": results}, indent=2))
+        from multiembed.benchmarks.machine import cpu_facts
+
+        record = {"argv": argv, "conditions": cpu_facts(), "results": results}
+        atomic_write_text(args.json, json.dumps(record, indent=2))
     return 0
 
 
