@@ -57,7 +57,6 @@ from multiembed.serving.artifact import (
     QUANTIZE_CHOICES,
     RAW_PREPROCESSING,
     TABLES_FILE,
-    ArtifactError,
     Manifest,
     build_collection,
     file_entry,
