@@ -55,6 +55,14 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--overwrite", action="store_true",
                    help="replace a finished dataset in --out made from other inputs or options (refused otherwise); "
                         "only a multiembed dataset directory (one holding metadata.json) is ever replaced")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="convert N input files at once, one process each (default: 1, this process); the output "
+                        "is the same as with one worker. Each worker holds one input file's chunks and Parquet row "
+                        "groups at a time, as one worker does, so peak memory is about N times one worker's (paper "
+                        "mode adds the merged token counts)")
+    p.add_argument("--threads-per-worker", type=int, default=None, metavar="K",
+                   help="pyarrow CPU and IO threads per worker (default: all cores / workers; with one worker, "
+                        "pyarrow's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -87,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         compression=args.compression if args.compression is not None else DEFAULT_COMPRESSION,
         progress=not args.quiet,
         overwrite=args.overwrite,
+        workers=args.workers,
+        threads_per_worker=args.threads_per_worker,
     )
     result = convert(options)
     for line in summary_lines(result):

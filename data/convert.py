@@ -133,6 +133,10 @@ class ConvertOptions:
         progress: show tqdm progress bars on stderr.
         overwrite: replace a finished dataset in ``out`` made from other inputs or options (refused otherwise);
             only a multiembed dataset directory is ever replaced.
+        workers: input files converted at once, each by its own process (:mod:`multiembed.data.convert_workers`);
+            1 (the default) converts them one after the other in this process. The output is the same either way.
+        threads_per_worker: pyarrow's CPU and IO thread pools per worker (default: all cores / workers; with one
+            worker, pyarrow's own default unless given).
     """
 
     dataset: str
@@ -153,6 +157,8 @@ class ConvertOptions:
     hash_seed: int = 0
     progress: bool = True
     overwrite: bool = False
+    workers: int = 1
+    threads_per_worker: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -176,6 +182,8 @@ class ResolvedOptions:
     hash_seed: int
     progress: bool
     overwrite: bool = False
+    workers: int = 1  # how, not what: neither is recorded in metadata.json
+    threads_per_worker: Optional[int] = None
 
     def to_json(self, base: Optional[os.PathLike] = None) -> Dict[str, Any]:
         """The options as metadata.json records them; ``vocab_from`` relative to ``base`` (the dataset directory)
@@ -289,6 +297,10 @@ def resolve_options(options: ConvertOptions) -> ResolvedOptions:
         raise ValueError(f"chunk size must be >= 1 byte, got {options.chunk_bytes}")
     if options.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {options.seed}")
+    if options.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {options.workers}")
+    if options.threads_per_worker is not None and options.threads_per_worker < 1:
+        raise ValueError(f"--threads-per-worker must be >= 1, got {options.threads_per_worker}")
     if options.split_by_file and options.split is not None:
         raise ValueError("--split and --split-by-file exclude each other")
     split = None if options.split_by_file else (options.split if options.split is not None else DEFAULT_SPLIT)
@@ -335,7 +347,8 @@ def resolve_options(options: ConvertOptions) -> ResolvedOptions:
         hash_sizes=hash_sizes, vocab_from=options.vocab_from, split=split, split_by_file=options.split_by_file,
         seed=options.seed, on_error=options.on_error, row_group_size=options.row_group_size,
         compression=options.compression, chunk_bytes=options.chunk_bytes, hash_seed=options.hash_seed,
-        progress=options.progress, overwrite=options.overwrite,
+        progress=options.progress, overwrite=options.overwrite, workers=options.workers,
+        threads_per_worker=options.threads_per_worker,
     )
 
 
@@ -809,13 +822,29 @@ def convert(options: ConvertOptions) -> ConvertResult:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
-    with exclusive_lock(out, "conversion"):
-        return _convert_locked(resolved, fmt, source_vocab, started)
+    with exclusive_lock(out, "conversion"):  # one lock per job: the workers of a pool write under this one
+        if resolved.workers > 1 and len(resolved.inputs) > 1:
+            from multiembed.data.convert_workers import ConvertPool
+
+            with ConvertPool(resolved, fmt) as pool:
+                return _convert_locked(resolved, fmt, source_vocab, started, pool)
+        if resolved.threads_per_worker is None:
+            return _convert_locked(resolved, fmt, source_vocab, started)
+        cpu_count, io_count = pa.cpu_count(), pa.io_thread_count()
+        pa.set_cpu_count(resolved.threads_per_worker)
+        pa.set_io_thread_count(resolved.threads_per_worker)
+        try:
+            return _convert_locked(resolved, fmt, source_vocab, started)
+        finally:
+            pa.set_cpu_count(cpu_count)
+            pa.set_io_thread_count(io_count)
 
 
 def _convert_locked(
-    resolved: ResolvedOptions, fmt: RawFormat, source_vocab: Optional[Vocabulary], started: float
+    resolved: ResolvedOptions, fmt: RawFormat, source_vocab: Optional[Vocabulary], started: float, pool: Any = None
 ) -> ConvertResult:
+    """The conversion under the lock; ``pool`` (a :class:`multiembed.data.convert_workers.ConvertPool`) runs the
+    scan, counting and encoding passes over several inputs at once, None runs them here one input after another."""
     out = resolved.out
     _check_out_dir(out, resolved.overwrite)
     _check_no_links(out)
@@ -827,7 +856,10 @@ def _convert_locked(
                 f"{out}: holds a finished dataset converted with other options ({'; '.join(differences)}); give "
                 "--overwrite to replace it, or choose another --out"
             )
-    scans = [scan_source(path, fmt) for path in resolved.inputs]
+    if pool is not None:
+        scans = pool.scan(resolved.inputs)
+    else:
+        scans = [scan_source(path, fmt) for path in resolved.inputs]
     if finished is not None and not resolved.overwrite:
         difference = _input_difference(finished, out, scans)
         if difference is not None:
@@ -871,7 +903,7 @@ def _convert_locked(
             vocab = CountedVocabulary.load(out)
             vocab_reused = True
         else:
-            vocab = _count_vocabulary(fmt, resolved, scans)
+            vocab = pool.count_vocabulary(scans) if pool is not None else _count_vocabulary(fmt, resolved, scans)
             try:
                 vocab.save(out, extra={"vocab_key": vocab_key})
             except OSError as e:
@@ -895,8 +927,12 @@ def _convert_locked(
 
     schema = arrow_schema([FieldSpec(name, 1) for name in vocab.fields], fmt.dense_fields)
     with _progress(sum(scans[i].rows for i in todo), "converting", resolved.progress and bool(todo)) as bar:
-        for i in todo:
-            manifest = _convert_input(i, scans[i], counts[i], fmt, resolved, vocab, schema, bar)
+        if pool is not None:
+            # Each worker encodes whole inputs; their manifests are written here as they complete.
+            converted: Iterable[Tuple[int, Dict[str, Any]]] = pool.convert_inputs(todo, scans, counts, vocab, schema, bar)
+        else:
+            converted = ((i, _convert_input(i, scans[i], counts[i], fmt, resolved, vocab, schema, bar)) for i in todo)
+        for i, manifest in converted:
             manifest["part_key"] = part_keys[i]
             try:
                 atomic_write_text(state / f"part-{i:05d}.json", json.dumps(manifest, indent=1) + "\n")

@@ -276,6 +276,21 @@ class VocabularyCounter:
         self._pending_size[field] = 0
         self._totals[field] = _merge_counts(np.concatenate(keys), np.concatenate(counts))
 
+    def add_counts(self, field: str, keys: np.ndarray, counts: np.ndarray) -> None:
+        """Adds keys already counted elsewhere (sorted unique uint64 ``keys`` and int64 ``counts``, e.g. another
+        counter's :meth:`totals`): the totals are the same as had those rows been added here."""
+        if keys.size == 0:
+            return
+        self._pending[field].append((keys, counts.astype(np.int64, copy=False)))
+        self._pending_size[field] += keys.size
+        if self._pending_size[field] > max(self._MIN_PENDING, self._totals[field][0].size // 4):
+            self._flush(field)
+
+    def totals(self, field: str) -> "tuple[np.ndarray, np.ndarray]":
+        """The sorted unique keys of ``field`` counted so far and their counts."""
+        self._flush(field)
+        return self._totals[field]
+
     def distinct(self, field: str) -> int:
         self._flush(field)
         return int(self._totals[field][0].size)
