@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Type, TypeVar
 
 from multiembed.config.choices import (
@@ -212,7 +213,7 @@ def add_arguments(
             target.add_argument(flag, dest=field.name, action=action, help=help_text,
                                 **({"default": None} if unset_defaults else {}))
             continue
-        kind = _scalar_type(field)
+        kind = _scalar_type(config_class, field)
         kwargs: Dict[str, Any] = {"dest": field.name, "help": help_text, "type": kind}
         if field.metadata.get("choices"):
             kwargs["choices"] = list(field.metadata["choices"])
@@ -223,11 +224,12 @@ def add_arguments(
         target.add_argument(flag, **kwargs)
 
 
-def _scalar_type(field: "dataclasses.Field[Any]") -> Any:
-    text = str(field.type)
-    for name, kind in (("float", float), ("int", int), ("str", str)):
-        if name in text:
-            return kind
+def _scalar_type(config_class: Type[Any], field: "dataclasses.Field[Any]") -> Any:
+    """The argparse ``type`` of a field: its annotation resolved (``Optional[X]`` is ``X``)."""
+    annotation = typing.get_type_hints(config_class)[field.name]
+    kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    if len(kinds) == 1 and kinds[0] in (float, int, str):
+        return kinds[0]
     raise TypeError(f"option {field.name}: unsupported type {field.type!r}")
 
 
