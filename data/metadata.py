@@ -226,6 +226,15 @@ def split_identity(meta: DatasetMetadata) -> Optional[str]:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def file_sha256(path: os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB blocks: the checksum of checkpoint and artifact manifests."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def atomic_write(path: os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Publishes a file written by ``write(binary_file)`` through a temporary file in the same directory and
     ``os.replace``: a reader never sees a half-written file, only the old content or the new one.

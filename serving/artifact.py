@@ -34,7 +34,6 @@ naming the file (:class:`ArtifactError`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 import zipfile
@@ -48,6 +47,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from multiembed.data.metadata import file_sha256
 from multiembed.models.sparse_arch import MultiEmbeddingSparseArch, multi_embedding_tables
 
 ARTIFACT_FORMAT = "multiembed-serving-v1"
@@ -188,15 +188,7 @@ def read_manifest(directory: Path) -> Manifest:
 
 def file_entry(path: Path) -> Dict[str, Any]:
     """The manifest's ``files`` entry of a file written into the artifact: its name, size and SHA-256."""
-    return {"path": path.name, "bytes": path.stat().st_size, "sha256": sha256_of(path)}
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return {"path": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def verify_files(directory: Path, manifest: Manifest) -> None:
@@ -212,7 +204,7 @@ def verify_files(directory: Path, manifest: Manifest) -> None:
         size = path.stat().st_size
         if size != entry.get("bytes"):
             raise ArtifactError(f"{path}: {size} bytes, the manifest records {entry.get('bytes')} (truncated or replaced)")
-        if sha256_of(path) != entry.get("sha256"):
+        if file_sha256(path) != entry.get("sha256"):
             raise ArtifactError(f"{path}: SHA-256 differs from the manifest's (corrupted or altered)")
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from multiembed.data.metadata import file_sha256
 from multiembed.training import checkpoint as ckpt
 from multiembed.training.distributed import init_distributed
 
@@ -46,7 +47,7 @@ def _republish(path: Path) -> None:
     manifest = json.loads((path / ckpt.MANIFEST).read_text())
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != ckpt.MANIFEST)
     manifest["files"] = {
-        str(p.relative_to(path)): {"bytes": p.stat().st_size, "sha256": ckpt._sha256(p)} for p in files
+        str(p.relative_to(path)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files
     }
     (path / ckpt.MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     ckpt.verify_checkpoint(path)

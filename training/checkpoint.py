@@ -31,7 +31,6 @@ as a kill in the middle of writing it would. Only on a job's first attempt (``TO
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -51,6 +50,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageInfo
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+
+from multiembed.data.metadata import file_sha256
 
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST = "manifest.json"
@@ -301,14 +302,6 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -348,7 +341,7 @@ def save_checkpoint(run_dir: Path, step: int, state: Dict[str, Any], info: Dict[
         manifest = {
             "step": step,
             "info": info,
-            "files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},
+            "files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         _fsync_dir(tmp)
@@ -395,7 +388,7 @@ def verify_checkpoint(path: Path) -> Dict[str, Any]:
         size = file.stat().st_size
         if size != expected["bytes"]:
             raise CheckpointError(f"{file}: {size} bytes, manifest says {expected['bytes']} (truncated?)")
-        if _sha256(file) != expected["sha256"]:
+        if file_sha256(file) != expected["sha256"]:
             raise CheckpointError(f"{file}: checksum mismatch (corrupted)")
     return manifest
 
