@@ -53,7 +53,7 @@ _STR_COLUMNS = frozenset({"backbone", "mode"})
 # Display names of the paper's backbones (anything else is shown upper-cased).
 _BACKBONE_NAMES = {"dnn": "DNN", "ipnn": "IPNN", "nfwfm": "NFwFM", "xdeepfm": "xDeepFM", "dcnv2": "DCNv2",
                    "dcnv2lr": "DCNv2 (low-rank)", "finalmlp": "FinalMLP", "dlrm": "DLRM"}
-_MODE_ORDER = {"se": 0, "me": 1, "mesi": 2, "se-sr": 3}
+_MODE_ORDER = {"se": 0, "me": 1, "mesi": 2, "se-sr": 3, "hetero": 4}
 
 
 @dataclass(frozen=True)
@@ -64,11 +64,14 @@ class StudyMode:
         model_mode: ``se``, ``me`` or ``mesi`` (the model name's mode).
         spectral_reg: True: the runs train with the study's ``--spectral-reg`` weight (other modes with 0).
         label: the name in tables and figures.
+        heterogeneous: True: the runs train ``hetero-me-{s}x`` with the study's backbone as the first expert,
+            followed by the study's ``--experts`` (:func:`point_experts`), so that at 1x it is SE of the backbone.
     """
 
     model_mode: str
     spectral_reg: bool
     label: str
+    heterogeneous: bool = False
 
 
 STUDY_MODES: Dict[str, StudyMode] = {
@@ -76,7 +79,21 @@ STUDY_MODES: Dict[str, StudyMode] = {
     "me": StudyMode("me", False, "ME"),
     "mesi": StudyMode("mesi", False, "MESI"),
     "se-sr": StudyMode("se", True, "SE+SR"),
+    "hetero": StudyMode("me", False, "HETERO", heterogeneous=True),
 }
+
+
+def point_experts(backbone: str, experts: str) -> str:
+    """The experts of the ``hetero`` mode's runs for ``backbone``: the backbone first, then the study's
+    ``--experts`` without it (comma-separated).
+
+    Example::
+
+        >>> point_experts("dnn", "dcnv2,ipnn,nfwfm,dnn")
+        'dnn,dcnv2,ipnn,nfwfm'
+    """
+    rest = [e.strip() for e in experts.split(",") if e.strip() and e.strip() != backbone]
+    return ",".join([backbone, *rest])
 
 
 def _mode_label(mode: str) -> str:
@@ -111,8 +128,16 @@ class StudyPoint:
 
     @property
     def model(self) -> str:
-        """The zoo model name, e.g. ``dcnv2-me-4x`` (``se-sr`` trains ``dcnv2-se-4x``)."""
-        return f"{self.backbone}-{STUDY_MODES[self.mode].model_mode}-{self.scale}x"
+        """The zoo model name, e.g. ``dcnv2-me-4x`` (``se-sr`` trains ``dcnv2-se-4x``, ``hetero``
+        ``hetero-me-4x``)."""
+        mode = STUDY_MODES[self.mode]
+        backbone = "hetero" if mode.heterogeneous else self.backbone
+        return f"{backbone}-{mode.model_mode}-{self.scale}x"
+
+    @property
+    def heterogeneous(self) -> bool:
+        """True for the ``hetero`` mode's runs (their experts: :func:`point_experts`)."""
+        return STUDY_MODES[self.mode].heterogeneous
 
     @property
     def spectral_reg(self) -> bool:

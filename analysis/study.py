@@ -47,6 +47,7 @@ from multiembed.analysis.scaling import (
     ia_mean,
     make_row,
     plot_scaling,
+    point_experts,
     sort_rows,
     write_csv,
     write_markdown,
@@ -57,7 +58,7 @@ from multiembed.data.metadata import read_metadata
 from multiembed.models import DEFAULT_SPECTRAL_REG_WEIGHT
 from multiembed.models.names import BASE_SET_DIM, parse_model_name
 from multiembed.training.distributed import DistContext, broadcast_object, init_distributed
-from multiembed.config import STUDY_OPTIONS, TrainConfig
+from multiembed.config import STUDY_OPTIONS, TrainConfig, recorded_option
 from multiembed.training.evaluation import CONFIG_FILE, SUMMARY_FILE
 from multiembed.training.progress import progress_bar
 from multiembed.training.trainer import Trainer, TrainingDiverged
@@ -69,7 +70,10 @@ LOGS_DIR = "logs"
 TRAIN_OPTIONS = STUDY_OPTIONS
 # Options that must agree with a finished run's for it to count in this study (the others do not change results;
 # spectral_reg is checked per run: the se-sr mode's runs use the study's weight, the others 0).
-_RESULT_OPTIONS = tuple(o for o in TRAIN_OPTIONS if o not in ("device", "ia_every", "collapse_warn", "spectral_reg"))
+_RESULT_OPTIONS = tuple(
+    o for o in TRAIN_OPTIONS if o not in ("device", "ia_every", "collapse_warn", "spectral_reg", "experts")
+)
+_DEFAULT_EXPERTS = recorded_option({}, "experts")
 
 
 @dataclass(frozen=True)
@@ -153,9 +157,13 @@ def _read_json(path: Path) -> Dict[str, Any]:
 
 def run_options(point: StudyPoint, options: Mapping[str, Any]) -> Dict[str, Any]:
     """The :data:`TRAIN_OPTIONS` of one run: the study's, with ``spectral_reg`` the study's weight for the ``se-sr``
-    mode and 0 for every other mode."""
+    mode and 0 for every other mode, and ``experts`` the ``hetero`` mode's (:func:`point_experts`; the default for
+    the other modes, which take none)."""
     values = {k: options[k] for k in TRAIN_OPTIONS}
     values["spectral_reg"] = float(options["spectral_reg"]) if point.spectral_reg else 0.0
+    values["experts"] = (
+        point_experts(point.backbone, str(options["experts"])) if point.heterogeneous else _DEFAULT_EXPERTS
+    )
     return values
 
 
@@ -165,12 +173,14 @@ def _check_finished_run(run_dir: Path, point: StudyPoint, options: Mapping[str, 
     recorded = record.get("options", {})
     per_run = run_options(point, options)
     expected = {
-        "model": point.model, "seed": point.seed, **{k: per_run[k] for k in (*_RESULT_OPTIONS, "spectral_reg")},
+        "model": point.model, "seed": point.seed,
+        **{k: per_run[k] for k in (*_RESULT_OPTIONS, "spectral_reg", "experts")},
     }
     for key, value in expected.items():
-        if recorded.get(key) != value:
+        if recorded_option(recorded, key) != value:
             raise ValueError(
-                f"{run_dir / CONFIG_FILE}: this finished run used --{key.replace('_', '-')} {recorded.get(key)!r} but "
+                f"{run_dir / CONFIG_FILE}: this finished run used --{key.replace('_', '-')} "
+                f"{recorded_option(recorded, key)!r} but "
                 f"the study asks for {value!r}; use another --out, the run's settings, or delete {run_dir}"
             )
     if record.get("data", {}).get("vocab_fingerprint") != fingerprint:
@@ -405,9 +415,11 @@ def resolve_options(explicit: Mapping[str, Any], preset: Optional[str]) -> Dict[
 def describe_options(options: Mapping[str, Any]) -> str:
     """One line naming every training option of a study (for ``scaling.md`` and the log)."""
     shown = {k: options[k] for k in TRAIN_OPTIONS if options[k] is not None}
-    words = [f"--{k.replace('_', '-')} {v}" for k, v in shown.items() if k != "spectral_reg"]
+    words = [f"--{k.replace('_', '-')} {v}" for k, v in shown.items() if k not in ("spectral_reg", "experts")]
     modes = [m for m in options.get("modes", ()) if m in STUDY_MODES]
     if "spectral_reg" in shown and any(STUDY_MODES[m].spectral_reg for m in modes):
         words.append(f"--spectral-reg {shown['spectral_reg']} (se-sr runs only)")
+    if "experts" in shown and any(STUDY_MODES[m].heterogeneous for m in modes):
+        words.append(f"--experts {shown['experts']} (hetero runs only, after the backbone)")
     return "training options: " + ", ".join(words)
 

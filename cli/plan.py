@@ -15,6 +15,11 @@ from typing import Dict, List, Optional, Tuple
 
 from multiembed.config import ShardingStrategy, TrainConfig, add_arguments
 
+# The run options that decide what is planned (the model and its tables' optimizer state).
+PLAN_MODEL_OPTIONS = (
+    "model", "hidden", "layout", "dense_features", "sparse_optimizer", "table_dtype", "experts", "combiner",
+)
+
 DEFAULT_HOST_SIZE = 8
 
 
@@ -66,7 +71,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         help="size inputs for the preset's multi-hot variant (criteo-1tb: MLPerf DLRM-DCNv2 ids per sample)",
     )
     # The model and optimizer options are the trainer's own, so the plan sizes what `multiembed train` would run.
-    add_arguments(p, TrainConfig, ("model", "hidden", "layout", "dense_features", "sparse_optimizer", "table_dtype"))
+    add_arguments(p, TrainConfig, PLAN_MODEL_OPTIONS)
     p.add_argument("--json", metavar="OUT", default=None, help="also write the plan summary as JSON to OUT")
     p.set_defaults(func=run)
 
@@ -134,9 +139,7 @@ def run(args: argparse.Namespace) -> int:
     label, vocab_sizes, num_dense, pooling, exact = resolve_data(args.data, args.multi_hot)
     local_world_size = args.local_world_size or default_local_world_size(args.world_size)
     config = TrainConfig(
-        data=label, model=args.model, out="", hidden=args.hidden, layout=args.layout,
-        dense_features=args.dense_features, sparse_optimizer=args.sparse_optimizer, sharding=args.strategy,
-        table_dtype=args.table_dtype,
+        data=label, out="", sharding=args.strategy, **{name: getattr(args, name) for name in PLAN_MODEL_OPTIONS},
     )
     config.validate()
     # The capacity the planner works with (TorchRec's defaults where no size was given).

@@ -8,6 +8,7 @@ it imports nothing else of the package.
 
 from multiembed.config.choices import (
     Choice,
+    Combiner,
     DenseOptimizer,
     Device,
     Layout,
@@ -25,6 +26,7 @@ from multiembed.config.options import (
     flag_of,
     from_arguments,
     option,
+    recorded_option,
     to_command_line,
 )
 
@@ -32,6 +34,7 @@ __all__ = [
     "MODEL_OPTIONS",
     "STUDY_OPTIONS",
     "Choice",
+    "Combiner",
     "DenseOptimizer",
     "Device",
     "Layout",
@@ -45,5 +48,6 @@ __all__ = [
     "flag_of",
     "from_arguments",
     "option",
+    "recorded_option",
     "to_command_line",
 ]

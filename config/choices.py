@@ -111,3 +111,10 @@ class ShardingStrategy(Choice):
             if strategy.value == name:
                 return strategy
         raise ValueError(f"{where}: unknown sharding strategy {value!r}; choose from {', '.join(cls.choices())}")
+
+
+class Combiner(Choice):
+    """How the K sets' outputs are combined before the shared head (``multiembed.models.hetero``)."""
+
+    MEAN = "mean"
+    GATE = "gate"

@@ -16,6 +16,7 @@ import typing
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Type, TypeVar
 
 from multiembed.config.choices import (
+    Combiner,
     DenseOptimizer,
     Device,
     Layout,
@@ -112,6 +113,16 @@ class TrainConfig:
         "are rounded to fp16)",
     )
     dense_features: bool = option(False, help="feed the raw dense features through a dense arch")
+    experts: str = option(
+        "dcnv2,ipnn,nfwfm,dnn",
+        help="hetero-me-{K}x models only: comma-separated interaction experts (of dcnv2, dcnv2lr, ipnn, nfwfm, dnn) "
+        "cycled over the K sets; sets of one kind run as one batched arch",
+    )
+    combiner: str = option(
+        "mean", choices=Combiner.choices(),
+        help="how the sets' outputs are combined: mean (the paper) or gate (softmax weights over the sets from the "
+        "mean over sets of the pooled embeddings)",
+    )
     spectral_reg: float = option(
         0.0, help="weight of the singular-spectrum regulariser (0: off; in multiembed scale: the weight of the se-sr "
         "mode's runs, default 1e-4, the paper's; other modes train without it)",
@@ -149,14 +160,31 @@ class TrainConfig:
 
 # Options that decide the model's parameters: a resumed run, an evaluation and an analysis rebuild the model from
 # these recorded values.
-MODEL_OPTIONS = ("model", "hidden", "dropout", "layout", "dense_features", "spectral_reg", "table_dtype")
+MODEL_OPTIONS = (
+    "model", "hidden", "dropout", "layout", "dense_features", "spectral_reg", "table_dtype", "experts", "combiner",
+)
 
 # Options of a run that a scaling study sets for all its runs (the grid sets model and seed; the study sets data,
 # out, resume and progress).
 STUDY_OPTIONS = (
     "epochs", "batch_size", "hidden", "dropout", "patience", "eval_every", "max_steps", "lr", "sparse_lr",
     "sparse_optimizer", "dense_optimizer", "weight_decay", "ia_every", "collapse_warn", "spectral_reg", "device",
+    "experts", "combiner",
 )
+
+
+def recorded_option(options: Mapping[str, Any], name: str) -> Any:
+    """An option as a run's ``config.json`` recorded it; for a run written before the option existed, its
+    :class:`TrainConfig` default (the behaviour that run had).
+
+    Example::
+
+        >>> recorded_option({"model": "dcnv2-me-4x"}, "combiner")
+        'mean'
+    """
+    if name in options:
+        return options[name]
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig)}[name]
 
 C = TypeVar("C")
 

@@ -20,6 +20,16 @@ from multiembed.models.interactions import (
     PairwiseInnerProducts,
     TwoStreamMLP,
 )
+from multiembed.models.hetero import (
+    COMBINERS,
+    DEFAULT_EXPERTS,
+    HETERO_EXPERTS,
+    HeteroSetArch,
+    SetGate,
+    expert_groups,
+    parse_experts,
+    set_experts,
+)
 from multiembed.models.layers import BatchedLinear, SetBatchNorm, SetProjection
 from multiembed.models.model import (
     DEFAULT_SPECTRAL_REG_WEIGHT,
@@ -32,6 +42,7 @@ from multiembed.models.model import (
 from multiembed.models.names import (
     BACKBONES,
     BASE_SET_DIM,
+    HETERO_BACKBONE,
     MODES,
     PAPER_SCALES,
     ModelSpec,
@@ -65,7 +76,11 @@ __all__ = [
     "BACKBONES",
     "BACKBONE_OPTIONS",
     "BASE_SET_DIM",
+    "COMBINERS",
+    "DEFAULT_EXPERTS",
     "DEFAULT_SPECTRAL_REG_WEIGHT",
+    "HETERO_BACKBONE",
+    "HETERO_EXPERTS",
     "INIT_SCHEMES",
     "LAYOUTS",
     "MODES",
@@ -82,6 +97,7 @@ __all__ = [
     "FieldWeightedFM",
     "FlatSetArch",
     "FwFMSetArch",
+    "HeteroSetArch",
     "InnerProductSetArch",
     "MLPOverArch",
     "ModelSpec",
@@ -92,6 +108,7 @@ __all__ = [
     "PairwiseInnerProducts",
     "SetBatchNorm",
     "SetDenseArch",
+    "SetGate",
     "SetInteractionArch",
     "SetProjection",
     "TableSlice",
@@ -101,10 +118,13 @@ __all__ = [
     "build_over_arch",
     "build_set_arch",
     "build_sparse_arch",
+    "expert_groups",
     "model_names",
     "multi_embedding_tables",
     "padded_set_dim",
+    "parse_experts",
     "parse_model_name",
+    "set_experts",
     "spectral_regularizer",
     "weighted_bce_with_logits",
 ]

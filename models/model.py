@@ -12,6 +12,7 @@ from torch import nn
 from torchrec.modules.mlp import MLP
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from multiembed.models.hetero import SetGate
 from multiembed.models.precision import compute_dtype, dense_autocast
 from multiembed.models.set_arch import SetInteractionArch
 from multiembed.models.sparse_arch import MultiEmbeddingSparseArch
@@ -80,6 +81,8 @@ def append_field(embeddings: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
 class MultiEmbeddingModel(nn.Module):
     """Multi-embedding CTR model: ``h = mean_m P_m(I_m(e^(m)))``, logit ``= over_arch(h)``.
 
+    With a ``set_gate``, ``h = sum_m g_m P_m(I_m(e^(m)))`` with the gate's softmax weights ``g`` instead of the mean.
+
     SE is the K = 1 case. Loss on logits (:class:`MultiEmbeddingTrain`); apply a sigmoid only for probabilities.
     ``forward`` is traceable with ``torchrec.fx.symbolic_trace`` and hands the KJT to the embedding collection
     unmodified (TorchRec's ``TrainPipelineSparseDist`` needs both).
@@ -92,6 +95,8 @@ class MultiEmbeddingModel(nn.Module):
             all-categorical mode.
         precision: ``fp32``, or ``bf16``: the dense arches run under bf16 autocast (parameters stay fp32) and the
             logits are returned in fp32 (:mod:`multiembed.models.precision`).
+        set_gate: optional :class:`~multiembed.models.hetero.SetGate` combining the sets' outputs with learned
+            weights; None averages them (the paper).
 
     Raises:
         ValueError: the arches' K, d, field counts or widths disagree.
@@ -113,6 +118,7 @@ class MultiEmbeddingModel(nn.Module):
         over_arch: nn.Module,
         dense_arch: Optional[SetDenseArch] = None,
         precision: str = "fp32",
+        set_gate: Optional[SetGate] = None,
     ) -> None:
         super().__init__()
         compute_dtype(precision)  # validates the spelling
@@ -127,6 +133,12 @@ class MultiEmbeddingModel(nn.Module):
                 ("dense_arch num_sets", dense_arch.num_sets, sparse_arch.num_sets),
                 ("dense_arch set_dim", dense_arch.set_dim, sparse_arch.set_dim),
             ]
+        if set_gate is not None:
+            checks += [
+                ("set_gate num_sets", set_gate.num_sets, sparse_arch.num_sets),
+                ("set_gate num_fields", set_gate.num_fields, expected_fields),
+                ("set_gate set_dim", set_gate.set_dim, sparse_arch.set_dim),
+            ]
         in_features = getattr(over_arch, "in_features", None)
         if in_features is not None:
             checks.append(("over_arch in_features", in_features, set_arch.output_dim))
@@ -137,6 +149,7 @@ class MultiEmbeddingModel(nn.Module):
         self.dense_arch = dense_arch
         self.set_arch = set_arch
         self.over_arch = over_arch
+        self.set_gate = set_gate
         self.precision = precision
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
@@ -166,11 +179,14 @@ class MultiEmbeddingModel(nn.Module):
         return logits.float(), embeddings
 
     def _dense_forward(self, dense_features: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        """Dense arch, set arch, mean over sets and over arch: ``[B, K, F, d]`` embeddings -> logits ``[B]``."""
+        """Dense arch, set arch, mean (or gate) over sets and over arch: ``[B, K, F, d]`` embeddings -> logits
+        ``[B]``."""
         fields = embeddings
         if self.dense_arch is not None:
             fields = append_field(embeddings, self.dense_arch(dense_features))
         per_set = self.set_arch(fields)
+        if self.set_gate is not None:
+            return self.over_arch(self.set_gate(per_set, fields))
         # The mean over sets as sum then divide: the same values as ``mean`` (which is that on CPU), but backward
         # hands the set arch a broadcast view of the [B, H] gradient instead of writing a [B, K, H] copy.
         return self.over_arch(per_set.sum(dim=1).div(self.set_arch.num_sets))
@@ -195,6 +211,8 @@ class MultiEmbeddingModel(nn.Module):
         modules: List[nn.Module] = [self.set_arch, self.over_arch]
         if self.dense_arch is not None:
             modules.append(self.dense_arch)
+        if self.set_gate is not None:
+            modules.append(self.set_gate)
         return sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
 
 

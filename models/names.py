@@ -4,7 +4,9 @@ The names make the paper's result tables one call away (``build_model("dcnv2-me-
 
 * ``se``: single embedding, one set of width ``s * base`` (SE scaled ``s`` times);
 * ``me``: multi-embedding, ``s`` sets of the base width, each with its own interaction arch;
-* ``mesi``: the paper's ablation, ``s`` sets of the base width sharing one interaction arch.
+* ``mesi``: the paper's ablation, ``s`` sets of the base width sharing one interaction arch;
+* ``hetero-me-{s}x``: heterogeneous multi-embedding, ``s`` sets of width 10 feeding different interaction experts
+  (:mod:`multiembed.models.hetero`; the experts are a build option, not part of the name).
 
 The base width is the paper's: 10 for every backbone except NFwFM (50); DLRM (TorchRec's dot interaction, not in
 the paper) uses 16 so that its stored tables need no padding. A width suffix replaces the base width:
@@ -22,6 +24,8 @@ from typing import Dict, List, Tuple
 BACKBONES: Tuple[str, ...] = ("dnn", "ipnn", "nfwfm", "xdeepfm", "dcnv2", "dcnv2lr", "finalmlp", "dlrm")
 MODES: Tuple[str, ...] = ("se", "me", "mesi")
 PAPER_SCALES: Tuple[int, ...] = (1, 2, 3, 4, 10)
+# Heterogeneous ME: not a backbone of its own (its sets feed several), only in the ``me`` mode.
+HETERO_BACKBONE = "hetero"
 BASE_SET_DIM: Dict[str, int] = {
     "dnn": 10,
     "ipnn": 10,
@@ -31,6 +35,7 @@ BASE_SET_DIM: Dict[str, int] = {
     "dcnv2lr": 10,
     "finalmlp": 10,
     "dlrm": 16,
+    HETERO_BACKBONE: 10,
 }
 # Any positive scale parses (benchmarks sweep others); the paper's tables use PAPER_SCALES.
 MAX_SCALE = 1024
@@ -62,6 +67,11 @@ class ModelSpec:
     set_dim: int
 
     @property
+    def heterogeneous(self) -> bool:
+        """True for ``hetero-me-{s}x``: the sets feed different interaction experts."""
+        return self.backbone == HETERO_BACKBONE
+
+    @property
     def shared_interaction(self) -> bool:
         """True for the ``mesi`` ablation: all sets share one interaction arch."""
         return self.mode == "mesi"
@@ -83,7 +93,8 @@ def _name_error(name: str, why: str) -> ValueError:
     return ValueError(
         f"unknown model name {name!r}: {why}. Names are {{backbone}}-{{se|me|mesi}}-{{s}}x[width] with backbone in "
         f"{', '.join(BACKBONES)} and s a positive integer (the paper's scales: "
-        f"{', '.join(str(s) for s in PAPER_SCALES)}), e.g. dcnv2-se-1x, dcnv2-me-4x, dnn-se-10x, dcnv2-me-4x16"
+        f"{', '.join(str(s) for s in PAPER_SCALES)}), e.g. dcnv2-se-1x, dcnv2-me-4x, dnn-se-10x, dcnv2-me-4x16; "
+        f"or {HETERO_BACKBONE}-me-{{s}}x[width] (heterogeneous experts)"
     )
 
 
@@ -111,10 +122,12 @@ def parse_model_name(name: str) -> ModelSpec:
     if match is None:
         raise _name_error(str(name), "it does not match the pattern")
     backbone, mode = match["backbone"], match["mode"]
-    if backbone not in BACKBONES:
+    if backbone not in BACKBONES and backbone != HETERO_BACKBONE:
         raise _name_error(name, f"backbone {backbone!r} is not one of {', '.join(BACKBONES)}")
     if mode not in MODES:
         raise _name_error(name, f"mode {mode!r} is not one of {', '.join(MODES)}")
+    if backbone == HETERO_BACKBONE and mode != "me":
+        raise _name_error(name, f"{HETERO_BACKBONE} models are multi-embedding only ({HETERO_BACKBONE}-me-{{s}}x)")
     scale = int(match["scale"])
     if not 1 <= scale <= MAX_SCALE:
         raise _name_error(name, f"scale {scale} is outside 1..{MAX_SCALE}")

@@ -17,7 +17,9 @@ dlrm     [dense field,] pairwise dots -> proj (d = 16)                 MLP(H -> 
 ======== ============================================================ ==================================
 
 ``proj`` is Linear -> BatchNorm -> ReLU -> Dropout to ``H`` (the SE model's first MLP layer); the branch outputs are
-averaged over sets before the over arch. ME with K = 1 is SE for every backbone but IPNN (the paper's ME branch
+averaged over sets before the over arch (or weighted by a learned gate, ``combiner="gate"``). ``hetero-me-{s}x``
+(:mod:`multiembed.models.hetero`) gives the ``s`` sets different experts (option ``experts``, default dcnv2, ipnn,
+nfwfm, dnn, cycled), each kind's sets batched as that backbone's ME arch, and the MLP over arch. ME with K = 1 is SE for every backbone but IPNN (the paper's ME branch
 drops the embeddings), where ``ipnn-me-1x`` and ``ipnn-se-1x`` differ. ``mesi`` shares one branch (weights and
 BatchNorm affine parameters) across the sets.
 """
@@ -36,9 +38,10 @@ from multiembed.models.interactions import (
     FieldWeightedFM,
     TwoStreamMLP,
 )
+from multiembed.models.hetero import COMBINERS, DEFAULT_EXPERTS, HeteroSetArch, SetGate, expert_groups, parse_experts
 from multiembed.models.layers import SetBatchNorm, SetProjection
 from multiembed.models.model import MultiEmbeddingModel, SetDenseArch
-from multiembed.models.names import ModelSpec, parse_model_name
+from multiembed.models.names import HETERO_BACKBONE, ModelSpec, parse_model_name
 from multiembed.models.over_arch import BilinearFusionOverArch, CINOverArch, MLPOverArch
 from multiembed.models.set_arch import (
     CINSetArch,
@@ -65,6 +68,7 @@ BACKBONE_OPTIONS: Dict[str, Dict[str, Any]] = {
     "xdeepfm": {"cin_layer_sizes": (16, 16)},
     "finalmlp": {"stream_layer_sizes": None},
     "dlrm": {},
+    HETERO_BACKBONE: {"experts": DEFAULT_EXPERTS},
 }
 # Options every backbone takes (FinalMLP has no MLP over arch).
 COMMON_OPTIONS: FrozenSet[str] = frozenset({"over_layer_sizes", "dense_arch_layer_sizes", "stored_set_dim"})
@@ -113,6 +117,14 @@ def build_set_arch(
     options = _options(spec, backbone_overrides)
     k, d, f = spec.num_sets, spec.set_dim, num_fields
     groups = 1 if spec.shared_interaction else k
+    if spec.heterogeneous:
+        kinds, arches = [], []
+        for kind, count in expert_groups(parse_experts(options["experts"]), k):
+            expert = ModelSpec(backbone=kind, mode="me", scale=count, num_sets=count, set_dim=d)
+            kinds.append(kind)
+            arches.append(build_set_arch(expert, f, hidden=hidden, dropout=dropout, dense_field=dense_field,
+                                         device=device))
+        return HeteroSetArch(kinds, arches)
 
     def projection(in_features: int) -> SetProjection:
         return SetProjection(k, in_features, hidden, dropout, groups, device=device)
@@ -197,6 +209,7 @@ def build_model(
     init: str = "xavier_set",
     precision: str = "fp32",
     table_dtype: str = "fp32",
+    combiner: str = "mean",
     **backbone_overrides: Any,
 ) -> MultiEmbeddingModel:
     """Builds the named model, e.g. ``build_model("dcnv2-me-4x", meta.vocab_sizes)``.
@@ -217,11 +230,14 @@ def build_model(
         precision: the dense arches' compute precision, ``fp32`` or ``bf16`` (bf16 autocast, fp32 master weights;
             :mod:`multiembed.models.precision`).
         table_dtype: the tables' storage dtype, ``fp32`` or ``fp16`` (fp32 lookups out; no fp32 master copy).
+        combiner: how the sets' outputs are combined: ``mean`` (the paper) or ``gate`` (a learned softmax gate,
+            :class:`~multiembed.models.hetero.SetGate`).
         **backbone_overrides: ``cross_layers`` (dcnv2 4, dcnv2lr 3), ``cross_rank`` (dcnv2lr, 512),
             ``include_embeddings`` (ipnn; default True for SE, False for ME/MESI, as the paper's code),
             ``cin_layer_sizes`` (xdeepfm, (16, 16)), ``stream_layer_sizes`` (finalmlp, (hidden, hidden)),
             ``over_layer_sizes`` (all but finalmlp, (hidden,)), ``dense_arch_layer_sizes`` ((512, 256)),
-            ``stored_set_dim`` (default d padded to a multiple of 4; d itself builds the unpadded reference).
+            ``stored_set_dim`` (default d padded to a multiple of 4; d itself builds the unpadded reference),
+            ``experts`` (hetero: the experts cycled over the sets, default ``("dcnv2", "ipnn", "nfwfm", "dnn")``).
 
     Returns:
         the :class:`MultiEmbeddingModel`.
@@ -236,6 +252,10 @@ def build_model(
         (4, 10, 12)
         >>> model.embedding_params
         6000
+        >>> hetero = build_model("hetero-me-4x", {"f1": 100, "f2": 50}, device=torch.device("cpu"),
+        ...                      experts=("dcnv2", "ipnn"), combiner="gate")
+        >>> hetero.set_arch.set_kinds
+        ['dcnv2', 'dcnv2', 'ipnn', 'ipnn']
     """
     spec = name if isinstance(name, ModelSpec) else parse_model_name(name)
     sizes: Mapping[str, int] = getattr(vocab_sizes, "vocab_sizes", vocab_sizes)
@@ -245,6 +265,8 @@ def build_model(
         raise ValueError(f"num_dense must be >= 0, got {num_dense}")
     if hidden < 1:
         raise ValueError(f"hidden must be >= 1, got {hidden}")
+    if combiner not in COMBINERS:
+        raise ValueError(f"combiner: unknown {combiner!r}; choose from {', '.join(COMBINERS)}")
     options = _options(spec, backbone_overrides)
     if dense_device is None:
         dense_device = torch.device("cpu") if device is None or torch.device(device).type == "meta" else device
@@ -265,4 +287,7 @@ def build_model(
     )
     over_arch = build_over_arch(spec, set_arch, hidden=hidden, dropout=dropout, over_layer_sizes=over_layer_sizes,
                                 device=dense_device)
-    return MultiEmbeddingModel(sparse_arch, set_arch, over_arch, dense_arch, precision=precision)
+    set_gate = None
+    if combiner == "gate":
+        set_gate = SetGate(spec.num_sets, set_arch.num_fields, spec.set_dim, device=dense_device)
+    return MultiEmbeddingModel(sparse_arch, set_arch, over_arch, dense_arch, precision=precision, set_gate=set_gate)

@@ -314,22 +314,26 @@ def test_tiny_study_writes_every_file_and_resumes(tiny_data: Path, tmp_path: Pat
     assert error.startswith("multiembed scale: error: ") and "used --hidden 16 but the study asks for 32" in error
 
 
-def test_ablation_modes_mesi_and_se_sr(tiny_data: Path, tmp_path: Path, capsys) -> None:
+def test_ablation_modes_mesi_se_sr_and_hetero(tiny_data: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "ablations"
-    options = [a if a != "se,me" else "se,mesi,se-sr" for a in TINY]
+    options = [a if a != "se,me" else "se,mesi,se-sr,hetero" for a in TINY]
     options = [a if a != "1,2" else "2" for a in options]
     options[options.index("--seeds") + 1] = "1"
     assert cli_main(["scale", "--data", str(tiny_data), "--out", str(out), *options, "--spectral-reg", "0.01"]) == 0
     capsys.readouterr()
     recorded = {
         name: json.loads((out / "runs" / f"dnn-{name}-2x-seed0" / "config.json").read_text())["options"]
-        for name in ("se", "mesi", "se-sr")
+        for name in ("se", "mesi", "se-sr", "hetero")
     }
     assert recorded["se-sr"]["model"] == "dnn-se-2x" and recorded["se-sr"]["spectral_reg"] == 0.01
     assert recorded["se"]["spectral_reg"] == 0.0 and recorded["mesi"]["model"] == "dnn-mesi-2x"
-    assert [r["mode"] for r in read_csv(out / "scaling.csv")] == ["se", "mesi", "se-sr"]
+    # hetero: the backbone first, then the default experts without it (at 1x: SE of the backbone).
+    assert recorded["hetero"]["model"] == "hetero-me-2x" and recorded["hetero"]["experts"] == "dnn,dcnv2,ipnn,nfwfm"
+    assert recorded["se"]["experts"] == "dcnv2,ipnn,nfwfm,dnn"  # the default: homogeneous runs take no experts
+    assert [r["mode"] for r in read_csv(out / "scaling.csv")] == ["se", "mesi", "se-sr", "hetero"]
     markdown = (out / "scaling.md").read_text()
     assert "## MESI - SE test AUC" in markdown and "## SE+SR - SE test AUC" in markdown
+    assert "## HETERO - SE test AUC" in markdown and "(hetero runs only, after the backbone)" in markdown
     assert "| DNN SE+SR |" in markdown and "## Gap to the Bayes-optimal test AUC" in markdown
     # Another weight for se-sr is another study: refused; se-sr without a weight is refused.
     assert cli_main(["scale", "--data", str(tiny_data), "--out", str(out), *options, "--spectral-reg", "0.02"]) == 2

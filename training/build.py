@@ -37,7 +37,7 @@ from torchrec.optim.keyed import CombinedOptimizer
 from torchrec.optim.warmup import WarmupOptimizer
 
 from multiembed.config import TrainConfig
-from multiembed.models import MultiEmbeddingModel, MultiEmbeddingTrain, build_model
+from multiembed.models import MultiEmbeddingModel, MultiEmbeddingTrain, build_model, parse_experts, parse_model_name
 from multiembed.models.precision import check_precision
 from multiembed.sharding import embedding_tables, format_plan, make_sharders, plan_sharding, plan_summary
 from multiembed.training.distributed import DistContext
@@ -89,6 +89,21 @@ class PlannedModel:
     text: str
 
 
+def model_options(config: TrainConfig) -> Dict[str, Any]:
+    """The backbone options of ``build_model`` that ``config`` sets: ``experts`` for ``hetero-me-{K}x`` models.
+
+    Raises:
+        ValueError: ``--experts`` other than the default for a model that is not heterogeneous, or an unknown
+            expert.
+    """
+    default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}["experts"]
+    if parse_model_name(config.model).heterogeneous:
+        return {"experts": parse_experts(config.experts)}
+    if config.experts != default:
+        raise ValueError(f"--experts: only hetero-me-{{K}}x models take experts, not {config.model}")
+    return {}
+
+
 def plan_model(
     config: TrainConfig,
     vocab_sizes: Mapping[str, int],
@@ -135,6 +150,8 @@ def plan_model(
         layout=config.layout,
         precision=config.precision,
         table_dtype=config.table_dtype,
+        combiner=config.combiner,
+        **model_options(config),
     )
     train_module = MultiEmbeddingTrain(model, spectral_reg_weight=config.spectral_reg)
     attach_sparse_optimizer(model.sparse_arch.embedding_bag_collection, optim_config)

@@ -40,7 +40,7 @@ except ImportError as e:  # pragma: no cover - depends on the installed torch
 
 from multiembed.collapse import collapse_from_model, summarize_sets
 from multiembed.collapse.monitor import CollapsedField, CollapseMonitor, format_collapsed
-from multiembed.config import MODEL_OPTIONS, TrainConfig
+from multiembed.config import MODEL_OPTIONS, TrainConfig, recorded_option
 from multiembed.data.loader import ParquetBatchLoader
 from multiembed.data.locking import LOCK_FILE, exclusive_lock
 from multiembed.data.metadata import DatasetMetadata, atomic_write_text, read_metadata, split_identity
@@ -289,10 +289,10 @@ class Trainer:
         except (OSError, ValueError, KeyError) as e:
             return f"--resume: {path} is unreadable ({e})"
         for key in (*MODEL_OPTIONS, "batch_size", "seed"):
-            if previous.get(key) != getattr(self.config, key):
+            if recorded_option(previous, key) != getattr(self.config, key):
                 return (
                     f"--resume: --{key.replace('_', '-')} is {getattr(self.config, key)!r} but the run in "
-                    f"{self.run_dir} used {previous.get(key)!r}"
+                    f"{self.run_dir} used {recorded_option(previous, key)!r}"
                 )
         trained_on = record.get("data", {}).get("vocab_fingerprint")
         if trained_on is not None and trained_on != self.meta.vocab_fingerprint:
