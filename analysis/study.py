@@ -59,6 +59,7 @@ from multiembed.models import DEFAULT_SPECTRAL_REG_WEIGHT
 from multiembed.models.names import BASE_SET_DIM, parse_model_name
 from multiembed.training.distributed import DistContext, broadcast_object, init_distributed
 from multiembed.config import STUDY_OPTIONS, TrainConfig, recorded_option
+from multiembed.config.presets import COLLAPSE_PRESET_DATA, PRESETS, Preset  # noqa: F401  (re-exported)
 from multiembed.training.evaluation import CONFIG_FILE, SUMMARY_FILE
 from multiembed.training.progress import progress_bar
 from multiembed.training.trainer import Trainer, TrainingDiverged
@@ -74,55 +75,6 @@ _RESULT_OPTIONS = tuple(
     o for o in TRAIN_OPTIONS if o not in ("device", "ia_every", "collapse_warn", "spectral_reg", "experts")
 )
 _DEFAULT_EXPERTS = recorded_option({}, "experts")
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named study size: grid and training options (explicit command-line options override each one).
-
-    Attributes:
-        name: the preset's name.
-        grid: ``backbones``, ``modes``, ``scales`` (lists) and ``seeds`` (a count).
-        train: :class:`TrainConfig` fields.
-        data_hint: the command that makes the dataset the preset was sized for.
-        description: what it is for.
-    """
-
-    name: str
-    grid: Dict[str, Any]
-    train: Dict[str, Any]
-    data_hint: str
-    description: str
-
-
-# The collapse preset's sizes (README, "The collapse regime": how they were measured).
-COLLAPSE_PRESET_DATA = "multiembed synth --regime collapse --rows 450000 --split 16,1,1 --out DATA"
-COLLAPSE_PRESET_TRAIN: Dict[str, Any] = {
-    "epochs": 1, "batch_size": 1024, "hidden": 256, "patience": 2, "eval_every": 60, "max_steps": 180,
-    "device": "auto",
-}
-
-PRESETS: Dict[str, Preset] = {
-    "small": Preset(
-        name="small",
-        grid={"backbones": ["dcnv2"], "modes": ["se", "me"], "scales": [1, 2, 4], "seeds": 2},
-        train={
-            "epochs": 3, "batch_size": 1024, "hidden": 64, "patience": 2, "eval_every": 50, "max_steps": 300,
-            "device": "auto",
-        },
-        data_hint="multiembed synth --rows 150000 --scale 0.002 --out DATA",
-        description="DCNv2 SE vs ME at 1x, 2x, 4x, 2 seeds: about 20 minutes on 2 CPU cores",
-    ),
-    # Sized from timed single-configuration smoke runs (README, "The collapse regime"): fixed before any full run.
-    "collapse": Preset(
-        name="collapse",
-        grid={"backbones": ["dcnv2"], "modes": ["se", "me"], "scales": [1, 2, 4, 10], "seeds": 5},
-        train=COLLAPSE_PRESET_TRAIN,
-        data_hint=COLLAPSE_PRESET_DATA,
-        description="DCNv2 SE vs ME at 1x, 2x, 4x, 10x, 5 seeds on the collapse regime: at most 90 minutes on 2 "
-        "CPU cores (estimated from timed smoke runs)",
-    ),
-}
 
 
 @dataclass

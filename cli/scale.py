@@ -8,19 +8,9 @@ import sys
 from typing import List
 
 from multiembed.config import STUDY_OPTIONS, TrainConfig, add_arguments
+from multiembed.config.presets import PRESETS
 
-# The preset's settings are spelled out here too so that `--help` needs no torch import (cli/ keeps heavy imports
-# inside run); tests check this text against analysis.study.PRESETS.
-PRESET_HELP = (
-    "small: --backbones dcnv2 --modes se,me --scales 1,2,4 --seeds 2 --epochs 3 --batch-size 1024 --hidden 64 "
-    "--patience 2 --eval-every 50 --max-steps 300, sized for data from "
-    "`multiembed synth --rows 150000 --scale 0.002` (about 20 minutes on 2 CPU cores); "
-    "collapse: --backbones dcnv2 --modes se,me --scales 1,2,4,10 --seeds 5 --epochs 1 --batch-size 1024 "
-    "--hidden 256 --patience 2 --eval-every 60 --max-steps 180, sized for data from "
-    "`multiembed synth --regime collapse --rows 450000 --split 16,1,1` (about 85 minutes on 2 otherwise idle CPU "
-    "cores, estimated from timed smoke runs; README, 'The collapse regime')"
-)
-PRESET_NAMES = ("small", "collapse")
+PRESET_HELP = "; ".join(p.help_text() for p in PRESETS.values())
 
 
 def _names(text: str) -> List[str]:
@@ -65,7 +55,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         "the sets; at 1x SE of the backbone) (default se,me)",
     )
     p.add_argument("--seeds", type=int, default=None, help="number of seeds per configuration, 0..N-1 (default 3)")
-    p.add_argument("--preset", choices=list(PRESET_NAMES), default=None, help=f"named study size; {PRESET_HELP}")
+    p.add_argument("--preset", choices=list(PRESETS), default=None, help=f"named study size; {PRESET_HELP}")
     # The training options every run of the study shares: TrainConfig's fields, unset unless given (a preset or
     # the paper's defaults fill the rest).
     add_arguments(p, TrainConfig, STUDY_OPTIONS, unset_defaults=True)

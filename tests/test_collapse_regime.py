@@ -116,6 +116,12 @@ def test_collapse_preset_is_the_issue_grid() -> None:
     options = resolve_options({"scales": [1, 10], "modes": ["se", "se-sr"]}, "collapse")
     assert options["scales"] == [1, 10] and options["modes"] == ["se", "se-sr"] and options["seeds"] == 5
     assert options["spectral_reg"] == pytest.approx(1e-4)  # the se-sr mode's default weight
+    # collapse-long: the same grid, data and model, trained under early stopping instead of a step cap.
+    long = PRESETS["collapse-long"]
+    assert long.grid == preset.grid and long.data_hint == preset.data_hint
+    assert long.train["max_steps"] == 0 and long.train["patience"] > 0 and long.train["epochs"] > 1
+    assert {k: v for k, v in long.train.items() if k not in ("epochs", "eval_every", "max_steps")} == {
+        k: v for k, v in preset.train.items() if k not in ("epochs", "eval_every", "max_steps")}
 
 
 # ------------------------------------------------------------------------------------------------ the monitor

@@ -1,0 +1,94 @@
+"""Named sizes of the scaling study (``multiembed scale --preset NAME``), importable without torch (the CLI's
+``--help`` spells them out).
+
+A preset sets the grid (backbones, modes, scales, seeds) and training options; explicit command-line options override
+each one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named study size.
+
+    Attributes:
+        name: the preset's name.
+        grid: ``backbones``, ``modes``, ``scales`` (lists) and ``seeds`` (a count).
+        train: :class:`~multiembed.config.TrainConfig` fields.
+        data_hint: the command that makes the dataset the preset was sized for.
+        description: what it is for, and its measured or estimated time.
+
+    Example::
+
+        >>> PRESETS["small"].grid["scales"]
+        [1, 2, 4]
+    """
+
+    name: str
+    grid: Dict[str, Any]
+    train: Dict[str, Any]
+    data_hint: str
+    description: str
+
+    def options_text(self) -> str:
+        """The preset as the command-line options it stands for, e.g. ``--backbones dcnv2 --modes se,me ...``."""
+        words = []
+        for key, value in {**self.grid, **self.train}.items():
+            if key == "device":
+                continue
+            shown = ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+            words.append(f"--{key.replace('_', '-')} {shown}")
+        return " ".join(words)
+
+    def help_text(self) -> str:
+        """One ``--help`` paragraph: options, the data it was sized for, and its description."""
+        data = self.data_hint.replace(" --out DATA", "")
+        return f"{self.name}: {self.options_text()}, sized for data from `{data}` ({self.description})"
+
+
+# The collapse regime's data (README, "The collapse regime").
+COLLAPSE_PRESET_DATA = "multiembed synth --regime collapse --rows 450000 --split 16,1,1 --out DATA"
+
+PRESETS: Dict[str, Preset] = {
+    "small": Preset(
+        name="small",
+        grid={"backbones": ["dcnv2"], "modes": ["se", "me"], "scales": [1, 2, 4], "seeds": 2},
+        train={
+            "epochs": 3, "batch_size": 1024, "hidden": 64, "patience": 2, "eval_every": 50, "max_steps": 300,
+            "device": "auto",
+        },
+        data_hint="multiembed synth --rows 150000 --scale 0.002 --out DATA",
+        description="DCNv2 SE vs ME at 1x, 2x, 4x, 2 seeds: about 20 minutes on 2 CPU cores",
+    ),
+    # Sized from timed single-configuration smoke runs on a loaded machine, fixed before its first full run; that run
+    # took 8 minutes on 2 idle cores and stopped every model at 180 steps (README, "The collapse regime").
+    "collapse": Preset(
+        name="collapse",
+        grid={"backbones": ["dcnv2"], "modes": ["se", "me"], "scales": [1, 2, 4, 10], "seeds": 5},
+        train={
+            "epochs": 1, "batch_size": 1024, "hidden": 256, "patience": 2, "eval_every": 60, "max_steps": 180,
+            "device": "auto",
+        },
+        data_hint=COLLAPSE_PRESET_DATA,
+        description="DCNv2 SE vs ME at 1x, 2x, 4x, 10x, 5 seeds on the collapse regime, at most 180 steps a run: "
+        "measured 8 minutes on 2 idle CPU cores",
+    ),
+    # The same grid, model and data trained under the paper's protocol (early stopping on validation AUC, here up to
+    # 4 epochs evaluated every third of an epoch) instead of a step cap; the epoch limit is the 90-minute budget at the
+    # step times the `collapse` run measured (README, "The collapse regime"). Fixed before its first full run.
+    "collapse-long": Preset(
+        name="collapse-long",
+        grid={"backbones": ["dcnv2"], "modes": ["se", "me"], "scales": [1, 2, 4, 10], "seeds": 5},
+        train={
+            "epochs": 4, "batch_size": 1024, "hidden": 256, "patience": 2, "eval_every": 130, "max_steps": 0,
+            "device": "auto",
+        },
+        data_hint=COLLAPSE_PRESET_DATA,
+        description="collapse's grid under early stopping, up to 4 epochs: at most about 65 minutes on 2 idle CPU "
+        "cores, estimated from collapse's measured step times",
+    ),
+}
