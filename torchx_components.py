@@ -343,3 +343,79 @@ def scaling_study(
         args, name=name, image=image, h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j, env=env, rdzv_port=rdzv_port,
         max_retries=max_retries, max_restarts=max_restarts,
     )
+
+
+def convert(
+    *inputs: str,
+    dataset: str,
+    out: str,
+    mode: Optional[str] = None,
+    min_count: Optional[int] = None,
+    hash_size: Optional[int] = None,
+    hash_sizes: Optional[str] = None,
+    vocab_from: Optional[str] = None,
+    split: Optional[str] = None,
+    split_by_file: bool = False,
+    seed: int = 0,
+    on_error: str = "fail",
+    overwrite: bool = False,
+    threads_per_worker: Optional[int] = None,
+    j: str = "1x1",
+    image: str = torchx.IMAGE,
+    h: Optional[str] = None,
+    cpu: int = 2,
+    memMB: int = 8192,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    rdzv_port: int = 29500,
+    name: str = "/multiembed-convert",
+) -> specs.AppDef:
+    """Converts raw logs into one dataset with every rank of the job converting its share of the input files.
+
+    Rank 0 holds the output's lock, makes the decisions and writes ``metadata.json`` last; input ``i`` is scanned and
+    counted on rank ``i mod world`` and the inputs still to convert are shared round-robin
+    (``multiembed/data/convert_nodes.py``). The output is the same as one ``multiembed convert`` process's. Criteo 1TB
+    on 24 nodes::
+
+        torchx run -s slurm ./torchx_components.py:convert --dataset criteo-1tb --out /shared/criteo-1tb \\
+            --hash_sizes mlperf --j 24x1 /shared/raw/day_{0..23}.gz
+
+    Args:
+        inputs: raw log files, in order, on storage every node reads (e.g. ``day_0.gz`` .. ``day_23.gz``).
+        dataset: ``criteo``, ``criteo-1tb`` or ``avazu``.
+        out: output dataset directory on storage shared by every node.
+        mode: ``paper`` or ``hashing`` (default: the dataset's).
+        min_count: paper mode's minimum token count.
+        hash_size: hashing mode's buckets per field.
+        hash_sizes: hashing mode's per-field sizes (``C1=1000,...`` or ``mlperf``).
+        vocab_from: encode with the vocabulary of an earlier conversion.
+        split: random split weights ``TRAIN,VAL,TEST``.
+        split_by_file: inputs but the last -> train; the last input's halves -> val, test.
+        seed: split seed.
+        on_error: ``fail`` or ``skip`` bad rows.
+        overwrite: replace a finished dataset in ``out`` made from other inputs or options.
+        threads_per_worker: pyarrow threads per rank (default: pyarrow's, all cores).
+        j: ``{nnodes}x{nproc_per_node}``, e.g. ``24x1``.
+        image: image (docker / slurm: a directory holding the environment) that has multiembed installed.
+        h: a registered named resource (takes precedence over cpu and memMB).
+        cpu: CPUs per node.
+        memMB: memory per node in MB.
+        env: extra environment variables for the workers.
+        max_retries: scheduler-level retries of the whole job (complete inputs are kept).
+        rdzv_port: rendezvous port on the first node (multi-node only).
+        name: torchx job name.
+    """
+    if not inputs:
+        raise ValueError("convert: give the raw log files to convert")
+    args: List[str] = ["convert", dataset, *inputs, "--out", out, "--seed", str(seed), "--on-error", on_error]
+    for flag, value in (
+        ("--mode", mode), ("--min-count", min_count), ("--hash-size", hash_size), ("--hash-sizes", hash_sizes),
+        ("--vocab-from", vocab_from), ("--split", split), ("--threads-per-worker", threads_per_worker),
+    ):
+        if value is not None:
+            args += [flag, str(value)]
+    args += [flag for flag, on in (("--split-by-file", split_by_file), ("--overwrite", overwrite)) if on]
+    return _cli_app(
+        args, name=name, image=image, h=h, cpu=cpu, gpu=0, memMB=memMB, j=j, env=env, rdzv_port=rdzv_port,
+        max_retries=max_retries,
+    )

@@ -8,6 +8,7 @@ row stops the command with ``multiembed convert: error: FILE:LINE: FIELD: what i
 from __future__ import annotations
 
 import argparse
+import os
 
 FORMAT_NAMES = ("criteo", "criteo-1tb", "avazu")
 
@@ -23,7 +24,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
             "id per field; Criteo integers binned into categorical fields); hashing mode (default for criteo-1tb) "
             "maps every token with a fixed 64-bit hash into --hash-size buckets in one pass. A re-run with the same "
             "inputs and options skips the inputs whose outputs are complete; a finished dataset of other inputs or "
-            "options is replaced only with --overwrite. One conversion at a time per --out (a lock file)."
+            "options is replaced only with --overwrite. One conversion at a time per --out (a lock file). Under torchrun "
+            "(the torchx convert component, e.g. -j 24x1 for 24 day files) the ranks convert their shares of the "
+            "inputs into one dataset, rank 0 writing metadata.json last; the output is the same as one process's."
         ),
     )
     p.add_argument("dataset", choices=FORMAT_NAMES, help="raw log format")
@@ -98,7 +101,20 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         threads_per_worker=args.threads_per_worker,
     )
-    result = convert(options)
-    for line in summary_lines(result):
-        print(line)
+    # Under torchrun (the torchx `convert` component) the ranks convert their shares of the inputs into one dataset.
+    nodes = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from multiembed.data.convert_nodes import init_node_group
+
+        nodes = init_node_group()
+    try:
+        result = convert(options, nodes=nodes)
+    finally:
+        if nodes is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if nodes is None or nodes.is_main:
+        for line in summary_lines(result):
+            print(line)
     return 0

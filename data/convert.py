@@ -48,7 +48,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Counter, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Counter, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 import pyarrow as pa
@@ -430,12 +430,12 @@ def _parsed_chunks(path: str, fmt: RawFormat, on_error: str, chunk_bytes: int) -
         yield parser.parse(chunk)
 
 
-def _count_vocabulary(
-    fmt: RawFormat, resolved: ResolvedOptions, scans: Sequence[SourceScan]
-) -> CountedVocabulary:
+def _count_tokens(
+    fmt: RawFormat, resolved: ResolvedOptions, scans: Sequence[SourceScan], counter: VocabularyCounter, progress: bool
+) -> None:
+    """Paper mode's counting pass over ``scans``, into ``counter``."""
     fields = list(fmt.fields(PAPER_MODE))
-    counter = VocabularyCounter(fields)
-    with _progress(sum(s.rows for s in scans), "counting", resolved.progress) as bar:
+    with _progress(sum(s.rows for s in scans), "counting", progress) as bar:
         for scan in scans:
             chunks = _prefetched(_parsed_chunks(scan.path, fmt, resolved.on_error, resolved.chunk_bytes))
             with contextlib.closing(chunks):
@@ -444,6 +444,13 @@ def _count_vocabulary(
                         keys = field_keys(fmt, PAPER_MODE, parsed.table.column(field), field, resolved.hash_seed)
                         counter.add(field, keys)
                     bar.update(parsed.lines)
+
+
+def _count_vocabulary(
+    fmt: RawFormat, resolved: ResolvedOptions, scans: Sequence[SourceScan]
+) -> CountedVocabulary:
+    counter = VocabularyCounter(list(fmt.fields(PAPER_MODE)))
+    _count_tokens(fmt, resolved, scans, counter, resolved.progress)
     assert resolved.min_count is not None
     return counter.finish(fmt.name, resolved.min_count, resolved.hash_seed)
 
@@ -794,8 +801,13 @@ def _build_metadata(
     )
 
 
-def convert(options: ConvertOptions) -> ConvertResult:
+def convert(options: ConvertOptions, nodes: Optional["Coordinator"] = None) -> ConvertResult:
     """Converts raw logs into a dataset directory (see the module docstring).
+
+    Args:
+        options: what to convert, and how.
+        nodes: the ranks of a job converting the inputs together
+            (:class:`multiembed.data.convert_nodes.NodeGroup`); None: this process alone.
 
     Raises:
         ValueError: bad options.
@@ -806,6 +818,9 @@ def convert(options: ConvertOptions) -> ConvertResult:
     """
     started = time.perf_counter()
     resolved = resolve_options(options)
+    if nodes is not None and resolved.workers > 1:
+        raise ValueError("--workers: each rank of a multi-node conversion converts one input at a time; run more "
+                         "ranks per node (-j NODESxRANKS) instead")
     fmt = raw_format(resolved.dataset)
     source_vocab: Optional[Vocabulary] = None
     if resolved.vocab_from is not None:
@@ -822,57 +837,95 @@ def convert(options: ConvertOptions) -> ConvertResult:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
-    with exclusive_lock(out, "conversion"):  # one lock per job: the workers of a pool write under this one
+    with contextlib.ExitStack() as stack:
+        if nodes is None:
+            stack.enter_context(exclusive_lock(out, "conversion"))  # one per job: a pool's workers write under it
+        else:
+            stack.enter_context(nodes.bind(resolved, fmt).main_lock(out))  # type: ignore[attr-defined]
         if resolved.workers > 1 and len(resolved.inputs) > 1:
             from multiembed.data.convert_workers import ConvertPool
 
             with ConvertPool(resolved, fmt) as pool:
                 return _convert_locked(resolved, fmt, source_vocab, started, pool)
-        if resolved.threads_per_worker is None:
-            return _convert_locked(resolved, fmt, source_vocab, started)
-        cpu_count, io_count = pa.cpu_count(), pa.io_thread_count()
-        pa.set_cpu_count(resolved.threads_per_worker)
-        pa.set_io_thread_count(resolved.threads_per_worker)
-        try:
-            return _convert_locked(resolved, fmt, source_vocab, started)
-        finally:
-            pa.set_cpu_count(cpu_count)
-            pa.set_io_thread_count(io_count)
+        if resolved.threads_per_worker is not None:
+            cpu_count, io_count = pa.cpu_count(), pa.io_thread_count()
+            pa.set_cpu_count(resolved.threads_per_worker)
+            pa.set_io_thread_count(resolved.threads_per_worker)
+            stack.callback(pa.set_io_thread_count, io_count)
+            stack.callback(pa.set_cpu_count, cpu_count)
+        return _convert_locked(resolved, fmt, source_vocab, started, pool=nodes, nodes=nodes)
+    raise AssertionError("unreachable")  # for type checkers: the with block always returns or raises
+
+
+class Coordinator:
+    """Who decides and who writes the shared files of a conversion: here one process does everything.
+
+    :class:`multiembed.data.convert_nodes.NodeGroup` is the multi-node form: rank 0 decides (checks, clearing,
+    the vocabulary, ``metadata.json``) and broadcasts the outcome, every rank converts its share of the inputs.
+    """
+
+    is_main = True
+
+    def decide(self, decision: Callable[[], _T]) -> _T:
+        """``decision()`` run by the main process, its value (or its exception) shared with every process."""
+        return decision()
+
+    def mine(self, indices: Sequence[int]) -> List[int]:
+        """The input indices this process converts."""
+        return list(indices)
+
+    def gather(self, work: Callable[[], List[_T]]) -> List[_T]:
+        """``work()`` run by every process, the lists concatenated (here: this process's); a failure on any
+        process is raised on all."""
+        return work()
 
 
 def _convert_locked(
-    resolved: ResolvedOptions, fmt: RawFormat, source_vocab: Optional[Vocabulary], started: float, pool: Any = None
+    resolved: ResolvedOptions, fmt: RawFormat, source_vocab: Optional[Vocabulary], started: float, pool: Any = None,
+    nodes: Optional[Coordinator] = None,
 ) -> ConvertResult:
-    """The conversion under the lock; ``pool`` (a :class:`multiembed.data.convert_workers.ConvertPool`) runs the
-    scan, counting and encoding passes over several inputs at once, None runs them here one input after another."""
+    """The conversion under the lock; ``pool`` (a :class:`multiembed.data.convert_workers.ConvertPool`, or the
+    :class:`~multiembed.data.convert_nodes.NodeGroup` also given as ``nodes``) runs the scan, counting and encoding
+    passes over several inputs at once, None runs them here one input after another. ``nodes`` decides for a job of
+    several processes (default: this one)."""
     out = resolved.out
-    _check_out_dir(out, resolved.overwrite)
-    _check_no_links(out)
-    finished = _read_finished(out, resolved.overwrite)
-    if finished is not None and not resolved.overwrite:
-        differences = _option_differences(finished, resolved, source_vocab.fingerprint if source_vocab else None)
-        if differences:
-            raise OutputError(
-                f"{out}: holds a finished dataset converted with other options ({'; '.join(differences)}); give "
-                "--overwrite to replace it, or choose another --out"
-            )
+    nodes = nodes or Coordinator()
+
+    def check_outputs() -> Optional[DatasetMetadata]:
+        _check_out_dir(out, resolved.overwrite)
+        _check_no_links(out)
+        finished = _read_finished(out, resolved.overwrite)
+        if finished is not None and not resolved.overwrite:
+            differences = _option_differences(finished, resolved, source_vocab.fingerprint if source_vocab else None)
+            if differences:
+                raise OutputError(
+                    f"{out}: holds a finished dataset converted with other options ({'; '.join(differences)}); give "
+                    "--overwrite to replace it, or choose another --out"
+                )
+        return finished
+
+    finished = nodes.decide(check_outputs)
     if pool is not None:
         scans = pool.scan(resolved.inputs)
     else:
         scans = [scan_source(path, fmt) for path in resolved.inputs]
-    if finished is not None and not resolved.overwrite:
-        difference = _input_difference(finished, out, scans)
-        if difference is not None:
-            raise OutputError(
-                f"{out}: holds a finished dataset converted from other inputs ({difference}); give --overwrite to "
-                "replace it, or choose another --out"
-            )
-    try:
-        if resolved.overwrite:
-            _clear_outputs(out)
-        (out / STATE_DIR).mkdir(exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"{out}: cannot prepare the output directory ({e.strerror or e})") from None
+
+    def prepare_outputs() -> None:
+        if finished is not None and not resolved.overwrite:
+            difference = _input_difference(finished, out, scans)
+            if difference is not None:
+                raise OutputError(
+                    f"{out}: holds a finished dataset converted from other inputs ({difference}); give --overwrite to "
+                    "replace it, or choose another --out"
+                )
+        try:
+            if resolved.overwrite:
+                _clear_outputs(out)
+            (out / STATE_DIR).mkdir(exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"{out}: cannot prepare the output directory ({e.strerror or e})") from None
+
+    nodes.decide(prepare_outputs)
     file_rows = [scan.rows for scan in scans]
     if resolved.split_by_file:
         counts = by_file_counts(file_rows)
@@ -885,29 +938,48 @@ def _convert_locked(
     if source_vocab is not None:
         vocab = source_vocab
         if isinstance(vocab, CountedVocabulary):
-            # The dataset keeps its own copy of the vocabulary: it can be a --vocab-from source in turn.
-            saved = CountedVocabulary.saved_extra(out)
-            if saved is None or saved.get("copied_from") != vocab.fingerprint:
-                try:
-                    vocab.save(out, extra={"copied_from": vocab.fingerprint})
-                except OSError as e:
-                    raise OutputError(f"{out / VOCAB_FILE}: cannot write ({e})") from None
+            counted = vocab
+
+            def copy_vocabulary() -> None:
+                # The dataset keeps its own copy of the vocabulary: it can be a --vocab-from source in turn.
+                saved = CountedVocabulary.saved_extra(out)
+                if saved is None or saved.get("copied_from") != counted.fingerprint:
+                    try:
+                        counted.save(out, extra={"copied_from": counted.fingerprint})
+                    except OSError as e:
+                        raise OutputError(f"{out / VOCAB_FILE}: cannot write ({e})") from None
+
+            nodes.decide(copy_vocabulary)
     elif resolved.mode == HASHING_MODE:
         assert resolved.hash_sizes is not None
         vocab = HashingVocabulary(fmt.name, resolved.hash_sizes, resolved.hash_seed)
     else:
         vocab_key = _digest({"dataset": fmt.name, "min_count": resolved.min_count, "hash_seed": resolved.hash_seed,
                              "on_error": resolved.on_error, "sources": [s.to_json() for s in scans]})
-        saved = CountedVocabulary.saved_extra(out)
-        if saved is not None and saved.get("vocab_key") == vocab_key:
-            vocab = CountedVocabulary.load(out)
-            vocab_reused = True
+
+        def saved_vocabulary_matches() -> bool:
+            saved = CountedVocabulary.saved_extra(out)
+            return saved is not None and saved.get("vocab_key") == vocab_key
+
+        vocab_reused = nodes.decide(saved_vocabulary_matches)
+        if not vocab_reused:
+            # A NodeGroup returns the merged vocabulary on its main rank only; the others load what it saved.
+            counted_here = pool.count_vocabulary(scans) if pool is not None else _count_vocabulary(fmt, resolved, scans)
+
+            def save_vocabulary() -> str:
+                assert counted_here is not None
+                try:
+                    counted_here.save(out, extra={"vocab_key": vocab_key})
+                except OSError as e:
+                    raise OutputError(f"{out / VOCAB_FILE}: cannot write ({e})") from None
+                return counted_here.fingerprint
+
+            fingerprint = nodes.decide(save_vocabulary)
+            vocab = counted_here if counted_here is not None else CountedVocabulary.load(out)
+            if vocab.fingerprint != fingerprint:
+                raise DatasetError(f"{out / VOCAB_FILE}: changed while the conversion read it (fingerprint differs)")
         else:
-            vocab = pool.count_vocabulary(scans) if pool is not None else _count_vocabulary(fmt, resolved, scans)
-            try:
-                vocab.save(out, extra={"vocab_key": vocab_key})
-            except OSError as e:
-                raise OutputError(f"{out / VOCAB_FILE}: cannot write ({e})") from None
+            vocab = CountedVocabulary.load(out)
 
     options_key = resolved.to_json()
     options_key["vocab_from"] = None  # the vocabulary's fingerprint below says what --vocab-from gave
@@ -915,36 +987,56 @@ def _convert_locked(
                        "rows": [[os.path.abspath(s.path), s.rows] for s in scans]})
     state = out / STATE_DIR
     part_keys = [_digest({"run": run_key, "index": i, "source": s.to_json()}) for i, s in enumerate(scans)]
-    manifests: List[Optional[Dict[str, Any]]] = []
-    for i in range(len(scans)):
-        manifest = _read_manifest(state / f"part-{i:05d}.json")
-        manifests.append(manifest if _manifest_is_complete(out, manifest, part_keys[i]) else None)
+
+    def complete_parts() -> List[Optional[Dict[str, Any]]]:
+        found: List[Optional[Dict[str, Any]]] = []
+        for i in range(len(scans)):
+            manifest = _read_manifest(state / f"part-{i:05d}.json")
+            found.append(manifest if _manifest_is_complete(out, manifest, part_keys[i]) else None)
+        if any(m is None for m in found):
+            # The dataset is about to change: it must not look complete until metadata.json is rewritten.
+            (out / METADATA_FILE).unlink(missing_ok=True)
+        _remove_outputs(out, keep=[i for i, m in enumerate(found) if m is not None])
+        return found
+
+    manifests = nodes.decide(complete_parts)
     todo = [i for i, m in enumerate(manifests) if m is None]
-    if todo:
-        # The dataset is about to change: it must not look complete until metadata.json is rewritten.
-        (out / METADATA_FILE).unlink(missing_ok=True)
-    _remove_outputs(out, keep=[i for i, m in enumerate(manifests) if m is not None])
+    mine = nodes.mine(todo)
 
     schema = arrow_schema([FieldSpec(name, 1) for name in vocab.fields], fmt.dense_fields)
-    with _progress(sum(scans[i].rows for i in todo), "converting", resolved.progress and bool(todo)) as bar:
-        if pool is not None:
-            # Each worker encodes whole inputs; their manifests are written here as they complete.
-            converted: Iterable[Tuple[int, Dict[str, Any]]] = pool.convert_inputs(todo, scans, counts, vocab, schema, bar)
-        else:
-            converted = ((i, _convert_input(i, scans[i], counts[i], fmt, resolved, vocab, schema, bar)) for i in todo)
-        for i, manifest in converted:
-            manifest["part_key"] = part_keys[i]
-            try:
-                atomic_write_text(state / f"part-{i:05d}.json", json.dumps(manifest, indent=1) + "\n")
-            except OSError as e:
-                raise OutputError(f"{state / f'part-{i:05d}.json'}: cannot write ({e})") from None
-            manifests[i] = manifest
-    complete = [m for m in manifests if m is not None]
-    metadata = _build_metadata(fmt, resolved, vocab, complete, scans)
-    try:
-        write_metadata(out, metadata)
-    except OSError as e:
-        raise OutputError(f"{out / METADATA_FILE}: cannot write ({e})") from None
+
+    def convert_mine() -> List[Tuple[int, Dict[str, Any]]]:
+        written: List[Tuple[int, Dict[str, Any]]] = []
+        progress = resolved.progress and bool(mine) and nodes.is_main
+        with _progress(sum(scans[i].rows for i in mine), "converting", progress) as bar:
+            if pool is not None:
+                # Each worker encodes whole inputs; their manifests are written here as they complete.
+                converted: Iterable[Tuple[int, Dict[str, Any]]] = pool.convert_inputs(
+                    mine, scans, counts, vocab, schema, bar)
+            else:
+                converted = ((i, _convert_input(i, scans[i], counts[i], fmt, resolved, vocab, schema, bar))
+                             for i in mine)
+            for i, manifest in converted:
+                manifest["part_key"] = part_keys[i]
+                try:
+                    atomic_write_text(state / f"part-{i:05d}.json", json.dumps(manifest, indent=1) + "\n")
+                except OSError as e:
+                    raise OutputError(f"{state / f'part-{i:05d}.json'}: cannot write ({e})") from None
+                written.append((i, manifest))
+        return written
+
+    for i, manifest in nodes.gather(convert_mine):
+        manifests[i] = manifest
+
+    def write_dataset_metadata() -> DatasetMetadata:
+        metadata = _build_metadata(fmt, resolved, vocab, [m for m in manifests if m is not None], scans)
+        try:
+            write_metadata(out, metadata)
+        except OSError as e:
+            raise OutputError(f"{out / METADATA_FILE}: cannot write ({e})") from None
+        return metadata
+
+    metadata = nodes.decide(write_dataset_metadata)
     return ConvertResult(
         metadata=metadata,
         out=out,
