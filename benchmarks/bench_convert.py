@@ -5,7 +5,10 @@ categorical columns with Zipf-distributed values and ~10 % empty cells), then me
 
 * ``pyarrow.csv.read_csv`` of the file, multi-threaded, types inferred (the floor the issue sets the target against);
 * ``multiembed convert criteo-1tb`` (hashing mode) and ``multiembed convert criteo`` (paper mode: counting pass +
-  encoding pass) as subprocesses, with their peak RSS (``wait4``).
+  encoding pass) as subprocesses, with their peak RSS (``wait4``);
+* ``--modes workers``: the same rows as two files of half the rows, converted (hashing) by one worker held to one
+  thread (``--workers 1 --threads-per-worker 1``) and by two such workers (``--workers 2 --threads-per-worker 1``):
+  the scaling of ``--workers`` (issue 16's target: two workers >= 1.7x one on an idle 2-core machine).
 
 Each measurement is repeated (``--repeats``) in interleaved order and the median is reported, because the machine
 may be shared. Prints a markdown table and writes JSON.
@@ -111,7 +114,8 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where to write the TSV and outputs (default: a temp dir)")
     parser.add_argument("--json", default="bench_convert.json", help="JSON result file")
     parser.add_argument("--modes", default="hashing,hashing-snappy,paper",
-                        help="comma list of hashing, hashing-snappy (Parquet pages snappy-compressed), paper")
+                        help="comma list of hashing, hashing-snappy (Parquet pages snappy-compressed), paper, workers "
+                             "(one vs two single-thread workers on two half files)")
     args = parser.parse_args()
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_convert_"))
@@ -124,12 +128,23 @@ def main() -> None:
         partial.rename(tsv)
     size = tsv.stat().st_size
     multiembed = str(Path(sys.executable).with_name("multiembed"))
-    commands = {
-        "hashing": ["criteo-1tb"],
-        "hashing-snappy": ["criteo-1tb", "--compression", "snappy"],
-        "paper": ["criteo"],
-    }
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    halves = [workdir / f"criteo_{args.rows}_half{i}.tsv" for i in (1, 2)]
+    if "workers" in modes:
+        for i, half in enumerate(halves, start=1):
+            if not half.exists():
+                partial = half.with_suffix(".partial")
+                write_criteo_tsv(partial, args.rows // 2, seed=i)
+                partial.rename(half)
+        modes = [m for m in modes if m != "workers"] + ["workers-1", "workers-2"]
+    # Each mode: (inputs, options).
+    commands = {
+        "hashing": ([tsv], ["criteo-1tb"]),
+        "hashing-snappy": ([tsv], ["criteo-1tb", "--compression", "snappy"]),
+        "paper": ([tsv], ["criteo"]),
+        "workers-1": (halves, ["criteo-1tb", "--workers", "1", "--threads-per-worker", "1"]),
+        "workers-2": (halves, ["criteo-1tb", "--workers", "2", "--threads-per-worker", "1"]),
+    }
     results: Dict[str, List[Dict[str, float]]] = {"read_csv": []}
     results.update({m: [] for m in modes})
     time_read_csv(tsv)  # warm the page cache and pyarrow's thread pool once
@@ -137,9 +152,10 @@ def main() -> None:
         results["read_csv"].append(time_read_csv(tsv))
         for mode in modes:
             out = workdir / f"out_{mode}"
-            subprocess.run(["rm", "-rf", str(out)], check=True)
-            command = [multiembed, "convert", commands[mode][0], str(tsv), *commands[mode][1:], "--out", str(out),
-                       "--quiet"]
+            inputs, options = commands[mode]
+            # --overwrite: convert itself replaces only a dataset directory (what an earlier repeat wrote).
+            command = [multiembed, "convert", options[0], *map(str, inputs), *options[1:], "--out", str(out),
+                       "--quiet", "--overwrite"]
             results[mode].append(time_command(command))
             results[mode][-1]["output_mib"] = sum(p.stat().st_size for p in out.rglob("*.parquet")) / 2**20
     summary = {}
@@ -176,12 +192,17 @@ def main() -> None:
     labels = {"read_csv": "pyarrow.csv.read_csv (multithreaded, types inferred; timed around the call)",
               "hashing": "multiembed convert criteo-1tb (hashing; whole command)",
               "hashing-snappy": "multiembed convert criteo-1tb --compression snappy (whole command)",
-              "paper": "multiembed convert criteo (paper, 2 passes; whole command)"}
+              "paper": "multiembed convert criteo (paper, 2 passes; whole command)",
+              "workers-1": "convert criteo-1tb, 2 half files, --workers 1 --threads-per-worker 1",
+              "workers-2": "convert criteo-1tb, 2 half files, --workers 2 --threads-per-worker 1"}
     for name, entry in summary.items():
         rss = f"{entry['peak_rss_mib_max']:.0f} MiB" if "peak_rss_mib_max" in entry else "-"
         size_mib = f"{entry['runs'][-1]['output_mib']:.0f} MiB" if "output_mib" in entry["runs"][-1] else "-"
         print(f"| {labels[name]} | {entry['seconds_median']:.2f} | {entry['rows_per_s']:,.0f} | "
               f"{entry['rows_per_s'] / floor:.0%} | {entry['rows_per_s_best'] / floor_best:.0%} | {rss} | {size_mib} |")
+    if "workers-1" in summary and "workers-2" in summary:
+        ratio = summary["workers-2"]["rows_per_s"] / summary["workers-1"]["rows_per_s"]
+        print(f"\ntwo single-thread workers / one: {ratio:.2f}x (medians)")
 
 
 if __name__ == "__main__":
