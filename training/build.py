@@ -97,7 +97,11 @@ def model_options(config: TrainConfig) -> Dict[str, Any]:
             expert.
     """
     default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}["experts"]
-    if parse_model_name(config.model).heterogeneous:
+    try:
+        heterogeneous = parse_model_name(config.model).heterogeneous
+    except ValueError:
+        return {}  # build_model reports the unknown name
+    if heterogeneous:
         return {"experts": parse_experts(config.experts)}
     if config.experts != default:
         raise ValueError(f"--experts: only hetero-me-{{K}}x models take experts, not {config.model}")
