@@ -410,9 +410,18 @@ _T = TypeVar("_T")
 _END = object()
 
 
-def _prefetched(items: Iterable[_T]) -> Iterator[_T]:
+def _background_threads(resolved: ResolvedOptions) -> bool:
+    """Whether a conversion reads ahead and writes in threads of their own: not when it is held to one thread
+    (``--threads-per-worker 1``), so that it uses one core and N such workers scale over N cores."""
+    return resolved.threads_per_worker != 1
+
+
+def _prefetched(items: Iterable[_T], background: bool = True) -> Iterator[_T]:
     """Yields ``items`` while a background thread already produces the next one (pyarrow and numpy release the
-    GIL, so parsing the next chunk overlaps encoding this one)."""
+    GIL, so parsing the next chunk overlaps encoding this one); ``background=False``: in this thread, one by one."""
+    if not background:
+        yield from items
+        return
     iterator = iter(items)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-read") as pool:
         future = pool.submit(next, iterator, _END)
@@ -437,7 +446,8 @@ def _count_tokens(
     fields = list(fmt.fields(PAPER_MODE))
     with _progress(sum(s.rows for s in scans), "counting", progress) as bar:
         for scan in scans:
-            chunks = _prefetched(_parsed_chunks(scan.path, fmt, resolved.on_error, resolved.chunk_bytes))
+            chunks = _prefetched(_parsed_chunks(scan.path, fmt, resolved.on_error, resolved.chunk_bytes),
+                         _background_threads(resolved))
             with contextlib.closing(chunks):
                 for parsed in chunks:
                     for field in fields:
@@ -484,7 +494,8 @@ def _part_path(split: str, index: int) -> str:
 
 
 class _SplitWriters:
-    """The three split outputs of one input, created on first use and written by one background thread."""
+    """The three split outputs of one input, created on first use and written by one background thread (in the
+    caller's thread when the conversion is held to one thread)."""
 
     def __init__(self, out: Path, index: int, schema: pa.Schema, resolved: ResolvedOptions) -> None:
         self._out = out
@@ -492,7 +503,9 @@ class _SplitWriters:
         self._schema = schema
         self._resolved = resolved
         self._writers: Dict[str, SplitParquetWriter] = {}
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-write")
+        self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        if _background_threads(resolved):
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="convert-write")
         self._pending: Optional[concurrent.futures.Future] = None
 
     def _write_now(self, parts: List[Tuple[str, Dict[str, np.ndarray]]]) -> None:
@@ -512,7 +525,10 @@ class _SplitWriters:
     def write(self, parts: List[Tuple[str, Dict[str, np.ndarray]]]) -> None:
         """Queues rows for the split writers; waits for the previous batch first (one batch in flight)."""
         self.wait()
-        self._pending = self._pool.submit(self._write_now, parts)
+        if self._pool is None:
+            self._write_now(parts)
+        else:
+            self._pending = self._pool.submit(self._write_now, parts)
 
     def wait(self) -> None:
         if self._pending is not None:
@@ -528,7 +544,8 @@ class _SplitWriters:
                 rows[split] = writer.close()
             except OSError as e:
                 raise OutputError(f"{writer.path}: cannot write ({e}); is the disk full or a file-size limit set?") from None
-        self._pool.shutdown()
+        if self._pool is not None:
+            self._pool.shutdown()
         return rows
 
     def abort(self) -> None:
@@ -538,7 +555,8 @@ class _SplitWriters:
             pass
         for writer in self._writers.values():
             writer.abort()
-        self._pool.shutdown()
+        if self._pool is not None:
+            self._pool.shutdown()
 
 
 def _convert_input(
@@ -557,7 +575,8 @@ def _convert_input(
     skipped: Counter[str] = collections.Counter()
     examples: List[str] = []
     lines = 0
-    chunks = _prefetched(_parsed_chunks(scan.path, fmt, resolved.on_error, resolved.chunk_bytes))
+    chunks = _prefetched(_parsed_chunks(scan.path, fmt, resolved.on_error, resolved.chunk_bytes),
+                         _background_threads(resolved))
     try:
         for parsed in chunks:
             columns = encode_table(parsed.table, fmt, resolved.mode, vocab, resolved.hash_seed)

@@ -39,6 +39,7 @@ import pyarrow as pa
 from multiembed.data.convert import (
     ResolvedOptions,
     Vocabulary,
+    _background_threads,
     _convert_input,
     _parsed_chunks,
     _prefetched,
@@ -109,7 +110,8 @@ def _count_task(path: str) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
     fields = list(fmt.fields(PAPER_MODE))
     counter = VocabularyCounter(fields)
     bar = _WorkerBar()
-    chunks = _prefetched(_parsed_chunks(path, fmt, resolved.on_error, resolved.chunk_bytes))
+    chunks = _prefetched(_parsed_chunks(path, fmt, resolved.on_error, resolved.chunk_bytes),
+                         _background_threads(resolved))
     with contextlib.closing(chunks):
         for parsed in chunks:
             for field in fields:
