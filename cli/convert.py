@@ -65,7 +65,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                         "mode adds the merged token counts)")
     p.add_argument("--threads-per-worker", type=int, default=None, metavar="K",
                    help="pyarrow CPU and IO threads per worker (default: all cores / workers; with one worker, "
-                        "pyarrow's default)")
+                        "pyarrow's default); 1 also reads ahead and writes in the worker's own thread, so that each "
+                        "worker uses one core")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
