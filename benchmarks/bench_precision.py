@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -48,14 +47,9 @@ def _train(args: argparse.Namespace, run: Path, precision: str, seed: int) -> Di
     }
 
 
-def _mean_std(values: Sequence[float]) -> tuple:
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
-    return mean, std
-
-
 def summarize(results: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """Paired bf16 - fp32 test AUC (mean, 95% t-interval), fp32's spread over seeds, and the throughput ratio.
+    """Paired bf16 - fp32 test AUC (mean, 95% t-interval), fp32's spread over seeds, and the throughput ratio; the
+    pairing and the interval are the scaling study's (:func:`multiembed.analysis.scaling.paired_differences`).
 
     Example::
 
@@ -66,21 +60,22 @@ def summarize(results: List[Dict[str, Any]]) -> Dict[str, Any]:
         >>> round(out["auc_difference_mean"], 4), round(out["fp32_auc_std_over_seeds"], 3), out["speedup"]
         (0.0007, 0.01, 1.5)
     """
-    from multiembed.analysis.scaling import t_critical
+    from multiembed.analysis.scaling import mean_std, paired_differences
 
-    by_seed: Dict[int, Dict[str, Dict[str, Any]]] = {}
-    for r in results:
-        by_seed.setdefault(int(r["seed"]), {})[r["precision"]] = r
-    pairs = [v for _, v in sorted(by_seed.items()) if all(p in v for p in PRECISIONS)]
-    differences = [p["bf16"]["test_auc"] - p["fp32"]["test_auc"] for p in pairs]
-    mean, std = _mean_std(differences)
-    half = t_critical(0.95, len(differences) - 1) * std / math.sqrt(len(differences)) if len(differences) > 1 else math.nan
-    _, fp32_std = _mean_std([p["fp32"]["test_auc"] for p in pairs])
-    speedups = [p["bf16"]["samples_per_s"] / p["fp32"]["samples_per_s"] for p in pairs]
+    rows = [{"backbone": "model", "scale": 1, "mode": r["precision"], "seed": int(r["seed"]),
+             "test_auc": r["test_auc"]} for r in results]
+    (paired,) = paired_differences(rows, "test_auc", 0.95, first="bf16", second="fp32")
+    by_seed = {(r["precision"], int(r["seed"])): r for r in results}
+    _, fp32_std = mean_std([by_seed["fp32", s]["test_auc"] for s in paired.seeds])
+    speedups = sorted(by_seed["bf16", s]["samples_per_s"] / by_seed["fp32", s]["samples_per_s"] for s in paired.seeds)
+    def number(value: Optional[float]) -> float:
+        return float("nan") if value is None else value  # None: one pair, no spread or interval
+
     return {
-        "pairs": len(pairs), "auc_difference_mean": mean, "auc_difference_std": std,
-        "auc_difference_interval": [mean - half, mean + half], "fp32_auc_std_over_seeds": fp32_std,
-        "speedup": sorted(speedups)[len(speedups) // 2],
+        "pairs": paired.n, "auc_difference_mean": paired.mean, "auc_difference_std": number(paired.std),
+        "auc_difference_interval": [number(paired.low), number(paired.high)],
+        "fp32_auc_std_over_seeds": number(fp32_std),
+        "speedup": speedups[len(speedups) // 2],
     }
 
 
