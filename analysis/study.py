@@ -58,7 +58,7 @@ from multiembed.data.metadata import read_metadata
 from multiembed.models import DEFAULT_SPECTRAL_REG_WEIGHT
 from multiembed.models.names import BASE_SET_DIM, parse_model_name
 from multiembed.training.distributed import DistContext, broadcast_object, init_distributed
-from multiembed.config import STUDY_OPTIONS, TrainConfig, recorded_option
+from multiembed.config import STUDY_OPTIONS, TrainConfig, default_of, recorded_option
 from multiembed.config.presets import COLLAPSE_PRESET_DATA, PRESETS, Preset  # noqa: F401  (re-exported)
 from multiembed.training.evaluation import CONFIG_FILE, SUMMARY_FILE
 from multiembed.training.progress import progress_bar
@@ -74,7 +74,7 @@ TRAIN_OPTIONS = STUDY_OPTIONS
 _RESULT_OPTIONS = tuple(
     o for o in TRAIN_OPTIONS if o not in ("device", "ia_every", "collapse_warn", "spectral_reg", "experts")
 )
-_DEFAULT_EXPERTS = recorded_option({}, "experts")
+_DEFAULT_EXPERTS = default_of("experts")
 
 
 @dataclass

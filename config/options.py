@@ -182,8 +182,17 @@ def recorded_option(options: Mapping[str, Any], name: str) -> Any:
         >>> recorded_option({"model": "dcnv2-me-4x"}, "combiner")
         'mean'
     """
-    if name in options:
-        return options[name]
+    return options[name] if name in options else default_of(name)
+
+
+def default_of(name: str) -> Any:
+    """The :class:`TrainConfig` default of option ``name``.
+
+    Example::
+
+        >>> default_of("experts")
+        'dcnv2,ipnn,nfwfm,dnn'
+    """
     return {f.name: f.default for f in dataclasses.fields(TrainConfig)}[name]
 
 C = TypeVar("C")

@@ -36,7 +36,7 @@ from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.optim.keyed import CombinedOptimizer
 from torchrec.optim.warmup import WarmupOptimizer
 
-from multiembed.config import TrainConfig
+from multiembed.config import TrainConfig, default_of
 from multiembed.models import MultiEmbeddingModel, MultiEmbeddingTrain, build_model, parse_experts, parse_model_name
 from multiembed.models.precision import check_precision
 from multiembed.sharding import embedding_tables, format_plan, make_sharders, plan_sharding, plan_summary
@@ -96,14 +96,13 @@ def model_options(config: TrainConfig) -> Dict[str, Any]:
         ValueError: ``--experts`` other than the default for a model that is not heterogeneous, or an unknown
             expert.
     """
-    default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}["experts"]
     try:
         heterogeneous = parse_model_name(config.model).heterogeneous
     except ValueError:
         return {}  # build_model reports the unknown name
     if heterogeneous:
         return {"experts": parse_experts(config.experts)}
-    if config.experts != default:
+    if config.experts != default_of("experts"):
         raise ValueError(f"--experts: only hetero-me-{{K}}x models take experts, not {config.model}")
     return {}
 
