@@ -440,27 +440,29 @@ def _parsed_chunks(path: str, fmt: RawFormat, on_error: str, chunk_bytes: int) -
 
 
 def _count_tokens(
-    fmt: RawFormat, resolved: ResolvedOptions, scans: Sequence[SourceScan], counter: VocabularyCounter, progress: bool
+    fmt: RawFormat, resolved: ResolvedOptions, paths: Sequence[str], counter: VocabularyCounter, bar: Any
 ) -> None:
-    """Paper mode's counting pass over ``scans``, into ``counter``."""
+    """Paper mode's counting pass over the inputs ``paths``, into ``counter``; ``bar.update(lines)`` per chunk.
+    The one counting loop: one process, a pool worker (:mod:`~multiembed.data.convert_workers`) and a rank of a
+    multi-node job (:mod:`~multiembed.data.convert_nodes`) all count through it."""
     fields = list(fmt.fields(PAPER_MODE))
-    with _progress(sum(s.rows for s in scans), "counting", progress) as bar:
-        for scan in scans:
-            chunks = _prefetched(_parsed_chunks(scan.path, fmt, resolved.on_error, resolved.chunk_bytes),
-                         _background_threads(resolved))
-            with contextlib.closing(chunks):
-                for parsed in chunks:
-                    for field in fields:
-                        keys = field_keys(fmt, PAPER_MODE, parsed.table.column(field), field, resolved.hash_seed)
-                        counter.add(field, keys)
-                    bar.update(parsed.lines)
+    for path in paths:
+        chunks = _prefetched(_parsed_chunks(path, fmt, resolved.on_error, resolved.chunk_bytes),
+                             _background_threads(resolved))
+        with contextlib.closing(chunks):
+            for parsed in chunks:
+                for field in fields:
+                    keys = field_keys(fmt, PAPER_MODE, parsed.table.column(field), field, resolved.hash_seed)
+                    counter.add(field, keys)
+                bar.update(parsed.lines)
 
 
 def _count_vocabulary(
     fmt: RawFormat, resolved: ResolvedOptions, scans: Sequence[SourceScan]
 ) -> CountedVocabulary:
     counter = VocabularyCounter(list(fmt.fields(PAPER_MODE)))
-    _count_tokens(fmt, resolved, scans, counter, resolved.progress)
+    with _progress(sum(s.rows for s in scans), "counting", resolved.progress) as bar:
+        _count_tokens(fmt, resolved, [s.path for s in scans], counter, bar)
     assert resolved.min_count is not None
     return counter.finish(fmt.name, resolved.min_count, resolved.hash_seed)
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type, TypeVar
 
@@ -50,7 +49,7 @@ from multiembed.data.convert import (
 )
 from multiembed.data.formats import PAPER_MODE, RawFormat
 from multiembed.data.locking import LockHeldError, exclusive_lock
-from multiembed.data.metadata import DatasetError
+from multiembed.data.metadata import DatasetError, atomic_write
 from multiembed.data.rawlog import SourceScan, scan_source
 from multiembed.data.splits import SplitCounts
 from multiembed.data.vocab import CountedVocabulary, VocabularyCounter
@@ -157,7 +156,10 @@ class NodeGroup(Coordinator):
     def main_lock(self, out: Path) -> Iterator[None]:
         """Rank 0 holds ``out``'s conversion lock for the block (another job holding it fails every rank)."""
         with contextlib.ExitStack() as stack:
-            self.decide(lambda: stack.enter_context(exclusive_lock(out, "conversion")) and None)
+            def take_lock() -> None:
+                stack.enter_context(exclusive_lock(out, "conversion"))
+
+            self.decide(take_lock)
             yield
 
     # -------------------------------------------------------------------------------------------- the passes
@@ -191,30 +193,30 @@ class NodeGroup(Coordinator):
 
         def count_share() -> str:
             counter = VocabularyCounter(fields)
-            _count_tokens(fmt, resolved, share, counter, progress=resolved.progress and self.is_main)
-            temporary = path.with_name(path.name + f".tmp-{os.getpid()}")
-            with open(temporary, "wb") as handle:
-                np.savez(handle, **{f"{f}.{part}": array for f in fields
-                                    for part, array in zip(("keys", "counts"), counter.totals(f))})
-            os.replace(temporary, path)
+            with _progress(sum(s.rows for s in share), "counting", resolved.progress and self.is_main) as bar:
+                _count_tokens(fmt, resolved, [s.path for s in share], counter, bar)
+            atomic_write(path, lambda handle: np.savez(handle, **{
+                f"{f}.{part}": array for f in fields for part, array in zip(("keys", "counts"), counter.totals(f))}))
             return path.name
 
         names = self._exchange(count_share)
+        merged: List[CountedVocabulary] = []
 
-        def merge() -> CountedVocabulary:
+        def merge() -> None:
+            # On rank 0 only, but inside a collective: a failure here reaches every rank; the vocabulary itself
+            # stays on rank 0 (the others load it once saved).
             counter = VocabularyCounter(fields)
             for name in names:
                 with np.load(state / name) as saved:
                     for f in fields:
                         counter.add_counts(f, saved[f"{f}.keys"], saved[f"{f}.counts"])
             assert resolved.min_count is not None
-            vocab = counter.finish(fmt.name, resolved.min_count, resolved.hash_seed)
+            merged.append(counter.finish(fmt.name, resolved.min_count, resolved.hash_seed))
             for name in names:
                 (state / name).unlink(missing_ok=True)
-            return vocab
 
-        vocab = merge() if self.is_main else None
-        return vocab
+        self.decide(merge)
+        return merged[0] if merged else None
 
     def convert_inputs(
         self, todo: Sequence[int], scans: Sequence[SourceScan], counts: Sequence[SplitCounts], vocab: Vocabulary,

@@ -27,7 +27,6 @@ failure stops the other workers at their next chunk and the error of the lowest 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import multiprocessing
 import os
 import signal
@@ -39,10 +38,8 @@ import pyarrow as pa
 from multiembed.data.convert import (
     ResolvedOptions,
     Vocabulary,
-    _background_threads,
     _convert_input,
-    _parsed_chunks,
-    _prefetched,
+    _count_tokens,
     _progress,
     tune_allocator,
 )
@@ -50,7 +47,7 @@ from multiembed.data.formats import PAPER_MODE, RawFormat, raw_format
 from multiembed.data.metadata import DatasetError
 from multiembed.data.rawlog import SourceScan, scan_source
 from multiembed.data.splits import SplitCounts
-from multiembed.data.vocab import CountedVocabulary, VocabularyCounter, field_keys
+from multiembed.data.vocab import CountedVocabulary, VocabularyCounter
 
 _POLL_SECONDS = 0.5
 
@@ -106,17 +103,9 @@ def _scan_task(path: str) -> SourceScan:
 def _count_task(path: str) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
     """One input's paper-mode counts: per field, its sorted unique keys and their counts."""
     fmt: RawFormat = _WORKER["fmt"]
-    resolved: ResolvedOptions = _WORKER["resolved"]
     fields = list(fmt.fields(PAPER_MODE))
     counter = VocabularyCounter(fields)
-    bar = _WorkerBar()
-    chunks = _prefetched(_parsed_chunks(path, fmt, resolved.on_error, resolved.chunk_bytes),
-                         _background_threads(resolved))
-    with contextlib.closing(chunks):
-        for parsed in chunks:
-            for field in fields:
-                counter.add(field, field_keys(fmt, PAPER_MODE, parsed.table.column(field), field, resolved.hash_seed))
-            bar.update(parsed.lines)
+    _count_tokens(fmt, _WORKER["resolved"], [path], counter, _WorkerBar())
     return {field: counter.totals(field) for field in fields}
 
 
