@@ -50,8 +50,11 @@ class Preset:
         return f"{self.name}: {self.options_text()}, sized for data from `{data}` ({self.description})"
 
 
-# The collapse regime's data (README, "The collapse regime").
+# The collapse regime's data (README, "The collapse regime"), and what both collapse presets share: the grid and the
+# model and optimiser settings (they differ only in how long a run trains).
 COLLAPSE_PRESET_DATA = "multiembed synth --regime collapse --rows 450000 --split 16,1,1 --out DATA"
+_COLLAPSE_GRID: Dict[str, Any] = {"backbones": ["dcnv2"], "modes": ["se", "me"], "scales": [1, 2, 4, 10], "seeds": 5}
+_COLLAPSE_MODEL: Dict[str, Any] = {"batch_size": 1024, "hidden": 256, "patience": 2, "device": "auto"}
 
 PRESETS: Dict[str, Preset] = {
     "small": Preset(
@@ -68,11 +71,8 @@ PRESETS: Dict[str, Preset] = {
     # took 8 minutes on 2 idle cores and stopped every model at 180 steps (README, "The collapse regime").
     "collapse": Preset(
         name="collapse",
-        grid={"backbones": ["dcnv2"], "modes": ["se", "me"], "scales": [1, 2, 4, 10], "seeds": 5},
-        train={
-            "epochs": 1, "batch_size": 1024, "hidden": 256, "patience": 2, "eval_every": 60, "max_steps": 180,
-            "device": "auto",
-        },
+        grid=_COLLAPSE_GRID,
+        train={"epochs": 1, **_COLLAPSE_MODEL, "eval_every": 60, "max_steps": 180},
         data_hint=COLLAPSE_PRESET_DATA,
         description="DCNv2 SE vs ME at 1x, 2x, 4x, 10x, 5 seeds on the collapse regime, at most 180 steps a run: "
         "measured 8 minutes on 2 idle CPU cores",
@@ -83,11 +83,8 @@ PRESETS: Dict[str, Preset] = {
     # took 35 minutes.
     "collapse-long": Preset(
         name="collapse-long",
-        grid={"backbones": ["dcnv2"], "modes": ["se", "me"], "scales": [1, 2, 4, 10], "seeds": 5},
-        train={
-            "epochs": 4, "batch_size": 1024, "hidden": 256, "patience": 2, "eval_every": 130, "max_steps": 0,
-            "device": "auto",
-        },
+        grid=_COLLAPSE_GRID,
+        train={"epochs": 4, **_COLLAPSE_MODEL, "eval_every": 130, "max_steps": 0},
         data_hint=COLLAPSE_PRESET_DATA,
         description="collapse's grid under early stopping, up to 4 epochs: measured 35 minutes on 2 CPU cores",
     ),
