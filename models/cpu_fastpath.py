@@ -7,8 +7,9 @@ What is here (each the same maths as the reference, with its backward written ou
   (:data:`GEMM_WIDTH_MULTIPLE`), the bias carried in a padded column, the output stored batch-major for the
   BatchNorm that follows;
 * :func:`cross_network`: DCNv2's full-rank cross layers the same way (:class:`_CrossNetFunction`);
-* :func:`uniform_like`, :func:`dropout`, :func:`relu_dropout`: inverted dropout whose mask is drawn on every intra-op
-  thread (torch's CPU random draws run on one), ReLU and dropout fused into one autograd node;
+* :func:`keep_mask`, :func:`dropout`, :func:`relu_dropout`: inverted dropout whose mask comes from a counter-based
+  stream (:func:`splitmix64`) computed on every intra-op thread (torch's CPU random draws run on one), ReLU and
+  dropout fused into one autograd node;
 * :func:`cpu_linear` / :func:`gemm_backend`: the GEMM kernel, chosen per machine and dtype.
 
 Why: on CPU, GEMMs whose widths are not a multiple of 8 and torch's batched GEMM run well below the machine's GEMM
@@ -31,8 +32,6 @@ import contextlib
 import functools
 import math
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
@@ -479,81 +478,101 @@ def cross_network(x0: torch.Tensor, weights: List[torch.Tensor], biases: List[to
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Dropout with a mask drawn on every intra-op thread
+# Dropout masks from a counter-based random stream
+#
+# Written here rather than taken from torch: torch's CPU random draws (``uniform_``, ``bernoulli_``) run one mt19937
+# on one thread, and a dropout mask was the largest element-wise cost of the dense step. SplitMix64 (Steele, Lea and
+# Flood, "Fast splittable pseudorandom number generators", OOPSLA 2014; the generator of Java's ``SplittableRandom``,
+# which passes BigCrush) hashes a counter with a fixed mixing function, so a mask is a few vectorised integer passes
+# that torch runs on every intra-op thread, and element ``i`` depends only on the seed and ``i``, never on the thread
+# count. The passes run over cache-sized chunks: over a whole [2048, 1600] mask at once they cost more than the draws
+# they replace (figures in ``benchmarks/README.md``).
 
-# Elements per independently seeded random stream of a dropout mask. A constant, not derived from the thread count,
-# so that a seed draws the same masks whatever the number of threads.
-MASK_CHUNK = 1 << 17
-
-_mask_pool: Optional[ThreadPoolExecutor] = None
-_mask_pool_key: Tuple[int, int] = (0, 0)
-_mask_thread_state = threading.local()
-
-
-def _mask_threads() -> Optional[ThreadPoolExecutor]:
-    """The worker threads that draw mask chunks (None with one intra-op thread); rebuilt after a fork or a change of
-    ``torch.set_num_threads``."""
-    global _mask_pool, _mask_pool_key
-    threads = torch.get_num_threads()
-    if threads < 2:
-        return None
-    key = (os.getpid(), threads)
-    if _mask_pool is None or _mask_pool_key != key:
-        _mask_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="multiembed-mask")
-        _mask_pool_key = key
-    return _mask_pool
+_SPLITMIX_GAMMA = 0x9E3779B97F4A7C15
+_SPLITMIX_STEPS = ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB), (31, None))
+# SplitMix64 outputs per chunk of a mask (512 KiB of int64, twice: the stream and its shifted copy).
+MASK_CHUNK_OUTPUTS = 1 << 16
 
 
-def _seeded_generator(seed: int) -> torch.Generator:
-    """This thread's generator, reseeded."""
-    generator = getattr(_mask_thread_state, "generator", None)
-    if generator is None:
-        generator = _mask_thread_state.generator = torch.Generator()
-    generator.manual_seed(seed)
-    return generator
+def _as_int64(value: int) -> int:
+    """The int64 with the bits of the unsigned 64-bit ``value mod 2**64`` (torch's integer tensors are signed)."""
+    value %= 1 << 64
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _for_each_chunk(work: Callable[[int], None], count: int) -> None:
-    """``work(i)`` for every chunk index, on the mask threads (or here with one intra-op thread)."""
-    pool = _mask_threads() if count > 1 else None
-    if pool is None:
-        for i in range(count):
-            work(i)
-    else:
-        list(pool.map(work, range(count)))
+def _splitmix_mix_(stream: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's mixing function in place on int64 counters; ``scratch`` is a same-sized buffer. The logical
+    shift ``>>>`` is torch's arithmetic shift with the sign-extended bits masked off; int64 products wrap as unsigned
+    ones do."""
+    for shift, multiplier in _SPLITMIX_STEPS:
+        torch.bitwise_right_shift(stream, shift, out=scratch).bitwise_and_((1 << (64 - shift)) - 1)
+        stream.bitwise_xor_(scratch)
+        if multiplier is not None:
+            stream.mul_(_as_int64(multiplier))
+    return stream
 
 
-def _stream_base() -> int:
-    """The seed of chunk 0 of a new mask (chunk ``i`` uses ``base + i``), from torch's default generator."""
-    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+@functools.lru_cache(maxsize=None)
+def _counter_steps() -> torch.Tensor:
+    """``(i + 1) * gamma`` for ``i < MASK_CHUNK_OUTPUTS`` (mod 2**64): a chunk's counters are these plus an offset."""
+    return torch.arange(1, MASK_CHUNK_OUTPUTS + 1, dtype=torch.int64).mul_(_as_int64(_SPLITMIX_GAMMA))
 
 
-def uniform_like(x: torch.Tensor) -> torch.Tensor:
-    """Uniform ``[0, 1)`` floats shaped like ``x`` (same distribution as ``torch.rand_like``), drawn in parallel on CPU.
+def splitmix64(count: int, seed: int) -> torch.Tensor:
+    """``count`` outputs of the SplitMix64 stream started at ``seed``, as int64 with the outputs' bits.
 
-    torch's CPU ``uniform_`` runs on one thread (one mt19937 behind a lock). Here the tensor is cut into chunks of
-    :data:`MASK_CHUNK` elements, each filled from its own generator seeded with ``base + i`` (``base`` drawn from
-    torch's default generator, so ``torch.manual_seed`` governs it; consecutive seeds per stream as DataLoader seeds
-    its workers), on ``torch.get_num_threads()`` threads (``uniform_`` releases the GIL). The chunking is fixed, so
-    the values depend on the seed only, not on the thread count. Other devices use ``torch.rand_like``.
+    Output ``i`` mixes the counter ``seed + (i + 1) * 0x9E3779B97F4A7C15`` (mod 2**64): ``z ^= z >>> 30; z *=
+    0xBF58476D1CE4E5B9; z ^= z >>> 27; z *= 0x94D049BB133111EB; z ^= z >>> 31``.
 
     Example::
 
-        >>> u = uniform_like(torch.empty(3, 1_000_000))
-        >>> u.shape, bool(u.min() >= 0) and bool(u.max() < 1), abs(float(u.mean()) - 0.5) < 0.01
-        (torch.Size([3, 1000000]), True, True)
+        >>> [hex(int(v) % 2**64) for v in splitmix64(2, 0)]
+        ['0xe220a8397b1dcdaf', '0x6e789e6aa1b965f4']
+    """
+    stream = torch.arange(1, count + 1, dtype=torch.int64).mul_(_as_int64(_SPLITMIX_GAMMA)).add_(_as_int64(seed))
+    return _splitmix_mix_(stream, torch.empty_like(stream))
+
+
+def _stream_base() -> int:
+    """The seed of a new mask's stream, from torch's default generator (so ``torch.manual_seed`` governs masks)."""
+    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+
+
+def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A dropout mask shaped like ``x``: True (kept) with probability ``1 - p``, each element independently.
+
+    On CPU, element ``i`` is kept when the ``i``-th 32-bit word of the :func:`splitmix64` stream (two per output,
+    the low half first on this little-endian layout), read as a signed integer (uniform on ``[-2**31, 2**31)``), is
+    at least ``round(p * 2**32) - 2**31``: the keep probability is ``1 - p`` to within ``2**-33`` (a float32
+    uniform compared with ``p``, torch's way, resolves ``2**-24``). The words are computed
+    :data:`MASK_CHUNK_OUTPUTS` outputs at a time, each chunk's passes on every intra-op thread. The stream's seed is
+    drawn from torch's default generator; the mask depends on that seed only, not on the thread count. Other
+    devices use ``torch.rand_like(x) >= p``.
+
+    Example::
+
+        >>> torch.manual_seed(0) and None
+        >>> mask = keep_mask(torch.empty(1000, 1000), 0.2)
+        >>> mask.dtype, mask.shape, 0.79 < float(mask.float().mean()) < 0.81
+        (torch.bool, torch.Size([1000, 1000]), True)
     """
     if x.device.type != "cpu":
-        return torch.rand_like(x, memory_format=torch.contiguous_format)
-    out = torch.empty(x.shape, dtype=x.dtype)
-    chunks = out.view(-1).split(MASK_CHUNK)
-    base = _stream_base()
-
-    def fill(i: int) -> None:
-        chunks[i].uniform_(generator=_seeded_generator(base + i))
-
-    _for_each_chunk(fill, len(chunks))
-    return out
+        return torch.rand_like(x, memory_format=torch.contiguous_format) >= p
+    count = x.numel()
+    outputs = (count + 1) // 2
+    seed = _stream_base()
+    threshold = round(p * 2**32) - 2**31
+    mask = torch.empty(2 * outputs, dtype=torch.bool)
+    size = min(MASK_CHUNK_OUTPUTS, outputs)
+    stream, scratch = torch.empty(size, dtype=torch.int64), torch.empty(size, dtype=torch.int64)
+    steps = _counter_steps()
+    for start in range(0, outputs, MASK_CHUNK_OUTPUTS):
+        n = min(MASK_CHUNK_OUTPUTS, outputs - start)
+        # Counters seed + (start + j + 1) * gamma, j < n.
+        torch.add(steps[:n], _as_int64(seed + start * _SPLITMIX_GAMMA), out=stream[:n])
+        words = _splitmix_mix_(stream[:n], scratch[:n]).view(torch.int32)
+        torch.ge(words, threshold, out=mask[2 * start : 2 * (start + n)])
+    return mask[:count].view(x.shape)
 
 
 def dropout_scale(p: float) -> float:
@@ -562,8 +581,8 @@ def dropout_scale(p: float) -> float:
 
 
 def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Inverted dropout in training: ``x * keep`` with ``keep = 1 / (1 - p)`` where ``uniform >= p``, else 0 (the mask
-    from :func:`uniform_like`). The distribution is ``nn.Dropout``'s; the random stream differs.
+    """Inverted dropout in training: ``x / (1 - p)`` where :func:`keep_mask` keeps, else 0. The distribution is
+    ``nn.Dropout``'s; the random stream differs.
 
     Example::
 
@@ -571,8 +590,7 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
         >>> sorted(set(out.tolist())), 0.79 < float((out > 0).float().mean()) < 0.81
         ([0.0, 1.25], True)
     """
-    keep = uniform_like(x).ge_(p).mul_(dropout_scale(p))
-    return x * keep
+    return torch.mul(x, keep_mask(x, p)).mul_(dropout_scale(p))
 
 
 class _ReLUDropoutFunction(torch.autograd.Function):
@@ -587,8 +605,7 @@ class _ReLUDropoutFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        keep = uniform_like(x).ge_(p).mul_(dropout_scale(p))
-        out = torch.relu(x).mul_(keep)
+        out = torch.relu(x).mul_(keep_mask(x, p)).mul_(dropout_scale(p))
         ctx.save_for_backward(out)
         ctx.scale = dropout_scale(p)
         return out

@@ -357,3 +357,25 @@ def test_savvy_baseline_trains_the_same_model_as_the_paper_style_one(harness) ->
     assert savvy.embeddings[0].embedding.weight.grad is None or savvy.embeddings[0].embedding.weight.grad.is_sparse
     with pytest.raises(ValueError, match="sparse=True"):
         module.SavvyTrainStep(paper)
+
+
+def test_dropout_mask_bench_smoke_and_every_contender_is_a_dropout_mask(tmp_path: Path, capsys) -> None:
+    from multiembed.benchmarks import bench_dropout_mask
+
+    out = tmp_path / "mask.json"
+    assert bench_dropout_mask.main(["--quick", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["masks"]) == {"256x1600", "256x400"}
+    for rows in [*result["masks"].values(), result["dense_step"]]:
+        assert rows["fast_path"]["ratio_to_fast_path"] == 1.0
+        assert all(row["ms"] > 0 for row in rows.values())
+    assert set(result["masks"]["256x400"]) == set(bench_dropout_mask.MASKS)
+    assert "cpu_capability" in result["machine"]
+    assert "| dcnv2-me-4x dense step | fast_path |" in capsys.readouterr().out
+    # Every contender keeps each element with probability 1 - p (6 sigma) and follows the seed.
+    x = torch.empty(500, 400)
+    for name, mask in bench_dropout_mask.MASKS.items():
+        torch.manual_seed(4)
+        kept = mask(x, 0.2)
+        assert kept.shape == x.shape and set(kept.unique().tolist()) == {0, 1}, name  # bool, or 0.0 / 1.0
+        assert abs(float(kept.double().mean()) - 0.8) < 6 * math.sqrt(0.16 / x.numel()), name

@@ -17,6 +17,7 @@ MODULES = [
     "multiembed.models.model",
     "multiembed.models.zoo",
     "multiembed.models.hetero",
+    "multiembed.models.cpu_fastpath",
     "multiembed.config.presets",
     "multiembed.benchmarks.bench_precision",
 ]

@@ -1,4 +1,4 @@
-"""The dropout of the model (``multiembed.models.layers``), on both paths: the CPU fast path's threaded masks
+"""The dropout of the model (``multiembed.models.layers``), on both paths: the CPU fast path's SplitMix64 masks
 (``multiembed.models.cpu_fastpath``) and the plain ``F.dropout`` reference. Each is a correct inverted dropout (mask
 statistics, exact kept values, eval identity), ReLU + dropout with autograd's gradient, masks governed by
 ``torch.manual_seed`` (on the fast path independent of the thread count), and fx-traceable modules. The two paths
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from multiembed.models import cpu_fastpath
-from multiembed.models.cpu_fastpath import MASK_CHUNK, uniform_like
+from multiembed.models.cpu_fastpath import MASK_CHUNK_OUTPUTS, keep_mask, splitmix64
 from multiembed.models.layers import ReLUDropout, SetProjection, UniformMaskDropout
 
 SIGMAS = 6.0  # statistical bounds: a correct implementation fails one of these checks with probability ~1e-9
@@ -38,30 +38,60 @@ def threads():
     torch.set_num_threads(before)
 
 
-def test_uniform_like_is_uniform_seeded_and_thread_count_independent(threads) -> None:
-    shape = (7, MASK_CHUNK // 2)  # 3.5 chunks: whole chunks and a partial one
+def splitmix64_reference(seed: int, count: int) -> list:
+    """SplitMix64 written out in Python integers (the published algorithm), unsigned outputs."""
+    out, state = [], seed % 2**64
+    for _ in range(count):
+        state = (state + 0x9E3779B97F4A7C15) % 2**64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+        out.append(z ^ (z >> 31))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**62 - 1, 123456789123])
+def test_splitmix64_is_the_published_stream(seed: int) -> None:
+    got = [int(v) % 2**64 for v in splitmix64(1000, seed)]
+    assert got == splitmix64_reference(seed, 1000)
+    # The stream's known first outputs for seed 0.
+    assert [hex(v) for v in splitmix64_reference(0, 3)] == ["0xe220a8397b1dcdaf", "0x6e789e6aa1b965f4",
+                                                           "0x6c45d188009454f"]
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5, 0.9])
+def test_keep_mask_is_bernoulli_seeded_and_thread_count_independent(threads, p: float) -> None:
+    # 280,007 elements: three chunks of MASK_CHUNK_OUTPUTS outputs and a partial one; an odd count leaves the last
+    # output's high half unused.
+    shape = (7, 40001)
+    assert shape[0] * shape[1] > 4 * MASK_CHUNK_OUTPUTS
     torch.set_num_threads(1)
     torch.manual_seed(11)
-    one_thread = uniform_like(torch.empty(shape))
+    one_thread = keep_mask(torch.empty(shape), p)
     torch.set_num_threads(2)
     torch.manual_seed(11)
-    two_threads = uniform_like(torch.empty(shape))
+    two_threads = keep_mask(torch.empty(shape), p)
     assert torch.equal(one_thread, two_threads)
-    again = uniform_like(torch.empty(shape))
-    assert not torch.equal(again, two_threads)  # the default generator moved on
+    assert not torch.equal(keep_mask(torch.empty(shape), p), two_threads)  # the default generator moved on
+    assert one_thread.shape == shape and one_thread.dtype == torch.bool
 
-    u = two_threads.view(-1).double()
-    n = u.numel()
-    assert one_thread.shape == shape and one_thread.dtype == torch.float32
-    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
-    assert abs(float(u.mean()) - 0.5) < SIGMAS * math.sqrt(1 / 12 / n)
-    counts = torch.histc(u, bins=10, min=0.0, max=1.0) / n
-    assert float((counts - 0.1).abs().max()) < binomial_bound(n, 0.1)
-    # Streams of neighbouring chunks (seeds base + i) are not copies or shifts of each other: uncorrelated.
-    first, second = u[:MASK_CHUNK], u[MASK_CHUNK : 2 * MASK_CHUNK]
-    correlation = float(torch.corrcoef(torch.stack([first, second]))[0, 1])
-    assert abs(correlation) < SIGMAS / math.sqrt(MASK_CHUNK)
-    assert not torch.equal(first[:-1], second[1:]) and not torch.equal(first[1:], second[:-1])
+    kept = two_threads.view(-1).double()
+    n = kept.numel()
+    assert abs(float(kept.mean()) - (1 - p)) < binomial_bound(n, 1 - p)
+    # Neighbours are independent: the two halves of one 64-bit output (even, odd) and neighbours across outputs.
+    for first, second in ((kept[0:-1:2], kept[1::2]), (kept[1:-1:2], kept[2::2])):
+        both = first * second
+        assert abs(float(both.mean()) - (1 - p) ** 2) < binomial_bound(len(both), (1 - p) ** 2)
+
+    # Element i is kept exactly when the i-th 32-bit word of the seed's stream (low half first), as a signed
+    # integer, is >= round(p * 2**32) - 2**31: across chunk boundaries the words are the whole stream's.
+    torch.manual_seed(11)
+    seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+    words = splitmix64((n + 1) // 2, seed).view(torch.int32)[:n]
+    assert torch.equal(two_threads.view(-1), words >= round(p * 2**32) - 2**31)
+    low_high = [w >> s & 0xFFFFFFFF for w in splitmix64_reference(seed, 50) for s in (0, 32)]
+    signed = [w - 2**32 if w >= 2**31 else w for w in low_high]
+    assert two_threads.view(-1)[:100].tolist() == [w >= round(p * 2**32) - 2**31 for w in signed]
 
 
 @pytest.mark.parametrize("p", [0.2, 0.5])
