@@ -91,10 +91,12 @@ import torch.nn.functional as F
 
 from multiembed.benchmarks.paper_baseline import PaperMultiDCNv2
 from multiembed.data.convert import ConvertOptions, convert
-from multiembed.data.metadata import DatasetMetadata, read_metadata, split_identity
+from multiembed.data.metadata import DatasetMetadata, atomic_write_text, read_metadata, split_identity
 from multiembed.models.names import parse_model_name
 
 DEFAULT_MODELS = ("dcnv2-se-1x", "dcnv2-me-4x", "dcnv2-se-4x")
+# Model pairs whose paired difference is printed when both ran (the paper's ME vs SE at the same size).
+CONTRASTS = (("dcnv2-me-4x", "dcnv2-se-4x"),)
 SIDES = ("reference", "package")
 METRICS = ("val_auc", "test_auc", "val_logloss", "test_logloss")
 RESULT_FILE = "result.json"
@@ -518,6 +520,55 @@ def factor_effects(results: Sequence[Mapping[str, Any]], work: Path, baseline_ta
     return rows
 
 
+# The issue's rule for "the package matches the reference" on a model, read on the paired test AUC difference.
+RULE_METRIC = "test_auc"
+RULE_MIN_MEAN = -0.002
+RULE_MIN_LOWER = -0.005
+
+
+def rule_verdicts(rows: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+    """Per model: does package - reference on :data:`RULE_METRIC` have mean >= :data:`RULE_MIN_MEAN` and 95 % lower
+    end >= :data:`RULE_MIN_LOWER`? Judged on the interval over pairs and, stricter, over fold means
+    (``by_fold``, df = folds - 1; None with one split)."""
+    verdicts = []
+    for r in rows:
+        if r["metric"] != RULE_METRIC:
+            continue
+        diff = r["diff"]
+        by_fold = r.get("diff_by_fold")
+        verdicts.append({
+            "model": r["model"], "metric": RULE_METRIC, "pairs": r["pairs"], "mean": diff["mean"],
+            "lower": diff["ci95"][0], "passes": diff["mean"] >= RULE_MIN_MEAN and diff["ci95"][0] >= RULE_MIN_LOWER,
+            "lower_by_fold": by_fold["ci95"][0] if by_fold else None,
+            "passes_by_fold": (by_fold["mean"] >= RULE_MIN_MEAN and by_fold["ci95"][0] >= RULE_MIN_LOWER)
+            if by_fold else None,
+        })
+    return verdicts
+
+
+def model_contrasts(results: Iterable[Mapping[str, Any]], first: str, second: str) -> List[Dict[str, Any]]:
+    """``first - second`` (e.g. ME 4x - SE 4x) per side and metric, paired over runs of the same split and seed,
+    with the 95 % interval over pairs and over fold means."""
+    by_key: Dict[Tuple[str, str, str, int], Mapping[str, Any]] = {
+        (r["side"], r["model"], r["fold"], int(r["seed"])): r for r in results}
+    rows: List[Dict[str, Any]] = []
+    for side in SIDES:
+        keys = sorted((f, sd) for (sd_side, m, f, sd) in by_key if sd_side == side and m == first
+                      and (side, second, f, sd) in by_key)
+        if not keys:
+            continue
+        for metric in METRICS:
+            diffs = [by_key[(side, first, f, sd)][metric] - by_key[(side, second, f, sd)][metric] for f, sd in keys]
+            folds: Dict[str, List[float]] = {}
+            for (f, _), d in zip(keys, diffs):
+                folds.setdefault(f, []).append(d)
+            rows.append({"side": side, "first": first, "second": second, "metric": metric, "pairs": len(keys),
+                         "diff": mean_interval(diffs),
+                         "diff_by_fold": mean_interval([float(np.mean(v)) for v in folds.values()])
+                         if len(folds) > 1 else None})
+    return rows
+
+
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """The parity table as Markdown."""
     lines = ["| model | metric | reference mean (sd) | package mean (sd) | package - reference [95% CI] | pairs |",
@@ -567,10 +618,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = run_protocol(splits, models, list(range(args.seeds)), args.work.resolve(), tag=args.tag,
                            recipe=recipe, package_args=shlex.split(args.package_args), sides=sides)
     rows = paired_table(results, models) if set(sides) == set(SIDES) else []
+    verdicts = rule_verdicts(rows)
+    contrasts = [c for a, b in CONTRASTS if a in models and b in models for c in model_contrasts(results, a, b)]
     effects = factor_effects(results, args.work.resolve(), args.baseline_tag) if args.baseline_tag else []
     wall = time.perf_counter() - started
     if rows:
         print(format_table(rows))
+    for v in verdicts:
+        fold_part = "" if v["passes_by_fold"] is None else (
+            f"; over fold means lower {v['lower_by_fold']:+.5f}: {'PASS' if v['passes_by_fold'] else 'FAIL'}")
+        print(f"[rule] {v['model']}: package - reference {v['metric']} mean {v['mean']:+.5f} (>= {RULE_MIN_MEAN}), "
+              f"95% lower end {v['lower']:+.5f} (>= {RULE_MIN_LOWER}) over {v['pairs']} pairs: "
+              f"{'PASS' if v['passes'] else 'FAIL'}{fold_part}")
+    for c in contrasts:
+        lo, hi = c["diff"]["ci95"]
+        fold_part = "" if c["diff_by_fold"] is None else (
+            " (over fold means [{:+.5f}, {:+.5f}])".format(*c["diff_by_fold"]["ci95"]))
+        print(f"[contrast] {c['side']} {c['first']} - {c['second']} {c['metric']}: {c['diff']['mean']:+.5f} "
+              f"[{lo:+.5f}, {hi:+.5f}] over {c['pairs']} pairs{fold_part}")
     for e in effects:
         lo, hi = e["diff"]["ci95"]
         print(f"[effect vs {args.baseline_tag}] {e['side']} {e['model']} {e['metric']}: {e['baseline']['mean']:.5f} -> "
@@ -584,9 +649,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "tag": args.tag, "raw": str(args.raw), "folds": args.folds, "fold_seed": args.fold_seed,
             "seeds": args.seeds, "models": models, "reference_recipe": dataclasses.asdict(recipe),
             "reference_departures": recipe.differences(), "package_args": args.package_args,
-            "wall_s": wall, "table": rows, "baseline_tag": args.baseline_tag, "effects": effects, "runs": results,
+            "wall_s": wall, "table": rows, "rule": verdicts, "contrasts": contrasts, "baseline_tag": args.baseline_tag,
+            "effects": effects, "runs": results,
         }
-        args.json.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
+        atomic_write_text(args.json, json.dumps(record, indent=1, default=str) + "\n")
     return 0
 
 

@@ -80,3 +80,35 @@ def test_both_sides_same_splits_paired_json(tmp_path: Path) -> None:
     assert {(e["side"], e["metric"]) for e in again["effects"]} == {
         (side, m) for side in parity.SIDES for m in parity.METRICS}
     assert all(e["pairs"] == 2 and e["diff"]["mean"] == 0.0 for e in again["effects"])
+
+
+def fake_run(side: str, model: str, fold: str, seed: int, test_auc: float) -> dict:
+    return {"side": side, "model": model, "fold": fold, "seed": seed, "split_identity": fold, "data_dir": fold,
+            "val_auc": 0.7, "test_auc": test_auc, "val_logloss": 0.5, "test_logloss": 0.5}
+
+
+def test_rule_verdicts_and_model_contrasts_from_paired_runs() -> None:
+    runs = []
+    for fold in ("0/2", "1/2"):
+        for seed in range(3):
+            base = 0.72 + 0.001 * seed + (0.002 if fold == "1/2" else 0.0)
+            runs.append(fake_run("reference", "dcnv2-se-4x", fold, seed, base))
+            runs.append(fake_run("package", "dcnv2-se-4x", fold, seed, base - 0.001 + 0.0002 * seed))  # close
+            runs.append(fake_run("reference", "dcnv2-me-4x", fold, seed, base))
+            runs.append(fake_run("package", "dcnv2-me-4x", fold, seed, base - 0.004))  # behind: mean -0.004
+    rows = parity.paired_table(runs, ["dcnv2-se-4x", "dcnv2-me-4x"])
+    verdicts = {v["model"]: v for v in parity.rule_verdicts(rows)}
+    assert set(verdicts) == {"dcnv2-se-4x", "dcnv2-me-4x"}
+    se, me = verdicts["dcnv2-se-4x"], verdicts["dcnv2-me-4x"]
+    assert se["mean"] == pytest.approx(-0.0008) and se["passes"] and se["passes_by_fold"]
+    assert me["mean"] == pytest.approx(-0.004) and not me["passes"] and not me["passes_by_fold"]
+    assert me["lower"] == pytest.approx(-0.004)  # every pair differs by exactly -0.004: a zero-width interval
+
+    contrasts = {(c["side"], c["metric"]): c for c in parity.model_contrasts(runs, "dcnv2-me-4x", "dcnv2-se-4x")}
+    assert contrasts[("reference", "test_auc")]["diff"]["mean"] == pytest.approx(0.0)
+    package = contrasts[("package", "test_auc")]
+    assert package["pairs"] == 6 and package["diff"]["mean"] == pytest.approx(-0.004 + 0.001 - 0.0002)
+    assert package["diff_by_fold"]["n"] == 2
+    # pairs need both models on the same split and seed: a lone run is left out
+    lone = runs + [fake_run("package", "dcnv2-me-4x", "0/2", 9, 0.5)]
+    assert parity.model_contrasts(lone, "dcnv2-me-4x", "dcnv2-se-4x")[4]["pairs"] == 6
