@@ -368,6 +368,34 @@ def train_reference(model_name: str, data_dir: Path, seed: int, recipe: Referenc
 
 
 # ------------------------------------------------------------------------------------------------------ package
+# What ``multiembed train`` resolves to on CPU with no tuning options: the recipe the parity table (README, "Parity")
+# measured. Each package run records its departures from it (``recipe_departures``), and tests/test_parity.py checks
+# that train's defaults still resolve to it: change a default, and the protocol must be run again before this changes.
+CERTIFIED_CPU_RECIPE: Dict[str, Dict[str, Any]] = {
+    "options": {
+        "epochs": 10, "batch_size": 2048, "patience": 3, "eval_every": 0, "max_steps": 0, "hidden": 400,
+        "dropout": 0.2, "layout": "fused", "precision": "fp32", "table_dtype": "fp32", "combiner": "mean",
+        "spectral_reg": 0.0, "dense_features": False,
+    },
+    "optimizer": {
+        "sparse_optimizer": "adagrad", "sparse_lr": 0.05, "sparse_weight_decay": 0.0, "lr": 0.001,
+        "weight_decay": 1e-06, "dense_optimizer": "adam", "warmup_steps": 0, "decay_start": 0, "decay_steps": 0,
+    },
+}
+
+
+def recipe_departures(config: Mapping[str, Any]) -> Dict[str, List[Any]]:
+    """``{"options.KEY" | "optimizer.KEY": [certified, recorded]}`` for every key of :data:`CERTIFIED_CPU_RECIPE`
+    where a run's ``config.json`` differs (empty: the run used the certified recipe)."""
+    departures: Dict[str, List[Any]] = {}
+    for section, expected in CERTIFIED_CPU_RECIPE.items():
+        recorded = config.get(section, {})
+        for key, value in expected.items():
+            if recorded.get(key) != value:
+                departures[f"{section}.{key}"] = [value, recorded.get(key)]
+    return departures
+
+
 def train_package(model_name: str, data_dir: Path, seed: int, run_dir: Path, extra: Sequence[str] = ()) -> Dict[str, Any]:
     """``multiembed train`` with its defaults (plus ``extra`` words) in a subprocess; returns its summary."""
     command = [sys.executable, "-m", "multiembed.cli", "train", "--data", str(data_dir), "--out", str(run_dir),
@@ -387,6 +415,7 @@ def train_package(model_name: str, data_dir: Path, seed: int, run_dir: Path, ext
         "seed": seed,
         "command": shlex.join(command),
         "optimizer": config.get("optimizer"),
+        "recipe_departures": recipe_departures(config),
         "options": {k: config["options"].get(k) for k in ("batch_size", "epochs", "patience", "eval_every", "lr",
                                                           "sparse_lr", "sparse_optimizer", "dropout", "hidden")},
         **{k: summary.get(k) for k in ("best_step", "steps", "epochs_run")},

@@ -54,6 +54,9 @@ def test_both_sides_same_splits_paired_json(tmp_path: Path) -> None:
         assert ref["val_rows"] == pkg["val_rows"] == 50 and ref["test_rows"] == pkg["test_rows"] == 50
         assert ref["rows"] == {"train": 100, "val": 50, "test": 50}
         assert "--batch-size 32" in pkg["command"] and pkg["options"]["batch_size"] == 32
+        # the run's config.json departs from the certified recipe exactly where --package-args moved it
+        assert pkg["recipe_departures"] == {"options.batch_size": [2048, 32], "options.epochs": [10, 1],
+                                            "options.hidden": [400, 16]}
         assert ref["recipe"]["batch_size"] == 32 and ref["recipe"]["table_optimizer"] == "adam"
     # the two folds hold different held-out rows
     assert runs[0]["split_identity"] != next(r for r in runs if r["fold"] != runs[0]["fold"])["split_identity"]
@@ -112,3 +115,30 @@ def test_rule_verdicts_and_model_contrasts_from_paired_runs() -> None:
     # pairs need both models on the same split and seed: a lone run is left out
     lone = runs + [fake_run("package", "dcnv2-me-4x", "0/2", 9, 0.5)]
     assert parity.model_contrasts(lone, "dcnv2-me-4x", "dcnv2-se-4x")[4]["pairs"] == 6
+
+
+def test_train_defaults_on_cpu_are_the_certified_parity_recipe() -> None:
+    """``multiembed train`` with no tuning options resolves, on CPU, to the recipe the README's parity table
+    measured (a test of the configuration, not of the AUC). If this fails, a default changed: run the parity protocol
+    again before updating ``parity.CERTIFIED_CPU_RECIPE``."""
+    import argparse
+    import dataclasses
+
+    from multiembed.cli import train as train_cli
+    from multiembed.config import TrainConfig, from_arguments
+    from multiembed.training.build import optimizer_config
+
+    def train_config_from_args(words):
+        """TrainConfig as ``multiembed train WORDS`` builds it (the CLI's own parser)."""
+        parser = argparse.ArgumentParser()
+        train_cli.register(parser.add_subparsers())
+        return from_arguments(TrainConfig, parser.parse_args(["train", *words]))
+
+    config = train_config_from_args(["--data", "D", "--out", "R", "--model", "dcnv2-me-4x"])
+    recorded = {"options": dataclasses.asdict(config),
+                "optimizer": dataclasses.asdict(optimizer_config(config, "cpu"))}
+    assert parity.recipe_departures(recorded) == {}
+    moved = train_config_from_args(["--data", "D", "--out", "R", "--model", "dcnv2-me-4x", "--sparse-lr", "0.01"])
+    assert parity.recipe_departures({"options": dataclasses.asdict(moved),
+                                     "optimizer": dataclasses.asdict(optimizer_config(moved, "cpu"))}) == {
+        "optimizer.sparse_lr": [0.05, 0.01]}
