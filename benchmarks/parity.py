@@ -495,10 +495,19 @@ def mean_interval(values: Sequence[float]) -> Dict[str, Any]:
     return {"n": n, "mean": mean, "sd": sd, "ci95": [mean - half, mean + half]}
 
 
+def fold_means_interval(folds: Sequence[str], diffs: Sequence[float]) -> Optional[Dict[str, Any]]:
+    """The interval over per-fold means of paired differences (``diffs[i]`` from split ``folds[i]``); seeds on one
+    split share its rows, so this one does not treat them as independent (df = folds - 1). None with one split."""
+    by_fold: Dict[str, List[float]] = {}
+    for fold, d in zip(folds, diffs):
+        by_fold.setdefault(fold, []).append(d)
+    return mean_interval([float(np.mean(v)) for v in by_fold.values()]) if len(by_fold) > 1 else None
+
+
 def paired_table(results: Iterable[Mapping[str, Any]], models: Sequence[str]) -> List[Dict[str, Any]]:
     """Per model and metric: both sides' mean and sd, and the paired difference (package - reference) with its 95 %
-    interval over pairs (same model, split and seed); with several splits also over split means (``by_fold``,
-    df = folds - 1: seeds on one split share its rows, so this one does not treat them as independent).
+    interval over pairs (same model, split and seed); with several splits also over split means (``diff_by_fold``,
+    :func:`fold_means_interval`).
 
     Raises:
         ValueError: a pair whose two sides trained on different splits.
@@ -517,15 +526,13 @@ def paired_table(results: Iterable[Mapping[str, Any]], models: Sequence[str]) ->
             ref = [p["reference"][metric] for _, p in pairs]
             pkg = [p["package"][metric] for _, p in pairs]
             diff = [b - a for a, b in zip(ref, pkg)]
-            folds: Dict[str, List[float]] = {}
-            for (k, p), d in zip(pairs, diff):
-                folds.setdefault(k[1], []).append(d)
+            by_fold = fold_means_interval([k[1] for k, _ in pairs], diff)
             row = {
-                "model": model, "metric": metric, "pairs": len(pairs), "folds": len(folds),
+                "model": model, "metric": metric, "pairs": len(pairs), "folds": len({k[1] for k, _ in pairs}),
                 "reference": mean_interval(ref), "package": mean_interval(pkg), "diff": mean_interval(diff),
             }
-            if len(folds) > 1:
-                row["diff_by_fold"] = mean_interval([float(np.mean(v)) for v in folds.values()])
+            if by_fold is not None:
+                row["diff_by_fold"] = by_fold
             rows.append(row)
     return rows
 
@@ -588,13 +595,8 @@ def model_contrasts(results: Iterable[Mapping[str, Any]], first: str, second: st
             continue
         for metric in METRICS:
             diffs = [by_key[(side, first, f, sd)][metric] - by_key[(side, second, f, sd)][metric] for f, sd in keys]
-            folds: Dict[str, List[float]] = {}
-            for (f, _), d in zip(keys, diffs):
-                folds.setdefault(f, []).append(d)
             rows.append({"side": side, "first": first, "second": second, "metric": metric, "pairs": len(keys),
-                         "diff": mean_interval(diffs),
-                         "diff_by_fold": mean_interval([float(np.mean(v)) for v in folds.values()])
-                         if len(folds) > 1 else None})
+                         "diff": mean_interval(diffs), "diff_by_fold": fold_means_interval([f for f, _ in keys], diffs)})
     return rows
 
 
