@@ -596,7 +596,8 @@ def model_contrasts(results: Iterable[Mapping[str, Any]], first: str, second: st
         for metric in METRICS:
             diffs = [by_key[(side, first, f, sd)][metric] - by_key[(side, second, f, sd)][metric] for f, sd in keys]
             rows.append({"side": side, "first": first, "second": second, "metric": metric, "pairs": len(keys),
-                         "diff": mean_interval(diffs), "diff_by_fold": fold_means_interval([f for f, _ in keys], diffs)})
+                         "diff": mean_interval(diffs),
+                         "diff_by_fold": fold_means_interval([f for f, _ in keys], diffs)})
     return rows
 
 

@@ -486,7 +486,7 @@ def cross_network(x0: torch.Tensor, weights: List[torch.Tensor], biases: List[to
 # ``SplittableRandom``, which passes BigCrush) hashes a counter with a fixed mixing function, so a mask is a few
 # vectorised integer passes that torch runs on every intra-op thread, and element ``i`` depends only on the seed and
 # ``i``, never on the thread count. The passes run over cache-sized chunks: over a whole [2048, 1600] mask at once
-# they cost more than the draws they replace (figures in ``benchmarks/README.md``).
+# they took 1.4x as long (figures in ``benchmarks/README.md``).
 
 _SPLITMIX_GAMMA = 0x9E3779B97F4A7C15
 _SPLITMIX_STEPS = ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB), (31, None))
