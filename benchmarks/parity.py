@@ -375,7 +375,7 @@ CERTIFIED_CPU_RECIPE: Dict[str, Dict[str, Any]] = {
     "options": {
         "epochs": 10, "batch_size": 2048, "patience": 3, "eval_every": 0, "max_steps": 0, "hidden": 400,
         "dropout": 0.2, "layout": "fused", "precision": "fp32", "table_dtype": "fp32", "combiner": "mean",
-        "spectral_reg": 0.0, "dense_features": False,
+        "spectral_reg": 0.0, "dense_features": False, "output_bias": "default",
     },
     "optimizer": {
         "sparse_optimizer": "adagrad", "sparse_lr": 0.05, "sparse_weight_decay": 0.0, "lr": 0.001,
@@ -432,10 +432,13 @@ def run_key(side: str, model: str, fold: str, seed: int) -> str:
 def run_protocol(
     splits: Sequence[Split], models: Sequence[str], seeds: Sequence[int], work: Path, *, tag: str,
     recipe: ReferenceRecipe, package_args: Sequence[str] = (), sides: Sequence[str] = SIDES, log: Any = None,
+    reference_tag: Optional[str] = None,
 ) -> List[Dict[str, Any]]:
     """Every (model, split, seed) on both sides; a run whose ``result.json`` exists is read, not rerun.
 
-    Each result records the dataset directory and its split identity, so the pairing can be checked.
+    Reference runs live under ``reference_tag`` when given (the finished reference runs of another configuration,
+    shared by package configurations that differ only on the package side), else under ``tag``. Each result records
+    the dataset directory and its split identity, so the pairing can be checked.
     """
     log = log or sys.stderr
     results: List[Dict[str, Any]] = []
@@ -445,7 +448,8 @@ def run_protocol(
         for model in models:
             for seed in seeds:
                 for side in sides:
-                    out = work / "runs" / tag / run_key(side, model, split.fold, seed)
+                    side_tag = reference_tag if side == "reference" and reference_tag else tag
+                    out = work / "runs" / side_tag / run_key(side, model, split.fold, seed)
                     done = out / RESULT_FILE
                     if done.is_file():
                         results.append(json.loads(done.read_text(encoding="utf-8")))
@@ -633,6 +637,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="reference recipe departures (ReferenceRecipe fields), e.g. table_optimizer=adagrad")
     p.add_argument("--package-args", default="", help="extra words for multiembed train, e.g. '--epochs 100'")
     p.add_argument("--tag", default="defaults", help="name of this configuration (its runs live in work/runs/TAG)")
+    p.add_argument("--reference-tag", default=None,
+                   help="read (and run missing) reference runs under work/runs/REFERENCE_TAG instead of TAG, for a "
+                        "package-side factor paired with the reference runs already made, e.g. 'defaults'")
     p.add_argument("--baseline-tag", default=None,
                    help="also print this configuration's paired effect against the runs of TAG (same side, model, "
                         "split, seed): a single factor's measured effect")
@@ -648,7 +655,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     only = [int(k) for k in args.fold_list.split(",")] if args.fold_list else None
     splits = prepare_splits(args.raw.resolve(), args.work.resolve(), args.folds, args.fold_seed, only)
     results = run_protocol(splits, models, list(range(args.seeds)), args.work.resolve(), tag=args.tag,
-                           recipe=recipe, package_args=shlex.split(args.package_args), sides=sides)
+                           recipe=recipe, package_args=shlex.split(args.package_args), sides=sides,
+                           reference_tag=args.reference_tag)
     rows = paired_table(results, models) if set(sides) == set(SIDES) else []
     verdicts = rule_verdicts(rows)
     contrasts = [c for a, b in CONTRASTS if a in models and b in models for c in model_contrasts(results, a, b)]
@@ -678,7 +686,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         record = {
             "command": shlex.join([sys.executable, "-m", "multiembed.benchmarks.parity", *(argv or sys.argv[1:])]),
-            "tag": args.tag, "raw": str(args.raw), "folds": args.folds, "fold_seed": args.fold_seed,
+            "tag": args.tag, "reference_tag": args.reference_tag, "raw": str(args.raw), "folds": args.folds,
+            "fold_seed": args.fold_seed,
             "seeds": args.seeds, "models": models, "reference_recipe": dataclasses.asdict(recipe),
             "reference_departures": recipe.differences(), "package_args": args.package_args,
             "wall_s": wall, "table": rows, "rule": verdicts, "contrasts": contrasts, "baseline_tag": args.baseline_tag,

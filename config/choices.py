@@ -118,3 +118,10 @@ class Combiner(Choice):
 
     MEAN = "mean"
     GATE = "gate"
+
+
+class OutputBias(Choice):
+    """The initial bias of the logit (``--output-bias``)."""
+
+    DEFAULT = "default"
+    PRIOR = "prior"

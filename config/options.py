@@ -20,6 +20,7 @@ from multiembed.config.choices import (
     DenseOptimizer,
     Device,
     Layout,
+    OutputBias,
     Precision,
     ShardingStrategy,
     SparseOptimizer,
@@ -122,6 +123,11 @@ class TrainConfig:
         "mean", choices=Combiner.choices(),
         help="how the sets' outputs are combined: mean (the paper) or gate (softmax weights over the sets from the "
         "mean over sets of the pooled embeddings)",
+    )
+    output_bias: str = option(
+        "default", choices=OutputBias.choices(),
+        help="initial bias of the logit: default (torch's Linear initialisation, as the paper's code) or prior (the "
+        "log-odds of the train split's positive rate, so predictions start at the base rate instead of near 0.5)",
     )
     spectral_reg: float = option(
         0.0, help="weight of the singular-spectrum regulariser (0: off; in multiembed scale: the weight of the se-sr "

@@ -191,6 +191,32 @@ class MultiEmbeddingModel(nn.Module):
         # hands the set arch a broadcast view of the [B, H] gradient instead of writing a [B, K, H] copy.
         return self.over_arch(per_set.sum(dim=1).div(self.set_arch.num_sets))
 
+    def set_output_bias(self, value: float) -> None:
+        """Sets the constant term of the logit to ``value`` (e.g. the log-odds of the positive rate, so that the
+        first predictions sit at the base rate): the over arch's first output bias becomes ``value``, its others 0.
+
+        Raises:
+            ValueError: the over arch does not name the biases of its logit (no ``output_biases()``).
+
+        Example::
+
+            >>> from multiembed.models import build_model
+            >>> model = build_model("dcnv2-me-2x", {"f1": 10, "f2": 20}, device=torch.device("cpu"), hidden=16)
+            >>> model.set_output_bias(-1.25)
+            >>> [float(b) for b in model.over_arch.output_biases()]
+            [-1.25]
+        """
+        output_biases = getattr(self.over_arch, "output_biases", None)
+        if output_biases is None:
+            raise ValueError(
+                f"{type(self.over_arch).__name__} has no output_biases(): the logit's constant term is unknown"
+            )
+        first, *rest = output_biases()
+        with torch.no_grad():
+            first.fill_(value)
+            for bias in rest:
+                bias.zero_()
+
     @property
     def num_sets(self) -> int:
         return self.sparse_arch.num_sets

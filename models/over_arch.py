@@ -70,6 +70,10 @@ class MLPOverArch(nn.Module):
         """
         return self.layers(features).squeeze(-1)
 
+    def output_biases(self) -> List[nn.Parameter]:
+        """The bias parameters whose sum is the constant term of the logit (here the last layer's)."""
+        return [self.layers[-1].bias]
+
 
 class CINOverArch(nn.Module):
     """xDeepFM's head: ``Linear(C, 1)`` on the averaged CIN features plus the MLP over arch on the averaged
@@ -106,6 +110,10 @@ class CINOverArch(nn.Module):
         """
         cin_logit = self.cin_linear(features[:, : self.cin_features]).squeeze(-1)
         return cin_logit + self.mlp(features[:, self.cin_features :])
+
+    def output_biases(self) -> List[nn.Parameter]:
+        """The bias parameters whose sum is the constant term of the logit (the CIN read-out's, then the MLP's)."""
+        return [self.cin_linear.bias, *self.mlp.output_biases()]
 
 
 class BilinearFusionOverArch(nn.Module):
@@ -150,3 +158,7 @@ class BilinearFusionOverArch(nn.Module):
         y = features[:, self.stream_dim :]
         bilinear = ((x @ self.bilinear) * y).sum(dim=1)
         return self.linear_x(x).squeeze(-1) + self.linear_y(y).squeeze(-1) + bilinear
+
+    def output_biases(self) -> List[nn.Parameter]:
+        """The bias parameters whose sum is the constant term of the logit (``b_x``, ``b_y``)."""
+        return [self.linear_x.bias, self.linear_y.bias]

@@ -193,3 +193,20 @@ def test_dense_arches_built_on_meta_are_fully_initialised_by_reset_parameters(ba
         part.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
         for name, tensor in list(part.named_parameters()) + list(part.named_buffers()):
             assert torch.isfinite(tensor.float()).all(), f"{backbone}: {name} not initialised by reset_parameters"
+
+
+@pytest.mark.parametrize("name", ["dcnv2-me-2x", "xdeepfm-me-2x", "finalmlp-me-2x"])
+def test_set_output_bias_sets_the_logits_constant_term(name: str) -> None:
+    """After ``set_output_bias(v)`` the over arch's logits move by exactly ``v`` minus the old constant term (the sum
+    of its output biases), on every over arch (MLP, CIN read-out + MLP, FinalMLP's bilinear fusion)."""
+    from multiembed.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(name, {"f1": 10, "f2": 20, "f3": 5}, device=torch.device("cpu"), hidden=16).eval()
+    features = torch.randn(8, model.over_arch.in_features)
+    before = model.over_arch(features)
+    old = sum(float(b) for b in model.over_arch.output_biases())
+    model.set_output_bias(-1.5)
+    biases = [float(b) for b in model.over_arch.output_biases()]
+    assert biases[0] == -1.5 and all(b == 0.0 for b in biases[1:])
+    torch.testing.assert_close(model.over_arch(features) - before, torch.full((8,), -1.5 - old), rtol=0, atol=1e-5)

@@ -84,6 +84,15 @@ def test_both_sides_same_splits_paired_json(tmp_path: Path) -> None:
         (side, m) for side in parity.SIDES for m in parity.METRICS}
     assert all(e["pairs"] == 2 and e["diff"]["mean"] == 0.0 for e in again["effects"])
 
+    # --reference-tag: a package-side configuration paired with the reference runs already made under another tag
+    other = tmp_path / "other.json"
+    assert parity.main([*argv[:-4], "--tag", "other", "--reference-tag", "tiny", "--sides", "reference",
+                        "--json", str(other)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in work.rglob(parity.RESULT_FILE)} == before  # nothing trained
+    shared = json.loads(other.read_text())
+    assert shared["reference_tag"] == "tiny" and sorted(r["fold"] for r in shared["runs"]) == ["0/2", "1/2"]
+    assert all(r["side"] == "reference" and r["tag"] == "tiny" for r in shared["runs"])
+
 
 def fake_run(side: str, model: str, fold: str, seed: int, test_auc: float) -> dict:
     return {"side": side, "model": model, "fold": fold, "seed": seed, "split_identity": fold, "data_dir": fold,

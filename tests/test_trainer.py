@@ -176,3 +176,36 @@ def test_evaluate_refuses_data_with_another_vocabulary(synthetic: Path, tmp_path
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"multiembed evaluate: error: {other}: vocabulary fingerprint")
     assert "config.json" in lines[0] and "--vocab-from" in lines[0]
+
+
+def test_output_bias_prior_starts_the_logit_at_the_train_splits_log_odds(synthetic: Path, tmp_path: Path) -> None:
+    """``--output-bias prior``: the logit's constant term is log(r / (1 - r)) for the train split's positive rate r
+    (read here independently with pyarrow), recorded in config.json; ``default`` leaves torch's initialisation."""
+    import math
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from multiembed.data.metadata import read_metadata
+    from multiembed.training.trainer import TrainConfig, Trainer
+
+    meta = read_metadata(synthetic)
+    labels = np.concatenate([pq.read_table(synthetic / f, columns=["label"]).column(0).to_numpy()
+                             for f in meta.splits["train"].files])
+    rate = float(labels.mean())
+    options = dict(data=str(synthetic), model="dcnv2-me-2x", batch_size=256, hidden=16, max_steps=1,
+                   progress=False, device="cpu")
+    prior = Trainer(TrainConfig(out=str(tmp_path / "prior"), output_bias="prior", **options))
+    (bias,) = prior.built.model.over_arch.output_biases()
+    assert float(bias) == pytest.approx(math.log(rate / (1 - rate)), abs=1e-6)
+    prior.fit()
+    record = json.loads((tmp_path / "prior" / "config.json").read_text())
+    assert record["options"]["output_bias"] == "prior"
+    assert record["output_bias_init"]["positive_rate"] == pytest.approx(rate)
+    assert record["output_bias_init"]["rows"] == len(labels) == meta.splits["train"].rows
+
+    default = Trainer(TrainConfig(out=str(tmp_path / "default"), **options))
+    (bias,) = default.built.model.over_arch.output_biases()
+    assert abs(float(bias)) <= 1 / math.sqrt(16)  # torch's Linear init: U(-1/sqrt(in), 1/sqrt(in))
+    default.fit()
+    assert json.loads((tmp_path / "default" / "config.json").read_text())["output_bias_init"] is None

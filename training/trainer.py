@@ -40,10 +40,11 @@ except ImportError as e:  # pragma: no cover - depends on the installed torch
 
 from multiembed.collapse import collapse_from_model, summarize_sets
 from multiembed.collapse.monitor import CollapsedField, CollapseMonitor, format_collapsed
-from multiembed.config import MODEL_OPTIONS, TrainConfig, recorded_option
+from multiembed.config import MODEL_OPTIONS, OutputBias, TrainConfig, recorded_option
 from multiembed.data.loader import ParquetBatchLoader
 from multiembed.data.locking import LOCK_FILE, exclusive_lock
 from multiembed.data.metadata import DatasetMetadata, atomic_write_text, read_metadata, split_identity
+from multiembed.data.parquet_io import positive_rate
 from multiembed.data.stack import installed_versions
 from multiembed.sharding.report import format_brief
 from multiembed.training import checkpoint as ckpt
@@ -189,6 +190,7 @@ class Trainer:
         self.plan = self.built.planned.plan
         self.plan_text = self.built.planned.text
         self.plan_json = self.built.planned.summary
+        self.output_bias_init = self._init_output_bias()
         self.progress: Dict[str, Any] = {
             "epoch": 0, "batch": 0, "step": 0, "best_auc": -1.0, "best_step": -1, "evals_since_best": 0,
             "evaluations": 0, "train_time_s": 0.0, "samples_trained": 0, "done": False,
@@ -214,6 +216,27 @@ class Trainer:
         )
 
     # ----------------------------------------------------------------------------------------------- set-up
+    def _init_output_bias(self) -> Optional[Dict[str, Any]]:
+        """``--output-bias prior``: sets the logit's constant term to the log-odds of the train split's positive rate
+        (every rank reads the same labels, so the replicas stay equal; a resumed run's checkpoint then replaces it).
+        Returns what was set, for ``config.json`` (None with ``--output-bias default``).
+
+        Raises:
+            ValueError: the train split's labels are all 0 or all 1 (no finite log-odds).
+        """
+        if self.config.output_bias != OutputBias.PRIOR.value:
+            return None
+        rate, rows = positive_rate(self.config.data, self.meta, "train")
+        if not 0.0 < rate < 1.0:
+            raise ValueError(
+                f"--output-bias prior: every label of the train split's first {rows} rows is {int(rate)}; the "
+                "log-odds of the positive rate is infinite (use --output-bias default)"
+            )
+        logit = math.log(rate / (1.0 - rate))
+        self.built.model.set_output_bias(logit)
+        self._log(f"output bias: log-odds of the train split's positive rate {rate:.4f} ({rows} rows) = {logit:.4f}")
+        return {"positive_rate": rate, "rows": rows, "logit": logit}
+
     def _log(self, message: str) -> None:
         if self.ctx.is_main:
             print(message, file=self._log_stream, flush=True)
@@ -315,6 +338,7 @@ class Trainer:
         record = {
             "options": dataclasses.asdict(self.config),
             "optimizer": dataclasses.asdict(self.optim_config),
+            "output_bias_init": self.output_bias_init,
             "provenance": {
                 "multiembed": _package_version(),
                 "git_commit": _git_commit(),
