@@ -355,16 +355,19 @@ def positive_rate(data_dir: os.PathLike, meta: DatasetMetadata, split: str = "tr
     positives = rows = 0
     for rel in files.files:
         path = Path(data_dir) / rel
+        file_row = 0
         try:
-            labels = pq.ParquetFile(path).read(columns=[LABEL_COLUMN]).column(0).to_numpy()
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1 << 20, columns=[LABEL_COLUMN]):
+                labels = batch.column(0).to_numpy()[: max_rows - rows]
+                bad = np.flatnonzero((labels != 0) & (labels != 1))
+                if bad.size:
+                    raise DatasetError(f"{path}: row {file_row + int(bad[0]) + 1}: field {LABEL_COLUMN}: "
+                                       f"{labels[bad[0]]} is not 0 or 1")
+                positives += int(labels.sum(dtype=np.int64))
+                rows += len(labels)
+                file_row += len(labels)
+                if rows >= max_rows:
+                    return positives / rows, rows
         except (OSError, pa.ArrowException) as e:
             raise DatasetError(f"{path}: not a readable Parquet file ({e})") from None
-        labels = labels[: max_rows - rows]
-        bad = np.flatnonzero((labels != 0) & (labels != 1))
-        if bad.size:
-            raise DatasetError(f"{path}: row {int(bad[0]) + 1}: field {LABEL_COLUMN}: {labels[bad[0]]} is not 0 or 1")
-        positives += int(labels.sum(dtype=np.int64))
-        rows += len(labels)
-        if rows >= max_rows:
-            break
     return positives / rows, rows

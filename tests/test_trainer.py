@@ -209,3 +209,30 @@ def test_output_bias_prior_starts_the_logit_at_the_train_splits_log_odds(synthet
     assert abs(float(bias)) <= 1 / math.sqrt(16)  # torch's Linear init: U(-1/sqrt(in), 1/sqrt(in))
     default.fit()
     assert json.loads((tmp_path / "default" / "config.json").read_text())["output_bias_init"] is None
+
+
+def test_positive_rate_reads_at_most_max_rows_and_names_a_bad_label(synthetic: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from multiembed.data.metadata import DatasetError, read_metadata
+    from multiembed.data.parquet_io import positive_rate
+
+    meta = read_metadata(synthetic)
+    path = synthetic / meta.splits["train"].files[0]
+    labels = pq.read_table(path, columns=["label"]).column(0).to_numpy()
+    assert positive_rate(synthetic, meta, max_rows=100) == (float(labels[:100].mean()), 100)
+    assert positive_rate(synthetic, meta, "val")[1] == meta.splits["val"].rows
+    # A label that is not 0 or 1 (written past the loader's checks) is named by file and row.
+    copy = tmp_path / "data"
+    shutil.copytree(synthetic, copy)
+    table = pq.read_table(copy / meta.splits["train"].files[0])
+    bad = table.column("label").to_numpy().copy()
+    bad[6] = 3
+    index = table.schema.get_field_index("label")
+    pq.write_table(table.set_column(index, "label", pa.array(bad, type=pa.int8())), copy / meta.splits["train"].files[0])
+    with pytest.raises(DatasetError, match=r"row 7: field label: 3 is not 0 or 1"):
+        positive_rate(copy, meta)
