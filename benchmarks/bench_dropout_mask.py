@@ -53,7 +53,7 @@ def threaded_uniform_mask(x: torch.Tensor, p: float) -> torch.Tensor:
         _pool = ThreadPoolExecutor(max_workers=torch.get_num_threads())
     out = torch.empty(x.shape, dtype=torch.float32)
     chunks = out.view(-1).split(_UNIFORM_CHUNK)
-    base = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+    base = cpu_fastpath._stream_base()
 
     def fill(i: int) -> None:
         chunks[i].uniform_(generator=torch.Generator().manual_seed(base + i))
@@ -65,9 +65,8 @@ def threaded_uniform_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 def splitmix_whole_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """:func:`~multiembed.models.cpu_fastpath.keep_mask`'s words computed over the whole tensor at once."""
     count = x.numel()
-    seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
-    words = cpu_fastpath.splitmix64((count + 1) // 2, seed).view(torch.int32)[:count]
-    return words.ge(round(p * 2**32) - 2**31).view(x.shape)
+    words = cpu_fastpath.splitmix64((count + 1) // 2, cpu_fastpath._stream_base()).view(torch.int32)[:count]
+    return words.ge(cpu_fastpath.keep_threshold(p)).view(x.shape)
 
 
 MASKS: Dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {

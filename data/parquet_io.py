@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -323,51 +323,3 @@ def _check_statistics(path: Path, parquet: pq.ParquetFile, bounds: Mapping[str, 
                     f"[{low}, {high}]" + ("" if name == LABEL_COLUMN else f" (metadata.json: vocab_size {high + 1})")
                 )
 
-
-# Rows read by :func:`positive_rate` at most: enough for the rate to +-0.0003 (2 sd at a 25 % rate), 10 MB of labels.
-POSITIVE_RATE_ROWS = 10_000_000
-
-
-def positive_rate(data_dir: os.PathLike, meta: DatasetMetadata, split: str = "train",
-                  max_rows: int = POSITIVE_RATE_ROWS) -> Tuple[float, int]:
-    """The fraction of label 1 over the first ``max_rows`` rows of ``split`` (its files in order), and the rows read.
-
-    Reads only the label column. On a split larger than ``max_rows`` it is the rate of its first rows: Criteo's
-    files are in time order, so this is the rate of the earliest rows.
-
-    Raises:
-        DatasetError: the split is missing or empty, a file is unreadable, or a label is not 0 or 1 (naming the file
-            and row).
-
-    Example::
-
-        >>> import tempfile
-        >>> from multiembed.data.synthetic import generate_dataset
-        >>> with tempfile.TemporaryDirectory() as d:
-        ...     meta = generate_dataset(d, rows=2000, progress=False)
-        ...     rate, rows = positive_rate(d, meta)
-        >>> rows, 0.0 < rate < 1.0
-        (1600, True)
-    """
-    files = meta.splits.get(split)
-    if files is None or files.rows == 0:
-        raise DatasetError(f"{data_dir}: split {split!r} has no rows (metadata.json)")
-    positives = rows = 0
-    for rel in files.files:
-        path = Path(data_dir) / rel
-        file_row = 0
-        try:
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=1 << 20, columns=[LABEL_COLUMN]):
-                labels = batch.column(0).to_numpy()[: max_rows - rows]
-                bad = np.flatnonzero((labels != 0) & (labels != 1))
-                if bad.size:
-                    raise DatasetError(f"{path}: row {file_row + int(bad[0]) + 1}: field {LABEL_COLUMN}: "
-                                       f"{labels[bad[0]]} is not 0 or 1")
-                positives += int(labels.sum(dtype=np.int64))
-                rows += len(labels)
-                file_row += len(labels)
-                if rows >= max_rows:
-                    return positives / rows, rows
-        except (OSError, pa.ArrowException) as e:
-            raise DatasetError(f"{path}: not a readable Parquet file ({e})") from None
-    return positives / rows, rows

@@ -538,6 +538,12 @@ def _stream_base() -> int:
     return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
 
 
+def keep_threshold(p: float) -> int:
+    """The signed 32-bit word at or above which :func:`keep_mask` keeps an element: ``round(p * 2**32) - 2**31``
+    (the words are uniform on ``[-2**31, 2**31)``, so the keep probability is ``1 - p`` to within ``2**-33``)."""
+    return round(p * 2**32) - 2**31
+
+
 def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """A dropout mask shaped like ``x``: True (kept) with probability ``1 - p``, each element independently.
 
@@ -561,7 +567,7 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     count = x.numel()
     outputs = (count + 1) // 2
     seed = _stream_base()
-    threshold = round(p * 2**32) - 2**31
+    threshold = keep_threshold(p)
     mask = torch.empty(2 * outputs, dtype=torch.bool)
     size = min(MASK_CHUNK_OUTPUTS, outputs)
     stream, scratch = torch.empty(size, dtype=torch.int64), torch.empty(size, dtype=torch.int64)

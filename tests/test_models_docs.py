@@ -18,7 +18,7 @@ MODULES = [
     "multiembed.models.zoo",
     "multiembed.models.hetero",
     "multiembed.models.cpu_fastpath",
-    "multiembed.data.parquet_io",
+    "multiembed.data.loader",
     "multiembed.config.presets",
     "multiembed.benchmarks.bench_precision",
 ]

@@ -219,7 +219,7 @@ def test_positive_rate_reads_at_most_max_rows_and_names_a_bad_label(synthetic: P
     import pyarrow.parquet as pq
 
     from multiembed.data.metadata import DatasetError, read_metadata
-    from multiembed.data.parquet_io import positive_rate
+    from multiembed.data.loader import positive_rate
 
     meta = read_metadata(synthetic)
     path = synthetic / meta.splits["train"].files[0]

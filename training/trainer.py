@@ -41,10 +41,9 @@ except ImportError as e:  # pragma: no cover - depends on the installed torch
 from multiembed.collapse import collapse_from_model, summarize_sets
 from multiembed.collapse.monitor import CollapsedField, CollapseMonitor, format_collapsed
 from multiembed.config import MODEL_OPTIONS, OutputBias, TrainConfig, recorded_option
-from multiembed.data.loader import ParquetBatchLoader
+from multiembed.data.loader import ParquetBatchLoader, positive_rate
 from multiembed.data.locking import LOCK_FILE, exclusive_lock
 from multiembed.data.metadata import DatasetMetadata, atomic_write_text, read_metadata, split_identity
-from multiembed.data.parquet_io import positive_rate
 from multiembed.data.stack import installed_versions
 from multiembed.sharding.report import format_brief
 from multiembed.training import checkpoint as ckpt
