@@ -375,7 +375,7 @@ CERTIFIED_CPU_RECIPE: Dict[str, Dict[str, Any]] = {
     "options": {
         "epochs": 10, "batch_size": 2048, "patience": 3, "eval_every": 0, "max_steps": 0, "hidden": 400,
         "dropout": 0.2, "layout": "fused", "precision": "fp32", "table_dtype": "fp32", "combiner": "mean",
-        "spectral_reg": 0.0, "dense_features": False, "output_bias": "default",
+        "spectral_reg": 0.0, "dense_features": False, "output_bias": "prior",
     },
     "optimizer": {
         "sparse_optimizer": "adagrad", "sparse_lr": 0.05, "sparse_weight_decay": 0.0, "lr": 0.001,

@@ -125,9 +125,9 @@ class TrainConfig:
         "mean over sets of the pooled embeddings)",
     )
     output_bias: str = option(
-        "default", choices=OutputBias.choices(),
-        help="initial bias of the logit: default (torch's Linear initialisation, as the paper's code) or prior (the "
-        "log-odds of the train split's positive rate, so predictions start at the base rate instead of near 0.5)",
+        "prior", choices=OutputBias.choices(),
+        help="initial bias of the logit: prior (the log-odds of the train split's positive rate, so predictions start "
+        "at the base rate instead of near 0.5) or default (torch's Linear initialisation, as the paper's code)",
     )
     spectral_reg: float = option(
         0.0, help="weight of the singular-spectrum regulariser (0: off; in multiembed scale: the weight of the se-sr "
@@ -175,20 +175,28 @@ MODEL_OPTIONS = (
 STUDY_OPTIONS = (
     "epochs", "batch_size", "hidden", "dropout", "patience", "eval_every", "max_steps", "lr", "sparse_lr",
     "sparse_optimizer", "dense_optimizer", "weight_decay", "ia_every", "collapse_warn", "spectral_reg", "device",
-    "experts", "combiner",
+    "experts", "combiner", "output_bias",
 )
+
+# The value an option had in effect in runs written before config.json recorded it, where that differs from today's
+# default (``output_bias`` became "prior" after runs had trained with torch's initialisation of the logit).
+BEFORE_RECORDED: Dict[str, Any] = {"output_bias": "default"}
 
 
 def recorded_option(options: Mapping[str, Any], name: str) -> Any:
-    """An option as a run's ``config.json`` recorded it; for a run written before the option existed, its
-    :class:`TrainConfig` default (the behaviour that run had).
+    """An option as a run's ``config.json`` recorded it; for a run written before the option existed, the behaviour
+    that run had (:data:`BEFORE_RECORDED`, else the :class:`TrainConfig` default).
 
     Example::
 
         >>> recorded_option({"model": "dcnv2-me-4x"}, "combiner")
         'mean'
+        >>> recorded_option({"model": "dcnv2-me-4x"}, "output_bias")
+        'default'
     """
-    return options[name] if name in options else default_of(name)
+    if name in options:
+        return options[name]
+    return BEFORE_RECORDED[name] if name in BEFORE_RECORDED else default_of(name)
 
 
 def default_of(name: str) -> Any:

@@ -19,6 +19,7 @@ MODULES = [
     "multiembed.models.hetero",
     "multiembed.models.cpu_fastpath",
     "multiembed.data.loader",
+    "multiembed.config.options",
     "multiembed.config.presets",
     "multiembed.benchmarks.bench_precision",
 ]

@@ -196,6 +196,8 @@ def test_preset_resolution_and_help_text() -> None:
     assert small["max_steps"] == PRESETS["small"].train["max_steps"]
     paper = resolve_options({}, None)
     assert paper["batch_size"] == 2048 and paper["hidden"] == 400 and paper["scales"] == [1, 2, 3, 4, 10]
+    assert paper["output_bias"] == "prior"  # train's default; the presets pin what their results were measured with
+    assert {name: resolve_options({}, name)["output_bias"] for name in PRESETS} == dict.fromkeys(PRESETS, "default")
     # The --help text spells every preset out (no torch import at parse time): it must say what the preset sets.
     for name, preset in PRESETS.items():
         text = PRESET_HELP[PRESET_HELP.index(f"{name}: "):]
@@ -311,6 +313,15 @@ def test_tiny_study_writes_every_file_and_resumes(tiny_data: Path, tmp_path: Pat
     assert cli_main(["scale", "--data", str(tiny_data), "--out", str(out), *changed]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("multiembed scale: error: ") and "used --hidden 16 but the study asks for 32" in error
+    # A run written before config.json recorded --output-bias had torch's initialisation ("default"), not today's
+    # default: it does not count in a study that asks for "prior".
+    first = out / "runs" / "dnn-se-1x-seed0" / "config.json"
+    record = json.loads(first.read_text())
+    assert record["options"].pop("output_bias") == "prior"
+    first.write_text(json.dumps(record))
+    assert cli_main(["scale", "--data", str(tiny_data), "--out", str(out), *TINY]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "used --output-bias 'default' but the study asks for 'prior'" in error, error
 
 
 def test_ablation_modes_mesi_se_sr_and_hetero(tiny_data: Path, tmp_path: Path, capsys) -> None:

@@ -136,7 +136,6 @@ def test_metrics_log_information_abundance_every_n_evaluations(synthetic: Path, 
 
 
 def test_a_model_with_non_finite_weights_is_never_checkpointed(synthetic: Path, tmp_path: Path) -> None:
-    import torch
 
     from multiembed.training import checkpoint as ckpt
     from multiembed.training.trainer import TrainConfig, Trainer, TrainingDiverged
@@ -179,8 +178,9 @@ def test_evaluate_refuses_data_with_another_vocabulary(synthetic: Path, tmp_path
 
 
 def test_output_bias_prior_starts_the_logit_at_the_train_splits_log_odds(synthetic: Path, tmp_path: Path) -> None:
-    """``--output-bias prior``: the logit's constant term is log(r / (1 - r)) for the train split's positive rate r
-    (read here independently with pyarrow), recorded in config.json; ``default`` leaves torch's initialisation."""
+    """``--output-bias prior`` (train's default): the logit's constant term is the log-odds of the train split's
+    labels (read here independently with pyarrow; each count plus 1/2), recorded in config.json; ``default`` leaves
+    torch's initialisation."""
     import math
 
     import numpy as np
@@ -193,28 +193,44 @@ def test_output_bias_prior_starts_the_logit_at_the_train_splits_log_odds(synthet
     labels = np.concatenate([pq.read_table(synthetic / f, columns=["label"]).column(0).to_numpy()
                              for f in meta.splits["train"].files])
     rate = float(labels.mean())
+    positives = int(labels.sum())
     options = dict(data=str(synthetic), model="dcnv2-me-2x", batch_size=256, hidden=16, max_steps=1,
                    progress=False, device="cpu")
-    prior = Trainer(TrainConfig(out=str(tmp_path / "prior"), output_bias="prior", **options))
+    assert TrainConfig(out="x", **options).output_bias == "prior"
+    prior = Trainer(TrainConfig(out=str(tmp_path / "prior"), **options))
     (bias,) = prior.built.model.over_arch.output_biases()
-    assert float(bias) == pytest.approx(math.log(rate / (1 - rate)), abs=1e-6)
+    expected = math.log((positives + 0.5) / (len(labels) - positives + 0.5))
+    assert float(bias) == pytest.approx(expected, abs=1e-6)
+    assert abs(expected - math.log(rate / (1 - rate))) < 5 / len(labels)
     prior.fit()
     record = json.loads((tmp_path / "prior" / "config.json").read_text())
     assert record["options"]["output_bias"] == "prior"
     assert record["output_bias_init"]["positive_rate"] == pytest.approx(rate)
+    assert record["output_bias_init"]["logit"] == pytest.approx(expected)
     assert record["output_bias_init"]["rows"] == len(labels) == meta.splits["train"].rows
 
-    default = Trainer(TrainConfig(out=str(tmp_path / "default"), **options))
+    default = Trainer(TrainConfig(out=str(tmp_path / "default"), output_bias="default", **options))
     (bias,) = default.built.model.over_arch.output_biases()
     assert abs(float(bias)) <= 1 / math.sqrt(16)  # torch's Linear init: U(-1/sqrt(in), 1/sqrt(in))
     default.fit()
     assert json.loads((tmp_path / "default" / "config.json").read_text())["output_bias_init"] is None
 
 
+def test_prior_logit_is_finite_on_a_split_of_one_class() -> None:
+    import math
+
+    from multiembed.training.trainer import prior_logit
+
+    assert prior_logit(0, 10) == pytest.approx(math.log(0.5 / 10.5)) and prior_logit(10, 10) == -prior_logit(0, 10)
+    assert prior_logit(5, 10) == 0.0
+    assert prior_logit(2_200_000, 10_000_000) == pytest.approx(math.log(0.22 / 0.78), abs=1e-6)
+    with pytest.raises(ValueError, match=r"positives must be in \[0, rows=10\], got 11"):
+        prior_logit(11, 10)
+
+
 def test_positive_rate_reads_at_most_max_rows_and_names_a_bad_label(synthetic: Path, tmp_path: Path) -> None:
     import shutil
 
-    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 

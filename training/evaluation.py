@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.distributed as dist
 
-from multiembed.config import TrainConfig
+from multiembed.config import TrainConfig, recorded_option
 from multiembed.data.loader import ParquetBatchLoader
 from multiembed.data.metadata import DatasetMetadata, read_metadata, split_identity
 from multiembed.training import checkpoint as ckpt
@@ -157,9 +157,14 @@ def split_problem(record: Dict[str, Any], meta: DatasetMetadata, data_dir: str, 
 
 
 def run_train_config(record: Dict[str, Any], **overrides: Any) -> TrainConfig:
-    """The :class:`TrainConfig` a run recorded (options it does not know keep their defaults)."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    options = {k: v for k, v in record["options"].items() if k in names}
+    """The :class:`TrainConfig` a run recorded (an option it predates: the behaviour it had, see
+    :func:`~multiembed.config.recorded_option`)."""
+    recorded = record["options"]
+    options = {
+        f.name: recorded_option(recorded, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if f.name in recorded or f.default is not dataclasses.MISSING
+    }
     options.update(overrides)
     return TrainConfig(**options)
 

@@ -67,6 +67,21 @@ class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+def prior_logit(positives: int, rows: int) -> float:
+    """The log-odds of the positive rate, ``log((positives + 1/2) / (rows - positives + 1/2))``: each count gets half
+    an observation (the Krichevsky-Trofimov estimate), so a split with no positives (or no negatives) still gives a
+    finite bias; on a split of n rows it differs from the plain log-odds by O(1/n).
+
+    Example::
+
+        >>> round(prior_logit(220, 1000), 4), round(prior_logit(0, 1000), 2)
+        (-1.264, -7.6)
+    """
+    if not 0 <= positives <= rows:
+        raise ValueError(f"prior_logit: positives must be in [0, rows={rows}], got {positives}")
+    return math.log((positives + 0.5) / (rows - positives + 0.5))
+
+
 def _git_commit() -> Optional[str]:
     try:
         out = subprocess.run(
@@ -216,22 +231,13 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _init_output_bias(self) -> Optional[Dict[str, Any]]:
-        """``--output-bias prior``: sets the logit's constant term to the log-odds of the train split's positive rate
-        (every rank reads the same labels, so the replicas stay equal; a resumed run's checkpoint then replaces it).
-        Returns what was set, for ``config.json`` (None with ``--output-bias default``).
-
-        Raises:
-            ValueError: the train split's labels are all 0 or all 1 (no finite log-odds).
-        """
+        """``--output-bias prior`` (the default): sets the logit's constant term to :func:`prior_logit` of the train
+        split's labels (every rank reads the same labels, so the replicas stay equal; a resumed run's checkpoint then
+        replaces it). Returns what was set, for ``config.json`` (None with ``--output-bias default``)."""
         if self.config.output_bias != OutputBias.PRIOR.value:
             return None
         rate, rows = positive_rate(self.config.data, self.meta, "train")
-        if not 0.0 < rate < 1.0:
-            raise ValueError(
-                f"--output-bias prior: every label of the train split's first {rows} rows is {int(rate)}; the "
-                "log-odds of the positive rate is infinite (use --output-bias default)"
-            )
-        logit = math.log(rate / (1.0 - rate))
+        logit = prior_logit(round(rate * rows), rows)
         self.built.model.set_output_bias(logit)
         self._log(f"output bias: log-odds of the train split's positive rate {rate:.4f} ({rows} rows) = {logit:.4f}")
         return {"positive_rate": rate, "rows": rows, "logit": logit}
