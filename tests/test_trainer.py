@@ -136,7 +136,6 @@ def test_metrics_log_information_abundance_every_n_evaluations(synthetic: Path, 
 
 
 def test_a_model_with_non_finite_weights_is_never_checkpointed(synthetic: Path, tmp_path: Path) -> None:
-
     from multiembed.training import checkpoint as ckpt
     from multiembed.training.trainer import TrainConfig, Trainer, TrainingDiverged
 
