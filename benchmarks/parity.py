@@ -544,10 +544,13 @@ def paired_table(results: Iterable[Mapping[str, Any]], models: Sequence[str]) ->
 def factor_effects(results: Sequence[Mapping[str, Any]], work: Path, baseline_tag: str) -> List[Dict[str, Any]]:
     """Single-factor effects: each run of ``results`` against the same side, model, split and seed of the runs in
     ``work/runs/BASELINE_TAG`` (this configuration - baseline), per metric, with the 95 % interval over pairs.
-    Runs without a finished baseline counterpart are left out."""
+    Runs without a finished baseline counterpart are left out, and so are the baseline's own runs (e.g. reference
+    runs reused through ``--reference-tag``), which have no effect to show."""
     rows: List[Dict[str, Any]] = []
     groups: Dict[Tuple[str, str], List[Tuple[Mapping[str, Any], Mapping[str, Any]]]] = {}
     for r in results:
+        if r.get("tag") == baseline_tag:
+            continue
         base = work / "runs" / baseline_tag / run_key(r["side"], r["model"], r["fold"], int(r["seed"])) / RESULT_FILE
         if base.is_file():
             groups.setdefault((r["side"], r["model"]), []).append((r, json.loads(base.read_text(encoding="utf-8"))))

@@ -203,7 +203,7 @@ class MultiEmbeddingModel(nn.Module):
             >>> from multiembed.models import build_model
             >>> model = build_model("dcnv2-me-2x", {"f1": 10, "f2": 20}, device=torch.device("cpu"), hidden=16)
             >>> model.set_output_bias(-1.25)
-            >>> [float(b) for b in model.over_arch.output_biases()]
+            >>> [b.item() for b in model.over_arch.output_biases()]
             [-1.25]
         """
         output_biases = getattr(self.over_arch, "output_biases", None)

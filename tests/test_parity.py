@@ -79,10 +79,8 @@ def test_both_sides_same_splits_paired_json(tmp_path: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in work.rglob(parity.RESULT_FILE)} == before
     again = json.loads(out.read_text())
     assert again["table"] == record["table"]
-    # a factor's effect is paired against the baseline tag's runs (here itself: exactly 0 on both sides)
-    assert {(e["side"], e["metric"]) for e in again["effects"]} == {
-        (side, m) for side in parity.SIDES for m in parity.METRICS}
-    assert all(e["pairs"] == 2 and e["diff"]["mean"] == 0.0 for e in again["effects"])
+    # a configuration's own runs have no effect against themselves
+    assert again["effects"] == []
 
     # --reference-tag: a package-side configuration paired with the reference runs already made under another tag
     other = tmp_path / "other.json"
@@ -92,6 +90,21 @@ def test_both_sides_same_splits_paired_json(tmp_path: Path) -> None:
     shared = json.loads(other.read_text())
     assert shared["reference_tag"] == "tiny" and sorted(r["fold"] for r in shared["runs"]) == ["0/2", "1/2"]
     assert all(r["side"] == "reference" and r["tag"] == "tiny" for r in shared["runs"])
+
+    # a package-side factor (--dropout 0) on fold 0, paired with the baseline's run of the same fold and seed; the
+    # reused reference runs are the baseline's own and show no effect
+    factor = tmp_path / "factor.json"
+    package_args = argv[argv.index("--package-args") + 1] + " --dropout 0"
+    moved = [*argv[:-4], "--package-args", package_args, "--tag", "dropout0", "--reference-tag", "tiny",
+             "--baseline-tag", "tiny", "--fold-list", "0", "--json", str(factor)]
+    assert parity.main(moved) == 0
+    effect = json.loads(factor.read_text())
+    (mine,) = [r for r in effect["runs"] if r["side"] == "package"]
+    (base,) = [r for r in runs if r["side"] == "package" and r["fold"] == "0/2"]
+    assert mine["recipe_departures"]["options.dropout"] == [0.2, 0.0]
+    assert {(e["side"], e["metric"]) for e in effect["effects"]} == {("package", m) for m in parity.METRICS}
+    for e in effect["effects"]:
+        assert e["pairs"] == 1 and e["diff"]["mean"] == pytest.approx(mine[e["metric"]] - base[e["metric"]])
 
 
 def fake_run(side: str, model: str, fold: str, seed: int, test_auc: float) -> dict:
