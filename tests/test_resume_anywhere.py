@@ -106,12 +106,17 @@ def _run(world_size: int, data: Path, run: Path, max_steps: int, resume: bool, r
 def test_resume_on_another_world_size(data: Path, tmp_path: Path, first: int, second: int) -> None:
     from multiembed.data.loader import ParquetBatchLoader
 
+    import shutil
+
     run = tmp_path / "run"
     before = _run(first, data, run, FIRST_STEPS, False, tmp_path / "first")
+    # A copy of the checkpoint the second job resumes from: the run's retention may delete it once a later
+    # evaluation is better.
+    shutil.copytree(run / "checkpoints" / f"step-{FIRST_STEPS:08d}", tmp_path / "resumed-from")
     after = _run(second, data, run, TOTAL_STEPS, True, tmp_path / "second")
 
     # The state loaded on the new world size is the checkpoint's.
-    saved = _full_state(run / "checkpoints" / f"step-{FIRST_STEPS:08d}")
+    saved = _full_state(tmp_path / "resumed-from")
     loaded = _full_state(Path(f"{tmp_path / 'second'}.loaded"))
     assert set(saved) == set(loaded) and any("#adagrad" in k for k in saved) and len(saved) > 40
     for key in saved:
