@@ -215,6 +215,29 @@ def test_output_bias_prior_starts_the_logit_at_the_train_splits_log_odds(synthet
     assert json.loads((tmp_path / "default" / "config.json").read_text())["output_bias_init"] is None
 
 
+def test_a_resumed_run_records_the_output_bias_it_started_with(synthetic: Path, tmp_path: Path, capsys) -> None:
+    """The bias of a resumed run is the checkpoint's: config.json keeps the run's own --output-bias and
+    output_bias_init, also for a run whose config.json predates the option (it started at torch's initialisation)."""
+    from multiembed.training.trainer import TrainConfig, Trainer
+
+    out = tmp_path / "run"
+    options = dict(data=str(synthetic), out=str(out), model="dcnv2-me-2x", batch_size=256, hidden=16, progress=False,
+                   device="cpu", ia_every=0, patience=0)
+    Trainer(TrainConfig(output_bias="default", max_steps=1, **options)).fit()
+    Trainer(TrainConfig(resume=True, max_steps=2, **options)).fit()  # today's default: prior
+    record = json.loads((out / "config.json").read_text())
+    assert record["options"]["output_bias"] == "default" and record["output_bias_init"] is None
+    assert record["options"]["max_steps"] == 2
+    assert "--resume: the run started with --output-bias default" in capsys.readouterr().err
+
+    del record["options"]["output_bias"]  # as written before the option existed
+    (out / "config.json").write_text(json.dumps(record))
+    Trainer(TrainConfig(resume=True, max_steps=3, **options)).fit()
+    record = json.loads((out / "config.json").read_text())
+    assert record["options"]["output_bias"] == "default" and record["output_bias_init"] is None
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
 def test_prior_logit_is_finite_on_a_split_of_one_class() -> None:
     import math
 

@@ -242,6 +242,20 @@ class Trainer:
         self._log(f"output bias: log-odds of the train split's positive rate {rate:.4f} ({rows} rows) = {logit:.4f}")
         return {"positive_rate": rate, "rows": rows, "logit": logit}
 
+    def _keep_recorded_output_bias(self) -> None:
+        """After a restore the logit's bias is the checkpoint's: ``config.json`` keeps how the run started (its
+        recorded ``--output-bias`` and ``output_bias_init``; a run that predates the option started at ``default``)
+        rather than this invocation's option, which changed nothing (rank 0, the writer of ``config.json``)."""
+        if not self.ctx.is_main:
+            return
+        record = json.loads((self.run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+        started_with = recorded_option(record["options"], "output_bias")
+        if started_with != self.config.output_bias:
+            self._log(f"--resume: the run started with --output-bias {started_with} ({self.run_dir / CONFIG_FILE}); "
+                      f"its bias is the checkpoint's, --output-bias {self.config.output_bias} is not applied")
+        self.config = dataclasses.replace(self.config, output_bias=started_with)
+        self.output_bias_init = record.get("output_bias_init")
+
     def _log(self, message: str) -> None:
         if self.ctx.is_main:
             print(message, file=self._log_stream, flush=True)
@@ -648,6 +662,7 @@ class Trainer:
             found = ckpt.newest_valid_checkpoint(self.run_dir, report=self._log)
             if found is not None:
                 self.restore(found)
+                self._keep_recorded_output_bias()
             else:
                 self._log(f"--resume: no complete checkpoint in {self.run_dir}; starting from the beginning")
         self._write_config()
