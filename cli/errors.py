@@ -66,6 +66,30 @@ def one_line_error(reply: Any) -> Optional[str]:
         >>> one_line_error({"message": "Signal 9 (SIGKILL) received by PID 12"}) is None
         True
     """
+    message = _one_line_message(reply)
+    if message is None:
+        return None
+    line = message.get("message")
+    return line if isinstance(line, str) and line and "\n" not in line else None
+
+
+def recorded_exit_code(reply: Any) -> Optional[int]:
+    """The exit status a worker recorded with its one-line error (None without one): the job's status even when
+    torchrun stopped that worker with a signal after it recorded the error and before it exited.
+
+    Example::
+
+        >>> recorded_exit_code({"message": {"message": "multiembed train: error: x", "errorCode": 3,
+        ...                                 "extraInfo": {"multiembed_one_line_error": True}}})
+        3
+    """
+    message = _one_line_message(reply)
+    code = message.get("errorCode") if message is not None else None
+    return code if isinstance(code, int) and not isinstance(code, bool) and code > 0 else None
+
+
+def _one_line_message(reply: Any) -> Optional[dict]:
+    """The ``message`` object of a reply file written by :func:`report_error`, else None."""
     if isinstance(reply, str):
         try:
             reply = json.loads(reply)
@@ -74,5 +98,4 @@ def one_line_error(reply: Any) -> Optional[str]:
     message = reply.get("message") if isinstance(reply, dict) else None
     if not isinstance(message, dict) or not (message.get("extraInfo") or {}).get(ONE_LINE_KEY):
         return None
-    line = message.get("message")
-    return line if isinstance(line, str) and line and "\n" not in line else None
+    return message

@@ -25,7 +25,7 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
-from multiembed.cli.errors import LAUNCHED_ENV, one_line_error
+from multiembed.cli.errors import LAUNCHED_ENV, one_line_error, recorded_exit_code
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -49,7 +49,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if line is None:
             raise
         print(line, file=sys.stderr, flush=True)
-        return failure.exitcode if failure.exitcode > 0 else 1
+        if failure.exitcode > 0:
+            return failure.exitcode
+        # Stopped by a signal after recording its error (torchrun ends the other workers when one exits first, and
+        # every rank records a collective error such as a diverged loss): the status the worker had chosen.
+        return recorded_exit_code(failure.error_file_data) or 1
     return 0
 
 

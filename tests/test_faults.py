@@ -323,6 +323,37 @@ def _copy_with_one_infinite_dense_value(data: Path, out: Path, rank: int, global
 
 
 @pytest.mark.multiprocess
+def test_launcher_exits_with_the_recorded_status_of_a_worker_stopped_after_its_error(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """torchrun stops the other workers when one exits; a worker that had recorded its one-line error (every rank
+    records a collective error such as a diverged loss) and was then stopped by SIGTERM is the job's first failure:
+    the launcher prints its line and exits with the status it recorded, not 1."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from multiembed.cli import launch
+    from multiembed.cli.errors import _record
+
+    line = "multiembed train: error: training loss is NaN or infinite at step 4 (epoch 0)"
+    reply = tmp_path / "rank0.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(reply))
+    assert _record(line, EXIT_DIVERGED)
+    signalled = ProcessFailure(local_rank=0, pid=1, exitcode=-signal.SIGTERM, error_file=str(reply))
+
+    def stopped(args) -> None:
+        raise ChildFailedError("multiembed.cli", {0: signalled})
+
+    monkeypatch.setattr(torch.distributed.run, "main", stopped)
+    assert launch.main(["torchrun", "-m", "multiembed.cli", "train"]) == EXIT_DIVERGED == 3
+    assert capsys.readouterr().err.strip().splitlines() == [line]
+    # A worker that exited on its own keeps its own status.
+    exited = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(reply))
+    monkeypatch.setattr(torch.distributed.run, "main", lambda args: (_ for _ in ()).throw(
+        ChildFailedError("multiembed.cli", {0: exited})))
+    assert launch.main(["-m", "multiembed.cli", "train"]) == 2
+
+
 def test_nan_loss_on_one_rank_stops_every_rank_with_one_error_line(click_log: Path, tmp_path: Path) -> None:
     data, run, log = tmp_path / "data", tmp_path / "run", tmp_path / "launch.log"
     _copy_with_one_infinite_dense_value(click_log, data, rank=1, global_batch=NAN_GLOBAL_BATCH)

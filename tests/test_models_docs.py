@@ -20,6 +20,7 @@ MODULES = [
     "multiembed.models.cpu_fastpath",
     "multiembed.data.loader",
     "multiembed.config.options",
+    "multiembed.cli.errors",
     "multiembed.config.presets",
     "multiembed.benchmarks.bench_precision",
 ]
