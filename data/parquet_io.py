@@ -322,4 +322,3 @@ def _check_statistics(path: Path, parquet: pq.ParquetFile, bounds: Mapping[str, 
                     f"{path}: column {name}: {what} span [{stats.min}, {stats.max}] in row group {group}, outside "
                     f"[{low}, {high}]" + ("" if name == LABEL_COLUMN else f" (metadata.json: vocab_size {high + 1})")
                 )
-

@@ -333,24 +333,28 @@ def test_launcher_exits_with_the_recorded_status_of_a_worker_stopped_after_its_e
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
     from multiembed.cli import launch
-    from multiembed.cli.errors import _record
+    from multiembed.cli.errors import LAUNCHED_ENV, report_error
 
     line = "multiembed train: error: training loss is NaN or infinite at step 4 (epoch 0)"
     reply = tmp_path / "rank0.json"
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(reply))
-    assert _record(line, EXIT_DIVERGED)
-    signalled = ProcessFailure(local_rank=0, pid=1, exitcode=-signal.SIGTERM, error_file=str(reply))
+    monkeypatch.setenv(LAUNCHED_ENV, "1")  # as in a launched worker (and restored after the launcher sets it)
+    report_error(line, EXIT_DIVERGED)
+    assert reply.is_file() and capsys.readouterr().err == ""  # recorded, left to the launcher to print
 
-    def stopped(args) -> None:
-        raise ChildFailedError("multiembed.cli", {0: signalled})
+    def torchrun_failing_with(exitcode: int):
+        failure = ProcessFailure(local_rank=0, pid=1, exitcode=exitcode, error_file=str(reply))
 
-    monkeypatch.setattr(torch.distributed.run, "main", stopped)
+        def torchrun(args) -> None:
+            raise ChildFailedError("multiembed.cli", {0: failure})
+
+        return torchrun
+
+    monkeypatch.setattr(torch.distributed.run, "main", torchrun_failing_with(-signal.SIGTERM))
     assert launch.main(["torchrun", "-m", "multiembed.cli", "train"]) == EXIT_DIVERGED == 3
     assert capsys.readouterr().err.strip().splitlines() == [line]
     # A worker that exited on its own keeps its own status.
-    exited = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(reply))
-    monkeypatch.setattr(torch.distributed.run, "main", lambda args: (_ for _ in ()).throw(
-        ChildFailedError("multiembed.cli", {0: exited})))
+    monkeypatch.setattr(torch.distributed.run, "main", torchrun_failing_with(2))
     assert launch.main(["-m", "multiembed.cli", "train"]) == 2
 
 
