@@ -1,11 +1,23 @@
 # One-command set-up: every target creates .venv first if it is missing (idempotent).
 PYTHON ?= python3
+# The stack: one requirements file per supported torch / fbgemm / torchrec triple.
+#   cpu       torch 2.13.0 + fbgemm-gpu-cpu 1.8.0 + torchrec 1.8.0 (the default; a CPU wheel, about 1.3 GB)
+#   cpu-2.14  torch 2.14.1 + fbgemm-gpu-cpu 1.9.0 + torchrec 1.9.2 (PyPI's torch 2.14 is a CUDA build, about 5.8 GB)
+#   gpu       torch 2.14.1 + fbgemm-gpu 1.9.0 (CUDA) + torchrec 1.9.2
+# Each stack has its own environment (.venv for the default, .venv-STACK otherwise), so two can sit side by side:
+# `make test STACK=cpu-2.14` creates and tests the second one.
+STACK ?= cpu
+ifeq ($(STACK),cpu)
 VENV := .venv
+else
+VENV := .venv-$(STACK)
+endif
+ifeq ($(wildcard requirements/$(STACK).txt),)
+$(error unknown STACK=$(STACK): choose one of $(basename $(notdir $(wildcard requirements/*.txt))))
+endif
 PY := $(VENV)/bin/python
 # torchx launches `torchrun` through bash: the venv's bin must be on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
-# CPU machines get fbgemm-gpu-cpu (requirements/cpu.txt); set STACK=gpu for the CUDA build.
-STACK ?= cpu
 STAMP := $(VENV)/.installed-$(STACK)
 
 .PHONY: venv test train clean-venv

@@ -13,15 +13,22 @@ package), and the loader is the first torchrec user.
 from __future__ import annotations
 
 import importlib.metadata
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
-# torch minor version -> (fbgemm-gpu[-cpu] version, torchrec version) known to work together.
-SUPPORTED_STACKS: Dict[str, tuple] = {
+# torch minor version -> (fbgemm-gpu[-cpu] version, torchrec version) known to work together: the two stacks that
+# requirements/ pins (2.13, the default, and 2.14) and the torch 2.11 stack of the pure-torch GPU check
+# (benchmarks/gpu_check.py), which runs where only torch 2.11 is installed.
+SUPPORTED_STACKS: Dict[str, Tuple[str, str]] = {
     "2.13": ("1.8.0", "1.8.0"),
     "2.14": ("1.9.0", "1.9.2"),
     "2.11": ("1.6.0", "1.6.1"),
 }
-PINNED = "torch 2.13.0 + fbgemm-gpu(-cpu) 1.8.0 + torchrec 1.8.0"
+# The one description of the supported triples that every stack message ends with.
+SUPPORTED = "; ".join(
+    f"torch {t}.x + fbgemm-gpu(-cpu) {f} + torchrec {r}" for t, (f, r) in SUPPORTED_STACKS.items()
+)
+# How to install a supported stack (the Makefile's STACK picks a requirements file).
+INSTALL_HINT = "`make venv` (torch 2.13) or `make venv STACK=cpu-2.14` / `STACK=gpu` (torch 2.14)"
 
 _checked = False
 
@@ -66,7 +73,7 @@ def private_api_error(name: str, error: BaseException) -> ImportError:
     """
     return ImportError(
         f"{name}: not in the installed stack ({error}); installed: {describe_installed()}; "
-        f"supported: {PINNED}"
+        f"supported: {SUPPORTED}"
     )
 
 
@@ -75,18 +82,17 @@ def check_versions(versions: Dict[str, Optional[str]]) -> None:
     missing = [k for k, v in versions.items() if v is None]
     if missing:
         raise StackError(
-            f"missing {', '.join(missing)} ({_describe(versions)}); install the pinned stack with `make venv` "
-            f"({PINNED})"
+            f"missing {', '.join(missing)} ({_describe(versions)}); install a supported stack with {INSTALL_HINT}; "
+            f"supported: {SUPPORTED}"
         )
     torch_minor = ".".join(str(versions["torch"]).split("+")[0].split(".")[:2])
     expected = SUPPORTED_STACKS.get(torch_minor)
     fbgemm = str(versions["fbgemm_gpu"]).split("+")[0]
     torchrec = str(versions["torchrec"]).split("+")[0]
     if expected is None or fbgemm != expected[0] or torchrec != expected[1]:
-        pairs = "; ".join(f"torch {t}.x + fbgemm {f} + torchrec {r}" for t, (f, r) in SUPPORTED_STACKS.items())
         raise StackError(
             f"incompatible stack: {_describe(versions)}. fbgemm_gpu must be built for the installed torch; "
-            f"supported pairings: {pairs}. Reinstall with `make clean-venv venv`."
+            f"supported: {SUPPORTED}. Reinstall with {INSTALL_HINT} in a fresh environment."
         )
 
 

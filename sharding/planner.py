@@ -31,7 +31,7 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 
-from multiembed.data.stack import PINNED, describe_installed, private_api_error
+from multiembed.data.stack import SUPPORTED, describe_installed, private_api_error
 
 
 try:  # planner internals this module builds on (not TorchRec's documented API; checked against the pinned stack)
@@ -582,7 +582,7 @@ def _check_plan(
                 raise RuntimeError(
                     f"table {table.name!r}: column shards on ranks {ranks}, expected distinct ranks (one set per rank); "
                     f"SetParallelPartitioner's override of TorchRec's private GreedyPerfPartitioner hook did not take "
-                    f"effect{hook}; installed: {describe_installed()}; supported: {PINNED}"
+                    f"effect{hook}; installed: {describe_installed()}; supported: {SUPPORTED}"
                 )
 
 

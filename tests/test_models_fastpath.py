@@ -309,7 +309,7 @@ def test_planner_refuses_a_plan_where_the_partitioner_override_did_not_take_effe
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
     from torchrec.distributed.planner.partitioners import GreedyPerfPartitioner
 
-    from multiembed.data.stack import PINNED
+    from multiembed.data.stack import SUPPORTED
     from multiembed.sharding.planner import PARTITION_HOOK_MATCHES, SetParallelPartitioner, plan_sharding
 
     assert PARTITION_HOOK_MATCHES
@@ -325,4 +325,4 @@ def test_planner_refuses_a_plan_where_the_partitioner_override_did_not_take_effe
                         GreedyPerfPartitioner.__dict__["_device_partition"])
     with pytest.raises(RuntimeError, match=r"table 'light': column shards on ranks \[1, 1\].*distinct") as error:
         plan_sharding(ebc, "column_wise", **options)
-    assert PINNED in str(error.value)
+    assert SUPPORTED in str(error.value)

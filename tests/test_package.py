@@ -37,21 +37,62 @@ def test_installed_stack_is_supported() -> None:
     [
         ({"torch": "2.14.1", "fbgemm_gpu": "1.8.0", "torchrec": "1.8.0"}, "fbgemm_gpu 1.8.0"),
         ({"torch": "2.13.0+cpu", "fbgemm_gpu": "1.8.0", "torchrec": "1.9.2"}, "torchrec 1.9.2"),
+        ({"torch": "2.14.1", "fbgemm_gpu": "1.9.0", "torchrec": "1.8.0"}, "torchrec 1.8.0"),
         ({"torch": "2.13.0", "fbgemm_gpu": None, "torchrec": "1.8.0"}, "missing fbgemm_gpu"),
+        ({"torch": "2.15.0", "fbgemm_gpu": "1.9.0", "torchrec": "1.9.2"}, "torch 2.15.0"),
         ({"torch": "2.9.0", "fbgemm_gpu": "1.4.0", "torchrec": "1.3.0"}, "torch 2.9.0"),
     ],
 )
-def test_mismatched_stack_names_versions_and_pairing(versions, needle) -> None:
+def test_mismatched_stack_names_versions_and_every_supported_triple(versions, needle) -> None:
     with pytest.raises(stack.StackError) as err:
         stack.check_versions(versions)
-    assert needle in str(err.value)
-    if "missing" not in needle:
-        assert "torch 2.13.x + fbgemm 1.8.0 + torchrec 1.8.0" in str(err.value)
+    message = str(err.value)
+    assert needle in message
+    for triple in (
+        "torch 2.13.x + fbgemm-gpu(-cpu) 1.8.0 + torchrec 1.8.0",
+        "torch 2.14.x + fbgemm-gpu(-cpu) 1.9.0 + torchrec 1.9.2",
+        "torch 2.11.x + fbgemm-gpu(-cpu) 1.6.0 + torchrec 1.6.1",
+    ):
+        assert triple in message
+    assert "make venv STACK=cpu-2.14" in message and "\n" not in message
 
 
-def test_matching_stacks_pass() -> None:
-    stack.check_versions({"torch": "2.13.0+cpu", "fbgemm_gpu": "1.8.0", "torchrec": "1.8.0"})
-    stack.check_versions({"torch": "2.11.0+cu130", "fbgemm_gpu": "1.6.0", "torchrec": "1.6.1"})
+@pytest.mark.parametrize(
+    "versions",
+    [
+        {"torch": "2.13.0+cpu", "fbgemm_gpu": "1.8.0", "torchrec": "1.8.0"},
+        {"torch": "2.14.1", "fbgemm_gpu": "1.9.0", "torchrec": "1.9.2"},
+        {"torch": "2.14.0+cu130", "fbgemm_gpu": "1.9.0", "torchrec": "1.9.2"},
+        {"torch": "2.11.0+cu130", "fbgemm_gpu": "1.6.0", "torchrec": "1.6.1"},
+    ],
+)
+def test_each_supported_stack_passes(versions) -> None:
+    stack.check_versions(versions)
+
+
+def test_private_api_error_names_installed_and_supported_stacks() -> None:
+    error = stack.private_api_error("torchrec.some._private", ImportError("cannot import name '_private'"))
+    assert "torchrec.some._private" in str(error) and "_private'" in str(error)
+    assert stack.describe_installed() in str(error) and stack.SUPPORTED in str(error)
+
+
+def test_requirements_pin_one_supported_triple_each() -> None:
+    """Every requirements file pins an exact triple that the version check accepts, with the fbgemm alias package of
+    the same version on CPU stacks (so pip never pulls the CUDA fbgemm-gpu beside fbgemm-gpu-cpu)."""
+    root = Path(__file__).resolve().parents[1] / "requirements"
+    files = sorted(root.glob("*.txt"))
+    assert {f.stem for f in files} == {"cpu", "cpu-2.14", "gpu"}
+    for path in files:
+        pins = dict(
+            line.split("==") for line in path.read_text().splitlines() if "==" in line and not line.startswith("#")
+        )
+        fbgemm = pins.get("fbgemm-gpu-cpu") or pins["fbgemm-gpu"]
+        stack.check_versions({"torch": pins["torch"], "fbgemm_gpu": fbgemm, "torchrec": pins["torchrec"]})
+        if "fbgemm-gpu-cpu" in pins:
+            alias = f"./requirements/fbgemm-gpu-cpu-alias-{fbgemm.rsplit('.', 1)[0]}"
+            assert alias in path.read_text().splitlines(), path.name
+            alias_project = (root.parent / alias / "pyproject.toml").read_text()
+            assert f'version = "{fbgemm}"' in alias_project and f'"fbgemm-gpu-cpu=={fbgemm}"' in alias_project
 
 
 def test_data_package_imports_without_torch() -> None:

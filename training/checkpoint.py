@@ -45,13 +45,19 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import metadata as dcp_metadata
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageInfo
+from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
 from multiembed.data.metadata import file_sha256
+from multiembed.data.stack import private_api_error
+
+try:  # DCP internals the safe loader needs: the type its .metadata pickles per file, and its nested-dict setter
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+except ImportError as e:  # pragma: no cover - depends on the installed torch
+    raise private_api_error("torch.distributed.checkpoint._traverse / filesystem._StorageInfo", e) from e
 
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST = "manifest.json"

@@ -25,6 +25,9 @@ from multiembed.training.metrics import EvalMetrics
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
+# Every batch-norm kind whose running statistics ranks must agree on (a lazy one becomes one of these at its first
+# forward, before it has statistics).
+_BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
 
 
 def build_for_data(config: TrainConfig, meta: DatasetMetadata, ctx: DistContext, local_batch: int) -> TrainingModel:
@@ -45,7 +48,7 @@ def average_batch_norm_statistics(module: torch.nn.Module, world_size: int) -> N
     if world_size == 1:
         return
     for child in module.modules():
-        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm) and child.track_running_stats:
+        if isinstance(child, _BATCH_NORMS) and child.track_running_stats:
             for statistic in (child.running_mean, child.running_var):
                 dist.all_reduce(statistic)
                 statistic.div_(world_size)
