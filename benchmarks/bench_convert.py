@@ -3,12 +3,12 @@
 Writes a Criteo-shaped TSV (label, 13 integer columns with ~20 % empty cells and negative values in I2, 26 hex
 categorical columns with Zipf-distributed values and ~10 % empty cells), then measures in the same run:
 
-* ``pyarrow.csv.read_csv`` of the file, multi-threaded, types inferred (the floor the issue sets the target against);
+* ``pyarrow.csv.read_csv`` of the file, multi-threaded, types inferred (the floor the target is set against);
 * ``multiembed convert criteo-1tb`` (hashing mode) and ``multiembed convert criteo`` (paper mode: counting pass +
   encoding pass) as subprocesses, with their peak RSS (``wait4``);
 * ``--modes workers``: the same rows as two files of half the rows, converted (hashing) by one worker held to one
   thread (``--workers 1 --threads-per-worker 1``) and by two such workers (``--workers 2 --threads-per-worker 1``):
-  the scaling of ``--workers`` (issue 16's target: two workers >= 1.7x one on an idle 2-core machine).
+  the scaling of ``--workers`` (the target: two workers >= 1.7x one on an idle 2-core machine).
 
 Each measurement is repeated (``--repeats``) in interleaved order and the median is reported, because the machine
 may be shared. Prints a markdown table and writes JSON.

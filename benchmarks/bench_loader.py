@@ -9,7 +9,7 @@ Run::
 
     .venv/bin/python benchmarks/bench_loader.py --rows 1250000 --batch-size 2048
 
-The issue's target: >= 1M samples/s per process.
+The target: >= 1M samples/s per process.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""bf16 against fp32 with paired seeds: speed-up and quality (issue 16, item 4).
+"""bf16 against fp32 with paired seeds: speed-up and quality.
 
 For each seed, the same model is trained twice, ``--precision fp32`` and ``--precision bf16``, with the same seed (the
 same initialisation, data order and dropout streams), so the runs differ only by the dense arches' compute precision.

@@ -1,5 +1,5 @@
-"""Final quality of runs resumed on another world size, next to the uninterrupted run (issue 11: "compare final AUCs
-in a benchmark, not a test").
+"""Final quality of runs resumed on another world size, next to the uninterrupted run (final AUCs are compared in
+a benchmark, not a test).
 
 Three runs of the same model, data, seed and global batch, each through ``torchrun`` (what the torchx component
 runs), 2 gloo ranks or 1 process:

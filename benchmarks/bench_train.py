@@ -46,7 +46,7 @@ FLOPs and GEMM rate
     backbone). Step FLOPs add the over arch (counted by ``torch.utils.flop_counter`` on a
     ``meta`` copy); element-wise work and lookups are not counted.
 
-Run (the issue's target configuration; ``--malloc retain`` for the second memory setting)::
+Run (the target configuration; ``--malloc retain`` for the second memory setting)::
 
     .venv/bin/python -m multiembed.cli bench --model dcnv2-me-4x --batch-size 2048 --rows-per-set 1100000 \\
         --steps 20 --json runs/bench.json

@@ -1,7 +1,7 @@
 """The machine facts every benchmark JSON records: CPU model, torch's CPU capability, native bf16, GEMM backend.
 
-The lent machines differ between sessions (some have ``avx512_bf16``, where a bf16 GEMM runs about 3x fp32; others
-are AVX2 only, where it runs about 50x slower), so a figure means little without them.
+Machines differ (some have ``avx512_bf16``, where a bf16 GEMM runs about 3x fp32; others are AVX2 only, where it
+runs about 50x slower), so a figure means little without them.
 
 Example::
 

@@ -1,4 +1,4 @@
-"""Parity with the paper's reference implementation on real Criteo rows (issue 12).
+"""Parity with the paper's reference implementation on real Criteo rows.
 
 On one converted dataset (``multiembed convert criteo`` in paper mode) and the same train / val / test rows, runs
 
@@ -62,7 +62,7 @@ Usage::
 
     python -m multiembed.benchmarks.parity --raw ../shared/data/criteo_dac_train_head10k.txt --work /tmp/parity \\
         --seeds 3 --json runs/parity.json                   # default split (convert's 8:1:1, seed 0)
-    python -m multiembed.benchmarks.parity ... --seeds 10 --folds 5      # the issue's paired cross-validation
+    python -m multiembed.benchmarks.parity ... --seeds 10 --folds 5      # paired cross-validation
 
 ``--folds K``: the file's rows are permuted once (``--fold-seed``) and cut into K equal folds; fold k's rows are the
 held-out file (its first half validation, its second half test, ``convert --split-by-file``) and the other rows the
@@ -368,8 +368,8 @@ def train_reference(model_name: str, data_dir: Path, seed: int, recipe: Referenc
 
 
 # ------------------------------------------------------------------------------------------------------ package
-# What ``multiembed train`` resolves to on CPU with no tuning options: the recipe the parity table (README, "Parity")
-# measured. Each package run records its departures from it (``recipe_departures``), and tests/test_parity.py checks
+# What ``multiembed train`` resolves to on CPU with no tuning options: the recipe the parity protocol (this module,
+# ``--seeds 10 --folds 5``) measures. Each package run records its departures from it (``recipe_departures``), and tests/test_parity.py checks
 # that train's defaults still resolve to it: change a default, and the protocol must be run again before this changes.
 CERTIFIED_CPU_RECIPE: Dict[str, Dict[str, Any]] = {
     "options": {
@@ -563,7 +563,7 @@ def factor_effects(results: Sequence[Mapping[str, Any]], work: Path, baseline_ta
     return rows
 
 
-# The issue's rule for "the package matches the reference" on a model, read on the paired test AUC difference.
+# The rule for "the package matches the reference" on a model, read on the paired test AUC difference.
 RULE_METRIC = "test_auc"
 RULE_MIN_MEAN = -0.002
 RULE_MIN_LOWER = -0.005

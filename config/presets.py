@@ -52,7 +52,7 @@ class Preset:
 
 # The collapse regime's data (README, "The collapse regime"), and what both collapse presets share: the grid and the
 # model and optimiser settings (they differ only in how long a run trains). Every preset pins the logit's initial bias
-# its recorded results were measured with (torch's initialisation), so they stay reproducible as train's default moves.
+# its recorded results were measured with (torch's initialisation), so they reproduce whatever train's default is.
 COLLAPSE_PRESET_DATA = "multiembed synth --regime collapse --rows 450000 --split 16,1,1 --out DATA"
 _COLLAPSE_GRID: Dict[str, Any] = {"backbones": ["dcnv2"], "modes": ["se", "me"], "scales": [1, 2, 4, 10], "seeds": 5}
 _COLLAPSE_MODEL: Dict[str, Any] = {
@@ -70,8 +70,7 @@ PRESETS: Dict[str, Preset] = {
         data_hint="multiembed synth --rows 150000 --scale 0.002 --out DATA",
         description="DCNv2 SE vs ME at 1x, 2x, 4x, 2 seeds: about 20 minutes on 2 CPU cores",
     ),
-    # Sized from timed single-configuration smoke runs on a loaded machine, fixed before its first full run; that run
-    # took 8 minutes on 2 idle cores and stopped every model at 180 steps (README, "The collapse regime").
+    # At most 180 steps (184k samples, under one pass) a run; results: docs/results/collapse-scaling/.
     "collapse": Preset(
         name="collapse",
         grid=_COLLAPSE_GRID,
@@ -81,9 +80,8 @@ PRESETS: Dict[str, Preset] = {
         "measured 8 minutes on 2 idle CPU cores",
     ),
     # The same grid, model and data trained under the paper's protocol (early stopping on validation AUC, here up to
-    # 4 epochs evaluated every third of an epoch) instead of a step cap; the epoch limit is the 90-minute budget at the
-    # step times the `collapse` run measured (README, "The collapse regime"). Fixed before its first full run, which
-    # took 35 minutes.
+    # 4 epochs evaluated every third of an epoch) instead of a step cap; the epoch limit keeps the whole grid within
+    # 90 minutes on 2 CPU cores. Results: docs/results/collapse-scaling/.
     "collapse-long": Preset(
         name="collapse-long",
         grid=_COLLAPSE_GRID,

@@ -386,8 +386,8 @@ def tune_allocator() -> None:
     """Keeps freed memory in glibc's heap instead of returning it to the kernel after every chunk.
 
     Encoding allocates and frees numpy temporaries of a few MB per column and chunk; glibc maps each with ``mmap``
-    and unmaps it on free, so every new one page-faults again, which measured about 4x the cost of the numpy work
-    itself. Raising the mmap and trim thresholds makes the heap reuse those pages; peak memory is unchanged (the
+    and unmaps it on free, so every new one page-faults again, at several times the cost of the numpy work itself
+    (benchmarks/README.md, "Conversion: encoding and allocator choices"). Raising the mmap and trim thresholds makes the heap reuse those pages; peak memory is unchanged (the
     same temporaries are live at the peak). Process-wide, so only the ``convert`` command calls it; a no-op where
     the C library is not glibc.
     """

@@ -32,9 +32,9 @@ from multiembed.data.metadata import (
 # group of Criteo's 39 id columns stays around 40 MB uncompressed, so a reader can hold one per worker.
 DEFAULT_ROW_GROUP_SIZE = 1 << 17
 # One-hot id columns are DELTA_BINARY_PACKED (bit-packed to the width of the ids, e.g. 27 bits for 40M-row tables
-# instead of 64) and pages are not compressed: measured on 800K hashed Criteo rows, that writes 109 MiB in 0.32 us a
-# row and reads back in 0.08 us, against snappy's 72 MiB, 0.57 us and 0.42 us, and plain uncompressed's 201 MiB,
-# 0.21 us and 0.07 us. No dictionary pages: building them costs about twice the rest of the write.
+# instead of 64) and pages are not compressed: about half the size of plain encoding, and faster to write and read
+# than snappy-compressed pages. No dictionary pages: building them costs more than the rest of the write. The
+# measurements are in benchmarks/README.md ("Conversion: encoding and allocator choices").
 DEFAULT_COMPRESSION = "none"
 DEFAULT_USE_DICTIONARY = False
 DEFAULT_ID_ENCODING = "DELTA_BINARY_PACKED"

@@ -24,8 +24,8 @@ Where the numbers come from:
     large ones.
   - Totals to compare with: about 1.08M here; AutoInt (Song et al., CIKM 2019) reports 998,960 features for Criteo
     with a count threshold of 10 over all rows; BARS ``FM_criteo_x4_001`` (min count 10, counted on the 80 % train
-    split only) logs 15,482,037 parameters for an FM of width 16, i.e. 15,482,036 / 17 = 910,708 ids; the issue
-    for this package says "about 1.1M". The per-field split between the large fields is the uncertain part.
+    split only) logs 15,482,037 parameters for an FM of width 16, i.e. 15,482,036 / 17 = 910,708 ids. The
+    per-field split between the large fields is the uncertain part.
 
   Rows: 45,840,617 (Kaggle Display Advertising Challenge ``train.txt``).
 * ``avazu``: **estimates**. 22 fields in header order without ``id`` and ``click`` (``hour`` kept as a categorical

@@ -1,4 +1,4 @@
-"""Loading a checkpoint runs no code from it (issue 11): crafted ``.metadata`` and bytes entries are refused.
+"""Loading a checkpoint runs no code from it: crafted ``.metadata`` and bytes entries are refused.
 
 Every crafted checkpoint here is made by our own save path and then republished with a manifest that matches the
 altered files, so :func:`verify_checkpoint` passes and only the loader stands between the file and the code. Each

@@ -107,7 +107,7 @@ def test_synth_cli_refuses_options_of_the_default_generator(tmp_path: Path, caps
 
 
 # ---------------------------------------------------------------------------------------------- the preset
-def test_collapse_preset_is_the_issue_grid() -> None:
+def test_collapse_preset_is_the_documented_grid() -> None:
     from multiembed.analysis.study import PRESETS, resolve_options
 
     preset = PRESETS["collapse"]

@@ -1,4 +1,4 @@
-"""``multiembed inspect``: the JSON keys the issue fixes, the text summary, and start-up without torch."""
+"""``multiembed inspect``: the JSON keys it promises, the text summary, and start-up without torch."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The parity harness (benchmarks/parity.py, issue 12) at a tiny size on real Criteo rows: both sides train on the
+"""The parity harness (benchmarks/parity.py) at a tiny size on real Criteo rows: both sides train on the
 same splits, the JSON holds the paired table, and a second invocation reruns nothing."""
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def test_rule_verdicts_and_model_contrasts_from_paired_runs() -> None:
 
 
 def test_train_defaults_on_cpu_are_the_certified_parity_recipe() -> None:
-    """``multiembed train`` with no tuning options resolves, on CPU, to the recipe the README's parity table
+    """``multiembed train`` with no tuning options resolves, on CPU, to the recipe the parity protocol
     measured (a test of the configuration, not of the AUC). If this fails, a default changed: run the parity protocol
     again before updating ``parity.CERTIFIED_CPU_RECIPE``."""
     import argparse

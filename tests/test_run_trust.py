@@ -1,4 +1,4 @@
-"""Run directories a user can trust (issue 11, the trainer's side): relative, moved and copied runs, safe
+"""Run directories a user can trust (the trainer's side): relative, moved and copied runs, safe
 ``--overwrite``, resume and evaluate only on the data a run was trained on, one job per run directory, no writes
 through links, exact progress counters."""
 

@@ -1,4 +1,4 @@
-"""Serving (issue 15, items 1-3): ``multiembed export`` and ``multiembed predict`` at small sizes.
+"""Serving: ``multiembed export`` and ``multiembed predict`` at small sizes.
 
 A tiny run on raw Criteo lines (the synthetic generator's TSV, and the real Kaggle rows in ../shared/data when
 present) is exported as int8 / int4 / fp32 artifacts; predictions on the converted test split and on the same raw
