@@ -85,7 +85,7 @@ def read_collapse_json(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     return _as_dict(data, where=str(path))
 
 
-def _save(fig: Figure, path: Union[str, os.PathLike]) -> Path:
+def save_figure(fig: Figure, path: Union[str, os.PathLike]) -> Path:
     """Writes the figure as PNG under a temporary name, then renames it into place."""
     path = Path(path)
     FigureCanvasAgg(fig)
@@ -161,7 +161,7 @@ def plot_spectra(collapse: CollapseLike, path: Union[str, os.PathLike]) -> Dict[
         ax.set_visible(False)
     fig.colorbar(image, ax=axes, label=r"$s_k / s_1$", shrink=0.8)
     fig.suptitle(f"Normalised singular values per field\n({_mode_text(data)}, d={data['dim']})")
-    _save(fig, path)
+    save_figure(fig, path)
     return {"fields": fields, "panels": panels}
 
 
@@ -199,7 +199,7 @@ def plot_ia_vs_random(collapse: CollapseLike, path: Union[str, os.PathLike]) -> 
     versus = "vs random initialisation" if random_ia is not None else "(random initialisation not computed)"
     ax.set_title(f"IA per field {versus}\n({_model_label(data)}, {_mode_text(data)})")
     ax.legend(fontsize=8, loc="upper left")
-    _save(fig, path)
+    save_figure(fig, path)
     return {"fields": fields, "mean": mean, "min": low, "max": high,
             "random_init": random_ia}
 
@@ -269,7 +269,7 @@ def plot_ia_sets(
     ax_fields.set_title("IA of the whole field embedding\n(SE: its one table; ME: its sets concatenated)")
     ax_fields.legend(fontsize=8)
     fig.suptitle(f"Embedding collapse per set and per field ({_mode_text(datas[0])})")
-    _save(fig, path)
+    save_figure(fig, path)
     return {"labels": labels, "set_mean": set_mean, "set_min": set_min, "fields": fields, "whole": whole}
 
 
@@ -317,7 +317,7 @@ def plot_sub_embedding(collapse: CollapseLike, path: Union[str, os.PathLike]) ->
         ax.set_visible(False)
     fig.colorbar(image, ax=axes, label=r"IA of $E_i W_{i \to j}^\top$", shrink=0.8)
     fig.suptitle(f"Sub-embedding IA through the first cross layer\n({_mode_text(data)}, d={data['dim']})")
-    _save(fig, path)
+    save_figure(fig, path)
     return {"fields": fields, "panels": panels}
 
 

@@ -22,6 +22,7 @@ from multiembed.cli.errors import report_error
 # Subcommand modules, in the order `multiembed --help` lists them.
 SUBCOMMANDS: List[str] = [
     "synth", "plan", "train", "evaluate", "analyze", "scale", "export", "predict", "convert", "inspect", "bench",
+    "paper",
 ]
 
 EXIT_USER_ERROR = 2

@@ -23,6 +23,7 @@ MODULES = [
     "multiembed.cli.errors",
     "multiembed.config.presets",
     "multiembed.benchmarks.bench_precision",
+    "multiembed.analysis.paper_toy",
 ]
 
 
