@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -360,3 +361,218 @@ def test_real_criteo_rows_int8_within_0_001_of_evaluate(shared_data: Path, tmp_p
     assert on_raw["auc"] == on_data["auc"] and on_raw["rows"] == evaluated["test_rows"]
     logits = pq.read_table(tmp_path / "r.parquet").column("logit").to_numpy()
     assert np.isfinite(logits).all()
+
+
+# --- every model the package can export: the served program is the trained dense path ---------------------------------
+
+
+def _export_matrix() -> List[Tuple[str, str, int]]:
+    """``(model, combiner, num_dense)`` of every backbone x mode x combiner, hetero included: the mean without and
+    the gate with dense features, so both branches of the dense path are exported."""
+    from multiembed.models.names import BACKBONES, HETERO_BACKBONE, MODES
+
+    names = [f"{b}-{m}-2x" for b in BACKBONES for m in MODES] + [f"{HETERO_BACKBONE}-me-4x"]
+    return [(name, combiner, num_dense) for name in names for combiner, num_dense in (("mean", 0), ("gate", 3))]
+
+
+# torch.export cannot export FinalMLP's streams shared across sets over a dynamic batch (it derives the guard
+# B * min(H, 2 * K * H * B) == H * B): `multiembed export` of a finalmlp-mesi run fails.
+_NOT_EXPORTABLE = {"finalmlp-mesi-2x"}
+_MATRIX_VOCAB = {"a": 7, "b": 5, "c": 3}
+
+
+def _matrix_model(name: str, combiner: str, num_dense: int):
+    from multiembed.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(name, _MATRIX_VOCAB, num_dense=num_dense, device=torch.device("cpu"), hidden=8,
+                        combiner=combiner, dense_arch_layer_sizes=(8,), init="torchrec")
+    if model.set_gate is not None:  # a trained gate: away from its zero initialisation (the mean)
+        torch.nn.init.normal_(model.set_gate.linear.weight, std=1.0)
+        torch.nn.init.normal_(model.set_gate.linear.bias, std=1.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def export_matrix(tmp_path_factory) -> Dict[Tuple[str, str, int], Tuple[object, Path]]:
+    """Every exportable configuration at tiny sizes: ``{config: (model, dense.pt2)}``."""
+    from multiembed.serving.export import export_dense
+
+    out = tmp_path_factory.mktemp("matrix")
+    exported = {}
+    for config in _export_matrix():
+        if config[0] in _NOT_EXPORTABLE:
+            continue
+        model = _matrix_model(*config)
+        path = out / ("-".join(map(str, config)) + ".pt2")
+        export_dense(model, len(_MATRIX_VOCAB), config[2], path)
+        exported[config] = (model, path)
+    return exported
+
+
+def _program_targets(path: Path) -> set:
+    with zipfile.ZipFile(path) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("models/model.json"))
+        program = json.loads(archive.read(name))
+    return {node["target"] for node in program["graph_module"]["graph"]["nodes"]}
+
+
+@pytest.mark.slow
+def test_exported_programs_equal_the_trained_models(export_matrix) -> None:
+    """Served logits (the artifact's checked program after the model's own lookup) equal the model's forward, the
+    one ``evaluate`` runs, for every backbone x mode x combiner: every learned module of the dense path is exported."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from multiembed.serving.artifact import load_dense_program
+
+    assert len(export_matrix) == len(_export_matrix()) - 2 * len(_NOT_EXPORTABLE)
+    generator = torch.Generator().manual_seed(1)
+    rows = 5
+    features = KeyedJaggedTensor.from_lengths_sync(
+        keys=list(_MATRIX_VOCAB),
+        values=torch.cat([torch.randint(0, n, (rows,), generator=generator) for n in _MATRIX_VOCAB.values()]),
+        lengths=torch.ones(rows * len(_MATRIX_VOCAB), dtype=torch.int32),
+    )
+    mismatched = []
+    for (name, combiner, num_dense), (model, path) in export_matrix.items():
+        dense = torch.rand(rows, num_dense, generator=generator)
+        inputs = {"embeddings": (model.num_sets, len(_MATRIX_VOCAB), model.sparse_arch.set_dim),
+                  "dense_features": (num_dense,)}
+        with torch.no_grad():
+            expected = model(dense, features)
+            served = load_dense_program(path, inputs)(model.sparse_arch(features), dense)
+        if not torch.allclose(served, expected, rtol=0, atol=1e-5):
+            mismatched.append(f"{name}/{combiner}: max |diff| {float((served - expected).abs().max()):.3g}")
+    assert not mismatched, mismatched
+
+
+@pytest.mark.slow
+def test_exports_emit_exactly_the_allowed_ops(export_matrix) -> None:
+    """The committed allowlist is the set of ops the package's exports emit: an op export starts emitting (or stops
+    emitting) changes DENSE_PROGRAM_OPS in a reviewed commit."""
+    from multiembed.serving.artifact import DENSE_PROGRAM_OPS
+
+    emitted = set().union(*(_program_targets(path) for _, path in export_matrix.values()))
+    assert not any(op.endswith("_") or ".out" in op for op in emitted), "an in-place or out= op was exported"
+    assert emitted == DENSE_PROGRAM_OPS, (
+        f"new: {sorted(emitted - DENSE_PROGRAM_OPS)}, no longer emitted: {sorted(DENSE_PROGRAM_OPS - emitted)}"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(_NOT_EXPORTABLE))
+def test_models_torch_export_cannot_export_are_listed(name: str, tmp_path) -> None:
+    """The matrix leaves out only models export fails on (remove a name here once it exports)."""
+    from multiembed.serving.export import export_dense
+
+    with pytest.raises(Exception, match="Constraints violated"):
+        export_dense(_matrix_model(name, "mean", 0), len(_MATRIX_VOCAB), 0, tmp_path / "dense.pt2")
+
+
+# --- programs that act: only the allowed ops run ------------------------------------------------------------------
+
+
+class _FromFile(torch.nn.Module):
+    """Stands in for ``from_file``: ``torch.empty`` then ``fill_`` (the archive's node is rewritten to from_file)."""
+
+    def forward(self, embeddings: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        mapped = torch.empty(64, dtype=torch.uint8)
+        mapped.fill_(66)
+        return embeddings.sum(dim=(1, 2, 3)) + mapped.sum().float() * 0
+
+
+class _InputWrite(torch.nn.Module):
+    def forward(self, embeddings: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        dense.add_(1.0)
+        return embeddings.sum(dim=(1, 2, 3))
+
+
+class _OutWrite(torch.nn.Module):
+    def forward(self, embeddings: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        torch.mul(dense, 2.0, out=dense)
+        return embeddings.sum(dim=(1, 2, 3))
+
+
+class _ConstantWrite(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("offset", torch.zeros(1), persistent=False)
+
+    def forward(self, embeddings: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        self.offset.add_(1.0)
+        return embeddings.sum(dim=(1, 2, 3)) + self.offset
+
+
+_PAYLOADS = {"from-file": (_FromFile, "aten.from_file"), "input-write": (_InputWrite, "aten.add_"),
+             "out-variant": (_OutWrite, "aten.mul.out"), "constant-write": (_ConstantWrite, "aten.add_")}
+
+
+def _payload_program(kind: str, manifest: Dict, path: Path, canary: Path) -> None:
+    """Exports the payload with the artifact's input shapes to ``path`` (from-file: its node then reads
+    ``canary`` shared, so that ``fill_`` writes the file)."""
+    k, d, fields = manifest["num_sets"], manifest["set_dim"], len(manifest["vocab_sizes"])
+    example = (torch.randn(2, k, fields, d), torch.rand(2, len(manifest["dense_fields"])))
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(_PAYLOADS[kind][0](), example, dynamic_shapes=({0: batch}, {0: batch}))
+    torch.export.save(program, str(path))
+    if kind == "from-file":
+        def edit(program):
+            node = _first_node(program)
+            assert node["target"] == "torch.ops.aten.empty.memory_format"
+            node["target"] = "torch.ops.aten.from_file.default"
+            node["inputs"] = [{"name": "filename", "arg": {"as_string": str(canary)}, "kind": 1},
+                              {"name": "shared", "arg": {"as_bool": True}, "kind": 1},
+                              {"name": "size", "arg": {"as_int": canary.stat().st_size}, "kind": 1},
+                              {"name": "dtype", "arg": {"as_scalar_type": 1}, "kind": 2}]
+
+        with zipfile.ZipFile(path) as archive:
+            members = {name: archive.read(name) for name in archive.namelist()}
+        members = _edit_program(members, edit)
+        with zipfile.ZipFile(path, "w") as archive:
+            for name, data in members.items():
+                archive.writestr(name, data)
+
+
+def _canary_inputs(manifest: Dict, canary: Path) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Inputs of 4 rows whose dense features are the canary file's bytes, mapped shared: a write into the input
+    is a write into the file."""
+    num_dense = len(manifest["dense_fields"])
+    dense = torch.from_file(str(canary), shared=True, size=4 * num_dense, dtype=torch.float32).view(4, num_dense)
+    embeddings = torch.randn(4, manifest["num_sets"], len(manifest["vocab_sizes"]), manifest["set_dim"])
+    return embeddings, dense
+
+
+@pytest.mark.parametrize("kind", sorted(_PAYLOADS))
+def test_programs_that_write_are_refused_before_they_run(exported, tmp_path, capsys, kind: str) -> None:
+    from multiembed.serving import ArtifactError, load_artifact
+
+    artifact = tmp_path / "crafted"
+    shutil.copytree(exported["none"], artifact)
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    canary = tmp_path / "canary.bin"
+    original = np.ones(4 * len(manifest["dense_fields"]), dtype=np.float32).tobytes()
+    canary.write_bytes(original)
+    payload = tmp_path / "payload.pt2"
+    _payload_program(kind, manifest, payload, canary)
+
+    # Unchecked, the payload acts: it writes the canary file (the constant write: the program's own constant,
+    # so the same rows give other logits on every call).
+    program = torch.export.load(str(payload)).module()
+    embeddings, dense = _canary_inputs(manifest, canary)
+    first = program(embeddings, dense)
+    if kind == "constant-write":
+        assert not torch.equal(program(embeddings, dense.clone()), first)
+    else:
+        assert canary.read_bytes() != original
+    del program, dense
+    canary.write_bytes(original)
+
+    shutil.copyfile(payload, artifact / "dense.pt2")
+    _reseal(artifact, "dense")
+    op = _PAYLOADS[kind][1]
+    with pytest.raises(ArtifactError, match=rf"node '[a-z_0-9]+' calls 'torch\.ops\.{re.escape(op)}") as refused:
+        load_artifact(artifact)
+    assert "\n" not in str(refused.value) and str(artifact) in str(refused.value)
+    capsys.readouterr()
+    assert cli_main(["predict", str(artifact), "--data", str(tmp_path), "--out", str(tmp_path / "p.parquet")]) == 2
+    assert op in _error(capsys)
+    assert canary.read_bytes() == original and not (tmp_path / "p.parquet").exists()
