@@ -576,3 +576,18 @@ def test_programs_that_write_are_refused_before_they_run(exported, tmp_path, cap
     assert cli_main(["predict", str(artifact), "--data", str(tmp_path), "--out", str(tmp_path / "p.parquet")]) == 2
     assert op in _error(capsys)
     assert canary.read_bytes() == original and not (tmp_path / "p.parquet").exists()
+
+
+def test_a_gated_run_predicts_what_evaluate_scores(synthetic_criteo, tmp_path, capsys) -> None:
+    """A run trained with the learned set gate serves that gate: predict's AUC and log loss are evaluate's."""
+    data, _, _ = synthetic_criteo
+    run = tmp_path / "gate-run"
+    assert cli_main(["train", "--data", str(data), "--out", str(run), *TRAIN, "--combiner", "gate", "--lr", "0.01"]) == 0
+    evaluated = _evaluate(run, data, capsys)
+    assert cli_main(["export", str(run), "--out", str(tmp_path / "art"), "--quantize", "none"]) == 0
+    predicted = _predict(capsys, str(tmp_path / "art"), "--data", str(data), "--out", str(tmp_path / "p.parquet"))
+    labels = pq.read_table(tmp_path / "p.parquet").column("label").to_numpy()
+    positives = int(labels.sum())
+    pair_weight = 1.0 / (positives * (len(labels) - positives))
+    assert abs(predicted["auc"] - evaluated["test_auc"]) <= 2 * pair_weight + 1e-7
+    assert predicted["logloss"] == pytest.approx(evaluated["test_logloss"], abs=1e-5)
