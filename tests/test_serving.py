@@ -328,6 +328,9 @@ def test_crafted_artifacts_are_refused_without_running_code(exported, tmp_path, 
     with pytest.raises(ArtifactError) as refused:
         load_artifact(artifact)
     assert "\n" not in str(refused.value) and str(artifact) in str(refused.value)
+    if attack == "pickled-weight":  # the refusal's own message, not a generic one
+        assert "is stored pickled or as an object" in str(refused.value)
+        assert "unreadable archive metadata" not in str(refused.value)
     assert not marker.exists()
     capsys.readouterr()
     assert cli_main(["predict", str(artifact), "--data", str(tmp_path), "--out", str(tmp_path / "p.parquet")]) == 2
@@ -591,3 +594,47 @@ def test_a_gated_run_predicts_what_evaluate_scores(synthetic_criteo, tmp_path, c
     pair_weight = 1.0 / (positives * (len(labels) - positives))
     assert abs(predicted["auc"] - evaluated["test_auc"]) <= 2 * pair_weight + 1e-7
     assert predicted["logloss"] == pytest.approx(evaluated["test_logloss"], abs=1e-5)
+
+
+# --- the rest of the artifact's surface ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("edit", ["dense-fields", "sets-and-width"])
+def test_a_manifest_that_disagrees_with_the_program_is_refused(exported, tmp_path, capsys, edit: str) -> None:
+    from multiembed.serving import ArtifactError, load_artifact
+
+    artifact = tmp_path / "edited"
+    shutil.copytree(exported["none"], artifact)
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    if edit == "dense-fields":
+        manifest["dense_fields"] = manifest["dense_fields"][:-1]
+    else:  # the same table width K * d, so the tables still match
+        manifest["num_sets"], manifest["set_dim"] = 1, manifest["num_sets"] * manifest["set_dim"]
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"dense\.pt2: input (dense_features|embeddings) is \[B, .*implies \[B, "):
+        load_artifact(artifact)
+    capsys.readouterr()
+    assert cli_main(["predict", str(artifact), "--data", str(tmp_path), "--out", str(tmp_path / "p.parquet")]) == 2
+    assert "the manifest (num_sets, fields, set_dim, dense_fields) implies" in _error(capsys)
+
+
+@pytest.mark.parametrize("width, quantize", [(2, "int4"), (10, "int4"), (3, "int4"), (3, "int8")])
+def test_quantised_rows_fbgemm_cannot_align_are_refused(width: int, quantize: str) -> None:
+    """FBGEMM reads a row's fp16 scale and bias at 2-byte alignment: rows of 1, 5 or 1.5 bytes are refused before
+    anything is quantised (export checks this width before it writes)."""
+    from multiembed.serving.artifact import quantized_row_bytes
+
+    with pytest.raises(ValueError, match=rf"--quantize {quantize}: a table width of {width} \(K \* d\) gives rows"):
+        quantized_row_bytes(width, quantize)
+    assert quantized_row_bytes(4, "int4") == 2 and quantized_row_bytes(2, "int8") == 2
+
+
+def test_export_refuses_int4_of_one_byte_rows(synthetic_criteo, tmp_path, capsys) -> None:
+    data, _, _ = synthetic_criteo
+    run = tmp_path / "narrow"
+    train = [a for a in TRAIN if a != "--dense-features"]
+    assert cli_main(["train", "--data", str(data), "--out", str(run), *train, "--model", "dcnv2-me-1x2"]) == 0
+    capsys.readouterr()
+    assert cli_main(["export", str(run), "--out", str(tmp_path / "art"), "--quantize", "int4"]) == 2
+    assert "a table width of 2 (K * d) gives rows of 1 bytes" in _error(capsys)
+    assert not (tmp_path / "art").exists()
