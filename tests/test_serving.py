@@ -638,3 +638,41 @@ def test_export_refuses_int4_of_one_byte_rows(synthetic_criteo, tmp_path, capsys
     assert cli_main(["export", str(run), "--out", str(tmp_path / "art"), "--quantize", "int4"]) == 2
     assert "a table width of 2 (K * d) gives rows of 1 bytes" in _error(capsys)
     assert not (tmp_path / "art").exists()
+
+
+def test_predict_raw_serves_unlabelled_rows(synthetic_criteo, exported, tmp_path, capsys) -> None:
+    """Kaggle test.txt's layout (39 columns, no label): the same logits as the labelled rows, no metrics, no label
+    column."""
+    _, _, raw = synthetic_criteo
+    unlabelled = tmp_path / "test.txt"
+    unlabelled.write_text("".join(line.split("\t", 1)[1] for line in raw.read_text().splitlines(keepends=True)))
+    assert len(unlabelled.read_text().splitlines()[0].split("\t")) == 39
+    labelled = _predict(capsys, str(exported["int8"]), "--raw", str(raw), "--out", str(tmp_path / "l.parquet"))
+    served = _predict(capsys, str(exported["int8"]), "--raw", str(unlabelled), "--out", str(tmp_path / "u.parquet"))
+    assert served == {"rows": labelled["rows"], "out": str(tmp_path / "u.parquet")}
+    table = pq.read_table(tmp_path / "u.parquet")
+    assert table.column_names == ["row", "logit", "prob"]
+    assert table.column("logit").to_pylist() == pq.read_table(tmp_path / "l.parquet").column("logit").to_pylist()
+    # A row of the other layout inside the file is a bad line, named.
+    unlabelled.write_text(unlabelled.read_text() + raw.read_text().splitlines(keepends=True)[0])
+    capsys.readouterr()
+    assert cli_main(["predict", str(exported["int8"]), "--raw", str(unlabelled), "--out", str(tmp_path / "x.parquet")]) == 2
+    assert "columns: expected 39 tab-separated columns, got 40" in _error(capsys)
+
+
+def test_predict_ends_with_one_summary_line(synthetic_criteo, exported, tmp_path) -> None:
+    """As a user runs it: stdout is the one JSON summary (rows, output path, AUC and log loss of labelled rows)
+    and nothing else is printed."""
+    import subprocess
+    import sys
+
+    _, _, raw = synthetic_criteo
+    out = tmp_path / "p.parquet"
+    done = subprocess.run([sys.executable, "-m", "multiembed.cli", "predict", str(exported["int8"]), "--raw", str(raw),
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1
+    summary = json.loads(lines[0])
+    assert set(summary) == {"rows", "out", "auc", "logloss"} and summary["out"] == str(out)
+    assert summary["rows"] == pq.read_table(out).num_rows and 0.0 < summary["auc"] < 1.0
