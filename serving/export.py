@@ -282,7 +282,8 @@ def export_run(
 
     Raises:
         ValueError: not a run, no complete checkpoint, the training data unreadable or of another vocabulary, a
-            table width int4 cannot store, ``out`` exists.
+            table width the quantisation cannot store (:func:`~multiembed.serving.artifact.quantized_row_bytes`),
+            ``out`` exists.
     """
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
@@ -304,7 +305,7 @@ def export_run(
     dense_fields = dense_names[:num_dense] if num_dense else []
     sparse = model.sparse_arch
     if quantize != "none":
-        quantized_row_bytes(sparse.num_sets * sparse.set_dim, quantize)  # refuses int4 of an odd width
+        quantized_row_bytes(sparse.num_sets * sparse.set_dim, quantize)  # refuses rows FBGEMM cannot align
     tables = logical_tables(model)
 
     out.parent.mkdir(parents=True, exist_ok=True)

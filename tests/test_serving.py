@@ -1,9 +1,11 @@
-"""Serving (issue 15, items 1-3): ``multiembed export`` and ``multiembed predict`` at small sizes.
+"""Serving: ``multiembed export`` and ``multiembed predict`` at small sizes.
 
 A tiny run on raw Criteo lines (the synthetic generator's TSV, and the real Kaggle rows in ../shared/data when
 present) is exported as int8 / int4 / fp32 artifacts; predictions on the converted test split and on the same raw
-lines must agree with each other and, for int8, reach ``multiembed evaluate``'s AUC within 0.001. Refusals are one
-line; crafted artifacts show that loading runs no code from the files.
+lines must agree with each other and, for int8, reach ``multiembed evaluate``'s AUC within 0.001. Every backbone x
+mode x combiner exports a program that computes the model's own logits and calls only the committed aten op
+allowlist. Refusals are one line; crafted artifacts show that loading runs no code from the files and that a
+program which writes (a file, an input, a constant) is refused before it runs.
 """
 
 from __future__ import annotations
