@@ -225,13 +225,21 @@ def table_tensors(
 
 
 def export_dense(model: MultiEmbeddingModel, num_fields: int, num_dense: int, path: Path) -> None:
-    """``torch.export`` of :class:`DenseHead` (eval mode, the plain path) over a dynamic batch, saved to ``path``."""
+    """``torch.export`` of :class:`DenseHead` (eval mode, the plain path) over a dynamic batch, saved to ``path``.
+
+    Raises:
+        ValueError: ``torch.export`` cannot capture the dense part over a dynamic batch (its first line).
+    """
     head = DenseHead(model).eval()
     k, d = model.num_sets, model.sparse_arch.set_dim
     example = (torch.randn(2, k, num_fields, d), torch.rand(2, num_dense))
     batch = torch.export.Dim("batch", min=1)
-    with use_fast_path(False), torch.no_grad():
-        program = torch.export.export(head, example, dynamic_shapes=({0: batch}, {0: batch}))
+    try:
+        with use_fast_path(False), torch.no_grad():
+            program = torch.export.export(head, example, dynamic_shapes=({0: batch}, {0: batch}))
+    except torch._dynamo.exc.UserError as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"torch.export cannot export this model's dense part over a dynamic batch ({reason})") from None
     torch.export.save(program, str(path))
 
 
