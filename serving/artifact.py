@@ -322,8 +322,9 @@ _MEMBER = re.compile(
     r"archive_version|\.data/version|byteorder|\.data/serialization_id)"
 )
 # The exact operators the package's exports emit: every backbone x mode x combiner (hetero included), with and
-# without dense features (tests/test_serving_trust.py derives this set and fails when export emits another op).
-# Functional, deterministic tensor maths only: no in-place or out= variants, no file or storage access.
+# without dense features (tests/test_serving.py::test_exports_emit_exactly_the_allowed_ops derives this set and
+# fails when export emits another op). Functional tensor maths only: no in-place or out= variants, no file or
+# storage access; batch norm and dropout only in eval mode (:data:`EVAL_MODE_ARGS`).
 DENSE_PROGRAM_OPS: FrozenSet[str] = frozenset(f"torch.ops.aten.{op}" for op in (
     "add.Tensor", "addcmul.default", "baddbmm.default", "batch_norm.default", "bmm.default", "cat.default",
     "div.Tensor", "dropout.default", "einsum.default", "flatten.using_ints", "index.Tensor", "linear.default",
@@ -331,6 +332,12 @@ DENSE_PROGRAM_OPS: FrozenSet[str] = frozenset(f"torch.ops.aten.{op}" for op in (
     "reshape.default", "select.int", "slice.Tensor", "softmax.int", "squeeze.dim", "sum.dim_IntList",
     "transpose.int", "triu_indices.default", "unsqueeze.default", "view.default",
 ))
+# Allowed ops that write or draw in training mode (batch norm updates its running statistics in place, dropout
+# draws a mask): their mode argument must be the constant False.
+EVAL_MODE_ARGS: Dict[str, str] = {
+    "torch.ops.aten.batch_norm.default": "training",
+    "torch.ops.aten.dropout.default": "train",
+}
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SYMBOL_NAME = re.compile(r"[su]\d+")
 # Shape expressions: sympy constructors and arithmetic of symbols and integers only (no dots, brackets or other
@@ -377,6 +384,12 @@ def _check_program_json(program: Any, where: str) -> None:
                 f"{where}: node {str(name)[:40]!r} calls {str(target)[:60]!r}, not one of the "
                 f"{len(DENSE_PROGRAM_OPS)} aten operators multiembed's exports use (DENSE_PROGRAM_OPS)"
             )
+        mode = EVAL_MODE_ARGS.get(target)
+        if mode is not None:
+            args = {a.get("name"): a.get("arg") for a in node.get("inputs") or [] if isinstance(a, dict)}
+            if args.get(mode) != {"as_bool": False}:
+                raise ArtifactError(f"{where}: node {str(node.get('name'))[:40]!r} calls {target} with {mode} "
+                                    f"{args.get(mode)!r}; only eval mode (False) is allowed")
     for table in ("tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values", "custom_obj_values"):
         values = graph.get(table) or {}
         if table == "custom_obj_values" and values:

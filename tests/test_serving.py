@@ -678,3 +678,30 @@ def test_predict_ends_with_one_summary_line(synthetic_criteo, exported, tmp_path
     summary = json.loads(lines[0])
     assert set(summary) == {"rows", "out", "auc", "logloss"} and summary["out"] == str(out)
     assert summary["rows"] == pq.read_table(out).num_rows and 0.0 < summary["auc"] < 1.0
+
+
+def test_batch_norm_in_training_mode_is_refused(exported, tmp_path, capsys) -> None:
+    """An allowed op with a writing mode: batch norm told ``training=True`` updates its running statistics in place
+    on every call (the served model drifts); refused before it runs."""
+    from multiembed.serving import ArtifactError, load_artifact
+
+    artifact = tmp_path / "crafted"
+    shutil.copytree(exported["none"], artifact)
+    manifest = json.loads((artifact / "manifest.json").read_text())
+
+    def train_mode(program):
+        node = next(n for n in program["graph_module"]["graph"]["nodes"] if n["target"].endswith("batch_norm.default"))
+        next(a for a in node["inputs"] if a["name"] == "training")["arg"] = {"as_bool": True}
+
+    _rewrite_dense(artifact, lambda m: _edit_program(m, train_mode))
+    program = torch.export.load(str(artifact / "dense.pt2")).module()
+    before = {k: v.clone() for k, v in program.state_dict().items() if k.endswith("running_mean")}
+    program(torch.randn(4, manifest["num_sets"], len(manifest["vocab_sizes"]), manifest["set_dim"]),
+            torch.rand(4, len(manifest["dense_fields"])))
+    after = program.state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in before.items())  # unchecked, it writes its own buffers
+    with pytest.raises(ArtifactError, match=r"calls torch\.ops\.aten\.batch_norm\.default with training .*eval mode"):
+        load_artifact(artifact)
+    capsys.readouterr()
+    assert cli_main(["predict", str(artifact), "--data", str(tmp_path), "--out", str(tmp_path / "p.parquet")]) == 2
+    assert "only eval mode" in _error(capsys)
