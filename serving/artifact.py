@@ -40,7 +40,7 @@ import json
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Mapping, Tuple
 
 import torch
 from torch import nn
@@ -446,13 +446,13 @@ def _check_inputs(program: Mapping[str, Any], where: str, expected: Mapping[str,
                                 f"fields, set_dim, dense_fields) implies [{', '.join(map(str, want))}]")
 
 
-def check_dense_program(path: Path, inputs: Optional[Mapping[str, Tuple[int, ...]]] = None) -> None:
+def check_dense_program(path: Path, inputs: Mapping[str, Tuple[int, ...]]) -> None:
     """Refuses a ``torch.export`` archive that ``torch.export.load`` could run code from (see the module docstring),
     or whose inputs are not ``inputs`` (:func:`dense_input_shapes` of the manifest).
 
     Args:
         path: the ``dense.pt2`` archive.
-        inputs: ``{name: sizes after the batch dimension}`` of the program's inputs in order; None skips the check.
+        inputs: ``{name: sizes after the batch dimension}`` of the program's inputs in order.
 
     Raises:
         ArtifactError: one line naming the file and the first thing refused.
@@ -488,8 +488,7 @@ def check_dense_program(path: Path, inputs: Optional[Mapping[str, Tuple[int, ...
         except (ValueError, KeyError, AttributeError) as e:
             raise ArtifactError(f"{where}: unreadable archive metadata ({_first_line(e)})") from None
         _check_program_json(program, where)
-        if inputs is not None:
-            _check_inputs(program, where, inputs)
+        _check_inputs(program, where, inputs)
         if "data/sample_inputs/model.pt" in members:
             data = archive.read(members["data/sample_inputs/model.pt"])
             if data:
@@ -501,7 +500,7 @@ def check_dense_program(path: Path, inputs: Optional[Mapping[str, Tuple[int, ...
                     raise ArtifactError(f"{where}: sample inputs do not load with weights_only=True ({_first_line(e)})") from None
 
 
-def load_dense_program(path: Path, inputs: Optional[Mapping[str, Tuple[int, ...]]] = None) -> nn.Module:
+def load_dense_program(path: Path, inputs: Mapping[str, Tuple[int, ...]]) -> nn.Module:
     """:func:`check_dense_program`, then ``torch.export.load(path).module()``: ``(embeddings, dense) -> logits``."""
     check_dense_program(path, inputs)
     try:

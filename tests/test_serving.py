@@ -705,3 +705,34 @@ def test_batch_norm_in_training_mode_is_refused(exported, tmp_path, capsys) -> N
     capsys.readouterr()
     assert cli_main(["predict", str(artifact), "--data", str(tmp_path), "--out", str(tmp_path / "p.parquet")]) == 2
     assert "only eval mode" in _error(capsys)
+
+
+def test_dense_head_refuses_a_model_module_it_would_drop() -> None:
+    from multiembed.serving.export import DenseHead
+
+    model = _matrix_model("dcnv2-me-2x", "mean", 0)
+    model.calibration = torch.nn.Linear(1, 1)
+    with pytest.raises(ValueError, match="module\\(s\\) calibration are not part of the exported dense path"):
+        DenseHead(model)
+
+
+def test_row_layout_tells_unlabelled_rows_apart(tmp_path) -> None:
+    import gzip
+
+    from multiembed.data.formats import raw_format
+    from multiembed.data.rawlog import row_layout
+
+    criteo, avazu = raw_format("criteo"), raw_format("avazu")
+    labelled = "\t".join(["1"] + ["5"] * 13 + ["ab"] * 26) + "\n"
+    cases = {
+        "train.txt": (labelled, criteo, criteo),
+        "test.txt.gz": (labelled.split("\t", 1)[1], criteo, criteo.unlabelled()),
+        "short.txt": ("1\t2\t3\n", criteo, criteo),  # neither: the labelled layout's checks name the problem
+        "train.csv": (",".join(avazu.columns) + "\n", avazu, avazu),
+        "test.csv": (",".join(avazu.unlabelled().columns) + "\n", avazu, avazu.unlabelled()),
+    }
+    for name, (text, fmt, expected) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+        assert row_layout(path, fmt) == expected, name
+    assert row_layout(tmp_path / "missing.txt", criteo) == criteo
