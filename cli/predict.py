@@ -15,8 +15,10 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
             "Loads the artifact directory ARTIFACT (written by multiembed export; no code runs from its files) and "
             "predicts every row of --split of --data (which must have the artifact's vocabulary fingerprint) or "
             "every line of the raw file --raw (tokenised as convert does, with the artifact's vocabulary; unknown "
-            "tokens get the OOV id). Writes --out (Parquet: row, logit, prob, label) and prints "
-            '{"rows", "auc", "logloss", "out"} as JSON (auc / logloss null without both labels).'
+            "tokens get the OOV id; rows without the label column, such as Criteo's test.txt, are predicted "
+            "without metrics). Writes --out (Parquet: row, logit, prob, and label when known) and ends with one "
+            'summary line, JSON: {"rows", "out"} and, when the rows have labels, "auc" and "logloss" (auc null '
+            "unless both classes occur)."
         ),
     )
     p.add_argument("artifact", metavar="ARTIFACT")
@@ -34,7 +36,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 def run(args: argparse.Namespace) -> int:
     from multiembed.serving import load_artifact
     from multiembed.serving.predict import predict_dataset, predict_raw
+    from multiembed.training.quiet import silence_known_warnings
 
+    silence_known_warnings()  # TorchRec's lookup logs a deprecation of torch's own (is_fx_tracing) at the first batch
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     artifact = load_artifact(args.artifact)

@@ -468,7 +468,8 @@ def _count_vocabulary(
 
 
 def encode_table(table: pa.Table, fmt: RawFormat, mode: str, vocab: Vocabulary, hash_seed: int) -> Dict[str, np.ndarray]:
-    """The output columns of parsed rows: ``label`` int8, one int64 id column per field, ``dense_<name>`` float32.
+    """The output columns of parsed rows: ``label`` int8 (absent in the unlabelled layout), one int64 id column per
+    field, ``dense_<name>`` float32.
 
     Args:
         table: a parsed chunk's table (:class:`multiembed.data.rawlog.ParsedChunk`).
@@ -480,9 +481,9 @@ def encode_table(table: pa.Table, fmt: RawFormat, mode: str, vocab: Vocabulary, 
     Returns:
         ``{column: array [rows]}`` in schema order.
     """
-    columns: Dict[str, np.ndarray] = {
-        LABEL_COLUMN: table.column(fmt.label_column).to_numpy().astype(np.int8, copy=False)
-    }
+    columns: Dict[str, np.ndarray] = {}
+    if fmt.label_column is not None:
+        columns[LABEL_COLUMN] = table.column(fmt.label_column).to_numpy().astype(np.int8, copy=False)
     for field in vocab.fields:
         keys = field_keys(fmt, mode, table.column(field), field, hash_seed)
         columns[field] = vocab.encode(field, keys)

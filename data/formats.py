@@ -34,7 +34,7 @@ class RawFormat:
         columns: every column of a row, in file order.
         delimiter: the one-byte field separator.
         header: True when the first line of every file is the header (it must equal ``columns``).
-        label_column: the 0/1 click column.
+        label_column: the 0/1 click column; None in the layout of unlabelled rows (:meth:`unlabelled`).
         int_columns: integer columns (Criteo ``I1..I13``): dense features in both modes, binned categorical
             fields in paper mode.
         cat_columns: categorical token columns.
@@ -50,7 +50,7 @@ class RawFormat:
     columns: Tuple[str, ...]
     delimiter: str
     header: bool
-    label_column: str
+    label_column: Optional[str]
     int_columns: Tuple[str, ...]
     cat_columns: Tuple[str, ...]
     dropped_columns: Tuple[str, ...]
@@ -60,7 +60,8 @@ class RawFormat:
     quoted: bool = False
 
     def __post_init__(self) -> None:
-        named = (self.label_column,) + self.int_columns + self.cat_columns + self.dropped_columns
+        label = (self.label_column,) if self.label_column is not None else ()
+        named = label + self.int_columns + self.cat_columns + self.dropped_columns
         if sorted(named) != sorted(self.columns):
             raise ValueError(f"format {self.name}: label, integer, categorical and dropped columns must cover columns")
         if len(self.delimiter) != 1:
@@ -88,6 +89,20 @@ class RawFormat:
     @property
     def num_columns(self) -> int:
         return len(self.columns)
+
+    def unlabelled(self) -> "RawFormat":
+        """The same format without its label column: rows to predict (Criteo Kaggle ``test.txt``, 39 columns;
+        Avazu ``test`` without ``click``).
+
+        Example::
+
+            >>> raw_format("criteo").unlabelled().num_columns, raw_format("avazu").unlabelled().columns[:2]
+            (39, ('id', 'hour'))
+        """
+        if self.label_column is None:
+            return self
+        columns = tuple(c for c in self.columns if c != self.label_column)
+        return dataclasses.replace(self, columns=columns, label_column=None)
 
 
 def _criteo(name: str, default_mode: str, default_hash_size: Optional[int]) -> RawFormat:

@@ -321,6 +321,30 @@ def _check_header(path: Path, fmt: RawFormat, first_line: bytes) -> None:
     raise InputError(f"{path}:1: header: {len(got)} columns, expected the {len(fmt.columns)} of the {fmt.name} header")
 
 
+def row_layout(path: os.PathLike, fmt: RawFormat) -> RawFormat:
+    """``fmt``, or ``fmt.unlabelled()`` when the file's first line has the unlabelled layout: the header without the
+    label column (formats with a header), else one column fewer than ``fmt`` (Criteo Kaggle ``test.txt``: 39).
+
+    Any other first line gives ``fmt``, whose checks then name what is wrong. A file that cannot be read gives
+    ``fmt`` too (:func:`scan_source` reports it).
+    """
+    unlabelled = fmt.unlabelled()
+    try:
+        with open_source(path) as f:
+            first = f.readline(1 << 20)
+    except (InputError, OSError, EOFError, zlib.error):
+        return fmt
+    if first.startswith(UTF8_BOM):
+        first = first[len(UTF8_BOM) :]
+    cells = split_cells(fmt, first.rstrip(b"\r\n"))
+    if cells is None:
+        return fmt
+    if fmt.header:
+        names = tuple(cell.decode("utf-8", errors="replace") for cell in cells)
+        return unlabelled if names == unlabelled.columns else fmt
+    return unlabelled if len(cells) == unlabelled.num_columns else fmt
+
+
 def file_state(path: os.PathLike) -> Tuple[int, int]:
     """``(size, mtime_ns)`` of an input on disk: compared before and after every pass over it."""
     st = check_regular_file(path)
@@ -505,7 +529,7 @@ class ChunkParser:
         self.on_error = on_error
         self._delimiter = fmt.delimiter.encode()
         self._kept = [c for c in fmt.columns if c not in fmt.dropped_columns]
-        types = {fmt.label_column: pa.int8()}
+        types = {fmt.label_column: pa.int8()} if fmt.label_column is not None else {}
         types.update({c: pa.int64() for c in fmt.int_columns})
         types.update({c: pa.string() for c in fmt.cat_columns})
         self._parse_options = pacsv.ParseOptions(
@@ -526,7 +550,7 @@ class ChunkParser:
         )
         self.schema = pa.schema([(name, types[name]) for name in self._kept])
         self._column_index = {name: i for i, name in enumerate(fmt.columns)}
-        self._label_index = self._column_index[fmt.label_column]
+        self._label_index = self._column_index[fmt.label_column] if fmt.label_column is not None else None
         self._int_indices = [self._column_index[c] for c in fmt.int_columns]
         self._cat_indices = [self._column_index[c] for c in fmt.cat_columns]
 
@@ -541,13 +565,14 @@ class ChunkParser:
     def _table_is_clean(self, table: pa.Table, lines: int) -> bool:
         if table.num_rows != lines:  # a lone carriage return splits a line in two
             return False
-        label = table.column(self.fmt.label_column)
-        if label.null_count:
-            return False
-        if table.num_rows:
-            low, high = pc.min_max(label).values()
-            if low.as_py() < 0 or high.as_py() > 1:
+        if self.fmt.label_column is not None:
+            label = table.column(self.fmt.label_column)
+            if label.null_count:
                 return False
+            if table.num_rows:
+                low, high = pc.min_max(label).values()
+                if low.as_py() < 0 or high.as_py() > 1:
+                    return False
         for name in self.fmt.cat_columns:
             for chunk in table.column(name).chunks:
                 offsets, data = string_offsets_and_data(chunk)
@@ -586,9 +611,10 @@ class ChunkParser:
                 "column_count",
                 f"expected {fmt.num_columns} {sep}-separated columns, got {len(cells)}{empty}",
             )
-        label = _parse_int_like_arrow(cells[self._label_index])
-        if label not in (0, 1):
-            return fmt.label_column, "bad_label", f"expected 0 or 1, got {_shorten(cells[self._label_index])}"
+        if self._label_index is not None:
+            label = _parse_int_like_arrow(cells[self._label_index])
+            if label not in (0, 1):
+                return str(fmt.label_column), "bad_label", f"expected 0 or 1, got {_shorten(cells[self._label_index])}"
         for index in self._int_indices:
             cell = cells[index]
             if cell == b"":

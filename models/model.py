@@ -78,7 +78,46 @@ def append_field(embeddings: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
     return joined.transpose(0, 1)
 
 
-class MultiEmbeddingModel(nn.Module):
+class MultiEmbeddingDensePath(nn.Module):
+    """The dense path of a multi-embedding model: pooled embeddings (and raw dense features) -> logits.
+
+    Dense arch (its output joined as the last field), set arch, mean over sets (or the learned gate), over arch. A
+    subclass assigns the four modules: :class:`MultiEmbeddingModel` after its sparse arch, and the serving export
+    (:class:`multiembed.serving.export.DenseHead`) as copies of a trained model's, so both run this one forward.
+
+    Attributes:
+        dense_arch: optional :class:`SetDenseArch` (None: no raw dense features).
+        set_arch: the set-specific branches, ``[B, K, F', d] -> [B, K, O]``.
+        over_arch: the shared head, ``[B, O] -> [B]``.
+        set_gate: optional :class:`~multiembed.models.hetero.SetGate` (None: the mean over sets).
+    """
+
+    dense_arch: Optional[SetDenseArch]
+    set_arch: SetInteractionArch
+    over_arch: nn.Module
+    set_gate: Optional[SetGate]
+
+    def dense_forward(self, dense_features: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            dense_features: ``[B, num_dense]`` (ignored without a dense arch).
+            embeddings: ``[B, K, F, d]`` pooled embeddings.
+
+        Returns:
+            logits ``[B]``.
+        """
+        fields = embeddings
+        if self.dense_arch is not None:
+            fields = append_field(embeddings, self.dense_arch(dense_features))
+        per_set = self.set_arch(fields)
+        if self.set_gate is not None:
+            return self.over_arch(self.set_gate(per_set, fields))
+        # The mean over sets as sum then divide: the same values as ``mean`` (which is that on CPU), but backward
+        # hands the set arch a broadcast view of the [B, H] gradient instead of writing a [B, K, H] copy.
+        return self.over_arch(per_set.sum(dim=1).div(self.set_arch.num_sets))
+
+
+class MultiEmbeddingModel(MultiEmbeddingDensePath):
     """Multi-embedding CTR model: ``h = mean_m P_m(I_m(e^(m)))``, logit ``= over_arch(h)``.
 
     With a ``set_gate``, ``h = sum_m g_m P_m(I_m(e^(m)))`` with the gate's softmax weights ``g`` instead of the mean.
@@ -170,26 +209,13 @@ class MultiEmbeddingModel(nn.Module):
         """As :meth:`forward`, also returning the pooled embeddings ``[B, K, F, d]`` (for the regulariser)."""
         embeddings = self.sparse_arch(sparse_features)
         if self.precision == "fp32":
-            return self._dense_forward(dense_features, embeddings), embeddings
+            return self.dense_forward(dense_features, embeddings), embeddings
         # bf16: the dense arches under autocast (device from a parameter: plain Python, also while fx traces), the
         # logits back in fp32 for the loss and the metrics.
         device_type = next(self.over_arch.parameters()).device.type
         with dense_autocast(self.precision, device_type):
-            logits = self._dense_forward(dense_features, embeddings)
+            logits = self.dense_forward(dense_features, embeddings)
         return logits.float(), embeddings
-
-    def _dense_forward(self, dense_features: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        """Dense arch, set arch, mean (or gate) over sets and over arch: ``[B, K, F, d]`` embeddings -> logits
-        ``[B]``."""
-        fields = embeddings
-        if self.dense_arch is not None:
-            fields = append_field(embeddings, self.dense_arch(dense_features))
-        per_set = self.set_arch(fields)
-        if self.set_gate is not None:
-            return self.over_arch(self.set_gate(per_set, fields))
-        # The mean over sets as sum then divide: the same values as ``mean`` (which is that on CPU), but backward
-        # hands the set arch a broadcast view of the [B, H] gradient instead of writing a [B, K, H] copy.
-        return self.over_arch(per_set.sum(dim=1).div(self.set_arch.num_sets))
 
     def set_output_bias(self, value: float) -> None:
         """Sets the constant term of the logit to ``value`` (e.g. the log-odds of the positive rate, so that the

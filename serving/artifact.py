@@ -9,7 +9,7 @@ An artifact is a directory ``multiembed export`` writes (:mod:`multiembed.servin
                       per table ``<name>.weight`` (fp32 ``[rows, K*d]``, or the row-wise quantised bytes
                       ``[rows, K*d*bits/8]`` uint8) and ``<name>.scale_shift`` (uint8 ``[rows, 4]``: fp16 scale and
                       bias per row, int8 / int4 only); padding stripped
-      dense.pt2       the dense part (dense arch, set interaction arch, mean over sets, over arch) as a
+      dense.pt2       the dense part (dense arch, set interaction arch, mean or set gate, over arch) as a
                       ``torch.export`` program: ``(embeddings [B, K, F, d], dense_features [B, num_dense]) -> logits [B]``
       vocab.npz       paper-mode vocabularies only: the sorted token keys per field (numpy, no pickle)
 
@@ -25,10 +25,12 @@ the quantised tables on this stack. ``torch.export.load`` is not safe on untrust
 constants and sample inputs with ``weights_only=False``, evaluates symbolic shape strings with ``sympy.sympify``
 and compiles the program's guard strings into Python), so :func:`check_dense_program` inspects the archive first
 and refuses anything but: the expected member names, tensor payloads stored raw (no pickled weights or constants,
-no custom or opaque objects), sample inputs that load with ``weights_only=True``, graph nodes that call
-``torch.ops.aten`` operators, identifiers as node names, shape expressions built only from ``Symbol``,
-``Integer`` and arithmetic, and guards that only compare input sizes with integers. A refusal is one line
-naming the file (:class:`ArtifactError`).
+no custom or opaque objects), sample inputs that load with ``weights_only=True``, graph nodes that each call
+one of :data:`DENSE_PROGRAM_OPS` (the exact aten operators the package's own exports emit: functional tensor
+maths, no in-place or ``out=`` variant, no file or storage access), identifiers as node names, shape expressions
+built only from ``Symbol``, ``Integer`` and arithmetic, guards that only compare input sizes with integers, and
+inputs of the shapes the manifest implies (:func:`dense_input_shapes`). A refusal is one line naming the file
+(:class:`ArtifactError`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import json
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, FrozenSet, List, Mapping, Tuple
 
 import torch
 from torch import nn
@@ -59,8 +61,9 @@ DEFAULT_QUANTIZE = "int8"
 # Bits per stored weight and TorchRec's data type of each quantisation.
 QUANT_BITS: Dict[str, int] = {"none": 32, "int8": 8, "int4": 4}
 QUANT_DATA_TYPES: Dict[str, DataType] = {"none": DataType.FP32, "int8": DataType.INT8, "int4": DataType.INT4}
-# Row-wise quantised rows end in an fp16 scale and an fp16 bias.
+# Row-wise quantised rows end in an fp16 scale and an fp16 bias, which FBGEMM reads at 2-byte alignment.
 SCALE_SHIFT_BYTES = 4
+QUANT_ROW_ALIGN_BYTES = 2
 # The kinds of preprocessing an artifact records (see the manifest's ``preprocessing``).
 RAW_PREPROCESSING = "raw"
 NO_RAW_PREPROCESSING = "none"
@@ -225,12 +228,19 @@ def table_configs(manifest: Manifest) -> List[EmbeddingBagConfig]:
 def quantized_row_bytes(width: int, quantize: str) -> int:
     """Bytes of one stored row without its scale and bias: ``width * bits / 8``.
 
+    FBGEMM's row-wise kernels place the fp16 scale and bias right after the weights, so a row's weights must fill
+    a whole, even number of bytes: int8 needs an even width, int4 a multiple of 4.
+
     Raises:
-        ValueError: int4 of an odd width (two weights share a byte).
+        ValueError: a width whose quantised row is not a whole, even number of bytes.
     """
     bits = QUANT_BITS[quantize]
-    if (width * bits) % 8:
-        raise ValueError(f"--quantize {quantize}: a table width of {width} does not fill whole bytes")
+    if (width * bits) % (8 * QUANT_ROW_ALIGN_BYTES):
+        raise ValueError(
+            f"--quantize {quantize}: a table width of {width} (K * d) gives rows of {width * bits / 8:g} bytes; "
+            f"FBGEMM needs a multiple of {QUANT_ROW_ALIGN_BYTES} bytes (a width that is a multiple of "
+            f"{8 * QUANT_ROW_ALIGN_BYTES // bits}); use another --quantize"
+        )
     return width * bits // 8
 
 
@@ -255,12 +265,15 @@ def load_table_tensors(path: Path, manifest: Manifest) -> Dict[str, torch.Tensor
         ArtifactError: unreadable, not a flat dict of tensors, or a missing, extra or misshapen tensor.
     """
     try:
+        expected = expected_table_tensors(manifest)
+    except ValueError as e:
+        raise ArtifactError(f"{path}: {e}") from None
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any failure of the restricted unpickler is a refusal
         raise ArtifactError(f"{path}: not a plain dict of tensors ({_first_line(e)})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and type(v) is torch.Tensor for k, v in state.items()):
         raise ArtifactError(f"{path}: expected a dict of tensor names to plain tensors")
-    expected = expected_table_tensors(manifest)
     if set(state) != set(expected):
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         raise ArtifactError(f"{path}: tensors do not match the manifest (missing {missing[:3]}, unexpected {extra[:3]})")
@@ -308,8 +321,23 @@ _MEMBER = re.compile(
     r"data/constants/model_constants_config\.json|models/model\.json|data/sample_inputs/model\.pt|archive_format|"
     r"archive_version|\.data/version|byteorder|\.data/serialization_id)"
 )
-_ATEN_TARGET = re.compile(r"torch\.ops\.aten\.[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*")
-_OTHER_TARGETS = frozenset({"_operator.getitem", "operator.getitem"})
+# The exact operators the package's exports emit: every backbone x mode x combiner (hetero included), with and
+# without dense features (tests/test_serving.py::test_exports_emit_exactly_the_allowed_ops derives this set and
+# fails when export emits another op). Functional tensor maths only: no in-place or out= variants, no file or
+# storage access; batch norm and dropout only in eval mode (:data:`EVAL_MODE_ARGS`).
+DENSE_PROGRAM_OPS: FrozenSet[str] = frozenset(f"torch.ops.aten.{op}" for op in (
+    "add.Tensor", "addcmul.default", "baddbmm.default", "batch_norm.default", "bmm.default", "cat.default",
+    "div.Tensor", "dropout.default", "einsum.default", "flatten.using_ints", "index.Tensor", "linear.default",
+    "matmul.default", "mean.dim", "mul.Tensor", "narrow.default", "permute.default", "relu.default",
+    "reshape.default", "select.int", "slice.Tensor", "softmax.int", "squeeze.dim", "sum.dim_IntList",
+    "transpose.int", "triu_indices.default", "unsqueeze.default", "view.default",
+))
+# Allowed ops that write or draw in training mode (batch norm updates its running statistics in place, dropout
+# draws a mask): their mode argument must be the constant False.
+EVAL_MODE_ARGS: Dict[str, str] = {
+    "torch.ops.aten.batch_norm.default": "training",
+    "torch.ops.aten.dropout.default": "train",
+}
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SYMBOL_NAME = re.compile(r"[su]\d+")
 # Shape expressions: sympy constructors and arithmetic of symbols and integers only (no dots, brackets or other
@@ -349,9 +377,19 @@ def _check_program_json(program: Any, where: str) -> None:
             raise ArtifactError(f"{where}: range constraint on {str(name)[:40]!r}, not a shape symbol")
     graph = program["graph_module"].get("graph", {})
     for node in graph.get("nodes", []):
-        target = node.get("target")
-        if not isinstance(target, str) or not (_ATEN_TARGET.fullmatch(target) or target in _OTHER_TARGETS):
-            raise ArtifactError(f"{where}: node calls {str(target)[:60]!r}; only torch.ops.aten operators are allowed")
+        target = node.get("target") if isinstance(node, dict) else None
+        if target not in DENSE_PROGRAM_OPS:
+            name = node.get("name") if isinstance(node, dict) else None
+            raise ArtifactError(
+                f"{where}: node {str(name)[:40]!r} calls {str(target)[:60]!r}, not one of the "
+                f"{len(DENSE_PROGRAM_OPS)} aten operators multiembed's exports use (DENSE_PROGRAM_OPS)"
+            )
+        mode = EVAL_MODE_ARGS.get(target)
+        if mode is not None:
+            args = {a.get("name"): a.get("arg") for a in node.get("inputs") or [] if isinstance(a, dict)}
+            if args.get(mode) != {"as_bool": False}:
+                raise ArtifactError(f"{where}: node {str(node.get('name'))[:40]!r} calls {target} with {mode} "
+                                    f"{args.get(mode)!r}; only eval mode (False) is allowed")
     for table in ("tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values", "custom_obj_values"):
         values = graph.get(table) or {}
         if table == "custom_obj_values" and values:
@@ -378,8 +416,43 @@ def _check_program_json(program: Any, where: str) -> None:
     walk(program["graph_module"])
 
 
-def check_dense_program(path: Path) -> None:
-    """Refuses a ``torch.export`` archive that ``torch.export.load`` could run code from (see the module docstring).
+def dense_input_shapes(manifest: Manifest) -> Dict[str, Tuple[int, ...]]:
+    """The dense program's inputs the manifest implies, ``{name: sizes after the batch dimension}``:
+    ``embeddings [B, K, F, d]`` and ``dense_features [B, num_dense]``."""
+    return {
+        "embeddings": (manifest.num_sets, len(manifest.vocab_sizes), manifest.set_dim),
+        "dense_features": (len(manifest.dense_fields),),
+    }
+
+
+def _check_inputs(program: Mapping[str, Any], where: str, expected: Mapping[str, Tuple[int, ...]]) -> None:
+    """The program's user inputs are ``expected`` in order: a symbolic batch dimension, then these sizes."""
+    graph_module = program["graph_module"]
+    specs = (graph_module.get("signature") or {}).get("input_specs") or []
+    names = []
+    for spec in specs:
+        if isinstance(spec, dict) and "user_input" in spec:
+            names.append(str(((spec["user_input"].get("arg") or {}).get("as_tensor") or {}).get("name")))
+    if len(names) != len(expected):
+        raise ArtifactError(f"{where}: the program takes {len(names)} inputs, the manifest implies {len(expected)} "
+                            f"({', '.join(expected)})")
+    values = (graph_module.get("graph") or {}).get("tensor_values") or {}
+    for name, (role, sizes) in zip(names, expected.items()):
+        dims = (values.get(name) or {}).get("sizes") or []
+        got = ["B" if "as_expr" in dim else dim.get("as_int") for dim in dims if isinstance(dim, dict)]
+        want = ["B", *sizes]
+        if got != want:
+            raise ArtifactError(f"{where}: input {role} is [{', '.join(map(str, got))}], the manifest (num_sets, "
+                                f"fields, set_dim, dense_fields) implies [{', '.join(map(str, want))}]")
+
+
+def check_dense_program(path: Path, inputs: Mapping[str, Tuple[int, ...]]) -> None:
+    """Refuses a ``torch.export`` archive that ``torch.export.load`` could run code from (see the module docstring),
+    or whose inputs are not ``inputs`` (:func:`dense_input_shapes` of the manifest).
+
+    Args:
+        path: the ``dense.pt2`` archive.
+        inputs: ``{name: sizes after the batch dimension}`` of the program's inputs in order.
 
     Raises:
         ArtifactError: one line naming the file and the first thing refused.
@@ -410,9 +483,12 @@ def check_dense_program(path: Path) -> None:
                     if payload.get("use_pickle") or not str(payload.get("path_name", "")).startswith(("weight_", "tensor_")):
                         raise ArtifactError(f"{where}: {fqn} is stored pickled or as an object, not as raw tensor bytes")
             program = json.loads(archive.read(members["models/model.json"]))
+        except ArtifactError:
+            raise
         except (ValueError, KeyError, AttributeError) as e:
             raise ArtifactError(f"{where}: unreadable archive metadata ({_first_line(e)})") from None
         _check_program_json(program, where)
+        _check_inputs(program, where, inputs)
         if "data/sample_inputs/model.pt" in members:
             data = archive.read(members["data/sample_inputs/model.pt"])
             if data:
@@ -424,9 +500,9 @@ def check_dense_program(path: Path) -> None:
                     raise ArtifactError(f"{where}: sample inputs do not load with weights_only=True ({_first_line(e)})") from None
 
 
-def load_dense_program(path: Path) -> nn.Module:
+def load_dense_program(path: Path, inputs: Mapping[str, Tuple[int, ...]]) -> nn.Module:
     """:func:`check_dense_program`, then ``torch.export.load(path).module()``: ``(embeddings, dense) -> logits``."""
-    check_dense_program(path)
+    check_dense_program(path, inputs)
     try:
         program = torch.export.load(str(path))
     except Exception as e:  # noqa: BLE001 - any deserialisation failure is a bad artifact
@@ -526,6 +602,6 @@ def load_artifact(directory: "str | Path") -> ServingArtifact:
     sparse_arch = MultiEmbeddingSparseArch(
         collection, num_sets=manifest.num_sets, set_dim=manifest.set_dim, layout="fused"  # type: ignore[arg-type]
     )
-    dense = load_dense_program(directory / manifest.files["dense"]["path"])
+    dense = load_dense_program(directory / manifest.files["dense"]["path"], dense_input_shapes(manifest))
     model = ServingModel(sparse_arch, dense, num_dense=len(manifest.dense_fields)).eval()
     return ServingArtifact(directory, manifest, model)

@@ -12,8 +12,8 @@
    ``EmbeddingBagCollection``: row-wise int8 or int4 with an fp16 scale and bias per row); the artifact stores the
    quantised rows and rebuilds TorchRec's ``QuantEmbeddingBagCollection`` from them at load (tested to give the
    same outputs as ``quantize_inference_model``'s module);
-4. exports the dense part (dense arch, set arch, mean over sets, over arch; eval mode, the plain path of
-   :mod:`multiembed.models.cpu_fastpath`) with ``torch.export`` over a dynamic batch dimension;
+4. exports the dense part (dense arch, set arch, mean over sets or the learned set gate, over arch; eval mode,
+   the plain path of :mod:`multiembed.models.cpu_fastpath`) with ``torch.export`` over a dynamic batch dimension;
 5. writes everything into a temporary directory beside ``out``, the manifest last, and renames it into place.
    ``out`` must not exist; ``overwrite`` replaces only an earlier artifact (a directory whose manifest says so).
 
@@ -46,7 +46,7 @@ from multiembed.data.metadata import DatasetError, read_metadata
 from multiembed.data.vocab import VOCAB_FILE, CountedVocabulary, HashingVocabulary
 from multiembed.models import MultiEmbeddingModel, multi_embedding_tables
 from multiembed.models.cpu_fastpath import use_fast_path
-from multiembed.models.model import append_field
+from multiembed.models.model import MultiEmbeddingDensePath
 from multiembed.serving.artifact import (
     ARTIFACT_FORMAT,
     DENSE_FILE,
@@ -69,15 +69,19 @@ from multiembed.training.evaluation import best_checkpoint, load_run_config, mod
 _TMP_PREFIX = ".tmp-export-"
 
 
-class DenseHead(nn.Module):
-    """The dense part of a :class:`~multiembed.models.MultiEmbeddingModel` as one module for ``torch.export``:
+class DenseHead(MultiEmbeddingDensePath):
+    """The dense path of a :class:`~multiembed.models.MultiEmbeddingModel` as one module for ``torch.export``:
     ``(embeddings [B, K, F, d], dense_features [B, num_dense]) -> logits [B]``.
 
-    The same computation as the model's forward after its sparse arch (the dense arch's output joined as the last
-    field, the set arch, the mean over sets, the over arch), in fp32.
+    Copies of every learned module after the model's sparse arch (dense arch, set arch, set gate, over arch), run by
+    the model's own :meth:`~multiembed.models.model.MultiEmbeddingDensePath.dense_forward`, in fp32.
 
     Args:
-        model: the trained model; its dense arches are copied.
+        model: the trained model; its dense modules are copied.
+
+    Raises:
+        ValueError: the model holds a module outside its sparse arch that the dense path does not run (it would be
+            dropped from the export).
 
     Example::
 
@@ -92,8 +96,12 @@ class DenseHead(nn.Module):
         super().__init__()
         self.dense_arch = copy.deepcopy(model.dense_arch)
         self.set_arch = copy.deepcopy(model.set_arch)
+        self.set_gate = copy.deepcopy(model.set_gate)
         self.over_arch = copy.deepcopy(model.over_arch)
-        self.num_sets = model.num_sets
+        dropped = sorted({name for name, _ in model.named_children()} - {"sparse_arch", *dict(self.named_children())})
+        if dropped:
+            raise ValueError(f"{type(model).__name__}: module(s) {', '.join(dropped)} are not part of the exported "
+                             "dense path")
 
     def forward(self, embeddings: torch.Tensor, dense_features: torch.Tensor) -> torch.Tensor:
         """
@@ -104,10 +112,7 @@ class DenseHead(nn.Module):
         Returns:
             logits ``[B]``.
         """
-        fields = embeddings
-        if self.dense_arch is not None:
-            fields = append_field(embeddings, self.dense_arch(dense_features))
-        return self.over_arch(self.set_arch(fields).sum(dim=1).div(self.num_sets))
+        return self.dense_forward(dense_features, embeddings)
 
 
 @dataclasses.dataclass
@@ -220,13 +225,21 @@ def table_tensors(
 
 
 def export_dense(model: MultiEmbeddingModel, num_fields: int, num_dense: int, path: Path) -> None:
-    """``torch.export`` of :class:`DenseHead` (eval mode, the plain path) over a dynamic batch, saved to ``path``."""
+    """``torch.export`` of :class:`DenseHead` (eval mode, the plain path) over a dynamic batch, saved to ``path``.
+
+    Raises:
+        ValueError: ``torch.export`` cannot capture the dense part over a dynamic batch (its first line).
+    """
     head = DenseHead(model).eval()
     k, d = model.num_sets, model.sparse_arch.set_dim
     example = (torch.randn(2, k, num_fields, d), torch.rand(2, num_dense))
     batch = torch.export.Dim("batch", min=1)
-    with use_fast_path(False), torch.no_grad():
-        program = torch.export.export(head, example, dynamic_shapes=({0: batch}, {0: batch}))
+    try:
+        with use_fast_path(False), torch.no_grad():
+            program = torch.export.export(head, example, dynamic_shapes=({0: batch}, {0: batch}))
+    except torch._dynamo.exc.UserError as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"torch.export cannot export this model's dense part over a dynamic batch ({reason})") from None
     torch.export.save(program, str(path))
 
 
@@ -277,7 +290,8 @@ def export_run(
 
     Raises:
         ValueError: not a run, no complete checkpoint, the training data unreadable or of another vocabulary, a
-            table width int4 cannot store, ``out`` exists.
+            table width the quantisation cannot store (:func:`~multiembed.serving.artifact.quantized_row_bytes`),
+            ``out`` exists.
     """
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
@@ -299,7 +313,7 @@ def export_run(
     dense_fields = dense_names[:num_dense] if num_dense else []
     sparse = model.sparse_arch
     if quantize != "none":
-        quantized_row_bytes(sparse.num_sets * sparse.set_dim, quantize)  # refuses int4 of an odd width
+        quantized_row_bytes(sparse.num_sets * sparse.set_dim, quantize)  # refuses rows FBGEMM cannot align
     tables = logical_tables(model)
 
     out.parent.mkdir(parents=True, exist_ok=True)

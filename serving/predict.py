@@ -31,7 +31,7 @@ from multiembed.data.convert import encode_table
 from multiembed.data.formats import HASHING_MODE, RawFormat, raw_format
 from multiembed.data.loader import ParquetBatchLoader
 from multiembed.data.metadata import DENSE_PREFIX, LABEL_COLUMN, atomic_write, read_metadata
-from multiembed.data.rawlog import ON_ERROR_CHOICES, ChunkParser, iter_chunks, scan_source
+from multiembed.data.rawlog import ON_ERROR_CHOICES, ChunkParser, iter_chunks, row_layout, scan_source
 from multiembed.data.synthetic import log_loss, roc_auc
 from multiembed.data.vocab import CountedVocabulary, HashingVocabulary
 from multiembed.serving.artifact import RAW_PREPROCESSING, ArtifactError, ServingArtifact
@@ -46,7 +46,7 @@ class Predictions:
 
     Attributes:
         logits: float32 ``[N]``.
-        labels: int8 ``[N]`` (the data's labels), or None when it had none.
+        labels: int8 ``[N]`` (the data's labels), or None for unlabelled rows.
         rows: int64 ``[N]``: the row of each prediction (index in the split; data row of a raw file, 0-based).
         skipped: raw rows skipped under ``on_error="skip"``, by reason.
     """
@@ -61,10 +61,13 @@ class Predictions:
         return (1.0 / (1.0 + np.exp(-self.logits.astype(np.float64)))).astype(np.float32)
 
     def metrics(self) -> Dict[str, Optional[float]]:
-        """``{"rows", "auc", "logloss"}``: AUC (exact, ties at mid-rank) and log loss (nats) when labels are
-        present and hold both classes, else None."""
-        out: Dict[str, Optional[float]] = {"rows": int(self.logits.shape[0]), "auc": None, "logloss": None}
-        if self.labels is not None and self.labels.size:
+        """``{"rows", "auc", "logloss"}``: AUC (exact, ties at mid-rank; None unless the labels hold both classes)
+        and log loss (nats); ``{"rows"}`` only for unlabelled rows."""
+        out: Dict[str, Optional[float]] = {"rows": int(self.logits.shape[0])}
+        if self.labels is None:
+            return out
+        out.update({"auc": None, "logloss": None})
+        if self.labels.size:
             out["logloss"] = log_loss(self.labels, self.probs)
             if 0 < int(self.labels.sum()) < self.labels.size:
                 out["auc"] = roc_auc(self.labels, self.logits)
@@ -158,7 +161,7 @@ def encode_rows(
     columns: Dict[str, np.ndarray], fields: List[str], dense_fields: List[str]
 ) -> Tuple[torch.Tensor, KeyedJaggedTensor]:
     """Encoded columns (:func:`~multiembed.data.convert.encode_table`) -> ``(dense [n, num_dense], KJT)``."""
-    n = columns[LABEL_COLUMN].shape[0]
+    n = columns[fields[0]].shape[0]
     values = torch.from_numpy(np.concatenate([columns[f] for f in fields]).astype(np.int64, copy=False))
     sparse = KeyedJaggedTensor.from_lengths_sync(
         keys=fields, values=values, lengths=torch.ones(n * len(fields), dtype=torch.int32)
@@ -179,6 +182,10 @@ def predict_raw(
     """Predicts every line of a raw Criteo / Avazu file (the format the artifact's training data was converted
     from; ``.gz`` allowed), through the converter's tokenisation and the artifact's vocabulary.
 
+    Rows without the label column (Criteo Kaggle ``test.txt``: 39 columns; Avazu ``test`` without ``click``) are
+    predicted too, told apart by the file's first line (:func:`~multiembed.data.rawlog.row_layout`); their
+    predictions have no labels.
+
     Args:
         artifact: the loaded artifact.
         path: the raw file.
@@ -194,6 +201,7 @@ def predict_raw(
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     fmt, mode, seed, vocab = artifact_vocabulary(artifact)
+    fmt = row_layout(path, fmt)
     scan_source(path, fmt)  # a regular, readable, non-empty file with the format's header
     manifest = artifact.manifest
     parser = ChunkParser(fmt, str(path), on_error)
@@ -210,13 +218,15 @@ def predict_raw(
             rows.append(parsed.rows if parsed.rows is not None else parsed.first_row + np.arange(n, dtype=np.int64))
             for start in range(0, n, batch_size):
                 columns = encode_table(parsed.table.slice(start, batch_size), fmt, mode, vocab, seed)
-                labels.append(columns[LABEL_COLUMN])
+                if LABEL_COLUMN in columns:
+                    labels.append(columns[LABEL_COLUMN])
                 yield encode_rows(columns, manifest.fields, manifest.dense_fields)
 
     logits = _run(artifact, batches())
+    labelled = fmt.label_column is not None
     return Predictions(
         logits,
-        np.concatenate(labels) if labels else np.zeros(0, dtype=np.int8),
+        (np.concatenate(labels) if labels else np.zeros(0, dtype=np.int8)) if labelled else None,
         np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64),
         skipped,
     )
