@@ -57,7 +57,7 @@ def test_every_installed_folder_has_a_layer_rule() -> None:
     import tomllib
 
     config = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
-    installed = {name.split(".", 1)[1] for name in config["tool"]["setuptools"]["packages"]}
+    installed = {name.split(".")[1] for name in config["tool"]["setuptools"]["packages"]}
     assert installed <= set(ALLOWED), f"no import rule for {sorted(installed - set(ALLOWED))}"
 
 

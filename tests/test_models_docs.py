@@ -17,6 +17,7 @@ MODULES = [
     "multiembed.models.model",
     "multiembed.models.zoo",
     "multiembed.models.hetero",
+    "multiembed.models.backbones",
     "multiembed.models.cpu_fastpath",
     "multiembed.data.loader",
     "multiembed.config.options",
