@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from multiembed.models.backbones import REGISTRY, SetArchContext, get_backbone
-from multiembed.models.hetero import COMBINERS, SetGate
+from multiembed.config.choices import Combiner
+from multiembed.models.hetero import SetGate
 from multiembed.models.model import MultiEmbeddingModel, SetDenseArch
 from multiembed.models.names import ModelSpec, parse_model_name
 from multiembed.models.set_arch import SetInteractionArch
@@ -183,8 +184,7 @@ def build_model(
         raise ValueError(f"num_dense must be >= 0, got {num_dense}")
     if hidden < 1:
         raise ValueError(f"hidden must be >= 1, got {hidden}")
-    if combiner not in COMBINERS:
-        raise ValueError(f"combiner: unknown {combiner!r}; choose from {', '.join(COMBINERS)}")
+    Combiner.parse(combiner, "combiner")
     backbone = get_backbone(spec.backbone)
     options = backbone.resolve_options(spec.name, backbone_overrides)
     if dense_device is None:

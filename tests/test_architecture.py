@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 ALLOWED: Dict[str, Set[str]] = {
     "data": set(),
     "config": set(),
-    "models": {"data"},
+    "models": {"data", "config"},
     "sharding": {"data", "config", "models"},
     "collapse": {"data", "config", "models", "sharding"},
     "training": {"data", "config", "models", "sharding", "collapse"},

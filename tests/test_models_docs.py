@@ -22,6 +22,8 @@ MODULES = [
     "multiembed.data.loader",
     "multiembed.config.options",
     "multiembed.cli.errors",
+    "multiembed.cli.deprecated",
+    "multiembed.config.choices",
     "multiembed.config.presets",
     "multiembed.benchmarks.bench_precision",
 ]

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from multiembed.config.choices import Device
 from multiembed.training.quiet import silence_known_warnings
 
 
@@ -77,8 +78,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
     Raises:
         ValueError: ``device="cuda"`` without a visible GPU, or an unknown device.
     """
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device: expected auto, cpu or cuda, got {device!r}")
+    Device.parse(device, "--device")
     # Every job starts here: silence the known third-party warnings once, before TorchRec builds anything.
     silence_known_warnings()
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
