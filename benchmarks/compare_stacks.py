@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from multiembed.data.metadata import atomic_write_text
-from multiembed.data.synthetic import log_loss, roc_auc
+from multiembed.data.metrics import log_loss, roc_auc
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_ARGS = ["--model", "dcnv2-me-4x", "--batch-size", "2048", "--rows-per-set", "1100000", "--steps", "20",

@@ -48,7 +48,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Counter, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Counter, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -57,8 +57,6 @@ from multiembed.data.formats import HASHING_MODE, MODES, PAPER_MODE, RawFormat, 
 from multiembed.data.malloc import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, set_malloc_options
 from multiembed.data.locking import LOCK_FILE, exclusive_lock
 from multiembed.data.metadata import (
-    DENSE_PREFIX,
-    LABEL_COLUMN,
     METADATA_FILE,
     SPLITS,
     DatasetError,
@@ -88,8 +86,16 @@ from multiembed.data.splits import (
     parse_split_weights,
     random_file_counts,
 )
-from multiembed.data.tokens import MAX_HASH_SIZE, dense_log1p
-from multiembed.data.vocab import VOCAB_FILE, CountedVocabulary, HashingVocabulary, VocabularyCounter, field_keys
+from multiembed.data.tokens import MAX_HASH_SIZE
+from multiembed.data.encode import encode_table
+from multiembed.data.vocab import (
+    VOCAB_FILE,
+    CountedVocabulary,
+    HashingVocabulary,
+    Vocabulary,
+    VocabularyCounter,
+    field_keys,
+)
 
 STATE_DIR = ".convert"
 # Version of what assigns rows to splits (parsing rules, exact-count random or by-file assignment): part of every
@@ -100,7 +106,6 @@ COMPRESSIONS = ("none", "snappy", "zstd", "lz4", "gzip")
 _PART_NAME = re.compile(r"^part-(\d{5,})\.parquet$")
 _TEMP_NAME = re.compile(r"^\.part-\d{5,}\.parquet\.tmp-\d+$")
 
-Vocabulary = Union[HashingVocabulary, CountedVocabulary]
 
 
 class OutputError(OSError):
@@ -465,30 +470,6 @@ def _count_vocabulary(
         _count_tokens(fmt, resolved, [s.path for s in scans], counter, bar)
     assert resolved.min_count is not None
     return counter.finish(fmt.name, resolved.min_count, resolved.hash_seed)
-
-
-def encode_table(table: pa.Table, fmt: RawFormat, mode: str, vocab: Vocabulary, hash_seed: int) -> Dict[str, np.ndarray]:
-    """The output columns of parsed rows: ``label`` int8, one int64 id column per field, ``dense_<name>`` float32.
-
-    Args:
-        table: a parsed chunk's table (:class:`multiembed.data.rawlog.ParsedChunk`).
-        fmt: its raw format.
-        mode: vocabulary mode.
-        vocab: the vocabulary.
-        hash_seed: seed of the token hash.
-
-    Returns:
-        ``{column: array [rows]}`` in schema order.
-    """
-    columns: Dict[str, np.ndarray] = {
-        LABEL_COLUMN: table.column(fmt.label_column).to_numpy().astype(np.int8, copy=False)
-    }
-    for field in vocab.fields:
-        keys = field_keys(fmt, mode, table.column(field), field, hash_seed)
-        columns[field] = vocab.encode(field, keys)
-    for name in fmt.dense_fields:
-        columns[DENSE_PREFIX + name] = dense_log1p(table.column(name))
-    return columns
 
 
 def _part_path(split: str, index: int) -> str:

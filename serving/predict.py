@@ -27,12 +27,12 @@ import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from multiembed.data.convert import encode_table
+from multiembed.data.encode import encode_table
 from multiembed.data.formats import HASHING_MODE, RawFormat, raw_format
 from multiembed.data.loader import ParquetBatchLoader
 from multiembed.data.metadata import DENSE_PREFIX, LABEL_COLUMN, atomic_write, read_metadata
 from multiembed.data.rawlog import ON_ERROR_CHOICES, ChunkParser, iter_chunks, scan_source
-from multiembed.data.synthetic import log_loss, roc_auc
+from multiembed.data.metrics import log_loss, roc_auc
 from multiembed.data.vocab import CountedVocabulary, HashingVocabulary
 from multiembed.serving.artifact import RAW_PREPROCESSING, ArtifactError, ServingArtifact
 

@@ -110,10 +110,18 @@ def load() -> Dict[str, ModuleInfo]:
     return modules
 
 
+def _discovered(name: str, info: ModuleInfo, modules: Dict[str, ModuleInfo]) -> Set[str]:
+    """The submodules a package's ``__init__`` imports by listing itself (``pkgutil.iter_modules(__path__)``)."""
+    if info.path.name != "__init__.py" or "pkgutil.iter_modules(__path__)" not in info.path.read_text("utf-8"):
+        return set()
+    return {other for other in modules if other.rpartition(".")[0] == name}
+
+
 def edges(modules: Dict[str, ModuleInfo]) -> Dict[str, Set[str]]:
-    """Module -> the package modules it imports (itself excluded)."""
+    """Module -> the package modules it imports (itself excluded), discovered submodules included."""
     return {
         name: {imp.module for imp in info.imports if imp.module in modules and imp.module != name}
+        | _discovered(name, info, modules)
         for name, info in modules.items()
     }
 

@@ -14,6 +14,8 @@ from typing import Dict, Iterator, Set, Tuple
 
 import pytest
 
+import import_graph
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Layer -> the layers it may import (itself always allowed).
@@ -82,3 +84,10 @@ def test_the_rule_catches_an_upward_import(tmp_path: Path) -> None:
     module = tmp_path / "bad.py"
     module.write_text("def f():\n    from multiembed.training.trainer import Trainer\n")
     assert list(_package_imports(module)) == [(2, "training")]
+
+
+def test_serving_reaches_neither_the_converter_nor_the_generator() -> None:
+    """``multiembed predict`` encodes raw rows and scores them through ``data.encode`` and ``data.metrics``."""
+    graph = import_graph.edges(import_graph.load())
+    reached = import_graph.closure(graph, "multiembed.serving.predict")
+    assert not {m for m in reached if m.startswith(("multiembed.data.convert", "multiembed.data.synthetic"))}

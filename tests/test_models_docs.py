@@ -20,6 +20,7 @@ MODULES = [
     "multiembed.models.backbones",
     "multiembed.models.cpu_fastpath",
     "multiembed.data.loader",
+    "multiembed.data.metrics",
     "multiembed.config.options",
     "multiembed.cli.errors",
     "multiembed.cli.deprecated",
