@@ -72,7 +72,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from multiembed.benchmarks import bench_memory, machine
-from multiembed.data.stack import installed_versions
+from multiembed.runtime.stack import installed_versions
 from multiembed.models.precision import check_precision, dense_autocast
 
 import torch
@@ -346,7 +346,7 @@ def retain_freed_memory() -> None:
     Raises:
         OSError: not glibc, or ``mallopt`` refused.
     """
-    from multiembed.data.malloc import M_MMAP_MAX, M_TOP_PAD, M_TRIM_THRESHOLD, set_malloc_options
+    from multiembed.runtime.malloc import M_MMAP_MAX, M_TOP_PAD, M_TRIM_THRESHOLD, set_malloc_options
 
     if not set_malloc_options([(M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 64 * 2**20)]):
         raise OSError("--malloc retain needs Linux glibc, and glibc accepting mallopt")

@@ -73,7 +73,7 @@ def _last_json_line(log: Path) -> Any:
 
 
 def _versions(stack: str) -> Dict[str, str]:
-    code = "import json, multiembed.data.stack as s; print(json.dumps(s.installed_versions()))"
+    code = "import json, multiembed.runtime.stack as s; print(json.dumps(s.installed_versions()))"
     out = subprocess.run([str(venv_of(stack) / "bin" / "python"), "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT).stdout
     return json.loads(out)

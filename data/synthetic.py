@@ -73,7 +73,7 @@ from multiembed.data.metadata import (
     SplitFiles,
     write_metadata,
 )
-from multiembed.data.locking import exclusive_lock
+from multiembed.runtime.locking import exclusive_lock
 from multiembed.data.presets import CRITEO_CAT_FIELDS, CRITEO_INT_FIELDS, preset
 
 GENERATOR_VERSION = 1

@@ -1,7 +1,8 @@
 """The package's layers import only what comes before them in the data flow (README, "Architecture").
 
-raw logs -> data -> models -> sharding -> collapse -> training -> serving / analysis -> cli; ``config`` (the options,
-torch-free) sits at the bottom beside ``data``; ``benchmarks`` and ``torchx_components.py`` sit on top. Every
+runtime -> raw logs -> data -> models -> sharding -> collapse -> training -> serving / analysis -> cli; ``runtime``
+(the stack check, malloc tuning, locks) is the bottom and imports nothing; ``config`` (the options, torch-free) sits
+beside ``data``; ``benchmarks`` and ``torchx_components.py`` sit on top. Every
 ``import multiembed.X`` / ``from multiembed.X import ...`` of every module, at any depth (function-level imports
 too), is checked.
 """
@@ -20,16 +21,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Layer -> the layers it may import (itself always allowed).
 ALLOWED: Dict[str, Set[str]] = {
-    "data": set(),
+    "runtime": set(),
+    "data": {"runtime"},
     "config": set(),
-    "models": {"data", "config"},
-    "sharding": {"data", "config", "models"},
-    "collapse": {"data", "config", "models", "sharding"},
-    "training": {"data", "config", "models", "sharding", "collapse"},
-    "serving": {"data", "config", "models", "sharding", "collapse", "training"},
-    "analysis": {"data", "config", "models", "sharding", "collapse", "training"},
-    "cli": {"data", "config", "models", "sharding", "collapse", "training", "serving", "analysis", "benchmarks"},
-    "benchmarks": {"data", "config", "models", "sharding", "collapse", "training", "serving", "analysis"},
+    "models": {"runtime", "data", "config"},
+    "sharding": {"runtime", "data", "config", "models"},
+    "collapse": {"runtime", "data", "config", "models", "sharding"},
+    "training": {"runtime", "data", "config", "models", "sharding", "collapse"},
+    "serving": {"runtime", "data", "config", "models", "sharding", "collapse", "training"},
+    "analysis": {"runtime", "data", "config", "models", "sharding", "collapse", "training"},
+    "cli": {
+        "runtime", "data", "config", "models", "sharding", "collapse", "training", "serving", "analysis", "benchmarks",
+    },
+    "benchmarks": {"runtime", "data", "config", "models", "sharding", "collapse", "training", "serving", "analysis"},
 }
 
 

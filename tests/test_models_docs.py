@@ -21,6 +21,7 @@ MODULES = [
     "multiembed.models.cpu_fastpath",
     "multiembed.data.loader",
     "multiembed.data.metrics",
+    "multiembed.data.convert",
     "multiembed.config.options",
     "multiembed.cli.errors",
     "multiembed.cli.deprecated",

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 import torch
 from torch import nn
 from multiembed.config.choices import DenseOptimizer, SparseOptimizer
-from multiembed.data.stack import private_api_error
+from multiembed.runtime.stack import private_api_error
 
 try:  # torch's in-backward optimizer registration, which TorchRec's sharders read (no public equivalent)
     from torch.distributed.optim import _apply_optimizer_in_backward

@@ -40,3 +40,17 @@ def set_malloc_options(settings: Sequence[Tuple[int, int]]) -> bool:
     except (OSError, AttributeError):
         return False
     return all(mallopt(parameter, value) == 1 for parameter, value in settings)
+
+
+def tune_allocator() -> None:
+    """Keeps freed memory in glibc's heap instead of returning it to the kernel after every chunk.
+
+    Encoding allocates and frees numpy temporaries of a few MB per column and chunk; glibc maps each with ``mmap``
+    and unmaps it on free, so every new one page-faults again, at several times the cost of the numpy work itself
+    (benchmarks/README.md, "Conversion: encoding and allocator choices"). Raising the mmap and trim thresholds
+    makes the heap reuse those pages; peak memory is unchanged (the same temporaries are live at the peak).
+    Process-wide, so only the ``convert`` command (and its pool's workers) call it; a no-op where the C library is
+    not glibc.
+    """
+    # glibc refuses an mmap threshold above 32 MiB on 64-bit.
+    set_malloc_options([(M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30)])
