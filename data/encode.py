@@ -16,7 +16,9 @@ from multiembed.data.tokens import dense_log1p
 from multiembed.data.vocab import Vocabulary, field_keys
 
 
-def encode_table(table: pa.Table, fmt: RawFormat, mode: str, vocab: Vocabulary, hash_seed: int) -> Dict[str, np.ndarray]:
+def encode_table(
+    table: pa.Table, fmt: RawFormat, mode: str, vocab: Vocabulary, hash_seed: int
+) -> Dict[str, np.ndarray]:
     """The output columns of parsed rows: ``label`` int8, one int64 id column per field, ``dense_<name>`` float32.
 
     Args:

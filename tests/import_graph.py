@@ -18,7 +18,10 @@ from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 # The installed sub-packages (pyproject's package-dir) and torchx's component file.
-LAYERS = ("runtime", "data", "config", "models", "sharding", "collapse", "training", "serving", "analysis", "cli", "benchmarks")
+LAYERS = (
+    "runtime", "data", "config", "models", "sharding", "collapse", "training", "serving", "analysis", "cli",
+    "benchmarks",
+)
 
 
 @dataclass(frozen=True)

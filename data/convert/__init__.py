@@ -4,15 +4,17 @@ One call of :func:`convert` (:mod:`~multiembed.data.convert.run`) runs these ste
 
 1. checks the options (:mod:`~multiembed.data.convert.options`: no file twice, by device and inode), takes the
    output directory's lock (:mod:`multiembed.runtime.locking`: one job per directory), refuses a symbolic link
-   inside it (:mod:`~multiembed.data.convert.outputs`) and a finished
-   dataset of other options or inputs (unless ``overwrite``), and checks every input
-   (:func:`multiembed.data.rawlog.scan_source`: a regular file, readable, not empty, complete gzip stream, header;
-   data rows counted; size, mtime and a SHA-256 of every byte recorded in the same pass);
-2. gets the vocabulary (:mod:`~multiembed.data.convert.count`): ``--vocab-from DIR``'s, a hashing vocabulary (nothing to count), or in paper mode a counting
-   pass over all inputs (saved as ``vocab.npz``; reused by a resumed run with the same inputs and options);
-3. encodes each input (:mod:`~multiembed.data.convert.write`) in one streaming pass into ``{train,val,test}/part-<input index>.parquet``: chunks parsed by
-   pyarrow in a background thread, tokens encoded with numpy in this one, Parquet written by a third; each output
-   is renamed into place when complete and the input's manifest (``.convert/part-<index>.json``) written last;
+   inside it and a finished dataset of other options or inputs, unless ``overwrite``
+   (:mod:`~multiembed.data.convert.outputs`), and checks every input (:func:`multiembed.data.rawlog.scan_source`:
+   a regular file, readable, not empty, complete gzip stream, header; data rows counted; size, mtime and a SHA-256
+   of every byte recorded in the same pass);
+2. gets the vocabulary (:mod:`~multiembed.data.convert.count`): ``--vocab-from DIR``'s, a hashing vocabulary
+   (nothing to count), or in paper mode a counting pass over all inputs (saved as ``vocab.npz``; reused by a resumed
+   run with the same inputs and options);
+3. encodes each input (:mod:`~multiembed.data.convert.write`) in one streaming pass into
+   ``{train,val,test}/part-<input index>.parquet``: chunks parsed by pyarrow in a background thread, tokens encoded
+   with numpy in this one, Parquet written by a third; each output is renamed into place when complete and the
+   input's manifest (``.convert/part-<index>.json``) written last;
 4. writes ``metadata.json`` (the contract of :mod:`multiembed.data.metadata`) atomically
    (:mod:`~multiembed.data.convert.dataset`).
 

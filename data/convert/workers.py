@@ -82,8 +82,8 @@ def _init_worker(resolved: ResolvedOptions, dataset: str, threads: int, stop: An
 
 
 class _WorkerBar:
-    """The progress bar :func:`~multiembed.data.convert.write.convert_input` updates after every chunk: adds to the parent's shared counter and
-    stops the worker when the parent asks."""
+    """The progress bar :func:`~multiembed.data.convert.write.convert_input` updates after every chunk: adds to the
+    parent's shared counter and stops the worker when the parent asks."""
 
     def update(self, rows: int) -> None:
         progress = _WORKER["progress"]
