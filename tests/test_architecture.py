@@ -67,6 +67,20 @@ def test_every_installed_folder_has_a_layer_rule() -> None:
     assert installed <= set(ALLOWED), f"no import rule for {sorted(installed - set(ALLOWED))}"
 
 
+def test_every_subpackage_is_installed() -> None:
+    """A regular ``pip install .`` installs only the listed packages: every folder with an ``__init__.py`` is one."""
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    listed = set(config["tool"]["setuptools"]["packages"])
+    found = {
+        "multiembed." + ".".join(init.parent.relative_to(REPO).parts)
+        for layer in _layers()
+        for init in (REPO / layer).rglob("__init__.py")
+    }
+    assert found <= listed, f"not in pyproject's packages: {sorted(found - listed)}"
+
+
 @pytest.mark.parametrize("layer", list(_layers()))
 def test_layer_imports_only_what_comes_before_it(layer: str) -> None:
     problems = []
