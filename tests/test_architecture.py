@@ -156,3 +156,9 @@ def test_the_checks_catch_a_cycle_and_a_private_import(tmp_path: Path, monkeypat
     modules = import_graph.load()
     assert import_graph.cycles(import_graph.edges(modules)) == [["multiembed.data.a", "multiembed.data.b"]]
     assert import_graph.private_imports(modules) == ["data/a.py:1 imports multiembed.data.b._hidden"]
+
+
+def test_no_source_file_over_800_lines() -> None:
+    """A reader holds one file at a time: a module that outgrows this is split by step or part."""
+    long = {str(m.path.relative_to(REPO)): m.lines for m in import_graph.load().values() if m.lines > 800}
+    assert not long, f"over 800 lines: {long}"
