@@ -374,7 +374,7 @@ def convert(
 
     Rank 0 holds the output's lock, makes the decisions and writes ``metadata.json`` last; input ``i`` is scanned and
     counted on rank ``i mod world`` and the inputs still to convert are shared round-robin
-    (``multiembed/data/convert_nodes.py``). The output is the same as one ``multiembed convert`` process's. Criteo 1TB
+    (``multiembed/data/convert/nodes.py``). The output is the same as one ``multiembed convert`` process's. Criteo 1TB
     on 24 nodes::
 
         torchx run -s slurm ./torchx_components.py:convert --dataset criteo-1tb --out /shared/criteo-1tb \\

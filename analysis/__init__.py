@@ -1,3 +1,3 @@
 """Collapse analysis reports and the scaling study (the last stage of the data flow)."""
 
-import multiembed.data.stack_check  # noqa: F401  (checks the TorchRec stack before any torchrec import)
+import multiembed.runtime.stack_check  # noqa: F401  (checks the TorchRec stack before any torchrec import)

@@ -5,4 +5,4 @@ They sit on top of the package (they import it; nothing in the package imports t
 command). Results and how they were measured: ``benchmarks/README.md``.
 """
 
-import multiembed.data.stack_check  # noqa: F401  (checks the TorchRec stack before any torchrec import)
+import multiembed.runtime.stack_check  # noqa: F401  (checks the TorchRec stack before any torchrec import)

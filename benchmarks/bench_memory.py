@@ -3,7 +3,8 @@ of short training runs at two table sizes, each in a fresh process (``multiembed
 
 Method
     For each contender and each of two sizes ``R1 < R2`` (rows per set, spread over Criteo's 39 fields as
-    :func:`~multiembed.benchmarks.bench_train.scaled_vocab_sizes`), a fresh Python process builds the model, trains
+    :func:`~multiembed.benchmarks.bench_train_workload.scaled_vocab_sizes`), a fresh Python process builds the
+    model, trains
     ``steps`` steps on synthetic batches and reports its peak RSS (``VmHWM``, the high-water mark of its address
     space, so transient copies while the tables are built or the optimizer state is first created count too; not
     ``ru_maxrss``, which a child inherits from its parent at ``fork``). Everything that does not
@@ -96,13 +97,14 @@ def run_probe(spec: MemoryProbeSpec) -> Dict[str, Any]:
     """
     import torch
 
-    from multiembed.benchmarks import bench_train
+    from multiembed.benchmarks.bench_train_baseline import BaselineRunner
+    from multiembed.benchmarks.bench_train_workload import make_batches, scaled_vocab_sizes
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    vocab = bench_train.scaled_vocab_sizes(spec.rows_per_set)
+    vocab = scaled_vocab_sizes(spec.rows_per_set)
     device = torch.device("cpu")
-    batches = bench_train.make_batches(vocab, spec.batch_size, 2, spec.seed, spec.id_exponent, device)
+    batches = make_batches(vocab, spec.batch_size, 2, spec.seed, spec.id_exponent, device)
     started = time.perf_counter()
     result: Dict[str, Any] = {"rows_per_set_actual": sum(vocab.values())}
     if spec.kind == "project":
@@ -134,7 +136,7 @@ def run_probe(spec: MemoryProbeSpec) -> Dict[str, Any]:
         finally:
             destroy()
     elif spec.kind == "savvy":
-        runner = bench_train.BaselineRunner(spec.model, vocab, device, spec.hidden, spec.dropout, spec.seed,
+        runner = BaselineRunner(spec.model, vocab, device, spec.hidden, spec.dropout, spec.seed,
                                             kind="savvy")
         result["peak_rss_after_build_bytes"] = _peak_rss_bytes()
         runner.run(batches, spec.steps)

@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from multiembed.data.metadata import atomic_write_text
-from multiembed.data.synthetic import log_loss, roc_auc
+from multiembed.data.metrics import log_loss, roc_auc
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_ARGS = ["--model", "dcnv2-me-4x", "--batch-size", "2048", "--rows-per-set", "1100000", "--steps", "20",
@@ -73,7 +73,7 @@ def _last_json_line(log: Path) -> Any:
 
 
 def _versions(stack: str) -> Dict[str, str]:
-    code = "import json, multiembed.data.stack as s; print(json.dumps(s.installed_versions()))"
+    code = "import json, multiembed.runtime.stack as s; print(json.dumps(s.installed_versions()))"
     out = subprocess.run([str(venv_of(stack) / "bin" / "python"), "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT).stdout
     return json.loads(out)

@@ -91,6 +91,7 @@ import torch.nn.functional as F
 
 from multiembed.benchmarks.paper_baseline import PaperMultiDCNv2
 from multiembed.data.convert import ConvertOptions, convert
+from multiembed.data.metrics import roc_auc
 from multiembed.data.metadata import DatasetMetadata, atomic_write_text, read_metadata, split_identity
 from multiembed.models.names import parse_model_name
 
@@ -244,25 +245,6 @@ def read_split(meta: DatasetMetadata, data_dir: Path, split: str) -> Tuple[torch
 
 
 # ------------------------------------------------------------------------------------------------------ metrics
-def exact_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """ROC AUC with tied scores counted half (``sklearn.metrics.roc_auc_score``'s definition)."""
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    pos = labels > 0.5
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
 def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
     """AUC and log loss as the package's evaluation computes them (``training.metrics.EvalMetrics``), plus
     ``auc_exact``."""
@@ -272,7 +254,8 @@ def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, flo
     metrics = EvalMetrics(rows_per_rank=n, batch_size=n, world_size=1, rank=0, device=torch.device("cpu"))
     metrics.update(logits, labels, torch.ones(n))
     out = metrics.compute()
-    out["auc_exact"] = exact_auc(logits.double().numpy(), labels.numpy())
+    both_classes = 0 < int((labels > 0.5).sum()) < n
+    out["auc_exact"] = roc_auc(labels.numpy() > 0.5, logits.double().numpy()) if both_classes else float("nan")
     return out
 
 

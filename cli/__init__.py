@@ -15,8 +15,10 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from typing import List, Optional, Sequence
 
+from multiembed.cli.deprecated import one_line_warnings
 from multiembed.cli.errors import report_error
 
 # Subcommand modules, in the order `multiembed --help` lists them.
@@ -41,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs one subcommand; returns the process exit status."""
+    warnings.formatwarning = one_line_warnings(warnings.formatwarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from multiembed.config import TrainConfig, add_arguments
+from multiembed.config.choices import Device
 
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -31,7 +32,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         help="an earlier analysis drawn next to this one in ia_sets.png (e.g. SE of the same scale); repeatable",
     )
     p.add_argument("--data", default=None, help="dataset directory to use if the run's has moved (same vocabulary)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=Device.choices(), default="auto")
     add_arguments(p, TrainConfig, ["collapse_warn"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -155,9 +155,11 @@ def run(args: argparse.Namespace) -> int:
         record = harness.run_benchmark(config, command_line(args))
         import torch.distributed as dist
 
+        from multiembed.benchmarks.bench_train_report import format_table, write_json
+
         if not dist.is_initialized() or dist.get_rank() == 0:
-            harness.write_json(record, args.json)
-            print(harness.format_table(record))
+            write_json(record, args.json)
+            print(format_table(record))
     finally:
         destroy()
     return 0

@@ -74,8 +74,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 def run(args: argparse.Namespace) -> int:
     import signal
 
-    from multiembed.data.convert import ConvertOptions, convert, summary_lines, tune_allocator
+    from multiembed.data.convert import ConvertOptions, convert, summary_lines
     from multiembed.data.parquet_io import DEFAULT_COMPRESSION, DEFAULT_ROW_GROUP_SIZE
+    from multiembed.runtime.malloc import tune_allocator
 
     # Past a file-size limit (ulimit -f) the kernel would kill the process with SIGXFSZ and no message; ignored,
     # the write fails with EFBIG instead and is reported like a full disk.
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     # Under torchrun (the torchx `convert` component) the ranks convert their shares of the inputs into one dataset.
     nodes = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from multiembed.data.convert_nodes import init_node_group
+        from multiembed.data.convert.nodes import init_node_group
 
         nodes = init_node_group()
     try:

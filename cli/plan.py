@@ -13,12 +13,16 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from multiembed.cli.deprecated import add_deprecated_alias
 from multiembed.config import ShardingStrategy, TrainConfig, add_arguments
 
 # The run options that decide what is planned (the model and its tables' optimizer state).
 PLAN_MODEL_OPTIONS = (
     "model", "hidden", "layout", "dense_features", "sparse_optimizer", "table_dtype", "experts", "combiner",
 )
+
+# The run options `plan` takes as `multiembed train` does.
+PLAN_OPTIONS = ("sharding", "batch_size", *PLAN_MODEL_OPTIONS)
 
 DEFAULT_HOST_SIZE = 8
 
@@ -50,7 +54,6 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="device of each rank (default: cuda)")
     p.add_argument("--hbm-gb", type=float, default=None, help="GPU memory per rank in GiB (default: TorchRec's, 32)")
     p.add_argument("--ddr-gb", type=float, default=None, help="host memory per rank in GiB (default: TorchRec's, 128)")
-    p.add_argument("--strategy", choices=ShardingStrategy.choices(), default="auto", help="sharding strategy")
     p.add_argument(
         "--override",
         action="append",
@@ -64,14 +67,15 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         default=None,
         help="column-shard width (default: the model's stored width of one embedding set)",
     )
-    p.add_argument("--batch-size", type=int, default=2048, help="per-rank batch size (default: 2048)")
     p.add_argument(
         "--multi-hot",
         action="store_true",
         help="size inputs for the preset's multi-hot variant (criteo-1tb: MLPerf DLRM-DCNv2 ids per sample)",
     )
-    # The model and optimizer options are the trainer's own, so the plan sizes what `multiembed train` would run.
-    add_arguments(p, TrainConfig, PLAN_MODEL_OPTIONS)
+    # The model, sharding, batch and optimizer options are the trainer's own (same spelling, same meaning), so the
+    # plan sizes what `multiembed train` would run.
+    add_arguments(p, TrainConfig, PLAN_OPTIONS)
+    add_deprecated_alias(p, "--strategy", "--sharding")
     p.add_argument("--json", metavar="OUT", default=None, help="also write the plan summary as JSON to OUT")
     p.set_defaults(func=run)
 
@@ -139,9 +143,10 @@ def run(args: argparse.Namespace) -> int:
     label, vocab_sizes, num_dense, pooling, exact = resolve_data(args.data, args.multi_hot)
     local_world_size = args.local_world_size or default_local_world_size(args.world_size)
     config = TrainConfig(
-        data=label, out="", sharding=args.strategy, **{name: getattr(args, name) for name in PLAN_MODEL_OPTIONS},
+        data=label, out="", **{name: getattr(args, name) for name in PLAN_OPTIONS},
     )
     config.validate()
+    local_batch = config.local_batch_size(args.world_size)
     # The capacity the planner works with (TorchRec's defaults where no size was given).
     topology = build_topology(args.world_size, local_world_size, args.device, hbm_gb=args.hbm_gb, ddr_gb=args.ddr_gb)
     storage = topology.devices[0].storage
@@ -153,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         world_size=args.world_size,
         local_world_size=local_world_size,
         device_type=args.device,
-        batch_size=args.batch_size,
+        batch_size=local_batch,
         overrides=overrides,
         set_width=args.set_width,
         hbm_gb=args.hbm_gb,
@@ -167,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model,
         "data": label,
         "vocabulary_exact": exact,
-        "strategy": args.strategy,
+        "strategy": config.sharding,
         "overrides": overrides,
         "sparse_optimizer": sparse_optimizer,
         "multi_hot": bool(args.multi_hot),
@@ -175,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     estimate = "" if exact else " (vocabulary sizes are estimates)"
     print(
         f"{args.model} on {label}{estimate}: {sum(vocab_sizes.values()):,} ids over {len(vocab_sizes)} fields; "
-        f"strategy {args.strategy}; sparse optimizer {sparse_optimizer}; {args.device}"
+        f"strategy {config.sharding}; sparse optimizer {sparse_optimizer}; {args.device}"
     )
     print(format_summary(summary))
     if args.json:

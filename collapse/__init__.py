@@ -26,7 +26,7 @@ Example::
     True
 """
 
-import multiembed.data.stack_check  # noqa: F401  (checks the TorchRec stack before any torchrec import)
+import multiembed.runtime.stack_check  # noqa: F401  (checks the TorchRec stack before any torchrec import)
 
 from multiembed.collapse.adapters import collapse_from_model, first_cross_weights, unwrap_model
 from multiembed.collapse.result import CollapseResult, summarize_sets

@@ -124,7 +124,7 @@ def local_shards_from_tensors(
     """
     from torch.distributed.tensor import DTensor
 
-    from multiembed.data.stack import private_api_error
+    from multiembed.runtime.stack import private_api_error
 
     try:  # TorchRec 1.8 still hands out sharded tables as ShardedTensor (no public import path)
         from torch.distributed._shard.sharded_tensor import ShardedTensor

@@ -6,11 +6,25 @@ This module imports nothing heavy, so command-line parsers can list and validate
 from __future__ import annotations
 
 import enum
-from typing import List, Union
+from typing import List, Tuple, TypeVar, Union
+
+C = TypeVar("C", bound="Choice")
 
 
 class Choice(str, enum.Enum):
-    """An option with fixed choices: each member's value is its command-line spelling."""
+    """An option with fixed choices: each member's value is its command-line spelling.
+
+    Every layer checks a value through :meth:`parse`, so each choice is defined and checked in one place.
+
+    Example::
+
+        >>> Layout.parse("per_set", "--layout")
+        <Layout.PER_SET: 'per_set'>
+        >>> Layout.parse("rows", "--layout", noun="layout")
+        Traceback (most recent call last):
+        ...
+        ValueError: --layout: unknown layout 'rows'; choose from fused, per_set
+    """
 
     def __str__(self) -> str:
         return self.value
@@ -19,6 +33,37 @@ class Choice(str, enum.Enum):
     def choices(cls) -> List[str]:
         """The valid spellings, in documentation order."""
         return [member.value for member in cls]
+
+    @classmethod
+    def values(cls) -> Tuple[str, ...]:
+        """The valid spellings as a tuple (for module constants such as ``LAYOUTS``)."""
+        return tuple(cls.choices())
+
+    @classmethod
+    def normalize(cls, value: str) -> str:
+        """The spelling ``value`` is looked up as (exact by default)."""
+        return value
+
+    @classmethod
+    def parse(cls: "type[C]", value: Union[str, "Choice"], where: str, noun: str = "") -> C:
+        """Returns the member spelled ``value``.
+
+        Args:
+            value: a member or its spelling.
+            where: what to call the value in an error message (an option or a config key).
+            noun: what the value is, when ``where`` does not say it (``layout`` -> "unknown layout 'x'").
+
+        Raises:
+            ValueError: an unknown spelling; the one-line message lists the valid ones.
+        """
+        if isinstance(value, cls):
+            return value
+        name = cls.normalize(str(value))
+        for member in cls:
+            if member.value == name:
+                return member
+        what = f"unknown {noun} " if noun else "unknown "
+        raise ValueError(f"{where}: {what}{value!r}; choose from {', '.join(cls.choices())}")
 
 
 class SparseOptimizer(Choice):
@@ -35,6 +80,14 @@ class DenseOptimizer(Choice):
 
     ADAM = "adam"
     SGD = "sgd"
+
+
+class InitScheme(Choice):
+    """How the embedding tables are initialised (see ``multiembed.models.sparse_arch``)."""
+
+    XAVIER_SET = "xavier_set"
+    XAVIER_FIELD = "xavier_field"
+    TORCHREC = "torchrec"
 
 
 class Layout(Choice):
@@ -94,23 +147,25 @@ class ShardingStrategy(Choice):
     DATA_PARALLEL = "data_parallel"
 
     @classmethod
-    def parse(cls, value: Union[str, "ShardingStrategy"], where: str = "strategy") -> "ShardingStrategy":
+    def normalize(cls, value: str) -> str:
+        """``-`` and ``_`` are interchangeable, case does not matter."""
+        return value.strip().lower().replace("-", "_")
+
+    @classmethod
+    def parse(  # type: ignore[override]
+        cls, value: Union[str, "ShardingStrategy"], where: str = "strategy", noun: str = "sharding strategy"
+    ) -> "ShardingStrategy":
         """Returns the strategy called ``value`` (``-`` and ``_`` are interchangeable).
 
         Args:
             value: a strategy or its name.
             where: what to call the value in an error message (an option or a config key).
+            noun: what the value is, in the error message.
 
         Raises:
             ValueError: an unknown name; the message lists the valid ones.
         """
-        if isinstance(value, cls):
-            return value
-        name = str(value).strip().lower().replace("-", "_")
-        for strategy in cls:
-            if strategy.value == name:
-                return strategy
-        raise ValueError(f"{where}: unknown sharding strategy {value!r}; choose from {', '.join(cls.choices())}")
+        return super().parse(value, where, noun)
 
 
 class Combiner(Choice):

@@ -163,6 +163,23 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: pick one")
 
+    def local_batch_size(self, world_size: int) -> int:
+        """Rows per rank and step: the global ``batch_size`` split evenly over ``world_size`` ranks.
+
+        Raises:
+            ValueError: the batch does not divide evenly over the ranks.
+
+        Example::
+
+            >>> TrainConfig(data="d", model="dnn-me-2x", out="r", batch_size=2048).local_batch_size(8)
+            256
+        """
+        if world_size < 1 or self.batch_size % world_size:
+            raise ValueError(
+                f"--batch-size {self.batch_size} is the global batch and must divide evenly over {world_size} ranks"
+            )
+        return self.batch_size // world_size
+
 
 # Options that decide the model's parameters: a resumed run, an evaluation and an analysis rebuild the model from
 # these recorded values.

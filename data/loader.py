@@ -42,7 +42,7 @@ ahead. ``benchmarks/bench_loader.py`` measures it.
 
 from __future__ import annotations
 
-import multiembed.data.stack_check  # noqa: F401  (checks the TorchRec stack before any torchrec import)
+import multiembed.runtime.stack_check  # noqa: F401  (checks the TorchRec stack before any torchrec import)
 
 import dataclasses
 import logging

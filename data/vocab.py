@@ -25,7 +25,7 @@ import json
 import os
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -225,6 +225,10 @@ class CountedVocabulary:
                 return dict(json.loads(bytes(npz["header"]).decode()).get("extra", {}))
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             return None
+
+
+# Either vocabulary: what the converter builds and the encoder reads.
+Vocabulary = Union[HashingVocabulary, CountedVocabulary]
 
 
 def _merge_counts(keys: np.ndarray, counts: np.ndarray) -> "tuple[np.ndarray, np.ndarray]":

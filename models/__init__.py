@@ -10,7 +10,7 @@ Example::
     train_module = MultiEmbeddingTrain(model)
 """
 
-import multiembed.data.stack_check  # noqa: F401  (checks the TorchRec stack before any torchrec import)
+import multiembed.runtime.stack_check  # noqa: F401  (checks the TorchRec stack before any torchrec import)
 
 from multiembed.models.interactions import (
     BatchedCrossNet,

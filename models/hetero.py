@@ -18,12 +18,13 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import nn
 
+from multiembed.config.choices import Combiner
 from multiembed.models.set_arch import SetInteractionArch
 
 # Backbones whose set arch ends in a projection to H and is read by the plain MLP head, so they can share one.
 HETERO_EXPERTS: Tuple[str, ...] = ("dcnv2", "dcnv2lr", "ipnn", "nfwfm", "dnn")
 DEFAULT_EXPERTS: Tuple[str, ...] = ("dcnv2", "ipnn", "nfwfm", "dnn")
-COMBINERS: Tuple[str, ...] = ("mean", "gate")
+COMBINERS: Tuple[str, ...] = Combiner.values()
 
 
 def parse_experts(experts: Sequence[str] | str) -> Tuple[str, ...]:

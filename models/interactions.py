@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from multiembed.models import cpu_fastpath
-from multiembed.models.layers import SetProjection, _check_groups
+from multiembed.models.layers import SetProjection, check_groups
 
 
 @torch.fx.wrap
@@ -86,7 +86,7 @@ class BatchedCrossNet(nn.Module):
     ) -> None:
         super().__init__()
         self.num_sets = num_sets
-        self.num_weight_sets = _check_groups(num_sets, num_weight_sets)
+        self.num_weight_sets = check_groups(num_sets, num_weight_sets)
         if in_features < 1 or num_layers < 1:
             raise ValueError(f"in_features and num_layers must be >= 1, got {in_features}, {num_layers}")
         self.in_features = in_features
@@ -156,7 +156,7 @@ class BatchedLowRankCrossNet(nn.Module):
     ) -> None:
         super().__init__()
         self.num_sets = num_sets
-        self.num_weight_sets = _check_groups(num_sets, num_weight_sets)
+        self.num_weight_sets = check_groups(num_sets, num_weight_sets)
         if in_features < 1 or num_layers < 1 or low_rank < 1:
             raise ValueError(
                 f"in_features, num_layers and low_rank must be >= 1, got {in_features}, {num_layers}, {low_rank}"
@@ -271,7 +271,7 @@ class FieldWeightedFM(nn.Module):
     ) -> None:
         super().__init__()
         self.num_sets = num_sets
-        self.num_weight_sets = _check_groups(num_sets, num_weight_sets)
+        self.num_weight_sets = check_groups(num_sets, num_weight_sets)
         if num_fields < 1:
             raise ValueError(f"num_fields must be >= 1, got {num_fields}")
         self.num_fields = num_fields
@@ -329,7 +329,7 @@ class CompressedInteraction(nn.Module):
     ) -> None:
         super().__init__()
         self.num_sets = num_sets
-        self.num_weight_sets = _check_groups(num_sets, num_weight_sets)
+        self.num_weight_sets = check_groups(num_sets, num_weight_sets)
         if num_fields < 1 or not layer_sizes or any(c < 1 for c in layer_sizes):
             raise ValueError(f"need num_fields >= 1 and positive layer sizes, got {num_fields}, {list(layer_sizes)}")
         self.num_fields = num_fields
@@ -409,7 +409,7 @@ class TwoStreamMLP(nn.Module):
     ) -> None:
         super().__init__()
         self.num_sets = num_sets
-        self.num_weight_sets = _check_groups(num_sets, num_weight_sets)
+        self.num_weight_sets = check_groups(num_sets, num_weight_sets)
         if not layer_sizes or any(h < 1 for h in layer_sizes):
             raise ValueError(f"layer_sizes must be non-empty and positive, got {list(layer_sizes)}")
         self.layer_sizes: List[int] = list(layer_sizes)

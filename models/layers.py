@@ -55,7 +55,12 @@ def per_set_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return out.view(num_sets, -1, weight.shape[1])
 
 
-def _check_groups(num_sets: int, num_weight_sets: Optional[int]) -> int:
+def check_groups(num_sets: int, num_weight_sets: Optional[int]) -> int:
+    """The number of distinct weight groups over ``num_sets`` sets (default: one per set).
+
+    Raises:
+        ValueError: ``num_sets < 1``, or a group count that does not divide ``num_sets``.
+    """
     if num_sets < 1:
         raise ValueError(f"num_sets must be >= 1, got {num_sets}")
     groups = num_sets if num_weight_sets is None else num_weight_sets
@@ -97,7 +102,7 @@ class BatchedLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.num_sets = num_sets
-        self.num_weight_sets = _check_groups(num_sets, num_weight_sets)
+        self.num_weight_sets = check_groups(num_sets, num_weight_sets)
         if in_features < 1 or out_features < 1:
             raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
         self.in_features = in_features
@@ -166,7 +171,7 @@ class SetBatchNorm(nn.Module):
     ) -> None:
         super().__init__()
         self.num_sets = num_sets
-        self.num_weight_sets = _check_groups(num_sets, num_weight_sets)
+        self.num_weight_sets = check_groups(num_sets, num_weight_sets)
         if num_features < 1:
             raise ValueError(f"num_features must be >= 1, got {num_features}")
         self.num_features = num_features

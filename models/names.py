@@ -12,7 +12,7 @@ The base width is the paper's: 10 for every backbone except NFwFM (50); DLRM (To
 the paper) uses 16 so that its stored tables need no padding. A width suffix replaces the base width:
 ``dcnv2-me-4x16`` is 4 sets of width 16, ``dcnv2-se-4x16`` one set of width 64.
 
-This module itself needs no torch (importing it through the package still loads the TorchRec stack).
+The backbones and their base widths are those registered in :mod:`multiembed.models.backbones`.
 """
 
 from __future__ import annotations
@@ -21,22 +21,15 @@ import dataclasses
 import re
 from typing import Dict, List, Tuple
 
-BACKBONES: Tuple[str, ...] = ("dnn", "ipnn", "nfwfm", "xdeepfm", "dcnv2", "dcnv2lr", "finalmlp", "dlrm")
-MODES: Tuple[str, ...] = ("se", "me", "mesi")
-PAPER_SCALES: Tuple[int, ...] = (1, 2, 3, 4, 10)
+from multiembed.models.backbones import REGISTRY
+
 # Heterogeneous ME: not a backbone of its own (its sets feed several), only in the ``me`` mode.
 HETERO_BACKBONE = "hetero"
-BASE_SET_DIM: Dict[str, int] = {
-    "dnn": 10,
-    "ipnn": 10,
-    "nfwfm": 50,
-    "xdeepfm": 10,
-    "dcnv2": 10,
-    "dcnv2lr": 10,
-    "finalmlp": 10,
-    "dlrm": 16,
-    HETERO_BACKBONE: 10,
-}
+# The registered backbones (multiembed.models.backbones), in the paper's table order, and each one's base width.
+BACKBONES: Tuple[str, ...] = tuple(name for name in REGISTRY if name != HETERO_BACKBONE)
+MODES: Tuple[str, ...] = ("se", "me", "mesi")
+PAPER_SCALES: Tuple[int, ...] = (1, 2, 3, 4, 10)
+BASE_SET_DIM: Dict[str, int] = {name: backbone.base_set_dim for name, backbone in REGISTRY.items()}
 # Any positive scale parses (benchmarks sweep others); the paper's tables use PAPER_SCALES.
 MAX_SCALE = 1024
 

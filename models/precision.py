@@ -30,8 +30,10 @@ from typing import ContextManager, Optional
 
 import torch
 
-PRECISIONS = ("fp32", "bf16")
-TABLE_DTYPES = ("fp32", "fp16")
+from multiembed.config.choices import Precision, TableDtype
+
+PRECISIONS = Precision.values()
+TABLE_DTYPES = TableDtype.values()
 
 
 def cpu_capability() -> str:
@@ -61,8 +63,7 @@ def check_precision(precision: str, device_type: str) -> None:
         ValueError: an unknown precision, or ``bf16`` on a CPU without native bf16 (one line naming the CPU
             capability).
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision: unknown {precision!r}; choose from {', '.join(PRECISIONS)}")
+    Precision.parse(precision, "--precision")
     if precision == "bf16" and device_type == "cpu" and not cpu_bf16_supported():
         raise ValueError(
             f"--precision bf16: this CPU has no native bf16 (torch CPU capability {cpu_capability()}, "
@@ -77,8 +78,7 @@ def compute_dtype(precision: str) -> Optional[torch.dtype]:
     Raises:
         ValueError: an unknown precision.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    Precision.parse(precision, "precision", noun="precision")
     return torch.bfloat16 if precision == "bf16" else None
 
 
@@ -103,8 +103,7 @@ def table_data_type(table_dtype: str) -> "object":
     """
     from torchrec.modules.embedding_configs import DataType
 
-    if table_dtype not in TABLE_DTYPES:
-        raise ValueError(f"--table-dtype: unknown {table_dtype!r}; choose from {', '.join(TABLE_DTYPES)}")
+    TableDtype.parse(table_dtype, "--table-dtype")
     return DataType.FP16 if table_dtype == "fp16" else DataType.FP32
 
 

@@ -48,10 +48,11 @@ from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, DataType, Emb
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from multiembed.config.choices import InitScheme, Layout
 from multiembed.models.precision import table_data_type
 
-LAYOUTS: Tuple[str, ...] = ("fused", "per_set")
-INIT_SCHEMES: Tuple[str, ...] = ("xavier_set", "xavier_field", "torchrec")
+LAYOUTS: Tuple[str, ...] = Layout.values()
+INIT_SCHEMES: Tuple[str, ...] = InitScheme.values()
 FBGEMM_WIDTH_MULTIPLE = 4
 
 
@@ -131,13 +132,12 @@ class PaddedUniformInit:
 
 def init_bound(init: str, vocab_sizes: Mapping[str, int], field: str, set_dim: int) -> float:
     """The uniform bound of ``field``'s rows under scheme ``init`` (see the module docstring)."""
-    if init == "xavier_set":
+    scheme = InitScheme.parse(init, "init", noun="init")
+    if scheme is InitScheme.XAVIER_SET:
         return math.sqrt(6.0 / (sum(vocab_sizes.values()) + set_dim))
-    if init == "xavier_field":
+    if scheme is InitScheme.XAVIER_FIELD:
         return math.sqrt(6.0 / (vocab_sizes[field] + set_dim))
-    if init == "torchrec":
-        return math.sqrt(1.0 / vocab_sizes[field])
-    raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INIT_SCHEMES)}")
+    return math.sqrt(1.0 / vocab_sizes[field])
 
 
 def multi_embedding_tables(
@@ -180,10 +180,8 @@ def multi_embedding_tables(
             raise ValueError(f"field {field!r}: vocabulary size must be >= 1, got {rows}")
     if num_sets < 1 or set_dim < 1:
         raise ValueError(f"num_sets and set_dim must be >= 1, got {num_sets}, {set_dim}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    if init not in INIT_SCHEMES:
-        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INIT_SCHEMES)}")
+    Layout.parse(layout, "layout", noun="layout")
+    InitScheme.parse(init, "init", noun="init")
     data_type = table_data_type(table_dtype)
     stored = padded_set_dim(set_dim) if stored_set_dim is None else stored_set_dim
     if stored < set_dim:
@@ -267,8 +265,7 @@ class MultiEmbeddingSparseArch(nn.Module):
         layout: str = "fused",
     ) -> None:
         super().__init__()
-        if layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+        Layout.parse(layout, "layout", noun="layout")
         if num_sets < 1 or set_dim < 1:
             raise ValueError(f"num_sets and set_dim must be >= 1, got {num_sets}, {set_dim}")
         configs = embedding_bag_collection.embedding_bag_configs()

@@ -19,39 +19,27 @@ dlrm     [dense field,] pairwise dots -> proj (d = 16)                 MLP(H -> 
 ``proj`` is Linear -> BatchNorm -> ReLU -> Dropout to ``H`` (the SE model's first MLP layer); the branch outputs are
 averaged over sets before the over arch (or weighted by a learned gate, ``combiner="gate"``). ``hetero-me-{s}x``
 (:mod:`multiembed.models.hetero`) gives the ``s`` sets different experts (option ``experts``, default dcnv2, ipnn,
-nfwfm, dnn, cycled), each kind's sets batched as that backbone's ME arch, and the MLP over arch. ME with K = 1 is SE for every backbone but IPNN (the paper's ME branch
-drops the embeddings), where ``ipnn-me-1x`` and ``ipnn-se-1x`` differ. ``mesi`` shares one branch (weights and
-BatchNorm affine parameters) across the sets.
+nfwfm, dnn, cycled), each kind's sets batched as that backbone's ME arch, and the MLP over arch. ME with K = 1 is SE
+for every backbone but IPNN (the paper's ME branch drops the embeddings), where ``ipnn-me-1x`` and ``ipnn-se-1x``
+differ. ``mesi`` shares one branch (weights and BatchNorm affine parameters) across the sets.
+
+Each backbone is one module of :mod:`multiembed.models.backbones` registering its set arch, over arch and options;
+this module builds any of them the same way.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, FrozenSet, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from multiembed.models.interactions import (
-    BatchedCrossNet,
-    BatchedLowRankCrossNet,
-    CompressedInteraction,
-    FieldWeightedFM,
-    TwoStreamMLP,
-)
-from multiembed.models.hetero import COMBINERS, DEFAULT_EXPERTS, HeteroSetArch, SetGate, expert_groups, parse_experts
-from multiembed.models.layers import SetBatchNorm, SetProjection
+from multiembed.models.backbones import REGISTRY, SetArchContext, get_backbone
+from multiembed.config.choices import Combiner
+from multiembed.models.hetero import SetGate
 from multiembed.models.model import MultiEmbeddingModel, SetDenseArch
-from multiembed.models.names import HETERO_BACKBONE, ModelSpec, parse_model_name
-from multiembed.models.over_arch import BilinearFusionOverArch, CINOverArch, MLPOverArch
-from multiembed.models.set_arch import (
-    CINSetArch,
-    CrossSetArch,
-    FlatSetArch,
-    FwFMSetArch,
-    InnerProductSetArch,
-    SetInteractionArch,
-    TwoStreamSetArch,
-)
+from multiembed.models.names import ModelSpec, parse_model_name
+from multiembed.models.set_arch import SetInteractionArch
 from multiembed.models.sparse_arch import build_sparse_arch
 
 DEFAULT_HIDDEN = 400
@@ -59,32 +47,7 @@ DEFAULT_DROPOUT = 0.2
 DEFAULT_DENSE_ARCH_LAYER_SIZES = (512, 256)
 
 # Backbone options (build_model's **backbone_overrides) and their defaults; None means "depends on the mode".
-BACKBONE_OPTIONS: Dict[str, Dict[str, Any]] = {
-    "dnn": {},
-    "dcnv2": {"cross_layers": 4},
-    "dcnv2lr": {"cross_layers": 3, "cross_rank": 512},
-    "ipnn": {"include_embeddings": None},
-    "nfwfm": {},
-    "xdeepfm": {"cin_layer_sizes": (16, 16)},
-    "finalmlp": {"stream_layer_sizes": None},
-    "dlrm": {},
-    HETERO_BACKBONE: {"experts": DEFAULT_EXPERTS},
-}
-# Options every backbone takes (FinalMLP has no MLP over arch).
-COMMON_OPTIONS: FrozenSet[str] = frozenset({"over_layer_sizes", "dense_arch_layer_sizes", "stored_set_dim"})
-
-
-def _options(spec: ModelSpec, overrides: Mapping[str, Any]) -> Dict[str, Any]:
-    allowed = dict(BACKBONE_OPTIONS[spec.backbone])
-    common = COMMON_OPTIONS - ({"over_layer_sizes"} if spec.backbone == "finalmlp" else set())
-    unknown = sorted(set(overrides) - set(allowed) - common)
-    if unknown:
-        raise ValueError(
-            f"{spec.name}: unknown option(s) {', '.join(unknown)}; {spec.backbone} takes "
-            f"{', '.join(sorted(set(allowed) | common))}"
-        )
-    allowed.update(overrides)
-    return allowed
+BACKBONE_OPTIONS: Dict[str, Mapping[str, Any]] = {name: backbone.options for name, backbone in REGISTRY.items()}
 
 
 def build_set_arch(
@@ -106,7 +69,8 @@ def build_set_arch(
         dropout: dropout probability.
         dense_field: the last field is the dense arch's output (DLRM concatenates it to its dot products).
         device: where the parameters live.
-        **backbone_overrides: options of :data:`BACKBONE_OPTIONS` for this backbone.
+        **backbone_overrides: options of :data:`BACKBONE_OPTIONS` for this backbone (its module of
+            :mod:`multiembed.models.backbones`).
 
     Example::
 
@@ -114,50 +78,12 @@ def build_set_arch(
         >>> arch.crossnet.weights[0].shape
         torch.Size([4, 390, 390])
     """
-    options = _options(spec, backbone_overrides)
-    k, d, f = spec.num_sets, spec.set_dim, num_fields
-    groups = 1 if spec.shared_interaction else k
-    if spec.heterogeneous:
-        kinds, arches = [], []
-        for kind, count in expert_groups(parse_experts(options["experts"]), k):
-            expert = ModelSpec(backbone=kind, mode="me", scale=count, num_sets=count, set_dim=d)
-            kinds.append(kind)
-            arches.append(build_set_arch(expert, f, hidden=hidden, dropout=dropout, dense_field=dense_field,
-                                         device=device))
-        return HeteroSetArch(kinds, arches)
-
-    def projection(in_features: int) -> SetProjection:
-        return SetProjection(k, in_features, hidden, dropout, groups, device=device)
-
-    if spec.backbone == "dnn":
-        return FlatSetArch(f, d, projection(f * d))
-    if spec.backbone == "dcnv2":
-        cross = BatchedCrossNet(k, f * d, int(options["cross_layers"]), groups, device=device)
-        return CrossSetArch(f, d, cross, projection(f * d))
-    if spec.backbone == "dcnv2lr":
-        low_rank = BatchedLowRankCrossNet(k, f * d, int(options["cross_layers"]), int(options["cross_rank"]), groups,
-                                          device=device)
-        return CrossSetArch(f, d, low_rank, projection(f * d))
-    if spec.backbone == "ipnn":
-        include = options["include_embeddings"]
-        include = spec.mode == "se" if include is None else bool(include)
-        width = f * (f - 1) // 2 + (f * d if include else 0)
-        return InnerProductSetArch(f, d, projection(width), prepend="embeddings" if include else "none")
-    if spec.backbone == "nfwfm":
-        return FwFMSetArch(
-            f, d, FieldWeightedFM(k, f, groups, device=device), SetBatchNorm(k, d, groups, device=device), dropout,
-            projection(d),
-        )
-    if spec.backbone == "xdeepfm":
-        cin = CompressedInteraction(k, f, tuple(options["cin_layer_sizes"]), groups, device=device)
-        return CINSetArch(f, d, cin, projection(f * d))
-    if spec.backbone == "finalmlp":
-        sizes = options["stream_layer_sizes"] or (hidden, hidden)
-        return TwoStreamSetArch(f, d, TwoStreamMLP(k, f * d, tuple(sizes), dropout, groups, device=device))
-    if spec.backbone == "dlrm":
-        width = f * (f - 1) // 2 + (d if dense_field else 0)
-        return InnerProductSetArch(f, d, projection(width), prepend="dense_field" if dense_field else "none")
-    raise ValueError(f"unknown backbone {spec.backbone!r}")
+    backbone = get_backbone(spec.backbone)
+    options = backbone.resolve_options(spec.name, backbone_overrides)
+    groups = 1 if spec.shared_interaction else spec.num_sets
+    ctx = SetArchContext(spec.num_sets, spec.set_dim, num_fields, groups, spec.mode, hidden, dropout, dense_field,
+                         device)
+    return backbone.set_arch(ctx, options)
 
 
 def build_over_arch(
@@ -186,14 +112,7 @@ def build_over_arch(
         400
     """
     layers = (hidden,) if over_layer_sizes is None else tuple(over_layer_sizes)
-    if spec.backbone == "finalmlp":
-        assert isinstance(set_arch, TwoStreamSetArch)
-        return BilinearFusionOverArch(set_arch.streams.stream_dim, device=device)
-    if spec.backbone == "xdeepfm":
-        assert isinstance(set_arch, CINSetArch)
-        mlp = MLPOverArch(set_arch.output_dim - set_arch.cin_dim, layers, dropout, device=device)
-        return CINOverArch(set_arch.cin_dim, mlp, device=device)
-    return MLPOverArch(set_arch.output_dim, layers, dropout, device=device)
+    return get_backbone(spec.backbone).over_arch(set_arch, layers, dropout, device)
 
 
 def build_model(
@@ -265,28 +184,26 @@ def build_model(
         raise ValueError(f"num_dense must be >= 0, got {num_dense}")
     if hidden < 1:
         raise ValueError(f"hidden must be >= 1, got {hidden}")
-    if combiner not in COMBINERS:
-        raise ValueError(f"combiner: unknown {combiner!r}; choose from {', '.join(COMBINERS)}")
-    options = _options(spec, backbone_overrides)
+    Combiner.parse(combiner, "combiner")
+    backbone = get_backbone(spec.backbone)
+    options = backbone.resolve_options(spec.name, backbone_overrides)
     if dense_device is None:
         dense_device = torch.device("cpu") if device is None or torch.device(device).type == "meta" else device
     sparse_arch = build_sparse_arch(
         sizes, spec.num_sets, spec.set_dim, layout=layout, init=init, device=device,
-        stored_set_dim=options.pop("stored_set_dim", None), table_dtype=table_dtype,
+        stored_set_dim=options.get("stored_set_dim"), table_dtype=table_dtype,
     )
     dense_arch = None
     if num_dense > 0:
-        layer_sizes = options.pop("dense_arch_layer_sizes", None) or DEFAULT_DENSE_ARCH_LAYER_SIZES
+        layer_sizes = options.get("dense_arch_layer_sizes") or DEFAULT_DENSE_ARCH_LAYER_SIZES
         dense_arch = SetDenseArch(num_dense, layer_sizes, spec.num_sets, spec.set_dim, device=dense_device)
-    options.pop("dense_arch_layer_sizes", None)
-    over_layer_sizes = options.pop("over_layer_sizes", None)
     set_arch = build_set_arch(
         spec, sparse_arch.num_fields + (1 if dense_arch is not None else 0), hidden=hidden, dropout=dropout,
         dense_field=dense_arch is not None, device=dense_device,
-        **{key: value for key, value in options.items() if key in BACKBONE_OPTIONS[spec.backbone]},
+        **{key: value for key, value in options.items() if key in backbone.options},
     )
-    over_arch = build_over_arch(spec, set_arch, hidden=hidden, dropout=dropout, over_layer_sizes=over_layer_sizes,
-                                device=dense_device)
+    over_arch = build_over_arch(spec, set_arch, hidden=hidden, dropout=dropout,
+                                over_layer_sizes=options.get("over_layer_sizes"), device=dense_device)
     set_gate = None
     if combiner == "gate":
         set_gate = SetGate(spec.num_sets, set_arch.num_fields, spec.set_dim, device=dense_device)

@@ -18,7 +18,7 @@ Example::
     probs = artifact.predict(dense_features, sparse_features)  # [B]
 """
 
-import multiembed.data.stack_check  # noqa: F401  (checks the TorchRec stack before any torchrec import)
+import multiembed.runtime.stack_check  # noqa: F401  (checks the TorchRec stack before any torchrec import)
 
 from multiembed.serving.artifact import (
     ARTIFACT_FORMAT,

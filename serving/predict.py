@@ -1,7 +1,7 @@
 """Predictions from an artifact: a converted dataset's split, or raw Criteo / Avazu lines.
 
 Raw lines go through the converter's own steps (:mod:`multiembed.data.rawlog` parses them in chunks,
-:func:`multiembed.data.convert.encode_table` turns tokens into ids and integers into dense features) with the
+:func:`multiembed.data.encode.encode_table` turns tokens into ids and integers into dense features) with the
 vocabulary the artifact carries, so a served model sees exactly the features it was trained on; a token the
 vocabulary does not hold gets the out-of-vocabulary id (paper mode) or its hash bucket (hashing mode). A converted
 dataset must have the artifact's vocabulary fingerprint.
@@ -27,12 +27,12 @@ import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from multiembed.data.convert import encode_table
+from multiembed.data.encode import encode_table
 from multiembed.data.formats import HASHING_MODE, RawFormat, raw_format
 from multiembed.data.loader import ParquetBatchLoader
 from multiembed.data.metadata import DENSE_PREFIX, LABEL_COLUMN, atomic_write, read_metadata
+from multiembed.data.metrics import log_loss, roc_auc
 from multiembed.data.rawlog import ON_ERROR_CHOICES, ChunkParser, iter_chunks, row_layout, scan_source
-from multiembed.data.synthetic import log_loss, roc_auc
 from multiembed.data.vocab import CountedVocabulary, HashingVocabulary
 from multiembed.serving.artifact import RAW_PREPROCESSING, ArtifactError, ServingArtifact
 
@@ -160,7 +160,7 @@ def artifact_vocabulary(artifact: ServingArtifact) -> Tuple[RawFormat, str, int,
 def encode_rows(
     columns: Dict[str, np.ndarray], fields: List[str], dense_fields: List[str]
 ) -> Tuple[torch.Tensor, KeyedJaggedTensor]:
-    """Encoded columns (:func:`~multiembed.data.convert.encode_table`) -> ``(dense [n, num_dense], KJT)``."""
+    """Encoded columns (:func:`~multiembed.data.encode.encode_table`) -> ``(dense [n, num_dense], KJT)``."""
     n = columns[fields[0]].shape[0]
     values = torch.from_numpy(np.concatenate([columns[f] for f in fields]).astype(np.int64, copy=False))
     sparse = KeyedJaggedTensor.from_lengths_sync(

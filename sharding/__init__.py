@@ -1,12 +1,12 @@
 """Sharding plans for multi-embedding models: planner wrapper, named strategies, plan printing.
 
-Importing the package checks the TorchRec stack once (``multiembed.data.stack_check``); its heavy names load on
+Importing the package checks the TorchRec stack once (``multiembed.runtime.stack_check``); its heavy names load on
 first use. The strategy names themselves live in :mod:`multiembed.config` (torch-free, for command-line parsers).
 """
 
 from __future__ import annotations
 
-import multiembed.data.stack_check  # noqa: F401  (checks the TorchRec stack before any torchrec import)
+import multiembed.runtime.stack_check  # noqa: F401  (checks the TorchRec stack before any torchrec import)
 
 import importlib
 from typing import Any, Dict

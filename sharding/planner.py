@@ -31,7 +31,7 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 
-from multiembed.data.stack import SUPPORTED, describe_installed, private_api_error
+from multiembed.runtime.stack import SUPPORTED, describe_installed, private_api_error
 
 
 try:  # planner internals this module builds on (not TorchRec's documented API; checked against the pinned stack)

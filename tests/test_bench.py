@@ -217,10 +217,10 @@ def test_baseline_process_reports_the_childs_error(harness) -> None:
 def test_paper_baseline_computes_the_same_model(harness) -> None:
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+    from multiembed.benchmarks import paper_baseline as baseline_module
     from multiembed.models import build_model
     from multiembed.models.layers import UniformMaskDropout
 
-    baseline_module = harness.paper_baseline
     torch.manual_seed(0)
     vocab = {"a": 13, "b": 7, "c": 21}
     model = build_model("dcnv2-me-4x", vocab, device=torch.device("cpu"), hidden=16)
@@ -252,8 +252,10 @@ def test_analytic_set_arch_flops_match_torch_flop_counter(harness, name: str) ->
     from multiembed.models import build_set_arch, parse_model_name
 
     arch = build_set_arch(parse_model_name(name), num_fields=5, hidden=24, **({"cross_rank": 8} if "lr" in name else {}))
-    counted = harness.counted_flops(arch, (16, arch.num_sets, 5, arch.set_dim))
-    assert harness.set_arch_flops(arch, 16) == counted > 0
+    from multiembed.benchmarks.bench_train_flops import counted_flops, set_arch_flops
+
+    counted = counted_flops(arch, (16, arch.num_sets, 5, arch.set_dim))
+    assert set_arch_flops(arch, 16) == counted > 0
 
 
 def test_scaled_vocab_keeps_criteo_proportions(harness) -> None:
@@ -325,7 +327,7 @@ def test_savvy_baseline_trains_the_same_model_as_the_paper_style_one(harness) ->
     """Sparse gradients + SparseAdam + fused dense Adam take the steps dense Adam takes, on the same weights and
     batches, when every row has a gradient every step (dense Adam moves rows without one by their momentum) and
     without weight decay (SparseAdam has none)."""
-    module = harness.paper_baseline
+    from multiembed.benchmarks import paper_baseline as module
     field_dims, ids_shape = [13, 7, 21], (32, 3)
     torch.manual_seed(0)
     paper = module.PaperMultiDCNv2(field_dims, 2, 10, hidden=16, dropout=0.0)

@@ -16,6 +16,7 @@ from multiembed.cli import main as cli_main
 from multiembed.collapse import collapse_from_tables
 from multiembed.collapse.monitor import CollapseMonitor, collapsed_fields, format_collapsed, random_init_ia
 from multiembed.data.metadata import read_metadata
+from multiembed.data.metrics import roc_auc
 from multiembed.data.synthetic import (
     COLLAPSE_FIELDS,
     COLLAPSE_PAIRS,
@@ -23,7 +24,6 @@ from multiembed.data.synthetic import (
     CollapseRegimeModel,
     SyntheticClickModel,
     SyntheticConfig,
-    roc_auc,
 )
 
 BASE_WIDTH = 10  # one set's width (BASE_SET_DIM of dcnv2)

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from multiembed.benchmarks import compare_stacks
-from multiembed.data.synthetic import roc_auc
+from multiembed.data.metrics import roc_auc
 
 ROOT = Path(__file__).resolve().parents[1]
 

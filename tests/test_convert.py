@@ -461,7 +461,7 @@ def test_resume_skips_complete_inputs_and_redoes_changed_ones(tmp_path, capsys):
 
 
 def test_interrupted_run_leaves_no_partial_output_and_resumes(tmp_path, monkeypatch):
-    import multiembed.data.convert as convert_module
+    import multiembed.data.convert.write as convert_module
 
     srcs = [write_lines(tmp_path / f"day_{i}", criteo_rows(60, seed=40 + i)) for i in range(2)]
     options = ConvertOptions("criteo-1tb", [str(s) for s in srcs], str(tmp_path / "out"), hash_size=64, progress=False)

@@ -4,7 +4,7 @@
   replaces a multiembed dataset;
 * the split (which row lands in which split) has an identity (:func:`multiembed.data.metadata.split_identity`);
 * input fingerprints are size + mtime + a full content hash;
-* one job per output directory (:mod:`multiembed.data.locking`), tested with a second process;
+* one job per output directory (:mod:`multiembed.runtime.locking`), tested with a second process;
 * no write or delete through a symbolic link inside ``--out``;
 * one input given twice through a hard link, and non-regular inputs (FIFOs), are refused;
 * a UTF-8 byte-order mark is stripped before parsing; quoted CSV fields are unquoted;
@@ -286,7 +286,7 @@ HOLDER = textwrap.dedent(
     import sys
     from pathlib import Path
     {patch}
-    from multiembed.data.locking import exclusive_lock
+    from multiembed.runtime.locking import exclusive_lock
     with exclusive_lock(Path(sys.argv[1]), "conversion"):
         print("held", flush=True)
         sys.stdin.read()
@@ -341,7 +341,7 @@ def test_second_convert_on_the_same_out_is_refused_naming_the_holder(tmp_path, c
 def test_exclusive_create_fallback_takes_over_a_dead_local_holder(tmp_path, monkeypatch):
     import fcntl
 
-    from multiembed.data.locking import LOCK_FILE, LockHeldError, exclusive_lock
+    from multiembed.runtime.locking import LOCK_FILE, LockHeldError, exclusive_lock
 
     def _no_flock(*args, **kwargs):
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
@@ -362,7 +362,7 @@ def test_exclusive_create_fallback_takes_over_a_dead_local_holder(tmp_path, monk
 
 
 def test_lock_is_released_and_its_file_removed(tmp_path):
-    from multiembed.data.locking import LOCK_FILE, LockHeldError, exclusive_lock
+    from multiembed.runtime.locking import LOCK_FILE, LockHeldError, exclusive_lock
 
     with exclusive_lock(tmp_path, "test job"):
         assert (tmp_path / LOCK_FILE).exists()

@@ -309,7 +309,7 @@ def test_planner_refuses_a_plan_where_the_partitioner_override_did_not_take_effe
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
     from torchrec.distributed.planner.partitioners import GreedyPerfPartitioner
 
-    from multiembed.data.stack import SUPPORTED
+    from multiembed.runtime.stack import SUPPORTED
     from multiembed.sharding.planner import PARTITION_HOOK_MATCHES, SetParallelPartitioner, plan_sharding
 
     assert PARTITION_HOOK_MATCHES

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from multiembed.data.metrics import roc_auc
 from multiembed.models import BACKBONES, MultiEmbeddingTrain, build_model, spectral_regularizer
 
 CPU = torch.device("cpu")
@@ -132,14 +133,6 @@ def test_train_module_adds_the_weighted_regulariser_and_returns_detached_outputs
         MultiEmbeddingTrain(model, spectral_reg_weight=-1.0)
 
 
-def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mann-Whitney AUC with tied scores counted half."""
-    positive, negative = scores[labels == 1], scores[labels == 0]
-    greater = (positive[:, None] > negative[None, :]).float().sum()
-    ties = (positive[:, None] == negative[None, :]).float().sum()
-    return float((greater + 0.5 * ties) / (len(positive) * len(negative)))
-
-
 def planted_pairwise_data(rows: int, seed: int):
     """Two fields whose label depends only on their *pair* (sign(a) * sign(b)); two noise fields.
 
@@ -180,7 +173,8 @@ def test_model_learns_a_planted_pairwise_interaction() -> None:
     model.eval()
     with torch.no_grad():
         scores = model(torch.empty(2000, 0), test_features)
-    learned, bayes = auc(scores, test_labels), auc(test_probability, test_labels)
+    learned = roc_auc(test_labels.numpy(), scores.numpy())
+    bayes = roc_auc(test_labels.numpy(), test_probability.numpy())
     print(f"planted pairwise interaction: test AUC {learned:.4f}, Bayes-optimal {bayes:.4f}")
     assert bayes > 0.8  # the generator's signal is strong
     assert learned > 0.5 + 0.8 * (bayes - 0.5)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from multiembed.data import stack
+from multiembed.runtime import stack
 
 
 def test_modules_import_through_the_multiembed_namespace() -> None:

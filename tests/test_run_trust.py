@@ -135,12 +135,12 @@ def test_evaluate_refuses_the_same_rows_split_another_way(finished_run: Path, da
 
 
 def test_a_second_job_on_the_same_run_directory_is_refused(data: Path, tmp_path: Path, capsys) -> None:
-    from multiembed.data.locking import exclusive_lock
+    from multiembed.runtime.locking import exclusive_lock
 
     run = tmp_path / "run"
     run.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from multiembed.data.locking import exclusive_lock\n"
+        [sys.executable, "-c", "import sys, time; from multiembed.runtime.locking import exclusive_lock\n"
          "with exclusive_lock(sys.argv[1], 'training run'):\n    print('held', flush=True); time.sleep(60)", str(run)],
         stdout=subprocess.PIPE, text=True,
     )

@@ -136,7 +136,7 @@ def test_unknown_tokens_get_the_oov_id(exported, synthetic_criteo, tmp_path) -> 
     artifact = load_artifact(exported["none"])
     logits = predict_raw(artifact, unseen).logits
     # The same row with every categorical field at id 0 (OOV) and its integer fields as converted.
-    from multiembed.data.convert import encode_table
+    from multiembed.data.encode import encode_table
     from multiembed.data.rawlog import ChunkParser, iter_chunks
     from multiembed.serving.predict import artifact_vocabulary, encode_rows
 

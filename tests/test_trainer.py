@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from multiembed.cli import main as cli_main
-from multiembed.data.stack import installed_versions
+from multiembed.runtime.stack import installed_versions
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from multiembed.data.metrics import roc_auc
 from multiembed.training import checkpoint as ckpt
 from multiembed.training.distributed import init_distributed
 from multiembed.training.metrics import EvalMetrics
@@ -42,15 +43,6 @@ def test_unknown_optimizer_and_negative_rates_are_refused() -> None:
         OptimizerConfig.for_device("cpu", lr=-1.0)
 
 
-def _roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mann-Whitney AUC with ties counted half, written independently of torchrec."""
-    pos = scores[labels == 1]
-    neg = scores[labels == 0]
-    greater = (pos[:, None] > neg[None, :]).double().sum()
-    ties = (pos[:, None] == neg[None, :]).double().sum()
-    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
-
-
 def test_eval_metrics_match_a_direct_computation_and_ignore_padding(one_rank) -> None:
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(1000, generator=g)
@@ -70,7 +62,7 @@ def test_eval_metrics_match_a_direct_computation_and_ignore_padding(one_rank) ->
     rate = float(y.mean())
     entropy = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
     assert result["rows"] == 963
-    assert result["auc"] == pytest.approx(_roc_auc(logits[real], labels[real]), abs=1e-6)
+    assert result["auc"] == pytest.approx(roc_auc(labels[real].numpy(), logits[real].numpy()), abs=1e-6)
     assert result["logloss"] == pytest.approx(logloss, rel=1e-6)
     assert result["ne"] == pytest.approx(logloss / entropy, rel=1e-6)
     assert result["calibration"] == pytest.approx(float(p.sum() / y.sum()), rel=1e-6)
@@ -167,3 +159,39 @@ def test_the_lr_schedule_warms_up_holds_decays_to_zero_and_stays_there(warmup, d
         return 0.5
 
     assert lrs == pytest.approx([expected(i) for i in range(20)], abs=1e-12)
+
+
+def test_collectives_are_the_identity_in_a_one_rank_job() -> None:
+    from multiembed.training import distributed
+
+    t = torch.tensor([3.0])
+    assert distributed.all_reduce_sum(t) is t and t.item() == 3.0
+    assert distributed.all_ranks_agree(True) and not distributed.all_ranks_agree(False)
+    assert distributed.all_gather_object({"a": 1}) == [{"a": 1}]
+    assert distributed.broadcast_object("x") == "x"
+    distributed.raise_collectively(None)
+    with pytest.raises(ValueError, match="^rank 0 found this$"):
+        distributed.raise_collectively("rank 0 found this")
+
+
+def _collectives_on_two_ranks(rank: int, world_size: int) -> None:
+    from multiembed.training import distributed
+
+    ctx = distributed.init_distributed("cpu")
+    try:
+        assert ctx.world_size == 2 and distributed.is_multi_rank()
+        assert distributed.all_reduce_sum(torch.tensor([rank + 1.0])).item() == 3.0
+        assert distributed.all_ranks_agree(True) and not distributed.all_ranks_agree(rank == 0)
+        assert distributed.all_gather_object(rank * 10) == [0, 10]
+        assert distributed.broadcast_object(f"from {rank}") == "from 0"
+        with pytest.raises(ValueError, match="^found on rank 0$"):
+            distributed.raise_collectively("found on rank 0" if rank == 0 else None)
+    finally:
+        distributed.destroy()
+
+
+@pytest.mark.multiprocess
+def test_collectives_on_two_gloo_ranks() -> None:
+    from dist_utils import run_ranks
+
+    run_ranks(_collectives_on_two_ranks, 2)

@@ -1,3 +1,3 @@
 """Distributed training on TorchRec: the trainer, metrics and checkpoints (sits on top of data, models, sharding)."""
 
-import multiembed.data.stack_check  # noqa: F401  (checks the TorchRec stack before any torchrec import)
+import multiembed.runtime.stack_check  # noqa: F401  (checks the TorchRec stack before any torchrec import)

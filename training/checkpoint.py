@@ -51,7 +51,7 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
 from multiembed.data.metadata import file_sha256
-from multiembed.data.stack import private_api_error
+from multiembed.runtime.stack import private_api_error
 
 try:  # DCP internals the safe loader needs: the type its .metadata pickles per file, and its nested-dict setter
     from torch.distributed.checkpoint._traverse import set_element

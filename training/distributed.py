@@ -1,4 +1,8 @@
-"""Process-group set-up: one code path for a plain process, torchrun, torchx (local, slurm, kubernetes).
+"""Process-group set-up and the collectives the package uses: one code path for a plain process, torchrun, torchx
+(local, slurm, kubernetes).
+
+Every collective helper is the identity in a one-rank job (or without a process group), so single-process code runs
+the same calls.
 
 gloo + CPU when no GPU is visible, nccl + CUDA when one is; chosen at start, nothing else in the trainer branches on
 it except the optimizer defaults (FBGEMM's CPU kernels lack fused Adam).
@@ -10,11 +14,12 @@ import dataclasses
 import os
 import socket
 from datetime import timedelta
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 
+from multiembed.config.choices import Device
 from multiembed.training.quiet import silence_known_warnings
 
 
@@ -77,8 +82,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
     Raises:
         ValueError: ``device="cuda"`` without a visible GPU, or an unknown device.
     """
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device: expected auto, cpu or cuda, got {device!r}")
+    Device.parse(device, "--device")
     # Every job starts here: silence the known third-party warnings once, before TorchRec builds anything.
     silence_known_warnings()
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
@@ -113,14 +117,51 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
     )
 
 
+def is_multi_rank() -> bool:
+    """True inside a process group of more than one rank."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sums ``tensor`` over the ranks, in place; returns it."""
+    if is_multi_rank():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_ranks_agree(flag: bool) -> bool:
+    """True only when ``flag`` holds on every rank (a MIN all-reduce)."""
+    if not is_multi_rank():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def all_gather_object(obj: object) -> List[object]:
+    """Every rank's ``obj``, in rank order (``[obj]`` in a one-rank job)."""
+    if not is_multi_rank():
+        return [obj]
+    out: List[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def raise_collectively(error: Optional[str]) -> None:
+    """Raises ``ValueError(error)`` on every rank when rank 0 found one (so no rank waits forever)."""
+    error = broadcast_object(error)
+    if error:
+        raise ValueError(error)
+
+
 def broadcast_object(obj: Optional[object], src: int = 0) -> object:
     """Rank ``src``'s object on every rank (identity in a one-rank job)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not is_multi_rank():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)

@@ -14,6 +14,8 @@ import torch.distributed as dist
 from torchrec.metrics.metric_module import RecMetricModule, generate_metric_module
 from torchrec.metrics.metrics_config import MetricsConfig, RecMetricDef, RecMetricEnum, RecTaskInfo
 
+from multiembed.training.distributed import all_reduce_sum, broadcast_object
+
 _TASK = RecTaskInfo(name="ctr", label_name="label", prediction_name="prediction", weight_name="weight")
 
 
@@ -83,13 +85,9 @@ class EvalMetrics:
         """
         raw = self._module.compute()
         values = {key.split("|", 1)[1]: float(value) for key, value in raw.items()}
-        rows = self._weight_sum.clone()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(rows)
-            # torchrec gathers AUC's raw predictions on rank 0 only: share rank 0's results with every rank.
-            box = [values]
-            dist.broadcast_object_list(box, src=0)
-            values = box[0]
+        rows = all_reduce_sum(self._weight_sum.clone())
+        # torchrec gathers AUC's raw predictions on rank 0 only: share rank 0's results with every rank.
+        values = broadcast_object(values)
         return {
             "auc": values["window_auc"],
             # torchrec reports log loss in bits (log2); CTR papers use nats.

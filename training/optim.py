@@ -21,7 +21,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
-from multiembed.data.stack import private_api_error
+from multiembed.config.choices import DenseOptimizer, SparseOptimizer
+from multiembed.runtime.stack import private_api_error
 
 try:  # torch's in-backward optimizer registration, which TorchRec's sharders read (no public equivalent)
     from torch.distributed.optim import _apply_optimizer_in_backward
@@ -32,13 +33,14 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimiz
 from torchrec.optim.warmup import WarmupOptimizer, WarmupPolicy, WarmupStage
 
 SPARSE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
-    "adagrad": trec_optim.Adagrad,
-    "rowwise_adagrad": trec_optim.RowWiseAdagrad,
-    "sgd": trec_optim.SGD,
-    "adam": trec_optim.Adam,
+    SparseOptimizer.ADAGRAD.value: trec_optim.Adagrad,
+    SparseOptimizer.ROWWISE_ADAGRAD.value: trec_optim.RowWiseAdagrad,
+    SparseOptimizer.SGD.value: trec_optim.SGD,
+    SparseOptimizer.ADAM.value: trec_optim.Adam,
 }
-CPU_SPARSE_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "sgd")
-DENSE_OPTIMIZERS = ("adam", "sgd")
+# FBGEMM's CPU kernels have no fused Adam.
+CPU_SPARSE_OPTIMIZERS = tuple(name for name in SparseOptimizer.values() if name != SparseOptimizer.ADAM)
+DENSE_OPTIMIZERS = DenseOptimizer.values()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,15 +89,13 @@ class OptimizerConfig:
         """
         on_cpu = device_type == "cpu"
         name = sparse_optimizer or ("adagrad" if on_cpu else "adam")
-        if name not in SPARSE_OPTIMIZERS:
-            raise ValueError(f"--sparse-optimizer: unknown {name!r}; choose from {sorted(SPARSE_OPTIMIZERS)}")
+        SparseOptimizer.parse(name, "--sparse-optimizer")
         if on_cpu and name not in CPU_SPARSE_OPTIMIZERS:
             raise ValueError(
                 f"--sparse-optimizer {name}: FBGEMM's CPU kernels support only {', '.join(CPU_SPARSE_OPTIMIZERS)} "
                 "for fused embedding updates (Adam needs a GPU)"
             )
-        if dense_optimizer not in DENSE_OPTIMIZERS:
-            raise ValueError(f"--dense-optimizer: unknown {dense_optimizer!r}; choose from {list(DENSE_OPTIMIZERS)}")
+        DenseOptimizer.parse(dense_optimizer, "--dense-optimizer")
         default_sparse_lr = 0.05 if name in ("adagrad", "rowwise_adagrad") else (1e-3 if name == "adam" else 0.1)
         config = cls(
             sparse_optimizer=name,

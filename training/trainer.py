@@ -31,7 +31,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from multiembed.data.stack import private_api_error
+from multiembed.runtime.stack import private_api_error
 
 try:  # DCP's own (un)flattening of nested state, so keys match the checkpoint's exactly (no public equivalent)
     from torch.distributed.checkpoint._nested_dict import flatten_state_dict, unflatten_state_dict
@@ -42,9 +42,9 @@ from multiembed.collapse import collapse_from_model, summarize_sets
 from multiembed.collapse.monitor import CollapsedField, CollapseMonitor, format_collapsed
 from multiembed.config import MODEL_OPTIONS, OutputBias, TrainConfig, recorded_option
 from multiembed.data.loader import ParquetBatchLoader, positive_rate
-from multiembed.data.locking import LOCK_FILE, exclusive_lock
+from multiembed.runtime.locking import LOCK_FILE, exclusive_lock
 from multiembed.data.metadata import DatasetMetadata, atomic_write_text, read_metadata, split_identity
-from multiembed.data.stack import installed_versions
+from multiembed.runtime.stack import installed_versions
 from multiembed.sharding.report import format_brief
 from multiembed.training import checkpoint as ckpt
 from multiembed.training.distributed import DistContext, init_distributed
@@ -263,7 +263,7 @@ class Trainer:
     def _prepare_run_dir(self) -> None:
         """Checks ``--out`` (rank 0), takes the job's lock on it and, with ``--overwrite``, empties it.
 
-        The lock (:func:`~multiembed.data.locking.exclusive_lock`, held by rank 0 for the job, released by
+        The lock (:func:`~multiembed.runtime.locking.exclusive_lock`, held by rank 0 for the job, released by
         :meth:`close` or when the process ends) refuses a second job on the same directory in one line.
         """
         error: Optional[str] = None

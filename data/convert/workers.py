@@ -8,7 +8,7 @@ one worker and more than one input; each worker handles whole input files, exact
 2. paper mode: every worker counts its files' tokens and sends back their sorted unique keys and counts; the parent
    merges them into the totals one file's counts at a time (the same totals, so the same vocabulary, as one pass);
 3. the encoding pass: each worker writes its inputs' ``{train,val,test}/part-<index>.parquet`` with the same code
-   (:func:`multiembed.data.convert._convert_input`), the parent writes each input's manifest as it completes and
+   (:func:`multiembed.data.convert.write.convert_input`), the parent writes each input's manifest as it completes and
    ``metadata.json`` last. The parent holds the output directory's lock throughout.
 
 The output is the same as with one worker: every input's rows, their split and their Parquet files depend on the
@@ -35,19 +35,16 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import pyarrow as pa
 
-from multiembed.data.convert import (
-    ResolvedOptions,
-    Vocabulary,
-    _convert_input,
-    _count_tokens,
-    _progress,
-    tune_allocator,
-)
+from multiembed.data.convert.count import count_tokens
+from multiembed.data.convert.options import ResolvedOptions
+from multiembed.data.convert.stream import progress_bar
+from multiembed.data.convert.write import convert_input
 from multiembed.data.formats import PAPER_MODE, RawFormat, raw_format
 from multiembed.data.metadata import DatasetError
 from multiembed.data.rawlog import SourceScan, scan_source
 from multiembed.data.splits import SplitCounts
-from multiembed.data.vocab import CountedVocabulary, VocabularyCounter
+from multiembed.data.vocab import CountedVocabulary, Vocabulary, VocabularyCounter
+from multiembed.runtime.malloc import tune_allocator
 
 _POLL_SECONDS = 0.5
 
@@ -85,8 +82,8 @@ def _init_worker(resolved: ResolvedOptions, dataset: str, threads: int, stop: An
 
 
 class _WorkerBar:
-    """The progress bar :func:`_convert_input` updates after every chunk: adds to the parent's shared counter and
-    stops the worker when the parent asks."""
+    """The progress bar :func:`~multiembed.data.convert.write.convert_input` updates after every chunk: adds to the
+    parent's shared counter and stops the worker when the parent asks."""
 
     def update(self, rows: int) -> None:
         progress = _WORKER["progress"]
@@ -105,7 +102,7 @@ def _count_task(path: str) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
     fmt: RawFormat = _WORKER["fmt"]
     fields = list(fmt.fields(PAPER_MODE))
     counter = VocabularyCounter(fields)
-    _count_tokens(fmt, _WORKER["resolved"], [path], counter, _WorkerBar())
+    count_tokens(fmt, _WORKER["resolved"], [path], counter, _WorkerBar())
     return {field: counter.totals(field) for field in fields}
 
 
@@ -125,8 +122,8 @@ def _worker_vocab(vocab: Any) -> Vocabulary:
 
 
 def _convert_task(index: int, scan: SourceScan, counts: SplitCounts, vocab: Any, schema: pa.Schema) -> Dict[str, Any]:
-    return _convert_input(index, scan, counts, _WORKER["fmt"], _WORKER["resolved"], _worker_vocab(vocab), schema,
-                          _WorkerBar())
+    return convert_input(index, scan, counts, _WORKER["fmt"], _WORKER["resolved"], _worker_vocab(vocab), schema,
+                         _WorkerBar())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,7 +217,7 @@ class ConvertPool:
         fields = list(fmt.fields(PAPER_MODE))
         counter = VocabularyCounter(fields)
         calls = [(i, _count_task, (scan.path,)) for i, scan in enumerate(scans)]
-        with _progress(sum(s.rows for s in scans), "counting", self._resolved.progress) as bar:
+        with progress_bar(sum(s.rows for s in scans), "counting", self._resolved.progress) as bar:
             for _, totals in self._run(calls, bar):
                 for field in fields:
                     counter.add_counts(field, *totals[field])

@@ -36,23 +36,18 @@ import numpy as np
 import pyarrow as pa
 import torch.distributed as dist
 
-from multiembed.data.convert import (
-    STATE_DIR,
-    Coordinator,
-    InputError,
-    OutputError,
-    ResolvedOptions,
-    Vocabulary,
-    _convert_input,
-    _count_tokens,
-    _progress,
-)
+from multiembed.data.convert.count import count_tokens
+from multiembed.data.convert.options import ResolvedOptions
+from multiembed.data.convert.outputs import STATE_DIR, OutputError
+from multiembed.data.convert.run import Coordinator
+from multiembed.data.convert.stream import progress_bar
+from multiembed.data.convert.write import convert_input
 from multiembed.data.formats import PAPER_MODE, RawFormat
-from multiembed.data.locking import LockHeldError, exclusive_lock
 from multiembed.data.metadata import DatasetError, atomic_write
-from multiembed.data.rawlog import SourceScan, scan_source
+from multiembed.data.rawlog import InputError, SourceScan, scan_source
 from multiembed.data.splits import SplitCounts
-from multiembed.data.vocab import CountedVocabulary, VocabularyCounter
+from multiembed.data.vocab import CountedVocabulary, Vocabulary, VocabularyCounter
+from multiembed.runtime.locking import LockHeldError, exclusive_lock
 
 _T = TypeVar("_T")
 
@@ -97,7 +92,7 @@ class NodeGroup(Coordinator):
 
         # under torchrun, e.g. `torchx run ./torchx_components.py:convert criteo day_0 day_1 --out DATA -j 2x1`
         from multiembed.data.convert import ConvertOptions, convert
-        from multiembed.data.convert_nodes import init_node_group
+        from multiembed.data.convert.nodes import init_node_group
 
         nodes = init_node_group()
         convert(ConvertOptions(dataset="criteo", inputs=["day_0", "day_1"], out="DATA"), nodes=nodes)
@@ -193,8 +188,8 @@ class NodeGroup(Coordinator):
 
         def count_share() -> str:
             counter = VocabularyCounter(fields)
-            with _progress(sum(s.rows for s in share), "counting", resolved.progress and self.is_main) as bar:
-                _count_tokens(fmt, resolved, [s.path for s in share], counter, bar)
+            with progress_bar(sum(s.rows for s in share), "counting", resolved.progress and self.is_main) as bar:
+                count_tokens(fmt, resolved, [s.path for s in share], counter, bar)
             atomic_write(path, lambda handle: np.savez(handle, **{
                 f"{f}.{part}": array for f in fields for part, array in zip(("keys", "counts"), counter.totals(f))}))
             return path.name
@@ -225,5 +220,5 @@ class NodeGroup(Coordinator):
         """Encodes this rank's inputs ``todo`` (already its share); yields ``(index, manifest)`` as each completes."""
         resolved, fmt = self._options()
         for i in todo:
-            yield i, _convert_input(i, scans[i], counts[i], fmt, resolved, vocab, schema, bar)
+            yield i, convert_input(i, scans[i], counts[i], fmt, resolved, vocab, schema, bar)
 

@@ -2,12 +2,12 @@
 
 fbgemm_gpu is compiled against one torch minor version; a mismatch surfaces as an ``undefined symbol`` deep inside
 an fbgemm ``.so``. :func:`require_torchrec_stack` runs the check once per process; importing
-:mod:`multiembed.data.stack_check` runs it, and every package that uses torchrec does so in its ``__init__`` (the
+:mod:`multiembed.runtime.stack_check` runs it, and every package that uses torchrec does so in its ``__init__`` (the
 loader at its top), so a broken environment stops with one message naming the installed versions and the pairing
 that works.
 
-This module lives in ``data/`` because ``data`` is the bottom of the package's data flow (it imports nothing of the
-package), and the loader is the first torchrec user.
+This module lives in ``runtime/``, the bottom layer (it imports nothing of the package), so every layer that uses
+torchrec, the data loader first, can run the check.
 """
 
 from __future__ import annotations

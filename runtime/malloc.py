@@ -1,0 +1,74 @@
+"""glibc ``malloc`` tuning, in one place: keeping freed memory in the process instead of returning it to the kernel.
+
+glibc serves every allocation above its mmap threshold with a fresh ``mmap`` and unmaps it on free, so a loop that
+allocates large temporaries page-faults (and the kernel zeroes) every 4 KiB of them again on every pass. Raising the
+thresholds (or switching ``mmap`` off) makes the heap reuse those pages: speed changes, results do not. Settings are
+process-wide. Used by ``convert`` (its column temporaries) and the training benchmark's ``--malloc retain``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+from typing import Sequence, Tuple
+
+# <malloc.h> parameter numbers.
+M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
+M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
+
+
+def set_malloc_options(settings: Sequence[Tuple[int, int]]) -> bool:
+    """Applies ``mallopt(parameter, value)`` for each pair, in order.
+
+    Returns:
+        True when every setting was applied; False where the C library is not glibc on Linux (nothing changed) or
+        glibc refused one (the ones before it stay applied).
+
+    Example::
+
+        >>> set_malloc_options([(M_TRIM_THRESHOLD, 1 << 30)]) in (True, False)
+        True
+    """
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(parameter, value) == 1 for parameter, value in settings)
+
+
+def tune_allocator() -> None:
+    """Keeps freed memory in glibc's heap instead of returning it to the kernel after every chunk.
+
+    Encoding allocates and frees numpy temporaries of a few MB per column and chunk; glibc maps each with ``mmap``
+    and unmaps it on free, so every new one page-faults again, at several times the cost of the numpy work itself
+    (benchmarks/README.md, "Conversion: encoding and allocator choices"). Raising the mmap and trim thresholds
+    makes the heap reuse those pages; peak memory is unchanged (the same temporaries are live at the peak).
+    Process-wide, so only the ``convert`` command (and its pool's workers) call it; a no-op where the C library is
+    not glibc.
+    """
+    # glibc refuses an mmap threshold above 32 MiB on 64-bit.
+    set_malloc_options([(M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30)])
+
+
+def retain_freed_memory() -> None:
+    """Makes glibc keep freed memory for reuse instead of returning it to the kernel (the training benchmark's
+    ``--malloc retain``).
+
+    By default glibc serves every allocation above its mmap threshold with a fresh ``mmap`` and unmaps it on free,
+    so a training step that allocates hundreds of MB of activations, gradients and optimizer temporaries pays a
+    page fault (and the kernel's zeroing) for every 4 KiB of them, every step: measured here, about 660 MB a step
+    for the plain baseline (its dense embedding gradients and Adam temporaries) and 60 MB for the project. With
+    ``mmap`` off and trimming off, the heap is reused after the first steps. It changes speed, not results, and it
+    is process-wide (both contenders get it).
+
+    Raises:
+        OSError: not glibc, or ``mallopt`` refused.
+    """
+    if not set_malloc_options([(M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 64 * 2**20)]):
+        raise OSError("--malloc retain needs Linux glibc, and glibc accepting mallopt")
