@@ -5,7 +5,9 @@ present) is exported as int8 / int4 / fp32 artifacts; predictions on the convert
 lines must agree with each other and, for int8, reach ``multiembed evaluate``'s AUC within 0.001. Every backbone x
 mode x combiner exports a program that computes the model's own logits and calls only the committed aten op
 allowlist. Refusals are one line; crafted artifacts show that loading runs no code from the files and that a
-program which writes (a file, an input, a constant) is refused before it runs.
+program which writes (a file, an input, a constant) is refused before it runs. The compiled dense program
+(``--compile``) gives the uncompiled predictions, is built only after the checks and only into a private cache, and
+an entry that does not match its key is rebuilt.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
+import stat
 import zipfile
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -736,3 +740,198 @@ def test_row_layout_tells_unlabelled_rows_apart(tmp_path) -> None:
         path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
         assert row_layout(path, fmt) == expected, name
     assert row_layout(tmp_path / "missing.txt", criteo) == criteo
+
+
+# --- compiled serving: the checked program compiled on this machine (AOTInductor), cached privately -------------------
+
+# One configuration per backbone (and hetero), alternating mean and gate and cycling the modes: every backbone,
+# mode and combiner is compiled in the default suite. The whole matrix (about 5 s a compile) runs with
+# MULTIEMBED_TEST_COMPILE_MATRIX=1.
+_COMPILE_SUBSET = [
+    ("dnn-se-2x", "mean", 0), ("ipnn-me-2x", "gate", 3), ("nfwfm-mesi-2x", "mean", 0), ("xdeepfm-se-2x", "gate", 3),
+    ("dcnv2-me-2x", "mean", 0), ("dcnv2lr-mesi-2x", "gate", 3), ("finalmlp-me-2x", "mean", 0),
+    ("dlrm-mesi-2x", "gate", 3), ("hetero-me-4x", "gate", 3),
+]
+COMPILE_MATRIX_ENV = "MULTIEMBED_TEST_COMPILE_MATRIX"
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory) -> Path:
+    """One private cache for the module's compiles (entries are keyed, so configurations never collide)."""
+    return tmp_path_factory.mktemp("compile-cache") / "cache"
+
+
+def _compiled_mismatches(export_matrix, configs, cache: Path) -> List[str]:
+    """Compiles each configuration's checked program and compares it with the uncompiled program on the same
+    embeddings (batch 1 and 5): ``["config: max |diff|"]`` of those that differ by more than 1e-5."""
+    from multiembed.data.metadata import file_sha256
+    from multiembed.serving.artifact import load_exported_program
+    from multiembed.serving.compiled import compiled_dense
+
+    generator = torch.Generator().manual_seed(2)
+    mismatched = []
+    for config in configs:
+        model, path = export_matrix[config]
+        shapes = {"embeddings": (model.num_sets, len(_MATRIX_VOCAB), model.sparse_arch.set_dim),
+                  "dense_features": (config[2],)}
+        program = load_exported_program(path, shapes)
+        compiled = compiled_dense(load_exported_program(path, shapes), file_sha256(path), shapes, cache)
+        assert compiled.built
+        for rows in (1, 5):
+            embeddings = torch.randn(rows, *shapes["embeddings"], generator=generator)
+            dense = torch.rand(rows, config[2], generator=generator)
+            with torch.inference_mode():
+                expected, served = program.module()(embeddings, dense), compiled(embeddings, dense)
+            if served.shape != expected.shape or not torch.allclose(served, expected, rtol=0, atol=1e-5):
+                mismatched.append(f"{'/'.join(map(str, config))} batch {rows}: {served.shape} vs {expected.shape}, "
+                                  f"max |diff| {float((served - expected).abs().max()):.3g}")
+    return mismatched
+
+
+def test_compiled_programs_equal_the_uncompiled_ones(export_matrix, compile_cache) -> None:
+    """Every backbone (hetero included), every mode and both combiners, with and without dense features."""
+    assert {name.split("-")[0] for name, _, _ in _COMPILE_SUBSET} == {name.split("-")[0] for name, _, _ in export_matrix}
+    assert {name.split("-")[1] for name, _, _ in _COMPILE_SUBSET} == {"se", "me", "mesi"}
+    assert {combiner for _, combiner, _ in _COMPILE_SUBSET} == {"mean", "gate"}
+    assert not _compiled_mismatches(export_matrix, _COMPILE_SUBSET, compile_cache)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get(COMPILE_MATRIX_ENV), reason=f"the whole compile matrix (about 4 minutes): "
+                    f"set {COMPILE_MATRIX_ENV}=1")
+def test_every_compiled_program_equals_the_uncompiled_one(export_matrix, tmp_path) -> None:
+    assert not _compiled_mismatches(export_matrix, sorted(export_matrix), tmp_path / "cache")
+
+
+def test_predict_compile_serves_the_uncompiled_predictions_from_the_cache(synthetic_criteo, exported, tmp_path,
+                                                                           capsys) -> None:
+    """``predict --compile``: the same predictions (within 1e-5), compiled once, then loaded from the cache."""
+    data, _, raw = synthetic_criteo
+    cache = tmp_path / "cache"
+    plain = _predict(capsys, str(exported["int8"]), "--raw", str(raw), "--out", str(tmp_path / "plain.parquet"))
+    first = _predict(capsys, str(exported["int8"]), "--raw", str(raw), "--out", str(tmp_path / "c1.parquet"),
+                     "--compile", "--compile-cache", str(cache))
+    second = _predict(capsys, str(exported["int8"]), "--data", str(data), "--out", str(tmp_path / "c2.parquet"),
+                      "--compile", "--compile-cache", str(cache))
+    assert first["compiled"]["built"] and not second["compiled"]["built"]
+    assert first["compiled"]["entry"] == second["compiled"]["entry"]
+    assert Path(first["compiled"]["entry"]).parent == cache and stat.S_IMODE(cache.stat().st_mode) == 0o700
+    assert first["rows"] == plain["rows"] == second["rows"]
+    expected = pq.read_table(tmp_path / "plain.parquet").column("logit").to_numpy()
+    for name in ("c1", "c2"):
+        np.testing.assert_allclose(pq.read_table(tmp_path / f"{name}.parquet").column("logit").to_numpy(), expected,
+                                   rtol=0, atol=1e-5)
+    # Nothing compiled is written into (or read from) the artifact.
+    assert sorted(p.name for p in exported["int8"].iterdir()) == ["dense.pt2", "manifest.json", "tables.pt",
+                                                                  "vocab.npz"]
+
+
+@pytest.mark.parametrize("unsafe", ["group-writable", "other-writable", "foreign-owner", "symlink"])
+def test_an_unsafe_compile_cache_is_refused(exported, tmp_path, capsys, unsafe: str) -> None:
+    from multiembed.serving import CompileError, load_artifact
+
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    if unsafe == "group-writable":
+        cache.chmod(0o770)
+    elif unsafe == "other-writable":
+        cache.chmod(0o703)
+    elif unsafe == "foreign-owner":
+        if os.geteuid() != 0:
+            pytest.skip("giving a directory to another user needs root")
+        os.chown(cache, 54321, 54321)
+    else:
+        cache.rmdir()
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        cache.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(CompileError) as refused:
+        load_artifact(exported["int8"], compile=True, cache_dir=cache)
+    assert "\n" not in str(refused.value) and str(cache) in str(refused.value) and "refusing" in str(refused.value)
+    capsys.readouterr()
+    assert cli_main(["predict", str(exported["int8"]), "--data", str(tmp_path), "--out", str(tmp_path / "p.parquet"),
+                     "--compile", "--compile-cache", str(cache)]) == 2
+    assert str(cache) in _error(capsys)
+
+
+def _entry_of(cache: Path) -> Path:
+    entries = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 1, entries
+    return entries[0]
+
+
+def test_an_entry_that_does_not_match_is_rebuilt_not_loaded(export_matrix, tmp_path) -> None:
+    """An entry recording another key (a planted package with its own correct checksum), then an entry whose package
+    is not the one recorded, is compiled again: loading the planted bytes would fail, so a load would show."""
+    from multiembed.data.metadata import file_sha256
+    from multiembed.serving.artifact import load_exported_program
+    from multiembed.serving.compiled import KEY_FILE, PACKAGE_FILE, compiled_dense
+
+    model, path = export_matrix[("dcnv2-me-2x", "mean", 0)]
+    shapes = {"embeddings": (model.num_sets, len(_MATRIX_VOCAB), model.sparse_arch.set_dim), "dense_features": (0,)}
+    cache = tmp_path / "cache"
+    first = compiled_dense(load_exported_program(path, shapes), file_sha256(path), shapes, cache)
+    entry = _entry_of(cache)
+    embeddings = torch.randn(3, *shapes["embeddings"])
+    with torch.inference_mode():
+        expected = load_exported_program(path, shapes).module()(embeddings, torch.zeros(3, 0))
+    planted = b"not a compiled library"
+    for tamper in ("key", "package"):
+        record = json.loads((entry / KEY_FILE).read_text())
+        (entry / PACKAGE_FILE).write_bytes(planted)
+        if tamper == "key":
+            record.update(bytes=len(planted), sha256=hashlib.sha256(planted).hexdigest())
+            record["key"]["torch"] = "0.0.0"
+            (entry / KEY_FILE).write_text(json.dumps(record))
+        rebuilt = compiled_dense(load_exported_program(path, shapes), file_sha256(path), shapes, cache)
+        assert first.built and rebuilt.built and rebuilt.entry == entry == first.entry, tamper
+        assert (entry / PACKAGE_FILE).read_bytes() != planted
+        assert json.loads((entry / KEY_FILE).read_text())["key"]["torch"] == torch.__version__
+        with torch.inference_mode():
+            assert torch.allclose(rebuilt(embeddings, torch.zeros(3, 0)), expected, rtol=0, atol=1e-5), tamper
+    assert _entry_of(cache) == entry  # the stale entries were removed, not left beside it
+
+
+def test_a_killed_compile_leaves_no_entry_that_loads(export_matrix, tmp_path, monkeypatch) -> None:
+    """A compile stopped after writing part of its package publishes nothing: the next call compiles afresh."""
+    from multiembed.data.metadata import file_sha256
+    from multiembed.serving.artifact import load_exported_program
+    from multiembed.serving.compiled import compiled_dense
+
+    model, path = export_matrix[("dnn-se-2x", "mean", 0)]
+    shapes = {"embeddings": (model.num_sets, len(_MATRIX_VOCAB), model.sparse_arch.set_dim), "dense_features": (0,)}
+    cache = tmp_path / "cache"
+
+    def killed(program, package_path):
+        Path(package_path).write_bytes(b"PK\x03\x04 half a package")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", killed)
+    with pytest.raises(KeyboardInterrupt):
+        compiled_dense(load_exported_program(path, shapes), file_sha256(path), shapes, cache)
+    assert list(cache.iterdir()) == []
+
+
+def test_compile_is_refused_in_one_line_without_a_compiler(exported, tmp_path, capsys, monkeypatch) -> None:
+    from torch._inductor import config
+
+    monkeypatch.setattr(config.cpp, "cxx", (str(tmp_path / "no-such-c++"),))
+    capsys.readouterr()
+    assert cli_main(["predict", str(exported["int8"]), "--data", str(tmp_path), "--out", str(tmp_path / "p.parquet"),
+                     "--compile", "--compile-cache", str(tmp_path / "cache")]) == 2
+    line = _error(capsys)
+    assert "--compile: no C++ compiler found" in line and "no-such-c++" in line
+    assert not (tmp_path / "p.parquet").exists()
+
+
+def test_compile_runs_only_after_the_artifact_checks(exported, tmp_path, monkeypatch) -> None:
+    """A program the checks refuse never reaches the compiler."""
+    from multiembed.serving import ArtifactError, load_artifact
+
+    artifact = tmp_path / "crafted"
+    shutil.copytree(exported["int8"], artifact)
+    _rewrite_dense(artifact, lambda m: _edit_program(m, lambda p: _first_node(p).__setitem__("target", "builtins.exec")))
+    calls = []
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: calls.append(a))
+    with pytest.raises(ArtifactError, match="builtins.exec"):
+        load_artifact(artifact, compile=True, cache_dir=tmp_path / "cache")
+    assert calls == [] and not (tmp_path / "cache").exists()
