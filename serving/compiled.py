@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from multiembed.data.metadata import atomic_write_text, file_sha256
+from multiembed.models.precision import cpu_capability
 
 CACHE_ENV = "MULTIEMBED_COMPILE_CACHE"
 CACHE_SUBDIR = Path("multiembed") / "compiled"
@@ -166,7 +167,7 @@ def compile_key(program_sha256: str) -> CompileKey:
         CompileError: no C++ compiler is found.
     """
     compiler, version = find_compiler()
-    return CompileKey(program_sha256, torch.__version__, torch.backends.cpu.get_cpu_capability(), compiler, version)
+    return CompileKey(program_sha256, torch.__version__, cpu_capability(), compiler, version)
 
 
 def _check_private(path: Path, what: str) -> None:

@@ -803,11 +803,11 @@ def test_every_compiled_program_equals_the_uncompiled_one(export_matrix, tmp_pat
     assert not _compiled_mismatches(export_matrix, sorted(export_matrix), tmp_path / "cache")
 
 
-def test_predict_compile_serves_the_uncompiled_predictions_from_the_cache(synthetic_criteo, exported, tmp_path,
-                                                                           capsys) -> None:
+def test_predict_compile_serves_the_uncompiled_predictions_from_the_cache(synthetic_criteo, exported, compile_cache,
+                                                                           tmp_path, capsys) -> None:
     """``predict --compile``: the same predictions (within 1e-5), compiled once, then loaded from the cache."""
     data, _, raw = synthetic_criteo
-    cache = tmp_path / "cache"
+    cache = compile_cache
     plain = _predict(capsys, str(exported["int8"]), "--raw", str(raw), "--out", str(tmp_path / "plain.parquet"))
     first = _predict(capsys, str(exported["int8"]), "--raw", str(raw), "--out", str(tmp_path / "c1.parquet"),
                      "--compile", "--compile-cache", str(cache))
@@ -853,6 +853,37 @@ def test_an_unsafe_compile_cache_is_refused(exported, tmp_path, capsys, unsafe: 
     assert str(cache) in _error(capsys)
 
 
+def test_bench_predict_reports_compiled_rows_flop_fractions_and_stages(synthetic_criteo, exported, compile_cache,
+                                                                        tmp_path, capsys) -> None:
+    """A smoke run (tiny call counts, no figures): every artifact exported and compiled at every batch size, the FLOP
+    limit from the GEMM rate of the same run, tokenisation and lookup at batch 1, the targets of the compiled rows."""
+    from multiembed.benchmarks import bench_predict
+
+    data, _, raw = synthetic_criteo
+    out = tmp_path / "bench.json"
+    assert bench_predict.main(["--artifacts", str(exported["int8"]), str(exported["none"]), "--data", str(data),
+                               "--raw", str(raw), "--batch-sizes", "1,64", "--min-calls", "3", "--min-seconds", "0",
+                               "--compile-cache", str(compile_cache), "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    rows = record["results"]
+    assert {(r["artifact"], r["compiled"], r["batch"]) for r in rows} == {
+        (str(exported[q]), c, b) for q in ("int8", "none") for c in (False, True) for b in (1, 64)}
+    flops = record["flops_per_prediction"][str(exported["int8"])]
+    assert flops > 0 and record["flops_per_prediction"][str(exported["none"])] == flops
+    for row in rows:
+        limit = record["gemm_flops_per_s_per_core"] / flops
+        assert row["flop_limit_predictions_per_s_per_core"] == pytest.approx(limit)
+        assert row["flop_fraction"] == pytest.approx(row["predictions_per_s_per_core"] / limit)
+        assert row["calls"] >= 3 and 0 < row["p50_ms"] <= row["p99_ms"]
+    for artifact in (exported["int8"], exported["none"]):
+        stages = record["stages"][str(artifact)]
+        assert stages["tokenise"]["p50_ms"] > 0 and stages["lookup"]["p50_ms"] > 0
+    targets = {(t["artifact"], t["target"]) for t in record["targets"]}
+    assert len(targets) == 2 * 5  # per compiled artifact: batch-1 p50 and p99, tokenise, lookup, batch-64 fraction
+    assert all(isinstance(t["held"], bool) for t in record["targets"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == rows
+
+
 def _entry_of(cache: Path) -> Path:
     entries = [p for p in cache.iterdir() if not p.name.startswith(".")]
     assert len(entries) == 1, entries
@@ -888,7 +919,7 @@ def test_an_entry_that_does_not_match_is_rebuilt_not_loaded(export_matrix, tmp_p
         assert json.loads((entry / KEY_FILE).read_text())["key"]["torch"] == torch.__version__
         with torch.inference_mode():
             assert torch.allclose(rebuilt(embeddings, torch.zeros(3, 0)), expected, rtol=0, atol=1e-5), tamper
-    assert _entry_of(cache) == entry  # the stale entries were removed, not left beside it
+    assert [p.name for p in cache.iterdir()] == [entry.name]  # nothing stale or temporary left beside it
 
 
 def test_a_killed_compile_leaves_no_entry_that_loads(export_matrix, tmp_path, monkeypatch) -> None:
