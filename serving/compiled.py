@@ -98,16 +98,24 @@ class CompileKey:
 class CompiledProgram(nn.Module):
     """The compiled dense program: ``(embeddings [B, K, F, d], dense_features [B, num_dense]) -> logits [B]``.
 
+    The library checks neither the inputs' dtype nor that their batch sizes agree (it would read past a shorter
+    input), so every call checks both inputs against ``input_shapes`` first.
+
     Args:
         runner: the loaded AOTInductor package (``torch._inductor.aoti_load_package``).
+        input_shapes: ``{"embeddings": (K, F, d), "dense_features": (num_dense,)}``, the sizes after the batch.
         entry: the cache entry it was loaded from.
         built: True when this call compiled it, False when it came from the cache.
         compile_seconds: wall time of the compile (0 when it came from the cache).
     """
 
-    def __init__(self, runner: Any, entry: Path, built: bool, compile_seconds: float) -> None:
+    def __init__(self, runner: Any, input_shapes: Mapping[str, Tuple[int, ...]], entry: Path, built: bool,
+                 compile_seconds: float) -> None:
         super().__init__()
+        if list(input_shapes) != ["embeddings", "dense_features"]:
+            raise ValueError(f"input_shapes must name embeddings and dense_features, got {list(input_shapes)}")
         self.runner = runner
+        self.input_shapes = {name: tuple(sizes) for name, sizes in input_shapes.items()}
         self.entry = entry
         self.built = built
         self.compile_seconds = compile_seconds
@@ -120,7 +128,17 @@ class CompiledProgram(nn.Module):
 
         Returns:
             logits ``[B]``.
+
+        Raises:
+            ValueError: an input that is not float32, not of the program's sizes, or of another batch size.
         """
+        batch = embeddings.shape[0] if embeddings.dim() else -1
+        for name, value in (("embeddings", embeddings), ("dense_features", dense_features)):
+            if value.dtype != torch.float32 or value.dim() == 0 or value.shape[0] != batch or (
+                    tuple(value.shape[1:]) != self.input_shapes[name]):
+                want = ", ".join(map(str, (batch, *self.input_shapes[name])))
+                raise ValueError(f"compiled dense program: {name} is {value.dtype} [{', '.join(map(str, value.shape))}]"
+                                 f", expected torch.float32 [{want}]")
         # The library's kernels index contiguous inputs; the flat runner call skips the per-call pytree parsing.
         return self.runner.loader.boxed_run([embeddings.contiguous(), dense_features.contiguous()])[0]
 
@@ -295,6 +313,8 @@ def compiled_dense(
     Raises:
         CompileError: no C++ compiler, an unsafe cache directory, or the compile failed.
     """
+    import torch._inductor  # noqa: F401  (AOTInductor: imported only when a program is compiled or loaded)
+
     key = compile_key(program_sha256)
     cache = open_cache_dir(cache_dir)
     entry = cache / key.digest
@@ -319,4 +339,4 @@ def compiled_dense(
     except Exception as e:  # noqa: BLE001 - a library that does not load is an error, never a fallback
         text = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise CompileError(f"{package}: cannot load the compiled dense program ({text})") from None
-    return CompiledProgram(runner, entry, built, seconds)
+    return CompiledProgram(runner, input_shapes, entry, built, seconds)

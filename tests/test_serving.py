@@ -922,6 +922,27 @@ def test_an_entry_that_does_not_match_is_rebuilt_not_loaded(export_matrix, tmp_p
     assert [p.name for p in cache.iterdir()] == [entry.name]  # nothing stale or temporary left beside it
 
 
+def test_the_compiled_program_refuses_inputs_it_would_misread(export_matrix, compile_cache) -> None:
+    """The library itself would serve a shorter dense batch by reading past it: every call checks the inputs."""
+    from multiembed.data.metadata import file_sha256
+    from multiembed.serving.artifact import load_exported_program
+    from multiembed.serving.compiled import compiled_dense
+
+    model, path = export_matrix[("dcnv2lr-mesi-2x", "gate", 3)]
+    shapes = {"embeddings": (model.num_sets, len(_MATRIX_VOCAB), model.sparse_arch.set_dim), "dense_features": (3,)}
+    compiled = compiled_dense(load_exported_program(path, shapes), file_sha256(path), shapes, compile_cache)
+    embeddings = torch.randn(4, *shapes["embeddings"])
+    assert compiled(embeddings, torch.rand(4, 3)).shape == (4,)
+    refused = ((torch.rand(3, 3), r"dense_features is torch.float32 \[3, 3\], expected torch.float32 \[4, 3\]"),
+               (torch.rand(4, 2), r"dense_features is torch.float32 \[4, 2\]"),
+               (torch.rand(4, 3).double(), r"dense_features is torch.float64"))
+    for dense, message in refused:
+        with pytest.raises(ValueError, match=message):
+            compiled(embeddings, dense)
+    with pytest.raises(ValueError, match=r"embeddings is torch.float32 \[4, 1,"):
+        compiled(embeddings[:, :1], torch.rand(4, 3))
+
+
 def test_a_killed_compile_leaves_no_entry_that_loads(export_matrix, tmp_path, monkeypatch) -> None:
     """A compile stopped after writing part of its package publishes nothing: the next call compiles afresh."""
     from multiembed.data.metadata import file_sha256
