@@ -81,7 +81,9 @@ def latencies_ms(call: Callable[[int], Any], count: int, min_calls: int, min_sec
     return np.array(out) * 1e3
 
 
-def time_predict(artifact: ServingArtifact, batches: Sequence[Any], min_calls: int, min_seconds: float) -> Dict[str, float]:
+def time_predict(
+    artifact: ServingArtifact, batches: Sequence[Any], min_calls: int, min_seconds: float
+) -> Dict[str, float]:
     """Latency and throughput of the whole predict call (ids to probabilities) on ``batches`` round-robin."""
     ms = latencies_ms(lambda i: artifact.predict(batches[i].dense_features, batches[i].sparse_features),
                       len(batches), min_calls, min_seconds)
@@ -170,7 +172,8 @@ def _percentiles(ms: np.ndarray) -> Dict[str, float]:
 
 
 def check_targets(rows: Sequence[Dict[str, Any]], stages: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """Every target of :data:`TARGETS` for each compiled artifact: ``{"artifact", "target", "limit", "value", "held"}``."""
+    """Every target of :data:`TARGETS` for each compiled artifact: ``{"artifact", "target", "limit", "value",
+    "held"}``."""
     out: List[Dict[str, Any]] = []
     for row in rows:
         if not row["compiled"]:

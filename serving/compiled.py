@@ -14,7 +14,8 @@ The key (:class:`CompileKey`) is the dense program's SHA-256 (the manifest's, wh
 against the file), the torch version, torch's CPU capability and the C++ compiler's version: a library is reused
 only for the same program, built by the same torch and compiler for the same instruction set. An entry whose
 recorded key or package checksum does not match is rebuilt, never loaded; an entry appears only by renaming a
-finished compile into place, so a killed compile leaves a ``.tmp-`` directory that nothing loads.
+finished compile into place, so a killed compile leaves a ``.tmp-`` directory that nothing loads (removed by the
+next compile once it is a day old).
 
 The cache location is ``--compile-cache`` / ``cache_dir``, else ``$MULTIEMBED_COMPILE_CACHE``, else
 ``$XDG_CACHE_HOME/multiembed/compiled``, else ``~/.cache/multiembed/compiled``. Inductor's own cache of generated
@@ -59,6 +60,8 @@ COMPILED_FORMAT = "multiembed-compiled-v1"
 _TMP_PREFIX = ".tmp-"
 # Group and others may neither write the cache directory nor an entry (they could plant a library to load).
 _FOREIGN_WRITE = stat.S_IWGRP | stat.S_IWOTH
+# A ``.tmp-`` directory older than this is a compile that was killed (a compile takes seconds to minutes): removed.
+STALE_TMP_SECONDS = 24 * 3600
 # The batch of the example inputs the compile traces with (the program's batch dimension stays dynamic).
 _EXAMPLE_BATCH = 2
 
@@ -200,8 +203,9 @@ def _check_private(path: Path, what: str) -> None:
         raise CompileError(f"{path}: the {what} is owned by user {info.st_uid}, not by this user; refusing to load "
                            "libraries from it")
     if info.st_mode & _FOREIGN_WRITE:
-        raise CompileError(f"{path}: the {what} is writable by group or others (mode {stat.S_IMODE(info.st_mode):04o}); "
-                           "refusing to load libraries from it (chmod 700 it)")
+        mode = stat.S_IMODE(info.st_mode)
+        raise CompileError(f"{path}: the {what} is writable by group or others (mode {mode:04o}); refusing to load "
+                           "libraries from it (chmod 700 it)")
 
 
 def open_cache_dir(cache_dir: "str | os.PathLike | None" = None) -> Path:
@@ -278,6 +282,18 @@ def _build(program: "torch.export.ExportedProgram", shapes: Mapping[str, Tuple[i
     atomic_write_text(tmp / KEY_FILE, json.dumps(record, indent=2) + "\n")
 
 
+def remove_stale_tmp(cache: Path, max_age_s: float = STALE_TMP_SECONDS) -> None:
+    """Removes the ``.tmp-`` directories of ``cache`` not modified for ``max_age_s`` seconds (killed compiles)."""
+    now = time.time()
+    for path in cache.glob(f"{_TMP_PREFIX}*"):
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(info.st_mode) and now - info.st_mtime > max_age_s:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _publish(tmp: Path, entry: Path) -> None:
     """Renames the finished ``tmp`` to ``entry``; a stale entry (another key or a bad package) is moved aside first.
     Another process that published the same entry meanwhile wins (its entry is checked on load like any other)."""
@@ -321,6 +337,7 @@ def compiled_dense(
     package = read_entry(entry, key)
     built, seconds = False, 0.0
     if package is None:
+        remove_stale_tmp(cache)
         start = time.perf_counter()
         tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{key.digest[:16]}-", dir=cache))
         try:

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import stat
+import time
 import zipfile
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -790,7 +791,8 @@ def _compiled_mismatches(export_matrix, configs, cache: Path) -> List[str]:
 
 def test_compiled_programs_equal_the_uncompiled_ones(export_matrix, compile_cache) -> None:
     """Every backbone (hetero included), every mode and both combiners, with and without dense features."""
-    assert {name.split("-")[0] for name, _, _ in _COMPILE_SUBSET} == {name.split("-")[0] for name, _, _ in export_matrix}
+    backbones = {name.split("-")[0] for name, _, _ in export_matrix}
+    assert {name.split("-")[0] for name, _, _ in _COMPILE_SUBSET} == backbones
     assert {name.split("-")[1] for name, _, _ in _COMPILE_SUBSET} == {"se", "me", "mesi"}
     assert {combiner for _, combiner, _ in _COMPILE_SUBSET} == {"mean", "gate"}
     assert not _compiled_mismatches(export_matrix, _COMPILE_SUBSET, compile_cache)
@@ -944,7 +946,9 @@ def test_the_compiled_program_refuses_inputs_it_would_misread(export_matrix, com
 
 
 def test_a_killed_compile_leaves_no_entry_that_loads(export_matrix, tmp_path, monkeypatch) -> None:
-    """A compile stopped after writing part of its package publishes nothing: the next call compiles afresh."""
+    """A compile stopped after writing part of its package publishes nothing and leaves nothing behind; the
+    temporary directory of a compile killed outright (a day old) is removed by the next compile, a recent one (a
+    compile in progress) is kept."""
     from multiembed.data.metadata import file_sha256
     from multiembed.serving.artifact import load_exported_program
     from multiembed.serving.compiled import compiled_dense
@@ -952,6 +956,11 @@ def test_a_killed_compile_leaves_no_entry_that_loads(export_matrix, tmp_path, mo
     model, path = export_matrix[("dnn-se-2x", "mean", 0)]
     shapes = {"embeddings": (model.num_sets, len(_MATRIX_VOCAB), model.sparse_arch.set_dim), "dense_features": (0,)}
     cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    (cache / ".tmp-killed-outright").mkdir()
+    (cache / ".tmp-killed-outright" / "model.pt2").write_bytes(b"PK half a package")
+    os.utime(cache / ".tmp-killed-outright", (time.time() - 2 * 86400,) * 2)
+    (cache / ".tmp-in-progress").mkdir()
 
     def killed(program, package_path):
         Path(package_path).write_bytes(b"PK\x03\x04 half a package")
@@ -960,7 +969,7 @@ def test_a_killed_compile_leaves_no_entry_that_loads(export_matrix, tmp_path, mo
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", killed)
     with pytest.raises(KeyboardInterrupt):
         compiled_dense(load_exported_program(path, shapes), file_sha256(path), shapes, cache)
-    assert list(cache.iterdir()) == []
+    assert [p.name for p in cache.iterdir()] == [".tmp-in-progress"]
 
 
 def test_compile_is_refused_in_one_line_without_a_compiler(exported, tmp_path, capsys, monkeypatch) -> None:
@@ -981,7 +990,8 @@ def test_compile_runs_only_after_the_artifact_checks(exported, tmp_path, monkeyp
 
     artifact = tmp_path / "crafted"
     shutil.copytree(exported["int8"], artifact)
-    _rewrite_dense(artifact, lambda m: _edit_program(m, lambda p: _first_node(p).__setitem__("target", "builtins.exec")))
+    _rewrite_dense(artifact, lambda m: _edit_program(
+        m, lambda p: _first_node(p).__setitem__("target", "builtins.exec")))
     calls = []
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: calls.append(a))
     with pytest.raises(ArtifactError, match="builtins.exec"):
