@@ -180,7 +180,8 @@ def summary_lines(record: Mapping[str, Any]) -> List[str]:
                      f"{row['evaluate_test_auc']:.6f}, predict AUC {row['predict']['auc']:.6f}")
     for stack, bench in record.get("bench_predict", {}).items():
         for row in bench["results"]:
-            lines.append(f"[predict] {stack}: batch {row['batch']}: p50 {row['p50_ms']:.3f} ms, p99 "
+            compiled = "compiled, " if row.get("compiled") else ""
+            lines.append(f"[predict] {stack}: {compiled}batch {row['batch']}: p50 {row['p50_ms']:.3f} ms, p99 "
                          f"{row['p99_ms']:.3f} ms, {row['predictions_per_s_per_core']:.0f} pred/s/core")
     for stack, rounds in record.get("bench", {}).items():
         lines.append(f"[bench] {stack}: " + ", ".join(f"{r['samples_per_s']:.0f}" for r in rounds) + " samples/s")

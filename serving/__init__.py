@@ -4,6 +4,8 @@
   the dense part as a ``torch.export`` program, schema, vocabulary and preprocessing);
 * :mod:`multiembed.serving.artifact`: the artifact's layout and :func:`load_artifact`, which runs no code from the
   files;
+* :mod:`multiembed.serving.compiled`: ``load_artifact(..., compile=True)``: the checked dense program compiled
+  ahead of time on the serving machine (AOTInductor), cached in a private directory;
 * :mod:`multiembed.serving.predict`: converted Parquet splits or raw Criteo / Avazu lines -> predictions, AUC and
   log loss.
 
@@ -29,11 +31,13 @@ from multiembed.serving.artifact import (
     ServingModel,
     load_artifact,
 )
+from multiembed.serving.compiled import CompileError
 
 __all__ = [
     "ARTIFACT_FORMAT",
     "QUANTIZE_CHOICES",
     "ArtifactError",
+    "CompileError",
     "Manifest",
     "ServingArtifact",
     "ServingModel",

@@ -31,6 +31,10 @@ maths, no in-place or ``out=`` variant, no file or storage access), identifiers 
 built only from ``Symbol``, ``Integer`` and arithmetic, guards that only compare input sizes with integers, and
 inputs of the shapes the manifest implies (:func:`dense_input_shapes`). A refusal is one line naming the file
 (:class:`ArtifactError`).
+
+``load_artifact(..., compile=True)`` serves the dense program compiled ahead of time: only after every check above,
+from the loaded program, on this machine, into a private cache (:mod:`multiembed.serving.compiled`). No compiled
+library is ever read from the artifact.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import json
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, List, Mapping, Tuple
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -51,6 +55,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from multiembed.data.metadata import file_sha256
 from multiembed.models.sparse_arch import MultiEmbeddingSparseArch, multi_embedding_tables
+from multiembed.serving.compiled import CompiledProgram, compiled_dense
 
 ARTIFACT_FORMAT = "multiembed-serving-v1"
 MANIFEST_FILE = "manifest.json"
@@ -500,14 +505,18 @@ def check_dense_program(path: Path, inputs: Mapping[str, Tuple[int, ...]]) -> No
                     raise ArtifactError(f"{where}: sample inputs do not load with weights_only=True ({_first_line(e)})") from None
 
 
-def load_dense_program(path: Path, inputs: Mapping[str, Tuple[int, ...]]) -> nn.Module:
-    """:func:`check_dense_program`, then ``torch.export.load(path).module()``: ``(embeddings, dense) -> logits``."""
+def load_exported_program(path: Path, inputs: Mapping[str, Tuple[int, ...]]) -> torch.export.ExportedProgram:
+    """:func:`check_dense_program`, then ``torch.export.load(path)``."""
     check_dense_program(path, inputs)
     try:
-        program = torch.export.load(str(path))
+        return torch.export.load(str(path))
     except Exception as e:  # noqa: BLE001 - any deserialisation failure is a bad artifact
         raise ArtifactError(f"{path}: cannot load the exported dense program ({_first_line(e)})") from None
-    return program.module()
+
+
+def load_dense_program(path: Path, inputs: Mapping[str, Tuple[int, ...]]) -> nn.Module:
+    """:func:`load_exported_program`, as a module: ``(embeddings, dense) -> logits``."""
+    return load_exported_program(path, inputs).module()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -573,20 +582,35 @@ class ServingArtifact:
     def fields(self) -> List[str]:
         return self.manifest.fields
 
+    @property
+    def compiled(self) -> Optional[CompiledProgram]:
+        """The compiled dense program (``load_artifact(..., compile=True)``), else None."""
+        dense = self.model.dense
+        return dense if isinstance(dense, CompiledProgram) else None
+
     def predict(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Click probabilities ``[B]`` of one batch."""
         with torch.inference_mode():
             return torch.sigmoid(self.model(dense_features, sparse_features))
 
 
-def load_artifact(directory: "str | Path") -> ServingArtifact:
+def load_artifact(
+    directory: "str | Path", compile: bool = False, cache_dir: "str | Path | None" = None
+) -> ServingArtifact:
     """Loads an artifact directory written by ``multiembed export`` (the one documented Python call).
 
     Verifies every file against the manifest (size and SHA-256), reads the tables with ``weights_only=True``,
     rebuilds the TorchRec collection, and loads the dense program after :func:`check_dense_program`.
 
+    Args:
+        directory: the artifact directory.
+        compile: compile the checked dense program ahead of time on this machine (AOTInductor) and serve the
+            compiled library, from the cache when it holds a valid entry (:mod:`multiembed.serving.compiled`).
+        cache_dir: the compile cache (default :func:`~multiembed.serving.compiled.default_cache_dir`).
+
     Raises:
         ArtifactError: not an artifact, a missing or altered file, or anything the safety checks refuse.
+        CompileError: ``compile`` without a C++ compiler, with an unsafe cache directory, or a failed compile.
 
     Example::
 
@@ -602,6 +626,12 @@ def load_artifact(directory: "str | Path") -> ServingArtifact:
     sparse_arch = MultiEmbeddingSparseArch(
         collection, num_sets=manifest.num_sets, set_dim=manifest.set_dim, layout="fused"  # type: ignore[arg-type]
     )
-    dense = load_dense_program(directory / manifest.files["dense"]["path"], dense_input_shapes(manifest))
+    shapes = dense_input_shapes(manifest)
+    program = load_exported_program(directory / manifest.files["dense"]["path"], shapes)
+    dense: nn.Module
+    if compile:
+        dense = compiled_dense(program, manifest.files["dense"]["sha256"], shapes, cache_dir)
+    else:
+        dense = program.module()
     model = ServingModel(sparse_arch, dense, num_dense=len(manifest.dense_fields)).eval()
     return ServingArtifact(directory, manifest, model)

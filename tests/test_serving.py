@@ -5,7 +5,9 @@ present) is exported as int8 / int4 / fp32 artifacts; predictions on the convert
 lines must agree with each other and, for int8, reach ``multiembed evaluate``'s AUC within 0.001. Every backbone x
 mode x combiner exports a program that computes the model's own logits and calls only the committed aten op
 allowlist. Refusals are one line; crafted artifacts show that loading runs no code from the files and that a
-program which writes (a file, an input, a constant) is refused before it runs.
+program which writes (a file, an input, a constant) is refused before it runs. The compiled dense program
+(``--compile``) gives the uncompiled predictions, is built only after the checks and only into a private cache, and
+an entry that does not match its key is rebuilt.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
+import stat
+import time
 import zipfile
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -736,3 +741,259 @@ def test_row_layout_tells_unlabelled_rows_apart(tmp_path) -> None:
         path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
         assert row_layout(path, fmt) == expected, name
     assert row_layout(tmp_path / "missing.txt", criteo) == criteo
+
+
+# --- compiled serving: the checked program compiled on this machine (AOTInductor), cached privately -------------------
+
+# One configuration per backbone (and hetero), alternating mean and gate and cycling the modes: every backbone,
+# mode and combiner is compiled in the default suite. The whole matrix (48 compiles, about 6.5 minutes on 2 cores)
+# runs with MULTIEMBED_TEST_COMPILE_MATRIX=1.
+_COMPILE_SUBSET = [
+    ("dnn-se-2x", "mean", 0), ("ipnn-me-2x", "gate", 3), ("nfwfm-mesi-2x", "mean", 0), ("xdeepfm-se-2x", "gate", 3),
+    ("dcnv2-me-2x", "mean", 0), ("dcnv2lr-mesi-2x", "gate", 3), ("finalmlp-me-2x", "mean", 0),
+    ("dlrm-mesi-2x", "gate", 3), ("hetero-me-4x", "gate", 3),
+]
+COMPILE_MATRIX_ENV = "MULTIEMBED_TEST_COMPILE_MATRIX"
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory) -> Path:
+    """One private cache for the module's compiles (entries are keyed, so configurations never collide)."""
+    return tmp_path_factory.mktemp("compile-cache") / "cache"
+
+
+def _compiled_mismatches(export_matrix, configs, cache: Path) -> List[str]:
+    """Compiles each configuration's checked program and compares it with the uncompiled program on the same
+    embeddings (batch 1 and 5): ``["config: max |diff|"]`` of those that differ by more than 1e-5."""
+    from multiembed.data.metadata import file_sha256
+    from multiembed.serving.artifact import load_exported_program
+    from multiembed.serving.compiled import compiled_dense
+
+    generator = torch.Generator().manual_seed(2)
+    mismatched = []
+    for config in configs:
+        model, path = export_matrix[config]
+        shapes = {"embeddings": (model.num_sets, len(_MATRIX_VOCAB), model.sparse_arch.set_dim),
+                  "dense_features": (config[2],)}
+        program = load_exported_program(path, shapes)
+        compiled = compiled_dense(load_exported_program(path, shapes), file_sha256(path), shapes, cache)
+        assert compiled.built
+        for rows in (1, 5):
+            embeddings = torch.randn(rows, *shapes["embeddings"], generator=generator)
+            dense = torch.rand(rows, config[2], generator=generator)
+            with torch.inference_mode():
+                expected, served = program.module()(embeddings, dense), compiled(embeddings, dense)
+            if served.shape != expected.shape or not torch.allclose(served, expected, rtol=0, atol=1e-5):
+                mismatched.append(f"{'/'.join(map(str, config))} batch {rows}: {served.shape} vs {expected.shape}, "
+                                  f"max |diff| {float((served - expected).abs().max()):.3g}")
+    return mismatched
+
+
+def test_compiled_programs_equal_the_uncompiled_ones(export_matrix, compile_cache) -> None:
+    """Every backbone (hetero included), every mode and both combiners, with and without dense features."""
+    backbones = {name.split("-")[0] for name, _, _ in export_matrix}
+    assert {name.split("-")[0] for name, _, _ in _COMPILE_SUBSET} == backbones
+    assert {name.split("-")[1] for name, _, _ in _COMPILE_SUBSET} == {"se", "me", "mesi"}
+    assert {combiner for _, combiner, _ in _COMPILE_SUBSET} == {"mean", "gate"}
+    assert not _compiled_mismatches(export_matrix, _COMPILE_SUBSET, compile_cache)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get(COMPILE_MATRIX_ENV),
+                    reason=f"the whole compile matrix (48 compiles, about 6.5 minutes): set {COMPILE_MATRIX_ENV}=1")
+def test_every_compiled_program_equals_the_uncompiled_one(export_matrix, tmp_path) -> None:
+    assert not _compiled_mismatches(export_matrix, sorted(export_matrix), tmp_path / "cache")
+
+
+def test_predict_compile_serves_the_uncompiled_predictions_from_the_cache(synthetic_criteo, exported, compile_cache,
+                                                                           tmp_path, capsys) -> None:
+    """``predict --compile``: the same predictions (within 1e-5), compiled once, then loaded from the cache."""
+    data, _, raw = synthetic_criteo
+    cache = compile_cache
+    plain = _predict(capsys, str(exported["int8"]), "--raw", str(raw), "--out", str(tmp_path / "plain.parquet"))
+    first = _predict(capsys, str(exported["int8"]), "--raw", str(raw), "--out", str(tmp_path / "c1.parquet"),
+                     "--compile", "--compile-cache", str(cache))
+    second = _predict(capsys, str(exported["int8"]), "--data", str(data), "--out", str(tmp_path / "c2.parquet"),
+                      "--compile", "--compile-cache", str(cache))
+    assert first["compiled"]["built"] and not second["compiled"]["built"]
+    assert first["compiled"]["entry"] == second["compiled"]["entry"]
+    assert Path(first["compiled"]["entry"]).parent == cache and stat.S_IMODE(cache.stat().st_mode) == 0o700
+    assert first["rows"] == plain["rows"] == second["rows"]
+    expected = pq.read_table(tmp_path / "plain.parquet").column("logit").to_numpy()
+    for name in ("c1", "c2"):
+        np.testing.assert_allclose(pq.read_table(tmp_path / f"{name}.parquet").column("logit").to_numpy(), expected,
+                                   rtol=0, atol=1e-5)
+    # Nothing compiled is written into (or read from) the artifact.
+    assert sorted(p.name for p in exported["int8"].iterdir()) == ["dense.pt2", "manifest.json", "tables.pt",
+                                                                  "vocab.npz"]
+
+
+@pytest.mark.parametrize("unsafe", ["group-writable", "other-writable", "foreign-owner", "symlink"])
+def test_an_unsafe_compile_cache_is_refused(exported, tmp_path, capsys, unsafe: str) -> None:
+    from multiembed.serving import CompileError, load_artifact
+
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    if unsafe == "group-writable":
+        cache.chmod(0o770)
+    elif unsafe == "other-writable":
+        cache.chmod(0o703)
+    elif unsafe == "foreign-owner":
+        if os.geteuid() != 0:
+            pytest.skip("giving a directory to another user needs root")
+        os.chown(cache, 54321, 54321)
+    else:
+        cache.rmdir()
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        cache.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(CompileError) as refused:
+        load_artifact(exported["int8"], compile=True, cache_dir=cache)
+    assert "\n" not in str(refused.value) and str(cache) in str(refused.value) and "refusing" in str(refused.value)
+    capsys.readouterr()
+    assert cli_main(["predict", str(exported["int8"]), "--data", str(tmp_path), "--out", str(tmp_path / "p.parquet"),
+                     "--compile", "--compile-cache", str(cache)]) == 2
+    assert str(cache) in _error(capsys)
+
+
+def test_bench_predict_reports_compiled_rows_flop_fractions_and_stages(synthetic_criteo, exported, compile_cache,
+                                                                        tmp_path, capsys) -> None:
+    """A smoke run (tiny call counts, no figures): every artifact exported and compiled at every batch size, the FLOP
+    limit from the GEMM rate of the same run, tokenisation and lookup at batch 1, the targets of the compiled rows."""
+    from multiembed.benchmarks import bench_predict
+
+    data, _, raw = synthetic_criteo
+    out = tmp_path / "bench.json"
+    assert bench_predict.main(["--artifacts", str(exported["int8"]), str(exported["none"]), "--data", str(data),
+                               "--raw", str(raw), "--batch-sizes", "1,64", "--min-calls", "3", "--min-seconds", "0",
+                               "--compile-cache", str(compile_cache), "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    rows = record["results"]
+    assert {(r["artifact"], r["compiled"], r["batch"]) for r in rows} == {
+        (str(exported[q]), c, b) for q in ("int8", "none") for c in (False, True) for b in (1, 64)}
+    flops = record["flops_per_prediction"][str(exported["int8"])]
+    assert flops > 0 and record["flops_per_prediction"][str(exported["none"])] == flops
+    for row in rows:
+        limit = record["gemm_flops_per_s_per_core"] / flops
+        assert row["flop_limit_predictions_per_s_per_core"] == pytest.approx(limit)
+        assert row["flop_fraction"] == pytest.approx(row["predictions_per_s_per_core"] / limit)
+        assert row["calls"] >= 3 and 0 < row["p50_ms"] <= row["p99_ms"]
+    for artifact in (exported["int8"], exported["none"]):
+        stages = record["stages"][str(artifact)]
+        assert stages["tokenise"]["p50_ms"] > 0 and stages["lookup"]["p50_ms"] > 0
+    targets = {(t["artifact"], t["target"]) for t in record["targets"]}
+    assert len(targets) == 2 * 5  # per compiled artifact: batch-1 p50 and p99, tokenise, lookup, batch-64 fraction
+    assert all(isinstance(t["held"], bool) for t in record["targets"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == rows
+
+
+def _entry_of(cache: Path) -> Path:
+    entries = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 1, entries
+    return entries[0]
+
+
+def test_an_entry_that_does_not_match_is_rebuilt_not_loaded(export_matrix, tmp_path) -> None:
+    """An entry recording another key (a planted package with its own correct checksum), then an entry whose package
+    is not the one recorded, is compiled again: loading the planted bytes would fail, so a load would show."""
+    from multiembed.data.metadata import file_sha256
+    from multiembed.serving.artifact import load_exported_program
+    from multiembed.serving.compiled import KEY_FILE, PACKAGE_FILE, compiled_dense
+
+    model, path = export_matrix[("dcnv2-me-2x", "mean", 0)]
+    shapes = {"embeddings": (model.num_sets, len(_MATRIX_VOCAB), model.sparse_arch.set_dim), "dense_features": (0,)}
+    cache = tmp_path / "cache"
+    first = compiled_dense(load_exported_program(path, shapes), file_sha256(path), shapes, cache)
+    entry = _entry_of(cache)
+    embeddings = torch.randn(3, *shapes["embeddings"])
+    with torch.inference_mode():
+        expected = load_exported_program(path, shapes).module()(embeddings, torch.zeros(3, 0))
+    planted = b"not a compiled library"
+    for tamper in ("key", "package"):
+        record = json.loads((entry / KEY_FILE).read_text())
+        (entry / PACKAGE_FILE).write_bytes(planted)
+        if tamper == "key":
+            record.update(bytes=len(planted), sha256=hashlib.sha256(planted).hexdigest())
+            record["key"]["torch"] = "0.0.0"
+            (entry / KEY_FILE).write_text(json.dumps(record))
+        rebuilt = compiled_dense(load_exported_program(path, shapes), file_sha256(path), shapes, cache)
+        assert first.built and rebuilt.built and rebuilt.entry == entry == first.entry, tamper
+        assert (entry / PACKAGE_FILE).read_bytes() != planted
+        assert json.loads((entry / KEY_FILE).read_text())["key"]["torch"] == torch.__version__
+        with torch.inference_mode():
+            assert torch.allclose(rebuilt(embeddings, torch.zeros(3, 0)), expected, rtol=0, atol=1e-5), tamper
+    assert [p.name for p in cache.iterdir()] == [entry.name]  # nothing stale or temporary left beside it
+
+
+def test_the_compiled_program_refuses_inputs_it_would_misread(export_matrix, compile_cache) -> None:
+    """The library itself would serve a shorter dense batch by reading past it: every call checks the inputs."""
+    from multiembed.data.metadata import file_sha256
+    from multiembed.serving.artifact import load_exported_program
+    from multiembed.serving.compiled import compiled_dense
+
+    model, path = export_matrix[("dcnv2lr-mesi-2x", "gate", 3)]
+    shapes = {"embeddings": (model.num_sets, len(_MATRIX_VOCAB), model.sparse_arch.set_dim), "dense_features": (3,)}
+    compiled = compiled_dense(load_exported_program(path, shapes), file_sha256(path), shapes, compile_cache)
+    embeddings = torch.randn(4, *shapes["embeddings"])
+    assert compiled(embeddings, torch.rand(4, 3)).shape == (4,)
+    refused = ((torch.rand(3, 3), r"dense_features is torch.float32 \[3, 3\], expected torch.float32 \[4, 3\]"),
+               (torch.rand(4, 2), r"dense_features is torch.float32 \[4, 2\]"),
+               (torch.rand(4, 3).double(), r"dense_features is torch.float64"))
+    for dense, message in refused:
+        with pytest.raises(ValueError, match=message):
+            compiled(embeddings, dense)
+    with pytest.raises(ValueError, match=r"embeddings is torch.float32 \[4, 1,"):
+        compiled(embeddings[:, :1], torch.rand(4, 3))
+
+
+def test_a_killed_compile_leaves_no_entry_that_loads(export_matrix, tmp_path, monkeypatch) -> None:
+    """A compile stopped after writing part of its package publishes nothing and leaves nothing behind; the
+    temporary directory of a compile killed outright (a day old) is removed by the next compile, a recent one (a
+    compile in progress) is kept."""
+    from multiembed.data.metadata import file_sha256
+    from multiembed.serving.artifact import load_exported_program
+    from multiembed.serving.compiled import compiled_dense
+
+    model, path = export_matrix[("dnn-se-2x", "mean", 0)]
+    shapes = {"embeddings": (model.num_sets, len(_MATRIX_VOCAB), model.sparse_arch.set_dim), "dense_features": (0,)}
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    (cache / ".tmp-killed-outright").mkdir()
+    (cache / ".tmp-killed-outright" / "model.pt2").write_bytes(b"PK half a package")
+    os.utime(cache / ".tmp-killed-outright", (time.time() - 2 * 86400,) * 2)
+    (cache / ".tmp-in-progress").mkdir()
+
+    def killed(program, package_path):
+        Path(package_path).write_bytes(b"PK\x03\x04 half a package")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", killed)
+    with pytest.raises(KeyboardInterrupt):
+        compiled_dense(load_exported_program(path, shapes), file_sha256(path), shapes, cache)
+    assert [p.name for p in cache.iterdir()] == [".tmp-in-progress"]
+
+
+def test_compile_is_refused_in_one_line_without_a_compiler(exported, tmp_path, capsys, monkeypatch) -> None:
+    from torch._inductor import config
+
+    monkeypatch.setattr(config.cpp, "cxx", (str(tmp_path / "no-such-c++"),))
+    capsys.readouterr()
+    assert cli_main(["predict", str(exported["int8"]), "--data", str(tmp_path), "--out", str(tmp_path / "p.parquet"),
+                     "--compile", "--compile-cache", str(tmp_path / "cache")]) == 2
+    line = _error(capsys)
+    assert "--compile: no C++ compiler found" in line and "no-such-c++" in line
+    assert not (tmp_path / "p.parquet").exists()
+
+
+def test_compile_runs_only_after_the_artifact_checks(exported, tmp_path, monkeypatch) -> None:
+    """A program the checks refuse never reaches the compiler."""
+    from multiembed.serving import ArtifactError, load_artifact
+
+    artifact = tmp_path / "crafted"
+    shutil.copytree(exported["int8"], artifact)
+    _rewrite_dense(artifact, lambda m: _edit_program(
+        m, lambda p: _first_node(p).__setitem__("target", "builtins.exec")))
+    calls = []
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: calls.append(a))
+    with pytest.raises(ArtifactError, match="builtins.exec"):
+        load_artifact(artifact, compile=True, cache_dir=tmp_path / "cache")
+    assert calls == [] and not (tmp_path / "cache").exists()

@@ -44,6 +44,11 @@ KNOWN_WARNINGS: List[Tuple[Type[Warning], str, str, str]] = [
         # falls through correctly (tests compare sharded with unsharded training).
         "FBGEMM's CPU dense lookup, correct through the fallthrough",
     ),
+    (
+        FutureWarning, r"copyreg", r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        # torch 2.13's own pytree specs, copied while AOTInductor compiles an exported program (predict --compile).
+        "torch's pytree internals during an AOTInductor compile",
+    ),
 ]
 
 # (logger, message substring, why). These come through ``logging``, not ``warnings``.
