@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from multiembed.benchmarks.machine import cpu_facts
-from multiembed.data.convert import encode_table
+from multiembed.data.encode import encode_table
 from multiembed.data.loader import ParquetBatchLoader
 from multiembed.data.metadata import atomic_write_text
 from multiembed.data.rawlog import ChunkParser, RawChunk, open_source, row_layout
