@@ -215,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     record: Dict[str, Any] = {
         "command": shlex.join([sys.executable, "-m", "multiembed.benchmarks.compare_stacks",
                                *(sys.argv[1:] if argv is None else argv)]),
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
         "stacks": {s: _versions(s) for s in stacks},
         "machine": machine_facts(stacks[0]),
     }
