@@ -152,3 +152,34 @@ def test_readme_is_a_manual_of_at_most_25_kb() -> None:
 
 def test_no_text_names_a_numbered_session() -> None:
     assert session_mentions() == []
+
+
+def named_tests(text: str) -> List[Tuple[str, str]]:
+    """``(file, test)`` for every ``tests/FILE.py::name`` in ``text``, and every ``::name`` that follows one in the
+    same table cell (it names another test of that file).
+
+    Example: ``"`tests/a.py::test_x`, `::test_y`"`` gives ``[("tests/a.py", "test_x"), ("tests/a.py", "test_y")]``.
+    """
+    found = []
+    for line in text.splitlines():
+        for cell in line.split("|"):
+            current = None
+            for match in re.finditer(r"(tests/[\w/]+\.py)?::(\w+)", cell):
+                current = match.group(1) or current
+                if current is not None:
+                    found.append((current, match.group(2)))
+    return found
+
+
+def test_named_tests_reads_files_and_continuations() -> None:
+    assert named_tests("| a | `tests/a.py::test_x`, `::test_y` |\n| b | `::orphan` |") == [
+        ("tests/a.py", "test_x"), ("tests/a.py", "test_y")]
+
+
+def test_every_guarantee_names_a_test_that_exists() -> None:
+    page = REPO / "docs" / "guarantees.md"
+    named = named_tests(page.read_text("utf-8"))
+    assert len(named) >= 20, named
+    missing = [f"{file}::{name}" for file, name in named
+               if not (REPO / file).is_file() or f"def {name}(" not in (REPO / file).read_text("utf-8")]
+    assert missing == [], f"docs/guarantees.md names tests that do not exist: {missing}"
