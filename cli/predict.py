@@ -15,7 +15,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
             "Loads the artifact directory ARTIFACT (written by multiembed export; no code runs from its files) and "
             "predicts every row of --split of --data (which must have the artifact's vocabulary fingerprint) or "
             "every line of the raw file --raw (tokenised as convert does, with the artifact's vocabulary; unknown "
-            "tokens get the OOV id). Writes --out (Parquet: row, logit, prob, label) and prints "
+            "tokens get the OOV id). Writes --out (Parquet: row, logit, prob, label; refused when it exists, unless "
+            "--overwrite, and inside any dataset, run or artifact directory) and prints "
             '{"rows", "auc", "logloss", "out"} as JSON (auc / logloss null without both labels).'
         ),
     )
@@ -24,7 +25,10 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     source.add_argument("--data", help="converted dataset directory")
     source.add_argument("--raw", help="raw Criteo TSV / Avazu CSV file of the artifact's format (.gz allowed)")
     p.add_argument("--split", choices=["train", "val", "test"], default="test", help="split of --data (default test)")
-    p.add_argument("--out", required=True, help="Parquet file of predictions to write")
+    p.add_argument("--out", required=True,
+                   help="Parquet file of predictions to write (new, outside any dataset, run or artifact directory)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out when it is an existing regular file (never an input of this command)")
     p.add_argument("--batch-size", type=int, default=4096, help="rows per model call (default 4096)")
     p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
                    help="--raw: stop at the first bad line (default) or skip and count bad lines")
@@ -33,10 +37,12 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 
 def run(args: argparse.Namespace) -> int:
     from multiembed.serving import load_artifact
+    from multiembed.serving.outputs import check_prediction_out
     from multiembed.serving.predict import predict_dataset, predict_raw
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_prediction_out(args.out, args.overwrite, [args.artifact, args.raw if args.raw is not None else args.data])
     artifact = load_artifact(args.artifact)
     if args.raw is not None:
         result = predict_raw(artifact, args.raw, batch_size=args.batch_size, on_error=args.on_error)

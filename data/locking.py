@@ -62,7 +62,8 @@ def _refusal(directory: Path, what: str, path: Path) -> LockHeldError:
     )
 
 
-def _pid_is_gone(pid: int) -> bool:
+def pid_is_gone(pid: int) -> bool:
+    """Whether no process ``pid`` runs on this host (one of another user counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -100,7 +101,7 @@ def _write_holder(fd: int) -> None:
 def _take_over_dead_holder(path: Path) -> bool:
     """Removes a lock file whose holder was a process of this host that no longer runs; True when removed."""
     host, pid = _read_holder(path)
-    if host == socket.gethostname() and pid is not None and pid != os.getpid() and _pid_is_gone(pid):
+    if host == socket.gethostname() and pid is not None and pid != os.getpid() and pid_is_gone(pid):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         return True

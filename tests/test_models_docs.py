@@ -19,6 +19,8 @@ MODULES = [
     "multiembed.models.hetero",
     "multiembed.models.cpu_fastpath",
     "multiembed.data.loader",
+    "multiembed.data.paths",
+    "multiembed.serving.outputs",
     "multiembed.config.options",
     "multiembed.cli.errors",
     "multiembed.config.presets",

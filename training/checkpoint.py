@@ -474,13 +474,29 @@ def load_checkpoint(path: Path, state: Dict[str, Any]) -> None:
         raise CheckpointError(f"{_one_line(path)}: cannot load checkpoint ({_one_line(reason, 240)})") from e
 
 
+def written_by_save(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint :func:`save_checkpoint` published: a directory (not a link) named
+    ``step-N`` holding the manifest it writes, which records that same step."""
+    path = Path(path)
+    found = _STEP_DIR.match(path.name)
+    if found is None or path.is_symlink() or not path.is_dir() or not (path / MANIFEST).is_file():
+        return False
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("step") == int(found.group(1)) and "files" in manifest
+
+
 def prune_checkpoints(run_dir: Path, keep: List[Path]) -> None:
-    """Deletes published checkpoints not in ``keep`` (rank 0 only; call after a barrier)."""
+    """Deletes published checkpoints not in ``keep`` (rank 0 only; call after a barrier): only directories
+    :func:`written_by_save` recognises; anything else named like one (a link, a directory without its manifest)
+    is left as it is."""
     if _rank() != 0:
         return
     keep_set = {Path(p).resolve() for p in keep}
     for path in list_checkpoints(run_dir):
-        if path.resolve() not in keep_set:
+        if path.resolve() not in keep_set and written_by_save(path):
             shutil.rmtree(path, ignore_errors=True)
 
 
