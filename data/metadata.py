@@ -17,6 +17,9 @@ Parquet columns (one row per impression):
 * ``dense_<name>`` float32 columns for raw dense features (Criteo: ``log(1 + max(x, 0))`` of I1..I13), optional.
 * ``true_prob`` float32, only in synthetic data: the probability the generator drew the label from.
 
+Every split file ``metadata.json`` names must lie inside the dataset directory (no absolute path, no ``..``, no
+symbolic link that leads out); :func:`read_metadata` refuses metadata that names one outside.
+
 This module only knows JSON and the file system: it imports neither pyarrow nor torch, so ``inspect`` stays fast.
 """
 
@@ -29,6 +32,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Dict, List, Mapping, Optional
+
+from multiembed.data.paths import escape_reason
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -294,4 +299,24 @@ def read_metadata(data_dir: os.PathLike) -> DatasetMetadata:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
-    return DatasetMetadata.from_json(obj, where=str(path))
+    meta = DatasetMetadata.from_json(obj, where=str(path))
+    check_files_inside(meta, data_dir, str(path))
+    return meta
+
+
+def check_files_inside(meta: DatasetMetadata, data_dir: os.PathLike, where: str = METADATA_FILE) -> None:
+    """Refuses metadata naming a split file outside ``data_dir``: an absolute path, a ``..`` part, or a symbolic
+    link that leads out (a copied dataset whose ``test`` split points at another dataset's training rows would
+    evaluate those rows as test rows).
+
+    Raises:
+        DatasetError: ``where: splits.<split>.files[<i>].path: '<name>' <why>`` (one line).
+    """
+    for name, split in meta.splits.items():
+        for i, file in enumerate(split.files):
+            reason = escape_reason(file, data_dir)
+            if reason is not None:
+                raise DatasetError(
+                    f"{where}: splits.{name}.files[{i}].path: {file!r} {reason}; every file a dataset names must lie "
+                    "inside its directory"
+                )

@@ -155,3 +155,47 @@ def test_scale_and_train_out_inside_data_are_refused(exported, capsys) -> None:
         _refused(capsys, ["train", "--data", str(data), "--out", str(out), *TRAIN], str(out), "--data")
     assert _snapshot(data) == before and not (data / "study").exists() and not (data / "run").exists()
 
+
+# --- dataset files stay inside the dataset ---------------------------------------------------------------------------
+
+
+def _escaping_copy(data: Path, where: Path, how: str) -> Path:
+    """A copy of ``data`` whose test split names the training rows of another dataset beside it (row count
+    matching): through ``..``, an absolute path, or a symbolic link inside the copy."""
+    other = where / "other"
+    shutil.copytree(data, other)
+    copy = where / "copy"
+    shutil.copytree(data, copy)
+    meta = json.loads((copy / "metadata.json").read_text())
+    train = meta["splits"]["train"]["files"][0]
+    outside = other / train["path"]
+    test = {"rows": train["rows"], "files": [{"path": "", "rows": train["rows"]}]}
+    if how == "dotdot":
+        test["files"][0]["path"] = os.path.relpath(outside, copy)
+    elif how == "absolute":
+        test["files"][0]["path"] = str(outside)
+    else:
+        link = copy / "test" / "part-00000.parquet"
+        link.unlink()
+        link.symlink_to(outside)
+        test["files"][0]["path"] = "test/part-00000.parquet"
+    meta["splits"]["test"] = test
+    (copy / "metadata.json").write_text(json.dumps(meta))
+    return copy
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "link"])
+def test_a_split_file_outside_the_dataset_is_refused_everywhere(exported, tmp_path, capsys, how: str) -> None:
+    from multiembed.data.loader import ParquetBatchLoader
+    from multiembed.data.metadata import DatasetError
+
+    data, run, artifact = exported
+    copy = _escaping_copy(data, tmp_path, how)
+    entry = "splits.test.files[0].path"
+    _refused(capsys, ["inspect", str(copy)], entry)
+    _refused(capsys, ["evaluate", str(run), "--data", str(copy), "--device", "cpu"], entry)
+    _refused(capsys, ["predict", str(artifact), "--data", str(copy), "--out", str(tmp_path / "p.parquet")], entry)
+    _refused(capsys, ["train", "--data", str(copy), "--out", str(tmp_path / "run"), *TRAIN], entry)
+    with pytest.raises(DatasetError, match=r"splits\.test\.files\[0\]\.path"):
+        ParquetBatchLoader(copy, "test", 64, shuffle=False)
+    assert not (tmp_path / "p.parquet").exists() and not (tmp_path / "run" / "config.json").exists()
