@@ -240,9 +240,61 @@ def file_sha256(path: os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def free_bytes(path: os.PathLike) -> Optional[int]:
+    """Bytes free for this user on the file system holding ``path`` (its nearest existing parent); None when
+    unknown."""
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        stats = os.statvfs(where)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+def write_failure(path: os.PathLike, error: BaseException) -> OSError:
+    """The one-line error of a write to ``path`` that failed (a full disk, a quota, a file-size limit, an I/O
+    error): ``<path>: cannot write (<reason>); <n> bytes free on its file system``.
+
+    Example::
+
+        >>> str(write_failure("/nonexistent/x", OSError(28, "No space left on device"))).split(";")[0]
+        '/nonexistent/x: cannot write (No space left on device)'
+    """
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).strip()
+    reason = (reason.splitlines() or [type(error).__name__])[0][:200]
+    free = free_bytes(path)
+    where = f"{free:,} bytes free on its file system" if free is not None else "free space unknown"
+    return OSError(f"{path}: cannot write ({reason}); {where}")
+
+
+class _RecordingFile:
+    """A binary file that remembers the ``OSError`` its ``write`` raised: writers that call ``write`` from C++
+    (``torch.save``) replace it with their own error ("unexpected pos"), which would hide a full disk."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self.error: Optional[OSError] = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+
 def atomic_write(path: os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Publishes a file written by ``write(binary_file)`` through a temporary file in the same directory and
     ``os.replace``: a reader never sees a half-written file, only the old content or the new one.
+
+    Raises:
+        OSError: the write failed (:func:`write_failure`: one line naming ``path`` and the free bytes); the
+            temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -251,16 +303,21 @@ def atomic_write(path: os.PathLike, write: Callable[[BinaryIO], None]) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)
+        recording: Optional[_RecordingFile] = None
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            recording = _RecordingFile(f)
+            write(recording)  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        failed = recording.error if recording is not None and recording.error is not None else e
+        if isinstance(failed, OSError) and failed.errno is not None:
+            raise write_failure(path, failed) from None
         raise
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
@@ -49,7 +50,7 @@ from torchrec.quant.embedding_modules import quantize_state_dict
 from multiembed.collapse import local_shards_from_tensors
 from multiembed.data.formats import HASHING_MODE, PAPER_MODE, raw_format
 from multiembed.data.locking import pid_is_gone
-from multiembed.data.metadata import DatasetError, read_metadata
+from multiembed.data.metadata import DatasetError, atomic_write, atomic_write_text, read_metadata
 from multiembed.data.vocab import VOCAB_FILE, CountedVocabulary, HashingVocabulary
 from multiembed.models import MultiEmbeddingModel, multi_embedding_tables
 from multiembed.models.cpu_fastpath import use_fast_path
@@ -237,7 +238,11 @@ def export_dense(model: MultiEmbeddingModel, num_fields: int, num_dense: int, pa
     batch = torch.export.Dim("batch", min=1)
     with use_fast_path(False), torch.no_grad():
         program = torch.export.export(head, example, dynamic_shapes=({0: batch}, {0: batch}))
-    torch.export.save(program, str(path))
+    # Serialised in memory, then written by Python: torch.export.save aborts the process (a C++ exception in a
+    # destructor) when a write to a file fails, where a Python write raises an OSError that export reports.
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -353,7 +358,8 @@ def export_run(
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out), dir=out.parent))
     try:
         tensors = table_tensors(tables, sparse.num_sets, sparse.set_dim, quantize)
-        torch.save(tensors, tmp / TABLES_FILE)
+        # Through a Python file: a failed write is an OSError naming the file, not torch's "unexpected pos".
+        atomic_write(tmp / TABLES_FILE, lambda f: torch.save(tensors, f))
         export_dense(model, sparse.num_fields, num_dense, tmp / DENSE_FILE)
         files = {"tables": file_entry(tmp / TABLES_FILE), "dense": file_entry(tmp / DENSE_FILE)}
         if vocab is not None:
@@ -378,9 +384,12 @@ def export_run(
             },
         )
         manifest.sizes = table_sizes(manifest, tensors)
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(tmp / MANIFEST_FILE, json.dumps(manifest.to_json(), indent=2) + "\n")
         load_artifact(tmp)  # what predict will do: the artifact must load before it is published
         _publish(tmp, out, overwrite)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"{out}: not written, its temporary directory is removed: {e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -22,7 +22,9 @@ MODULES = [
     "multiembed.data.paths",
     "multiembed.serving.outputs",
     "multiembed.config.options",
+    "multiembed.cli",
     "multiembed.cli.errors",
+    "multiembed.data.metadata",
     "multiembed.config.presets",
     "multiembed.benchmarks.bench_precision",
 ]
