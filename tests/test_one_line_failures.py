@@ -13,16 +13,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Tuple
 
 import pytest
 from test_torchx import COMPONENTS, VENV_BIN, torchx_env
+from test_write_safety import exported  # noqa: F401  (the fixture: a tiny run and its export)
 
 from multiembed.cli import main as cli_main
-
-TRAIN = ["--model", "dnn-me-2x", "--batch-size", "256", "--hidden", "16", "--epochs", "1", "--max-steps", "4",
-         "--device", "cpu", "--no-progress", "--ia-every", "0"]
-
 
 def _small_disk_run(mount: Path, size_kb: int, command: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Runs the shell ``command`` with a ``size_kb`` KiB tmpfs mounted on ``mount`` (created), in a user and mount
@@ -48,17 +44,6 @@ def _one_line(result: subprocess.CompletedProcess, *words: str) -> str:
 
 def _cli(*args: str) -> str:
     return " ".join([f"'{sys.executable}'", "-m", "multiembed.cli", *(f"'{a}'" for a in args)])
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Tuple[Path, Path, Path]:
-    base = tmp_path_factory.mktemp("one-line")
-    data, run, artifact = base / "data", base / "run", base / "artifact"
-    assert cli_main(["synth", "--rows", "2000", "--scale", "0.001", "--seed", "6", "--out", str(data),
-                     "--no-progress"]) == 0
-    assert cli_main(["train", "--data", str(data), "--out", str(run), *TRAIN]) == 0
-    assert cli_main(["export", str(run), "--out", str(artifact), "--quantize", "none"]) == 0
-    return data, run, artifact
 
 
 def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(exported, tmp_path) -> None:
