@@ -343,7 +343,7 @@ def export_run(
     _check_out(out, overwrite)
     spec, vocab, dense_names = preprocessing_of(record, data_dir)
     run = model_for_run(run_dir, device="cpu")
-    run.load(checkpoint)
+    checkpoint = run.load()  # the best one again: a running training's retention may have replaced it meanwhile
     model = run.built.model
     model.eval()
     num_dense = int(record.get("data", {}).get("num_dense", len(dense_names))) if run.config.dense_features else 0

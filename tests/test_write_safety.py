@@ -199,3 +199,34 @@ def test_a_split_file_outside_the_dataset_is_refused_everywhere(exported, tmp_pa
     with pytest.raises(DatasetError, match=r"splits\.test\.files\[0\]\.path"):
         ParquetBatchLoader(copy, "test", 64, shuffle=False)
     assert not (tmp_path / "p.parquet").exists() and not (tmp_path / "run" / "config.json").exists()
+
+
+# --- export of a run that is still training ---------------------------------------------------------------------------
+
+
+def test_export_moves_on_when_retention_deletes_the_checkpoint_it_chose(exported, tmp_path, monkeypatch) -> None:
+    """A running training's retention deletes the checkpoint export chose while export reads it: export loads the
+    run's best complete checkpoint as it is then, instead of failing on a vanished ``.metadata``."""
+    from multiembed.training import evaluation
+
+    _, finished, _ = exported
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "summary.json").unlink()  # still training: no summary yet, the newest complete checkpoint is the best
+    newest = max((run / "checkpoints").iterdir())
+    older = newest.parent / "step-00000001"
+    shutil.copytree(newest, older)
+    real_load = evaluation.load_model_weights
+    deleted = []
+
+    def retention_strikes(built, path):
+        if not deleted:
+            deleted.append(path)
+            shutil.rmtree(path)  # as prune_checkpoints does, between the choice and the read
+        return real_load(built, path)
+
+    monkeypatch.setattr(evaluation, "load_model_weights", retention_strikes)
+    assert cli_main(["export", str(run), "--out", str(tmp_path / "art"), "--quantize", "none"]) == 0
+    assert deleted == [newest]
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["source"]["checkpoint"].endswith("step-00000001")
