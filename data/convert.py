@@ -55,7 +55,7 @@ import pyarrow as pa
 
 from multiembed.data.formats import HASHING_MODE, MODES, PAPER_MODE, RawFormat, raw_format
 from multiembed.data.malloc import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, set_malloc_options
-from multiembed.data.locking import LOCK_FILE, exclusive_lock
+from multiembed.data.locking import LOCK_FILE, exclusive_lock, refuse_if_locked
 from multiembed.data.metadata import (
     DENSE_PREFIX,
     LABEL_COLUMN,
@@ -853,6 +853,7 @@ def convert(options: ConvertOptions, nodes: Optional["Coordinator"] = None) -> C
             resolved.min_count = source_vocab.min_count
         resolved.hash_seed = source_vocab.seed
     out = resolved.out
+    refuse_if_locked(out, "conversion")  # a running conversion's temporary files are its own, named as such
     _check_out_dir(out, resolved.overwrite)  # before the lock file is created: a refused directory stays untouched
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -121,6 +121,33 @@ def _held(path: Path, fd: int) -> Iterator[Path]:
         os.close(fd)
 
 
+def refuse_if_locked(directory: os.PathLike, what: str) -> None:
+    """Refuses at once when another job holds ``directory``'s lock, touching nothing (no lock file is created or
+    removed): for the checks a job runs on a directory before it takes the lock itself, so that what a running job
+    is writing there (a temporary file) is named as that job rather than as a stranger's file.
+
+    Raises:
+        LockHeldError: another job holds the lock (the message names it, as :func:`exclusive_lock`'s does).
+    """
+    directory = Path(directory)
+    path = directory / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return  # no lock file (or a link, which exclusive_lock refuses): nobody holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released when fd is closed
+    except BlockingIOError:
+        raise _refusal(directory, what, path) from None
+    except OSError as e:
+        host, pid = _read_holder(path)
+        if e.errno in _NO_FLOCK and host is not None and pid is not None:
+            if host != socket.gethostname() or not pid_is_gone(pid):
+                raise _refusal(directory, what, path) from None
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def exclusive_lock(directory: os.PathLike, what: str) -> Iterator[Path]:
     """Holds the exclusive lock of ``directory`` (which must exist) for the ``with`` block.
