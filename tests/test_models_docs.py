@@ -25,6 +25,7 @@ MODULES = [
     "multiembed.cli",
     "multiembed.cli.errors",
     "multiembed.data.metadata",
+    "multiembed.training.memory",
     "multiembed.config.presets",
     "multiembed.benchmarks.bench_precision",
 ]
