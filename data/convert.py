@@ -853,7 +853,8 @@ def convert(options: ConvertOptions, nodes: Optional["Coordinator"] = None) -> C
             resolved.min_count = source_vocab.min_count
         resolved.hash_seed = source_vocab.seed
     out = resolved.out
-    refuse_if_locked(out, "conversion")  # a running conversion's temporary files are its own, named as such
+    if nodes is None:  # (a multi-node job's ranks share one lock, which its first rank takes: main_lock)
+        refuse_if_locked(out, "conversion")  # a running conversion's temporary files are its own, named as such
     _check_out_dir(out, resolved.overwrite)  # before the lock file is created: a refused directory stays untouched
     try:
         out.mkdir(parents=True, exist_ok=True)
