@@ -55,10 +55,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if os.environ.get("MULTIEMBED_DEBUG"):
                 raise
             line = worker_failure_line(args, rank, failure.pid, failure.exitcode)
+            status = 128 - failure.exitcode if failure.exitcode < 0 else failure.exitcode or 1
             # Recorded for torchx too (its status shows this line, see torchx_components.py), then printed.
-            record_error(line, 1)
+            record_error(line, status)
             print(line, file=sys.stderr, flush=True)
-            return 128 - failure.exitcode if failure.exitcode < 0 else failure.exitcode or 1
+            return status
         print(line, file=sys.stderr, flush=True)
         if failure.exitcode > 0:
             return failure.exitcode

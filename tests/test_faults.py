@@ -368,7 +368,7 @@ def test_launcher_names_the_rank_the_signal_and_the_last_checkpoint_of_a_killed_
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
     from multiembed.cli import launch
-    from multiembed.cli.errors import one_line_error
+    from multiembed.cli.errors import one_line_error, recorded_exit_code
     from multiembed.training.distributed import init_distributed
 
     init_distributed("cpu")
@@ -392,6 +392,7 @@ def test_launcher_names_the_rank_the_signal_and_the_last_checkpoint_of_a_killed_
                 f"{kept} (rerun with --resume to continue)")
     assert lines == [expected]
     assert one_line_error(reply.read_text()) == expected
+    assert recorded_exit_code(reply.read_text()) == 128 + signal.SIGKILL
 
 
 def test_nan_loss_on_one_rank_stops_every_rank_with_one_error_line(click_log: Path, tmp_path: Path) -> None:
