@@ -17,6 +17,8 @@ Every component delegates to ``torchx.components.dist.ddp`` (torchrun under the 
 
 
 import logging
+import os
+import sys
 from typing import Dict, List, Optional
 
 import torchx
@@ -25,13 +27,22 @@ from torchx.components import dist
 
 # The options' spellings come from their one definition (multiembed.config, importable without torch); each
 # component below names the options a launcher most often sets and passes any other through ``extra_args``.
-from multiembed.cli.errors import one_line_error
+from multiembed.cli.errors import EXIT_USER_ERROR, one_line_error
 from multiembed.config import TrainConfig, to_command_line
 
 # Component parameters that size or place the job rather than configure the command.
 LAUNCH_PARAMETERS = frozenset(
     {"extra_args", "j", "image", "h", "cpu", "gpu", "memMB", "env", "max_retries", "max_restarts", "rdzv_port", "name"}
 )
+
+
+def _refuse(message: str) -> None:
+    """Refuses a component's arguments: one line and exit status 2 under ``torchx run`` (whose own handling would
+    print the ``ValueError``'s traceback), a ``ValueError`` when the component is called as a function."""
+    if os.environ.get("TORCHX_CONTEXT_NAME") == "cli_run":
+        print(f"multiembed: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+    raise ValueError(message)
 
 
 def _with_max_restarts(app: specs.AppDef, max_restarts: int) -> specs.AppDef:
@@ -184,7 +195,7 @@ def train(
         name: torchx job name.
     """
     if overwrite and (resume or max_restarts > 0):
-        raise ValueError("overwrite cannot be combined with resume or max_restarts (a restart would erase the run)")
+        _refuse("overwrite cannot be combined with resume or max_restarts (a restart would erase the run)")
     options = dict(
         data=data, out=out, model=model, epochs=epochs, batch_size=batch_size, sharding=sharding,
         sparse_optimizer=sparse_optimizer, sparse_lr=sparse_lr, lr=lr, patience=patience, seed=seed,
@@ -406,7 +417,7 @@ def convert(
         name: torchx job name.
     """
     if not inputs:
-        raise ValueError("convert: give the raw log files to convert")
+        _refuse("convert: give the raw log files to convert")
     args: List[str] = ["convert", dataset, *inputs, "--out", out, "--seed", str(seed), "--on-error", on_error]
     for flag, value in (
         ("--mode", mode), ("--min-count", min_count), ("--hash-size", hash_size), ("--hash-sizes", hash_sizes),

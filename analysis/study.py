@@ -55,6 +55,7 @@ from multiembed.analysis.scaling import (
 from multiembed.collapse import collapse_from_model
 from multiembed.collapse.monitor import CollapseMonitor
 from multiembed.data.metadata import read_metadata
+from multiembed.data.paths import refuse_within
 from multiembed.models import DEFAULT_SPECTRAL_REG_WEIGHT
 from multiembed.models.names import BASE_SET_DIM, parse_model_name
 from multiembed.training.distributed import DistContext, broadcast_object, init_distributed
@@ -210,7 +211,8 @@ def run_scaling_study(
         the :class:`StudyResult`.
 
     Raises:
-        ValueError: bad model names or options, unreadable data, or a finished run trained with other settings.
+        ValueError: bad model names or options, unreadable data, ``out`` equal to or inside ``data``, or a finished
+            run trained with other settings.
     """
     started = time.perf_counter()
     log = log if log is not None else sys.stderr
@@ -222,6 +224,8 @@ def run_scaling_study(
     if any(p.spectral_reg for p in points) and not train_options["spectral_reg"] > 0:
         raise ValueError("--modes se-sr: needs a positive --spectral-reg (the regulariser's weight; default 1e-4)")
     meta = read_metadata(data)
+    refuse_within(out, data, "--out {path}: is the --data directory {directory} or inside it; a study never writes "
+                  "into its dataset")
     ctx = ctx or init_distributed(train_options["device"])
     out_dir, runs_dir, logs_dir = Path(out), Path(out) / RUNS_DIR, Path(out) / LOGS_DIR
     if ctx.is_main:

@@ -6,7 +6,8 @@ Every subcommand is a module of this package exposing ``register(subparsers) -> 
 
 Errors that are the user's (bad input, a missing file, an inconsistent option) are ``ValueError`` / ``OSError``
 subclasses raised with a message that names the file, row and field; they are printed as one line and the command
-exits with status 2. ``MULTIEMBED_DEBUG=1`` shows the traceback instead.
+exits with status 2. Any other exception is printed as one line too (its type, its first line and
+"MULTIEMBED_DEBUG=1 shows the traceback"), with exit status 1. ``MULTIEMBED_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import warnings
 from typing import List, Optional, Sequence
 
 from multiembed.cli.deprecated import one_line_warnings
-from multiembed.cli.errors import report_error
+from multiembed.cli.errors import EXIT_USER_ERROR, report_error
 
 # Subcommand modules, in the order `multiembed --help` lists them.
 SUBCOMMANDS: List[str] = [
@@ -27,7 +28,9 @@ SUBCOMMANDS: List[str] = [
     "paper",
 ]
 
-EXIT_USER_ERROR = 2
+# Any other exception that escapes a command (a bug, or a failure nobody named yet).
+EXIT_UNEXPECTED = 1
+DEBUG_HINT = "MULTIEMBED_DEBUG=1 shows the traceback"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +61,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # Printed, and recorded for torchrun so that a launched job ends with this line (multiembed.cli.launch).
         report_error(f"multiembed {args.command}: error: {message}", EXIT_USER_ERROR)
         return EXIT_USER_ERROR
+    except Exception as e:  # anything else that escapes a command: one line too, the traceback on request
+        if os.environ.get("MULTIEMBED_DEBUG"):
+            raise
+        report_error(f"multiembed {args.command}: error: {unexpected_error_line(e)}", EXIT_UNEXPECTED)
+        return EXIT_UNEXPECTED
     return int(status or 0)
+
+
+def unexpected_error_line(error: BaseException) -> str:
+    """An unexpected exception as the text of one error line: its type, its message's first line, and how to see
+    the traceback.
+
+    Example::
+
+        >>> unexpected_error_line(RuntimeError("CUDA error: out of memory\\nmore"))
+        'RuntimeError: CUDA error: out of memory (MULTIEMBED_DEBUG=1 shows the traceback)'
+    """
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+    return f"{text} ({DEBUG_HINT})"
 
 
 if __name__ == "__main__":

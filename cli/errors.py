@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Any, Optional
 
+# Exit status of a refused command or component (bad options or input): one line printed, no traceback.
+EXIT_USER_ERROR = 2
 # Set by the launcher for its workers: they leave printing their one-line error to it.
 LAUNCHED_ENV = "MULTIEMBED_LAUNCHED"
 # Key in a reply file's ``extraInfo`` marking the message as a multiembed one-line error.
@@ -29,12 +31,12 @@ def report_error(line: str, exit_code: int) -> None:
         line: the whole error, one line (``multiembed CMD: error: ...``).
         exit_code: the status the worker exits with.
     """
-    recorded = _record(line, exit_code)
+    recorded = record_error(line, exit_code)
     if not (recorded and os.environ.get(LAUNCHED_ENV)):
         print(line, file=sys.stderr, flush=True)
 
 
-def _record(line: str, exit_code: int) -> bool:
+def record_error(line: str, exit_code: int) -> bool:
     """Writes ``line`` to ``TORCHELASTIC_ERROR_FILE`` in the format of torch's ``ErrorHandler``; False when there is
     no such file (not under torchrun) or it cannot be written."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")

@@ -137,7 +137,10 @@ def run(args: argparse.Namespace) -> int:
     from multiembed.data.metadata import atomic_write_text
     from multiembed.sharding import build_topology, format_summary
     from multiembed.sharding.planner import GB
-    from multiembed.training.build import plan_model
+    from multiembed.sharding.report import format_bytes
+    import torch
+
+    from multiembed.training.build import account_memory, plan_model
 
     overrides = parse_overrides(args.override)
     label, vocab_sizes, num_dense, pooling, exact = resolve_data(args.data, args.multi_hot)
@@ -151,10 +154,13 @@ def run(args: argparse.Namespace) -> int:
     topology = build_topology(args.world_size, local_world_size, args.device, hbm_gb=args.hbm_gb, ddr_gb=args.ddr_gb)
     storage = topology.devices[0].storage
     capacity = (storage.hbm if args.device == "cuda" else storage.ddr) / GB
+    num_dense = num_dense if config.dense_features else 0
+    account = account_memory(config, vocab_sizes, num_dense=num_dense, device_type=args.device,
+                             world_size=args.world_size, batch_size=args.batch_size)
     planned = plan_model(
         config,
         vocab_sizes,
-        num_dense=num_dense if config.dense_features else 0,
+        num_dense=num_dense,
         world_size=args.world_size,
         local_world_size=local_world_size,
         device_type=args.device,
@@ -165,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
         ddr_gb=args.ddr_gb,
         pooling_factors=pooling,
         capacity_gb=capacity,
+        dense_device=torch.device("meta"),  # planned on paper: a model too big for this machine still plans
+        dense_tensor_estimate=account.dense_bytes + account.activation_bytes,
     )
     summary = planned.summary
     sparse_optimizer = planned.optim_config.sparse_optimizer
@@ -182,6 +190,9 @@ def run(args: argparse.Namespace) -> int:
         f"{args.model} on {label}{estimate}: {sum(vocab_sizes.values()):,} ids over {len(vocab_sizes)} fields; "
         f"strategy {config.sharding}; sparse optimizer {sparse_optimizer}; {args.device}"
     )
+    summary["memory_per_rank"] = {"bytes": account.per_rank_bytes, "tables": account.table_bytes,
+                                  "dense": account.dense_bytes, "activations": account.activation_bytes}
+    print(f"memory per rank: about {format_bytes(account.per_rank_bytes)} ({account.describe()})")
     print(format_summary(summary))
     if args.json:
         out = Path(args.json)

@@ -16,7 +16,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
             "predicts every row of --split of --data (which must have the artifact's vocabulary fingerprint) or "
             "every line of the raw file --raw (tokenised as convert does, with the artifact's vocabulary; unknown "
             "tokens get the OOV id; rows without the label column, such as Criteo's test.txt, are predicted "
-            "without metrics). Writes --out (Parquet: row, logit, prob, and label when known) and ends with one "
+            "without metrics). Writes --out (Parquet: row, logit, prob, and label when known; refused when it "
+            "exists, unless --overwrite, and inside any dataset, run or artifact directory) and ends with one "
             'summary line, JSON: {"rows", "out"} and, when the rows have labels, "auc" and "logloss" (auc null '
             'unless both classes occur); with --compile also "compiled": {"entry", "built"}. --compile compiles the '
             "checked dense program on this machine with AOTInductor and the C++ compiler (about 10-20 s the first "
@@ -28,7 +29,10 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     source.add_argument("--data", help="converted dataset directory")
     source.add_argument("--raw", help="raw Criteo TSV / Avazu CSV file of the artifact's format (.gz allowed)")
     p.add_argument("--split", choices=["train", "val", "test"], default="test", help="split of --data (default test)")
-    p.add_argument("--out", required=True, help="Parquet file of predictions to write")
+    p.add_argument("--out", required=True,
+                   help="Parquet file of predictions to write (new, outside any dataset, run or artifact directory)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out when it is an existing regular file (never an input of this command)")
     p.add_argument("--batch-size", type=int, default=4096, help="rows per model call (default 4096)")
     p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
                    help="--raw: stop at the first bad line (default) or skip and count bad lines")
@@ -43,6 +47,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 
 def run(args: argparse.Namespace) -> int:
     from multiembed.serving import load_artifact
+    from multiembed.serving.outputs import check_prediction_out
     from multiembed.serving.predict import predict_dataset, predict_raw
     from multiembed.training.quiet import silence_known_warnings
 
@@ -51,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.compile_cache is not None and not args.compile:
         raise ValueError("--compile-cache needs --compile")
+    check_prediction_out(args.out, args.overwrite, [args.artifact, args.raw if args.raw is not None else args.data])
     artifact = load_artifact(args.artifact, compile=args.compile, cache_dir=args.compile_cache)
     compiled = artifact.compiled
     if compiled is not None and compiled.built:

@@ -17,6 +17,9 @@ Parquet columns (one row per impression):
 * ``dense_<name>`` float32 columns for raw dense features (Criteo: ``log(1 + max(x, 0))`` of I1..I13), optional.
 * ``true_prob`` float32, only in synthetic data: the probability the generator drew the label from.
 
+Every split file ``metadata.json`` names must lie inside the dataset directory (no absolute path, no ``..``, no
+symbolic link that leads out); :func:`read_metadata` refuses metadata that names one outside.
+
 This module only knows JSON and the file system: it imports neither pyarrow nor torch, so ``inspect`` stays fast.
 """
 
@@ -29,6 +32,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Dict, List, Mapping, Optional
+
+from multiembed.data.paths import escape_reason
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -235,9 +240,61 @@ def file_sha256(path: os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def free_bytes(path: os.PathLike) -> Optional[int]:
+    """Bytes free for this user on the file system holding ``path`` (its nearest existing parent); None when
+    unknown."""
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        stats = os.statvfs(where)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+def write_failure(path: os.PathLike, error: BaseException) -> OSError:
+    """The one-line error of a write to ``path`` that failed (a full disk, a quota, a file-size limit, an I/O
+    error): ``<path>: cannot write (<reason>); <n> bytes free on its file system``.
+
+    Example::
+
+        >>> str(write_failure("/nonexistent/x", OSError(28, "No space left on device"))).split(";")[0]
+        '/nonexistent/x: cannot write (No space left on device)'
+    """
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).strip()
+    reason = (reason.splitlines() or [type(error).__name__])[0][:200]
+    free = free_bytes(path)
+    where = f"{free:,} bytes free on its file system" if free is not None else "free space unknown"
+    return OSError(f"{path}: cannot write ({reason}); {where}")
+
+
+class _RecordingFile:
+    """A binary file that remembers the ``OSError`` its ``write`` raised: writers that call ``write`` from C++
+    (``torch.save``) replace it with their own error ("unexpected pos"), which would hide a full disk."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self.error: Optional[OSError] = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+
 def atomic_write(path: os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Publishes a file written by ``write(binary_file)`` through a temporary file in the same directory and
     ``os.replace``: a reader never sees a half-written file, only the old content or the new one.
+
+    Raises:
+        OSError: the write failed (:func:`write_failure`: one line naming ``path`` and the free bytes); the
+            temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -246,16 +303,21 @@ def atomic_write(path: os.PathLike, write: Callable[[BinaryIO], None]) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)
+        recording: Optional[_RecordingFile] = None
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            recording = _RecordingFile(f)
+            write(recording)  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        failed = recording.error if recording is not None and recording.error is not None else e
+        if isinstance(failed, OSError) and failed.errno is not None:
+            raise write_failure(path, failed) from None
         raise
 
 
@@ -294,4 +356,24 @@ def read_metadata(data_dir: os.PathLike) -> DatasetMetadata:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
-    return DatasetMetadata.from_json(obj, where=str(path))
+    meta = DatasetMetadata.from_json(obj, where=str(path))
+    check_files_inside(meta, data_dir, str(path))
+    return meta
+
+
+def check_files_inside(meta: DatasetMetadata, data_dir: os.PathLike, where: str = METADATA_FILE) -> None:
+    """Refuses metadata naming a split file outside ``data_dir``: an absolute path, a ``..`` part, or a symbolic
+    link that leads out (a copied dataset whose ``test`` split points at another dataset's training rows would
+    evaluate those rows as test rows).
+
+    Raises:
+        DatasetError: ``where: splits.<split>.files[<i>].path: '<name>' <why>`` (one line).
+    """
+    for name, split in meta.splits.items():
+        for i, file in enumerate(split.files):
+            reason = escape_reason(file, data_dir)
+            if reason is not None:
+                raise DatasetError(
+                    f"{where}: splits.{name}.files[{i}].path: {file!r} {reason}; every file a dataset names must lie "
+                    "inside its directory"
+                )

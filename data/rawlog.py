@@ -351,6 +351,31 @@ def file_state(path: os.PathLike) -> Tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
+# Byte-order marks of the other encodings a log saved by a text editor or a spreadsheet may have (longest first;
+# a UTF-8 byte-order mark is read as UTF-8).
+_BYTE_ORDER_MARKS = (
+    (b"\xff\xfe\x00\x00", "UTF-32 (little-endian)"),
+    (b"\x00\x00\xfe\xff", "UTF-32 (big-endian)"),
+    (b"\xff\xfe", "UTF-16 (little-endian)"),
+    (b"\xfe\xff", "UTF-16 (big-endian)"),
+)
+
+
+def _check_encoding(path: Path, start: bytes) -> None:
+    """Refuses an input whose first bytes (after decompression) show another encoding than ASCII / UTF-8: a UTF-16
+    or UTF-32 byte-order mark, or NUL bytes (UTF-16 / UTF-32 without one).
+
+    Raises:
+        InputError: ``<path>: is <encoding> encoded ...; logs are read as ASCII / UTF-8 ...`` (one line).
+    """
+    fix = "logs are read as ASCII / UTF-8; re-encode it first (e.g. iconv -t UTF-8)"
+    for mark, name in _BYTE_ORDER_MARKS:
+        if start.startswith(mark):
+            raise InputError(f"{path}: is {name} encoded (starts with bytes {mark.hex(' ').upper()}); {fix}")
+    if b"\x00" in start:
+        raise InputError(f"{path}: holds NUL bytes in its first line (UTF-16 or UTF-32 text?); {fix}")
+
+
 def scan_source(path: os.PathLike, fmt: RawFormat) -> SourceScan:
     """First pass over an input: checks it can be read to the end, counts its data rows, fingerprints it.
 
@@ -359,8 +384,8 @@ def scan_source(path: os.PathLike, fmt: RawFormat) -> SourceScan:
     1.7 GB/s with the CPU's SHA extensions): the fingerprint covers the whole file at no extra read.
 
     Raises:
-        InputError: missing, unreadable, not a regular file, empty, no data rows, bad header, truncated gzip, or
-            changed while it was read.
+        InputError: missing, unreadable, not a regular file, empty, another text encoding (a byte-order mark or
+            NUL bytes at the start), no data rows, bad header, truncated gzip, or changed while it was read.
     """
     path = Path(path)
     size_before, mtime_before = file_state(path)
@@ -376,6 +401,8 @@ def scan_source(path: os.PathLike, fmt: RawFormat) -> SourceScan:
             if size == 0:
                 break
             buffer = reader.buffer
+            if newlines == 0 and not head and not last:
+                _check_encoding(path, bytes(buffer[: min(size, 64)]))
             if fmt.header and len(head) < 1 << 16 and b"\n" not in head:
                 head += bytes(buffer[: min(size, 1 << 16)])
             newlines += buffer.count(b"\n", 0, size)

@@ -62,7 +62,8 @@ def _refusal(directory: Path, what: str, path: Path) -> LockHeldError:
     )
 
 
-def _pid_is_gone(pid: int) -> bool:
+def pid_is_gone(pid: int) -> bool:
+    """Whether no process ``pid`` runs on this host (one of another user counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -100,7 +101,7 @@ def _write_holder(fd: int) -> None:
 def _take_over_dead_holder(path: Path) -> bool:
     """Removes a lock file whose holder was a process of this host that no longer runs; True when removed."""
     host, pid = _read_holder(path)
-    if host == socket.gethostname() and pid is not None and pid != os.getpid() and _pid_is_gone(pid):
+    if host == socket.gethostname() and pid is not None and pid != os.getpid() and pid_is_gone(pid):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         return True
@@ -117,6 +118,33 @@ def _held(path: Path, fd: int) -> Iterator[Path]:
         # Removed while still locked: an opener that raced us locks a removed file, notices and retries.
         with contextlib.suppress(OSError):
             os.unlink(path)
+        os.close(fd)
+
+
+def refuse_if_locked(directory: os.PathLike, what: str) -> None:
+    """Refuses at once when another job holds ``directory``'s lock, touching nothing (no lock file is created or
+    removed): for the checks a job runs on a directory before it takes the lock itself, so that what a running job
+    is writing there (a temporary file) is named as that job rather than as a stranger's file.
+
+    Raises:
+        LockHeldError: another job holds the lock (the message names it, as :func:`exclusive_lock`'s does).
+    """
+    directory = Path(directory)
+    path = directory / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return  # no lock file (or a link, which exclusive_lock refuses): nobody holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released when fd is closed
+    except BlockingIOError:
+        raise _refusal(directory, what, path) from None
+    except OSError as e:
+        host, pid = _read_holder(path)
+        if e.errno in _NO_FLOCK and host is not None and pid is not None:
+            if host != socket.gethostname() or not pid_is_gone(pid):
+                raise _refusal(directory, what, path) from None
+    finally:
         os.close(fd)
 
 

@@ -14,8 +14,11 @@
    same outputs as ``quantize_inference_model``'s module);
 4. exports the dense part (dense arch, set arch, mean over sets or the learned set gate, over arch; eval mode,
    the plain path of :mod:`multiembed.models.cpu_fastpath`) with ``torch.export`` over a dynamic batch dimension;
-5. writes everything into a temporary directory beside ``out``, the manifest last, and renames it into place.
-   ``out`` must not exist; ``overwrite`` replaces only an earlier artifact (a directory whose manifest says so).
+5. writes everything into a temporary directory beside ``out``, the manifest last, and renames it into place
+   (temporary directories that killed exports to ``out`` left are removed first). ``out`` must not exist and must
+   not lie inside a dataset, another artifact or a run's ``checkpoints/``; ``overwrite`` replaces only an intact
+   earlier artifact (its manifest verifies: every listed file present, of its size and SHA-256) holding nothing
+   the manifest does not list.
 
 Example::
 
@@ -28,12 +31,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import io
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -42,13 +49,13 @@ from torchrec.quant.embedding_modules import quantize_state_dict
 
 from multiembed.collapse import local_shards_from_tensors
 from multiembed.data.formats import HASHING_MODE, PAPER_MODE, raw_format
-from multiembed.data.metadata import DatasetError, read_metadata
+from multiembed.runtime.locking import pid_is_gone
+from multiembed.data.metadata import DatasetError, atomic_write, atomic_write_text, read_metadata
 from multiembed.data.vocab import VOCAB_FILE, CountedVocabulary, HashingVocabulary
 from multiembed.models import MultiEmbeddingModel, multi_embedding_tables
 from multiembed.models.cpu_fastpath import use_fast_path
 from multiembed.models.model import MultiEmbeddingDensePath
 from multiembed.serving.artifact import (
-    ARTIFACT_FORMAT,
     DENSE_FILE,
     MANIFEST_FILE,
     NO_RAW_PREPROCESSING,
@@ -57,13 +64,17 @@ from multiembed.serving.artifact import (
     QUANTIZE_CHOICES,
     RAW_PREPROCESSING,
     TABLES_FILE,
+    ArtifactError,
     Manifest,
     build_collection,
     file_entry,
     load_artifact,
     quantized_row_bytes,
+    read_manifest,
     table_memory_bytes,
+    verify_files,
 )
+from multiembed.serving.outputs import check_export_placement
 from multiembed.training.evaluation import best_checkpoint, load_run_config, model_for_run
 
 _TMP_PREFIX = ".tmp-export-"
@@ -240,30 +251,70 @@ def export_dense(model: MultiEmbeddingModel, num_fields: int, num_dense: int, pa
     except torch._dynamo.exc.UserError as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"torch.export cannot export this model's dense part over a dynamic batch ({reason})") from None
-    torch.export.save(program, str(path))
+    # Serialised in memory, then written by Python: torch.export.save aborts the process (a C++ exception in a
+    # destructor) when a write to a file fails, where a Python write raises an OSError that export reports.
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuses an ``--out`` that export would write over without having created it (one line naming it)."""
     if out.is_symlink():
         raise ValueError(f"{out}: is a symbolic link; export writes a new directory, never through a link")
+    check_export_placement(out)
     if not out.exists():
         return
     if not overwrite:
         raise ValueError(f"{out}: already exists; choose a new --out (or --overwrite to replace an earlier export)")
-    try:
-        obj = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))
-        ours = isinstance(obj, dict) and obj.get("format") == ARTIFACT_FORMAT
-    except (OSError, ValueError):
-        ours = False
-    if not ours:
+    if not out.is_dir():
         raise ValueError(f"{out}: not a multiembed export artifact; --overwrite only replaces one")
+    try:
+        manifest = read_manifest(out)
+        verify_files(out, manifest)
+    except ArtifactError as e:
+        raise ValueError(f"{out}: not an intact export artifact ({e}); --overwrite only replaces one") from None
+    listed = {MANIFEST_FILE, *(entry["path"] for entry in manifest.files.values())}
+    others = sorted(entry.name for entry in out.iterdir() if entry.name not in listed)
+    if others:
+        raise ValueError(f"{out}: holds files the artifact does not list ({', '.join(others[:3])}"
+                         f"{', ...' if len(others) > 3 else ''}); --overwrite replaces only an artifact's own files")
+
+
+def _host_prefix(out: Path) -> str:
+    """``.tmp-export-<name>-<host>-``: the start of this host's temporary directories beside ``out`` (``<host>``:
+    8 hex digits of the host name's SHA-256)."""
+    return f"{_TMP_PREFIX}{out.name}-{hashlib.sha256(socket.gethostname().encode('utf-8')).hexdigest()[:8]}-"
+
+
+def _tmp_prefix(out: Path) -> str:
+    """The prefix of this process's temporary directories beside ``out`` (``<host prefix><pid>-``), so that a
+    later export can tell those of a dead process."""
+    return f"{_host_prefix(out)}{os.getpid()}-"
+
+
+def remove_stale_temporaries(out: Path) -> List[Path]:
+    """Removes the temporary directories that killed exports to ``out`` left beside it: those of a process of
+    this host that no longer runs, or of this process's id (a running export's are kept). Returns what was
+    removed."""
+    pattern = re.compile(re.escape(_host_prefix(out)) + r"(\d+)-[A-Za-z0-9_]+$")
+    removed: List[Path] = []
+    if not out.parent.is_dir():
+        return removed
+    for entry in out.parent.iterdir():
+        found = pattern.match(entry.name)
+        pid = int(found.group(1)) if found else -1
+        if found and entry.is_dir() and not entry.is_symlink() and (pid == os.getpid() or pid_is_gone(pid)):
+            shutil.rmtree(entry)
+            removed.append(entry)
+    return removed
 
 
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     """Renames the finished ``tmp`` to ``out`` (an earlier artifact is moved aside first, then removed)."""
     old = None
     if overwrite and out.exists():
-        old = out.parent / f"{_TMP_PREFIX}old-{out.name}-{os.getpid()}"
+        old = out.parent / f"{_tmp_prefix(out)}old"
         os.rename(out, old)
     if out.exists():
         raise ValueError(f"{out}: appeared while exporting; not replaced")
@@ -306,7 +357,7 @@ def export_run(
     _check_out(out, overwrite)
     spec, vocab, dense_names = preprocessing_of(record, data_dir)
     run = model_for_run(run_dir, device="cpu")
-    run.load(checkpoint)
+    checkpoint = run.load()  # the best one again: a running training's retention may have replaced it meanwhile
     model = run.built.model
     model.eval()
     num_dense = int(record.get("data", {}).get("num_dense", len(dense_names))) if run.config.dense_features else 0
@@ -317,10 +368,12 @@ def export_run(
     tables = logical_tables(model)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{out.name}-", dir=out.parent))
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out), dir=out.parent))
     try:
         tensors = table_tensors(tables, sparse.num_sets, sparse.set_dim, quantize)
-        torch.save(tensors, tmp / TABLES_FILE)
+        # Through a Python file: a failed write is an OSError naming the file, not torch's "unexpected pos".
+        atomic_write(tmp / TABLES_FILE, lambda f: torch.save(tensors, f))
         export_dense(model, sparse.num_fields, num_dense, tmp / DENSE_FILE)
         files = {"tables": file_entry(tmp / TABLES_FILE), "dense": file_entry(tmp / DENSE_FILE)}
         if vocab is not None:
@@ -345,9 +398,12 @@ def export_run(
             },
         )
         manifest.sizes = table_sizes(manifest, tensors)
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(tmp / MANIFEST_FILE, json.dumps(manifest.to_json(), indent=2) + "\n")
         load_artifact(tmp)  # what predict will do: the artifact must load before it is published
         _publish(tmp, out, overwrite)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"{out}: not written, its temporary directory is removed: {e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -454,6 +454,7 @@ def plan_sharding(
     batch_size: int = DEFAULT_BATCH_SIZE,
     pooling_factors: Optional[Mapping[str, float]] = None,
     reserved_fraction: float = DEFAULT_RESERVED_FRACTION,
+    dense_tensor_estimate: Optional[int] = None,
 ) -> ShardingPlan:
     """Plans how the ``EmbeddingBagCollection``s of ``module`` are sharded over ``world_size`` ranks.
 
@@ -477,6 +478,8 @@ def plan_sharding(
         batch_size: per-rank batch size (sizes the planner's input/output buffers and its perf model).
         pooling_factors: ``{feature: mean ids per sample}`` for multi-hot features.
         reserved_fraction: share of HBM kept free besides the dense-parameter and input reservations.
+        dense_tensor_estimate: bytes of the dense part per rank (parameters, gradients, optimizer state,
+            activations) the planner reserves; None: TorchRec's heuristic (6x the module's dense parameters).
 
     Returns:
         A TorchRec ``ShardingPlan`` keyed by module path, then table name.
@@ -512,7 +515,9 @@ def plan_sharding(
     topology = build_topology(world_size, local_world_size, device_type, hbm_gb=hbm_gb, ddr_gb=ddr_gb)
     sharders = make_sharders(fused_params, device_type)
     with _quiet_planner():
-        reservation = HeuristicalStorageReservation(percentage=reserved_fraction)
+        reservation = HeuristicalStorageReservation(
+            percentage=reserved_fraction, dense_tensor_estimate=dense_tensor_estimate
+        )
         planner = EmbeddingShardingPlanner(
             topology=topology,
             batch_size=batch_size,

@@ -528,3 +528,20 @@ def test_unknown_dataset_format(tmp_path, capsys):
     status, _, err = run_cli(capsys, "convert", "kdd12", str(good_criteo(tmp_path)), "--out", str(tmp_path / "o"))
     assert status == 2
     assert "invalid choice: 'kdd12'" in err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "encoding, named",
+    [("utf-16", "is UTF-16 (little-endian) encoded (starts with bytes FF FE)"),
+     ("utf-16-be", "holds NUL bytes in its first line (UTF-16 or UTF-32 text?)"),
+     ("utf-32", "is UTF-32 (little-endian) encoded (starts with bytes FF FE 00 00)")],
+)
+@pytest.mark.parametrize("dataset", ["criteo", "avazu"])
+def test_another_text_encoding_is_named_as_such(tmp_path, capsys, encoding: str, named: str, dataset: str) -> None:
+    lines = ([criteo_line(i, str(i % 2)) for i in range(20)] if dataset == "criteo"
+             else [AVAZU_HEADER] + [avazu_line(i, str(i % 2)) for i in range(20)])
+    src = tmp_path / "log"
+    src.write_bytes("".join(line + "\n" for line in lines).encode(encoding))
+    err = convert_fail(capsys, tmp_path, dataset, src)
+    line = assert_one_line_error(err, "convert", f"{src}: {named}", "iconv")
+    assert "\\x" not in line

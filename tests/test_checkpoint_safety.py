@@ -257,6 +257,84 @@ def test_the_allowlist_is_what_dcp_metadata_needs(tmp_path: Path, one_rank) -> N
     ckpt.SafeFileSystemReader(str(path)).read_metadata()
 
 
+def test_the_allowlist_is_exactly_the_metadata_classes() -> None:
+    """Pinned: a class added to the allowlist must be added here too, on purpose."""
+    assert ckpt._METADATA_ALLOWLIST == {
+        "torch.distributed.checkpoint.metadata": {
+            "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+            "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING",
+        },
+        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+        "torch": {"Size"},
+        "torch.serialization": {"_get_layout"},
+        "pathlib": {"PosixPath", "PurePosixPath"},
+    }
+    assert all(isinstance(v, torch.dtype) for v in ckpt._TORCH_DTYPES.values())
+
+
+def _global(module: str, name: str) -> bytes:
+    return f"c{module}\n{name}\n".encode()
+
+
+def _text(value: str) -> bytes:
+    return b"V" + value.encode("raw_unicode_escape") + b"\n"
+
+
+def _call(func: bytes, *args: bytes) -> bytes:
+    """Pickle opcodes (protocol 0) that call ``func`` with ``args`` (each already opcodes) when unpickled."""
+    return func + b"(" + b"".join(args) + b"tR"
+
+
+def _attack(route: str, marker: Path) -> bytes:
+    """A hand-written pickle that touches ``marker`` through ``route`` when a trusting unpickler loads it."""
+    touch = _text(f"touch '{marker}'")
+    write = _text(f"open({str(marker)!r}, 'w').write('pwned')")
+    os_system = _call(_global("builtins", "getattr"), _call(_global("builtins", "__import__"), _text("os")),
+                      _text("system"))
+    body = {
+        "eval": _call(_global("builtins", "eval"), write),
+        "exec": _call(_global("builtins", "exec"), write),
+        "getattr": _call(os_system, touch),
+        "os.system": _call(_global("os", "system"), touch),
+        "subprocess": _call(_global("subprocess", "getoutput"), touch),
+        # importlib.import_module("os") first (memo 0), then getattr(<memo 0>, "system")(touch).
+        "importlib": _call(_global("importlib", "import_module"), _text("os")) + b"p0\n0"
+        + _call(_call(_global("builtins", "getattr"), b"g0\n", _text("system")), touch),
+        # A __reduce__ chain: a metadata class built from the result of a call.
+        "reduce-chain": _call(_global("torch.distributed.checkpoint.metadata", "StorageMeta"),
+                              _call(_global("builtins", "eval"), write)),
+    }[route]
+    return body + b"."
+
+
+@pytest.mark.parametrize(
+    "route, refused",
+    [("eval", "builtins.eval"), ("exec", "builtins.exec"), ("getattr", "builtins.getattr"),
+     ("os.system", "os.system"), ("subprocess", "subprocess.getoutput"), ("importlib", "importlib.import_module"),
+     ("reduce-chain", "builtins.eval")],
+)
+def test_code_through_any_route_is_refused_without_running(
+    tmp_path: Path, one_rank, route: str, refused: str
+) -> None:
+    marker = tmp_path / "pwned"
+    payload = _attack(route, marker)
+    try:
+        pickle.loads(payload)  # a trusting unpickler runs it: the payload is live
+    except Exception:
+        pass
+    assert marker.exists()
+    marker.unlink()
+
+    path = ckpt.save_checkpoint(tmp_path / "run", 1, _state(1), {})
+    (path / ".metadata").write_bytes(payload)
+    _republish(path)
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.load_checkpoint(path, _template())
+    message = _assert_one_line_naming(error, path / ".metadata")
+    assert f"refuses to load class {refused}: not a checkpoint metadata class" in message, message
+    assert not marker.exists()
+
+
 # ------------------------------------------------------------------------------------------------ two ranks
 def _two_rank_worker(rank: int, world_size: int, root: str) -> None:
     import torch.distributed as dist

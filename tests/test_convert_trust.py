@@ -338,6 +338,32 @@ def test_second_convert_on_the_same_out_is_refused_naming_the_holder(tmp_path, c
     assert sorted(p.name for p in out.iterdir()) == [".convert", "metadata.json", "test", "train", "val"]
 
 
+@pytest.mark.parametrize("no_flock", [False, True], ids=["flock", "exclusive-create"])
+def test_second_convert_names_the_holder_while_its_temporary_vocabulary_file_exists(
+    tmp_path, capsys, monkeypatch, no_flock
+):
+    """The running conversion is writing its vocabulary (a temporary file beside vocab.npz): a second convert on
+    the same --out names that job, not the file as a stranger's."""
+    import fcntl
+
+    src = good_criteo(tmp_path / "day_0")
+    out = tmp_path / "out"
+    holder = start_holder(out, no_flock)
+    try:
+        (out / ".vocab.npz.k3j2h1.tmp").write_bytes(b"half a vocabulary")
+        if no_flock:
+            def _no_flock(*args, **kwargs):
+                raise OSError(errno.ENOLCK, "No locks available")
+
+            monkeypatch.setattr(fcntl, "flock", _no_flock)
+        status, _, err = run_cli(capsys, *convert_args("criteo-1tb", [src], out, "--hash-size", "64"))
+        assert status == 2
+        one_line_error(err, "convert", "another conversion is running", f"pid {holder.pid}", socket.gethostname())
+        assert (out / ".vocab.npz.k3j2h1.tmp").read_bytes() == b"half a vocabulary"
+    finally:
+        stop_holder(holder)
+
+
 def test_exclusive_create_fallback_takes_over_a_dead_local_holder(tmp_path, monkeypatch):
     import fcntl
 

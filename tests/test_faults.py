@@ -358,6 +358,43 @@ def test_launcher_exits_with_the_recorded_status_of_a_worker_stopped_after_its_e
     assert launch.main(["-m", "multiembed.cli", "train"]) == 2
 
 
+def test_launcher_names_the_rank_the_signal_and_the_last_checkpoint_of_a_killed_worker(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A worker killed by a signal records no error of its own: the launcher's one line says which rank ended by
+    which signal and where the run's last complete checkpoint is (recorded for torchx too), not torchrun's
+    ChildFailedError traceback."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from multiembed.cli import launch
+    from multiembed.cli.errors import one_line_error, recorded_exit_code
+    from multiembed.training.distributed import init_distributed
+
+    init_distributed("cpu")
+    run = tmp_path / "run"
+    kept = ckpt.save_checkpoint(run, 10, {"w": torch.zeros(2)}, {})
+    (run / ckpt.CHECKPOINT_DIR / ".tmp-step-00000020").mkdir()  # the save the kill interrupted
+    reply = tmp_path / "launcher-reply.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(reply))
+    monkeypatch.delenv("MULTIEMBED_DEBUG", raising=False)
+
+    def torchrun(args) -> None:
+        failure = ProcessFailure(local_rank=1, pid=4242, exitcode=-signal.SIGKILL, error_file=str(tmp_path / "none"))
+        raise ChildFailedError("multiembed.cli", {1: failure})
+
+    monkeypatch.setattr(torch.distributed.run, "main", torchrun)
+    status = launch.main(["torchrun", "--nproc_per_node", "2", "-m", "multiembed.cli", "train", "--data", "d",
+                          "--out", str(run)])
+    assert status == 128 + signal.SIGKILL
+    lines = capsys.readouterr().err.strip().splitlines()
+    expected = (f"multiembed train: error: rank 1 (pid 4242) was ended by signal SIGKILL; the last checkpoint is "
+                f"{kept} (rerun with --resume to continue)")
+    assert lines == [expected]
+    assert one_line_error(reply.read_text()) == expected
+    assert recorded_exit_code(reply.read_text()) == 128 + signal.SIGKILL
+
+
 def test_nan_loss_on_one_rank_stops_every_rank_with_one_error_line(click_log: Path, tmp_path: Path) -> None:
     data, run, log = tmp_path / "data", tmp_path / "run", tmp_path / "launch.log"
     _copy_with_one_infinite_dense_value(click_log, data, rank=1, global_batch=NAN_GLOBAL_BATCH)

@@ -114,6 +114,16 @@ def fake_run(side: str, model: str, fold: str, seed: int, test_auc: float) -> di
             "val_auc": 0.7, "test_auc": test_auc, "val_logloss": 0.5, "test_logloss": 0.5}
 
 
+@pytest.mark.parametrize("differs", ["split_identity", "data_dir"])
+def test_a_pair_trained_on_different_splits_is_refused(differs: str) -> None:
+    """Two sides of one (model, fold, seed) whose split identity or dataset differ are not a pair."""
+    runs = [fake_run("reference", "dcnv2-se-4x", "0/2", 0, 0.72), fake_run("package", "dcnv2-se-4x", "0/2", 0, 0.72)]
+    assert parity.paired_table(runs, ["dcnv2-se-4x"])[0]["pairs"] == 1
+    runs[1] = {**runs[1], differs: "another"}
+    with pytest.raises(ValueError, match=r"pair \('dcnv2-se-4x', '0/2', 0\): the two sides trained on different splits"):
+        parity.paired_table(runs, ["dcnv2-se-4x"])
+
+
 def test_rule_verdicts_and_model_contrasts_from_paired_runs() -> None:
     runs = []
     for fold in ("0/2", "1/2"):

@@ -121,7 +121,8 @@ def test_resume_on_other_data_is_refused_naming_both_fingerprints(
         capsys.readouterr()
         assert cli_main(["train", "--data", str(other), "--out", str(run), "--resume", *TRAIN]) == 2
         error = _error(capsys)
-        assert trained[:16] in error and "fingerprint" in error, error
+        given = json.loads((other / "metadata.json").read_text())["vocab_fingerprint"]
+        assert given != trained and trained[:16] in error and given[:16] in error and "fingerprint" in error, error
         assert (run / "config.json").read_text() == before
 
 

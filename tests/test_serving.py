@@ -118,14 +118,23 @@ def test_int8_predictions_match_evaluate_on_converted_and_raw_rows(synthetic_cri
 
 
 def test_artifact_is_self_contained(exported, synthetic_criteo, tmp_path, capsys) -> None:
-    """Moved away from the run and the data (both deleted from reach): it loads and predicts raw lines."""
-    _, _, raw = synthetic_criteo
+    """Copied away from the run and the data, which are moved out of reach meanwhile: it loads and predicts raw
+    lines."""
+    data, run, raw = synthetic_criteo
     moved = tmp_path / "elsewhere" / "model"
     shutil.copytree(exported["int8"], moved)
     manifest = json.loads((moved / "manifest.json").read_text())
     assert all("/" not in entry["path"] for entry in manifest["files"].values())
     assert manifest["preprocessing"]["kind"] == "raw" and manifest["preprocessing"]["vocabulary"] == "vocab.npz"
-    result = _predict(capsys, str(moved), "--raw", str(raw), "--out", str(tmp_path / "p.parquet"))
+    hidden = {path: tmp_path / f"hidden-{path.name}" for path in (data, run)}
+    for path, away in hidden.items():
+        path.rename(away)
+    try:
+        assert not data.exists() and not run.exists()
+        result = _predict(capsys, str(moved), "--raw", str(raw), "--out", str(tmp_path / "p.parquet"))
+    finally:
+        for path, away in hidden.items():
+            away.rename(path)
     assert result["rows"] > 0 and 0.0 < result["auc"] < 1.0
 
 

@@ -41,19 +41,34 @@ def zoo(monkeypatch: pytest.MonkeyPatch) -> List[Dict[str, Any]]:
                 for f, n in vocab_sizes.items()
             ]
             self.embedding_bag_collection = EmbeddingBagCollection(tables=configs, device=device)
-            self.stored_set_dim = SET_WIDTH
+            self.stored_set_dim = self.set_dim = SET_WIDTH
+            self.num_sets, self.num_fields = SETS, len(vocab_sizes)
+
+    class SetPool(nn.Module):
+        """``[B, K, F, d] -> [B, K, d + num_dense]``: the mean over fields, zero-padded to the over arch's input."""
+
+        def __init__(self, num_dense: int) -> None:
+            super().__init__()
+            self.num_dense = num_dense
+
+        def forward(self, fields: torch.Tensor) -> torch.Tensor:
+            pooled = fields.mean(dim=2)
+            return torch.cat([pooled, pooled.new_zeros(*pooled.shape[:2], self.num_dense)], dim=-1)
 
     class StandIn(nn.Module):
-        def __init__(self, vocab_sizes: Dict[str, int], num_dense: int, device: torch.device) -> None:
+        def __init__(self, vocab_sizes: Dict[str, int], num_dense: int, device: Any, dense_device: Any) -> None:
             super().__init__()
             self.sparse_arch = SparseArch(vocab_sizes, device)
-            self.over_arch = nn.Linear(SET_WIDTH + num_dense, 1)
+            self.dense_arch = None
+            self.set_arch = SetPool(num_dense)
+            self.over_arch = nn.Linear(SET_WIDTH + num_dense, 1, device=dense_device)
 
     def build_model(
-        name: str, vocab_sizes: Dict[str, int], num_dense: int = 0, device: Any = None, **options: Any
+        name: str, vocab_sizes: Dict[str, int], num_dense: int = 0, device: Any = None, dense_device: Any = None,
+        **options: Any
     ) -> nn.Module:
         calls.append({"name": name, "vocab_sizes": dict(vocab_sizes), "num_dense": num_dense, "device": device})
-        return StandIn(dict(vocab_sizes), num_dense, device)
+        return StandIn(dict(vocab_sizes), num_dense, device, dense_device)
 
     monkeypatch.setattr(multiembed.training.build, "build_model", build_model)
     return calls

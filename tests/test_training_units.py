@@ -195,3 +195,27 @@ def test_collectives_on_two_gloo_ranks() -> None:
     from dist_utils import run_ranks
 
     run_ranks(_collectives_on_two_ranks, 2)
+
+
+def test_retention_deletes_only_the_checkpoints_it_wrote(tmp_path: Path, one_rank) -> None:
+    """A directory named like a checkpoint that save_checkpoint did not publish (no manifest of its step), and a
+    link named like one, survive pruning with what they hold; the superseded real checkpoint goes."""
+    old = ckpt.save_checkpoint(tmp_path, 1, _state(1), {})
+    root = tmp_path / ckpt.CHECKPOINT_DIR
+    notes = root / ckpt.step_dir_name(2)
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "data.bin").write_bytes(b"keep")
+    (root / ckpt.step_dir_name(3)).symlink_to(elsewhere, target_is_directory=True)
+    forged = root / ckpt.step_dir_name(4)
+    forged.mkdir()
+    (forged / ckpt.MANIFEST).write_text(json.dumps({"step": 9, "files": {}}))
+    newest = ckpt.save_checkpoint(tmp_path, 5, _state(5), {})
+    ckpt.prune_checkpoints(tmp_path, [newest])
+    assert not old.exists()
+    assert (notes / "notes.txt").read_text() == "mine"
+    assert (root / ckpt.step_dir_name(3)).is_symlink() and (elsewhere / "data.bin").read_bytes() == b"keep"
+    assert (forged / ckpt.MANIFEST).is_file()
+    assert newest.is_dir() and ckpt.written_by_save(newest) and not ckpt.written_by_save(forged)

@@ -40,7 +40,9 @@ from multiembed.config import TrainConfig, default_of
 from multiembed.models import MultiEmbeddingModel, MultiEmbeddingTrain, build_model, parse_experts, parse_model_name
 from multiembed.models.precision import check_precision
 from multiembed.sharding import embedding_tables, format_plan, make_sharders, plan_sharding, plan_summary
-from multiembed.training.distributed import DistContext
+from multiembed.sharding.planner import GB
+from multiembed.training.distributed import DistContext, broadcast_object
+from multiembed.training.memory import MemoryAccount, admission_problem, machine_memory, memory_account
 from multiembed.training.optim import (
     OptimizerConfig,
     attach_sparse_optimizer,
@@ -107,6 +109,48 @@ def model_options(config: TrainConfig) -> Dict[str, Any]:
     return {}
 
 
+def build_unsharded(
+    config: TrainConfig,
+    vocab_sizes: Mapping[str, int],
+    *,
+    num_dense: int,
+    device_type: str,
+    dense_device: Optional[torch.device] = None,
+) -> Tuple[MultiEmbeddingModel, MultiEmbeddingTrain, OptimizerConfig]:
+    """``config.model`` with its tables on ``meta`` (and its dense arches on ``dense_device``, default CPU), wrapped
+    for training, its tables marked for the sparse optimizer: ``(model, train_module, optim_config)``."""
+    optim_config = optimizer_config(config, device_type)
+    model = build_model(
+        config.model,
+        vocab_sizes,
+        num_dense=num_dense,
+        device=torch.device("meta"),
+        dense_device=dense_device,
+        hidden=config.hidden,
+        dropout=config.dropout,
+        layout=config.layout,
+        precision=config.precision,
+        table_dtype=config.table_dtype,
+        combiner=config.combiner,
+        **model_options(config),
+    )
+    train_module = MultiEmbeddingTrain(model, spectral_reg_weight=config.spectral_reg)
+    attach_sparse_optimizer(model.sparse_arch.embedding_bag_collection, optim_config)
+    return model, train_module, optim_config
+
+
+def account_memory(
+    config: TrainConfig, vocab_sizes: Mapping[str, int], *, num_dense: int, device_type: str, world_size: int,
+    batch_size: int,
+) -> MemoryAccount:
+    """The memory one rank of the run needs (:mod:`multiembed.training.memory`), from the model built entirely on
+    ``meta``: nothing is allocated, however large the model."""
+    model, train_module, optim_config = build_unsharded(
+        config, vocab_sizes, num_dense=num_dense, device_type=device_type, dense_device=torch.device("meta")
+    )
+    return memory_account(model, train_module, optim_config.dense_optimizer, world_size, batch_size)
+
+
 def plan_model(
     config: TrainConfig,
     vocab_sizes: Mapping[str, int],
@@ -123,6 +167,8 @@ def plan_model(
     ddr_gb: Optional[float] = None,
     pooling_factors: Optional[Mapping[str, float]] = None,
     capacity_gb: Optional[float] = None,
+    dense_device: Optional[torch.device] = None,
+    dense_tensor_estimate: Optional[int] = None,
 ) -> PlannedModel:
     """Builds ``config.model`` on ``meta``, marks its tables for the sparse optimizer and plans their sharding.
 
@@ -136,28 +182,19 @@ def plan_model(
         pg: the job's process group (rank 0 plans, every rank gets the same plan); None plans on paper.
         overrides, set_width, hbm_gb, ddr_gb, pooling_factors: as :func:`~multiembed.sharding.plan_sharding`.
         capacity_gb: memory per rank, for the summary's share used.
+        dense_device: where the dense arches are built (default CPU, where DMP takes them from; ``meta`` to plan
+            without allocating them).
+        dense_tensor_estimate: bytes the dense part holds per rank (:class:`~multiembed.training.memory.MemoryAccount`),
+            reserved by the planner; None lets TorchRec's heuristic guess from the module.
 
     Raises:
         ValueError: a bad option, or a plan whose tables the optimizer cannot update (e.g. row-wise Adagrad on a
             data-parallel table).
         ShardingError: no plan fits.
     """
-    optim_config = optimizer_config(config, device_type)
-    model = build_model(
-        config.model,
-        vocab_sizes,
-        num_dense=num_dense,
-        device=torch.device("meta"),
-        hidden=config.hidden,
-        dropout=config.dropout,
-        layout=config.layout,
-        precision=config.precision,
-        table_dtype=config.table_dtype,
-        combiner=config.combiner,
-        **model_options(config),
+    model, train_module, optim_config = build_unsharded(
+        config, vocab_sizes, num_dense=num_dense, device_type=device_type, dense_device=dense_device
     )
-    train_module = MultiEmbeddingTrain(model, spectral_reg_weight=config.spectral_reg)
-    attach_sparse_optimizer(model.sparse_arch.embedding_bag_collection, optim_config)
     plan = plan_sharding(
         train_module,
         config.sharding,
@@ -171,6 +208,7 @@ def plan_model(
         ddr_gb=ddr_gb,
         batch_size=batch_size,
         pooling_factors=pooling_factors,
+        dense_tensor_estimate=dense_tensor_estimate,
     )
     check_update_rules(plan, train_module, optim_config)
     report = dict(
@@ -259,10 +297,20 @@ def build_training(
 
     Raises:
         ValueError: see :func:`plan_model`; ``--precision bf16`` on a CPU without native bf16
-            (:func:`~multiembed.models.precision.check_precision`).
+            (:func:`~multiembed.models.precision.check_precision`); the run needs more memory per rank than this
+            machine has available (:func:`~multiembed.training.memory.admission_problem`: one line with both
+            numbers, before anything is allocated). The planner's capacity is this machine's memory per rank.
     """
     check_precision(config.precision, ctx.device.type)
+    account = account_memory(config, vocab_sizes, num_dense=num_dense, device_type=ctx.device.type,
+                             world_size=ctx.world_size, batch_size=local_batch)
+    machine = machine_memory(ctx.device, ctx.local_world_size)
+    # Rank 0 decides for every rank (free memory read on each rank differs): all start, or all refuse.
+    problem = broadcast_object(admission_problem(account, machine, config.model) if ctx.is_main else None)
+    if problem is not None:
+        raise ValueError(str(problem))
     torch.manual_seed(config.seed)
+    capacity_gb = machine.total_bytes / GB if machine.total_bytes > 0 else None
     planned = plan_model(
         config,
         vocab_sizes,
@@ -272,6 +320,9 @@ def build_training(
         device_type=ctx.device.type,
         batch_size=local_batch,
         pg=dist.group.WORLD,
+        hbm_gb=capacity_gb if ctx.device.type == "cuda" else None,
+        ddr_gb=capacity_gb if ctx.device.type != "cuda" else None,
+        dense_tensor_estimate=account.dense_bytes + account.activation_bytes,
     )
     dmp = DistributedModelParallel(
         planned.train_module,

@@ -50,7 +50,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
-from multiembed.data.metadata import file_sha256
+from multiembed.data.metadata import atomic_write_text, file_sha256, write_failure
 from multiembed.runtime.stack import private_api_error
 
 try:  # DCP internals the safe loader needs: the type its .metadata pickles per file, and its nested-dict setter
@@ -340,7 +340,10 @@ def save_checkpoint(run_dir: Path, step: int, state: Dict[str, Any], info: Dict[
             shutil.rmtree(final)
         tmp.mkdir(parents=True)
     _barrier()
-    dcp.save(state, checkpoint_id=str(tmp))
+    try:
+        dcp.save(state, checkpoint_id=str(tmp))
+    except CheckpointException as e:
+        raise _save_failure(run_dir, tmp, _failure_of(e)) from None
     _barrier()
     if _rank() == 0:
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -349,7 +352,10 @@ def save_checkpoint(run_dir: Path, step: int, state: Dict[str, Any], info: Dict[
             "info": info,
             "files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files},
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        try:
+            atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        except OSError as e:
+            raise _save_failure(run_dir, tmp, e) from None
         _fsync_dir(tmp)
         if _before_publish_hook is not None:
             _before_publish_hook(tmp)
@@ -357,6 +363,23 @@ def save_checkpoint(run_dir: Path, step: int, state: Dict[str, Any], info: Dict[
         _fsync_dir(root)
     _barrier()
     return final
+
+
+def _failure_of(error: CheckpointException) -> BaseException:
+    """The first rank's exception inside DCP's ``CheckpointException`` (the exception itself when it holds none)."""
+    detail = next(iter(error.failures.values()), None)
+    exc = detail[0] if isinstance(detail, tuple) else detail
+    return exc if isinstance(exc, BaseException) else error
+
+
+def _save_failure(run_dir: Path, tmp: Path, error: BaseException) -> CheckpointError:
+    """A failed save (a full disk, a quota, an I/O error) as one line: the temporary directory (removed here, rank
+    0), the reason and the free bytes, and the last good checkpoint, which is kept."""
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    kept = _newest_valid_here(run_dir, report=lambda _: None)
+    after = f"the last good checkpoint is kept: {kept}" if kept is not None else "no earlier checkpoint exists"
+    return CheckpointError(f"{_one_line(str(write_failure(tmp, error)), 400)}; the partial checkpoint is removed; {after}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -415,19 +438,25 @@ def newest_valid_checkpoint(run_dir: Path, report: Callable[[str], None] = print
     """
     choice: Optional[str] = None
     if _rank() == 0:
-        for candidate in reversed(list_checkpoints(run_dir)):
-            try:
-                verify_checkpoint(candidate)
-            except CheckpointError as e:
-                report(f"skipping checkpoint: {e}")
-                continue
-            choice = str(candidate)
-            break
+        found = _newest_valid_here(run_dir, report)
+        choice = str(found) if found is not None else None
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [choice]
         dist.broadcast_object_list(box, src=0)
         choice = box[0]
     return Path(choice) if choice else None
+
+
+def _newest_valid_here(run_dir: Path, report: Callable[[str], None]) -> Optional[Path]:
+    """The newest checkpoint passing :func:`verify_checkpoint`, read by this process alone (no collective)."""
+    for candidate in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(candidate)
+        except CheckpointError as e:
+            report(f"skipping checkpoint: {e}")
+            continue
+        return candidate
+    return None
 
 
 def checkpoint_entries(path: Path) -> Dict[str, Optional[tuple]]:
@@ -474,19 +503,33 @@ def load_checkpoint(path: Path, state: Dict[str, Any]) -> None:
         refusal = _first_refusal(e)
         if refusal is not None:
             raise CheckpointError(str(refusal)) from None
-        detail = next(iter(e.failures.values()), None)
-        exc = detail[0] if isinstance(detail, tuple) else detail
-        reason = _first_line(exc) if exc is not None else _first_line(e)
+        reason = _first_line(_failure_of(e))
         raise CheckpointError(f"{_one_line(path)}: cannot load checkpoint ({_one_line(reason, 240)})") from e
 
 
+def written_by_save(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint :func:`save_checkpoint` published: a directory (not a link) named
+    ``step-N`` holding the manifest it writes, which records that same step."""
+    path = Path(path)
+    found = _STEP_DIR.match(path.name)
+    if found is None or path.is_symlink() or not path.is_dir() or not (path / MANIFEST).is_file():
+        return False
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("step") == int(found.group(1)) and "files" in manifest
+
+
 def prune_checkpoints(run_dir: Path, keep: List[Path]) -> None:
-    """Deletes published checkpoints not in ``keep`` (rank 0 only; call after a barrier)."""
+    """Deletes published checkpoints not in ``keep`` (rank 0 only; call after a barrier): only directories
+    :func:`written_by_save` recognises; anything else named like one (a link, a directory without its manifest)
+    is left as it is."""
     if _rank() != 0:
         return
     keep_set = {Path(p).resolve() for p in keep}
     for path in list_checkpoints(run_dir):
-        if path.resolve() not in keep_set:
+        if path.resolve() not in keep_set and written_by_save(path):
             shutil.rmtree(path, ignore_errors=True)
 
 

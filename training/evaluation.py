@@ -126,6 +126,10 @@ def best_checkpoint(run_dir: Path) -> Path:
     return found
 
 
+# How often a load moves on after the checkpoint it chose was deleted under it.
+_VANISHED_RETRIES = 5
+
+
 def _shares_rows(trained: Optional[Dict[str, Any]], data: Optional[Dict[str, Any]]) -> bool:
     """Whether two datasets' split recipes draw on the same rows (a common input file, or the same synthetic
     stream), so that assigning them to splits differently would put training rows into evaluation splits."""
@@ -195,10 +199,29 @@ class RunModel:
         return max(self.config.batch_size // self.ctx.world_size, 1)
 
     def load(self, checkpoint: Optional[Path] = None) -> Path:
-        """Loads the weights of ``checkpoint`` (default: the run's best); returns its path."""
-        path = Path(checkpoint) if checkpoint is not None else best_checkpoint(self.run_dir)
-        load_model_weights(self.built, path)
-        return path
+        """Loads the weights of ``checkpoint`` (default: the run's best); returns its path.
+
+        The run may still be training: its retention can delete the checkpoint chosen here while it is read. In a
+        one-process job the load then moves on to the run's best complete checkpoint as it is now (a checkpoint
+        that is still in place and fails to load is an error, as is one of several ranks).
+
+        Raises:
+            ValueError: no complete checkpoint, or the checkpoint does not load (one line naming it).
+        """
+        if checkpoint is not None:
+            load_model_weights(self.built, Path(checkpoint))
+            return Path(checkpoint)
+        for _ in range(_VANISHED_RETRIES):
+            path = best_checkpoint(self.run_dir)
+            try:
+                load_model_weights(self.built, path)
+                return path
+            except (ValueError, OSError) as e:
+                if self.ctx.world_size > 1 or (path / ckpt.MANIFEST).is_file():
+                    raise
+                error = e  # deleted under the load: the best complete checkpoint as it is now
+        raise ValueError(f"{self.run_dir}: its checkpoints were deleted while being read, {_VANISHED_RETRIES} "
+                         f"times (a running training's retention); the last: {error}")
 
     def check_data(self, meta: DatasetMetadata, data_dir: str) -> None:
         """Refuses data whose vocabulary differs from the run's training data, or that splits the training rows

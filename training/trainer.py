@@ -44,6 +44,7 @@ from multiembed.config import MODEL_OPTIONS, OutputBias, TrainConfig, recorded_o
 from multiembed.data.loader import ParquetBatchLoader, positive_rate
 from multiembed.runtime.locking import LOCK_FILE, exclusive_lock
 from multiembed.data.metadata import DatasetMetadata, atomic_write_text, read_metadata, split_identity
+from multiembed.data.paths import is_within
 from multiembed.runtime.stack import installed_versions
 from multiembed.sharding.report import format_brief
 from multiembed.training import checkpoint as ckpt
@@ -302,6 +303,11 @@ class Trainer:
             return f"--out {out}: is a symbolic link; give the directory it points to"
         if out.exists() and not out.is_dir():
             return f"--out {out}: exists and is not a directory"
+        if is_within(out, self.config.data):
+            return (
+                f"--out {out}: is the --data directory {self.config.data} or inside it; a run never writes into its "
+                "dataset"
+            )
         if not out.exists() or not any(p.name != LOCK_FILE for p in out.iterdir()):
             return None
         for name in (CONFIG_FILE, SUMMARY_FILE, METRICS_FILE, PLAN_FILE, ckpt.CHECKPOINT_DIR):
@@ -313,8 +319,7 @@ class Trainer:
                     f"--overwrite: {out} is not a multiembed run directory ({CONFIG_FILE} missing); refusing to "
                     "delete it"
                 )
-            data, target = Path(self.config.data).resolve(), out.resolve()
-            if data == target or target in data.parents:
+            if is_within(self.config.data, out):
                 return f"--overwrite: {out} holds the --data directory {self.config.data}; refusing to delete it"
             return None
         if self.config.resume:

@@ -43,7 +43,7 @@ from multiembed.data.parquet_io import arrow_schema
 from multiembed.data.rawlog import SourceScan, scan_source
 from multiembed.data.splits import SplitCounts, by_file_counts, parse_split_weights, random_file_counts
 from multiembed.data.vocab import VOCAB_FILE, CountedVocabulary, HashingVocabulary, Vocabulary
-from multiembed.runtime.locking import exclusive_lock
+from multiembed.runtime.locking import exclusive_lock, refuse_if_locked
 
 T = TypeVar("T")
 
@@ -84,6 +84,8 @@ def convert(options: ConvertOptions, nodes: Optional["Coordinator"] = None) -> C
             resolved.min_count = source_vocab.min_count
         resolved.hash_seed = source_vocab.seed
     out = resolved.out
+    if nodes is None:  # (a multi-node job's ranks share one lock, which its first rank takes: main_lock)
+        refuse_if_locked(out, "conversion")  # a running conversion's temporary files are its own, named as such
     check_out_dir(out, resolved.overwrite)  # before the lock file is created: a refused directory stays untouched
     try:
         out.mkdir(parents=True, exist_ok=True)

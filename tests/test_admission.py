@@ -1,0 +1,110 @@
+"""Nothing too big starts: the memory a run needs (tables and their optimizer state, dense parameters and theirs,
+one batch's activations) is counted on ``meta`` and refused in one line with both numbers when this machine's
+available memory cannot hold it; ``plan`` plans such a model on paper without allocating it, and the planner
+reserves the same dense bytes the admission counts, on a topology sized from this machine's memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from multiembed.cli import main as cli_main
+from multiembed.config import TrainConfig
+from multiembed.training import memory
+from multiembed.training.build import account_memory
+
+SMALL = ["--batch-size", "256", "--hidden", "16", "--epochs", "1", "--max-steps", "2", "--device", "cpu",
+         "--no-progress", "--ia-every", "0"]
+
+
+def _error_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("admission") / "data"
+    assert cli_main(["synth", "--rows", "2000", "--scale", "0.001", "--seed", "7", "--out", str(out),
+                     "--no-progress"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("model", ["dcnv2-me-4x20000", "dcnv2-me-1x10000000"])
+def test_a_model_too_big_for_this_machine_is_refused_before_it_allocates(data, tmp_path, capsys, model) -> None:
+    capsys.readouterr()
+    assert cli_main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--model", model, *SMALL]) == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"multiembed train: error: --model {model}: needs about "), line
+    assert "TiB per rank" in line and "is available per rank" in line and "MemAvailable" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_plan_plans_a_huge_model_on_paper_without_allocating_it(capsys) -> None:
+    capsys.readouterr()
+    status = cli_main(["plan", "--model", "dcnv2-me-4x20000", "--data", "criteo-kaggle", "--world-size", "1",
+                       "--device", "cpu"])
+    assert status == 2
+    line = _error_line(capsys)
+    assert line.startswith("multiembed plan: error: no sharding plan fits"), line
+
+
+def test_the_account_counts_tables_dense_state_and_activations() -> None:
+    config = TrainConfig(data="d", out="o", model="dnn-me-2x", hidden=16)
+    vocab = {"f1": 100, "f2": 50}
+    account = account_memory(config, vocab, num_dense=0, device_type="cpu", world_size=2, batch_size=64)
+    from multiembed.models import build_model
+
+    model = build_model("dnn-me-2x", vocab, device=torch.device("cpu"), hidden=16)
+    dense_params = sum(p.numel() for n, p in model.named_parameters() if "embedding_bags" not in n)
+    assert account.dense_bytes == dense_params * 4 * (2 + 2)  # weights, gradients, Adam's two moments
+    # Tables: 150 rows x 2 sets x the stored set width, fp32, plus the CPU default optimizer's state (Adagrad: one
+    # value per weight).
+    width = model.sparse_arch.num_sets * model.sparse_arch.stored_set_dim
+    assert account.table_bytes == 150 * width * 4 * 2
+    embeddings = 64 * 2 * 2 * model.sparse_arch.set_dim * 4
+    assert account.activation_bytes > memory.ACTIVATION_FACTOR * embeddings
+    assert account.per_rank_bytes == -(-account.table_bytes // 2) + account.dense_bytes + account.activation_bytes
+
+
+def test_machine_memory_takes_the_cgroup_limit_and_divides_by_local_ranks(monkeypatch) -> None:
+    monkeypatch.setattr(memory, "_meminfo", lambda: {"MemTotal": 64 * 2**30, "MemAvailable": 60 * 2**30})
+    monkeypatch.setattr(memory, "_cgroup_limit", lambda: None)
+    machine = memory.machine_memory(torch.device("cpu"), 4)
+    assert (machine.total_bytes, machine.available_bytes) == (16 * 2**30, 15 * 2**30)
+    monkeypatch.setattr(memory, "_cgroup_limit", lambda: (8 * 2**30, 2 * 2**30))
+    machine = memory.machine_memory(torch.device("cpu"), 2)
+    assert (machine.total_bytes, machine.available_bytes) == (4 * 2**30, 3 * 2**30)
+    assert "cgroup" in machine.source and "2 ranks" in machine.source
+
+
+def test_the_planner_reserves_what_the_admission_counts_on_this_machines_capacity(data, tmp_path, monkeypatch) -> None:
+    from multiembed.sharding import planner
+    from multiembed.training import build
+
+    seen = {}
+    real_reservation, real_plan = planner.HeuristicalStorageReservation, build.plan_sharding
+
+    def reservation(*args, **kwargs):
+        seen["dense_tensor_estimate"] = kwargs.get("dense_tensor_estimate")
+        return real_reservation(*args, **kwargs)
+
+    def plan(*args, **kwargs):
+        seen["ddr_gb"] = kwargs.get("ddr_gb")
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(planner, "HeuristicalStorageReservation", reservation)
+    monkeypatch.setattr(build, "plan_sharding", plan)
+    assert cli_main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--model", "dnn-me-2x",
+                     *SMALL]) == 0
+    from multiembed.data.metadata import read_metadata
+
+    meta = read_metadata(data)
+    config = TrainConfig(data=str(data), out="o", model="dnn-me-2x", hidden=16, batch_size=256)
+    account = account_memory(config, meta.vocab_sizes, num_dense=0, device_type="cpu", world_size=1, batch_size=256)
+    assert seen["dense_tensor_estimate"] == account.dense_bytes + account.activation_bytes
+    assert seen["ddr_gb"] == pytest.approx(memory.machine_memory(torch.device("cpu"), 1).total_bytes / 2**30)

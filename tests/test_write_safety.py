@@ -1,0 +1,232 @@
+"""No command writes over what it did not create, nor outside where it may write.
+
+``predict --out`` refuses an existing file without ``--overwrite`` and, even with it, its own inputs and any file
+inside a dataset, a run or an artifact; ``export --overwrite`` replaces only an intact artifact holding nothing
+else; ``export --out`` stays out of datasets, artifacts and a run's ``checkpoints/``; ``scale --out`` and
+``train --out`` stay out of their ``--data``; a killed export's temporary directory is removed by the next export
+to the same place. Every refusal is one line with exit status 2, and the refused target is left byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Tuple
+
+import pytest
+
+from multiembed.cli import main as cli_main
+
+TRAIN = ["--model", "dnn-me-2x", "--batch-size", "256", "--hidden", "16", "--epochs", "1", "--max-steps", "4",
+         "--device", "cpu", "--no-progress", "--ia-every", "0"]
+
+
+def _refused(capsys, argv, *words: str) -> str:
+    """Runs ``argv``, which must be refused with status 2 in one error line holding every word; returns it."""
+    capsys.readouterr()
+    assert cli_main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1, lines
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def _snapshot(directory: Path) -> Dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Tuple[Path, Path, Path]:
+    """(data, run, artifact): a tiny synthetic run and its export."""
+    base = tmp_path_factory.mktemp("write-safety")
+    data, run, artifact = base / "data", base / "run", base / "artifact"
+    assert cli_main(["synth", "--rows", "2000", "--scale", "0.001", "--seed", "5", "--out", str(data),
+                     "--no-progress"]) == 0
+    assert cli_main(["train", "--data", str(data), "--out", str(run), *TRAIN]) == 0
+    assert cli_main(["export", str(run), "--out", str(artifact), "--quantize", "none"]) == 0
+    return data, run, artifact
+
+
+# --- predict --out ---------------------------------------------------------------------------------------------------
+
+
+def test_predict_refuses_an_existing_out_without_overwrite(exported, tmp_path, capsys) -> None:
+    data, _, artifact = exported
+    out = tmp_path / "notes.parquet"
+    out.write_bytes(b"someone else's file")
+    _refused(capsys, ["predict", str(artifact), "--data", str(data), "--out", str(out)], str(out), "--overwrite")
+    assert out.read_bytes() == b"someone else's file"
+    capsys.readouterr()
+    assert cli_main(["predict", str(artifact), "--data", str(data), "--out", str(out), "--overwrite"]) == 0
+    assert out.read_bytes()[:4] == b"PAR1"
+
+
+def test_predict_never_writes_over_its_inputs_or_inside_a_dataset_run_or_artifact(exported, tmp_path, capsys) -> None:
+    data, run, artifact = exported
+    raw = tmp_path / "raw.tsv"
+    raw.write_text("label\n")
+    before = {d: _snapshot(d) for d in (data, run, artifact)}
+    targets = [
+        (["--raw", str(raw)], raw),  # its own input
+        (["--data", str(data)], artifact / "manifest.json"),  # a file of the artifact
+        (["--data", str(data)], artifact / "new.parquet"),
+        (["--data", str(data)], data / "metadata.json"),  # the dataset
+        (["--data", str(data)], data / "test" / "p.parquet"),
+        (["--data", str(data)], run / "config.json"),  # a run
+        (["--data", str(data)], run / "checkpoints" / "p.parquet"),
+    ]
+    for source, out in targets:
+        for extra in ([], ["--overwrite"]):
+            _refused(capsys, ["predict", str(artifact), *source, "--out", str(out), *extra], str(out))
+    assert raw.read_text() == "label\n"
+    assert {d: _snapshot(d) for d in (data, run, artifact)} == before
+
+
+# --- export --out / --overwrite --------------------------------------------------------------------------------------
+
+
+def test_export_overwrite_keeps_a_users_files_and_refuses_an_altered_artifact(exported, tmp_path, capsys) -> None:
+    _, run, artifact = exported
+    out = tmp_path / "art"
+    shutil.copytree(artifact, out)
+    (out / "notes.txt").write_text("my notes")
+    _refused(capsys, ["export", str(run), "--out", str(out), "--overwrite"], "notes.txt")
+    assert (out / "notes.txt").read_text() == "my notes"
+
+    (out / "notes.txt").unlink()
+    manifest = json.loads((out / "manifest.json").read_text())
+    tables = out / manifest["files"]["tables"]["path"]
+    raw = bytearray(tables.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    tables.write_bytes(bytes(raw))
+    altered = _snapshot(out)
+    _refused(capsys, ["export", str(run), "--out", str(out), "--overwrite"], "not an intact export artifact")
+    assert _snapshot(out) == altered
+
+    shutil.rmtree(out)
+    shutil.copytree(artifact, out)
+    assert cli_main(["export", str(run), "--out", str(out), "--overwrite", "--quantize", "int8"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["quantize"] == "int8"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_export_out_stays_out_of_checkpoints_datasets_and_artifacts(exported, capsys) -> None:
+    data, run, artifact = exported
+    for out in (run / "checkpoints" / "art", data / "art", data / "test" / "art", artifact / "nested"):
+        _refused(capsys, ["export", str(run), "--out", str(out)], str(out), "lies inside")
+        assert not out.exists()
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-export")]
+
+
+def test_a_killed_exports_temporary_directory_is_removed_by_the_next_export(exported, tmp_path, capsys) -> None:
+    from multiembed.serving.export import _host_prefix
+
+    _, run, _ = exported
+    out = tmp_path / "art"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / f"{_host_prefix(out)}{dead.pid}-abc123"
+    left.mkdir()
+    (left / "tables.pt").write_bytes(b"\0" * 1024)
+    running = tmp_path / f"{_host_prefix(out)}{os.getppid()}-def456"  # a live process's: kept
+    running.mkdir()
+    assert cli_main(["export", str(run), "--out", str(out)]) == 0
+    assert not left.exists() and running.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["art", running.name])
+
+
+# --- scale / train --out inside --data -------------------------------------------------------------------------------
+
+
+def test_scale_and_train_out_inside_data_are_refused(exported, capsys) -> None:
+    data, _, _ = exported
+    before = _snapshot(data)
+    study = ["--backbones", "dnn", "--scales", "1", "--modes", "se", "--seeds", "1", "--batch-size", "256",
+             "--hidden", "16", "--epochs", "1", "--max-steps", "2", "--ia-every", "0", "--device", "cpu",
+             "--no-progress"]
+    for out in (data, data / "study"):
+        _refused(capsys, ["scale", "--data", str(data), "--out", str(out), *study], str(out), "--data")
+    for out in (data / "run",):
+        _refused(capsys, ["train", "--data", str(data), "--out", str(out), *TRAIN], str(out), "--data")
+    assert _snapshot(data) == before and not (data / "study").exists() and not (data / "run").exists()
+
+
+# --- dataset files stay inside the dataset ---------------------------------------------------------------------------
+
+
+def _escaping_copy(data: Path, where: Path, how: str) -> Path:
+    """A copy of ``data`` whose test split names the training rows of another dataset beside it (row count
+    matching): through ``..``, an absolute path, or a symbolic link inside the copy."""
+    other = where / "other"
+    shutil.copytree(data, other)
+    copy = where / "copy"
+    shutil.copytree(data, copy)
+    meta = json.loads((copy / "metadata.json").read_text())
+    train = meta["splits"]["train"]["files"][0]
+    outside = other / train["path"]
+    test = {"rows": train["rows"], "files": [{"path": "", "rows": train["rows"]}]}
+    if how == "dotdot":
+        test["files"][0]["path"] = os.path.relpath(outside, copy)
+    elif how == "absolute":
+        test["files"][0]["path"] = str(outside)
+    else:
+        link = copy / "test" / "part-00000.parquet"
+        link.unlink()
+        link.symlink_to(outside)
+        test["files"][0]["path"] = "test/part-00000.parquet"
+    meta["splits"]["test"] = test
+    (copy / "metadata.json").write_text(json.dumps(meta))
+    return copy
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "link"])
+def test_a_split_file_outside_the_dataset_is_refused_everywhere(exported, tmp_path, capsys, how: str) -> None:
+    from multiembed.data.loader import ParquetBatchLoader
+    from multiembed.data.metadata import DatasetError
+
+    data, run, artifact = exported
+    copy = _escaping_copy(data, tmp_path, how)
+    entry = "splits.test.files[0].path"
+    _refused(capsys, ["inspect", str(copy)], entry)
+    _refused(capsys, ["evaluate", str(run), "--data", str(copy), "--device", "cpu"], entry)
+    _refused(capsys, ["predict", str(artifact), "--data", str(copy), "--out", str(tmp_path / "p.parquet")], entry)
+    _refused(capsys, ["train", "--data", str(copy), "--out", str(tmp_path / "run"), *TRAIN], entry)
+    with pytest.raises(DatasetError, match=r"splits\.test\.files\[0\]\.path"):
+        ParquetBatchLoader(copy, "test", 64, shuffle=False)
+    assert not (tmp_path / "p.parquet").exists() and not (tmp_path / "run" / "config.json").exists()
+
+
+# --- export of a run that is still training ---------------------------------------------------------------------------
+
+
+def test_export_moves_on_when_retention_deletes_the_checkpoint_it_chose(exported, tmp_path, monkeypatch) -> None:
+    """A running training's retention deletes the checkpoint export chose while export reads it: export loads the
+    run's best complete checkpoint as it is then, instead of failing on a vanished ``.metadata``."""
+    from multiembed.training import evaluation
+
+    _, finished, _ = exported
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "summary.json").unlink()  # still training: no summary yet, the newest complete checkpoint is the best
+    newest = max((run / "checkpoints").iterdir())
+    older = newest.parent / "step-00000001"
+    shutil.copytree(newest, older)
+    real_load = evaluation.load_model_weights
+    deleted = []
+
+    def retention_strikes(built, path):
+        if not deleted:
+            deleted.append(path)
+            shutil.rmtree(path)  # as prune_checkpoints does, between the choice and the read
+        return real_load(built, path)
+
+    monkeypatch.setattr(evaluation, "load_model_weights", retention_strikes)
+    assert cli_main(["export", str(run), "--out", str(tmp_path / "art"), "--quantize", "none"]) == 0
+    assert deleted == [newest]
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["source"]["checkpoint"].endswith("step-00000001")
