@@ -27,9 +27,12 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 from multiembed.cli.errors import LAUNCHED_ENV, one_line_error, record_error, recorded_exit_code
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -49,7 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         torchrun_main(args)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
+        rank, failure = _reported_failure(e)
         line = one_line_error(failure.error_file_data)
         if line is None:
             if os.environ.get("MULTIEMBED_DEBUG"):
@@ -67,6 +70,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # every rank records a collective error such as a diverged loss): the status the worker had chosen.
         return recorded_exit_code(failure.error_file_data) or 1
     return 0
+
+
+def _reported_failure(error: "ChildFailedError") -> Tuple[int, "ProcessFailure"]:
+    """The failed worker whose one-line error explains the job: the lowest rank that recorded one, else torchrun's
+    first failure (a rank that ended without a line, e.g. torn down by a signal, may be seen to fail first)."""
+    recorded = sorted(rank for rank, f in error.failures.items() if one_line_error(f.error_file_data) is not None)
+    if recorded:
+        return recorded[0], error.failures[recorded[0]]
+    return error.get_first_failure()
 
 
 def worker_failure_line(args: Sequence[str], rank: int, pid: int, exitcode: int) -> str:

@@ -32,7 +32,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 
 
 def run(args: argparse.Namespace) -> int:
-    from multiembed.training.distributed import destroy
+    from multiembed.training.distributed import barrier, destroy
     from multiembed.training.trainer import Trainer, TrainingDiverged, format_summary
 
     try:
@@ -46,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
                 raise
             if trainer.ctx.is_main:
                 report_error(f"multiembed train: error: {e}", EXIT_DIVERGED)
+            # No rank leaves before rank 0 has recorded the line (torchrun reports only the first worker to exit),
+            # and the barrier runs after the pipeline's collectives still in flight, so none is torn down mid-way.
+            barrier()
             return EXIT_DIVERGED
         if trainer.ctx.is_main:
             print(format_summary(summary, trainer.run_dir))

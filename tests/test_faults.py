@@ -358,6 +358,39 @@ def test_launcher_exits_with_the_recorded_status_of_a_worker_stopped_after_its_e
     assert launch.main(["-m", "multiembed.cli", "train"]) == 2
 
 
+@pytest.mark.multiprocess
+def test_launcher_reports_the_rank_that_recorded_its_error_when_another_failed_first(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A rank torn down without a line of its own (here aborted, SIGABRT) may reach torchrun before the rank that
+    recorded the job's one-line error: the launcher still prints the recorded line and exits with its status."""
+    import time
+
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from multiembed.cli import launch
+    from multiembed.cli.errors import LAUNCHED_ENV, report_error
+
+    line = "multiembed train: error: training loss is NaN or infinite at step 4 (epoch 0)"
+    reply = tmp_path / "rank0.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(reply))
+    monkeypatch.setenv(LAUNCHED_ENV, "1")
+    report_error(line, EXIT_DIVERGED)
+    capsys.readouterr()
+    recorded = ProcessFailure(local_rank=0, pid=1, exitcode=-signal.SIGTERM, error_file=str(reply))
+    aborted = ProcessFailure(local_rank=1, pid=2, exitcode=-signal.SIGABRT, error_file=str(tmp_path / "none.json"))
+    aborted.timestamp = recorded.timestamp - 1  # seen first
+    assert aborted.timestamp < recorded.timestamp and time.time() >= recorded.timestamp
+
+    def torchrun(args) -> None:
+        raise ChildFailedError("multiembed.cli", {1: aborted, 0: recorded})
+
+    monkeypatch.setattr(torch.distributed.run, "main", torchrun)
+    assert launch.main(["torchrun", "-m", "multiembed.cli", "train"]) == EXIT_DIVERGED
+    assert capsys.readouterr().err.strip().splitlines() == [line]
+
+
 def test_launcher_names_the_rank_the_signal_and_the_last_checkpoint_of_a_killed_worker(
     tmp_path: Path, monkeypatch, capsys
 ) -> None:
