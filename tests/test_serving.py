@@ -349,8 +349,9 @@ def test_crafted_artifacts_are_refused_without_running_code(exported, tmp_path, 
         assert "unreadable archive metadata" not in str(refused.value)
     assert not marker.exists()
     capsys.readouterr()
-    assert cli_main(["predict", str(artifact), "--data", str(tmp_path), "--out", str(tmp_path / "p.parquet")]) == 2
-    _error(capsys)
+    assert cli_main(["predict", str(artifact), "--data", str(tmp_path / "data-never-read"),
+                     "--out", str(tmp_path / "p.parquet")]) == 2
+    assert str(artifact) in _error(capsys)
     assert not marker.exists()
 
 
@@ -592,7 +593,8 @@ def test_programs_that_write_are_refused_before_they_run(exported, tmp_path, cap
         load_artifact(artifact)
     assert "\n" not in str(refused.value) and str(artifact) in str(refused.value)
     capsys.readouterr()
-    assert cli_main(["predict", str(artifact), "--data", str(tmp_path), "--out", str(tmp_path / "p.parquet")]) == 2
+    assert cli_main(["predict", str(artifact), "--data", str(tmp_path / "data-never-read"),
+                     "--out", str(tmp_path / "p.parquet")]) == 2
     assert op in _error(capsys)
     assert canary.read_bytes() == original and not (tmp_path / "p.parquet").exists()
 
@@ -630,7 +632,8 @@ def test_a_manifest_that_disagrees_with_the_program_is_refused(exported, tmp_pat
     with pytest.raises(ArtifactError, match=r"dense\.pt2: input (dense_features|embeddings) is \[B, .*implies \[B, "):
         load_artifact(artifact)
     capsys.readouterr()
-    assert cli_main(["predict", str(artifact), "--data", str(tmp_path), "--out", str(tmp_path / "p.parquet")]) == 2
+    assert cli_main(["predict", str(artifact), "--data", str(tmp_path / "data-never-read"),
+                     "--out", str(tmp_path / "p.parquet")]) == 2
     assert "the manifest (num_sets, fields, set_dim, dense_fields) implies" in _error(capsys)
 
 
@@ -717,7 +720,8 @@ def test_batch_norm_in_training_mode_is_refused(exported, tmp_path, capsys) -> N
     with pytest.raises(ArtifactError, match=r"calls torch\.ops\.aten\.batch_norm\.default with training .*eval mode"):
         load_artifact(artifact)
     capsys.readouterr()
-    assert cli_main(["predict", str(artifact), "--data", str(tmp_path), "--out", str(tmp_path / "p.parquet")]) == 2
+    assert cli_main(["predict", str(artifact), "--data", str(tmp_path / "data-never-read"),
+                     "--out", str(tmp_path / "p.parquet")]) == 2
     assert "only eval mode" in _error(capsys)
 
 
@@ -859,7 +863,8 @@ def test_an_unsafe_compile_cache_is_refused(exported, tmp_path, capsys, unsafe: 
         load_artifact(exported["int8"], compile=True, cache_dir=cache)
     assert "\n" not in str(refused.value) and str(cache) in str(refused.value) and "refusing" in str(refused.value)
     capsys.readouterr()
-    assert cli_main(["predict", str(exported["int8"]), "--data", str(tmp_path), "--out", str(tmp_path / "p.parquet"),
+    assert cli_main(["predict", str(exported["int8"]), "--data", str(tmp_path / "data-never-read"),
+                     "--out", str(tmp_path / "p.parquet"),
                      "--compile", "--compile-cache", str(cache)]) == 2
     assert str(cache) in _error(capsys)
 
@@ -986,7 +991,8 @@ def test_compile_is_refused_in_one_line_without_a_compiler(exported, tmp_path, c
 
     monkeypatch.setattr(config.cpp, "cxx", (str(tmp_path / "no-such-c++"),))
     capsys.readouterr()
-    assert cli_main(["predict", str(exported["int8"]), "--data", str(tmp_path), "--out", str(tmp_path / "p.parquet"),
+    assert cli_main(["predict", str(exported["int8"]), "--data", str(tmp_path / "data-never-read"),
+                     "--out", str(tmp_path / "p.parquet"),
                      "--compile", "--compile-cache", str(tmp_path / "cache")]) == 2
     line = _error(capsys)
     assert "--compile: no C++ compiler found" in line and "no-such-c++" in line
