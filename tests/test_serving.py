@@ -395,9 +395,10 @@ def _export_matrix() -> List[Tuple[str, str, int]]:
     return [(name, combiner, num_dense) for name in names for combiner, num_dense in (("mean", 0), ("gate", 3))]
 
 
-# torch.export cannot export FinalMLP's streams shared across sets over a dynamic batch (it derives the guard
-# B * min(H, 2 * K * H * B) == H * B): `multiembed export` of a finalmlp-mesi run fails.
-_NOT_EXPORTABLE = {"finalmlp-mesi-2x"}
+# torch 2.13's torch.export cannot export FinalMLP's streams shared across sets over a dynamic batch (it derives the
+# guard B * min(H, 2 * K * H * B) == H * B): `multiembed export` of a finalmlp-mesi run fails there. torch 2.14
+# exports it, and the matrix then includes it.
+_NOT_EXPORTABLE = {"finalmlp-mesi-2x"} if tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 14) else set()
 _MATRIX_VOCAB = {"a": 7, "b": 5, "c": 3}
 
 
