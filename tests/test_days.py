@@ -16,7 +16,7 @@ from typing import Dict, List
 
 import numpy as np
 import pytest
-from test_faults import TIMING_KEYS, _pid_alive, _published_steps, _workers
+from test_faults import TIMING_KEYS, _pid_alive, _published_steps, _run_logged, _workers
 from test_torchx import COMPONENTS, REPO, TINY_WORKER, VENV_BIN, load_components, tail, torchx_env
 
 from multiembed.cli import main as cli_main
@@ -319,21 +319,6 @@ def _days_command(log_dir: Path, days: List[Path], run: Path) -> List[str]:
     ]
 
 
-def _start(command: List[str], log: Path, env: Dict[str, str]) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
-def _wait(proc: subprocess.Popen, log: Path, timeout: float = 400) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        pytest.fail(f"the days job did not finish in {timeout} s; log:\n{tail(log)}")
-
-
 def _without_timing(run: Path) -> Dict:
     days = _summary(run)["days"]
     metrics = {
@@ -352,13 +337,15 @@ def test_seven_days_on_two_ranks_killed_in_the_middle_of_day_4_end_as_an_uninter
     env["LOGLEVEL"] = "INFO"  # torchrun reports the failed worker group and the restart at INFO
 
     reference, reference_log = tmp_path / "reference", tmp_path / "reference.log"
-    rc = _wait(_start(_days_command(tmp_path / "logs-ref", days, reference), reference_log, env), reference_log)
+    rc = _run_logged(_days_command(tmp_path / "logs-ref", days, reference), reference_log, env, timeout=400)
     assert rc == 0, tail(reference_log)
     assert [d["day"] for d in _summary(reference)["days"]] == list(range(DAYS_OF_RUN))
     assert _summary(reference)["world_size"] == 2
 
     run, log = tmp_path / "killed", tmp_path / "killed.log"
-    proc = _start(_days_command(tmp_path / "logs", days, run), log, env)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(_days_command(tmp_path / "logs", days, run), cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
         day = run / f"day-00{KILL_DAY}"
         deadline = time.monotonic() + 400
@@ -374,7 +361,7 @@ def test_seven_days_on_two_ranks_killed_in_the_middle_of_day_4_end_as_an_uninter
                     killed = workers[1]
             time.sleep(0.02)
         assert killed is not None, f"no checkpoint of day {KILL_DAY} within the deadline:\n{tail(log)}"
-        rc = _wait(proc, log)
+        rc = proc.wait(timeout=400)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
