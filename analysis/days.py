@@ -44,7 +44,7 @@ def plot_days(summary: Mapping[str, Any], path: Union[str, os.PathLike]) -> Dict
     ax.plot(series["day"], series["pv_auc"], "o-", label="progressive validation (before the day)")
     ax.plot(series["day"], series["auc_after"], "s--", label="after the day (its test split)")
     if all(b is not None for b in series["bayes_pv_auc"]):
-        ax.plot(series["day"], series["bayes_pv_auc"], ":", color="gray", label="Bayes-optimal")
+        ax.plot(series["day"], series["bayes_pv_auc"], ":", color="gray", label="Bayes-optimal (the day's train rows)")
     ax.set_xlabel("day")
     ax.set_ylabel("AUC")
     ax.set_title(f"{summary.get('model', '')}: AUC per day")
