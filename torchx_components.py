@@ -210,6 +210,70 @@ def train(
     )
 
 
+def days(
+    *extra_args: str,
+    data: List[str],
+    out: str,
+    model: str = "dcnv2-me-4x",
+    batch_size: int = 2048,
+    sharding: str = "auto",
+    seed: int = 0,
+    checkpoint_every: int = 0,
+    keep_days: int = 0,
+    j: str = "1x2",
+    image: str = torchx.IMAGE,
+    h: Optional[str] = None,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    max_restarts: int = 0,
+    rdzv_port: int = 29500,
+    name: str = "/multiembed-days",
+) -> specs.AppDef:
+    """The production loop (``multiembed days``): trains the day datasets in order, each warm-started from the
+    previous day and judged on its rows before training on them, with one ``multiembed days`` worker per rank.
+
+    A failed job rerun with the same arguments (or restarted by torchrun, ``max_restarts``) resumes: finished days
+    are not trained again and the interrupted day resumes from its newest checkpoint (set ``checkpoint_every``).
+
+    Args:
+        extra_args: further ``multiembed days`` options, passed through (e.g. ``--lr 1e-3``).
+        data: the day dataset directories in day order, comma-separated, visible to every node.
+        out: the loop's run directory on storage shared by all nodes.
+        model: model name, e.g. ``dcnv2-me-4x`` or ``dcnv2-se-10x``.
+        batch_size: global batch size (split evenly over all ranks).
+        sharding: ``auto``, ``table_wise``, ``row_wise``, ``column_wise`` or ``data_parallel``.
+        seed: seed of initialisation and shuffling.
+        checkpoint_every: also checkpoint every N steps within a day (0: at the end of each day only).
+        keep_days: keep the checkpoints of the last N finished days only (0: every day's).
+        j: ``{nnodes}x{nproc_per_node}``, e.g. ``1x2`` (two local ranks) or ``16x8``.
+        image: image (docker / slurm: a directory holding the environment) that has multiembed installed.
+        h: a registered named resource (takes precedence over cpu, gpu, memMB).
+        cpu: CPUs per node.
+        gpu: GPUs per node (one rank per GPU; 0 trains on CPU with gloo).
+        memMB: memory per node in MB.
+        env: extra environment variables for the workers.
+        max_retries: scheduler-level retries of the whole job.
+        max_restarts: torchrun restarts of the local workers after a failure (they resume as above).
+        rdzv_port: rendezvous port on the first node (multi-node only; single-node jobs pick a free port).
+        name: torchx job name.
+    """
+    if not data:
+        _refuse("data: give at least one day dataset directory")
+    if keep_days < 0:
+        _refuse(f"keep_days must be >= 0, got {keep_days}")
+    options = dict(model=model, batch_size=batch_size, sharding=sharding, seed=seed, checkpoint_every=checkpoint_every)
+    args: List[str] = [
+        "days", "--data", *data, "--out", out, "--keep-days", str(keep_days),
+        *to_command_line(TrainConfig, options), *extra_args,
+    ]
+    return _cli_app(
+        args, name=name, image=image, h=h, cpu=cpu, gpu=gpu, memMB=memMB, j=j, env=env, rdzv_port=rdzv_port,
+        max_retries=max_retries, max_restarts=max_restarts,
+    )
+
 
 def benchmark(
     *extra_args: str,

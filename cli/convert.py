@@ -67,6 +67,11 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                    help="pyarrow CPU and IO threads per worker (default: all cores / workers; with one worker, "
                         "pyarrow's default); 1 also reads ahead and writes in the worker's own thread, so that each "
                         "worker uses one core")
+    p.add_argument("--first-day", default=None, metavar="SEQUENCE",
+                   help="the dataset is day 0 of the day sequence SEQUENCE (hashing mode; multiembed days, "
+                        "docs/days.md)")
+    p.add_argument("--follows", default=None, metavar="DAY",
+                   help="the dataset is the day after the day dataset DAY (same sequence, fields and hash sizes)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -102,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         workers=args.workers,
         threads_per_worker=args.threads_per_worker,
+        first_day=args.first_day,
+        follows=args.follows,
     )
     # Under torchrun (the torchx `convert` component) the ranks convert their shares of the inputs into one dataset.
     nodes = None

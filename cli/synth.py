@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List
+from typing import TYPE_CHECKING, Dict, List, Optional
+
+if TYPE_CHECKING:
+    from multiembed.data.metadata import DatasetMetadata
 
 
 def _split_weights(text: str) -> List[float]:
@@ -28,7 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "interactions. metadata.json records the Bayes-optimal AUC and log loss of every split."
         ),
     )
-    parser.add_argument("--rows", type=int, default=1_000_000, help="total rows over all splits (default 1000000)")
+    parser.add_argument(
+        "--rows", type=int, default=1_000_000,
+        help="total rows over all splits, of every day with --days (default 1000000)",
+    )
     parser.add_argument("--out", required=True, help="output dataset directory")
     parser.add_argument("--seed", type=int, default=0, help="seeds the label model and every row (default 0)")
     parser.add_argument(
@@ -48,6 +54,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--signal", type=float, default=None,
         help="std of the first-order and of the interaction part of the logit (default 0.85: Bayes AUC about 0.78)",
     )
+    days = parser.add_argument_group(
+        "a drifting log (--days; docs/days.md)",
+        "--days D writes D day datasets OUT/day-000 ... of --rows rows each, whose ids churn and whose click model "
+        "drifts from day to day (default generator only; no --tsv)",
+    )
+    days.add_argument("--days", type=int, default=None, help="write this many day datasets (default: one dataset)")
+    days.add_argument("--active-share", type=float, default=None,
+                      help="share of each categorical field's ids live on a day (default 0.5)")
+    days.add_argument("--churn", type=float, default=None,
+                      help="share of each field's live ids replaced by new ids each day (default 0.05)")
+    days.add_argument("--popularity-shift", type=float, default=None,
+                      help="rank swaps per day, as a share of each field's live ids (default 0.05)")
+    days.add_argument("--drift", type=float, default=None,
+                      help="share of the click model's weight variance renewed each day (default 0.02)")
     parser.add_argument("--force", action="store_true", help="replace a dataset already in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -74,13 +94,46 @@ def run(args: argparse.Namespace) -> int:
             first_order_std=0.85 if args.signal is None else args.signal,
             interaction_std=0.85 if args.signal is None else args.signal,
         )
+    drift_flags = {"--active-share": args.active_share, "--churn": args.churn,
+                   "--popularity-shift": args.popularity_shift, "--drift": args.drift}
+    if args.days is not None:
+        return _run_days(args, config, drift_flags)
+    given = [flag for flag, value in drift_flags.items() if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: options of a drifting log; add --days D")
     meta = generate_dataset(
         args.out, args.rows, config, split=args.split, tsv_path=args.tsv, force=args.force,
         progress=not args.no_progress,
     )
+    _print_summary(args.out, meta)
+    if args.tsv:
+        print(f"  raw Criteo TSV: {args.tsv}", file=sys.stderr)
+    return 0
+
+
+def _run_days(args: argparse.Namespace, config: object, drift_flags: Dict[str, Optional[float]]) -> int:
+    from multiembed.data.synthetic import SyntheticConfig
+    from multiembed.data.synthetic.days import DriftConfig, day_dirs, generate_days
+
+    if args.regime != "default" or args.tsv is not None:
+        raise ValueError("--days: a drifting log is drawn from the default generator (no --regime collapse, no --tsv)")
+    assert isinstance(config, SyntheticConfig)
+    drift = DriftConfig(**{
+        flag[2:].replace("-", "_"): value for flag, value in drift_flags.items() if value is not None
+    })
+    metas = generate_days(
+        args.out, args.days, args.rows, config, drift, split=args.split, force=args.force,
+        progress=not args.no_progress,
+    )
+    for path, meta in zip(day_dirs(args.out, args.days), metas):
+        _print_summary(str(path), meta)
+    return 0
+
+
+def _print_summary(out: str, meta: "DatasetMetadata") -> None:
     rows = meta.split_rows()
     print(
-        f"wrote {args.out}: {sum(rows.values())} rows (train {rows['train']}, val {rows['val']}, test {rows['test']}), "
+        f"wrote {out}: {sum(rows.values())} rows (train {rows['train']}, val {rows['val']}, test {rows['test']}), "
         f"{len(meta.fields)} fields, {sum(f.vocab_size for f in meta.fields)} ids",
         file=sys.stderr,
     )
@@ -91,6 +144,3 @@ def run(args: argparse.Namespace) -> int:
             f"positive rate {values['positive_rate']:.4f}",
             file=sys.stderr,
         )
-    if args.tsv:
-        print(f"  raw Criteo TSV: {args.tsv}", file=sys.stderr)
-    return 0

@@ -32,7 +32,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 
 
 def run(args: argparse.Namespace) -> int:
-    from multiembed.training.distributed import barrier, destroy
+    from multiembed.training.distributed import destroy
     from multiembed.training.trainer import Trainer, TrainingDiverged, format_summary
 
     try:
@@ -40,18 +40,27 @@ def run(args: argparse.Namespace) -> int:
         try:
             summary = trainer.fit()
         except TrainingDiverged as e:
-            # Every rank raises (the check is collective); one line from rank 0 is the whole story, as for the
-            # user errors cli.main prints. MULTIEMBED_DEBUG=1 shows the traceback instead.
-            if os.environ.get("MULTIEMBED_DEBUG"):
-                raise
-            if trainer.ctx.is_main:
-                report_error(f"multiembed train: error: {e}", EXIT_DIVERGED)
-            # No rank leaves before rank 0 has recorded the line (torchrun reports only the first worker to exit),
-            # and the barrier runs after the pipeline's collectives still in flight, so none is torn down mid-way.
-            barrier()
-            return EXIT_DIVERGED
+            return diverged("train", e, trainer.ctx.is_main)
         if trainer.ctx.is_main:
             print(format_summary(summary, trainer.run_dir))
     finally:
         destroy()
     return 0
+
+
+def diverged(command: str, error: BaseException, is_main: bool) -> int:
+    """Ends a command whose training diverged: one line from rank 0 and :data:`EXIT_DIVERGED` on every rank.
+
+    Every rank raises (the check is collective); one line from rank 0 is the whole story, as for the user errors
+    cli.main prints. MULTIEMBED_DEBUG=1 shows the traceback instead.
+    """
+    from multiembed.training.distributed import barrier
+
+    if os.environ.get("MULTIEMBED_DEBUG"):
+        raise error
+    if is_main:
+        report_error(f"multiembed {command}: error: {error}", EXIT_DIVERGED)
+    # No rank leaves before rank 0 has recorded the line (torchrun reports only the first worker to exit), and the
+    # barrier runs after the pipeline's collectives still in flight, so none is torn down mid-way.
+    barrier()
+    return EXIT_DIVERGED

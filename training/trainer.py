@@ -443,8 +443,9 @@ class Trainer:
         dist.barrier()
         return path
 
-    def restore(self, path: Path) -> None:
-        """Loads model, optimizer state, schedule, data position and this rank's RNG from a checkpoint.
+    def restore(self, path: Path, verb: str = "resumed from") -> None:
+        """Loads model, optimizer state, schedule, data position and this rank's RNG from a checkpoint (``verb``
+        starts the line logged).
 
         The checkpoint may come from another world size or sharding (:mod:`multiembed.training.resume`): tables and
         optimizer state are resharded by DCP, state kept by another optimizer implementation is translated where the
@@ -488,9 +489,24 @@ class Trainer:
         self._truncate_metrics_log(int(self.progress["evaluations"]))
         note = describe(kept)
         self._log(
-            f"resumed from {path} (epoch {self.progress['epoch']}, batch {self.progress['batch']}, step "
+            f"{verb} {path} (epoch {self.progress['epoch']}, batch {self.progress['batch']}, step "
             f"{self.progress['step']}) on {self.ctx.world_size} rank(s)" + (f"; {note}" if note else "")
         )
+
+    def warm_start(self, path: Path) -> None:
+        """Starts this run from the state another run of the same model and options ended with (the production
+        loop's previous day, :mod:`multiembed.training.days`): tables, dense weights, optimizer state and RNG load as
+        :meth:`restore` loads them (from any world size), while this run's progress (epoch, batch, step, best AUC,
+        evaluations) starts at zero, so the run trains its own data from the beginning.
+
+        Raises:
+            ValueError: a checkpoint of another model or options, or one that cannot be converted exactly (one
+                line).
+        """
+        start = dict(self.progress)
+        self.restore(path, verb="warm-started from")
+        self.progress.update(start)
+        self._truncate_metrics_log(0)
 
     def _truncate_metrics_log(self, evaluations: int) -> None:
         """Keeps the first ``evaluations`` lines of ``metrics.jsonl``: a run killed after an evaluation but before

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Counter, Dict, List, Sequence
 
 from multiembed.data.convert.options import ResolvedOptions
+from multiembed.data.days import DAY_KEY, day_record
 from multiembed.data.formats import RawFormat
 from multiembed.data.metadata import SPLITS, DatasetMetadata, FieldSpec, SplitFiles
 from multiembed.data.rawlog import SourceScan
@@ -89,7 +90,7 @@ def build_metadata(
         if vocab.distinct and resolved.vocab_from is None:
             # Paper mode's counting memory is about 16 bytes per distinct (field, token): recorded for sizing.
             extra["distinct_tokens"] = vocab.distinct
-    return DatasetMetadata(
+    metadata = DatasetMetadata(
         dataset=fmt.name,
         fields=[FieldSpec(name, sizes[name]) for name in vocab.fields],
         dense_fields=list(fmt.dense_fields),
@@ -102,6 +103,9 @@ def build_metadata(
         split_recipe=split_recipe(fmt, resolved, scans),
         extra=extra,
     )
+    if resolved.day is not None:
+        metadata.extra[DAY_KEY] = day_record(metadata, *resolved.day)
+    return metadata
 
 
 def summary_lines(result: ConvertResult) -> List[str]:

@@ -49,6 +49,8 @@ class ConvertOptions:
             1 (the default) converts them one after the other in this process. The output is the same either way.
         threads_per_worker: pyarrow's CPU and IO thread pools per worker (default: all cores / workers; with one
             worker, pyarrow's own default unless given).
+        first_day: the dataset is day 0 of a day sequence of this name (hashing mode; :mod:`multiembed.data.days`).
+        follows: the dataset is the day after this day dataset (same sequence, schema and hash space).
     """
 
     dataset: str
@@ -71,6 +73,8 @@ class ConvertOptions:
     overwrite: bool = False
     workers: int = 1
     threads_per_worker: Optional[int] = None
+    first_day: Optional[str] = None
+    follows: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -96,6 +100,7 @@ class ResolvedOptions:
     overwrite: bool = False
     workers: int = 1  # how, not what: neither is recorded in metadata.json
     threads_per_worker: Optional[int] = None
+    day: Optional[Tuple[str, int]] = None  # (sequence, index): recorded as the dataset's day (data/days.py)
 
     def to_json(self, base: Optional[os.PathLike] = None) -> Dict[str, Any]:
         """The options as metadata.json records them; ``vocab_from`` relative to ``base`` (the dataset directory)

@@ -30,6 +30,7 @@ from multiembed.data.convert.outputs import (
 )
 from multiembed.data.convert.stream import progress_bar
 from multiembed.data.convert.write import convert_input
+from multiembed.data.days import day_of
 from multiembed.data.formats import HASHING_MODE, RawFormat, raw_format
 from multiembed.data.metadata import (
     METADATA_FILE,
@@ -37,6 +38,7 @@ from multiembed.data.metadata import (
     DatasetMetadata,
     FieldSpec,
     atomic_write_text,
+    read_metadata,
     write_metadata,
 )
 from multiembed.data.parquet_io import arrow_schema
@@ -51,6 +53,43 @@ T = TypeVar("T")
 def _digest(obj: Any) -> str:
     """A SHA-256 of ``obj``'s canonical JSON (the keys that say whether saved work can be reused)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def day_of_conversion(options: ConvertOptions, resolved: ResolvedOptions, fmt: RawFormat) -> Optional[Tuple[str, int]]:
+    """``(sequence, index)`` of the day this conversion writes (``--first-day`` / ``--follows``), None for a plain
+    dataset.
+
+    Raises:
+        ValueError: both options, or a day in paper mode (its vocabulary is frozen and cannot grow with later days).
+        DatasetError: ``--follows`` names no day dataset, or one of another schema or hash space (one line).
+    """
+    if options.first_day is None and options.follows is None:
+        return None
+    if options.first_day is not None and options.follows is not None:
+        raise ValueError("--first-day and --follows exclude each other (a day starts a sequence or follows a day)")
+    flag = "--first-day" if options.first_day is not None else "--follows"
+    if resolved.mode != HASHING_MODE:
+        raise ValueError(
+            f"{flag}: a day sequence needs hashing mode (--hash-size N); {resolved.mode} mode's vocabulary is frozen "
+            "at conversion and cannot grow with later days"
+        )
+    if options.first_day is not None:
+        if not options.first_day.strip():
+            raise ValueError("--first-day: give the day sequence a name")
+        return options.first_day, 0
+    assert options.follows is not None and resolved.hash_sizes is not None
+    where = os.path.join(options.follows, METADATA_FILE)
+    previous = read_metadata(options.follows)
+    place = day_of(previous, where)
+    if previous.field_names != list(fmt.fields(HASHING_MODE)) or previous.dense_fields != list(fmt.dense_fields):
+        raise DatasetError(f"--follows {where}: day.schema: another schema ({previous.dataset}) than this {fmt.name} "
+                           "conversion's")
+    if HashingVocabulary(fmt.name, resolved.hash_sizes, resolved.hash_seed).fingerprint != place.hash_space:
+        raise DatasetError(
+            f"--follows {where}: day.hash_space: another id space than this conversion's (the hash sizes or hash "
+            "seed differ); every day of a sequence keeps its --hash-size / --hash-sizes"
+        )
+    return place.sequence, place.index + 1
 
 
 def convert(options: ConvertOptions, nodes: Optional["Coordinator"] = None) -> ConvertResult:
@@ -83,6 +122,7 @@ def convert(options: ConvertOptions, nodes: Optional["Coordinator"] = None) -> C
         else:
             resolved.min_count = source_vocab.min_count
         resolved.hash_seed = source_vocab.seed
+    resolved.day = day_of_conversion(options, resolved, fmt)
     out = resolved.out
     if nodes is None:  # (a multi-node job's ranks share one lock, which its first rank takes: main_lock)
         refuse_if_locked(out, "conversion")  # a running conversion's temporary files are its own, named as such

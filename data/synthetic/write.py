@@ -8,10 +8,11 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from multiembed.data.days import DAY_KEY, day_record
 from multiembed.data.metadata import (
     DENSE_PREFIX,
     LABEL_COLUMN,
@@ -35,8 +36,11 @@ from multiembed.data.synthetic.model import (
     SyntheticConfig,
     SyntheticRows,
 )
-from multiembed.data.synthetic.regime import AnyConfig, CollapseRegimeConfig, click_model
+from multiembed.data.synthetic.regime import AnyConfig, AnyModel, CollapseRegimeConfig, click_model
 from multiembed.runtime.locking import exclusive_lock
+
+# Marks the row streams of a day of a drifting log (followed by the day's index).
+_DAY_STREAM = 1000
 
 
 def split_counts(rows: int, weights: Sequence[float]) -> Dict[str, int]:
@@ -118,8 +122,11 @@ class _TsvWriter:
             pass
 
 
-def _chunk_rng(seed: int, split_index: int, chunk_index: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([seed, 1 + split_index, chunk_index]))
+def _chunk_rng(
+    seed: int, split_index: int, chunk_index: int, day: Optional[Tuple[str, int]] = None
+) -> np.random.Generator:
+    entropy = [seed, 1 + split_index, chunk_index] + ([_DAY_STREAM, day[1]] if day is not None else [])
+    return np.random.default_rng(np.random.SeedSequence(entropy))
 
 
 def generate_dataset(
@@ -130,6 +137,8 @@ def generate_dataset(
     tsv_path: Optional[os.PathLike] = None,
     force: bool = False,
     progress: bool = True,
+    model: Optional[AnyModel] = None,
+    day: Optional[Tuple[str, int]] = None,
 ) -> DatasetMetadata:
     """Generates a synthetic dataset directory (Parquet + ``metadata.json``, the layout of :mod:`.metadata`).
 
@@ -143,6 +152,10 @@ def generate_dataset(
             only).
         force: replace an existing dataset in ``out_dir``.
         progress: show a tqdm bar on stderr.
+        model: the click model to draw from (default: ``click_model(config)``; a day of a drifting log passes
+            its :class:`~multiembed.data.synthetic.days.DriftingClickModel`).
+        day: ``(sequence, index)``: the dataset is day ``index`` of the log ``sequence``; its rows come from their
+            own streams and its metadata records its place (:mod:`multiembed.data.days`).
 
     Returns:
         The metadata written, with the Bayes-optimal AUC and log loss of every split in ``bayes``.
@@ -172,7 +185,8 @@ def generate_dataset(
             # Removed first, so a run interrupted while replacing leaves no metadata pointing at half-new files.
             (out / METADATA_FILE).unlink()
 
-        model = click_model(config)
+        if model is None:
+            model = click_model(config)
         fields = [FieldSpec(name=name, vocab_size=model.vocab_sizes[name]) for name in model.field_names]
         schema = arrow_schema(fields, model.dense_fields, with_true_prob=True)
         writer = None
@@ -195,7 +209,7 @@ def generate_dataset(
                 chunk_index = 0
                 while remaining > 0:
                     n = min(CHUNK_ROWS, remaining)
-                    chunk = model.sample(_chunk_rng(config.seed, split_index, chunk_index), n)
+                    chunk = model.sample(_chunk_rng(config.seed, split_index, chunk_index, day), n)
                     if writer is None or writer.rows >= ROWS_PER_FILE:
                         if writer is not None:
                             writer.close()
@@ -262,8 +276,11 @@ def generate_dataset(
                 "seed": config.seed,
                 "config": dataclasses.asdict(config),
                 "model": model.fingerprint(),
+                **({"sequence": day[0], "day": day[1]} if day is not None else {}),
             },
             extra={"generator": model.describe()},
         )
+        if day is not None:
+            meta.extra[DAY_KEY] = day_record(meta, day[0], day[1])
         write_metadata(out, meta)
         return meta
