@@ -28,6 +28,8 @@ MODULES = [
     "multiembed.config.choices",
     "multiembed.config.presets",
     "multiembed.benchmarks.bench_precision",
+    "multiembed.benchmarks.bench_train_phases",
+    "multiembed.benchmarks.bench_train_yardstick",
     "multiembed.analysis.paper_toy",
 ]
 
