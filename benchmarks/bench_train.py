@@ -5,10 +5,14 @@ What is timed
       ``meta``, the fused in-backward sparse optimizer (device default: Adagrad on CPU, Adam on GPU), the plan and
       ``DistributedModelParallel`` on the job's process group (a one-rank gloo group when started alone), dense Adam,
       and TorchRec's ``TrainPipelineSparseDist``. One step is forward + backward + both optimizers.
-    * **Baseline step**: :mod:`paper_baseline` (the paper's public code: one ``nn.Embedding`` per set, a Python loop
-      over sets, dense Adam over the whole tables), on the same batches.
-    * The two run **interleaved** in blocks of steps (project, baseline, project, ...) so that both see the same
-      machine load; ratios are the median of the per-round ratios. The other table layout, the K sweep and the batch
+    * **Baseline steps**: :mod:`paper_baseline` on the same batches: ``paper`` (the paper's public code: one
+      ``nn.Embedding`` per set, a Python loop over sets, dense Adam over the whole tables); ``savvy`` (the same model
+      as a savvy PyTorch user trains it, with **the package run's table optimizer, learning rates and threads**:
+      sparse-gradient tables stepped by ``Adagrad`` where the package uses Adagrad, ``SparseAdam`` where it uses
+      Adam, fused dense Adam); ``savvy_compiled`` (the savvy step with everything after the lookups under
+      ``torch.compile``; ``--no-compiled-baseline`` skips it).
+    * All run **interleaved** in blocks of steps (project, instrumented project, baselines, GEMM yardstick, project,
+      ...) so that all see the same machine load; ratios are the median of the per-round ratios. The other table layout, the K sweep and the batch
       sweep are interleaved with the main model in phases of their own, afterwards.
     * The baseline trains in a **process of its own** (started by the harness, driven over a pipe, building the same
       batches from the same seed), as it would in practice: sharing one process let each contender's allocations
@@ -28,29 +32,38 @@ Workload
     as ``floor(D * u**a)`` with ``u`` uniform (``a = --id-exponent``, 3 by default: a heavy head, as click logs
     have; 1 is uniform). A pool of pre-built batches is cycled, so batch generation is never timed.
 
-Step-time breakdown (method: separately timed sub-steps on the same model and batch, median of repetitions)
-    ``input_dist``: the sharded collection's input distribution; ``embedding_fwd``: the sparse arch's forward less
-    ``input_dist`` (lookup, output distribution, set slicing); ``embedding_bwd``: backward through the lookup,
-    which runs the fused optimizer's row updates; ``interaction_fwd`` / ``interaction_bwd``: the set interaction
-    arch; ``over_arch``: mean over sets, over arch and loss, forward + backward; ``optimizer``: ``zero_grad`` +
-    ``step`` of the combined optimizer (dense Adam; the fused part already ran in backward); ``other``: the full step
-    less the parts (pipeline bookkeeping, DDP gradient hooks, autograd overhead). ``--profile`` also writes
-    ``torch.profiler``'s operator table of a few full steps.
+Step-time breakdown (measured inside real steps, :mod:`bench_train_phases`)
+    The project's steps run once more per round with hooks that charge each moment of a step to one phase (loader,
+    lookup fwd / bwd, set interaction fwd / bwd, over arch, optimizer, communication, other), so the phases of a
+    step add up to it; ``breakdown.sum_vs_step`` compares their sum with the uninstrumented step. The eager
+    baselines are timed the same way after the rounds. ``--profile`` also writes ``torch.profiler``'s operator
+    table of a few full steps.
 
-FLOPs and GEMM rate
+GEMM limit, efficiency and ceiling (:mod:`bench_train_yardstick`)
+    The GEMMs of one real step are recorded (shapes, dtype, operand layouts); each, and a square 2048^3 GEMM, is
+    timed on every GEMM kernel torch offers here (``addmm``; oneDNN's linear, the CPU fast path's kernel, where it
+    works; ``bmm`` for batched calls; in bf16 and fp32 for a bf16 run) as one more contender of the throughput
+    rounds, each at its fastest call. The limit (``gemm_limit_gflops``) is the highest of those rates, and the
+    record is refused if any measured GEMM beat it. ``step_efficiency`` = the step's analytic GEMM FLOPs per
+    second / the limit; ``ceiling`` = the GEMM FLOPs at the limit + the non-GEMM phases (loader, lookup,
+    optimizer, communication) at their best instrumented step, and ``ceiling.step_share`` = ceiling / step.
+
+FLOPs and the set arch against a GEMM
     ``interaction_gflops`` is the set interaction arch's analytic forward + backward GEMM FLOPs (from the layer
     shapes, :func:`~multiembed.benchmarks.bench_train_flops.set_arch_flops`) over its measured forward + backward
     time; ``gemm_gflops`` is an fp32 ``[B, F*d] x [F*d, F*d]`` GEMM, timed alternately with the arch in the same
     run, as is the baseline's per-set Python loop over branches of the same shapes (``set_arch.per_set_loop_ms``;
     :mod:`paper_baseline`'s branch modules, built in the harness's process; ``benchmarks/bench_set_arch.py`` sweeps
     that comparison over every backbone). Step FLOPs add the over arch (counted by ``torch.utils.flop_counter`` on a
-    ``meta`` copy); element-wise work and lookups are not counted.
+    ``meta`` copy); element-wise work and lookups are not counted. ``executed_gemm_flops_per_step`` counts the
+    recorded GEMMs instead (padded widths included).
 
 Modules
     This driver runs the phases and the memory probes (:mod:`bench_memory`); one module per part:
     ``bench_train_workload`` (options, vocabulary, batches), ``bench_train_project`` and ``bench_train_baseline``
-    (the contenders), ``bench_train_timing`` (timers, interleaving, paired ratios), ``bench_train_flops`` and
-    ``bench_train_interaction`` (the FLOPs and the interaction-vs-GEMM measurement), ``bench_train_report`` (the
+    (the contenders), ``bench_train_timing`` (timers, interleaving, paired ratios), ``bench_train_phases`` (the
+    breakdown inside real steps), ``bench_train_yardstick`` (the GEMM limit and the ceiling), ``bench_train_flops``
+    and ``bench_train_interaction`` (the FLOPs and the interaction-vs-GEMM measurement), ``bench_train_report`` (the
     table and the JSON record).
 
 Run (the target configuration; ``--malloc retain`` for the second memory setting)::
@@ -75,16 +88,16 @@ import torch
 
 from multiembed.benchmarks import bench_memory, machine
 from multiembed.benchmarks.bench_train_baseline import BaselineProcess, BaselineSpec
-from multiembed.benchmarks.bench_train_flops import fp32_gemm_unit, step_flops
+from multiembed.benchmarks.bench_train_flops import step_flops
 from multiembed.benchmarks.bench_train_interaction import measure_interaction_vs_gemm, set_arch_per_set_loop
-from multiembed.benchmarks.bench_train_project import ProjectRunner
+from multiembed.benchmarks.bench_train_phases import NON_GEMM_PHASES, summarize
+from multiembed.benchmarks.bench_train_project import ProjectRunner, project_train_config
 from multiembed.benchmarks.bench_train_timing import (
     all_ranks_max,
     interleave,
     page_faults,
     paired_ratio,
     peak_rss_bytes,
-    timed,
 )
 from multiembed.benchmarks.bench_train_workload import (
     BASELINE_KINDS,
@@ -93,10 +106,20 @@ from multiembed.benchmarks.bench_train_workload import (
     make_batches,
     scaled_vocab_sizes,
 )
+from multiembed.benchmarks.bench_train_yardstick import (
+    GemmYardstick,
+    ceiling,
+    check_gemm_limit,
+    record_step_gemms,
+    step_gemm_flops,
+    step_gemm_rows,
+)
+from multiembed.benchmarks.paper_baseline import SAVVY_TABLE_OPTIMIZERS
 from multiembed.models import parse_model_name
 from multiembed.models.precision import check_precision
 from multiembed.runtime.malloc import retain_freed_memory
 from multiembed.runtime.stack import installed_versions
+from multiembed.training.build import optimizer_config
 from multiembed.training.distributed import DistContext, init_distributed
 
 
@@ -146,16 +169,28 @@ def run_benchmark(config: BenchConfig, argv: Optional[Sequence[str]] = None) -> 
             )
         record["conditions"]["load_average_end"] = list(os.getloadavg())
         return record
+    # The package's optimizers (the trainer's defaults for the device); the savvy baselines train with the same
+    # table optimizer and learning rates.
+    optim = optimizer_config(project_train_config(
+        config.model, config.batch_size, device.type, config.layout, config.hidden, config.dropout, config.sharding,
+        config.seed, config.precision, config.table_dtype,
+    ), device.type)
+    record["optimizers"] = dataclasses.asdict(optim)
+    kinds = config.baseline_kinds
+    if kinds and optim.sparse_optimizer not in SAVVY_TABLE_OPTIMIZERS:
+        raise ValueError(f"the savvy baseline has no plain-PyTorch counterpart of the package's table optimizer "
+                         f"{optim.sparse_optimizer!r}; pass --no-baseline")
     baselines: Dict[str, BaselineProcess] = {}
     try:
-        if config.with_baseline:
-            for kind in BASELINE_KINDS:
-                baselines[kind] = BaselineProcess(BaselineSpec(
-                    model_name=config.model, vocab_sizes=dict(vocab), batch_size=local_batch,
-                    batch_pool=config.batch_pool, seed=config.seed + 1000 * ctx.rank, id_exponent=config.id_exponent,
-                    device=str(device), hidden=config.hidden, dropout=config.dropout, model_seed=config.seed,
-                    threads=torch.get_num_threads(), malloc=config.malloc, kind=kind,
-                ))
+        for kind in kinds:
+            baselines[kind] = BaselineProcess(BaselineSpec(
+                model_name=config.model, vocab_sizes=dict(vocab), batch_size=local_batch,
+                batch_pool=config.batch_pool, seed=config.seed + 1000 * ctx.rank, id_exponent=config.id_exponent,
+                device=str(device), hidden=config.hidden, dropout=config.dropout, model_seed=config.seed,
+                threads=torch.get_num_threads(), malloc=config.malloc, kind=kind,
+                table_optimizer=optim.sparse_optimizer, table_lr=optim.sparse_lr, lr=optim.lr,
+                weight_decay=optim.weight_decay,
+            ))
         return _measure(config, ctx, record, vocab, baselines, rounds_small)
     finally:
         for baseline in baselines.values():
@@ -163,7 +198,14 @@ def run_benchmark(config: BenchConfig, argv: Optional[Sequence[str]] = None) -> 
 
 
 # The JSON prefix of each contender's figures: the paper-style baseline keeps the original ``baseline_*`` keys.
-CONTENDER_PREFIX = {"project": "", "paper": "baseline_", "savvy": "savvy_baseline_"}
+CONTENDER_PREFIX = {
+    "project": "", "paper": "baseline_", "savvy": "savvy_baseline_", "savvy_compiled": "savvy_compiled_baseline_",
+}
+PHASE_METHOD = (
+    "measured inside real training steps (bench_train_phases: hooks switch the phase a step's wall time is charged "
+    "to, so the phases of a step add up to it); ms = mean over the instrumented steps, which ran as one more "
+    "contender of the throughput rounds; sum_vs_step = their sum over the uninstrumented median step"
+)
 
 
 def _measure(
@@ -183,31 +225,38 @@ def _measure(
     log(f"bench: {config.model}, {len(vocab)} fields, {sum(vocab.values()):,} rows per set, batch {config.batch_size}")
     project = ProjectRunner(config.model, vocab, ctx, local_batch, config.layout, config.hidden, config.dropout,
                             config.sharding, config.seed, config.precision, config.table_dtype)
-    log("bench: step-time breakdown")
-    reps = 3 if config.quick else 5
-    parts, embeddings = project.breakdown(batches[0], reps)
+    if dataclasses.asdict(project.optim_config) != record["optimizers"]:
+        raise RuntimeError(f"the project trains with {project.optim_config}, the baselines were given "
+                           f"{record['optimizers']}")
+    embeddings = project.embeddings(batches[0])
     project.run(batches, max(config.warmup_steps, 1))
+    step_gemms = record_step_gemms(lambda: project.run(batches, 1))
+    record["step_gemms"] = step_gemm_rows(step_gemms)
     record["memory"] = {"peak_rss_after_project_bytes": peak_rss_bytes()}
     record["bytes"] = project.byte_counts()
     flops = step_flops(project.inner, local_batch)
     record["flops_per_step"] = flops * ctx.world_size
+    record["executed_gemm_flops_per_step"] = step_gemm_flops(step_gemms) * ctx.world_size
 
-    contenders: Dict[str, Callable[[int, int], float]] = {"project": lambda n, o: project.run(batches, n, o)}
+    phase_steps: List[Dict[str, float]] = []
+    contenders: Dict[str, Callable[[int, int], float]] = {
+        "project": lambda n, o: project.run(batches, n, o),
+        "phases": lambda n, o: project.run_phases(batches, n, o, phase_steps),
+    }
     for kind, process in baselines.items():
+        log(f"bench: warming up the {kind} baseline")
         process.run(max(config.warmup_steps, 1))
         record[CONTENDER_PREFIX[kind] + "bytes"] = process.byte_counts()
         process.page_faults = 0
         contenders[kind] = functools.partial(lambda n, o, p: p.run(n, o), p=process)
-    # The fp32 GEMM as one more contender of the same rounds: step efficiency compares each round's step with that
-    # round's GEMM rate, so a shared machine's load changes both alike.
-    gemm_unit, gemm_unit_flops = fp32_gemm_unit(project.inner, local_batch, device)
-    gemm_unit()
-    contenders["gemm"] = lambda n, o: timed(lambda: [gemm_unit() for _ in range(n)], device)
-    faults = {name: 0 for name in contenders}
+    # The GEMM yardstick as one more contender of the same rounds (each of its GEMMs is taken at its best call).
+    yardstick = GemmYardstick(step_gemms, config.precision, device)
+    contenders["gemm"] = lambda n, o: yardstick.run_round()
+    faults = {"project": 0}
 
     def counting_faults(name: str, run: Callable[[int, int], float]) -> Callable[[int, int], float]:
-        if name in baselines or name == "gemm":
-            return run  # counted in its own process, or not a training step
+        if name != "project":
+            return run  # counted in its own process, or not the plain training step
         def counted(steps: int, offset: int) -> float:
             before = page_faults()
             seconds = run(steps, offset)
@@ -219,8 +268,8 @@ def _measure(
     log("bench: throughput, interleaved: " + ", ".join(contenders))
     per_step = interleave({name: counting_faults(name, run) for name, run in contenders.items()}, config.steps,
                           config.block_steps, progress, "throughput")
-    gemm_times = per_step.pop("gemm")
-    faults.pop("gemm")
+    per_step.pop("gemm")
+    phase_times = per_step.pop("phases")
     for kind, process in baselines.items():
         faults[kind] = process.page_faults
     page = resource.getpagesize()
@@ -231,37 +280,54 @@ def _measure(
     record["step_ms"] = step_s * 1e3
     record["samples_per_s"] = config.batch_size / step_s
     record["achieved_step_gflops"] = record["flops_per_step"] / step_s / 1e9
-    record["baseline_samples_per_s"] = None
-    record["savvy_baseline_samples_per_s"] = None
+    for kind in BASELINE_KINDS:
+        record[CONTENDER_PREFIX[kind] + "samples_per_s"] = None
     # The baselines compute the same model (paper_baseline.copy_weights_from), so the same GEMM FLOPs per step.
-    baseline_flops = flops if baselines else 0
     for kind in baselines:
         prefix = CONTENDER_PREFIX[kind]
         seconds = all_ranks_max(statistics.median(per_step[kind]), device)
         record[prefix + "step_ms"] = seconds * 1e3
         record[prefix + "samples_per_s"] = config.batch_size / seconds
-        record[prefix + "achieved_step_gflops"] = baseline_flops / seconds / 1e9
+        record[prefix + "achieved_step_gflops"] = flops / seconds / 1e9
         record["speedup_vs_" + prefix.rstrip("_")] = paired_ratio(per_step[kind], per_step["project"])
     record["blocks_ms_per_step"] = {
         ("baseline" if name == "paper" else name): [t * 1e3 for t in times] for name, times in per_step.items()
     }
-    if config.compare_layouts:
-        record["layouts"] = compare_layouts(config, ctx, vocab, batches, project, progress)
-    if config.precision == "bf16" and config.compare_precision:
-        log("bench: bf16 against fp32, interleaved")
-        record["precisions"] = compare_precisions(config, ctx, vocab, batches, project, progress)
 
-    parts["other"] = record["step_ms"] - sum(parts.values())
-    record["breakdown_ms"] = parts
-    record["breakdown_method"] = (
-        f"separately timed sub-steps, median of {reps} repetitions; other = step - sum of parts (negative when the "
-        "parts, each paying its own allocations and page faults alone, add up to more than the step)"
+    # Step efficiency and ceiling, per rank (each rank has its own cores): the yardstick may not be slower than any
+    # GEMM the step runs (check_gemm_limit refuses the record otherwise).
+    limit = yardstick.result()
+    check_gemm_limit(limit, record["step_gemms"])
+    record["gemm_limit"] = limit
+    record["gemm_limit_gflops"] = limit["gflops"]
+    for kind in ("project", *baselines):
+        record[CONTENDER_PREFIX[kind] + "step_efficiency"] = (
+            flops / statistics.median(per_step[kind]) / (limit["gflops"] * 1e9)
+        )
+    record["step_efficiency_method"] = (
+        "(analytic forward + backward GEMM FLOPs of one step per rank / the median step time) / the GEMM limit "
+        "(gemm_limit: " + limit["method"] + "); element-wise work and lookups are not counted as FLOPs"
     )
+    local_step_ms = statistics.median(per_step["project"]) * 1e3
+    breakdown = summarize(phase_steps, local_step_ms)
+    breakdown["time_ratio_vs_uninstrumented"] = paired_ratio(phase_times, per_step["project"])
+    breakdown["method"] = PHASE_METHOD
+    record["breakdown_ms"] = breakdown.pop("ms")
+    record["breakdown"] = breakdown
+    record["ceiling"] = {
+        **ceiling(flops, limit["gflops"], breakdown["non_gemm_best_ms"], local_step_ms),
+        "method": ("the step's analytic GEMM FLOPs per rank at the GEMM limit, plus the smallest per-step sum of "
+                   f"its non-GEMM phases ({', '.join(NON_GEMM_PHASES)}) over the instrumented steps; step_share = "
+                   "ceiling ms / median step ms"),
+    }
     for kind, process in baselines.items():
+        if kind == "savvy_compiled":
+            continue  # hooks inside its compiled region would recompile it
         prefix = CONTENDER_PREFIX[kind]
-        baseline_parts = process.breakdown(reps)
-        baseline_parts["other"] = record[prefix + "step_ms"] - sum(baseline_parts.values())
-        record[prefix + "breakdown_ms"] = baseline_parts
+        steps = process.phases(max(config.block_steps, 3 if config.quick else 5))
+        summary = summarize(steps, record[prefix + "step_ms"])
+        record[prefix + "breakdown_ms"] = summary.pop("ms")
+        record[prefix + "breakdown"] = summary
 
     log("bench: interaction arch vs GEMM")
     loop = set_arch_per_set_loop(config, project)
@@ -269,20 +335,11 @@ def _measure(
     record["interaction_gflops"] = record["set_arch"]["interaction_gflops"]
     record["gemm_gflops"] = record["set_arch"]["gemm_gflops"]
     record["interaction_vs_gemm"] = record["set_arch"]["interaction_vs_gemm"]
-    # Step efficiency: the step's GEMM FLOPs per second over the fp32 GEMM rate of the same round (median over the
-    # throughput rounds, where the GEMM ran as one more contender); per rank (each rank has its own cores).
-    record["gemm_gflops_in_rounds"] = gemm_unit_flops / statistics.median(gemm_times) / 1e9
-    record["gemm_unit"] = {"flops": gemm_unit_flops, "blocks_ms": [t * 1e3 for t in gemm_times]}
-    for kind in ("project", *baselines):
-        prefix = CONTENDER_PREFIX[kind]
-        record[prefix + "step_efficiency"] = statistics.median(
-            (flops / t_step) / (gemm_unit_flops / t_gemm) for t_step, t_gemm in zip(per_step[kind], gemm_times)
-        )
-    record["step_efficiency_method"] = (
-        "median over the throughput rounds of (analytic forward + backward GEMM FLOPs of one step per rank / that "
-        f"round's step time) / (that round's fp32 GEMM rate, {'x'.join(map(str, record['set_arch']['gemm_shape']))}, "
-        "timed as one more contender of the rounds); element-wise work and lookups are not counted as FLOPs"
-    )
+    if config.compare_layouts:
+        record["layouts"] = compare_layouts(config, ctx, vocab, batches, project, progress)
+    if config.precision == "bf16" and config.compare_precision:
+        log("bench: bf16 against fp32, interleaved")
+        record["precisions"] = compare_precisions(config, ctx, vocab, batches, project, progress)
 
     if config.profile:
         record["profile"] = write_profile(project, batches, config.profile, steps=3 if config.quick else 5)

@@ -1,22 +1,21 @@
-"""The plain-PyTorch contenders (the paper's code and the savvy rewrite, :mod:`multiembed.benchmarks.paper_baseline`),
-each trained in a process of its own driven over a pipe."""
+"""The plain-PyTorch contenders (the paper's code and the savvy rewrite, eager and compiled,
+:mod:`multiembed.benchmarks.paper_baseline`), each trained in a process of its own driven over a pipe."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import socket
-import statistics
 import subprocess
 import sys
 import traceback
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from multiembed.benchmarks import paper_baseline
-from multiembed.benchmarks.bench_train_timing import median_time, page_faults, peak_rss_bytes, timed
+from multiembed.benchmarks.bench_train_phases import PhaseClock, arch_hooks, module_hooks, patched
+from multiembed.benchmarks.bench_train_timing import page_faults, peak_rss_bytes, timed
 from multiembed.benchmarks.bench_train_workload import BASELINE_KINDS, BenchBatch, make_batches
 from multiembed.models import parse_model_name
 from multiembed.runtime.malloc import retain_freed_memory
@@ -24,7 +23,8 @@ from multiembed.runtime.malloc import retain_freed_memory
 
 class BaselineRunner:
     """A plain-PyTorch ME-DCNv2 (:mod:`paper_baseline`): ``paper`` (dense tables, one dense Adam over everything, the
-    paper's code) or ``savvy`` (sparse-gradient tables + ``SparseAdam``, fused dense Adam).
+    paper's code), ``savvy`` (sparse-gradient tables + a sparse table optimizer, fused dense Adam) or
+    ``savvy_compiled`` (the savvy step with its dense part under ``torch.compile``).
 
     Args:
         model_name: a ``dcnv2-me-*`` / ``dcnv2-se-*`` zoo name (K and d are read from it).
@@ -32,12 +32,19 @@ class BaselineRunner:
         device: where the model runs.
         hidden, dropout: as the project model.
         seed: initialisation seed.
-        kind: ``paper`` or ``savvy`` (:data:`BASELINE_KINDS`).
+        kind: one of :data:`BASELINE_KINDS`.
+        table_optimizer, table_lr, lr, weight_decay: the savvy kinds' table optimizer
+            (:data:`~multiembed.benchmarks.paper_baseline.SAVVY_TABLE_OPTIMIZERS`) and learning rates (the package
+            run's, so that both train alike); the paper's code keeps its own Adam (lr 1e-3, weight decay 1e-6).
+
+    Raises:
+        ValueError: an unknown kind or table optimizer.
     """
 
     def __init__(
         self, model_name: str, vocab_sizes: Mapping[str, int], device: torch.device, hidden: int = 400,
-        dropout: float = 0.2, seed: int = 0, kind: str = "paper",
+        dropout: float = 0.2, seed: int = 0, kind: str = "paper", table_optimizer: str = "adam",
+        table_lr: float = 1e-3, lr: float = 1e-3, weight_decay: float = 1e-6,
     ) -> None:
         if kind not in BASELINE_KINDS:
             raise ValueError(f"unknown baseline kind {kind!r}; expected one of {', '.join(BASELINE_KINDS)}")
@@ -45,63 +52,47 @@ class BaselineRunner:
         torch.manual_seed(seed)
         self.device = device
         self.kind = kind
+        savvy = kind != "paper"
         self.model = paper_baseline.PaperMultiDCNv2(
-            list(vocab_sizes.values()), spec.num_sets, spec.set_dim, hidden=hidden, dropout=dropout,
-            sparse=kind == "savvy",
+            list(vocab_sizes.values()), spec.num_sets, spec.set_dim, hidden=hidden, dropout=dropout, sparse=savvy,
         ).to(device)
-        self.step = (paper_baseline.SavvyTrainStep if kind == "savvy" else paper_baseline.PaperTrainStep)(self.model)
+        if savvy:
+            self.step: paper_baseline.PaperTrainStep = paper_baseline.SavvyTrainStep(
+                self.model, lr=lr, weight_decay=weight_decay, table_optimizer=table_optimizer, table_lr=table_lr,
+                compile=kind == "savvy_compiled",
+            )
+        else:
+            self.step = paper_baseline.PaperTrainStep(self.model)
 
-    def run(self, batches: Sequence[BenchBatch], steps: int, offset: int = 0) -> float:
+    def run(self, batches: Sequence[BenchBatch], steps: int, offset: int = 0,
+            phases: Optional[List[Dict[str, float]]] = None) -> float:
+        """Trains ``steps`` steps (batches ``offset``, ``offset + 1``, ...); returns the wall seconds. With
+        ``phases`` (not for ``savvy_compiled``: hooks inside a compiled region recompile it), each step is timed
+        phase by phase (:mod:`bench_train_phases`) and its seconds per phase appended there."""
+        clock = PhaseClock(self.device)
+
         def train() -> None:
+            loss = math.nan
             for i in range(steps):
                 bench = batches[(offset + i) % len(batches)]
+                if phases is not None:
+                    clock.start()
                 loss = self.step(bench.ids, bench.batch.labels)
+                if phases is not None:
+                    phases.append(clock.stop())
             if not math.isfinite(loss):
                 raise RuntimeError("the baseline's loss is not finite")
 
-        return timed(train, self.device)
-
-    def breakdown(self, bench_batch: BenchBatch, reps: int) -> Dict[str, float]:
-        """Median milliseconds of the baseline's sub-steps (same parts as the project's; no input dist)."""
-        device, model, ids, labels = self.device, self.model, bench_batch.ids, bench_batch.batch.labels
-        model.train()
-        times: Dict[str, float] = {}
-        lookups: List[torch.Tensor] = []
-        times["embedding_fwd"] = median_time(
-            lambda: lookups.__setitem__(slice(None), [e(ids).view(-1, model.input_dim) for e in model.embeddings]),
-            device, reps,
-        )
-        backward_times = []
-        for _ in range(reps):
-            model.zero_grad()
-            outs = [e(ids) for e in model.embeddings]
-            backward_times.append(timed(lambda: torch.autograd.backward(outs, [torch.ones_like(o) for o in outs]),
-                                         device))
-        times["embedding_bwd"] = statistics.median(backward_times)
-        leaves = [x.detach().requires_grad_() for x in lookups]
-        forward_times, backward_times = [], []
-        for _ in range(reps):
-            box: List[torch.Tensor] = []
-            forward_times.append(timed(lambda: box.append(torch.stack([cn(x) for cn, x in zip(model.cns, leaves)],
-                                                                       dim=-1)), device))
-            out = box[0]
-            backward_times.append(timed(lambda: out.backward(torch.ones_like(out)), device))
-        times["interaction_fwd"] = statistics.median(forward_times)
-        times["interaction_bwd"] = statistics.median(backward_times)
-        stacked = out.detach().requires_grad_()
-
-        def over_step() -> None:
-            F.binary_cross_entropy_with_logits(model.mlp(stacked.mean(dim=-1)).squeeze(1), labels).backward()
-
-        times["over_arch"] = median_time(over_step, device, reps)
-        optimizer_times = []
-        for _ in range(reps):
-            model.zero_grad()
-            F.binary_cross_entropy_with_logits(model(ids), labels).backward()
-            optimizer_times.append(timed(self.step.step_optimizers, device))
-        times["optimizer"] = statistics.median(optimizer_times)
-        model.zero_grad()
-        return {key: value * 1e3 for key, value in times.items()}
+        if phases is None:
+            return timed(train, self.device)
+        if self.kind == "savvy_compiled":
+            raise ValueError("the compiled baseline is not timed phase by phase (hooks would recompile it)")
+        model = self.model
+        hooks = [arch_hooks(clock, e, "lookup_fwd", "other", "lookup_bwd") for e in model.embeddings]
+        hooks += [arch_hooks(clock, cn, "interaction_fwd", "over_arch", "interaction_bwd") for cn in model.cns]
+        with module_hooks(hooks), patched(self.step, {"step_optimizers": "optimizer"}, clock), \
+                patched(model, {"zero_grad": "optimizer"}, clock):
+            return timed(train, self.device)
 
     def byte_counts(self) -> Dict[str, int]:
         model = self.model
@@ -126,7 +117,8 @@ class BaselineSpec:
         hidden, dropout, model_seed: as :class:`BaselineRunner`.
         threads: torch intra-op threads (the harness's count).
         malloc: ``default`` or ``retain`` (:func:`retain_freed_memory`).
-        kind: ``paper`` or ``savvy`` (:class:`BaselineRunner`).
+        kind: one of :data:`BASELINE_KINDS` (:class:`BaselineRunner`).
+        table_optimizer, table_lr, lr, weight_decay: the savvy kinds' optimizers (:class:`BaselineRunner`).
     """
 
     model_name: str
@@ -142,13 +134,17 @@ class BaselineSpec:
     threads: int
     malloc: str
     kind: str = "paper"
+    table_optimizer: str = "adam"
+    table_lr: float = 1e-3
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
 
 
 def serve_baseline(fd: int) -> None:
     """Body of a baseline process: reads a :class:`BaselineSpec` and then commands from the socket ``fd``, answers each.
 
-    Commands (tuples): ``("run", steps, offset)`` -> ``(seconds, minor page faults)``; ``("breakdown", reps)`` ->
-    ms per part; ``("bytes",)`` -> :meth:`BaselineRunner.byte_counts`; ``("peak_rss",)`` -> bytes; ``("stop",)``.
+    Commands (tuples): ``("run", steps, offset)`` -> ``(seconds, minor page faults)``; ``("phases", steps,
+    offset)`` -> seconds per phase of each step (:meth:`BaselineRunner.run`); ``("bytes",)`` -> :meth:`BaselineRunner.byte_counts`; ``("peak_rss",)`` -> bytes; ``("stop",)``.
     A failure is answered with ``("error", traceback text)`` and ends the process.
     """
     from multiprocessing.connection import Connection
@@ -162,7 +158,7 @@ def serve_baseline(fd: int) -> None:
         device = torch.device(spec.device)
         batches = make_batches(spec.vocab_sizes, spec.batch_size, spec.batch_pool, spec.seed, spec.id_exponent, device)
         runner = BaselineRunner(spec.model_name, spec.vocab_sizes, device, spec.hidden, spec.dropout, spec.model_seed,
-                                spec.kind)
+                                spec.kind, spec.table_optimizer, spec.table_lr, spec.lr, spec.weight_decay)
         conn.send(("ready",))
         while True:
             command = conn.recv()
@@ -172,8 +168,10 @@ def serve_baseline(fd: int) -> None:
                 before = page_faults()
                 seconds = runner.run(batches, command[1], command[2])
                 conn.send(("ok", (seconds, page_faults() - before)))
-            elif command[0] == "breakdown":
-                conn.send(("ok", runner.breakdown(batches[0], command[1])))
+            elif command[0] == "phases":
+                steps: List[Dict[str, float]] = []
+                runner.run(batches, command[1], command[2], phases=steps)
+                conn.send(("ok", steps))
             elif command[0] == "bytes":
                 conn.send(("ok", runner.byte_counts()))
             elif command[0] == "peak_rss":
@@ -241,9 +239,9 @@ class BaselineProcess:
         self.page_faults += faults
         return seconds
 
-    def breakdown(self, reps: int) -> Dict[str, float]:
-        """:meth:`BaselineRunner.breakdown` on the first batch."""
-        return self._call("breakdown", reps)
+    def phases(self, steps: int, offset: int = 0) -> List[Dict[str, float]]:
+        """Trains ``steps`` steps timed phase by phase; seconds per phase of each (:meth:`BaselineRunner.run`)."""
+        return self._call("phases", steps, offset)
 
     def byte_counts(self) -> Dict[str, int]:
         return self._call("bytes")

@@ -1,10 +1,9 @@
-"""Analytic FLOPs of the set interaction arch and of a training step, and the fp32 GEMM unit the arch's rate is
-compared with."""
+"""Analytic FLOPs of the set interaction arch and of a training step."""
 
 from __future__ import annotations
 
 import copy
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -66,19 +65,3 @@ def step_flops(model: MultiEmbeddingModel, batch_size: int) -> int:
     if model.dense_arch is not None:
         total += counted_flops(model.dense_arch, (batch_size, model.dense_arch.in_features))
     return total
-
-
-def fp32_gemm_unit(
-    model: MultiEmbeddingModel, batch: int, device: torch.device, reps: int = 4
-) -> Tuple[Callable[[], None], int]:
-    """``reps`` fp32 GEMMs ``[batch, F*d] x [F*d, F*d]`` (the cross layers' shape, as :func:`measure_interaction_vs_gemm`)
-    as one timed unit, and its FLOPs."""
-    width = model.set_arch.num_fields * model.set_arch.set_dim
-    a = torch.randn(batch, width, device=device)
-    b = torch.randn(width, width, device=device)
-
-    def unit() -> None:
-        for _ in range(reps):
-            torch.mm(a, b)
-
-    return unit, reps * 2 * batch * width * width

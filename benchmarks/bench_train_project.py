@@ -1,26 +1,42 @@
 """The project contender: the trainer's own training step (DMP, fused sparse optimizer, dense Adam, pipeline) on the
-benchmark's batches, with its step-time breakdown."""
+benchmark's batches, also timed phase by phase inside real steps."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import functools
 import math
-import statistics
-from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchrec.datasets.utils import Batch
 
-from multiembed.benchmarks.bench_train_timing import median_time, tensor_bytes, timed
+from multiembed.benchmarks.bench_train_phases import PhaseClock, StepTimer, arch_hooks, module_hooks, patched
+from multiembed.benchmarks.bench_train_timing import tensor_bytes, timed
 from multiembed.benchmarks.bench_train_workload import BenchBatch
 from multiembed.config import TrainConfig
 from multiembed.models import ModelSpec, MultiEmbeddingModel, SetInteractionArch
-from multiembed.models.precision import dense_autocast
 from multiembed.training.build import build_training
 from multiembed.training.distributed import DistContext
+
+
+def project_train_config(
+    model_name: str, batch_size: int, device_type: str, layout: str, hidden: int, dropout: float, sharding: str,
+    seed: int, precision: str, table_dtype: str,
+) -> TrainConfig:
+    """The training options :class:`ProjectRunner` builds with (the trainer's defaults for the rest, its optimizers
+    included), validated.
+
+    Raises:
+        ValueError: an invalid option.
+    """
+    config = TrainConfig(
+        data="", model=model_name, out="", layout=layout, hidden=hidden, dropout=dropout, sharding=sharding, seed=seed,
+        batch_size=batch_size, device=device_type, precision=precision, table_dtype=table_dtype,
+    )
+    config.validate()
+    return config
 
 
 class ProjectRunner:
@@ -55,12 +71,8 @@ class ProjectRunner:
     ) -> None:
         self.device = ctx.device
         name = model_name.name if isinstance(model_name, ModelSpec) else model_name
-        config = TrainConfig(
-            data="", model=name, out="", layout=layout, hidden=hidden, dropout=dropout, sharding=sharding, seed=seed,
-            batch_size=local_batch * ctx.world_size, device=ctx.device.type, precision=precision,
-            table_dtype=table_dtype,
-        )
-        config.validate()
+        config = project_train_config(name, local_batch * ctx.world_size, ctx.device.type, layout, hidden, dropout,
+                                      sharding, seed, precision, table_dtype)
         built = build_training(config, vocab_sizes, num_dense=0, ctx=ctx, local_batch=local_batch)
         self.model = built.planned.model
         self.optim_config = built.optim_config
@@ -83,8 +95,13 @@ class ProjectRunner:
         """
         return copy.deepcopy(self.inner.set_arch), copy.deepcopy(self.inner.over_arch)
 
-    def run(self, batches: Sequence[BenchBatch], steps: int, offset: int = 0) -> float:
-        """Trains ``steps`` steps cycling over ``batches``; returns the wall time in seconds (pipeline drained)."""
+    def run(self, batches: Sequence[BenchBatch], steps: int, offset: int = 0,
+            around_step: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> float:
+        """Trains ``steps`` steps cycling over ``batches``; returns the wall time in seconds (pipeline drained).
+
+        ``around_step()`` is entered around each ``progress`` call of the pipeline (the last call, which finds the
+        batches exhausted, leaves it with ``StopIteration``).
+        """
         feed: Iterator[Batch] = (batches[(offset + i) % len(batches)].batch for i in range(steps))
         self._pipelined = True
 
@@ -92,7 +109,8 @@ class ProjectRunner:
             done = 0
             while True:
                 try:
-                    loss, *_ = self.pipeline.progress(feed)
+                    with around_step():
+                        loss, *_ = self.pipeline.progress(feed)
                 except StopIteration:
                     break
                 done += 1
@@ -103,75 +121,43 @@ class ProjectRunner:
 
         return timed(train, self.device)
 
-    def breakdown(self, bench_batch: BenchBatch, reps: int) -> Tuple[Dict[str, float], torch.Tensor]:
-        """Median milliseconds of each sub-step (see the module docstring) on ``bench_batch``, and the batch's
-        embeddings ``[B, K, F, d]`` (detached).
+    def run_phases(self, batches: Sequence[BenchBatch], steps: int, offset: int,
+                   phases: List[Dict[str, float]]) -> float:
+        """:meth:`run`, each step timed phase by phase (:mod:`bench_train_phases`: hooks on the pipeline, the
+        optimizer and the sparse, set and over arches, installed for this call only); each step's seconds per phase
+        are appended to ``phases``."""
+        clock = PhaseClock(self.device)
+        model = self.inner
+        hooks = [arch_hooks(clock, model.sparse_arch, "lookup_fwd", "other", "lookup_bwd"),
+                 arch_hooks(clock, model.set_arch, "interaction_fwd", "over_arch", "interaction_bwd")]
+
+        def end_of_lookup(_: nn.Module, inputs: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor):
+                clock.after_graph(output, "communication")
+
+        pipeline_methods = {
+            "enqueue_batch": "loader", "_wait_for_batch": "loader", "start_sparse_data_dist": "communication",
+            "wait_sparse_data_dist": "communication", "_model_fwd": "other", "_backward": "over_arch",
+            "_optimizer_step": "optimizer",
+        }
+        with module_hooks(hooks), patched(self.pipeline, pipeline_methods, clock), \
+                patched(self.optimizer, {"zero_grad": "optimizer"}, clock):
+            handle = model.sparse_arch.register_forward_hook(end_of_lookup)
+            try:
+                return self.run(batches, steps, offset, around_step=lambda: StepTimer(clock, phases))
+            finally:
+                handle.remove()
+
+    def embeddings(self, bench_batch: BenchBatch) -> torch.Tensor:
+        """The batch's pooled embeddings ``[B, K, F, d]`` (detached), from the sparse arch alone.
 
         Must run before the first :meth:`run`: the pipeline rewires the sharded collection's forward and input
-        distribution for its own schedule, after which they cannot be called alone.
+        distribution for its own schedule, after which it cannot be called alone.
         """
         if self._pipelined:
-            raise RuntimeError("breakdown() must run before the pipeline's first step")
-        device, batch = self.device, bench_batch.batch
-        model = self.inner
-        sparse_arch = model.sparse_arch
-        set_arch, over_arch = self.detached_dense_arches()
-        collection = sparse_arch.embedding_bag_collection
-        times: Dict[str, float] = {}
-
-        def input_dist() -> Any:
-            context = collection.create_context()
-            return collection.input_dist(context, batch.sparse_features).wait().wait()
-
-        times["input_dist"] = median_time(input_dist, device, reps)
-        sparse_forward = median_time(lambda: sparse_arch(batch.sparse_features), device, reps)
-        times["embedding_fwd"] = max(sparse_forward - times["input_dist"], 0.0)
-
-        embeddings = sparse_arch(batch.sparse_features)
-        grad = torch.randn_like(embeddings) * 1e-3
-        backward_times = []
-        for _ in range(reps):
-            embeddings = sparse_arch(batch.sparse_features)
-            backward_times.append(timed(lambda: embeddings.backward(grad), device))
-        times["embedding_bwd"] = statistics.median(backward_times)
-
-        leaf = embeddings.detach().requires_grad_()
-        forward_times, backward_times = [], []
-        # The dense arches in the model's precision (bf16: under autocast, as the model's forward runs them).
-        autocast = functools.partial(dense_autocast, model.precision, device.type)
-
-        def interaction_forward(box: List[torch.Tensor]) -> None:
-            with autocast():
-                box.append(set_arch(leaf))
-
-        for _ in range(reps):
-            box: List[torch.Tensor] = []
-            forward_times.append(timed(lambda: interaction_forward(box), device))
-            out = box[0]
-            backward_times.append(timed(lambda: out.backward(torch.ones_like(out)), device))
-        times["interaction_fwd"] = statistics.median(forward_times)
-        times["interaction_bwd"] = statistics.median(backward_times)
-
-        with autocast():
-            per_set = set_arch(leaf).detach().requires_grad_()
-        labels = batch.labels
-
-        def over_step() -> None:
-            with autocast():
-                logits = over_arch(per_set.sum(dim=1).div(per_set.shape[1]))
-            F.binary_cross_entropy_with_logits(logits.float(), labels).backward()
-
-        times["over_arch"] = median_time(over_step, device, reps)
-
-        optimizer_times = []
-        for _ in range(reps):
-            self.optimizer.zero_grad()
-            loss, _ = self.dmp(batch)
-            loss.backward()
-            optimizer_times.append(timed(self.optimizer.step, device))
-        times["optimizer"] = statistics.median(optimizer_times)
-        self.optimizer.zero_grad()
-        return {key: value * 1e3 for key, value in times.items()}, leaf.detach()
+            raise RuntimeError("embeddings() must run before the pipeline's first step")
+        with torch.no_grad():
+            return self.inner.sparse_arch(bench_batch.batch.sparse_features).detach()
 
     def byte_counts(self) -> Dict[str, int]:
         """Parameter and optimizer-state bytes held by this rank (after at least one step)."""

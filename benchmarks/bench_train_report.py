@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 from typing import Any, List, Mapping, Optional
 
-from multiembed.benchmarks.bench_train_workload import BREAKDOWN_PARTS
+from multiembed.benchmarks.bench_train_phases import PHASES
+
+# Each contender's JSON prefix, in the table's column order.
+PREFIXES = ("", "baseline_", "savvy_baseline_", "savvy_compiled_baseline_")
 
 
 def _fmt(value: Optional[float], digits: int = 1) -> str:
@@ -36,6 +39,19 @@ def memory_lines(record: Mapping[str, Any]) -> List[str]:
     return lines
 
 
+def limit_lines(record: Mapping[str, Any]) -> List[str]:
+    """The GEMM limit (its fastest GEMM) and the step's ceiling."""
+    limit, ceiling = record["gemm_limit"], record["ceiling"]
+    best = limit["best"]
+    return [
+        f"GEMM limit: {_fmt(limit['gflops'])} GFLOP/s ({best['backend']} {best['dtype']} [{best['m']}, {best['k']}] "
+        f"x [{best['k']}, {best['n']}], the fastest of {len(limit['rows'])} GEMMs: the square and the step's "
+        f"{len(record['step_gemms'])} signatures on every backend). Ceiling: {_fmt(ceiling['gemm_ms'])} ms of GEMMs "
+        f"at the limit + {_fmt(ceiling['non_gemm_ms'])} ms of non-GEMM work at its best = {_fmt(ceiling['ms'])} ms; "
+        f"the step reaches {_fmt(ceiling['step_share'], 2)} of it.",
+    ]
+
+
 def format_table(record: Mapping[str, Any]) -> str:
     """The result as markdown tables (throughput against both baselines, breakdown, memory per row, scaling)."""
     cfg, cond = record["config"], record["conditions"]
@@ -46,10 +62,10 @@ def format_table(record: Mapping[str, Any]) -> str:
             *memory_lines(record),
         ])
     sizes = record["bytes"]
-    paper_bytes, savvy_bytes = record.get("baseline_bytes", {}), record.get("savvy_baseline_bytes", {})
+    baseline_bytes = [record.get(prefix + "bytes", {}) for prefix in PREFIXES[1:]]
 
     def per_contender(key: str, digits: int = 1) -> str:
-        return " | ".join(_fmt(record.get(prefix + key), digits) for prefix in ("", "baseline_", "savvy_baseline_"))
+        return " | ".join(_fmt(record.get(prefix + key), digits) for prefix in PREFIXES)
 
     def megabytes(value: Optional[int]) -> str:
         return "-" if value is None else f"{value / 2**20:,.1f}"
@@ -62,31 +78,34 @@ def format_table(record: Mapping[str, Any]) -> str:
         f"CPU: {cond['cpu']}, {cond['cpu_count']} CPUs, capability {cond.get('cpu_capability')}, native bf16 "
         f"{cond.get('mkldnn_bf16_supported')}, fp32 GEMM backend {cond.get('gemm_backend', {}).get('float32')}.",
         "",
-        "| metric | project | paper baseline | savvy baseline | project / paper | project / savvy |",
-        "|---|---|---|---|---|---|",
-        f"| samples/s | {per_contender('samples_per_s', 0)} | {_fmt(record.get('speedup_vs_baseline'), 2)} | "
-        f"{_fmt(record.get('speedup_vs_savvy_baseline'), 2)} |",
-        f"| step ms | {per_contender('step_ms')} | | |",
+        "| metric | project | paper baseline | savvy baseline | savvy compiled | project / paper | project / savvy "
+        "| project / savvy compiled |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| samples/s | {per_contender('samples_per_s', 0)} | "
+        + " | ".join(_fmt(record.get("speedup_vs_" + prefix.rstrip("_")), 2) for prefix in PREFIXES[1:]) + " |",
+        f"| step ms | {per_contender('step_ms')} | | | |",
         f"| step GFLOP/s (fwd+bwd GEMMs, {_fmt(record['flops_per_step'] / 1e9)} GFLOP a step) | "
-        f"{per_contender('achieved_step_gflops')} | | |",
-        f"| step efficiency (step GFLOP/s / fp32 GEMM GFLOP/s of the same rounds, "
-        f"{_fmt(record.get('gemm_gflops_in_rounds'))}) | {per_contender('step_efficiency', 2)} | | |",
+        f"{per_contender('achieved_step_gflops')} | | | |",
+        f"| step efficiency (step GFLOP/s / GEMM limit {_fmt(record['gemm_limit_gflops'])} GFLOP/s) | "
+        f"{per_contender('step_efficiency', 2)} | | | |",
         f"| embedding / dense parameter MB | {megabytes(sizes['embedding_param_bytes'])} / "
         f"{megabytes(sizes['dense_param_bytes'])} | "
         + " | ".join(
             f"{megabytes(b['embedding_param_bytes'])} / {megabytes(b['dense_param_bytes'])}" if b else "-"
-            for b in (paper_bytes, savvy_bytes)
-        ) + " | | |",
+            for b in baseline_bytes
+        ) + " | | | |",
         f"| optimizer state MB (sparse + dense) | {megabytes(sizes['sparse_optimizer_state_bytes'])} + "
         f"{megabytes(sizes['dense_optimizer_state_bytes'])} | "
-        + " | ".join(megabytes(b.get("optimizer_state_bytes")) if b else "-" for b in (paper_bytes, savvy_bytes))
-        + " | | |",
-        f"| page faults MB / step | {_fmt(record['page_fault_mb_per_step']['project'])} | "
-        f"{_fmt(record['page_fault_mb_per_step'].get('baseline'))} | "
-        f"{_fmt(record['page_fault_mb_per_step'].get('savvy'))} | | |",
+        + " | ".join(megabytes(b.get("optimizer_state_bytes")) if b else "-" for b in baseline_bytes)
+        + " | | | |",
+        "| page faults MB / step | "
+        + " | ".join(_fmt(record["page_fault_mb_per_step"].get(name))
+                     for name in ("project", "baseline", "savvy", "savvy_compiled")) + " | | | |",
         f"| peak RSS MB (whole run / own process) | {record['memory']['peak_rss_bytes'] / 2**20:,.0f} | "
-        f"{megabytes(record['memory'].get('baseline_process_peak_rss_bytes'))} | "
-        f"{megabytes(record['memory'].get('savvy_baseline_process_peak_rss_bytes'))} | | |",
+        + " | ".join(megabytes(record["memory"].get(name + "_process_peak_rss_bytes"))
+                     for name in ("baseline", "savvy_baseline", "savvy_compiled_baseline")) + " | | | |",
+        "",
+        *limit_lines(record),
         "",
         "| set arch and GEMM | value | |",
         "|---|---|---|",
@@ -107,16 +126,18 @@ def format_table(record: Mapping[str, Any]) -> str:
     if precisions:
         lines.append(f"| bf16 / fp32 samples/s (interleaved) | {_fmt(precisions['bf16']['samples_per_s'], 0)} / "
                      f"{_fmt(precisions['fp32']['samples_per_s'], 0)} | {_fmt(precisions['bf16_speedup'], 2)}x |")
+    breakdown = record["breakdown"]
     lines += [
         "",
-        f"Step-time breakdown, ms ({record['breakdown_method']}):",
+        f"Step-time breakdown, ms ({breakdown['method']}; project: {breakdown['steps']} steps, sum "
+        f"{_fmt(breakdown['step_ms_instrumented'])} ms = {_fmt(breakdown['sum_vs_step'], 3)} of the step):",
         "",
-        "| part | project | paper baseline | savvy baseline |",
+        "| phase | project | paper baseline | savvy baseline |",
         "|---|---|---|---|",
     ]
     paper_parts = record.get("baseline_breakdown_ms", {})
     savvy_parts = record.get("savvy_baseline_breakdown_ms", {})
-    for part in (*BREAKDOWN_PARTS, "other"):
+    for part in PHASES:
         lines.append(f"| {part} | {_fmt(record['breakdown_ms'].get(part))} | {_fmt(paper_parts.get(part))} | "
                      f"{_fmt(savvy_parts.get(part))} |")
     lines += memory_lines(record)

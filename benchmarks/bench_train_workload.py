@@ -15,12 +15,10 @@ from multiembed.data.presets import preset
 from multiembed.models import parse_model_name
 
 DEFAULT_PRESET = "criteo-kaggle"
-# The plain-PyTorch baselines, each in a process of its own: the paper's code and the savvy rewrite.
-BASELINE_KINDS = ("paper", "savvy")
+# The plain-PyTorch baselines, each in a process of its own: the paper's code, the savvy rewrite (with the package's
+# table optimizer), and the savvy rewrite with its dense part under torch.compile.
+BASELINE_KINDS = ("paper", "savvy", "savvy_compiled")
 MALLOC_MODES = ("default", "retain")
-BREAKDOWN_PARTS = (
-    "input_dist", "embedding_fwd", "embedding_bwd", "interaction_fwd", "interaction_bwd", "over_arch", "optimizer",
-)
 
 
 @dataclasses.dataclass
@@ -30,7 +28,8 @@ class BenchConfig:
     :class:`~multiembed.config.TrainConfig`'s defaults, and the command line's help and choices, from there.
 
     ``steps`` timed steps per contender are split into blocks of ``block_steps``; ``quick`` shrinks the scaling
-    sweeps (K in {1, 2}, two batch sizes) and the repetition counts for a smoke run.
+    sweeps (K in {1, 2}, two batch sizes) and the repetition counts for a smoke run. ``compiled_baseline`` adds the
+    savvy baseline under ``torch.compile`` to the baselines (when they run).
     """
 
     model: str = "dcnv2-me-4x"
@@ -40,6 +39,7 @@ class BenchConfig:
     block_steps: int = 2
     warmup_steps: int = 2
     baseline: Optional[bool] = None
+    compiled_baseline: bool = True
     quick: bool = False
     layout: str = TrainConfig.layout
     compare_layouts: bool = True
@@ -105,6 +105,13 @@ class BenchConfig:
     def with_baseline(self) -> bool:
         spec = parse_model_name(self.model)
         return bool(self.baseline) if self.baseline is not None else spec.backbone == "dcnv2" and spec.mode != "mesi"
+
+    @property
+    def baseline_kinds(self) -> Tuple[str, ...]:
+        """The baselines this run trains (none without :attr:`with_baseline`)."""
+        if not self.with_baseline:
+            return ()
+        return tuple(kind for kind in BASELINE_KINDS if self.compiled_baseline or kind != "savvy_compiled")
 
 
 def scaled_vocab_sizes(rows_per_set: int, preset_name: str = DEFAULT_PRESET) -> Dict[str, int]:

@@ -17,9 +17,11 @@ sigmoid then ``BCELoss``; same value, more stable). Nothing else is tuned: this 
 reference the package's speed is compared with.
 
 The *savvy* baseline (:class:`SavvyTrainStep`) is the same model written the way a savvy PyTorch user would train
-it: ``nn.Embedding(sparse=True)`` tables stepped by ``torch.optim.SparseAdam`` (only the looked-up rows are read and
-written; two fp32 moments per weight, allocated whole at the first step) and ``Adam(fused=True)`` for the rest.
-``SparseAdam`` has no weight decay, so the tables get none (the dense parameters keep 1e-6).
+it: ``nn.Embedding(sparse=True)`` tables stepped by a sparse-gradient optimizer (only the looked-up rows are read and
+written; :data:`SAVVY_TABLE_OPTIMIZERS`: ``SparseAdam`` by default, two fp32 moments per weight allocated whole at
+the first step, or ``Adagrad`` / ``SGD`` to match the package's table optimizer) and ``Adam(fused=True)`` for the
+rest, optionally with the dense part under ``torch.compile`` (:func:`compiled_forward`). The table optimizers have
+no weight decay here (``SparseAdam`` has none; the dense parameters keep 1e-6).
 
 Example::
 
@@ -30,7 +32,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, List, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -167,7 +169,15 @@ class PaperMultiDCNv2(nn.Module):
             logits ``[B]``.
         """
         per_set = [cn(embedding(ids).view(-1, self.input_dim)) for embedding, cn in zip(self.embeddings, self.cns)]
+        return self.head(per_set)
+
+    def head(self, per_set: List[torch.Tensor]) -> torch.Tensor:
+        """The mean over sets and the shared MLP: K ``[B, hidden]`` -> logits ``[B]``."""
         return self.mlp(torch.stack(per_set, dim=-1).mean(dim=-1)).squeeze(1)
+
+    def dense_forward(self, lookups: List[torch.Tensor]) -> torch.Tensor:
+        """Everything after the lookups: K ``[B, F * d]`` (one per set) -> logits ``[B]``."""
+        return self.head([cn(x) for cn, x in zip(self.cns, lookups)])
 
     @property
     def embedding_parameters(self) -> int:
@@ -226,17 +236,57 @@ class PaperTrainStep:
         )
 
 
+# The savvy baseline's table optimizers (sparse gradients), by the package's ``--sparse-optimizer`` names: the same
+# update rule as the package's fused one where plain PyTorch has it (row-wise Adagrad it has not).
+SAVVY_TABLE_OPTIMIZERS = ("adam", "adagrad", "sgd")
+# FBGEMM's Adagrad epsilon (the package's table optimizer), also given to torch's.
+ADAGRAD_EPS = 1e-8
+
+
+def sparse_table_optimizer(name: str, tables: List[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """A plain-PyTorch optimizer for sparse-gradient tables: ``SparseAdam``, ``Adagrad`` or ``SGD``.
+
+    Raises:
+        ValueError: ``name`` is not in :data:`SAVVY_TABLE_OPTIMIZERS`.
+    """
+    if name == "adam":
+        return torch.optim.SparseAdam(tables, lr=lr)
+    if name == "adagrad":
+        return torch.optim.Adagrad(tables, lr=lr, eps=ADAGRAD_EPS)
+    if name == "sgd":
+        return torch.optim.SGD(tables, lr=lr)
+    raise ValueError(
+        f"the savvy baseline has no plain-PyTorch table optimizer {name!r}; expected one of "
+        f"{', '.join(SAVVY_TABLE_OPTIMIZERS)}"
+    )
+
+
+def compiled_forward(model: PaperMultiDCNv2) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model``'s forward with everything after the lookups under ``torch.compile`` (the sparse-gradient lookups
+    stay eager: AOTAutograd does not produce sparse gradients)."""
+    dense = torch.compile(model.dense_forward)
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        return dense([embedding(ids).view(-1, model.input_dim) for embedding in model.embeddings])
+
+    return forward
+
+
 class SavvyTrainStep(PaperTrainStep):
-    """The savvy plain-PyTorch step: sparse embedding gradients + ``SparseAdam`` for the tables, ``Adam(fused=True)``
-    (one multi-tensor kernel per step) for the dense parameters; ``zero_grad`` drops gradients (``set_to_none``).
+    """The savvy plain-PyTorch step: sparse embedding gradients + a sparse-gradient table optimizer
+    (:func:`sparse_table_optimizer`), ``Adam(fused=True)`` (one multi-tensor kernel per step) for the dense
+    parameters; ``zero_grad`` drops gradients (``set_to_none``).
 
     Args:
         model: a :class:`PaperMultiDCNv2` built with ``sparse=True``.
-        lr: learning rate of both optimizers (1e-3, the paper's Adam).
-        weight_decay: the dense parameters' weight decay (1e-6); ``SparseAdam`` has none.
+        lr: the dense Adam's learning rate (1e-3, the paper's).
+        weight_decay: the dense parameters' weight decay (1e-6); the tables get none.
+        table_optimizer: ``adam`` (``SparseAdam``), ``adagrad`` or ``sgd``.
+        table_lr: the tables' learning rate (None: ``lr``).
+        compile: the dense part under ``torch.compile`` (:func:`compiled_forward`).
 
     Raises:
-        ValueError: the model's tables do not have sparse gradients.
+        ValueError: the model's tables do not have sparse gradients, or an unknown table optimizer.
 
     Example::
 
@@ -245,20 +295,24 @@ class SavvyTrainStep(PaperTrainStep):
         True
     """
 
-    def __init__(self, model: PaperMultiDCNv2, lr: float = 1e-3, weight_decay: float = 1e-6) -> None:
+    def __init__(
+        self, model: PaperMultiDCNv2, lr: float = 1e-3, weight_decay: float = 1e-6, table_optimizer: str = "adam",
+        table_lr: Optional[float] = None, compile: bool = False,
+    ) -> None:
         if not all(e.embedding.sparse for e in model.embeddings):
             raise ValueError("SavvyTrainStep needs PaperMultiDCNv2(..., sparse=True)")
         self.model = model
         tables = list(model.embeddings.parameters())
         table_ids = {id(p) for p in tables}
         dense = [p for p in model.parameters() if id(p) not in table_ids]
-        self.sparse_optimizer = torch.optim.SparseAdam(tables, lr=lr)
+        self.sparse_optimizer = sparse_table_optimizer(table_optimizer, tables, lr if table_lr is None else table_lr)
         self.optimizer = torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay, fused=True)
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = compiled_forward(model) if compile else model
 
     def __call__(self, ids: torch.Tensor, labels: torch.Tensor) -> float:
         self.model.train()
         self.model.zero_grad(set_to_none=True)
-        loss = F.binary_cross_entropy_with_logits(self.model(ids), labels)
+        loss = F.binary_cross_entropy_with_logits(self.forward(ids), labels)
         loss.backward()
         self.step_optimizers()
         return float(loss.detach())
@@ -341,7 +395,10 @@ __all__ = [
     "FeaturesEmbedding",
     "PaperMultiDCNv2",
     "PaperTrainStep",
+    "SAVVY_TABLE_OPTIMIZERS",
     "SavvyTrainStep",
+    "compiled_forward",
     "copy_weights_from",
+    "sparse_table_optimizer",
     "dcnv2_step_flops",
 ]

@@ -130,30 +130,42 @@ def _linear_pointwise() -> Callable[..., torch.Tensor]:
     return torch.ops.mkldnn._linear_pointwise.default
 
 
-@functools.lru_cache(maxsize=None)
-def _onednn_linear(dtype: torch.dtype) -> Optional[Callable[..., torch.Tensor]]:
+def working_onednn_linear(dtype: torch.dtype) -> Optional[Callable[..., torch.Tensor]]:
     """torch's oneDNN linear kernel (``torch.ops.mkldnn._linear_pointwise``, a private op: the one torch.compile's
-    CPU backend emits) for ``dtype``, or None where it is not the better choice or does not work.
+    CPU backend emits) for ``dtype`` where a tiny probe call returns the right values, else None (the op is missing,
+    raises, or is wrong for ``dtype``).
 
-    Used for float32 on AVX-512 CPUs only, and only after a tiny probe call returned the right values (any exception
-    means None): on an AVX2-only CPU it was slower than ``addmm``, and some builds raise for bfloat16 (figures in
-    ``benchmarks/README.md``).
+    Probes on every call (the fast path caches its own choice, :func:`gemm_backend`); benchmarks time the op as one
+    of the GEMM kernels this torch offers on the machine.
+
+    Example::
+
+        >>> working_onednn_linear(torch.float64) is None or callable(working_onednn_linear(torch.float64))
+        True
     """
-    if dtype != torch.float32 or not _cpu_capability().startswith("AVX512"):
-        return None
+    tolerance = {"rtol": 1e-4, "atol": 1e-5} if dtype in FAST_DTYPES else {"rtol": 1e-2, "atol": 1e-2}
     try:
         if not torch.backends.mkldnn.is_available():
             return None
         op = _linear_pointwise()
-        x = torch.arange(6, dtype=dtype).view(2, 3) / 8
-        weight = torch.arange(12, dtype=dtype).view(4, 3) / 16
-        bias = torch.arange(4, dtype=dtype) / 4
+        x = (torch.arange(6, dtype=torch.float32).view(2, 3) / 8).to(dtype)
+        weight = (torch.arange(12, dtype=torch.float32).view(4, 3) / 16).to(dtype)
+        bias = (torch.arange(4, dtype=torch.float32) / 4).to(dtype)
         got = op(x, weight, bias, "none", [], "")
-        if not torch.allclose(got, torch.addmm(bias, x, weight.t()), rtol=1e-4, atol=1e-5):
+        if got.dtype != dtype or not torch.allclose(got, torch.addmm(bias, x, weight.t()), **tolerance):
             return None
     except Exception:  # noqa: BLE001 - the op is private: a missing or changed op means "use addmm"
         return None
     return op
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_linear(dtype: torch.dtype) -> Optional[Callable[..., torch.Tensor]]:
+    """:func:`working_onednn_linear` where it is the better choice: float32 on AVX-512 CPUs only (on an AVX2-only CPU
+    it was slower than ``addmm``, and some builds raise for bfloat16; figures in ``benchmarks/README.md``)."""
+    if dtype != torch.float32 or not _cpu_capability().startswith("AVX512"):
+        return None
+    return working_onednn_linear(dtype)
 
 
 def gemm_backend(dtype: torch.dtype) -> str:

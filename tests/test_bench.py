@@ -16,8 +16,13 @@ import torch
 from multiembed.cli import main
 from multiembed.cli.bench import load_harness
 from multiembed.data.presets import preset
+from multiembed.models import cpu_fastpath
 
 K, BATCH, ROWS, HIDDEN, SET_DIM, STORED, LAYERS = 2, 32, 2000, 16, 10, 12, 4
+# The step's phases (bench_train_phases), and those without GEMMs that the ceiling counts at their best.
+PHASES = ("loader", "lookup_fwd", "lookup_bwd", "interaction_fwd", "interaction_bwd", "over_arch", "optimizer",
+          "communication", "other")
+NON_GEMM = ("loader", "lookup_fwd", "lookup_bwd", "optimizer", "communication")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +56,7 @@ def test_bench_smoke_json_has_every_key_and_consistent_values(tmp_path: Path, ca
     status = main([
         "bench", "--model", f"dcnv2-me-{K}x", "--batch-size", str(BATCH), "--rows-per-set", str(ROWS),
         "--steps", "2", "--block-steps", "1", "--warmup-steps", "1", "--quick", "--hidden", str(HIDDEN),
-        "--json", str(out), "--no-progress", "--memory", "--memory-rows", "1000,3000", "--memory-steps", "1",
+        "--json", str(out), "--no-progress", "--no-compiled-baseline", "--memory", "--memory-rows", "1000,3000", "--memory-steps", "1",
         "--memory-variants", "rowwise_adagrad:fp16",
     ])
     assert status == 0
@@ -68,17 +73,43 @@ def test_bench_smoke_json_has_every_key_and_consistent_values(tmp_path: Path, ca
     assert record["samples_per_s"] == pytest.approx(BATCH / (record["step_ms"] / 1e3))
     assert record["baseline_samples_per_s"] == pytest.approx(BATCH / (record["baseline_step_ms"] / 1e3))
     assert record["savvy_baseline_samples_per_s"] == pytest.approx(BATCH / (record["savvy_baseline_step_ms"] / 1e3))
-    # Step efficiency: per round, the step's GEMM FLOPs per second over the fp32 GEMM rate of the same round (the
-    # GEMM is one more contender of the rounds); the baselines compute the same model, so the same FLOPs.
-    gemm = record["gemm_unit"]
-    assert gemm["flops"] == 4 * 2 * BATCH * (len(independent_vocab(ROWS)) * SET_DIM) ** 2
+    assert record["savvy_compiled_baseline_samples_per_s"] is None  # --no-compiled-baseline
+    # The GEMM limit: no GEMM measured in the run, the step's own on any backend included, was faster.
+    limit = record["gemm_limit"]
+    rates = [row["gflops"] for row in limit["rows"]]
+    assert all(rate > 0 for rate in rates)
+    assert all(record["gemm_limit_gflops"] >= rate for rate in rates)
+    assert record["gemm_limit_gflops"] == limit["gflops"] == max(rates)
+    backends = ["addmm"] + (["onednn"] if cpu_fastpath.working_onednn_linear(torch.float32) is not None else [])
+    assert limit["dtypes"] == ["float32"] and limit["backends"] == {"float32": backends}
+    timed = {(row["m"], row["k"], row["n"], row["backend"]) for row in limit["rows"] if row["dtype"] == "float32"}
+    recorded = {(g["m"], g["k"], g["n"]) for g in record["step_gemms"]}
+    # The step's GEMMs at the fast path's padded widths: the cross layers forward ([B, D'] x [D', D']) and their
+    # weight gradient ([D', B] x [B, D']), the over arch's first Linear; and the square GEMM.
+    padded = cpu_fastpath.gemm_width(len(independent_vocab(ROWS)) * SET_DIM)
+    for shape in ((BATCH, padded, padded), (padded, BATCH, padded), (BATCH, HIDDEN, HIDDEN)):
+        assert shape in recorded, shape
+    for shape in recorded | {(2048, 2048, 2048)}:
+        for backend in backends:
+            assert (*shape, backend) in timed, (shape, backend)
+    assert record["executed_gemm_flops_per_step"] >= record["flops_per_step"]
+    assert record["executed_gemm_flops_per_step"] == sum(g["flops"] for g in record["step_gemms"])
+    # Step efficiency: the step's GEMM FLOPs per second (median step) over the limit; the baselines compute the same
+    # model, so the same FLOPs.
     for prefix, name in (("", "project"), ("baseline_", "baseline"), ("savvy_baseline_", "savvy")):
-        steps_ms = record["blocks_ms_per_step"][name]
-        assert len(steps_ms) == len(gemm["blocks_ms"])
-        assert record[prefix + "step_efficiency"] == pytest.approx(statistics.median(
-            (record["flops_per_step"] / t) / (gemm["flops"] / g) for t, g in zip(steps_ms, gemm["blocks_ms"])
-        ))
-    assert record["gemm_gflops_in_rounds"] == pytest.approx(gemm["flops"] / statistics.median(gemm["blocks_ms"]) / 1e6)
+        step_s = statistics.median(record["blocks_ms_per_step"][name]) / 1e3
+        assert record[prefix + "step_efficiency"] == pytest.approx(
+            record["flops_per_step"] / step_s / (record["gemm_limit_gflops"] * 1e9))
+    # The ceiling: the step's GEMM FLOPs at the limit plus its non-GEMM phases at their best step.
+    ceiling, breakdown = record["ceiling"], record["breakdown"]
+    assert ceiling["gemm_ms"] == pytest.approx(record["flops_per_step"] / (record["gemm_limit_gflops"] * 1e9) * 1e3)
+    assert ceiling["non_gemm_ms"] == breakdown["non_gemm_best_ms"] > 0
+    assert ceiling["non_gemm_ms"] <= sum(record["breakdown_ms"][p] for p in NON_GEMM) + 1e-9
+    assert ceiling["ms"] == pytest.approx(ceiling["gemm_ms"] + ceiling["non_gemm_ms"])
+    assert ceiling["step_share"] == pytest.approx(ceiling["ms"] / record["step_ms"])
+    # The savvy baseline trains its tables with the package's optimizer (Adagrad on CPU) and learning rates.
+    assert record["optimizers"]["sparse_optimizer"] == "adagrad"
+    assert record["optimizers"]["sparse_lr"] == 0.05 and record["optimizers"]["lr"] == 1e-3
     conditions = record["conditions"]
     assert conditions["cpu"] and conditions["cpu_count"] >= 1
     assert conditions["cpu_capability"] == str(torch.backends.cpu.get_cpu_capability())
@@ -107,18 +138,26 @@ def test_bench_smoke_json_has_every_key_and_consistent_values(tmp_path: Path, ca
     assert base["optimizer_state_bytes"] >= 2 * (base["embedding_param_bytes"] + dense_bytes)
     savvy = record["savvy_baseline_bytes"]
     assert (savvy["embedding_param_bytes"], savvy["dense_param_bytes"]) == (base["embedding_param_bytes"], dense_bytes)
-    # SparseAdam: two moments per table weight (allocated whole), fused Adam: two per dense weight.
-    assert 2 * (savvy["embedding_param_bytes"] + dense_bytes) <= savvy["optimizer_state_bytes"]
-    assert savvy["optimizer_state_bytes"] <= 2 * (savvy["embedding_param_bytes"] + dense_bytes) + 8 * 64
+    # Adagrad: one sum per table weight (SparseAdam would keep two moments), fused Adam: two per dense weight.
+    assert savvy["embedding_param_bytes"] + 2 * dense_bytes <= savvy["optimizer_state_bytes"]
+    assert savvy["optimizer_state_bytes"] <= savvy["embedding_param_bytes"] + 2 * dense_bytes + 8 * 64
 
-    parts = ("input_dist", "embedding_fwd", "embedding_bwd", "interaction_fwd", "interaction_bwd", "over_arch",
-             "optimizer", "other")
-    assert set(record["breakdown_ms"]) == set(parts)
-    assert all(record["breakdown_ms"][p] >= 0 for p in parts if p != "other")
-    assert sum(record["breakdown_ms"].values()) == pytest.approx(record["step_ms"])
-    assert set(record["baseline_breakdown_ms"]) == set(parts) - {"input_dist"}
-    assert set(record["savvy_baseline_breakdown_ms"]) == set(parts) - {"input_dist"}
-    assert sum(record["savvy_baseline_breakdown_ms"].values()) == pytest.approx(record["savvy_baseline_step_ms"])
+    # The breakdown, measured inside real steps: every phase of the package's step took time, and the phases add
+    # up to the instrumented steps' wall time; the baselines have no loader or communication.
+    assert set(record["breakdown_ms"]) == set(PHASES)
+    assert all(record["breakdown_ms"][p] > 0 for p in PHASES), record["breakdown_ms"]
+    assert breakdown["steps"] == 2
+    assert sum(record["breakdown_ms"].values()) == pytest.approx(breakdown["step_ms_instrumented"])
+    assert breakdown["sum_vs_step"] == pytest.approx(breakdown["step_ms_instrumented"] / record["step_ms"])
+    assert breakdown["time_ratio_vs_uninstrumented"] > 0
+    for prefix in ("baseline_", "savvy_baseline_"):
+        parts = record[prefix + "breakdown_ms"]
+        assert set(parts) == set(PHASES)
+        assert parts["loader"] == parts["communication"] == 0.0
+        assert all(parts[p] > 0 for p in ("lookup_fwd", "lookup_bwd", "interaction_fwd", "interaction_bwd",
+                                          "over_arch", "optimizer")), (prefix, parts)
+        assert sum(parts.values()) == pytest.approx(record[prefix + "breakdown"]["step_ms_instrumented"])
+    assert "savvy_compiled_baseline_breakdown_ms" not in record
     assert set(record["layouts"]) == {"fused", "per_set"}
     assert all(row["samples_per_s"] > 0 for row in record["layouts"].values())
 
@@ -381,3 +420,116 @@ def test_dropout_mask_bench_smoke_and_every_contender_is_a_dropout_mask(tmp_path
         kept = mask(x, 0.2)
         assert kept.shape == x.shape and set(kept.unique().tolist()) == {0, 1}, name  # bool, or 0.0 / 1.0
         assert abs(float(kept.double().mean()) - 0.8) < 6 * math.sqrt(0.16 / x.numel()), name
+
+
+def test_gemm_recorder_sees_every_product_of_a_step_with_its_layout() -> None:
+    """A Linear layer's step: the forward addmm with the weight read transposed, and the backward's input gradient
+    ``dY W`` and weight gradient ``dY^T x`` (its left operand a transposed view)."""
+    from multiembed.benchmarks.bench_train_yardstick import GemmRecorder, GemmShape
+
+    layer = torch.nn.Linear(3, 5)
+    x = torch.randn(8, 3, requires_grad=True)
+    with GemmRecorder() as recorder:
+        layer(x).backward(torch.randn(8, 5))
+    assert dict(recorder.gemms) == {
+        GemmShape(8, 3, 5, b_transposed=True): 1,
+        GemmShape(8, 5, 3): 1,
+        GemmShape(5, 8, 3, a_transposed=True): 1,
+    }
+    with GemmRecorder() as recorder:
+        torch.bmm(torch.randn(4, 8, 3), torch.randn(4, 3, 5).transpose(1, 2).contiguous().transpose(1, 2))
+        torch.zeros(8, 5).addmm_(torch.randn(8, 3), torch.randn(3, 5))  # in place, as the cross network's backward
+    assert dict(recorder.gemms) == {GemmShape(8, 3, 5, batch=4, b_transposed=True): 1, GemmShape(8, 3, 5): 1}
+
+
+def test_gemm_limit_refuses_a_yardstick_slower_than_a_gemm_the_step_runs() -> None:
+    """The limit is the fastest of every GEMM timed (the step's shapes and the square, on every backend); a record
+    whose limit is below one of them, or that left a GEMM of the step untimed, is refused."""
+    from multiembed.benchmarks.bench_train_yardstick import (
+        SQUARE_GEMM,
+        GemmShape,
+        GemmYardstick,
+        check_gemm_limit,
+        step_gemm_rows,
+    )
+
+    step = {GemmShape(64, 40, 24, b_transposed=True): 3, GemmShape(40, 64, 24, a_transposed=True): 1,
+            GemmShape(64, 24, 16, batch=3): 2}
+    yardstick = GemmYardstick(step, "fp32", torch.device("cpu"))
+    yardstick.run_round()
+    limit = yardstick.result()
+    rows = step_gemm_rows(step)
+    check_gemm_limit(limit, rows)
+    backends = ["addmm"] + (["onednn"] if cpu_fastpath.working_onednn_linear(torch.float32) is not None else [])
+    assert limit["backends"] == {"float32": backends}
+    timed = {(row["m"], row["k"], row["n"], row["backend"]) for row in limit["rows"]}
+    for m, k, n in [(64, 40, 24), (40, 64, 24), (64, 24, 16), (SQUARE_GEMM,) * 3]:
+        assert all((m, k, n, backend) in timed for backend in backends)
+    assert (64, 24, 16, "bmm") in timed  # the batched call on torch's batched kernel too
+    assert limit["gflops"] == max(row["gflops"] for row in limit["rows"]) > 0
+    assert sum(row["calls_in_step"] for row in limit["rows"] if row["backend"] == "addmm") == 6
+
+    slowest_step_gemm = min(row["gflops"] for row in limit["rows"] if row["source"] == "step")
+    with pytest.raises(ValueError, match="is below the measured"):
+        check_gemm_limit({**limit, "gflops": slowest_step_gemm * 0.99}, rows)
+    partial = GemmYardstick({shape: calls for shape, calls in step.items() if shape.m != 40}, "fp32",
+                            torch.device("cpu"))
+    partial.run_round()
+    with pytest.raises(ValueError, match=r"\[40, 64\] x \[64, 24\] in float32 on addmm was not timed"):
+        check_gemm_limit(partial.result(), rows)
+
+
+def test_ceiling_is_the_gemm_flops_at_the_limit_plus_the_best_non_gemm_work() -> None:
+    from multiembed.benchmarks.bench_train_phases import summarize
+    from multiembed.benchmarks.bench_train_yardstick import ceiling
+
+    steps = [dict.fromkeys(PHASES, 0.01), {**dict.fromkeys(PHASES, 0.01), "lookup_bwd": 0.002, "over_arch": 0.05}]
+    summary = summarize(steps, step_ms=100.0)
+    assert summary["ms"]["lookup_bwd"] == pytest.approx(6.0) and summary["ms"]["over_arch"] == pytest.approx(30.0)
+    assert summary["step_ms_instrumented"] == pytest.approx(sum(summary["ms"].values()))
+    assert summary["step_ms_instrumented"] == pytest.approx(106.0)
+    assert summary["sum_vs_step"] == pytest.approx(1.06) and summary["within_5_percent"] is False
+    assert summarize(steps, step_ms=104.0)["within_5_percent"] is True
+    assert summary["non_gemm_best_ms"] == pytest.approx(42.0)  # the second step: 4 x 10 ms + 2 ms
+    result = ceiling(flops=3e9, limit_gflops=150.0, non_gemm_ms=summary["non_gemm_best_ms"], step_ms=100.0)
+    assert result["gemm_ms"] == pytest.approx(20.0) and result["ms"] == pytest.approx(62.0)
+    assert result["step_share"] == pytest.approx(0.62)
+
+
+@pytest.mark.parametrize("name, expected", [("adagrad", torch.optim.Adagrad), ("adam", torch.optim.SparseAdam),
+                                            ("sgd", torch.optim.SGD)])
+def test_savvy_baseline_uses_the_packages_table_optimizer_and_rates(name: str, expected: type) -> None:
+    from multiembed.benchmarks.bench_train_baseline import BaselineRunner
+
+    runner = BaselineRunner("dcnv2-me-2x", {"a": 13, "b": 7}, torch.device("cpu"), hidden=8, kind="savvy",
+                                    table_optimizer=name, table_lr=0.05, lr=2e-3, weight_decay=0.0)
+    tables, dense = runner.step.sparse_optimizer, runner.step.optimizer
+    assert type(tables) is expected and tables.param_groups[0]["lr"] == 0.05
+    assert dense.param_groups[0]["lr"] == 2e-3 and dense.param_groups[0]["weight_decay"] == 0.0
+    assert len(tables.param_groups[0]["params"]) == 2  # one table per set
+    ids = torch.stack([torch.randint(0, 7, (16,)), torch.randint(0, 7, (16,))], dim=1)
+    assert runner.step(ids, torch.ones(16)) > 0
+    with pytest.raises(ValueError, match="no plain-PyTorch table optimizer 'rowwise_adagrad'"):
+        BaselineRunner("dcnv2-me-2x", {"a": 13}, torch.device("cpu"), hidden=8, kind="savvy",
+                               table_optimizer="rowwise_adagrad")
+
+
+@pytest.mark.slow
+def test_compiled_savvy_baseline_trains_as_the_eager_one(harness) -> None:
+    """The savvy step with its dense part under torch.compile takes the eager step's steps (same weights, batches,
+    table optimizer)."""
+    from multiembed.benchmarks.bench_train_baseline import BaselineRunner
+
+    vocab = {"a": 13, "b": 7, "c": 21}
+    common = dict(hidden=16, dropout=0.0, seed=0, table_optimizer="adagrad", table_lr=0.05)
+    eager = BaselineRunner("dcnv2-me-2x", vocab, torch.device("cpu"), kind="savvy", **common)
+    compiled = BaselineRunner("dcnv2-me-2x", vocab, torch.device("cpu"), kind="savvy_compiled", **common)
+    batches = harness.make_batches(vocab, 32, 2, 1, 1.0, torch.device("cpu"))
+    # Losses only: Adam and Adagrad turn the rounding noise of a near-zero gradient (another summation order under
+    # the compiler) into full steps of some weights, so the weights agree only loosely.
+    for batch in batches * 2:
+        want = eager.step(batch.ids, batch.batch.labels)
+        assert compiled.step(batch.ids, batch.batch.labels) == pytest.approx(want, rel=1e-3)
+    assert compiled.run(batches, 2) > 0
+    with pytest.raises(ValueError, match="not timed phase by phase"):
+        compiled.run(batches, 1, phases=[])

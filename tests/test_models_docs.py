@@ -33,6 +33,8 @@ MODULES = [
     "multiembed.training.memory",
     "multiembed.config.presets",
     "multiembed.benchmarks.bench_precision",
+    "multiembed.benchmarks.bench_train_phases",
+    "multiembed.benchmarks.bench_train_yardstick",
     "multiembed.analysis.paper_toy",
 ]
 
