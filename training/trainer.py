@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from multiembed.runtime.stack import private_api_error
 
@@ -35,6 +37,7 @@ from multiembed.collapse.monitor import CollapsedField, CollapseMonitor, format_
 from multiembed.config import OutputBias, TrainConfig, recorded_option
 from multiembed.data.loader import ParquetBatchLoader, positive_rate
 from multiembed.data.metadata import DatasetMetadata, read_metadata, split_identity
+from multiembed.models import MultiEmbeddingModel
 from multiembed.runtime.stack import installed_versions
 from multiembed.sharding.report import format_brief
 from multiembed.training import checkpoint as ckpt
@@ -213,17 +216,17 @@ class Trainer:
         return self.run.path
 
     @property
-    def dmp(self) -> Any:
+    def dmp(self) -> DistributedModelParallel:
         """The sharded training module (``DistributedModelParallel``)."""
         return self.built.dmp
 
     @property
-    def model(self) -> Any:
+    def model(self) -> MultiEmbeddingModel:
         """The zoo model as planned (``MultiEmbeddingModel``; :attr:`dmp` holds it with its tables sharded)."""
         return self.built.planned.model
 
     @property
-    def pipeline(self) -> Any:
+    def pipeline(self) -> TrainPipelineSparseDist:
         """TorchRec's training pipeline over :attr:`dmp`."""
         return self.built.pipeline
 
