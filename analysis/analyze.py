@@ -33,13 +33,8 @@ from multiembed.config import TrainConfig
 from multiembed.training import checkpoint as ckpt
 from multiembed.training.distributed import DistContext
 from multiembed.data.metadata import read_metadata
-from multiembed.training.evaluation import (
-    CONFIG_FILE,
-    SUMMARY_FILE,
-    RunModel,
-    best_checkpoint,
-    model_for_run,
-)
+from multiembed.training.evaluation import RunModel, model_for_run
+from multiembed.training.run_dir import CONFIG_FILE, SUMMARY_FILE, RunDir
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -97,15 +92,15 @@ def resolve_checkpoint(path: PathLike) -> RunCheckpoint:
         raise ValueError(f"{path}: no such directory (expected a run directory or RUN/checkpoints/step-N)")
     if not path.is_dir():
         raise ValueError(f"{path}: not a directory (expected a run directory or RUN/checkpoints/step-N)")
-    if (path / CONFIG_FILE).is_file():
+    if RunDir(path).is_run():
         run_dir = path
         try:
-            checkpoint = best_checkpoint(run_dir)
+            checkpoint = RunDir(run_dir).best_checkpoint()
         except json.JSONDecodeError as e:
             raise ValueError(f"{run_dir / SUMMARY_FILE}: not valid JSON ({e})") from None
         except KeyError:
             raise ValueError(f"{run_dir / SUMMARY_FILE}: has no 'checkpoint' entry") from None
-    elif path.parent.name == ckpt.CHECKPOINT_DIR and (path.parent.parent / CONFIG_FILE).is_file():
+    elif path.parent.name == ckpt.CHECKPOINT_DIR and RunDir(path.parent.parent).is_run():
         run_dir, checkpoint = path.parent.parent, path
     else:
         raise ValueError(

@@ -61,7 +61,7 @@ from multiembed.models.names import BASE_SET_DIM, parse_model_name
 from multiembed.training.distributed import DistContext, broadcast_object, init_distributed
 from multiembed.config import STUDY_OPTIONS, TrainConfig, default_of, recorded_option
 from multiembed.config.presets import COLLAPSE_PRESET_DATA, PRESETS, Preset  # noqa: F401  (re-exported)
-from multiembed.training.evaluation import CONFIG_FILE, SUMMARY_FILE
+from multiembed.training.run_dir import RunDir
 from multiembed.training.progress import progress_bar
 from multiembed.training.trainer import Trainer, TrainingDiverged
 
@@ -122,7 +122,8 @@ def run_options(point: StudyPoint, options: Mapping[str, Any]) -> Dict[str, Any]
 
 def _check_finished_run(run_dir: Path, point: StudyPoint, options: Mapping[str, Any], fingerprint: str) -> None:
     """Refuses a finished run trained with other settings (its result would silently mix into this study)."""
-    record = _read_json(run_dir / CONFIG_FILE)
+    config_file = RunDir(run_dir).config_file
+    record = _read_json(config_file)
     recorded = record.get("options", {})
     per_run = run_options(point, options)
     expected = {
@@ -132,13 +133,13 @@ def _check_finished_run(run_dir: Path, point: StudyPoint, options: Mapping[str, 
     for key, value in expected.items():
         if recorded_option(recorded, key) != value:
             raise ValueError(
-                f"{run_dir / CONFIG_FILE}: this finished run used --{key.replace('_', '-')} "
+                f"{config_file}: this finished run used --{key.replace('_', '-')} "
                 f"{recorded_option(recorded, key)!r} but "
                 f"the study asks for {value!r}; use another --out, the run's settings, or delete {run_dir}"
             )
     if record.get("data", {}).get("vocab_fingerprint") != fingerprint:
         raise ValueError(
-            f"{run_dir / CONFIG_FILE}: this finished run was trained on other data (vocabulary fingerprint differs "
+            f"{config_file}: this finished run was trained on other data (vocabulary fingerprint differs "
             f"from --data's); use another --out or delete {run_dir}"
         )
 
@@ -147,10 +148,11 @@ def _finished_summary(
     run_dir: Path, point: StudyPoint, options: Mapping[str, Any], fingerprint: str
 ) -> Optional[Dict[str, Any]]:
     """The ``summary.json`` of a finished run of this study, None for a run still to train."""
-    if not (run_dir / SUMMARY_FILE).is_file():
+    summary_file = RunDir(run_dir).summary_file
+    if not summary_file.is_file():
         return None
     _check_finished_run(run_dir, point, options, fingerprint)
-    return _read_json(run_dir / SUMMARY_FILE)
+    return _read_json(summary_file)
 
 
 def _on_rank0(ctx: DistContext, read: Callable[[], Any]) -> Any:

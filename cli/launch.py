@@ -96,9 +96,9 @@ def worker_failure_line(args: Sequence[str], rank: int, pid: int, exitcode: int)
     line = f"multiembed {command}: error: rank {rank} (pid {pid}) {how}"
     run_dir = _option(args, "--out") if command == "train" else None
     if run_dir is not None:
-        from multiembed.training.checkpoint import newest_valid_checkpoint
+        from multiembed.training.run_dir import RunDir
 
-        kept = newest_valid_checkpoint(Path(run_dir), report=lambda _: None)
+        kept = RunDir(run_dir).newest_checkpoint(report=lambda _: None)
         line += (f"; the last checkpoint is {kept} (rerun with --resume to continue)" if kept is not None
                  else f"; no complete checkpoint in {run_dir} yet")
     return line

@@ -75,7 +75,8 @@ from multiembed.serving.artifact import (
     verify_files,
 )
 from multiembed.serving.outputs import check_export_placement
-from multiembed.training.evaluation import best_checkpoint, load_run_config, model_for_run
+from multiembed.training.evaluation import model_for_run
+from multiembed.training.run_dir import RunDir
 
 _TMP_PREFIX = ".tmp-export-"
 
@@ -349,9 +350,10 @@ def export_run(
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise ValueError("export runs as one process (not under torchrun); it reads every shard itself")
     run_dir, out = Path(run_dir), Path(out)
-    record = load_run_config(run_dir)
+    run_files = RunDir(run_dir)
+    record = run_files.read_config()
     try:
-        checkpoint = best_checkpoint(run_dir)
+        checkpoint = run_files.best_checkpoint()
     except ValueError as e:
         raise ValueError(f"{run_dir}: no complete checkpoint to export ({e})") from None
     _check_out(out, overwrite)

@@ -26,7 +26,7 @@ from multiembed.data.metadata import METADATA_FILE
 from multiembed.data.paths import is_within
 from multiembed.serving.artifact import ARTIFACT_FORMAT, MANIFEST_FILE
 from multiembed.training.checkpoint import CHECKPOINT_DIR
-from multiembed.training.evaluation import CONFIG_FILE
+from multiembed.training.run_dir import CONFIG_FILE
 
 DATASET = "a converted dataset"
 RUN = "a training run directory"

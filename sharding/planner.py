@@ -38,18 +38,20 @@ try:  # planner internals this module builds on (not TorchRec's documented API; 
     from torchrec.distributed.planner.partitioners import GreedyPerfPartitioner
     from torchrec.distributed.planner.stats import NoopEmbeddingStats
     from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
-    from torchrec.distributed.planner.types import PlannerError, PlannerErrorType, ShardingOption
+    from torchrec.distributed.planner.types import (
+        KernelConfig,
+        PlannerError,
+        PlannerErrorType,
+        ShardingOption,
+        TopologyFactory,
+        TrainerConfig,
+    )
     from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS
 except ImportError as e:  # pragma: no cover - depends on the installed TorchRec
     raise private_api_error("TorchRec planner internals (multiembed.sharding)", e) from e
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from multiembed.config.choices import ShardingStrategy
-
-try:  # TorchRec >= 1.8 builds topologies through a validating factory; older releases only have Topology.
-    from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
-except ImportError:  # pragma: no cover - depends on the installed TorchRec
-    TopologyFactory = None  # type: ignore[assignment,misc]
 
 GB = 1024**3
 DEFAULT_BATCH_SIZE = 2048
@@ -202,22 +204,14 @@ def build_topology(
             raise ValueError(f"{name}: expected a positive size in GiB, got {value!r}")
     hbm_cap = None if hbm_gb is None else int(hbm_gb * GB)
     ddr_cap = None if ddr_gb is None else int(ddr_gb * GB)
-    if TopologyFactory is not None:
-        return TopologyFactory.create_topology(
-            trainer_config=TrainerConfig(
-                world_size=world_size,
-                local_world_size=local_world_size,
-                hbm_cap_bytes=hbm_cap,
-                ddr_cap_bytes=ddr_cap,
-            ),
-            kernel_config=KernelConfig(compute_device=device_type),
-        )
-    return Topology(  # pragma: no cover - TorchRec < 1.8
-        world_size=world_size,
-        local_world_size=local_world_size,
-        compute_device=device_type,
-        hbm_cap=hbm_cap,
-        ddr_cap=ddr_cap,
+    return TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(
+            world_size=world_size,
+            local_world_size=local_world_size,
+            hbm_cap_bytes=hbm_cap,
+            ddr_cap_bytes=ddr_cap,
+        ),
+        kernel_config=KernelConfig(compute_device=device_type),
     )
 
 

@@ -380,7 +380,7 @@ def test_every_rank_refuses_together(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------------ CLI
 def test_evaluate_of_a_crafted_checkpoint_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
     from multiembed.cli import main as cli_main
-    from multiembed.training.evaluation import best_checkpoint
+    from multiembed.training.run_dir import RunDir
 
     data, run = tmp_path / "data", tmp_path / "run"
     synth = ["synth", "--rows", "1500", "--out", str(data), "--seed", "2", "--scale", "0.001", "--no-progress"]
@@ -389,7 +389,7 @@ def test_evaluate_of_a_crafted_checkpoint_is_one_line_and_exit_2(tmp_path: Path,
         ["train", "--data", str(data), "--out", str(run), "--model", "dcnv2-me-2x", "--batch-size", "256",
          "--hidden", "16", "--epochs", "1", "--device", "cpu", "--no-progress"]
     ) == 0
-    path = best_checkpoint(run)
+    path = RunDir(run).best_checkpoint()
     marker = tmp_path / "pwned"
     (path / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
     _republish(path)

@@ -192,6 +192,41 @@ def _run_logged(command: List[str], log: Path, env: Dict[str, str], timeout: flo
             pytest.fail(f"{command[:4]} did not finish in {timeout} s (a hang?); log:\n{tail(log)}")
 
 
+# Imported at start-up by every python process with its directory on PYTHONPATH. In rank 0 of a torchx job's first
+# attempt (TORCHELASTIC_RESTART_COUNT 0) it sets the hook training/checkpoint.py calls after a checkpoint's manifest
+# is written and before its directory is renamed: the hook SIGKILLs the process while it publishes checkpoint {step},
+# after cutting the manifest to half its bytes when {where} is "manifest" (as a kill in the middle of writing it
+# would). The restarted job (restart count 1) gets past that step.
+_KILL_AT_PUBLISH_SITE = """
+import os
+
+if os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0" and os.environ.get("RANK") == "0":
+    import signal
+
+    from multiembed.training import checkpoint
+
+    def _kill_at_publish(tmp):
+        if tmp.name != ".tmp-" + checkpoint.step_dir_name({step}):
+            return
+        if {where!r} == "manifest":
+            manifest = tmp / checkpoint.MANIFEST
+            with open(manifest, "r+b") as f:
+                f.truncate(manifest.stat().st_size // 2)
+                os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint._before_publish_hook = _kill_at_publish
+"""
+
+
+def _kill_at_publish_site(directory: Path, step: int, where: str) -> Path:
+    """A directory holding :data:`_KILL_AT_PUBLISH_SITE` as ``sitecustomize.py`` for ``step`` and ``where``
+    (``"manifest"`` or ``"rename"``), to put first on the workers' PYTHONPATH."""
+    directory.mkdir(parents=True)
+    (directory / "sitecustomize.py").write_text(_KILL_AT_PUBLISH_SITE.format(step=int(step), where=where))
+    return directory
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "kill_step,where", [(30, "manifest"), (80, "rename")], ids=["mid-manifest", "manifest-written-not-renamed"]
@@ -199,13 +234,14 @@ def _run_logged(command: List[str], log: Path, env: Dict[str, str], timeout: flo
 def test_rank0_killed_while_publishing_a_checkpoint_resumes_from_the_previous_one_and_ends_as_uninterrupted_run(
     click_log: Path, uninterrupted: Path, tmp_path: Path, kill_step: int, where: str
 ) -> None:
-    # Rank 0 SIGKILLs itself inside save_checkpoint of step kill_step (the test hook of training/checkpoint.py):
-    # every shard is written, the manifest is half written ("manifest") or complete ("rename": it would verify), but
-    # the directory still has its temporary name. The restarted job must resume from the checkpoint before it.
+    # Rank 0 SIGKILLs itself inside save_checkpoint of step kill_step (_kill_at_publish_site): every shard is
+    # written, the manifest is half written ("manifest") or complete ("rename": it would verify), but the directory
+    # still has its temporary name. The restarted job must resume from the checkpoint before it.
     restarted, log = tmp_path / "restarted", tmp_path / "restarted.log"
     env = torchx_env()
     env["LOGLEVEL"] = "INFO"  # torchrun reports the failed worker group and the restart at INFO
-    env[ckpt.KILL_AT_PUBLISH_ENV] = f"{kill_step}:{where}"
+    site = _kill_at_publish_site(tmp_path / "site", kill_step, where)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH", "")) if p)
     rc = _run_logged(torchx_command(tmp_path / "logs", _elastic_args(click_log, restarted), TINY_WORKER), log, env)
     text = log.read_text(errors="replace")
     assert rc == 0, tail(log)
@@ -219,14 +255,6 @@ def test_rank0_killed_while_publishing_a_checkpoint_resumes_from_the_previous_on
     assert "skipping checkpoint" not in text, tail(log)
     assert not list((restarted / ckpt.CHECKPOINT_DIR).glob(".tmp-*")), "the abandoned temporary directory was not cleared"
     _assert_same_result(restarted, uninterrupted)
-
-
-def test_the_kill_at_publish_hook_is_off_unless_its_variable_is_set(monkeypatch) -> None:
-    monkeypatch.delenv(ckpt.KILL_AT_PUBLISH_ENV, raising=False)
-    assert ckpt._kill_at_publish_from_env() is None
-    monkeypatch.setenv(ckpt.KILL_AT_PUBLISH_ENV, "30:elsewhere")
-    with pytest.raises(ValueError, match="expected <step>:rename or <step>:manifest"):
-        ckpt._kill_at_publish_from_env()
 
 
 # ---------------------------------------------------------------------------------------------- divergence

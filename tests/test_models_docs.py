@@ -31,6 +31,8 @@ MODULES = [
     "multiembed.config.choices",
     "multiembed.data.metadata",
     "multiembed.training.memory",
+    "multiembed.training.run_dir",
+    "multiembed.training.state",
     "multiembed.config.presets",
     "multiembed.benchmarks.bench_precision",
     "multiembed.benchmarks.bench_train_phases",

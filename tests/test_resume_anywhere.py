@@ -79,7 +79,7 @@ def _phase(rank: int, world_size: int, data: str, run: str, max_steps: int, resu
 
     trainer = Recording(TrainConfig(**_options(data, run, max_steps, resume)))
     trainer.fit()
-    torch.save({"rows": rows, "step": trainer.progress["step"]}, f"{record}.rank{rank}.pt")
+    torch.save({"rows": rows, "step": trainer.state.step}, f"{record}.rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")

@@ -182,11 +182,11 @@ def test_progress_counters_survive_a_checkpoint_exactly(data: Path, tmp_path: Pa
         trainer = Trainer(config)
         trainer.fit()
         big = 2**24 + 1  # float32 rounds it to 2^24
-        trainer.progress.update(samples_trained=3 * big, step=big)
+        trainer.state.samples_trained, trainer.state.step = 3 * big, big
         path = trainer.save()
-        trainer.progress.update(samples_trained=0, step=0)
+        trainer.state.samples_trained, trainer.state.step = 0, 0
         trainer.restore(path)
-        assert trainer.progress["samples_trained"] == 3 * big and trainer.progress["step"] == big
+        assert trainer.state.samples_trained == 3 * big and trainer.state.step == big
     finally:
         destroy()
 

@@ -90,11 +90,11 @@ def test_the_warmup_schedule_reaches_the_fused_embedding_optimizer(synthetic: Pa
         dense = max((after[k] - before[k]).abs().max().item() for k in after if ".embedding_bags." not in k)
         changes.append((table, dense))
         before = after
-    sparse_lrs = {group["lr"] for group in trainer._schedules[0].param_groups}
+    sparse_lrs = {group["lr"] for group in trainer.built.schedules[0].param_groups}
     assert changes[0] == (0.0, 0.0)
     assert all(table > 0 and dense > 0 for table, dense in changes[1:])
     assert sparse_lrs == {1.0}  # warm-up over after 4 steps
-    assert trainer._schedules[1].param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert trainer.built.schedules[1].param_groups[0]["lr"] == pytest.approx(1e-3)
 
 
 def test_metrics_log_information_abundance_every_n_evaluations(synthetic: Path, tmp_path: Path) -> None:
@@ -147,7 +147,7 @@ def test_a_model_with_non_finite_weights_is_never_checkpointed(synthetic: Path, 
     good = trainer.save()
     table = next(v for k, v in trainer.dmp.state_dict().items() if ".embedding_bags." in k)
     table.local_shards()[0].tensor[3, 1] = float("inf")  # a finite loss can still come with such a weight
-    trainer.progress["step"] = 1
+    trainer.state.step = 1
     with pytest.raises(TrainingDiverged, match="not checkpointed"):
         trainer.save()
     assert ckpt.newest_valid_checkpoint(tmp_path / "run") == good
@@ -237,6 +237,25 @@ def test_a_resumed_run_records_the_output_bias_it_started_with(synthetic: Path, 
     record = json.loads((out / "config.json").read_text())
     assert record["options"]["output_bias"] == "default" and record["output_bias_init"] is None
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+def test_a_trainer_for_an_existing_run_continues_it_with_the_options_it_recorded(
+    synthetic: Path, tmp_path: Path, capsys
+) -> None:
+    from multiembed.training.trainer import TrainConfig, Trainer
+
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="not a multiembed run directory"):
+        Trainer.for_run(out)
+    Trainer(TrainConfig(data=str(synthetic), out=str(out), model="dnn-me-2x", batch_size=256, hidden=16, seed=3,
+                        progress=False, device="cpu", ia_every=0, patience=0, max_steps=1)).fit()
+    trainer = Trainer.for_run(out, max_steps=2)
+    assert trainer.run_dir == out and trainer.config.resume
+    assert (trainer.config.model, trainer.config.hidden, trainer.config.seed) == ("dnn-me-2x", 16, 3)
+    summary = trainer.fit()
+    assert summary["steps"] == 2
+    assert "resumed from " in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["options"]["max_steps"] == 2
 
 
 def test_prior_logit_is_finite_on_a_split_of_one_class() -> None:

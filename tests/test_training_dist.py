@@ -157,7 +157,7 @@ def _resume_worker(rank: int, world_size: int, data: str, root: str, stop_at: in
     class CrashingTrainer(Trainer):
         def save(self) -> Path:
             path = super().save()
-            if int(self.progress["step"]) == stop_at:
+            if self.state.step == stop_at:
                 raise _Interrupted()
             return path
 

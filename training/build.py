@@ -37,6 +37,7 @@ from torchrec.optim.keyed import CombinedOptimizer
 from torchrec.optim.warmup import WarmupOptimizer
 
 from multiembed.config import TrainConfig, default_of
+from multiembed.data.metadata import DatasetMetadata
 from multiembed.models import MultiEmbeddingModel, MultiEmbeddingTrain, build_model, parse_experts, parse_model_name
 from multiembed.models.precision import check_precision
 from multiembed.sharding import embedding_tables, format_plan, make_sharders, plan_sharding, plan_summary
@@ -248,8 +249,8 @@ def forward_with_weights(dmp: torch.nn.Module) -> Callable[[Any], Tuple[torch.Te
 
 
 @dataclasses.dataclass
-class TrainingModel:
-    """Everything a training or evaluation loop needs, built and sharded.
+class BuiltTraining:
+    """What :func:`build_training` returns: everything a training or evaluation loop needs, built and sharded.
 
     Attributes:
         planned: the model, its options and its plan (:class:`PlannedModel`).
@@ -283,7 +284,7 @@ def build_training(
     num_dense: int,
     ctx: DistContext,
     local_batch: int,
-) -> TrainingModel:
+) -> BuiltTraining:
     """Builds, plans over the job's ranks, shards (DMP) and wraps ``config.model`` for training or evaluation.
 
     Seeds torch with ``config.seed`` first, so the initial weights depend on the seed only.
@@ -332,4 +333,17 @@ def build_training(
     )
     optimizer, schedules = build_optimizer(dmp, dmp.fused_optimizer, planned.optim_config)
     pipeline = TrainPipelineSparseDist(dmp, optimizer, ctx.device, custom_model_fwd=forward_with_weights(dmp))
-    return TrainingModel(planned, dmp, optimizer, schedules, pipeline)
+    return BuiltTraining(planned, dmp, optimizer, schedules, pipeline)
+
+
+def build_for_data(config: TrainConfig, meta: DatasetMetadata, ctx: DistContext, local_batch: int) -> BuiltTraining:
+    """:func:`build_training` for the vocabulary and dense fields of the dataset ``meta`` describes.
+
+    Args:
+        config: the run's options (``dense_features`` decides whether the dense fields are fed).
+        meta: the dataset's metadata.
+        ctx: this process's place in the job.
+        local_batch: rows per rank and step.
+    """
+    num_dense = len(meta.dense_fields) if config.dense_features else 0
+    return build_training(config, meta.vocab_sizes, num_dense=num_dense, ctx=ctx, local_batch=local_batch)

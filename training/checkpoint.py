@@ -21,12 +21,6 @@ non-tensor values are read by :class:`SafeLoadPlanner` with ``torch.load(weights
 a value stored as bytes where the state being loaded holds a tensor (DCP would replace the tensor with the object).
 Tensors DCP itself reads with ``weights_only=True``. A refusal is a one-line :class:`CheckpointError` that names the
 file.
-
-Test hook (fault injection for ``tests/test_faults.py``, never set in normal use): with
-``MULTIEMBED_TEST_KILL_AT_PUBLISH=<step>:rename`` rank 0 SIGKILLs itself while publishing checkpoint ``<step>``, after
-the manifest is written and before the rename; with ``<step>:manifest`` it first cuts the manifest to half its bytes,
-as a kill in the middle of writing it would. Only on a job's first attempt (``TORCHELASTIC_RESTART_COUNT`` unset or
-0), so the restarted job gets past that step.
 """
 
 from __future__ import annotations
@@ -37,7 +31,6 @@ import os
 import pickle
 import re
 import shutil
-import signal
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Dict, List, Optional
 
@@ -52,6 +45,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadIte
 
 from multiembed.data.metadata import atomic_write_text, file_sha256, write_failure
 from multiembed.runtime.stack import private_api_error
+from multiembed.training.distributed import all_gather_object, barrier, broadcast_object
 
 try:  # DCP internals the safe loader needs: the type its .metadata pickles per file, and its nested-dict setter
     from torch.distributed.checkpoint._traverse import set_element
@@ -64,33 +58,10 @@ MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
 
-KILL_AT_PUBLISH_ENV = "MULTIEMBED_TEST_KILL_AT_PUBLISH"
-
-
-def _kill_at_publish_from_env() -> Optional[Callable[[Path], None]]:
-    """The test hook of the module docstring when ``MULTIEMBED_TEST_KILL_AT_PUBLISH`` asks for it, else None."""
-    spec = os.environ.get(KILL_AT_PUBLISH_ENV)
-    if not spec:
-        return None
-    step, _, where = spec.partition(":")
-    if where not in ("rename", "manifest"):
-        raise ValueError(f"{KILL_AT_PUBLISH_ENV}={spec!r}: expected <step>:rename or <step>:manifest")
-
-    def kill(tmp: Path) -> None:
-        if tmp.name != _TMP_PREFIX + step_dir_name(int(step)) or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-            return
-        if where == "manifest":
-            manifest = tmp / MANIFEST
-            with open(manifest, "r+b") as f:
-                f.truncate(manifest.stat().st_size // 2)
-                os.fsync(f.fileno())
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    return kill
-
-
-# Test-only fault injection: called on rank 0 after the manifest is written, before the checkpoint is published.
-_before_publish_hook: Optional[Callable[[Path], None]] = _kill_at_publish_from_env()
+# Called on rank 0 with the temporary directory after the manifest is written, before the checkpoint is published
+# (None in normal use). Tests set it to interrupt a save at its most delicate point: in-process, or in the workers
+# of a torchx job through a sitecustomize module on PYTHONPATH (tests/test_faults.py).
+_before_publish_hook: Optional[Callable[[Path], None]] = None
 
 
 class CheckpointError(ValueError):
@@ -294,10 +265,7 @@ def _first_refusal(error: CheckpointException) -> Optional[CheckpointError]:
 
 def _agree_on_error(problem: Optional[CheckpointError]) -> Optional[CheckpointError]:
     """The first rank's error when any rank has one (so that every rank raises, instead of some waiting in DCP)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return problem
-    messages: List[Optional[str]] = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, str(problem) if problem is not None else None)
+    messages = all_gather_object(str(problem) if problem is not None else None)
     first = next((m for m in messages if m), None)
     if first is None:
         return None
@@ -310,11 +278,6 @@ def step_dir_name(step: int) -> str:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def save_checkpoint(run_dir: Path, step: int, state: Dict[str, Any], info: Dict[str, Any]) -> Path:
@@ -339,12 +302,12 @@ def save_checkpoint(run_dir: Path, step: int, state: Dict[str, Any], info: Dict[
         if final.exists():
             shutil.rmtree(final)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     try:
         dcp.save(state, checkpoint_id=str(tmp))
     except CheckpointException as e:
         raise _save_failure(run_dir, tmp, _failure_of(e)) from None
-    _barrier()
+    barrier()
     if _rank() == 0:
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {
@@ -361,7 +324,7 @@ def save_checkpoint(run_dir: Path, step: int, state: Dict[str, Any], info: Dict[
             _before_publish_hook(tmp)
         os.replace(tmp, final)
         _fsync_dir(root)
-    _barrier()
+    barrier()
     return final
 
 
@@ -440,10 +403,7 @@ def newest_valid_checkpoint(run_dir: Path, report: Callable[[str], None] = print
     if _rank() == 0:
         found = _newest_valid_here(run_dir, report)
         choice = str(found) if found is not None else None
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [choice]
-        dist.broadcast_object_list(box, src=0)
-        choice = box[0]
+    choice = broadcast_object(choice)
     return Path(choice) if choice else None
 
 

@@ -42,7 +42,7 @@ from multiembed.data.metadata import DatasetMetadata, atomic_write_text
 from multiembed.runtime.locking import exclusive_lock
 from multiembed.training import checkpoint as ckpt
 from multiembed.training.distributed import DistContext, barrier, init_distributed
-from multiembed.training.evaluation import SUMMARY_FILE
+from multiembed.training.run_dir import SUMMARY_FILE
 from multiembed.training.trainer import Trainer
 
 DAYS_FILE = "days.json"

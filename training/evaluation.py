@@ -8,32 +8,23 @@ split exactly once over all ranks (the last batch padded with zero-weight rows),
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
-import torch.distributed as dist
 
-from multiembed.config import TrainConfig, recorded_option
+from multiembed.config import TrainConfig
 from multiembed.data.loader import ParquetBatchLoader
 from multiembed.data.metadata import DatasetMetadata, read_metadata, split_identity
 from multiembed.training import checkpoint as ckpt
-from multiembed.training.build import TrainingModel, build_training
-from multiembed.training.distributed import DistContext, init_distributed
+from multiembed.training.build import BuiltTraining, build_training
+from multiembed.training.distributed import DistContext, all_reduce_sum, init_distributed
 from multiembed.training.metrics import EvalMetrics
+from multiembed.training.run_dir import RunDir
 
-CONFIG_FILE = "config.json"
-SUMMARY_FILE = "summary.json"
 # Every batch-norm kind whose running statistics ranks must agree on (a lazy one becomes one of these at its first
 # forward, before it has statistics).
 _BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
-
-
-def build_for_data(config: TrainConfig, meta: DatasetMetadata, ctx: DistContext, local_batch: int) -> TrainingModel:
-    """:func:`~multiembed.training.build.build_training` for the vocabulary and dense fields of ``meta``."""
-    num_dense = len(meta.dense_fields) if config.dense_features else 0
-    return build_training(config, meta.vocab_sizes, num_dense=num_dense, ctx=ctx, local_batch=local_batch)
 
 
 def average_batch_norm_statistics(module: torch.nn.Module, world_size: int) -> None:
@@ -50,12 +41,11 @@ def average_batch_norm_statistics(module: torch.nn.Module, world_size: int) -> N
     for child in module.modules():
         if isinstance(child, _BATCH_NORMS) and child.track_running_stats:
             for statistic in (child.running_mean, child.running_var):
-                dist.all_reduce(statistic)
-                statistic.div_(world_size)
+                all_reduce_sum(statistic).div_(world_size)
 
 
 def evaluate_split(
-    built: TrainingModel, data_dir: str, split: str, *, ctx: DistContext, local_batch: int, use_dense: bool
+    built: BuiltTraining, data_dir: str, split: str, *, ctx: DistContext, local_batch: int, use_dense: bool
 ) -> Dict[str, float]:
     """Evaluates every row of ``split`` exactly once over all ranks (a collective).
 
@@ -84,46 +74,11 @@ def evaluate_split(
     return metrics.compute()
 
 
-def load_model_weights(built: TrainingModel, path: Path) -> None:
+def load_model_weights(built: BuiltTraining, path: Path) -> None:
     """Loads only the model's weights from a checkpoint (any world size or sharding it was saved with)."""
     state = {"model": built.dmp.state_dict()}
     ckpt.load_checkpoint(path, state)
     built.dmp.load_state_dict(state["model"])
-
-
-def load_run_config(run_dir: Path) -> Dict[str, Any]:
-    """The ``config.json`` of a run directory, with a clear error when it is not one."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise ValueError(f"{run_dir}: not a multiembed run directory ({CONFIG_FILE} missing)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
-def best_checkpoint(run_dir: Path) -> Path:
-    """The run's best checkpoint (``summary.json``'s ``best_step``), else its newest valid one.
-
-    Always a directory inside ``run_dir``: a copied or moved run uses its own checkpoints.
-
-    Raises:
-        ValueError: no complete checkpoint, or the best one is incomplete or corrupted.
-    """
-    run_dir = Path(run_dir)
-    summary = run_dir / SUMMARY_FILE
-    if summary.is_file():
-        try:
-            step = int(json.loads(summary.read_text(encoding="utf-8"))["best_step"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{summary}: no valid best_step ({e})") from None
-        path = run_dir / ckpt.CHECKPOINT_DIR / ckpt.step_dir_name(step)
-        ckpt.verify_checkpoint(path)
-        return path
-    found = ckpt.newest_valid_checkpoint(run_dir)
-    if found is None:
-        raise ValueError(f"{run_dir}: no complete checkpoint to evaluate")
-    return found
 
 
 # How often a load moves on after the checkpoint it chose was deleted under it.
@@ -163,19 +118,6 @@ def split_problem(record: Dict[str, Any], meta: DatasetMetadata, data_dir: str, 
     )
 
 
-def run_train_config(record: Dict[str, Any], **overrides: Any) -> TrainConfig:
-    """The :class:`TrainConfig` a run recorded (an option it predates: the behaviour it had, see
-    :func:`~multiembed.config.recorded_option`)."""
-    recorded = record["options"]
-    options = {
-        f.name: recorded_option(recorded, f.name)
-        for f in dataclasses.fields(TrainConfig)
-        if f.name in recorded or f.default is not dataclasses.MISSING
-    }
-    options.update(overrides)
-    return TrainConfig(**options)
-
-
 @dataclasses.dataclass
 class RunModel:
     """A run's model rebuilt exactly as it was trained (from ``config.json``), sharded over this job's ranks.
@@ -191,8 +133,13 @@ class RunModel:
     run_dir: Path
     record: Dict[str, Any]
     config: TrainConfig
-    built: TrainingModel
+    built: BuiltTraining
     ctx: DistContext
+
+    @property
+    def files(self) -> RunDir:
+        """The run directory's files (:class:`~multiembed.training.run_dir.RunDir`)."""
+        return RunDir(self.run_dir)
 
     @property
     def local_batch(self) -> int:
@@ -212,7 +159,7 @@ class RunModel:
             load_model_weights(self.built, Path(checkpoint))
             return Path(checkpoint)
         for _ in range(_VANISHED_RETRIES):
-            path = best_checkpoint(self.run_dir)
+            path = self.files.best_checkpoint()
             try:
                 load_model_weights(self.built, path)
                 return path
@@ -234,10 +181,10 @@ class RunModel:
         if trained_on and meta.vocab_fingerprint != trained_on:
             raise ValueError(
                 f"{data_dir}: vocabulary fingerprint {meta.vocab_fingerprint[:16]}... differs from the run's "
-                f"({trained_on[:16]}...) in {self.run_dir / CONFIG_FILE}; convert the data with --vocab-from the "
+                f"({trained_on[:16]}...) in {self.files.config_file}; convert the data with --vocab-from the "
                 "training data's directory"
             )
-        problem = split_problem(self.record, meta, data_dir, self.run_dir / CONFIG_FILE)
+        problem = split_problem(self.record, meta, data_dir, self.files.config_file)
         if problem:
             raise ValueError(problem)
 
@@ -268,19 +215,19 @@ def model_for_run(run_dir: Path, device: str = "auto", ctx: Optional[DistContext
     Raises:
         ValueError: not a run directory, or a ``config.json`` without its vocabulary.
     """
-    run_dir = Path(run_dir)
-    record = load_run_config(run_dir)
+    run = RunDir(run_dir)
+    record = run.read_config()
     data = record.get("data", {})
     if "vocab_sizes" not in data:
-        raise ValueError(f"{run_dir / CONFIG_FILE}: records no vocabulary (data.vocab_sizes)")
-    config = run_train_config(record, resume=False, overwrite=False, progress=False, device=device)
+        raise ValueError(f"{run.config_file}: records no vocabulary (data.vocab_sizes)")
+    config = run.train_config(record, resume=False, overwrite=False, progress=False, device=device)
     ctx = ctx or init_distributed(config.device)
     local_batch = max(config.batch_size // ctx.world_size, 1)
     num_dense = 0
     if config.dense_features:
         num_dense = int(data["num_dense"]) if "num_dense" in data else len(read_metadata(config.data).dense_fields)
     built = build_training(config, data["vocab_sizes"], num_dense=num_dense, ctx=ctx, local_batch=local_batch)
-    return RunModel(run_dir, record, config, built, ctx)
+    return RunModel(run.path, record, config, built, ctx)
 
 
 def evaluate_run(run_dir: Path, data_dir: str, split: str = "test", device: str = "auto") -> Dict[str, Any]:

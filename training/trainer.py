@@ -1,35 +1,29 @@
 """The distributed trainer: DMP over a ``multiembed.models`` model, TorchRec's sparse-dist pipeline, early stopping
-on validation AUC, DCP checkpoints, and a run directory that records everything needed to reproduce a result.
+on validation AUC, DCP checkpoints, and a run directory (:mod:`multiembed.training.run_dir`) that records everything
+needed to reproduce a result.
 
-One process is one rank: started alone it is a one-rank job; started by torchrun / torchx it joins the job. The
-run directory (shared by all ranks) holds::
-
-    config.json       every option plus provenance (versions, git commit, plan, seeds, data fingerprint)
-    plan.txt          the sharding plan, as printed at start
-    metrics.jsonl     one line per evaluation
-    summary.json      the final result (test metrics of the best-validation checkpoint)
-    checkpoints/      DCP checkpoints (see training/checkpoint.py)
+One process is one rank: started alone it is a one-rank job; started by torchrun / torchx it joins the job.
 
 Training runs in *segments* that end at every evaluation and every checkpoint: each segment feeds the pipeline a
 fresh iterator over ``[start, stop)`` batches of the epoch and the pipeline drains at its end, so the position
-saved in a checkpoint is exactly what training consumed, never what the pipeline prefetched.
+saved in a checkpoint is exactly what training consumed, never what the pipeline prefetched. What is due after a
+segment (evaluate, checkpoint, stop) is decided by :class:`~multiembed.training.state.TrainingState`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import shutil
 import subprocess
 import sys
 import time
 from itertools import islice
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
-import torch.distributed as dist
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from multiembed.runtime.stack import private_api_error
 
@@ -40,28 +34,20 @@ except ImportError as e:  # pragma: no cover - depends on the installed torch
 
 from multiembed.collapse import collapse_from_model, summarize_sets
 from multiembed.collapse.monitor import CollapsedField, CollapseMonitor, format_collapsed
-from multiembed.config import MODEL_OPTIONS, OutputBias, TrainConfig, recorded_option
+from multiembed.config import OutputBias, TrainConfig, recorded_option
 from multiembed.data.loader import ParquetBatchLoader, positive_rate
-from multiembed.runtime.locking import LOCK_FILE, exclusive_lock
-from multiembed.data.metadata import DatasetMetadata, atomic_write_text, read_metadata, split_identity
-from multiembed.data.paths import is_within
+from multiembed.data.metadata import DatasetMetadata, read_metadata, split_identity
+from multiembed.models import MultiEmbeddingModel
 from multiembed.runtime.stack import installed_versions
 from multiembed.sharding.report import format_brief
 from multiembed.training import checkpoint as ckpt
-from multiembed.training.distributed import DistContext, init_distributed
-from multiembed.training.resume import describe, match_saved_state
-from multiembed.training.evaluation import (
-    CONFIG_FILE,
-    SUMMARY_FILE,
-    average_batch_norm_statistics,
-    build_for_data,
-    evaluate_split,
-    load_model_weights,
-)
+from multiembed.training.build import build_for_data
+from multiembed.training.distributed import DistContext, all_ranks_agree, barrier, init_distributed
+from multiembed.training.evaluation import average_batch_norm_statistics, evaluate_split, load_model_weights
 from multiembed.training.progress import progress_bar
-
-METRICS_FILE = "metrics.jsonl"
-PLAN_FILE = "plan.txt"
+from multiembed.training.resume import describe, match_saved_state
+from multiembed.training.run_dir import RunDir
+from multiembed.training.state import TrainingState
 
 
 class TrainingDiverged(RuntimeError):
@@ -138,39 +124,24 @@ class LoaderWaitTimer:
             self.wait_s += time.perf_counter() - start
 
 
-def _exact_tensor(value: Any) -> torch.Tensor:
-    """A progress counter as a tensor that holds it exactly (int64 counts: float32 loses them past 2^24)."""
-    if isinstance(value, bool) or isinstance(value, int):
-        return torch.tensor(int(value), dtype=torch.int64)
-    return torch.tensor(float(value), dtype=torch.float64)
-
-
-def _all_ranks_agree(flag: bool) -> bool:
-    """True only when ``flag`` holds on every rank (a MIN all-reduce)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
-def _raise_collectively(error: Optional[str]) -> None:
-    """Raises ``ValueError(error)`` on every rank when rank 0 found one (so no rank waits forever)."""
-    box = [error]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    if box[0]:
-        raise ValueError(box[0])
-
-
 class Trainer:
     """Builds the sharded model (:mod:`multiembed.training.build`) and the loaders from a :class:`TrainConfig`,
-    then trains.
+    then trains: a loop over segments whose progress is a :class:`~multiembed.training.state.TrainingState`, writing
+    through the run directory's :class:`~multiembed.training.run_dir.RunDir`.
 
     Args:
         config: the run's options.
         ctx: this process's place in the job (``init_distributed()`` when omitted).
         log: where rank-0 messages go (stderr by default).
+
+    Attributes:
+        config: the run's options (after a resume, ``output_bias`` as the run started).
+        ctx: this process's place in the job.
+        run: the run directory's files (locked by rank 0 until :meth:`close`).
+        meta: the training data's metadata.
+        built: the sharded model, optimizer, schedules and pipeline (:class:`~multiembed.training.build.BuiltTraining`).
+        state: where training stands (saved in every checkpoint).
+        train_loader: this rank's loader over the train split.
 
     Example::
 
@@ -183,7 +154,7 @@ class Trainer:
         self.config = config
         self.ctx = ctx or init_distributed(config.device)
         self._log_stream = log if log is not None else sys.stderr
-        self.run_dir = Path(config.out)
+        self.run = RunDir(config.out)
         self.meta: DatasetMetadata = read_metadata(config.data)
         for split in ("train", "val", "test"):
             if self.meta.split_rows().get(split, 0) == 0:
@@ -194,22 +165,10 @@ class Trainer:
                 f"{self.ctx.world_size} ranks"
             )
         self.local_batch = config.batch_size // self.ctx.world_size
-        self._prepare_run_dir()
+        self.run.open(config, self.meta, self.ctx.is_main)
         self.built = build_for_data(config, self.meta, self.ctx, self.local_batch)
-        self.dmp = self.built.dmp
-        self.optimizer = self.built.optimizer
-        self.pipeline = self.built.pipeline
-        self._schedules = self.built.schedules
-        self.optim_config = self.built.optim_config
-        self.model = self.built.planned.model
-        self.plan = self.built.planned.plan
-        self.plan_text = self.built.planned.text
-        self.plan_json = self.built.planned.summary
         self.output_bias_init = self._init_output_bias()
-        self.progress: Dict[str, Any] = {
-            "epoch": 0, "batch": 0, "step": 0, "best_auc": -1.0, "best_step": -1, "evals_since_best": 0,
-            "evaluations": 0, "train_time_s": 0.0, "samples_trained": 0, "done": False,
-        }
+        self.state = TrainingState()
         # Seconds this process waited for the loader's next batch, and the wall time of its training segments
         # (loader_share); not checkpointed.
         self.loader_wait_s = 0.0
@@ -227,8 +186,49 @@ class Trainer:
         # The console gets the plan in brief (one line per table is 39 lines for Criteo); plan.txt has every table.
         self._log(
             f"sharding plan ({config.sharding}, {self.ctx.world_size} ranks, {self.ctx.backend}; every table in "
-            f"{self.run_dir / PLAN_FILE}):\n{format_brief(self.plan_json)}"
+            f"{self.run.plan_file}):\n{format_brief(self.built.planned.summary)}"
         )
+
+    @classmethod
+    def for_run(
+        cls, run_dir: Union[str, Path], ctx: Optional[DistContext] = None, log: Any = None, **overrides: Any
+    ) -> "Trainer":
+        """A trainer that continues the run in ``run_dir`` with the options its ``config.json`` recorded (an option
+        the run predates: the behaviour it had), changed by ``overrides`` (``--resume`` unless they say otherwise).
+
+        Options that extend the run (a larger ``epochs`` or ``max_steps``) continue it from its newest checkpoint;
+        the checks of ``--resume`` apply (same model options, batch size, seed and data).
+
+        Raises:
+            ValueError: not a run directory, or options the run cannot continue with (one line).
+
+        Example::
+
+            summary = Trainer.for_run("runs/me4x", epochs=3).fit()
+        """
+        run = RunDir(run_dir)
+        options: Dict[str, Any] = {"resume": True, "overwrite": False, **overrides, "out": str(run.path)}
+        return cls(run.train_config(**options), ctx=ctx, log=log)
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory (``--out``)."""
+        return self.run.path
+
+    @property
+    def dmp(self) -> DistributedModelParallel:
+        """The sharded training module (``DistributedModelParallel``)."""
+        return self.built.dmp
+
+    @property
+    def model(self) -> MultiEmbeddingModel:
+        """The zoo model as planned (``MultiEmbeddingModel``; :attr:`dmp` holds it with its tables sharded)."""
+        return self.built.planned.model
+
+    @property
+    def pipeline(self) -> TrainPipelineSparseDist:
+        """TorchRec's training pipeline over :attr:`dmp`."""
+        return self.built.pipeline
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _init_output_bias(self) -> Optional[Dict[str, Any]]:
@@ -249,10 +249,10 @@ class Trainer:
         rather than this invocation's option, which changed nothing (rank 0, the writer of ``config.json``)."""
         if not self.ctx.is_main:
             return
-        record = json.loads((self.run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+        record = self.run.read_config()
         started_with = recorded_option(record["options"], "output_bias")
         if started_with != self.config.output_bias:
-            self._log(f"--resume: the run started with --output-bias {started_with} ({self.run_dir / CONFIG_FILE}); "
+            self._log(f"--resume: the run started with --output-bias {started_with} ({self.run.config_file}); "
                       f"its bias is the checkpoint's, --output-bias {self.config.output_bias} is not applied")
         self.config = dataclasses.replace(self.config, output_bias=started_with)
         self.output_bias_init = record.get("output_bias_init")
@@ -261,107 +261,17 @@ class Trainer:
         if self.ctx.is_main:
             print(message, file=self._log_stream, flush=True)
 
-    def _prepare_run_dir(self) -> None:
-        """Checks ``--out`` (rank 0), takes the job's lock on it and, with ``--overwrite``, empties it.
-
-        The lock (:func:`~multiembed.runtime.locking.exclusive_lock`, held by rank 0 for the job, released by
-        :meth:`close` or when the process ends) refuses a second job on the same directory in one line.
-        """
-        error: Optional[str] = None
-        if self.ctx.is_main:
-            error = self._run_dir_problem()
-            if error is None:
-                try:
-                    self.run_dir.mkdir(parents=True, exist_ok=True)
-                    self._lock = exclusive_lock(self.run_dir, "training run")
-                    lock_file = self._lock.__enter__()
-                except OSError as e:
-                    self._lock = None
-                    error = str(e)
-                else:
-                    if self.config.overwrite:
-                        # Only the run's own entries go; the lock file stays (the directory is a run: checked).
-                        for entry in self.run_dir.iterdir():
-                            if entry == lock_file:
-                                continue
-                            if entry.is_dir() and not entry.is_symlink():
-                                shutil.rmtree(entry)
-                            else:
-                                entry.unlink()
-        _raise_collectively(error)
-
     def close(self) -> None:
         """Releases the run directory's lock (rank 0); :meth:`fit` calls it when it ends."""
-        lock, self._lock = getattr(self, "_lock", None), None
-        if lock is not None:
-            lock.__exit__(None, None, None)
-
-    def _run_dir_problem(self) -> Optional[str]:
-        """Why ``--out`` cannot be used as asked (None: it can); nothing is touched here."""
-        out = self.run_dir
-        if out.is_symlink():
-            return f"--out {out}: is a symbolic link; give the directory it points to"
-        if out.exists() and not out.is_dir():
-            return f"--out {out}: exists and is not a directory"
-        if is_within(out, self.config.data):
-            return (
-                f"--out {out}: is the --data directory {self.config.data} or inside it; a run never writes into its "
-                "dataset"
-            )
-        if not out.exists() or not any(p.name != LOCK_FILE for p in out.iterdir()):
-            return None
-        for name in (CONFIG_FILE, SUMMARY_FILE, METRICS_FILE, PLAN_FILE, ckpt.CHECKPOINT_DIR):
-            if (out / name).is_symlink():
-                return f"--out {out}: {out / name} is a symbolic link; refusing to write through it"
-        if self.config.overwrite:
-            if not (out / CONFIG_FILE).is_file():
-                return (
-                    f"--overwrite: {out} is not a multiembed run directory ({CONFIG_FILE} missing); refusing to "
-                    "delete it"
-                )
-            if is_within(self.config.data, out):
-                return f"--overwrite: {out} holds the --data directory {self.config.data}; refusing to delete it"
-            return None
-        if self.config.resume:
-            return self._check_resumable()
-        return f"--out {out}: exists; pass --resume to continue that run or --overwrite to replace it"
-
-    def _check_resumable(self) -> Optional[str]:
-        path = self.run_dir / CONFIG_FILE
-        if not path.is_file():
-            return f"--resume: {path} is missing; {self.run_dir} is not a multiembed run directory"
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-            previous = record["options"]
-        except (OSError, ValueError, KeyError) as e:
-            return f"--resume: {path} is unreadable ({e})"
-        for key in (*MODEL_OPTIONS, "batch_size", "seed"):
-            if recorded_option(previous, key) != getattr(self.config, key):
-                return (
-                    f"--resume: --{key.replace('_', '-')} is {getattr(self.config, key)!r} but the run in "
-                    f"{self.run_dir} used {recorded_option(previous, key)!r}"
-                )
-        trained_on = record.get("data", {}).get("vocab_fingerprint")
-        if trained_on is not None and trained_on != self.meta.vocab_fingerprint:
-            return (
-                f"--resume: --data {self.config.data} has vocabulary fingerprint {self.meta.vocab_fingerprint[:16]}... "
-                f"but the run in {self.run_dir} was trained on {trained_on[:16]}... ({path})"
-            )
-        trained_split = record.get("data", {}).get("split_identity")
-        current_split = split_identity(self.meta)
-        if trained_split is not None and current_split is not None and trained_split != current_split:
-            return (
-                f"--resume: --data {self.config.data} has split identity {current_split[:16]}... but the run in "
-                f"{self.run_dir} was trained on {trained_split[:16]}... ({path})"
-            )
-        return None
+        self.run.close()
 
     def _write_config(self) -> None:
         if not self.ctx.is_main:
             return
+        model = self.model
         record = {
             "options": dataclasses.asdict(self.config),
-            "optimizer": dataclasses.asdict(self.optim_config),
+            "optimizer": dataclasses.asdict(self.built.optim_config),
             "output_bias_init": self.output_bias_init,
             "provenance": {
                 "multiembed": _package_version(),
@@ -385,21 +295,20 @@ class Trainer:
             },
             "model": {
                 "name": self.config.model,
-                "embedding_params": int(self.model.embedding_params),
-                "dense_params": int(self.model.dense_params),
-                "embedding_bytes": int(self.model.embedding_bytes),
+                "embedding_params": int(model.embedding_params),
+                "dense_params": int(model.dense_params),
+                "embedding_bytes": int(model.embedding_bytes),
             },
-            "sharding": self.plan_json,
+            "sharding": self.built.planned.summary,
         }
-        atomic_write_text(self.run_dir / CONFIG_FILE, json.dumps(record, indent=2, default=str) + "\n")
-        atomic_write_text(self.run_dir / PLAN_FILE, self.plan_text + "\n")
+        self.run.write_config(record, self.built.planned.text)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _state(self) -> Dict[str, Any]:
         return {
             "model": self.dmp.state_dict(),
-            "optim": self.optimizer.state_dict(),
-            "progress": {k: _exact_tensor(v) for k, v in self.progress.items()},
+            "optim": self.built.optimizer.state_dict(),
+            "progress": self.state.to_tensors(),
             f"rank{self.ctx.rank}": {"rng": ckpt.rng_state()},
         }
 
@@ -417,30 +326,32 @@ class Trainer:
             for tensor in shards:
                 if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
                     finite = finite and bool(torch.isfinite(tensor).all())
-        return _all_ranks_agree(finite)
+        return all_ranks_agree(finite)
 
     def _kept_checkpoint(self) -> str:
         """What a diverged run leaves behind, as it is."""
-        kept = ckpt.newest_valid_checkpoint(self.run_dir, report=lambda _: None)
+        kept = self.run.newest_checkpoint(report=lambda _: None)
         if kept is None:
             return "no checkpoint was written before it"
         return f"the last good checkpoint is kept: {kept}"
 
     def save(self) -> Path:
+        """Checkpoints model, optimizer state, :attr:`state` and this rank's RNG (a collective), then keeps only
+        this checkpoint and the best one (:meth:`~multiembed.training.run_dir.RunDir.retain`).
+
+        Raises:
+            TrainingDiverged: a weight is NaN or infinite (nothing is written).
+        """
         average_batch_norm_statistics(self.dmp, self.ctx.world_size)
         state = self._state()
         if not self._weights_are_finite(state["model"]):
             raise TrainingDiverged(
-                f"model weights became NaN or infinite by step {self.progress['step']}; not checkpointed; "
+                f"model weights became NaN or infinite by step {self.state.step}; not checkpointed; "
                 f"{self._kept_checkpoint()}. Lower --lr / --sparse-lr."
             )
-        info = {k: v for k, v in self.progress.items()}
-        path = ckpt.save_checkpoint(self.run_dir, int(self.progress["step"]), state, info)
-        keep = [path]
-        if self.progress["best_step"] >= 0:
-            keep.append(self.run_dir / ckpt.CHECKPOINT_DIR / ckpt.step_dir_name(int(self.progress["best_step"])))
-        ckpt.prune_checkpoints(self.run_dir, keep)
-        dist.barrier()
+        path = ckpt.save_checkpoint(self.run_dir, self.state.step, state, self.state.to_dict())
+        self.run.retain(path, self.state.best_step)
+        barrier()
         return path
 
     def restore(self, path: Path, verb: str = "resumed from") -> None:
@@ -454,12 +365,12 @@ class Trainer:
         Raises:
             ValueError: state that cannot be converted exactly, or a corrupted / unsafe checkpoint (one line).
         """
-        self.optimizer.init_state()
+        self.built.optimizer.init_state()
         state = self._state()
         flat, mapping = flatten_state_dict(state)
         sizes = {key: _size_of(value) for key, value in flat.items()}
         pairs, kept = match_saved_state(
-            flat, ckpt.checkpoint_entries(path), sizes, sparse_optimizer=self.optim_config.sparse_optimizer,
+            flat, ckpt.checkpoint_entries(path), sizes, sparse_optimizer=self.built.optim_config.sparse_optimizer,
             where=str(path),
         )
         loaded = {pairs[key]: flat[key] for key in pairs}
@@ -468,29 +379,22 @@ class Trainer:
             flat[key] = loaded[saved_key]
         state = unflatten_state_dict(flat, mapping)
         self.dmp.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optim"])
-        for sched in self._schedules:
+        self.built.optimizer.load_state_dict(state["optim"])
+        for sched in self.built.schedules:
             sched.post_load_state_dict()
-        for key, value in state["progress"].items():
-            kind = type(self.progress[key])
-            self.progress[key] = bool(value.item()) if kind is bool else kind(value.item())
+        self.state.load_tensors(state["progress"])
         rank_key = f"rank{self.ctx.rank}"
         if any(key.startswith(rank_key + ".") for key in kept):
-            torch.manual_seed(hash((self.config.seed, int(self.progress["step"]), self.ctx.rank)) & (2**63 - 1))
+            torch.manual_seed(hash((self.config.seed, self.state.step, self.ctx.rank)) & (2**63 - 1))
         else:
             ckpt.set_rng_state(state[rank_key]["rng"])
         # Options may extend a run (a larger --max-steps or --epochs): whether it is done follows from them.
-        cfg = self.config
-        self.progress["done"] = bool(
-            (cfg.patience > 0 and self.progress["evals_since_best"] >= cfg.patience)
-            or self.progress["epoch"] >= cfg.epochs
-            or (cfg.max_steps and self.progress["step"] >= cfg.max_steps)
-        )
-        self._truncate_metrics_log(int(self.progress["evaluations"]))
+        self.state.done = self.state.finished(self.config)
+        self._keep_checkpointed_evaluations()
         note = describe(kept)
         self._log(
-            f"{verb} {path} (epoch {self.progress['epoch']}, batch {self.progress['batch']}, step "
-            f"{self.progress['step']}) on {self.ctx.world_size} rank(s)" + (f"; {note}" if note else "")
+            f"{verb} {path} (epoch {self.state.epoch}, batch {self.state.batch}, step "
+            f"{self.state.step}) on {self.ctx.world_size} rank(s)" + (f"; {note}" if note else "")
         )
 
     def warm_start(self, path: Path) -> None:
@@ -503,37 +407,58 @@ class Trainer:
             ValueError: a checkpoint of another model or options, or one that cannot be converted exactly (one
                 line).
         """
-        start = dict(self.progress)
+        start = dataclasses.replace(self.state)
         self.restore(path, verb="warm-started from")
-        self.progress.update(start)
-        self._truncate_metrics_log(0)
+        self.state = start
+        if self.ctx.is_main:
+            self.run.keep_metrics(0)
 
-    def _truncate_metrics_log(self, evaluations: int) -> None:
-        """Keeps the first ``evaluations`` lines of ``metrics.jsonl``: a run killed after an evaluation but before
-        its checkpoint logged an evaluation the resumed run repeats."""
-        path = self.run_dir / METRICS_FILE
-        if not self.ctx.is_main or not path.is_file():
+    def _keep_checkpointed_evaluations(self) -> None:
+        """Drops the evaluations ``metrics.jsonl`` logged after the restored checkpoint (rank 0)."""
+        if not self.ctx.is_main:
             return
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        if len(lines) > evaluations:
-            atomic_write_text(path, "".join(lines[:evaluations]))
-            self._log(f"{path}: dropped {len(lines) - evaluations} evaluation(s) logged after the checkpoint")
+        dropped = self.run.keep_metrics(self.state.evaluations)
+        if dropped:
+            self._log(f"{self.run.metrics_file}: dropped {dropped} evaluation(s) logged after the checkpoint")
 
     def load_model_only(self, path: Path) -> None:
         """Loads only the model's weights from a checkpoint (e.g. the best one, to test it)."""
         load_model_weights(self.built, path)
 
     # ---------------------------------------------------------------------------------------------- loops
-    def _segment_end(self, start: int) -> int:
-        """The batch index (exclusive) where the segment starting at ``start`` ends."""
-        stop = self.train_loader.num_batches
-        step = int(self.progress["step"])
-        for every in (self.config.eval_every, self.config.checkpoint_every):
-            if every:
-                stop = min(stop, start + every - (step % every))
-        if self.config.max_steps:
-            stop = min(stop, start + self.config.max_steps - step)
-        return stop
+    def fit(self) -> Dict[str, Any]:
+        """Trains to early stopping or ``--epochs``, then tests the best-validation checkpoint.
+
+        Returns:
+            The summary written to ``summary.json``.
+        """
+        try:
+            self._start()
+            num_batches = self.train_loader.num_batches
+            while not self.state.done:
+                epoch, start = self.state.epoch, self.state.batch
+                stop = self.state.segment_end(self.config, num_batches)
+                loss = self._train_segment(epoch, start, stop) if stop > start else float("nan")
+                due = self.state.due(self.config, num_batches)
+                if due.evaluate:
+                    self._validate(loss)
+                self.state.end_segment(self.config, num_batches)
+                if due.checkpoint or self.state.done:
+                    self.save()
+            return self._finish()
+        finally:
+            self.close()
+
+    def _start(self) -> None:
+        """Restores the newest checkpoint with ``--resume`` (when there is one), then writes ``config.json``."""
+        if self.config.resume:
+            found = self.run.newest_checkpoint(report=self._log)
+            if found is not None:
+                self.restore(found)
+                self._keep_recorded_output_bias()
+            else:
+                self._log(f"--resume: no complete checkpoint in {self.run_dir}; starting from the beginning")
+        self._write_config()
 
     def _train_segment(self, epoch: int, start: int, stop: int) -> float:
         """Trains batches ``[start, stop)`` of ``epoch``; returns the mean loss of this rank."""
@@ -544,7 +469,7 @@ class Trainer:
         planned = self.config.epochs * self.train_loader.num_batches
         if self.config.max_steps:
             planned = min(planned, self.config.max_steps)
-        step = int(self.progress["step"])
+        step = self.state.step
         bar = progress_bar(
             total=max(planned, step + stop - start), initial=step, desc=f"epoch {epoch}", unit="step",
             file=sys.stderr, leave=False, disable=not (self.config.progress and self.ctx.is_main), dynamic_ncols=True,
@@ -568,19 +493,16 @@ class Trainer:
                     )
                     bar.update(1)
         elapsed = time.perf_counter() - started
-        # Not part of the checkpointed progress: wall-clock facts of this process only.
+        # Not part of the checkpointed state: wall-clock facts of this process only.
         self.loader_wait_s += batches.wait_s
         self.train_wall_s += elapsed
         if steps != stop - start:
             raise RuntimeError(f"the pipeline ran {steps} batches of the {stop - start} it was given")
-        self.progress["train_time_s"] += elapsed
-        self.progress["samples_trained"] += steps * self.config.batch_size
-        self.progress["step"] += steps
-        self.progress["batch"] = stop
+        self.state.advance(steps, stop, elapsed, self.config.batch_size)
         mean = loss_sum / max(steps, 1)
-        if not _all_ranks_agree(math.isfinite(mean)):
+        if not all_ranks_agree(math.isfinite(mean)):
             raise TrainingDiverged(
-                f"training loss is NaN or infinite at step {self.progress['step']} (epoch {epoch}); "
+                f"training loss is NaN or infinite at step {self.state.step} (epoch {epoch}); "
                 f"{self._kept_checkpoint()}. Lower --lr / --sparse-lr or check the data."
             )
         return mean
@@ -612,52 +534,35 @@ class Trainer:
             record["collapsed"] = [entry.to_dict() for entry in monitor.check(result)]
         return record
 
-    def _append_metrics(self, record: Dict[str, Any]) -> None:
-        if self.ctx.is_main:
-            path = self.run_dir / METRICS_FILE
-            if path.is_symlink():
-                raise ValueError(f"{path}: is a symbolic link; refusing to write through it")
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def _evaluate_and_checkpoint(self, train_loss: float) -> bool:
-        """Validation, early-stopping bookkeeping and a checkpoint; returns True when training should stop."""
+    def _validate(self, train_loss: float) -> None:
+        """Validation: early stopping's bookkeeping in :attr:`state`, a line in ``metrics.jsonl`` and in the log."""
         val = self.evaluate("val")
-        self.progress["evaluations"] += 1
-        improved = val["auc"] > self.progress["best_auc"]
-        if improved:
-            self.progress["best_auc"] = val["auc"]
-            self.progress["best_step"] = self.progress["step"]
-            self.progress["evals_since_best"] = 0
-        else:
-            self.progress["evals_since_best"] += 1
-        stop = self.config.patience > 0 and self.progress["evals_since_best"] >= self.config.patience
-        throughput = self.progress["samples_trained"] / max(self.progress["train_time_s"], 1e-9)
-        every = self.config.ia_every
-        collapse = self.information_abundance() if every and self.progress["evaluations"] % every == 0 else {}
-        self._append_metrics(
-            {
-                "evaluation": int(self.progress["evaluations"]),
-                "epoch": int(self.progress["epoch"]),
-                "step": int(self.progress["step"]),
-                "train_loss": train_loss,
-                **{f"val_{k}": v for k, v in val.items()},
-                "best_val_auc": self.progress["best_auc"],
-                "samples_per_s": throughput,
-                "loader_share": self.loader_share,
-                "lr": self._schedules[1].param_groups[0]["lr"],
-                "sparse_lr": self._schedules[0].param_groups[0]["lr"] if self._schedules[0].param_groups else None,
-                **collapse,
-            }
-        )
+        improved = self.state.record_evaluation(val["auc"])
+        throughput = self.state.samples_per_s
+        collapse = self.information_abundance() if self.state.information_abundance_due(self.config) else {}
+        sparse_schedule, dense_schedule = self.built.schedules
+        record = {
+            "evaluation": self.state.evaluations,
+            "epoch": self.state.epoch,
+            "step": self.state.step,
+            "train_loss": train_loss,
+            **{f"val_{k}": v for k, v in val.items()},
+            "best_val_auc": self.state.best_auc,
+            "samples_per_s": throughput,
+            "loader_share": self.loader_share,
+            "lr": dense_schedule.param_groups[0]["lr"],
+            "sparse_lr": sparse_schedule.param_groups[0]["lr"] if sparse_schedule.param_groups else None,
+            **collapse,
+        }
+        if self.ctx.is_main:
+            self.run.append_metrics(record)
         self._log(
-            f"step {self.progress['step']:>7} epoch {self.progress['epoch']}: val auc {val['auc']:.5f} "
+            f"step {self.state.step:>7} epoch {self.state.epoch}: val auc {val['auc']:.5f} "
             f"logloss {val['logloss']:.5f} ne {val['ne']:.4f} {'(best)' if improved else ''} "
             f"| {throughput:,.0f} samples/s"
             + (f" | IA mean per set {' '.join(f'{v:.2f}' for v in collapse['ia_mean'])}" if collapse else "")
             + (f" | {_collapsed_text(collapse)}" if collapse.get("collapsed") else "")
         )
-        return stop
 
     @property
     def loader_share(self) -> Optional[float]:
@@ -667,64 +572,25 @@ class Trainer:
         during step ``i``, so the wait is part of the step time it is divided by."""
         return self.loader_wait_s / self.train_wall_s if self.train_wall_s > 0 else None
 
-    def fit(self) -> Dict[str, Any]:
-        """Trains to early stopping or ``--epochs``, then tests the best-validation checkpoint.
-
-        Returns:
-            The summary written to ``summary.json``.
-        """
-        try:
-            return self._fit()
-        finally:
-            self.close()
-
-    def _fit(self) -> Dict[str, Any]:
-        if self.config.resume:
-            found = ckpt.newest_valid_checkpoint(self.run_dir, report=self._log)
-            if found is not None:
-                self.restore(found)
-                self._keep_recorded_output_bias()
-            else:
-                self._log(f"--resume: no complete checkpoint in {self.run_dir}; starting from the beginning")
-        self._write_config()
-        cfg = self.config
-        while not self.progress["done"]:
-            epoch, start = int(self.progress["epoch"]), int(self.progress["batch"])
-            stop = self._segment_end(start)
-            loss = self._train_segment(epoch, start, stop) if stop > start else float("nan")
-            epoch_done = self.progress["batch"] >= self.train_loader.num_batches
-            at_step_limit = bool(cfg.max_steps) and self.progress["step"] >= cfg.max_steps
-            step = int(self.progress["step"])
-            eval_due = (epoch_done and not cfg.eval_every) or (cfg.eval_every and step % cfg.eval_every == 0)
-            eval_due = bool(eval_due or at_step_limit or (epoch_done and epoch + 1 >= cfg.epochs))
-            stop_training = self._evaluate_and_checkpoint(loss) if eval_due else False
-            if epoch_done:
-                self.progress["epoch"] = epoch + 1
-                self.progress["batch"] = 0
-            if stop_training or at_step_limit or self.progress["epoch"] >= cfg.epochs:
-                self.progress["done"] = True
-            if eval_due or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or self.progress["done"]:
-                self.save()
-        return self._finish()
-
     def _finish(self) -> Dict[str, Any]:
-        best = self.run_dir / ckpt.CHECKPOINT_DIR / ckpt.step_dir_name(int(self.progress["best_step"]))
+        """Tests the best-validation checkpoint and writes ``summary.json``; returns the summary."""
+        best = self.run.checkpoint(self.state.best_step)
         self.load_model_only(best)
         val = self.evaluate("val")
         test = self.evaluate("test")
-        samples_per_s = self.progress["samples_trained"] / max(self.progress["train_time_s"], 1e-9)
+        model = self.model
         summary: Dict[str, Any] = {
             "model": self.config.model,
-            "best_step": int(self.progress["best_step"]),
-            "steps": int(self.progress["step"]),
-            "epochs_run": round(self.progress["step"] / self.train_loader.num_batches, 3),
+            "best_step": self.state.best_step,
+            "steps": self.state.step,
+            "epochs_run": round(self.state.step / self.train_loader.num_batches, 3),
             **{f"val_{k}": v for k, v in val.items()},
             **{f"test_{k}": v for k, v in test.items()},
-            "samples_per_s": samples_per_s,
+            "samples_per_s": self.state.samples_per_s,
             "loader_share": self.loader_share,
             "world_size": self.ctx.world_size,
-            "embedding_params": int(self.model.embedding_params),
-            "dense_params": int(self.model.dense_params),
+            "embedding_params": int(model.embedding_params),
+            "dense_params": int(model.dense_params),
             "checkpoint": best.relative_to(self.run_dir).as_posix(),
         }
         if self.meta.bayes:
@@ -733,7 +599,7 @@ class Trainer:
                     summary[f"bayes_{split}_auc"] = self.meta.bayes[split]["auc"]
                     summary[f"bayes_{split}_logloss"] = self.meta.bayes[split]["logloss"]
         if self.ctx.is_main:
-            atomic_write_text(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+            self.run.write_summary(summary)
         return summary
 
 
