@@ -347,11 +347,17 @@ def row_layout(path: os.PathLike, fmt: RawFormat) -> RawFormat:
 
 def data_line_layout(fmt: RawFormat, line: bytes) -> RawFormat:
     """``fmt.unlabelled()`` when a data line has the unlabelled layout's number of columns, else ``fmt`` (whose
-    checks then name what is wrong): how :func:`row_layout` tells a file without a header, and how lines served
-    without their file are told."""
+    checks then name what is wrong): how :func:`row_layout` tells a file without a header."""
+    return fmt.unlabelled() if is_unlabelled_line(fmt, line) else fmt
+
+
+def is_unlabelled_line(fmt: RawFormat, line: bytes) -> bool:
+    """Whether a data line of labelled format ``fmt`` has one column fewer: the unlabelled layout
+    (:func:`data_line_layout`; how lines served without their file are told)."""
+    if fmt.label_column is None:
+        return False
     cells = split_cells(fmt, line.rstrip(b"\r\n"))
-    unlabelled = fmt.unlabelled()
-    return unlabelled if cells is not None and len(cells) == unlabelled.num_columns else fmt
+    return cells is not None and len(cells) == fmt.num_columns - 1
 
 
 def file_state(path: os.PathLike) -> Tuple[int, int]:

@@ -39,7 +39,7 @@ from multiembed.data.loader import ParquetBatchLoader, keyed_features
 from multiembed.data.metadata import DENSE_PREFIX, LABEL_COLUMN, atomic_write, read_metadata
 from multiembed.data.metrics import log_loss, roc_auc
 from multiembed.data.rawlog import (
-    ON_ERROR_CHOICES, ChunkParser, RawChunk, data_line_layout, iter_chunks, row_layout, scan_source,
+    ON_ERROR_CHOICES, ChunkParser, RawChunk, is_unlabelled_line, iter_chunks, row_layout, scan_source,
 )
 from multiembed.data.vocab import CountedVocabulary, HashingVocabulary
 from multiembed.serving.artifact import RAW_PREPROCESSING, ArtifactError, ServingArtifact
@@ -264,7 +264,7 @@ class RawLineEncoder:
         if labelled is None:
             first = lines[0] if len(lines) else b""
             first = first.encode("utf-8", "surrogatepass") if isinstance(first, str) else first
-            labelled = data_line_layout(self.format, first).label_column is not None
+            labelled = not is_unlabelled_line(self.format, first)
         return self.layout_encoder(labelled).encode(lines, first_line)
 
     def features(
