@@ -11,9 +11,10 @@ ids to probabilities; throughput is rows per second divided by the intra-op thre
 The FLOP limit of a row is the fastest the model could run on this core: the single-core fp32 GEMM rate measured
 in the same run (:func:`gemm_rate`) over the dense program's forward FLOPs per prediction (``torch.utils.
 flop_counter``; the table lookup counts none). ``flop_fraction`` is the row's predictions per second per core over
-that limit. With ``--raw`` (lines of the artifact's raw format), the tokenisation of ``predict --raw`` (parse,
-vocabulary, features) of one line and the table lookup of one row are timed separately, each as a fraction of
-the batch-1 p50 of every artifact's rows.
+that limit. With ``--raw`` (lines of the artifact's raw format), the tokenisation of one line (parse, vocabulary,
+features: :meth:`multiembed.serving.predict.RawLineEncoder.features`, what a server calls per request and
+``predict --raw`` does for short chunks) and the table lookup of one row are timed separately, each as a fraction
+of the batch-1 p50 of every artifact's rows.
 
 The JSON records the machine (:func:`multiembed.benchmarks.machine.cpu_facts`, threads, load average), the GEMM
 rate, every row and the issue's targets for the compiled rows (:data:`TARGETS`) with whether each held.
@@ -32,19 +33,19 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from multiembed.benchmarks.machine import cpu_facts
-from multiembed.data.encode import encode_table
+from multiembed.data.formats import RawFormat
 from multiembed.data.loader import ParquetBatchLoader
 from multiembed.data.metadata import atomic_write_text
-from multiembed.data.rawlog import ChunkParser, RawChunk, open_source, row_layout
+from multiembed.data.rawlog import open_source, row_layout
 from multiembed.serving import ServingArtifact, load_artifact
 from multiembed.serving.artifact import dense_input_shapes
-from multiembed.serving.predict import artifact_vocabulary, encode_rows
+from multiembed.serving.predict import RawLineEncoder
 
 BATCH_SIZES = (1, 64, 1024)
 # The compiled rows' targets: batch-1 latency ceilings (ms), FLOP-limit floors per batch size, and the ceiling of
@@ -126,26 +127,25 @@ def flops_per_prediction(artifact: ServingArtifact, batch: int = 64) -> float:
     return counter.get_total_flops() / batch
 
 
-def raw_line_chunks(artifact: ServingArtifact, path: str, count: int) -> List[RawChunk]:
-    """The first ``count`` data lines of a raw file of the artifact's format, one :class:`RawChunk` each."""
-    fmt = row_layout(path, artifact_vocabulary(artifact)[0])
-    chunks: List[RawChunk] = []
+def raw_lines(fmt: RawFormat, path: str, count: int) -> List[Tuple[int, bytes]]:
+    """``(line number, line)`` of the first ``count`` data lines of a raw file of format ``fmt``."""
+    out: List[Tuple[int, bytes]] = []
     with open_source(path) as f:
         if fmt.header:
             f.readline()
         for row, line in enumerate(f):
             if row == count:
                 break
-            chunks.append(RawChunk(memoryview(line), row + 1 + int(fmt.header), row, 1))
-    if not chunks:
+            out.append((row + 1 + int(fmt.header), line))
+    if not out:
         raise ValueError(f"{path}: no data lines")
-    return chunks
+    return out
 
 
 def time_stages(artifact: ServingArtifact, raw: Optional[str], batch_1: Sequence[Any], min_calls: int,
                 min_seconds: float) -> Dict[str, Any]:
-    """p50 / p99 (ms) at batch 1 of ``predict --raw``'s tokenisation of one line (parse, vocabulary, features;
-    None without ``raw``) and of the table lookup of one row."""
+    """p50 / p99 (ms) at batch 1 of the tokenisation of one raw line (:meth:`RawLineEncoder.features`: parse,
+    vocabulary, features; None without ``raw``) and of the table lookup of one row."""
     model = artifact.model
 
     def lookup(i: int) -> None:
@@ -154,16 +154,15 @@ def time_stages(artifact: ServingArtifact, raw: Optional[str], batch_1: Sequence
 
     stages = {"tokenise": None, "lookup": _percentiles(latencies_ms(lookup, len(batch_1), min_calls, min_seconds))}
     if raw is not None:
-        fmt, mode, seed, vocab = artifact_vocabulary(artifact)
-        fmt = row_layout(raw, fmt)
-        parser = ChunkParser(fmt, raw)
-        chunks = raw_line_chunks(artifact, raw, 64)
-        fields, dense_fields = artifact.manifest.fields, artifact.manifest.dense_fields
+        encoder = RawLineEncoder(artifact, source=raw)
+        fmt = row_layout(raw, encoder.format)
+        lines = raw_lines(fmt, raw, 64)
 
         def tokenise(i: int) -> None:
-            encode_rows(encode_table(parser.parse(chunks[i]).table, fmt, mode, vocab, seed), fields, dense_fields)
+            number, line = lines[i]
+            encoder.features([line], first_line=number)
 
-        stages["tokenise"] = _percentiles(latencies_ms(tokenise, len(chunks), min_calls, min_seconds))
+        stages["tokenise"] = _percentiles(latencies_ms(tokenise, len(lines), min_calls, min_seconds))
     return stages
 
 

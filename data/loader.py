@@ -45,6 +45,7 @@ from __future__ import annotations
 import multiembed.runtime.stack_check  # noqa: F401  (checks the TorchRec stack before any torchrec import)
 
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -344,6 +345,29 @@ def _in_background(produce: Iterator[T], depth: int) -> Iterator[T]:
         thread.join()
 
 
+def keyed_features(
+    keys: List[str], values: torch.Tensor, lengths: torch.Tensor, size: int, length_per_key: List[int]
+) -> KeyedJaggedTensor:
+    """A KJT of ``size`` rows whose ids per key are counted already: its per-key offsets follow from the counts,
+    so nothing is synchronised from the lengths tensor (as ``KeyedJaggedTensor.from_lengths_sync`` would).
+
+    Args:
+        keys: the keys, in order.
+        values: int64 ``[sum(length_per_key)]``, key-major.
+        lengths: int32 ``[len(keys) * size]``, key-major.
+        size: rows (the KJT's stride).
+        length_per_key: ids per key.
+    """
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=values,
+        lengths=lengths,
+        stride=size,
+        length_per_key=length_per_key,
+        offset_per_key=list(itertools.accumulate(length_per_key, initial=0)),
+    )
+
+
 class ParquetBatchLoader:
     """Reads one split of a converted dataset as :class:`WeightedBatch` es, this rank's share only.
 
@@ -574,17 +598,7 @@ class ParquetBatchLoader:
             values = torch.from_numpy(np.concatenate(value_parts))
             lengths = torch.from_numpy(np.concatenate(length_parts))
             length_per_key = [int(part.sum()) for part in length_parts]
-        offset_per_key = [0]
-        for length in length_per_key:
-            offset_per_key.append(offset_per_key[-1] + length)
-        sparse = KeyedJaggedTensor(
-            keys=self.keys,
-            values=values,
-            lengths=lengths,
-            stride=size,
-            length_per_key=length_per_key,
-            offset_per_key=offset_per_key,
-        )
+        sparse = keyed_features(self.keys, values, lengths, size, length_per_key)
         dense = (
             torch.from_numpy(np.take(store.dense, local_rows, axis=0))
             if self._use_dense

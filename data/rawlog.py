@@ -336,13 +336,28 @@ def row_layout(path: os.PathLike, fmt: RawFormat) -> RawFormat:
         return fmt
     if first.startswith(UTF8_BOM):
         first = first[len(UTF8_BOM) :]
+    if not fmt.header:
+        return data_line_layout(fmt, first)
     cells = split_cells(fmt, first.rstrip(b"\r\n"))
     if cells is None:
         return fmt
-    if fmt.header:
-        names = tuple(cell.decode("utf-8", errors="replace") for cell in cells)
-        return unlabelled if names == unlabelled.columns else fmt
-    return unlabelled if len(cells) == unlabelled.num_columns else fmt
+    names = tuple(cell.decode("utf-8", errors="replace") for cell in cells)
+    return unlabelled if names == unlabelled.columns else fmt
+
+
+def data_line_layout(fmt: RawFormat, line: bytes) -> RawFormat:
+    """``fmt.unlabelled()`` when a data line has the unlabelled layout's number of columns, else ``fmt`` (whose
+    checks then name what is wrong): how :func:`row_layout` tells a file without a header."""
+    return fmt.unlabelled() if is_unlabelled_line(fmt, line) else fmt
+
+
+def is_unlabelled_line(fmt: RawFormat, line: bytes) -> bool:
+    """Whether a data line of labelled format ``fmt`` has one column fewer: the unlabelled layout
+    (:func:`data_line_layout`; how lines served without their file are told)."""
+    if fmt.label_column is None:
+        return False
+    cells = split_cells(fmt, line.rstrip(b"\r\n"))
+    return cells is not None and len(cells) == fmt.num_columns - 1
 
 
 def file_state(path: os.PathLike) -> Tuple[int, int]:

@@ -151,14 +151,33 @@ def hash_tokens(array: pa.Array, seed: int = 0) -> np.ndarray:
         if array.num_chunks == 0:
             return np.zeros(0, dtype=np.uint64)
         return np.concatenate([hash_tokens(chunk, seed) for chunk in array.chunks])
-    tables = _seed_tables(seed)
     offsets, data = string_offsets_and_data(array)
-    n = len(array)
-    if n == 0:
+    if len(array) == 0:
         return np.zeros(0, dtype=np.uint64)
     # int64 positions: numpy gathers with them faster than with Arrow's int32 offsets.
-    starts = offsets[:-1].astype(np.int64)
-    lengths = np.diff(offsets)
+    return hash_spans(data, offsets[:-1].astype(np.int64), np.diff(offsets), seed)
+
+
+def hash_spans(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray, seed: int = 0) -> np.ndarray:
+    """``hash64`` of the tokens ``data[starts[i] : starts[i] + lengths[i]]``, vectorised (the core of
+    :func:`hash_tokens`; tokens may lie anywhere in ``data``, e.g. the cells of raw lines between their delimiters).
+
+    Args:
+        data: uint8 ``[bytes]``.
+        starts: int64 ``[n]`` first byte of every token.
+        lengths: integer ``[n]`` byte length of every token, at most ``MAX_TOKEN_BYTES``.
+        seed: hash seed.
+
+    Returns:
+        uint64 array, shape ``[n]``.
+
+    Raises:
+        ValueError: a token is longer than ``MAX_TOKEN_BYTES``.
+    """
+    n = len(starts)
+    if n == 0:
+        return np.zeros(0, dtype=np.uint64)
+    tables = _seed_tables(seed)
     longest = int(lengths.max())
     if longest > MAX_TOKEN_BYTES:
         raise ValueError(f"token of {longest} bytes (at most {MAX_TOKEN_BYTES} accepted)")
@@ -188,19 +207,27 @@ def hash_tokens(array: pa.Array, seed: int = 0) -> np.ndarray:
     return _fmix64_inplace(acc, scratch)
 
 
-def bucketize(hashes: np.ndarray, size: int) -> np.ndarray:
+def bucketize(hashes: np.ndarray, size: Union[int, np.ndarray]) -> np.ndarray:
     """Maps 64-bit hashes to ids in ``[0, size)`` with the high 32 bits (``(h >> 32) * size >> 32``).
 
     A multiply-shift instead of ``h % size``: a 64-bit modulo costs several times more per value, and the high bits
     of ``fmix64`` output are as uniform as the low ones.
 
+    Args:
+        hashes: uint64, any shape.
+        size: the table size, or one size per column of ``hashes`` (integer ``[F]`` for hashes ``[n, F]``).
+
     Returns:
         int64 array, same shape as ``hashes``.
+
+    Raises:
+        ValueError: a size outside ``[1, 2**32]``.
     """
-    if not 1 <= size <= MAX_HASH_SIZE:
+    sizes = np.asarray(size)
+    if sizes.size and not (1 <= int(sizes.min()) and int(sizes.max()) <= MAX_HASH_SIZE):
         raise ValueError(f"hash size must be in [1, {MAX_HASH_SIZE}], got {size}")
     high = hashes >> np.uint64(32)
-    high *= np.uint64(size)
+    high *= sizes.astype(np.uint64)
     high >>= np.uint64(32)
     return high.view(np.int64)
 
@@ -224,10 +251,23 @@ def dense_log1p(column: Union[pa.Array, pa.ChunkedArray]) -> np.ndarray:
     position = 0
     for chunk in chunks:
         values = chunk.fill_null(0).to_numpy() if chunk.null_count else chunk.to_numpy()
-        part = out[position : position + len(values)]
+        log1p_clipped(values, out[position : position + len(values)])
         position += len(values)
-        np.maximum(values, 0, out=part, casting="unsafe")
-        np.log1p(part, out=part)
+    return out
+
+
+def log1p_clipped(values: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out = log(1 + max(values, 0))`` in float32 (the core of :func:`dense_log1p`; empty cells hold 0).
+
+    Args:
+        values: int64, any shape.
+        out: float32 of the same shape, written in place.
+
+    Returns:
+        ``out``.
+    """
+    np.maximum(values, 0, out=out, casting="unsafe")
+    np.log1p(out, out=out)
     return out
 
 
@@ -265,20 +305,34 @@ def _bin_key_table(seed: int) -> np.ndarray:
 
 
 def paper_int_keys(array: Union[pa.Array, pa.ChunkedArray], seed: int = 0) -> np.ndarray:
-    """``hash64`` of the paper token of every integer cell, equal to ``hash_tokens(paper_int_tokens(array))``.
+    """``hash64`` of the paper token of every integer cell, equal to ``hash_tokens(paper_int_tokens(array))``."""
+    values, valid = int_values_and_validity(array)
+    return paper_value_keys(values, valid, seed)
+
+
+def paper_value_keys(values: np.ndarray, valid: np.ndarray, seed: int = 0) -> np.ndarray:
+    """``hash64`` of the paper token of integer cells given as values and a validity mask (the core of
+    :func:`paper_int_keys`).
 
     The tokens of the usual bins are hashed once into a lookup table; only cells whose bin falls outside it (v - 2
     below -1024) are turned into strings and hashed.
+
+    Args:
+        values: int64 ``[n]`` (any value where not valid).
+        valid: bool ``[n]``: False for an empty cell (token ``"NULL"``).
+        seed: hash seed.
+
+    Returns:
+        uint64 ``[n]``.
     """
-    values, valid = int_values_and_validity(array)
     bins = paper_bins(values)
     table = _bin_key_table(seed)
-    inside = (bins >= _BIN_LOW) & (bins <= _BIN_HIGH)
-    index = np.where(inside, bins - _BIN_LOW, 0)
+    index = bins - _BIN_LOW
+    # Bins below the table wrap around to huge unsigned indices: one comparison finds both sides.
+    outside = index.view(np.uint64) > np.uint64(_BIN_HIGH - _BIN_LOW)
     index[~valid] = len(table) - 1
-    keys = np.take(table, index)
-    outside = np.flatnonzero(~inside & valid)
-    if outside.size:
+    keys = np.take(table, index, mode="clip")
+    outside &= valid
+    if outside.any():
         keys[outside] = hash_tokens(pa.array(bins[outside]).cast(pa.string()), seed)
     return keys
-

@@ -7,7 +7,7 @@
 * :mod:`multiembed.serving.compiled`: ``load_artifact(..., compile=True)``: the checked dense program compiled
   ahead of time on the serving machine (AOTInductor), cached in a private directory;
 * :mod:`multiembed.serving.predict`: converted Parquet splits or raw Criteo / Avazu lines -> predictions, AUC and
-  log loss.
+  log loss; :class:`~multiembed.serving.predict.RawLineEncoder`: a server's raw lines -> ``(dense, KJT)``.
 
 It sits after ``training`` in the flow (it rebuilds a run's model through the one build path to export it) and
 imports nothing from ``cli``.

@@ -21,6 +21,7 @@ MODULES = [
     "multiembed.models.cpu_fastpath",
     "multiembed.data.loader",
     "multiembed.data.metrics",
+    "multiembed.data.lines",
     "multiembed.data.convert",
     "multiembed.data.paths",
     "multiembed.serving.outputs",

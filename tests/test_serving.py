@@ -680,6 +680,72 @@ def test_predict_raw_serves_unlabelled_rows(synthetic_criteo, exported, tmp_path
     assert "columns: expected 39 tab-separated columns, got 40" in _error(capsys)
 
 
+def test_raw_line_encoder_serves_the_features_of_the_converters_encoding(synthetic_criteo, exported) -> None:
+    """A server's path, raw lines -> (dense, KJT): a line alone gives its row of the converter's encoding of the whole
+    file, a request of every line gives all of them and the same probabilities; unlabelled lines (39 columns) are
+    told by their column count and give the same features."""
+    from multiembed.data.encode import encode_table
+    from multiembed.data.rawlog import ChunkParser, iter_chunks
+    from multiembed.serving import load_artifact
+    from multiembed.serving.predict import RawLineEncoder, artifact_vocabulary, encode_rows
+
+    _, _, raw = synthetic_criteo
+    artifact = load_artifact(exported["int8"])
+    fmt, mode, seed, vocab = artifact_vocabulary(artifact)
+    columns = encode_table(ChunkParser(fmt, str(raw)).parse(next(iter_chunks(raw, fmt))).table, fmt, mode, vocab, seed)
+    dense, sparse = encode_rows(columns, artifact.fields, artifact.manifest.dense_fields)
+    ids = sparse.values().view(len(artifact.fields), -1)
+    lines = raw.read_bytes().splitlines(keepends=True)
+    assert len(lines) == dense.shape[0] and dense.shape[1] == 13
+    encoder = RawLineEncoder(artifact, source="request")
+    for i in range(0, len(lines), 7):
+        one_dense, one_sparse = encoder.features([lines[i]], first_line=i + 1)
+        assert one_sparse.keys() == artifact.fields and one_sparse.lengths().tolist() == [1] * len(artifact.fields)
+        assert torch.equal(one_dense, dense[i : i + 1]) and torch.equal(one_sparse.values(), ids[:, i])
+    unlabelled = [line.split(b"\t", 1)[1] for line in lines]
+    for request in (lines, unlabelled):
+        all_dense, all_sparse = encoder.features(request)
+        assert torch.equal(all_dense, dense) and torch.equal(all_sparse.values(), sparse.values())
+        assert torch.equal(artifact.predict(all_dense, all_sparse), artifact.predict(dense, sparse))
+    with pytest.raises(ValueError, match=r"^request:2: I1: expected an integer, got 'x'$"):
+        encoder.features([lines[0], b"0\tx\t" + lines[1].split(b"\t", 2)[2]])
+
+
+def test_predict_raw_predicts_the_same_through_either_tokeniser(synthetic_criteo, exported, tmp_path,
+                                                                monkeypatch) -> None:
+    """``predict --raw`` encodes short chunks line by line and long ones with the chunked reader: the same rows,
+    skips, labels and logits either way, and the same one-line refusal."""
+    from multiembed.data.lines import LineEncoder
+    from multiembed.data.rawlog import InputError
+    from multiembed.serving import load_artifact
+    from multiembed.serving import predict as serving_predict
+
+    _, _, raw = synthetic_criteo
+    lines = raw.read_bytes().splitlines(keepends=True)
+    bad = tmp_path / "bad.txt"
+    broken = lines[40].split(b"\t", 2)
+    bad.write_bytes(b"".join(lines[:20] + [b"1\t2\n"] + lines[20:40] + [b"\t".join([broken[0], b"x", broken[2]])]
+                             + lines[41:]))
+    artifact = load_artifact(exported["int8"])
+    calls: List[int] = []
+    encode = LineEncoder.encode
+    monkeypatch.setattr(LineEncoder, "encode", lambda self, *a, **k: calls.append(1) or encode(self, *a, **k))
+    results, refusals = [], []
+    for limit in (0, 10**6):
+        monkeypatch.setattr(serving_predict, "LINE_ENCODER_MAX_LINES", limit)
+        results.append(serving_predict.predict_raw(artifact, bad, batch_size=64, on_error="skip"))
+        with pytest.raises(InputError) as refused:
+            serving_predict.predict_raw(artifact, bad, batch_size=64)
+        refusals.append(str(refused.value))
+        assert bool(calls) == (limit > 0)
+    chunked, by_line = results
+    assert by_line.skipped == chunked.skipped == {"column_count": 1, "bad_integer": 1}
+    assert by_line.rows.tolist() == chunked.rows.tolist() == [r for r in range(len(lines) + 1) if r not in (20, 41)]
+    assert by_line.labels.tobytes() == chunked.labels.tobytes()
+    assert by_line.logits.tobytes() == chunked.logits.tobytes() and len(chunked.logits) == len(lines) - 1
+    assert refusals[0] == refusals[1] == f"{bad}:21: columns: expected 40 tab-separated columns, got 2"
+
+
 def test_predict_ends_with_one_summary_line(synthetic_criteo, exported, tmp_path) -> None:
     """As a user runs it: stdout is the one JSON summary (rows, output path, AUC and log loss of labelled rows)
     and nothing else is printed."""
