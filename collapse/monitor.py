@@ -36,9 +36,9 @@ import torch
 import torch.distributed as dist
 
 from multiembed.collapse.result import CollapseResult
-from multiembed.collapse.shards import _all_reduce_accumulators, _Collectives
+from multiembed.collapse.shards import all_reduce_accumulators, Collectives
 from multiembed.collapse.spectrum import GramAccumulator, information_abundance
-from multiembed.collapse.streaming import DEFAULT_CHUNK_ROWS, _random_table_chunk
+from multiembed.collapse.streaming import DEFAULT_CHUNK_ROWS, random_table_chunk
 
 
 def random_init_ia(
@@ -77,7 +77,7 @@ def random_init_ia(
     if width < 1:
         raise ValueError(f"random_init_ia: width must be >= 1, got {width}")
     distributed = dist.is_available() and dist.is_initialized()
-    comm = _Collectives(group, distributed)
+    comm = Collectives(group, distributed)
     bound = math.sqrt(6.0 / (sum(vocab_sizes.values()) + width))
     accs: Dict[str, GramAccumulator] = {}
     for field_index, (field, rows_total) in enumerate(vocab_sizes.items()):
@@ -85,8 +85,8 @@ def random_init_ia(
         for chunk_index, start in enumerate(range(0, rows_total, chunk_rows)):
             if chunk_index % comm.world_size == comm.rank:
                 rows = min(chunk_rows, rows_total - start)
-                acc.add(_random_table_chunk(seed, field_index, chunk_index, rows, width, bound))
-    _all_reduce_accumulators(list(accs.values()), comm)
+                acc.add(random_table_chunk(seed, field_index, chunk_index, rows, width, bound))
+    all_reduce_accumulators(list(accs.values()), comm)
     return {field: information_abundance(acc.singular_values()) for field, acc in accs.items()}
 
 

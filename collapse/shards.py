@@ -2,8 +2,8 @@
 
 The analysis takes plain local shards (:class:`LocalShard`: a tensor and its row/column offsets in its table), so
 nothing here knows TorchRec's sharding types beyond :func:`local_shards_from_tensors`, which reads them from a state
-dict. Every rank learns every other rank's shard extents (``_ShardInfo``, one ``all_gather_object``); from them each
-analysed matrix (a ``_Unit``: a field's set, or its sets side by side) is cut into row chunks that never straddle a
+dict. Every rank learns every other rank's shard extents (``ShardInfo``, one ``all_gather_object``); from them each
+analysed matrix (a ``Unit``: a field's set, or its sets side by side) is cut into row chunks that never straddle a
 shard boundary. A chunk one rank holds in full width is accumulated there without communication; a chunk whose
 columns lie on several ranks is summed (``reduce``, the other ranks contributing zeros) onto one holder, which then
 has the full-width rows: Gram cross terms between column blocks cannot be formed from per-rank Grams.
@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from multiembed.collapse.spectrum import _GramState
+from multiembed.collapse.spectrum import GramState
 
 
 class EmbeddingSliceLike(Protocol):
@@ -157,7 +157,7 @@ def local_shards_from_tensors(
 
 
 @dataclass(frozen=True)
-class _ShardInfo:
+class ShardInfo:
     """Where one block of a table lives (what every rank learns about every other rank's shards)."""
 
     rank: int
@@ -181,12 +181,12 @@ class _ShardInfo:
 
 
 @dataclass(frozen=True)
-class _TableGeometry:
+class TableGeometry:
     num_rows: int
     num_cols: int
-    shards: List[_ShardInfo]
+    shards: List[ShardInfo]
 @dataclass(frozen=True)
-class _Piece:
+class Piece:
     """Columns ``[col_start, col_stop)`` of a table, placed at ``unit_col`` in an analysed unit."""
 
     table_name: str
@@ -196,14 +196,14 @@ class _Piece:
 
 
 @dataclass
-class _Unit:
+class Unit:
     """One analysed matrix (a field's set, or its sets concatenated) and the accumulators fed from it."""
 
-    pieces: List[_Piece]
+    pieces: List[Piece]
     num_rows: int
     width: int
-    sinks: List[_GramState]
-class _Collectives:
+    sinks: List[GramState]
+class Collectives:
     """The few collectives the analysis needs; a world of one when no process group is used."""
 
     def __init__(self, group: Optional[dist.ProcessGroup], distributed: bool) -> None:
@@ -229,9 +229,9 @@ class _Collectives:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
 
 
-def _table_geometry(infos: Sequence[_ShardInfo]) -> Dict[str, _TableGeometry]:
+def table_geometry(infos: Sequence[ShardInfo]) -> Dict[str, TableGeometry]:
     """Table extents from every rank's shards; raises when shards overlap or leave holes."""
-    by_table: Dict[str, List[_ShardInfo]] = {}
+    by_table: Dict[str, List[ShardInfo]] = {}
     for info in infos:
         by_table.setdefault(info.table_name, []).append(info)
     geometry = {}
@@ -253,9 +253,9 @@ def _table_geometry(infos: Sequence[_ShardInfo]) -> Dict[str, _TableGeometry]:
                 f"table {name!r}: shards cover {covered} of its {rows} x {cols} = {rows * cols} entries; "
                 "every rank must pass all of its shards of the table"
             )
-        geometry[name] = _TableGeometry(rows, cols, shards)
+        geometry[name] = TableGeometry(rows, cols, shards)
     return geometry
-def _row_chunks(unit: _Unit, geometry: Mapping[str, _TableGeometry], chunk_rows: int) -> List[Tuple[int, int]]:
+def _row_chunks(unit: Unit, geometry: Mapping[str, TableGeometry], chunk_rows: int) -> List[Tuple[int, int]]:
     """Row chunks ``[start, stop)`` that never straddle a shard's row boundary (so each has fixed holders)."""
     boundaries = {0, unit.num_rows}
     for table in {p.table_name for p in unit.pieces}:
@@ -268,7 +268,7 @@ def _row_chunks(unit: _Unit, geometry: Mapping[str, _TableGeometry], chunk_rows:
     return chunks
 
 
-def _holders(unit: _Unit, rows: Tuple[int, int], geometry: Mapping[str, _TableGeometry]) -> List[int]:
+def _holders(unit: Unit, rows: Tuple[int, int], geometry: Mapping[str, TableGeometry]) -> List[int]:
     """Ranks holding some of the unit's entries in ``rows``."""
     ranks = set()
     for piece in unit.pieces:
@@ -278,7 +278,7 @@ def _holders(unit: _Unit, rows: Tuple[int, int], geometry: Mapping[str, _TableGe
     return sorted(ranks)
 
 
-def _fill_chunk(buffer: torch.Tensor, unit: _Unit, rows: Tuple[int, int], local: Sequence[LocalShard]) -> None:
+def _fill_chunk(buffer: torch.Tensor, unit: Unit, rows: Tuple[int, int], local: Sequence[LocalShard]) -> None:
     """Copies this rank's part of the unit's rows ``[rows[0], rows[1])`` into ``buffer`` ``[rows, width]``."""
     for piece in unit.pieces:
         for shard in local:
@@ -297,11 +297,11 @@ def _fill_chunk(buffer: torch.Tensor, unit: _Unit, rows: Tuple[int, int], local:
             buffer[r0 - rows[0] : r1 - rows[0], u0 : u0 + c1 - c0].copy_(block.detach())  # converts dtype and device
 
 
-def _stream_unit(
-    unit: _Unit,
-    comm: _Collectives,
+def stream_unit(
+    unit: Unit,
+    comm: Collectives,
     local_shards: Sequence[LocalShard],
-    geometry: Mapping[str, _TableGeometry],
+    geometry: Mapping[str, TableGeometry],
     chunk_rows: int,
     device: torch.device,
     bar: tqdm,
@@ -331,7 +331,7 @@ def _stream_unit(
             sink.add(buffer)
 
 
-def _all_reduce_accumulators(accumulators: Sequence[_GramState], comm: _Collectives) -> None:
+def all_reduce_accumulators(accumulators: Sequence[GramState], comm: Collectives) -> None:
     """Sums every accumulator over the ranks with one float64 ``all_reduce``."""
     if not accumulators:
         return

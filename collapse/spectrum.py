@@ -105,7 +105,7 @@ def _inverse_or_zero(values: torch.Tensor) -> torch.Tensor:
     return torch.where(values > 0, values.reciprocal(), torch.zeros((), dtype=values.dtype, device=values.device))
 
 
-class _GramState:
+class GramState:
     """Float64 Gram matrices plus row counters, flattenable into one buffer for a single ``all_reduce``."""
 
     def __init__(self, gram_shape: Tuple[int, ...], row_normalized: bool, device: Optional[torch.device]) -> None:
@@ -136,7 +136,7 @@ class _GramState:
         self.num_rows = int(flat[n].item())
         self.zero_rows = int(flat[n + 1].item())
 
-    def merge_(self, other: "_GramState") -> "_GramState":
+    def merge_(self, other: "GramState") -> "GramState":
         """Adds another accumulator of the same shape (another row shard or chunk of the same matrix)."""
         if type(other) is not type(self):
             raise ValueError(f"merge_: cannot add a {type(other).__name__} to a {type(self).__name__}")
@@ -150,7 +150,7 @@ class _GramState:
         self.zero_rows += other.zero_rows
         return self
 
-    def all_reduce_(self, group: Optional[dist.ProcessGroup] = None) -> "_GramState":
+    def all_reduce_(self, group: Optional[dist.ProcessGroup] = None) -> "GramState":
         """Sums the accumulators of every rank of ``group``; every rank ends with the same state."""
         flat = self.flat_state()
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
@@ -162,7 +162,7 @@ class _GramState:
         return singular_values_from_gram(self.gram)
 
 
-class GramAccumulator(_GramState):
+class GramAccumulator(GramState):
     """Accumulates the ``d x d`` Gram matrix ``E^T E`` of a matrix fed in row chunks, in float64.
 
     Feeding every row of ``E`` once (in any order, in any chunks, on any ranks followed by :meth:`all_reduce_`) gives
@@ -210,7 +210,7 @@ class GramAccumulator(_GramState):
         return information_abundance(self.singular_values())
 
 
-class ProjectedGramAccumulator(_GramState):
+class ProjectedGramAccumulator(GramState):
     """Gram matrices of rows seen through ``P`` linear maps: ``G_p = sum_r (W_p e_r)(W_p e_r)^T``, in float64.
 
     For DCNv2 sub-embeddings: with ``W_p`` the block ``W_{i->p}`` of the first cross weight, ``G_p`` is the Gram of
@@ -269,7 +269,7 @@ class ProjectedGramAccumulator(_GramState):
         else:
             self.gram += outer.sum(dim=0)
 
-    def merge_(self, other: "_GramState") -> "_GramState":
+    def merge_(self, other: "GramState") -> "GramState":
         """Adds another accumulator of the same maps (another row shard or chunk of the same table)."""
         if isinstance(other, ProjectedGramAccumulator) and not torch.equal(other.projections, self.projections):
             raise ValueError("merge_: the accumulators project through different maps")

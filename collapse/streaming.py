@@ -48,16 +48,16 @@ from multiembed.collapse.result import CollapseResult
 from multiembed.collapse.shards import (
     EmbeddingSliceLike,
     LocalShard,
-    _all_reduce_accumulators,
-    _Collectives,
-    _Piece,
-    _ShardInfo,
-    _stream_unit,
-    _table_geometry,
-    _TableGeometry,
-    _Unit,
+    all_reduce_accumulators,
+    Collectives,
+    Piece,
+    ShardInfo,
+    stream_unit,
+    table_geometry,
+    TableGeometry,
+    Unit,
 )
-from multiembed.collapse.spectrum import GramAccumulator, ProjectedGramAccumulator, _GramState, information_abundance
+from multiembed.collapse.spectrum import GramAccumulator, ProjectedGramAccumulator, GramState, information_abundance
 
 DEFAULT_CHUNK_ROWS = 65536
 
@@ -69,7 +69,7 @@ class _Layout:
     fields: List[str]
     num_sets: int
     dim: int
-    slots: Dict[Tuple[str, int], _Piece]
+    slots: Dict[Tuple[str, int], Piece]
 
     def key(self) -> Tuple[Any, ...]:
         return tuple(sorted((f, k, p.table_name, p.col_start, p.col_stop) for (f, k), p in self.slots.items()))
@@ -79,7 +79,7 @@ def _parse_layout(table_layout: Sequence[EmbeddingSliceLike]) -> _Layout:
     if not table_layout:
         raise ValueError("table_layout is empty")
     fields: List[str] = []
-    slots: Dict[Tuple[str, int], _Piece] = {}
+    slots: Dict[Tuple[str, int], Piece] = {}
     widths = set()
     for s in table_layout:
         if s.col_stop <= s.col_start or s.col_start < 0:
@@ -89,7 +89,7 @@ def _parse_layout(table_layout: Sequence[EmbeddingSliceLike]) -> _Layout:
         key = (s.field, int(s.set_index))
         if key in slots:
             raise ValueError(f"table_layout: field {s.field!r} set {s.set_index} appears twice")
-        slots[key] = _Piece(s.table_name, int(s.col_start), int(s.col_stop))
+        slots[key] = Piece(s.table_name, int(s.col_start), int(s.col_stop))
         widths.add(s.col_stop - s.col_start)
         if s.field not in fields:
             fields.append(s.field)
@@ -103,7 +103,7 @@ def _parse_layout(table_layout: Sequence[EmbeddingSliceLike]) -> _Layout:
     return _Layout(fields, num_sets, widths.pop(), slots)
 
 
-def _vocab_sizes(layout: _Layout, geometry: Mapping[str, _TableGeometry]) -> Dict[str, int]:
+def _vocab_sizes(layout: _Layout, geometry: Mapping[str, TableGeometry]) -> Dict[str, int]:
     """field -> rows, checking that every (field, set) fits a table that some rank holds."""
     vocab_sizes: Dict[str, int] = {}
     for (field, k), piece in layout.slots.items():
@@ -146,7 +146,7 @@ def _cross_maps(
     return maps
 
 
-def _random_table_chunk(
+def random_table_chunk(
     seed: int, field_index: int, chunk_index: int, rows: int, dim: int, bound: float
 ) -> torch.Tensor:
     # One generator per (seed, field, chunk): the random table is the same whatever the number of ranks.
@@ -232,14 +232,14 @@ def collapse_from_sharded(
     """
     distributed = dist.is_available() and dist.is_initialized()
     return _analyze(
-        _Collectives(group, distributed), local_shards, table_layout, row_normalized=row_normalized, concat=concat,
+        Collectives(group, distributed), local_shards, table_layout, row_normalized=row_normalized, concat=concat,
         random_init_seed=random_init_seed, cross_weights=cross_weights, cross_fields=cross_fields,
         chunk_rows=chunk_rows, device=device, progress=progress,
     )
 
 
 def _analyze(
-    comm: _Collectives,
+    comm: Collectives,
     local_shards: Sequence[LocalShard],
     table_layout: Sequence[EmbeddingSliceLike],
     *,
@@ -263,7 +263,7 @@ def _analyze(
 
     options_key = (layout.key(), row_normalized, concat, random_init_seed, chunk_rows, cross_weights is not None)
     infos = [
-        _ShardInfo(comm.rank, s.table_name, s.row_offset, s.tensor.shape[0], s.col_offset, s.tensor.shape[1])
+        ShardInfo(comm.rank, s.table_name, s.row_offset, s.tensor.shape[0], s.col_offset, s.tensor.shape[1])
         for s in local_shards
     ]
     gathered = comm.all_gather_object(((*options_key, tuple(cross_fields)), infos))
@@ -273,26 +273,26 @@ def _analyze(
                 f"collapse_from_sharded: rank {other_rank} passed a different table_layout or options than rank "
                 f"{comm.rank}"
             )
-    geometry = _table_geometry([info for _, rank_infos in gathered for info in rank_infos])
+    geometry = table_geometry([info for _, rank_infos in gathered for info in rank_infos])
     vocab_sizes = _vocab_sizes(layout, geometry)
     maps = _cross_maps(layout, cross_weights, cross_fields, device) if cross_weights is not None else {}
 
-    units: List[_Unit] = []
+    units: List[Unit] = []
     set_acc: Dict[Tuple[str, int], GramAccumulator] = {}
     sub_acc: Dict[Tuple[str, int], ProjectedGramAccumulator] = {}
     concat_acc: Dict[str, GramAccumulator] = {}
     for field in fields:
         for k in range(num_sets):
             set_acc[(field, k)] = GramAccumulator(dim, row_normalized, device)
-            sinks: List[_GramState] = [set_acc[(field, k)]]
+            sinks: List[GramState] = [set_acc[(field, k)]]
             if (field, k) in maps:
                 sub_acc[(field, k)] = ProjectedGramAccumulator(maps[(field, k)], row_normalized, device)
                 sinks.append(sub_acc[(field, k)])
-            units.append(_Unit([layout.slots[(field, k)]], vocab_sizes[field], dim, sinks))
+            units.append(Unit([layout.slots[(field, k)]], vocab_sizes[field], dim, sinks))
         if concat and num_sets > 1:
             concat_acc[field] = GramAccumulator(num_sets * dim, row_normalized, device)
             pieces = [dataclasses.replace(layout.slots[(field, k)], unit_col=k * dim) for k in range(num_sets)]
-            units.append(_Unit(pieces, vocab_sizes[field], num_sets * dim, [concat_acc[field]]))
+            units.append(Unit(pieces, vocab_sizes[field], num_sets * dim, [concat_acc[field]]))
     random_acc: Dict[str, GramAccumulator] = {}
     if random_init_seed is not None:
         random_acc = {field: GramAccumulator(dim, row_normalized, device) for field in fields}
@@ -300,16 +300,16 @@ def _analyze(
     total_rows = sum(u.num_rows for u in units) + (sum(vocab_sizes.values()) if random_acc else 0)
     with tqdm(total=total_rows, desc="collapse analysis", unit="row", unit_scale=True, disable=not progress) as bar:
         for unit in units:
-            _stream_unit(unit, comm, local_shards, geometry, chunk_rows, device, bar)
+            stream_unit(unit, comm, local_shards, geometry, chunk_rows, device, bar)
         # xavier-uniform bound of the paper's code; IA is scale invariant, so only the uniform shape matters.
         bound = math.sqrt(6.0 / (sum(vocab_sizes.values()) + dim))
         for field_index, (field, acc) in enumerate(random_acc.items()):
             for chunk_index, start in enumerate(range(0, vocab_sizes[field], chunk_rows)):
                 rows = min(chunk_rows, vocab_sizes[field] - start)
                 if chunk_index % comm.world_size == comm.rank:  # chunks dealt round-robin over the ranks
-                    acc.add(_random_table_chunk(random_init_seed, field_index, chunk_index, rows, dim, bound))
+                    acc.add(random_table_chunk(random_init_seed, field_index, chunk_index, rows, dim, bound))
                 bar.update(rows)
-    _all_reduce_accumulators([*set_acc.values(), *sub_acc.values(), *concat_acc.values(), *random_acc.values()], comm)
+    all_reduce_accumulators([*set_acc.values(), *sub_acc.values(), *concat_acc.values(), *random_acc.values()], comm)
 
     sets: List[Dict[str, float]] = [{} for _ in range(num_sets)]
     spectra: List[Dict[str, List[float]]] = [{} for _ in range(num_sets)]
@@ -371,4 +371,4 @@ def collapse_from_tables(
     if "group" in options:
         raise ValueError("collapse_from_tables runs in one process; use collapse_from_sharded for a process group")
     shards = [LocalShard(name, weight) for name, weight in tables.items()]
-    return _analyze(_Collectives(None, distributed=False), shards, table_layout, **{**_DEFAULT_OPTIONS, **options})
+    return _analyze(Collectives(None, distributed=False), shards, table_layout, **{**_DEFAULT_OPTIONS, **options})
