@@ -156,7 +156,10 @@ def plan_model(
         combiner=config.combiner,
         **model_options(config),
     )
-    train_module = MultiEmbeddingTrain(model, spectral_reg_weight=config.spectral_reg)
+    train_module = MultiEmbeddingTrain(
+        model, spectral_reg_weight=config.spectral_reg, projection_reg_weight=config.projection_reg,
+        divergence_reg_weight=config.divergence_reg,
+    )
     attach_sparse_optimizer(model.sparse_arch.embedding_bag_collection, optim_config)
     plan = plan_sharding(
         train_module,
