@@ -151,7 +151,8 @@ def plot_fig3(views: Sequence[SubEmbeddingView], path: Path) -> Dict[str, Any]:
 
     from multiembed.analysis.report import save_figure
 
-    fig = Figure(figsize=(4.6 * len(views), 4.0))
+    fig = Figure(figsize=(5.8 * len(views), 4.4))
+    fig.subplots_adjust(wspace=0.45)
     drawn: Dict[str, Any] = {}
     for k, view in enumerate(views):
         ax = fig.add_subplot(1, len(views), k + 1)
