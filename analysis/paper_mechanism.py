@@ -35,7 +35,7 @@ METRIC_LABELS: Dict[str, str] = {
     "ia_concat_mean": "IA of the whole embedding",
     "test_auc": "test AUC",
     "val_auc": "validation AUC",
-    "train_loss": "train loss (best step)",
+    "train_loss": "train loss at the best step (with any regulariser)",
 }
 SCALE_COLUMNS: Tuple[str, ...] = ("backbone", "mode", "scale", "seed", *METRIC_LABELS)
 
@@ -224,7 +224,8 @@ def run_dir_of(row: Row) -> Path:
 
 
 def best_train_loss(run_dir: Path) -> float:
-    """The train loss ``metrics.jsonl`` recorded at the evaluation of the run's best step (``summary.json``).
+    """The train loss ``metrics.jsonl`` recorded at the evaluation of the run's best step (``summary.json``): the
+    loss the run minimised, its regulariser terms included.
 
     Raises:
         ValueError: either file missing or unreadable, or no evaluation at the best step (the message names the file).
@@ -314,7 +315,8 @@ def plot_scale_panels(rows: Sequence[Row], metrics: Sequence[str], path: Path, t
 
     from multiembed.analysis.report import save_figure
 
-    fig = Figure(figsize=(4.2 * len(metrics), 3.4))
+    fig = Figure(figsize=(4.4 * len(metrics), 3.6))
+    fig.subplots_adjust(wspace=0.35)
     drawn: Dict[str, Any] = {}
     for k, metric in enumerate(metrics):
         ax = fig.add_subplot(1, len(metrics), k + 1)
@@ -384,7 +386,8 @@ def plot_fig8(panels: Mapping[str, Any], rows: Sequence[Row], path: Path, labels
 
     from multiembed.analysis.report import save_figure
 
-    fig = Figure(figsize=(17.0, 3.6))
+    fig = Figure(figsize=(18.0, 3.8))
+    fig.subplots_adjust(wspace=0.32)
     fields = panels["fields"]
     x = np.arange(len(fields))
     ax = fig.add_subplot(1, 4, 1)
