@@ -3,7 +3,8 @@ products, projected to H; MLP head.
 
 The set width ``d`` holds ``F - 1`` sub-embeddings of width ``d // (F - 1)`` (:class:`FieldAwareInnerProducts
 <multiembed.models.interactions.FieldAwareInnerProducts>`), so name a width that ``F - 1`` divides, e.g.
-``ffm-se-1x14`` for 8 fields (sub-embeddings of width 2). The paper analyses FFM's sub-embeddings (its Evidence I).
+``ffm-se-1x28`` for 8 fields (sub-embeddings of width 4). The base width, 38, gives each of Criteo's 39 fields one
+column per other field. The paper analyses FFM's sub-embeddings (its Evidence I).
 """
 
 from __future__ import annotations
@@ -20,4 +21,4 @@ def build_set_arch(ctx: SetArchContext, options: Mapping[str, Any]) -> SetIntera
     return FieldAwareSetArch(f, ctx.set_dim, ctx.projection(f * (f - 1) // 2))
 
 
-BACKBONE = Backbone(name="ffm", base_set_dim=10, position=8, set_arch=build_set_arch)
+BACKBONE = Backbone(name="ffm", base_set_dim=38, position=8, set_arch=build_set_arch)
