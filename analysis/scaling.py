@@ -19,8 +19,11 @@ different ceilings. ``ia_concat_mean`` is the paper's like-for-like figure: per 
 is the dataset's Bayes-optimal test AUC (synthetic data; NaN where unknown).
 
 Study modes (:data:`STUDY_MODES`): ``se``, ``me``, ``mesi`` (the paper's ablation: ME sets sharing one interaction)
-and ``se-sr`` (SE trained with the spectral regulariser, the paper's other ablation; the weight is the study's
-``--spectral-reg``). Every mode's paired difference to SE of the same backbone, scale and seed is reported.
+``se-sr`` (SE trained with the spectral regulariser, the paper's other ablation; the weight is the study's
+``--spectral-reg``), ``se-pr`` (SE DCNv2 with the projection regulariser of its cross maps, the paper's Evidence III;
+weight ``--projection-reg``) and ``me-dr`` (ME DCNv2 with the set divergence penalty, the paper's Fig. 8(d)
+ablation; weight ``--divergence-reg``). Every mode's paired difference to SE of the same backbone, scale and seed is
+reported.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ _STR_COLUMNS = frozenset({"backbone", "mode"})
 # Display names of the paper's backbones (anything else is shown upper-cased).
 _BACKBONE_NAMES = {"dnn": "DNN", "ipnn": "IPNN", "nfwfm": "NFwFM", "xdeepfm": "xDeepFM", "dcnv2": "DCNv2",
                    "dcnv2lr": "DCNv2 (low-rank)", "finalmlp": "FinalMLP", "dlrm": "DLRM"}
-_MODE_ORDER = {"se": 0, "me": 1, "mesi": 2, "se-sr": 3, "hetero": 4}
+_MODE_ORDER = {"se": 0, "me": 1, "mesi": 2, "se-sr": 3, "se-pr": 4, "me-dr": 5, "hetero": 6}
 
 
 @dataclass(frozen=True)
@@ -66,12 +69,16 @@ class StudyMode:
         label: the name in tables and figures.
         heterogeneous: True: the runs train ``hetero-me-{s}x`` with the study's backbone as the first expert,
             followed by the study's ``--experts`` (:func:`point_experts`), so that at 1x it is SE of the backbone.
+        projection_reg: True: the runs train with the study's ``--projection-reg`` weight (others with 0).
+        divergence_reg: True: the runs train with the study's ``--divergence-reg`` weight (others with 0).
     """
 
     model_mode: str
     spectral_reg: bool
     label: str
     heterogeneous: bool = False
+    projection_reg: bool = False
+    divergence_reg: bool = False
 
 
 STUDY_MODES: Dict[str, StudyMode] = {
@@ -79,6 +86,8 @@ STUDY_MODES: Dict[str, StudyMode] = {
     "me": StudyMode("me", False, "ME"),
     "mesi": StudyMode("mesi", False, "MESI"),
     "se-sr": StudyMode("se", True, "SE+SR"),
+    "se-pr": StudyMode("se", False, "SE+PR", projection_reg=True),
+    "me-dr": StudyMode("me", False, "ME+DR", divergence_reg=True),
     "hetero": StudyMode("me", False, "HETERO", heterogeneous=True),
 }
 

@@ -56,7 +56,11 @@ from multiembed.collapse import collapse_from_model
 from multiembed.collapse.monitor import CollapseMonitor
 from multiembed.data.metadata import read_metadata
 from multiembed.data.paths import refuse_within
-from multiembed.models import DEFAULT_SPECTRAL_REG_WEIGHT
+from multiembed.models import (
+    DEFAULT_DIVERGENCE_REG_WEIGHT,
+    DEFAULT_PROJECTION_REG_WEIGHT,
+    DEFAULT_SPECTRAL_REG_WEIGHT,
+)
 from multiembed.models.names import BASE_SET_DIM, parse_model_name
 from multiembed.training.distributed import DistContext, broadcast_object, init_distributed
 from multiembed.config import STUDY_OPTIONS, TrainConfig, default_of, recorded_option
@@ -71,9 +75,11 @@ LOGS_DIR = "logs"
 # Options of `multiembed train` a study forwards to every run (all others keep TrainConfig's defaults).
 TRAIN_OPTIONS = STUDY_OPTIONS
 # Options that must agree with a finished run's for it to count in this study (the others do not change results;
-# spectral_reg is checked per run: the se-sr mode's runs use the study's weight, the others 0).
+# the regularisers' weights are checked per run: the runs of the mode that trains with one use the study's weight,
+# the others 0).
+_REGULARIZERS = ("spectral_reg", "projection_reg", "divergence_reg")
 _RESULT_OPTIONS = tuple(
-    o for o in TRAIN_OPTIONS if o not in ("device", "ia_every", "collapse_warn", "spectral_reg", "experts")
+    o for o in TRAIN_OPTIONS if o not in ("device", "ia_every", "collapse_warn", *_REGULARIZERS, "experts")
 )
 _DEFAULT_EXPERTS = default_of("experts")
 
@@ -109,11 +115,14 @@ def _read_json(path: Path) -> Dict[str, Any]:
 
 
 def run_options(point: StudyPoint, options: Mapping[str, Any]) -> Dict[str, Any]:
-    """The :data:`TRAIN_OPTIONS` of one run: the study's, with ``spectral_reg`` the study's weight for the ``se-sr``
-    mode and 0 for every other mode, and ``experts`` the ``hetero`` mode's (:func:`point_experts`; the default for
-    the other modes, which take none)."""
+    """The :data:`TRAIN_OPTIONS` of one run: the study's, with ``spectral_reg`` (``projection_reg``,
+    ``divergence_reg``) the study's weight for the ``se-sr`` (``se-pr``, ``me-dr``) mode and 0 for every other mode,
+    and ``experts`` the ``hetero`` mode's (:func:`point_experts`; the default for the other modes, which take
+    none)."""
     values = {k: options[k] for k in TRAIN_OPTIONS}
-    values["spectral_reg"] = float(options["spectral_reg"]) if point.spectral_reg else 0.0
+    mode = STUDY_MODES[point.mode]
+    for name in _REGULARIZERS:
+        values[name] = float(options[name]) if getattr(mode, name) else 0.0
     values["experts"] = (
         point_experts(point.backbone, str(options["experts"])) if point.heterogeneous else _DEFAULT_EXPERTS
     )
@@ -128,7 +137,7 @@ def _check_finished_run(run_dir: Path, point: StudyPoint, options: Mapping[str, 
     per_run = run_options(point, options)
     expected = {
         "model": point.model, "seed": point.seed,
-        **{k: per_run[k] for k in (*_RESULT_OPTIONS, "spectral_reg", "experts")},
+        **{k: per_run[k] for k in (*_RESULT_OPTIONS, *_REGULARIZERS, "experts")},
     }
     for key, value in expected.items():
         if recorded_option(recorded, key) != value:
@@ -223,8 +232,18 @@ def run_scaling_study(
         raise ValueError(f"run_scaling_study: train_options lacks {missing}")
     for point in points:
         parse_model_name(point.model)  # every name checked before the first run starts
-    if any(p.spectral_reg for p in points) and not train_options["spectral_reg"] > 0:
-        raise ValueError("--modes se-sr: needs a positive --spectral-reg (the regulariser's weight; default 1e-4)")
+        mode = STUDY_MODES[point.mode]
+        if (mode.projection_reg or mode.divergence_reg) and point.backbone != "dcnv2":
+            raise ValueError(f"--modes {point.mode}: regularises DCNv2's cross maps, {point.backbone} has none "
+                             "(use --backbones dcnv2)")
+        if mode.divergence_reg and point.scale < 2:
+            raise ValueError(f"--modes {point.mode}: the set divergence penalty needs at least 2 sets, not scale "
+                             f"{point.scale} (use --scales from 2; ME at 1x is SE-1x)")
+    for name in _REGULARIZERS:
+        modes = sorted({p.mode for p in points if getattr(STUDY_MODES[p.mode], name)})
+        if modes and not train_options[name] > 0:
+            raise ValueError(f"--modes {','.join(modes)}: needs a positive --{name.replace('_', '-')} (the "
+                             f"regulariser's weight)")
     meta = read_metadata(data)
     refuse_within(out, data, "--out {path}: is the --data directory {directory} or inside it; a study never writes "
                   "into its dataset")
@@ -362,6 +381,8 @@ def resolve_options(explicit: Mapping[str, Any], preset: Optional[str]) -> Dict[
     paper = TrainConfig(data="", model="", out="")
     defaults.update({k: getattr(paper, k) for k in TRAIN_OPTIONS})
     defaults["spectral_reg"] = DEFAULT_SPECTRAL_REG_WEIGHT  # the se-sr mode's weight (the paper's ablation setting)
+    defaults["projection_reg"] = DEFAULT_PROJECTION_REG_WEIGHT  # the se-pr mode's weight (the paper's code's)
+    defaults["divergence_reg"] = DEFAULT_DIVERGENCE_REG_WEIGHT  # the me-dr mode's weight (the middle of its sweep)
     chosen = dict(defaults)
     if preset is not None:
         chosen.update(PRESETS[preset].grid)
@@ -373,10 +394,12 @@ def resolve_options(explicit: Mapping[str, Any], preset: Optional[str]) -> Dict[
 def describe_options(options: Mapping[str, Any]) -> str:
     """One line naming every training option of a study (for ``scaling.md`` and the log)."""
     shown = {k: options[k] for k in TRAIN_OPTIONS if options[k] is not None}
-    words = [f"--{k.replace('_', '-')} {v}" for k, v in shown.items() if k not in ("spectral_reg", "experts")]
+    words = [f"--{k.replace('_', '-')} {v}" for k, v in shown.items() if k not in (*_REGULARIZERS, "experts")]
     modes = [m for m in options.get("modes", ()) if m in STUDY_MODES]
-    if "spectral_reg" in shown and any(STUDY_MODES[m].spectral_reg for m in modes):
-        words.append(f"--spectral-reg {shown['spectral_reg']} (se-sr runs only)")
+    for name in _REGULARIZERS:
+        using = [m for m in modes if getattr(STUDY_MODES[m], name)]
+        if name in shown and using:
+            words.append(f"--{name.replace('_', '-')} {shown[name]} ({', '.join(using)} runs only)")
     if "experts" in shown and any(STUDY_MODES[m].heterogeneous for m in modes):
         words.append(f"--experts {shown['experts']} (hetero runs only, after the backbone)")
     return "training options: " + ", ".join(words)

@@ -2,10 +2,19 @@
 
 Figures:
 
+- ``fig3``: evidence I and II, the sub-embedding IA of field ``i`` as field ``j`` sees it, through FFM's field-aware
+  sub-embeddings and DCNv2's first cross layer, fields ordered by their own IA (two trained runs).
 - ``fig4``: the toy experiment (:mod:`multiembed.analysis.paper_toy`): IA of a field's embeddings trained against a
   low-information field (``D3 = 3``) and a rich one (``D3 = 100``).
+- ``fig5``: evidence III, DCNv2 against DCNv2 with the projection regulariser (``se-pr``) over scales: IA, train
+  loss, AUC (a ``multiembed scale`` study).
+- ``fig6``: evidence IV, DNN against DCNv2, single embedding, over scales: IA and test AUC (a study).
+- ``fig8``: ME against SE: IA per field and per set, the cross maps' norms per set, and the scaling of ME under the
+  set divergence penalty (``me-dr``, one study per weight).
 
-Each writes its data (CSV and JSON) and a PNG into ``--out`` and prints a summary.
+Figures 3, 5, 6 and 8 read runs and studies (:mod:`multiembed.analysis.paper_mechanism`); docs/results/paper/
+gives the commands that train them. Each writes its data (CSV and JSON) and a PNG into ``--out`` and prints a
+summary.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any, Dict
 
 
 def _positive(text: str) -> int:
@@ -49,6 +59,153 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     toy.add_argument("--check-iteration", type=_positive, default=2000,
                      help="iteration the summary compares the two settings at (default 2000)")
     toy.set_defaults(func=run_fig4)
+
+    sub = figures.add_parser(
+        "fig3",
+        help="evidence I and II: sub-embedding IA of field i seen by field j (FFM and DCNv2 runs)",
+        description=(
+            "Reads the best checkpoint of an FFM run and of a DCNv2 run (single embedding) and computes, for every "
+            "field pair, the IA of field i's sub-embedding as field j sees it (FFM: its field-aware sub-embedding; "
+            "DCNv2: E_i W_(i->j)^T through the first cross layer), fields ordered by their own IA. Writes fig3.csv, "
+            "fig3.json (per model the rank correlations of own IA with the sub-embedding IA over j and over i) and "
+            "fig3.png into --out."
+        ),
+    )
+    sub.add_argument("--ffm-run", required=True, help="run directory of an ffm-se-* model (multiembed train)")
+    sub.add_argument("--dcnv2-run", required=True, help="run directory of a dcnv2-se-* model")
+    _common(sub, "fig3")
+    sub.set_defaults(func=run_fig3)
+
+    reg = figures.add_parser(
+        "fig5",
+        help="evidence III: DCNv2 with and without the projection regulariser over scales (a study's se, se-pr)",
+        description=(
+            "Reads multiembed scale studies holding DCNv2 se and se-pr runs (--modes se,se-pr) and draws IA, the "
+            "train loss at the best step, validation and test AUC against the scale. Writes fig5.csv, fig5.json and "
+            "fig5.png into --out."
+        ),
+    )
+    _studies(reg)
+    _common(reg, "fig5")
+    reg.set_defaults(func=run_fig5)
+
+    dnn = figures.add_parser(
+        "fig6",
+        help="evidence IV: DNN against DCNv2, single embedding, over scales (a study's dnn and dcnv2 se runs)",
+        description=(
+            "Reads multiembed scale studies holding DNN and DCNv2 se runs and draws IA and test AUC against the "
+            "scale. Writes fig6.csv, fig6.json and fig6.png into --out."
+        ),
+    )
+    _studies(dnn)
+    _common(dnn, "fig6")
+    dnn.set_defaults(func=run_fig6)
+
+    me = figures.add_parser(
+        "fig8",
+        help="ME analysis: IA per field and set, cross-map norms per set, scaling under the set divergence penalty",
+        description=(
+            "Reads multiembed scale studies holding DCNv2 se and me runs (--study) and studies of me-dr runs, one "
+            "per --divergence-reg weight (--ablation), and draws (a) the IA of each field's whole embedding, SE and "
+            "ME at --scale, (b) ME's IA per set, (c) ||W(m)_(i->j)||_F of ME's first cross layer per set, (d) test "
+            "AUC against the scale for SE, ME and each ablation. fig8.json also gives the spread of the norms over "
+            "sets of every ME and me-dr run at --scale. Writes fig8.csv, fig8.json and fig8.png into --out."
+        ),
+    )
+    _studies(me)
+    me.add_argument("--ablation", action="append", default=[], metavar="DIR",
+                    help="a study of me-dr runs (one --divergence-reg weight); repeat for each weight")
+    me.add_argument("--scale", type=_positive, default=10, help="the scale of panels (a)-(c) (default 10)")
+    _common(me, "fig8")
+    me.set_defaults(func=run_fig8)
+
+
+def _studies(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--study", action="append", required=True, metavar="DIR",
+                   help="a multiembed scale study directory (its --out); repeat to combine studies")
+
+
+def _common(p: argparse.ArgumentParser, name: str) -> None:
+    p.add_argument("--out", required=True, help=f"directory for {name}.csv, {name}.json and {name}.png")
+
+
+def run_fig3(args: argparse.Namespace) -> int:
+    from multiembed.analysis.analyze import analyze_run
+    from multiembed.analysis.paper_mechanism import sub_embedding_view, write_fig3
+    from multiembed.training.distributed import destroy, init_distributed
+
+    ctx = init_distributed("cpu")
+    try:
+        views = []
+        for label, run in (("FFM", args.ffm_run), ("DCNv2", args.dcnv2_run)):
+            analysis = analyze_run(run, None, sub_embedding=True, random_init_seed=None, device="cpu", ctx=ctx)
+            views.append(sub_embedding_view(label, analysis.model, analysis.data))
+    finally:
+        destroy()
+    record = write_fig3(views, Path(args.out))
+    for label, entry in record["models"].items():
+        print(f"{label} ({entry['model']}): rank correlation of own IA with sub-embedding IA, as seen (over j) "
+              f"{entry['rho_source']:.3f}, as seeing (over i) {entry['rho_target']:.3f}")
+    print(json.dumps({"out": str(args.out), "data": "fig3.csv", "figure": "fig3.png"}))
+    return 0
+
+
+def _print_means(record: Dict[str, Any]) -> None:
+    for metric, series in record["means"].items():
+        for name, values in series.items():
+            cells = ", ".join(f"{s}x {m:.4f}" for s, m in zip(values["scales"], values["mean"]))
+            print(f"{metric} {name}: {cells}")
+
+
+def run_fig5(args: argparse.Namespace) -> int:
+    from multiembed.analysis.paper_mechanism import (
+        read_study_rows, run_dir_of, run_option, select, with_train_loss, write_scale_figure,
+    )
+
+    rows = with_train_loss(select(read_study_rows([Path(s) for s in args.study]), [("dcnv2", "se"),
+                                                                                    ("dcnv2", "se-pr")]))
+    weight = run_option(run_dir_of(next(r for r in rows if r["mode"] == "se-pr")), "projection_reg")
+    record = write_scale_figure(
+        rows, ("ia_mean", "train_loss", "val_auc", "test_auc"), Path(args.out), "fig5",
+        f"DCNv2 with and without the projection regulariser (weight {weight:g})",
+        labels={"dcnv2 se": "DCNv2", "dcnv2 se-pr": "DCNv2, regularised"}, extra={"projection_reg": weight},
+    )
+    _print_means(record)
+    print(json.dumps({"out": str(args.out), "data": "fig5.csv", "figure": "fig5.png"}))
+    return 0
+
+
+def run_fig6(args: argparse.Namespace) -> int:
+    from multiembed.analysis.paper_mechanism import read_study_rows, select, write_scale_figure
+
+    rows = select(read_study_rows([Path(s) for s in args.study]), [("dnn", "se"), ("dcnv2", "se")])
+    record = write_scale_figure(
+        rows, ("ia_mean", "test_auc"), Path(args.out), "fig6", "DNN against DCNv2, single embedding",
+        labels={"dnn se": "DNN", "dcnv2 se": "DCNv2"},
+    )
+    _print_means(record)
+    print(json.dumps({"out": str(args.out), "data": "fig6.csv", "figure": "fig6.png"}))
+    return 0
+
+
+def run_fig8(args: argparse.Namespace) -> int:
+    from multiembed.analysis.paper_mechanism import ablation_rows, read_study_rows, select, write_fig8
+    from multiembed.training.distributed import destroy, init_distributed
+
+    rows = select(read_study_rows([Path(s) for s in args.study]), [("dcnv2", "se"), ("dcnv2", "me")])
+    ablations = [ablation_rows(Path(study)) for study in args.ablation]
+    ctx = init_distributed("cpu")
+    try:
+        record = write_fig8(rows, ablations, args.scale, Path(args.out), ctx)
+    finally:
+        destroy()
+    for name, values in record["test_auc"].items():
+        cells = ", ".join(f"{s}x {m:.4f}" for s, m in zip(values["scales"], values["mean"]))
+        print(f"test AUC {record['labels'].get(name, name)}: {cells}")
+    for mode, entry in record["panels"]["norm_spread_by_mode"].items():
+        print(f"{mode} at {args.scale}x: spread of ||W(m)_(i->j)||_F over sets {entry['mean']:.4f}")
+    print(json.dumps({"out": str(args.out), "data": "fig8.csv", "figure": "fig8.png"}))
+    return 0
 
 
 def run_fig4(args: argparse.Namespace) -> int:

@@ -51,8 +51,10 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument(
         "--modes", type=_names, default=None,
         help="comma-separated modes: se, me, mesi (ME sets sharing one interaction), se-sr (SE with the spectral "
-        "regulariser, weight --spectral-reg), hetero (hetero-me-{s}x: the backbone and then --experts cycled over "
-        "the sets; at 1x SE of the backbone) (default se,me)",
+        "regulariser, weight --spectral-reg), se-pr (SE DCNv2 with the projection regulariser of its cross maps, "
+        "weight --projection-reg), me-dr (ME DCNv2 with the set divergence penalty, weight --divergence-reg), hetero "
+        "(hetero-me-{s}x: the backbone and then --experts cycled over the sets; at 1x SE of the backbone) "
+        "(default se,me)",
     )
     p.add_argument("--seeds", type=int, default=None, help="number of seeds per configuration, 0..N-1 (default 3)")
     p.add_argument("--preset", choices=list(PRESETS), default=None, help=f"named study size; {PRESET_HELP}")

@@ -28,7 +28,7 @@ Example::
 
 import multiembed.runtime.stack_check  # noqa: F401  (checks the TorchRec stack before any torchrec import)
 
-from multiembed.collapse.adapters import collapse_from_model, first_cross_weights, unwrap_model
+from multiembed.collapse.adapters import collapse_from_model, field_pair_maps, first_cross_weights, unwrap_model
 from multiembed.collapse.result import CollapseResult, summarize_sets
 from multiembed.collapse.shards import EmbeddingSliceLike, LocalShard, local_shards_from_tensors
 from multiembed.collapse.spectrum import (
@@ -55,6 +55,7 @@ __all__ = [
     "collapse_from_model",
     "collapse_from_sharded",
     "collapse_from_tables",
+    "field_pair_maps",
     "first_cross_weights",
     "information_abundance",
     "local_shards_from_tensors",

@@ -33,7 +33,7 @@ from multiembed.collapse.shards import local_shards_from_tensors
 from multiembed.collapse.streaming import collapse_from_sharded
 from multiembed.models.interactions import BatchedCrossNet
 from multiembed.models.model import MultiEmbeddingModel, MultiEmbeddingTrain
-from multiembed.models.set_arch import CrossSetArch
+from multiembed.models.set_arch import CrossSetArch, FieldAwareSetArch
 
 
 def unwrap_model(model: nn.Module) -> MultiEmbeddingModel:
@@ -100,6 +100,32 @@ def first_cross_weights(model: nn.Module) -> Optional[torch.Tensor]:
     return set_arch.cross_weights(0)[:, :width, :width]
 
 
+def field_pair_maps(model: nn.Module) -> Optional[torch.Tensor]:
+    r"""The maps by which each field sees every other, per set, over the categorical fields: DCNv2's first cross
+    layer (:func:`first_cross_weights`), or FFM's sub-embedding selections
+    (:meth:`~multiembed.models.interactions.FieldAwareInnerProducts.sub_embedding_maps`, the same for every set).
+
+    Returns:
+        ``[K, F*d, F*d]`` (block ``(j, i)`` maps field ``i`` to what field ``j`` sees), or None for other backbones.
+
+    Example::
+
+        >>> import torch
+        >>> from multiembed.collapse import field_pair_maps
+        >>> from multiembed.models import build_model
+        >>> model = build_model("ffm-se-1x4", {"f1": 100, "f2": 50, "f3": 20}, device=torch.device("cpu"), hidden=8)
+        >>> field_pair_maps(model).shape  # K = 1, F * d = 3 * 4
+        torch.Size([1, 12, 12])
+    """
+    inner = unwrap_model(model)
+    set_arch = inner.set_arch
+    if not isinstance(set_arch, FieldAwareSetArch):
+        return first_cross_weights(inner)
+    width = inner.sparse_arch.num_fields * inner.sparse_arch.set_dim
+    maps = set_arch.products.sub_embedding_maps()[:width, :width]
+    return maps.unsqueeze(0).expand(inner.sparse_arch.num_sets, -1, -1)
+
+
 def collapse_from_model(
     model: nn.Module, *, group: Optional[dist.ProcessGroup] = None, sub_embedding: bool = True, **options: Any
 ) -> CollapseResult:
@@ -107,13 +133,14 @@ def collapse_from_model(
 
     A collective when ``torch.distributed`` is initialised: every rank calls it. Sharded tables (row-, column-,
     table-wise) contribute each rank's local shards; replicated tables (unsharded model, data-parallel tables)
-    count once (rank 0's copy). Sub-embedding IA is added for full-rank DCNv2.
+    count once (rank 0's copy). Sub-embedding IA is added for full-rank DCNv2 and FFM (:func:`field_pair_maps`).
 
     Args:
         model: a ``MultiEmbeddingModel`` (or its ``MultiEmbeddingTrain``, or a DMP / DDP wrapping either),
             embeddings materialised.
         group: the process group (default: the default group when initialised, else this process alone).
-        sub_embedding: compute DCNv2's sub-embedding IA when the model has a full-rank cross layer.
+        sub_embedding: compute the sub-embedding IA when the model has field-pair maps (DCNv2's full-rank cross
+            layer, FFM's sub-embeddings).
         **options: as for :func:`~multiembed.collapse.collapse_from_sharded` (``row_normalized``, ``concat``,
             ``random_init_seed``, ``chunk_rows``, ``device``, ``progress``).
 
@@ -143,7 +170,7 @@ def collapse_from_model(
         tables[name] = state[key]
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank(group) if distributed else 0
-    cross = first_cross_weights(model) if sub_embedding else None
+    cross = field_pair_maps(model) if sub_embedding else None
     return collapse_from_sharded(
         local_shards_from_tensors(tables, rank=rank),
         sparse_arch.table_layout,

@@ -133,6 +133,16 @@ class TrainConfig:
         0.0, help="weight of the singular-spectrum regulariser (0: off; in multiembed scale: the weight of the se-sr "
         "mode's runs, default 1e-4, the paper's; other modes train without it)",
     )
+    projection_reg: float = option(
+        0.0, help="weight of the projection regulariser of DCNv2's first cross layer, sum over field pairs of "
+        "||W_ij^T W_ij - lambda_ij I||_F^2 with learnable lambda_ij (0: off; in multiembed scale: the weight of the "
+        "se-pr mode's runs, default 1e-4, the paper's)",
+    )
+    divergence_reg: float = option(
+        0.0, help="weight of the set divergence penalty of DCNv2 ME's first cross layer, sum over field pairs of the "
+        "variance over sets of ||W_ij||_F (0: off; in multiembed scale: the weight of the me-dr mode's runs, default "
+        "1e-3)",
+    )
     device: str = option("auto", choices=Device.choices(), help="auto: CUDA + nccl when a GPU is visible, else CPU")
     progress: bool = option(True, flag="--no-progress", help="no progress bar")
 
@@ -151,8 +161,9 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.collapse_warn <= 1.0:
             raise ValueError(f"--collapse-warn: must be in [0, 1], got {self.collapse_warn}")
-        if not self.spectral_reg >= 0.0:
-            raise ValueError(f"--spectral-reg: must be >= 0, got {self.spectral_reg}")
+        for name in ("spectral_reg", "projection_reg", "divergence_reg"):
+            if not getattr(self, name) >= 0.0:
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--dropout: must be in [0, 1), got {self.dropout}")
         for field in dataclasses.fields(self):
@@ -184,14 +195,16 @@ class TrainConfig:
 # Options that decide the model's parameters: a resumed run, an evaluation and an analysis rebuild the model from
 # these recorded values.
 MODEL_OPTIONS = (
-    "model", "hidden", "dropout", "layout", "dense_features", "spectral_reg", "table_dtype", "experts", "combiner",
+    "model", "hidden", "dropout", "layout", "dense_features", "spectral_reg", "projection_reg", "divergence_reg",
+    "table_dtype", "experts", "combiner",
 )
 
 # Options of a run that a scaling study sets for all its runs (the grid sets model and seed; the study sets data,
 # out, resume and progress).
 STUDY_OPTIONS = (
     "epochs", "batch_size", "hidden", "dropout", "patience", "eval_every", "max_steps", "lr", "sparse_lr",
-    "sparse_optimizer", "dense_optimizer", "weight_decay", "ia_every", "collapse_warn", "spectral_reg", "device",
+    "sparse_optimizer", "dense_optimizer", "weight_decay", "ia_every", "collapse_warn", "spectral_reg",
+    "projection_reg", "divergence_reg", "device",
     "experts", "combiner", "output_bias",
 )
 

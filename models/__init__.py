@@ -32,6 +32,8 @@ from multiembed.models.hetero import (
 )
 from multiembed.models.layers import BatchedLinear, SetBatchNorm, SetProjection
 from multiembed.models.model import (
+    DEFAULT_DIVERGENCE_REG_WEIGHT,
+    DEFAULT_PROJECTION_REG_WEIGHT,
     DEFAULT_SPECTRAL_REG_WEIGHT,
     MultiEmbeddingModel,
     MultiEmbeddingTrain,
@@ -54,6 +56,7 @@ from multiembed.models.set_arch import (
     PREPEND_CHOICES,
     CINSetArch,
     CrossSetArch,
+    FieldAwareSetArch,
     FlatSetArch,
     FwFMSetArch,
     InnerProductSetArch,
@@ -78,6 +81,8 @@ __all__ = [
     "BASE_SET_DIM",
     "COMBINERS",
     "DEFAULT_EXPERTS",
+    "DEFAULT_DIVERGENCE_REG_WEIGHT",
+    "DEFAULT_PROJECTION_REG_WEIGHT",
     "DEFAULT_SPECTRAL_REG_WEIGHT",
     "HETERO_BACKBONE",
     "HETERO_EXPERTS",
@@ -95,6 +100,7 @@ __all__ = [
     "CompressedInteraction",
     "CrossSetArch",
     "FieldWeightedFM",
+    "FieldAwareSetArch",
     "FlatSetArch",
     "FwFMSetArch",
     "HeteroSetArch",

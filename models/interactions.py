@@ -243,6 +243,89 @@ class PairwiseInnerProducts(nn.Module):
         return gram[:, :, pairs[0], pairs[1]]
 
 
+class FieldAwareInnerProducts(nn.Module):
+    r"""Field-aware inner products (FFM): :math:`\langle e_i^{(j)}, e_j^{(i)} \rangle` of every field pair
+    ``i < j``, pairs in the row-major order of :class:`PairwiseInnerProducts`.
+
+    Each field's width-``d`` embedding holds ``F - 1`` sub-embeddings of width ``s = d // (F - 1)``, one per other
+    field: ``e_i^{(j)}``, the one field ``i`` shows field ``j``, is columns ``[b*s, (b+1)*s)`` with
+    ``b = j`` for ``j < i`` and ``b = j - 1`` for ``j > i``. The last ``d - (F - 1) * s`` columns (none when ``F - 1``
+    divides ``d``) take part in no product. No parameters.
+
+    Args:
+        num_fields: F (at least 2).
+        set_dim: d (at least F - 1).
+
+    Example::
+
+        >>> ffm = FieldAwareInnerProducts(num_fields=3, set_dim=4)  # s = 2
+        >>> ffm.sub_dim, ffm(torch.randn(2, 8, 3, 4)).shape
+        (2, torch.Size([2, 8, 3]))
+    """
+
+    def __init__(self, num_fields: int, set_dim: int) -> None:
+        super().__init__()
+        if num_fields < 2:
+            raise ValueError(f"field-aware products need at least 2 fields, got {num_fields}")
+        if set_dim < num_fields - 1:
+            raise ValueError(
+                f"field-aware products: set width {set_dim} is below the {num_fields - 1} sub-embeddings each field "
+                f"needs (one per other field); use a width of at least {num_fields - 1}, ideally a multiple of it"
+            )
+        self.num_fields = num_fields
+        self.set_dim = set_dim
+        self.sub_dim = set_dim // (num_fields - 1)
+        self.output_dim = num_fields * (num_fields - 1) // 2
+
+    def sub_embedding_block(self, field: int, partner: int) -> int:
+        """The block ``b`` of field ``field``'s embedding that field ``partner`` meets (columns ``[b*s, (b+1)*s)``)."""
+        if field == partner or not (0 <= field < self.num_fields and 0 <= partner < self.num_fields):
+            raise ValueError(f"sub_embedding_block: need two different fields in 0..{self.num_fields - 1}, got "
+                             f"{field}, {partner}")
+        return partner if partner < field else partner - 1
+
+    def sub_embedding_maps(self) -> torch.Tensor:
+        r"""The sub-embeddings as linear maps in the cross layer's convention, ``[F*d, F*d]``: block
+        ``[j*d:(j+1)*d, i*d:(i+1)*d]`` maps ``e_i`` to ``e_i^{(j)}`` (in its first ``s`` rows, the others zero), so
+        the sub-embedding analysis of DCNv2's :math:`W_{i\to j}` reads FFM's too; the diagonal blocks are the
+        identity (the field's whole embedding).
+
+        Example::
+
+            >>> maps = FieldAwareInnerProducts(num_fields=3, set_dim=2).sub_embedding_maps()
+            >>> maps[2:4, 0:2]  # e_0 as field 1 sees it
+            tensor([[1., 0.],
+                    [0., 0.]])
+        """
+        f, d, s = self.num_fields, self.set_dim, self.sub_dim
+        maps = torch.zeros(f * d, f * d)
+        for i in range(f):
+            for j in range(f):
+                if i == j:
+                    maps[j * d : (j + 1) * d, i * d : (i + 1) * d] = torch.eye(d)
+                else:
+                    b = self.sub_embedding_block(i, j)
+                    maps[j * d : j * d + s, i * d + b * s : i * d + (b + 1) * s] = torch.eye(s)
+        return maps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: ``[K, B, F, d]``.
+
+        Returns:
+            ``[K, B, F*(F-1)/2]``.
+        """
+        f, s = self.num_fields, self.sub_dim
+        blocks = x[..., : (f - 1) * s].unflatten(-1, (f - 1, s))  # [K, B, F, F-1, s]
+        # Built per call, not buffers (see PairwiseInnerProducts): for pair (i, j), i < j, field i's block j - 1
+        # meets field j's block i.
+        pairs = torch.triu_indices(f, f, offset=1, device=x.device)
+        left = blocks[:, :, pairs[0], pairs[1] - 1]  # [K, B, P, s]
+        right = blocks[:, :, pairs[1], pairs[0]]
+        return (left * right).sum(dim=-1)
+
+
 class FieldWeightedFM(nn.Module):
     r"""NFwFM's field-weighted bi-interaction per set: :math:`\sum_{i,j} r_{ij}\, e_i \odot e_j`.
 

@@ -14,11 +14,16 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from multiembed.models.hetero import SetGate
 from multiembed.models.precision import compute_dtype, dense_autocast
+from multiembed.models.regularizers import ProjectionRegularizer, SetDivergencePenalty, first_cross_net
 from multiembed.models.set_arch import SetInteractionArch
 from multiembed.models.sparse_arch import MultiEmbeddingSparseArch
 
 # The paper's code's regulariser weight (its ablation sweeps 1e-3 .. 1e-5); MultiEmbeddingTrain defaults to off.
 DEFAULT_SPECTRAL_REG_WEIGHT = 1e-4
+# The paper's code's weight of the projection regulariser (its regularised DCNv2; it also runs 1e-5).
+DEFAULT_PROJECTION_REG_WEIGHT = 1e-4
+# The set divergence penalty's weight where none is given: the middle of the paper's Fig. 8(d) sweep (1e-4 .. 1e-2).
+DEFAULT_DIVERGENCE_REG_WEIGHT = 1e-3
 
 
 class SetDenseArch(nn.Module):
@@ -321,6 +326,10 @@ class MultiEmbeddingTrain(nn.Module):
         model: the :class:`MultiEmbeddingModel`.
         spectral_reg_weight: weight of :func:`spectral_regularizer` in the loss (0, the default, disables it;
             :data:`DEFAULT_SPECTRAL_REG_WEIGHT` = 1e-4 is the paper's ablation setting).
+        projection_reg_weight: weight of the :class:`~multiembed.models.regularizers.ProjectionRegularizer` of the
+            first cross layer (0 disables it; DCNv2 only). Its learnable ``lambdas`` are this module's parameters.
+        divergence_reg_weight: weight of the :class:`~multiembed.models.regularizers.SetDivergencePenalty` of the
+            first cross layer (0 disables it; DCNv2 with at least 2 weight sets only).
 
     Example::
 
@@ -336,12 +345,41 @@ class MultiEmbeddingTrain(nn.Module):
         torch.Size([2])
     """
 
-    def __init__(self, model: MultiEmbeddingModel, spectral_reg_weight: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: MultiEmbeddingModel,
+        spectral_reg_weight: float = 0.0,
+        projection_reg_weight: float = 0.0,
+        divergence_reg_weight: float = 0.0,
+    ) -> None:
         super().__init__()
-        if not spectral_reg_weight >= 0.0:
-            raise ValueError(f"spectral_reg_weight must be >= 0, got {spectral_reg_weight}")
+        for name, weight in (("spectral_reg_weight", spectral_reg_weight),
+                             ("projection_reg_weight", projection_reg_weight),
+                             ("divergence_reg_weight", divergence_reg_weight)):
+            if not weight >= 0.0:
+                raise ValueError(f"{name} must be >= 0, got {weight}")
         self.model = model
         self.spectral_reg_weight = float(spectral_reg_weight)
+        self.projection_reg_weight = float(projection_reg_weight)
+        self.divergence_reg_weight = float(divergence_reg_weight)
+        self.projection_regularizer: Optional[ProjectionRegularizer] = None
+        self.divergence_penalty: Optional[SetDivergencePenalty] = None
+        set_dim = model.sparse_arch.set_dim
+        if self.projection_reg_weight > 0.0:
+            crossnet = first_cross_net(model.set_arch, "projection_reg_weight")
+            self.projection_regularizer = ProjectionRegularizer(
+                crossnet.num_weight_sets, crossnet.in_features // set_dim, set_dim, device=crossnet.weights[0].device
+            )
+        if self.divergence_reg_weight > 0.0:
+            crossnet = first_cross_net(model.set_arch, "divergence_reg_weight")
+            if crossnet.num_weight_sets < 2:
+                raise ValueError(
+                    f"divergence_reg_weight: the set divergence penalty needs at least 2 sets with their own cross "
+                    f"net (a dcnv2-me-{{s}}x model, s >= 2); this model has {crossnet.num_weight_sets}"
+                )
+            self.divergence_penalty = SetDivergencePenalty(
+                crossnet.num_weight_sets, crossnet.in_features // set_dim, set_dim
+            )
 
     def forward(self, batch: Any) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """
@@ -359,4 +397,12 @@ class MultiEmbeddingTrain(nn.Module):
         if self.spectral_reg_weight > 0.0:
             row_mask = None if weights is None else weights > 0
             loss = loss + self.spectral_reg_weight * spectral_regularizer(embeddings, row_mask)
+        if self.projection_regularizer is not None:
+            loss = loss + self.projection_reg_weight * self.projection_regularizer(self._first_cross_weight())
+        if self.divergence_penalty is not None:
+            loss = loss + self.divergence_reg_weight * self.divergence_penalty(self._first_cross_weight())
         return loss, (loss.detach(), logits.detach(), labels.detach())
+
+    def _first_cross_weight(self) -> torch.Tensor:
+        """The first cross layer's weight ``[G, F*d, F*d]`` (the regularisers' input; checked at construction)."""
+        return self.model.set_arch.crossnet.weights[0]

@@ -18,6 +18,7 @@ from multiembed.models.interactions import (
     BatchedCrossNet,
     BatchedLowRankCrossNet,
     CompressedInteraction,
+    FieldAwareInnerProducts,
     FieldWeightedFM,
     PairwiseInnerProducts,
     TwoStreamMLP,
@@ -207,6 +208,39 @@ class InnerProductSetArch(SetInteractionArch):
         elif self.prepend == "dense_field":
             products = torch.cat([per_set[:, :, -1, :], products], dim=2)
         return self.projection(products)
+
+
+class FieldAwareSetArch(SetInteractionArch):
+    """FFM: the field-aware inner products of every field pair (:class:`FieldAwareInnerProducts`), then the
+    projection.
+
+    Args:
+        num_fields: F (the dense field included when present).
+        set_dim: d, holding ``F - 1`` sub-embeddings of width ``d // (F - 1)``.
+        projection: ``SetProjection(K, F*(F-1)/2, H)``.
+
+    Example::
+
+        >>> ffm = FieldAwareSetArch(8, 14, SetProjection(2, 28, 64, 0.0))  # sub-embeddings of width 2
+        >>> ffm(torch.randn(32, 2, 8, 14)).shape
+        torch.Size([32, 2, 64])
+    """
+
+    def __init__(self, num_fields: int, set_dim: int, projection: SetProjection) -> None:
+        super().__init__(projection.num_sets, num_fields, set_dim, projection.out_features)
+        self.products = FieldAwareInnerProducts(num_fields, set_dim)
+        _check_projection(self, projection, self.products.output_dim)
+        self.projection = projection
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            embeddings: ``[B, K, F, d]``.
+
+        Returns:
+            ``[B, K, H]``.
+        """
+        return self.projection(self.products(as_set_major(embeddings)))
 
 
 class FwFMSetArch(SetInteractionArch):

@@ -10,7 +10,7 @@ from multiembed.models.backbones import COMMON_OPTIONS, REGISTRY, SetArchContext
 
 
 def test_registry_lists_the_backbones_in_the_papers_order() -> None:
-    assert BACKBONES == ("dnn", "ipnn", "nfwfm", "xdeepfm", "dcnv2", "dcnv2lr", "finalmlp", "dlrm")
+    assert BACKBONES == ("dnn", "ipnn", "nfwfm", "xdeepfm", "dcnv2", "dcnv2lr", "finalmlp", "dlrm", "ffm")
     assert list(REGISTRY) == [*BACKBONES, HETERO_BACKBONE]
     assert BASE_SET_DIM == {name: REGISTRY[name].base_set_dim for name in REGISTRY}
     assert BASE_SET_DIM["nfwfm"] == 50 and BASE_SET_DIM["dlrm"] == 16

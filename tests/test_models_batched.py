@@ -81,6 +81,18 @@ def ref_ipnn(arch, k, e):
     return ref_projection(arch.projection, k, products)
 
 
+def ref_ffm(arch, k, e):
+    """Field i's block for j is j (j < i) or j - 1 (j > i), of width d // (F - 1)."""
+    f, s = e.shape[1], arch.products.sub_dim
+
+    def block(i: int, j: int) -> torch.Tensor:
+        b = j if j < i else j - 1
+        return e[:, i, b * s : (b + 1) * s]
+
+    products = torch.stack([(block(i, j) * block(j, i)).sum(-1) for i in range(f) for j in range(i + 1, f)], dim=1)
+    return ref_projection(arch.projection, k, products)
+
+
 def ref_dlrm(arch, k, e):
     products = pair_products(e)
     if arch.prepend == "dense_field":
@@ -142,6 +154,7 @@ REFERENCES: Dict[str, Callable] = {
     "xdeepfm": ref_xdeepfm,
     "finalmlp": ref_finalmlp,
     "dlrm": ref_dlrm,
+    "ffm": ref_ffm,
 }
 SMALL = {"dcnv2lr": {"cross_rank": 3}, "xdeepfm": {"cin_layer_sizes": (3, 2)}, "finalmlp": {"stream_layer_sizes": (6, 5)}}
 

@@ -32,6 +32,7 @@ SMALL_OPTIONS: Dict[str, Dict[str, object]] = {
     "xdeepfm": {"cin_layer_sizes": (3, 4)},
     "finalmlp": {"stream_layer_sizes": (12, 8)},
     "dlrm": {"dense_arch_layer_sizes": (8,)},
+    "ffm": {},
 }
 # (name suffix, fields, hidden): padded widths (3 fields x 5 = 15 -> 16, hidden 12 -> 16), shared interaction
 # (mesi), and widths that are multiples of 8 already (4 fields x 4 = 16, hidden 16: no padding, bias outside the GEMM).

@@ -61,7 +61,7 @@ def expected_dense_params(backbone: str, mode: str, k: int, d: int, f: int) -> i
         per_set = cin + projection(flat)
     elif backbone == "finalmlp":
         per_set = 2 * (projection(flat) + projection(H))
-    elif backbone == "dlrm":
+    elif backbone in ("dlrm", "ffm"):
         per_set = projection(pairs)
     else:
         raise AssertionError(backbone)

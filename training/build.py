@@ -135,7 +135,10 @@ def build_unsharded(
         combiner=config.combiner,
         **model_options(config),
     )
-    train_module = MultiEmbeddingTrain(model, spectral_reg_weight=config.spectral_reg)
+    train_module = MultiEmbeddingTrain(
+        model, spectral_reg_weight=config.spectral_reg, projection_reg_weight=config.projection_reg,
+        divergence_reg_weight=config.divergence_reg,
+    )
     attach_sparse_optimizer(model.sparse_arch.embedding_bag_collection, optim_config)
     return model, train_module, optim_config
 
