@@ -331,11 +331,12 @@ _MEMBER = re.compile(
 # fails when export emits another op). Functional tensor maths only: no in-place or out= variants, no file or
 # storage access; batch norm and dropout only in eval mode (:data:`EVAL_MODE_ARGS`).
 DENSE_PROGRAM_OPS: FrozenSet[str] = frozenset(f"torch.ops.aten.{op}" for op in (
-    "add.Tensor", "addcmul.default", "baddbmm.default", "batch_norm.default", "bmm.default", "cat.default",
-    "div.Tensor", "dropout.default", "einsum.default", "flatten.using_ints", "index.Tensor", "linear.default",
-    "matmul.default", "mean.dim", "mul.Tensor", "narrow.default", "permute.default", "relu.default",
-    "reshape.default", "select.int", "slice.Tensor", "softmax.int", "squeeze.dim", "sum.dim_IntList",
-    "transpose.int", "triu_indices.default", "unsqueeze.default", "view.default",
+    "add.Tensor", "addcmul.default", "alias.default", "baddbmm.default", "batch_norm.default", "bmm.default",
+    "cat.default", "div.Tensor", "dropout.default", "einsum.default", "flatten.using_ints", "index.Tensor",
+    "linear.default", "matmul.default", "mean.dim", "mul.Tensor", "narrow.default", "permute.default",
+    "relu.default", "reshape.default", "select.int", "slice.Tensor", "softmax.int", "squeeze.dim", "sub.Tensor",
+    "sum.dim_IntList", "transpose.int", "triu_indices.default", "unflatten.int", "unsqueeze.default",
+    "view.default",
 ))
 # Allowed ops that write or draw in training mode (batch norm updates its running statistics in place, dropout
 # draws a mask): their mode argument must be the constant False.

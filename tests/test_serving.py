@@ -831,7 +831,7 @@ def test_row_layout_tells_unlabelled_rows_apart(tmp_path) -> None:
 _COMPILE_SUBSET = [
     ("dnn-se-2x", "mean", 0), ("ipnn-me-2x", "gate", 3), ("nfwfm-mesi-2x", "mean", 0), ("xdeepfm-se-2x", "gate", 3),
     ("dcnv2-me-2x", "mean", 0), ("dcnv2lr-mesi-2x", "gate", 3), ("finalmlp-me-2x", "mean", 0),
-    ("dlrm-mesi-2x", "gate", 3), ("hetero-me-4x", "gate", 3),
+    ("dlrm-mesi-2x", "gate", 3), ("ffm-se-2x", "gate", 3), ("hetero-me-4x", "gate", 3),
 ]
 COMPILE_MATRIX_ENV = "MULTIEMBED_TEST_COMPILE_MATRIX"
 
