@@ -37,6 +37,8 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from multiembed.models.precision import cpu_capability
+
 # --------------------------------------------------------------------------------------------------------------------
 # The switch
 
@@ -118,13 +120,6 @@ def gemm_width(width: int) -> int:
     return -(-width // GEMM_WIDTH_MULTIPLE) * GEMM_WIDTH_MULTIPLE
 
 
-def _cpu_capability() -> str:
-    try:
-        return str(torch.backends.cpu.get_cpu_capability())
-    except Exception:  # noqa: BLE001 - an older or unusual build: assume nothing about the CPU
-        return "unknown"
-
-
 def _linear_pointwise() -> Callable[..., torch.Tensor]:
     """The private oneDNN op (raises where this build lacks it)."""
     return torch.ops.mkldnn._linear_pointwise.default
@@ -163,7 +158,7 @@ def working_onednn_linear(dtype: torch.dtype) -> Optional[Callable[..., torch.Te
 def _onednn_linear(dtype: torch.dtype) -> Optional[Callable[..., torch.Tensor]]:
     """:func:`working_onednn_linear` where it is the better choice: float32 on AVX-512 CPUs only (on an AVX2-only CPU
     it was slower than ``addmm``, and some builds raise for bfloat16; figures in ``benchmarks/README.md``)."""
-    if dtype != torch.float32 or not _cpu_capability().startswith("AVX512"):
+    if dtype != torch.float32 or not cpu_capability().startswith("AVX512"):
         return None
     return working_onednn_linear(dtype)
 

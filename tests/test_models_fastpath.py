@@ -194,17 +194,17 @@ def fresh_probe() -> Iterator[None]:
 def test_gemm_choice_follows_the_machine_and_the_probe(monkeypatch, fresh_probe) -> None:
     assert cpu_fastpath.gemm_backend(torch.float64) == "addmm"
     assert cpu_fastpath.gemm_backend(torch.bfloat16) == "addmm"
-    monkeypatch.setattr(cpu_fastpath, "_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(cpu_fastpath, "cpu_capability", lambda: "AVX512")
     assert cpu_fastpath.gemm_backend(torch.float32) == ("onednn" if torch.backends.mkldnn.is_available() else "addmm")
     cpu_fastpath._onednn_linear.cache_clear()
-    monkeypatch.setattr(cpu_fastpath, "_cpu_capability", lambda: "AVX2")  # measured slower than addmm there
+    monkeypatch.setattr(cpu_fastpath, "cpu_capability", lambda: "AVX2")  # measured slower than addmm there
     assert cpu_fastpath.gemm_backend(torch.float32) == "addmm"
 
     def broken(*args, **kwargs):
         raise RuntimeError("mkldnn_linear_pointwise: unsupported")
 
     cpu_fastpath._onednn_linear.cache_clear()
-    monkeypatch.setattr(cpu_fastpath, "_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(cpu_fastpath, "cpu_capability", lambda: "AVX512")
     monkeypatch.setattr(cpu_fastpath, "_linear_pointwise", lambda: broken)
     assert cpu_fastpath.gemm_backend(torch.float32) == "addmm"
     x, weight, bias = torch.randn(5, 3), torch.randn(4, 3), torch.randn(4)
