@@ -161,7 +161,7 @@ def collapse_from_model(
         raise ValueError("collapse_from_model reads the cross weights from the model; use sub_embedding=False to skip")
     model = unwrap_model(model)
     sparse_arch = model.sparse_arch
-    state = sparse_arch.embedding_bag_collection.state_dict()
+    state = sparse_arch.table_collection.state_dict()
     tables = {}
     for name in sparse_arch.table_names:
         key = f"embedding_bags.{name}.weight"
