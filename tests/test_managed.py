@@ -50,9 +50,10 @@ def native_data(tmp_path_factory) -> Path:
 
 
 def _error_line(capsys) -> str:
-    lines = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in lines[0], lines
-    return lines[0]
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    return errors[0]
 
 
 # ------------------------------------------------------------------------------------------------ the data
