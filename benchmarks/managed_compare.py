@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
               str(args.churn), "--seed", str(args.data_seed), "--no-progress"]
     _cli(["synth", *common, "--out", str(logs["managed"]), "--vocab", "managed"])
     _cli(["synth", *common, "--out", str(logs["hashing"]), "--vocab", "hashing", "--hash-size", str(args.table_rows)])
-    train = ["--batch-size", str(args.batch_size), "--hidden", str(args.hidden), "--epochs", "1", "--device", "cpu",
+    train = ["--batch-size", str(args.batch_size), "--hidden", str(args.hidden), "--device", "cpu",
              "--no-progress", "--ia-every", "0"]
     arms: List[Dict[str, Any]] = []
     for model in args.models:
