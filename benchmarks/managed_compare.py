@@ -20,12 +20,13 @@ import argparse
 import csv
 import io
 import json
+import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from multiembed.cli import main as cli_main
 from multiembed.config.options import DEFAULT_EVICTION_INTERVAL
 from multiembed.data.metadata import atomic_write_text
 from multiembed.data.synthetic.days import day_dirs
@@ -36,9 +37,11 @@ COLUMNS = ("arm", "vocab", "model", "seed", "eviction_interval", "day", "pv_auc"
 
 
 def _cli(args: List[str]) -> None:
-    status = cli_main(args)
-    if status != 0:
-        raise RuntimeError(f"multiembed {' '.join(args)} failed with status {status}")
+    """Runs ``multiembed ARGS`` in its own process (one intra-op thread); its output goes to this one's stderr."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "multiembed.cli", *args], env=env, stdout=sys.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"multiembed {' '.join(args)} failed with status {done.returncode}")
 
 
 def _days(log: Path, days: int) -> List[str]:
