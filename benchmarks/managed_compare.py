@@ -9,9 +9,11 @@ on the hashed ids, managed runs on the keys with ``--vocab managed --table-rows`
 Every day line of every run goes to the CSV (``--csv``); the JSON (``--json``) holds the runs, the options and the
 per-arm means. Run::
 
-    python -m multiembed.benchmarks.managed_compare --work /tmp/managed --days 4 --rows 20000 --table-rows 64 \\
-        --models dnn-se-2x,dnn-me-2x --seeds 0,1,2 --intervals 1,10,200 \\
+    python -m multiembed.benchmarks.managed_compare --work /tmp/mc-study --days 4 --rows 20000 --scale 0.001 \\
+        --churn 0.05 --table-rows 32 --models dnn-me-2x,dnn-se-2x --seeds 0,1,2 --interval 5 --intervals 1,20,60 \\
         --json docs/results/managed/managed.json --csv docs/results/managed/days.csv
+
+(docs/results/managed/README.md holds what it measured.)
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from multiembed.config.choices import (
 )
 
 # The default --eviction-interval of managed tables (training steps between evictions; docs/managed.md).
-DEFAULT_EVICTION_INTERVAL = 50
+DEFAULT_EVICTION_INTERVAL = 5
 
 
 def option(
