@@ -282,6 +282,22 @@ def test_a_managed_run_resumes_exactly_from_its_checkpoint(managed_data: Path, t
     assert evaluations[0] == evaluations[1]
 
 
+def test_the_days_loop_records_what_the_managed_tables_did_each_day(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    assert cli_main(["synth", "--days", "2", "--rows", "3000", "--out", str(log), "--scale", "0.001", "--churn", "0.3",
+                     "--vocab", "managed", "--no-progress"]) == 0
+    run = tmp_path / "days"
+    assert cli_main(["days", "--data", *map(str, day_dirs(log, 2)), "--out", str(run), "--model", "dnn-me-2x", *TINY,
+                     *MANAGED]) == 0
+    days = json.loads((run / "summary.json").read_text())["days"]
+    # Day 0 starts with empty tables: every lookup falls back before training; day 1 brings only its new ids.
+    assert days[0]["managed_pv_fallback_share"] == 1.0
+    assert 0.0 < days[1]["managed_pv_fallback_share"] < 0.5
+    for day in days:
+        assert 0 < day["managed_rows_in_use"] <= day["managed_rows"]
+        assert day["managed_assigned"] > 0 and 0.0 <= day["managed_train_fallback_share"] <= 1.0
+
+
 # ------------------------------------------------------------------------------------------ export / predict
 def _predict(capsys, *args: str) -> dict:
     capsys.readouterr()
