@@ -55,7 +55,7 @@ from multiembed.data.remap import REMAP_FILE, RemappedVocabulary
 from multiembed.data.vocab import VOCAB_FILE, CountedVocabulary, HashingVocabulary, ManagedVocabulary
 from multiembed.models import MultiEmbeddingModel, multi_embedding_tables
 from multiembed.models.cpu_fastpath import use_fast_path
-from multiembed.models.managed import remapping
+from multiembed.models.managed import remapping, table_collection
 from multiembed.models.model import MultiEmbeddingDensePath
 from multiembed.serving.artifact import (
     DENSE_FILE,
@@ -216,7 +216,7 @@ def logical_tables(model: MultiEmbeddingModel) -> Dict[str, torch.Tensor]:
     """``{field: [rows, K * d]}``: every table assembled from this process's shards (one rank holds them all),
     padding stripped, the K sets side by side."""
     sparse = model.sparse_arch
-    state = sparse.table_collection.state_dict()
+    state = table_collection(sparse.embedding_bag_collection).state_dict()
     stored = {name: state[f"embedding_bags.{name}.weight"] for name in sparse.table_names}
     full = {name: torch.zeros(tuple(weight.shape), dtype=torch.float32) for name, weight in stored.items()}
     for shard in local_shards_from_tensors(stored, rank=0):

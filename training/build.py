@@ -39,7 +39,7 @@ from torchrec.optim.warmup import WarmupOptimizer
 from multiembed.config import TrainConfig, VocabSource, default_of
 from multiembed.data.metadata import DatasetMetadata
 from multiembed.models import MultiEmbeddingModel, MultiEmbeddingTrain, build_model, parse_experts, parse_model_name
-from multiembed.models.managed import ManagedSpec
+from multiembed.models.managed import ManagedSpec, table_collection
 from multiembed.models.precision import check_precision
 from multiembed.sharding import embedding_tables, format_plan, make_sharders, plan_sharding, plan_summary
 from multiembed.sharding.managed import managed_sharders, plan_managed
@@ -163,7 +163,7 @@ def build_unsharded(
     )
     if spec is not None:
         model.sparse_arch.use_managed_collision(spec)
-    attach_sparse_optimizer(model.sparse_arch.table_collection, optim_config)
+    attach_sparse_optimizer(table_collection(model.sparse_arch.embedding_bag_collection), optim_config)
     return model, train_module, optim_config
 
 
