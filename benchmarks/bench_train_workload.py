@@ -54,7 +54,7 @@ class BenchConfig:
     batch_pool: int = 4
     seed: int = TrainConfig.seed
     device: str = TrainConfig.device
-    malloc: str = "default"
+    malloc: str = "retain"
     profile: Optional[str] = None
     progress: bool = True
     precision: str = TrainConfig.precision

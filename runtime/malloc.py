@@ -72,3 +72,17 @@ def retain_freed_memory() -> None:
     """
     if not set_malloc_options([(M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 64 * 2**20)]):
         raise OSError("--malloc retain needs Linux glibc, and glibc accepting mallopt")
+
+
+def retain_for_training() -> bool:
+    """:func:`retain_freed_memory` for a process that trains (``train``, ``days``, ``scale``; each rank calls it):
+    a training step allocates and frees the same large activations and gradients every step, and returning them to
+    the kernel costs a page fault per 4 KiB each time (dcnv2-me-4x at batch 2048 on CPU: about 60 MB a step, figures
+    in ``benchmarks/README.md``). Results do not change. Returns False (nothing changed) where the C library is not
+    glibc or refuses the settings.
+    """
+    try:
+        retain_freed_memory()
+    except OSError:
+        return False
+    return True
