@@ -79,9 +79,9 @@ def tune_for_training() -> bool:
     """:func:`tune_allocator` for a process that trains (``train``, ``days``, ``scale``; each rank calls it): a
     training step allocates and frees the same activations and gradients, a few MB each, every step, and returning
     them to the kernel costs a page fault per 4 KiB each time. With the thresholds raised they stay in the heap;
-    blocks over 32 MiB are still mapped and unmapped, so the heap does not grow past what a step holds (dcnv2-me-4x,
-    batch 2048, on CPU: about 60 -> 8 MB of page faults a step at the same peak memory; :func:`retain_freed_memory`
-    faults as little but doubles the peak; figures in ``benchmarks/README.md``). Results do not change. Returns False
+    blocks over 32 MiB are still mapped and unmapped, so freed large blocks go back to the kernel (dcnv2-me-4x, batch
+    2048, on CPU: about 60 -> 8 MB of page faults a step at the same peak memory, as few as
+    :func:`retain_freed_memory` leaves; figures in ``benchmarks/README.md``). Results do not change. Returns False
     (nothing changed) where the C library is not glibc or refuses the settings.
     """
     return set_malloc_options(TRAINING_MALLOC_OPTIONS)
