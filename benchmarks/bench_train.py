@@ -22,9 +22,10 @@ What is timed
       batch over the slowest rank's step. The baseline then runs beside every rank alone on the local batch (no
       gradient exchange, so an upper bound for it).
     * Memory: glibc returns large freed blocks to the kernel, so a step page-faults its big temporaries back in
-      (``page_fault_mb_per_step``, each contender counted in its own process; the baseline's dense embedding
-      gradients and Adam temporaries, over glibc's 32 MB mmap limit, fault every step). ``--malloc retain`` keeps
-      freed memory in the process for both contenders (both processes); report both settings.
+      (``page_fault_mb_per_step``, each contender counted in its own process). Every contender's process gets the
+      same allocator settings (``--malloc``): by default those ``multiembed train`` sets (blocks up to 32 MiB stay
+      in the heap; the paper baseline's dense embedding gradients and Adam temporaries, over that limit, still fault
+      every step); ``--malloc retain`` unmaps nothing (fewest faults, largest peak); report both settings.
 
 Workload
     ``R`` rows per set are spread over the 39 fields of Criteo Kaggle in the proportions of the ``criteo-kaggle``
@@ -117,7 +118,7 @@ from multiembed.benchmarks.bench_train_yardstick import (
 from multiembed.benchmarks.paper_baseline import SAVVY_TABLE_OPTIMIZERS
 from multiembed.models import parse_model_name
 from multiembed.models.precision import check_precision
-from multiembed.runtime.malloc import retain_freed_memory
+from multiembed.runtime.malloc import apply_malloc_mode
 from multiembed.runtime.stack import installed_versions
 from multiembed.training.build import optimizer_config
 from multiembed.training.distributed import DistContext, init_distributed
@@ -147,8 +148,7 @@ def run_benchmark(config: BenchConfig, argv: Optional[Sequence[str]] = None) -> 
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
-    if config.malloc == "retain":
-        retain_freed_memory()
+    apply_malloc_mode(config.malloc)
     ctx = init_distributed(config.device)
     check_precision(config.precision, ctx.device.type)
     if config.batch_size % ctx.world_size:

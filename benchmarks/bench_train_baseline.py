@@ -18,7 +18,7 @@ from multiembed.benchmarks.bench_train_phases import PhaseClock, arch_hooks, mod
 from multiembed.benchmarks.bench_train_timing import page_faults, peak_rss_bytes, timed
 from multiembed.benchmarks.bench_train_workload import BASELINE_KINDS, BenchBatch, make_batches
 from multiembed.models import parse_model_name
-from multiembed.runtime.malloc import retain_freed_memory
+from multiembed.runtime.malloc import apply_malloc_mode
 
 
 class BaselineRunner:
@@ -116,7 +116,7 @@ class BaselineSpec:
         device: ``cpu`` or ``cuda:N``.
         hidden, dropout, model_seed: as :class:`BaselineRunner`.
         threads: torch intra-op threads (the harness's count).
-        malloc: ``default`` or ``retain`` (:func:`retain_freed_memory`).
+        malloc: one of :data:`~multiembed.runtime.malloc.MALLOC_MODES` (:func:`apply_malloc_mode`).
         kind: one of :data:`BASELINE_KINDS` (:class:`BaselineRunner`).
         table_optimizer, table_lr, lr, weight_decay: the savvy kinds' optimizers (:class:`BaselineRunner`).
     """
@@ -152,8 +152,7 @@ def serve_baseline(fd: int) -> None:
     conn = Connection(fd)
     try:
         spec: BaselineSpec = conn.recv()
-        if spec.malloc == "retain":
-            retain_freed_memory()
+        apply_malloc_mode(spec.malloc)
         torch.set_num_threads(spec.threads)
         device = torch.device(spec.device)
         batches = make_batches(spec.vocab_sizes, spec.batch_size, spec.batch_pool, spec.seed, spec.id_exponent, device)

@@ -13,12 +13,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from multiembed.config import TrainConfig
 from multiembed.data.presets import preset
 from multiembed.models import parse_model_name
+from multiembed.runtime.malloc import MALLOC_MODES
 
 DEFAULT_PRESET = "criteo-kaggle"
 # The plain-PyTorch baselines, each in a process of its own: the paper's code, the savvy rewrite (with the package's
 # table optimizer), and the savvy rewrite with its dense part under torch.compile.
 BASELINE_KINDS = ("paper", "savvy", "savvy_compiled")
-MALLOC_MODES = ("default", "retain")
 
 
 @dataclasses.dataclass
@@ -54,7 +54,7 @@ class BenchConfig:
     batch_pool: int = 4
     seed: int = TrainConfig.seed
     device: str = TrainConfig.device
-    malloc: str = "default"
+    malloc: str = "train"
     profile: Optional[str] = None
     progress: bool = True
     precision: str = TrainConfig.precision

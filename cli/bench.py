@@ -60,9 +60,10 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("--id-exponent", type=float, default=3.0,
                    help="ids are floor(D * u**a) for uniform u (default 3: a heavy head; 1: uniform)")
     p.add_argument(
-        "--malloc", choices=["default", "retain"], default="default",
-        help="retain: glibc keeps freed memory instead of unmapping it (no page faults on reused buffers; both "
-        "contenders); default: the process as started",
+        "--malloc", choices=["default", "train", "retain"], default="train",
+        help="glibc's allocator in every contender's process: train (the default): as multiembed train sets it "
+        "(blocks up to 32 MiB stay in the heap); retain: no freed memory is ever unmapped (fewest page faults, "
+        "largest peak); default: the process as started",
     )
     p.add_argument("--profile", default=None, metavar="TXT", help="also write torch.profiler's operator table here")
     # The options a benchmark shares with a training run: defined once, in TrainConfig.

@@ -52,8 +52,11 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         help=f"ranks per host (default: {DEFAULT_HOST_SIZE} when it divides --world-size, else --world-size)",
     )
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="device of each rank (default: cuda)")
-    p.add_argument("--hbm-gb", type=float, default=None, help="GPU memory per rank in GiB (default: TorchRec's, 32)")
-    p.add_argument("--ddr-gb", type=float, default=None, help="host memory per rank in GiB (default: TorchRec's, 128)")
+    p.add_argument("--hbm-gb", type=float, default=None,
+                   help="GPU memory per rank in GiB (default: this machine's GPU's; TorchRec's 32 without a GPU)")
+    p.add_argument("--ddr-gb", type=float, default=None,
+                   help="host memory per rank in GiB (default: this machine's MemTotal or cgroup limit, divided by "
+                   "--local-world-size)")
     p.add_argument(
         "--override",
         action="append",
@@ -141,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from multiembed.training.build import account_memory, plan_model
+    from multiembed.training.memory import planning_capacity
 
     overrides = parse_overrides(args.override)
     label, vocab_sizes, num_dense, pooling, exact = resolve_data(args.data, args.multi_hot)
@@ -150,13 +154,24 @@ def run(args: argparse.Namespace) -> int:
     )
     config.validate()
     local_batch = config.local_batch_size(args.world_size)
-    # The capacity the planner works with (TorchRec's defaults where no size was given).
-    topology = build_topology(args.world_size, local_world_size, args.device, hbm_gb=args.hbm_gb, ddr_gb=args.ddr_gb)
+    # The capacity the planner works with: what was given, else this machine's memory per rank.
+    machine = planning_capacity(args.device, local_world_size)
+    hbm_gb = args.hbm_gb if args.hbm_gb is not None else machine.hbm_gb
+    ddr_gb = args.ddr_gb if args.ddr_gb is not None else machine.ddr_gb
+    given = [f"--{name}-gb" for name, value in (("hbm", args.hbm_gb), ("ddr", args.ddr_gb)) if value is not None]
+    source = ", ".join(given) if given else machine.source
+    topology = build_topology(args.world_size, local_world_size, args.device, hbm_gb=hbm_gb, ddr_gb=ddr_gb)
     storage = topology.devices[0].storage
     capacity = (storage.hbm if args.device == "cuda" else storage.ddr) / GB
     num_dense = num_dense if config.dense_features else 0
     account = account_memory(config, vocab_sizes, num_dense=num_dense, device_type=args.device,
-                             world_size=args.world_size, batch_size=args.batch_size)
+                             world_size=args.world_size, batch_size=local_batch)
+    if account.per_rank_bytes > capacity * GB:
+        raise ValueError(
+            f"--model {args.model}: needs about {format_bytes(account.per_rank_bytes)} per rank "
+            f"({account.describe()}); a rank of this plan has {format_bytes(int(capacity * GB))} ({source}); "
+            "use a smaller model, more ranks or a larger --hbm-gb / --ddr-gb"
+        )
     planned = plan_model(
         config,
         vocab_sizes,
@@ -167,8 +182,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=local_batch,
         overrides=overrides,
         set_width=args.set_width,
-        hbm_gb=args.hbm_gb,
-        ddr_gb=args.ddr_gb,
+        hbm_gb=hbm_gb,
+        ddr_gb=ddr_gb,
         pooling_factors=pooling,
         capacity_gb=capacity,
         dense_device=torch.device("meta"),  # planned on paper: a model too big for this machine still plans
@@ -192,7 +207,9 @@ def run(args: argparse.Namespace) -> int:
     )
     summary["memory_per_rank"] = {"bytes": account.per_rank_bytes, "tables": account.table_bytes,
                                   "dense": account.dense_bytes, "activations": account.activation_bytes}
-    print(f"memory per rank: about {format_bytes(account.per_rank_bytes)} ({account.describe()})")
+    print(f"memory per rank: about {format_bytes(account.per_rank_bytes)} ({account.describe()}); capacity "
+          f"{format_bytes(int(capacity * GB))} per rank ({source})")
+    summary["capacity_per_rank"] = {"bytes": int(capacity * GB), "source": source}
     print(format_summary(summary))
     if args.json:
         out = Path(args.json)

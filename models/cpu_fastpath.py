@@ -194,6 +194,23 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return torch.addmm(bias, x, weight.t())
 
 
+def cpu_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for ``[N, k]`` and ``[k, M]`` CPU matrices of any strides (transposed and row-strided views
+    included), a fresh ``[N, M]`` tensor: the GEMM of :func:`cpu_linear` (oneDNN's where chosen, reading ``b`` as the
+    transposed weight ``b^T`` without a copy), so the backward passes run on the same kernel as the forward.
+
+    Example::
+
+        >>> a, b = torch.randn(6, 4), torch.randn(5, 4)
+        >>> torch.allclose(cpu_mm(a, b.t()), a @ b.t(), atol=1e-6)
+        True
+    """
+    op = _onednn_linear(a.dtype) if b.dtype == a.dtype else None
+    if op is not None:
+        return op(a, b.t(), None, "none", [], "")
+    return torch.mm(a, b)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Padding: compute-only (parameters keep their shapes; padded rows and columns are exact zeros and are sliced off)
 
@@ -275,6 +292,41 @@ def weights_with_bias_column(weight: torch.Tensor, bias: torch.Tensor, rows: int
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# One linear layer (the over arch's)
+
+
+class _LinearFunction(torch.autograd.Function):
+    """``y = x @ W^T + b`` with all three GEMMs (forward, input and weight gradients) on :func:`cpu_linear`'s kernel;
+    autograd's own backward of ``F.linear`` runs its two GEMMs on ``torch.mm``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return cpu_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        grad_x = cpu_mm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = cpu_mm(grad.t(), x) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(dim=0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear`` for a ``[N, in]`` CPU input with the backward on the forward's GEMM kernel (:class:`_LinearFunction`).
+
+    Example::
+
+        >>> x, weight, bias = torch.randn(5, 8), torch.randn(16, 8), torch.randn(16)
+        >>> torch.allclose(linear(x, weight, bias), F.linear(x, weight, bias), atol=1e-5)
+        True
+    """
+    return _LinearFunction.apply(x, weight, bias)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # K set-specific linear layers
 
 
@@ -308,10 +360,7 @@ class _SetLinearFunction(torch.autograd.Function):
         out = x.new_empty(batch, num_sets, out_padded)
         for k in range(num_sets):
             g = k // per_weight
-            if bias_padded is None:
-                torch.mm(x_padded[k], weight_padded[g].t(), out=out[:, k])
-            else:
-                torch.addmm(bias_padded[g], x_padded[k], weight_padded[g].t(), out=out[:, k])
+            out[:, k] = cpu_linear(x_padded[k], weight_padded[g], None if bias_padded is None else bias_padded[g])
         ctx.save_for_backward(x_padded, weight_padded)
         ctx.widths = (in_features, out_features)
         ctx.has_bias = bias is not None
@@ -330,16 +379,17 @@ class _SetLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch.empty_like(x_padded, memory_format=torch.contiguous_format)
             for k in range(num_sets):
-                torch.mm(grad_padded[k], weight_padded[k // per_weight], out=grad_x[k])
+                grad_x[k] = cpu_mm(grad_padded[k], weight_padded[k // per_weight])
             grad_x = grad_x[..., :in_features]
         bias_needed = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1] or (bias_needed and ctx.bias_in_gemm):
             grad_padded_weight = torch.empty_like(weight_padded, memory_format=torch.contiguous_format)
             for k in range(num_sets):
+                product = cpu_mm(grad_padded[k].t(), x_padded[k])
                 if k % per_weight == 0:
-                    torch.mm(grad_padded[k].t(), x_padded[k], out=grad_padded_weight[k // per_weight])
+                    grad_padded_weight[k // per_weight] = product
                 else:
-                    grad_padded_weight[k // per_weight].addmm_(grad_padded[k].t(), x_padded[k])
+                    grad_padded_weight[k // per_weight] += product
             if ctx.needs_input_grad[1]:
                 grad_weight = grad_padded_weight[:, :out_features, :in_features].contiguous()  # the parameter's layout
             if bias_needed and ctx.bias_in_gemm:
@@ -452,7 +502,7 @@ class _CrossNetFunction(torch.autograd.Function):
             bias_needed = ctx.needs_input_grad[1 + n + layer]
             if weight_needed or (bias_needed and ctx.bias_in_gemm):
                 for g in range(x0.shape[0]):
-                    torch.mm(grad_projected[g].t(), inputs[layer][g], out=grad_weight[g])
+                    grad_weight[g] = cpu_mm(grad_projected[g].t(), inputs[layer][g])
             if weight_needed:
                 # A copy out of the reused buffer, in the parameter's own (contiguous) layout: DDP's buckets and
                 # AccumulateGrad would otherwise copy a strided gradient anyway, DDP with a warning.
@@ -463,7 +513,7 @@ class _CrossNetFunction(torch.autograd.Function):
                 else:
                     grad_biases[layer] = grad_projected.sum(dim=1)
             for g in range(x0.shape[0]):
-                upstream[g].addmm_(grad_projected[g], weights[layer][g])
+                upstream[g] += cpu_mm(grad_projected[g], weights[layer][g])
         grad_input = upstream.add_(grad_x0)[..., :width] if ctx.needs_input_grad[0] else None
         return (grad_input, *grad_weights, *grad_biases)
 

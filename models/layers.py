@@ -55,6 +55,45 @@ def per_set_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return out.view(num_sets, -1, weight.shape[1])
 
 
+@torch.fx.wrap
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear``; where :func:`~multiembed.models.cpu_fastpath.enabled`, for a ``[N, in]`` input whose widths are
+    multiples of :data:`~multiembed.models.cpu_fastpath.GEMM_WIDTH_MULTIPLE`,
+    :func:`multiembed.models.cpu_fastpath.linear` (its backward GEMMs on the forward's kernel). Wrapped for fx.
+
+    Example::
+
+        >>> x, weight, bias = torch.randn(5, 8), torch.randn(16, 8), torch.randn(16)
+        >>> torch.allclose(linear(x, weight, bias), F.linear(x, weight, bias), atol=1e-5)
+        True
+    """
+    multiple = cpu_fastpath.GEMM_WIDTH_MULTIPLE
+    if (cpu_fastpath.enabled(x) and x.dim() == 2 and weight.shape[0] % multiple == 0
+            and weight.shape[1] % multiple == 0):
+        return cpu_fastpath.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, initialisation and state-dict keys) whose forward is :func:`linear`.
+
+    Example::
+
+        >>> Linear(8, 16)(torch.randn(4, 8)).shape
+        torch.Size([4, 16])
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: ``[N, in_features]`` (any leading shape off the fast path).
+
+        Returns:
+            ``[N, out_features]``.
+        """
+        return linear(x, self.weight, self.bias)
+
+
 def check_groups(num_sets: int, num_weight_sets: Optional[int]) -> int:
     """The number of distinct weight groups over ``num_sets`` sets (default: one per set).
 

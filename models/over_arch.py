@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from multiembed.models.layers import UniformMaskDropout
+from multiembed.models.layers import Linear, UniformMaskDropout
 
 
 class MLPOverArch(nn.Module):
@@ -51,7 +51,7 @@ class MLPOverArch(nn.Module):
         previous = in_features
         for size in layer_sizes:
             layers += [
-                nn.Linear(previous, size, device=device),
+                Linear(previous, size, device=device),
                 nn.BatchNorm1d(size, device=device),
                 nn.ReLU(),
                 UniformMaskDropout(dropout),

@@ -53,7 +53,7 @@ def tune_allocator() -> None:
     not glibc.
     """
     # glibc refuses an mmap threshold above 32 MiB on 64-bit.
-    set_malloc_options([(M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30)])
+    set_malloc_options(TRAINING_MALLOC_OPTIONS)
 
 
 def retain_freed_memory() -> None:
@@ -72,3 +72,37 @@ def retain_freed_memory() -> None:
     """
     if not set_malloc_options([(M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 64 * 2**20)]):
         raise OSError("--malloc retain needs Linux glibc, and glibc accepting mallopt")
+
+
+
+def tune_for_training() -> bool:
+    """:func:`tune_allocator` for a process that trains (``train``, ``days``, ``scale``; each rank calls it): a
+    training step allocates and frees the same activations and gradients, a few MB each, every step, and returning
+    them to the kernel costs a page fault per 4 KiB each time. With the thresholds raised they stay in the heap;
+    blocks over 32 MiB are still mapped and unmapped, so freed large blocks go back to the kernel (dcnv2-me-4x, batch
+    2048, on CPU: about 60 -> 8 MB of page faults a step at the same peak memory, as few as
+    :func:`retain_freed_memory` leaves; figures in ``benchmarks/README.md``). Results do not change. Returns False
+    (nothing changed) where the C library is not glibc or refuses the settings.
+    """
+    return set_malloc_options(TRAINING_MALLOC_OPTIONS)
+
+
+# The allocator settings of a training process (:func:`tune_for_training`), as :func:`tune_allocator`'s.
+TRAINING_MALLOC_OPTIONS = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30))
+# The benchmark's ``--malloc`` modes: the process as started, a training process's settings, or no unmapping at all.
+MALLOC_MODES = ("default", "train", "retain")
+
+
+def apply_malloc_mode(mode: str) -> None:
+    """Applies one of :data:`MALLOC_MODES` to this process.
+
+    Raises:
+        ValueError: an unknown mode.
+        OSError: ``retain`` where the C library is not glibc or refuses it.
+    """
+    if mode not in MALLOC_MODES:
+        raise ValueError(f"--malloc: expected one of {', '.join(MALLOC_MODES)}, got {mode!r}")
+    if mode == "train":
+        tune_for_training()
+    elif mode == "retain":
+        retain_freed_memory()

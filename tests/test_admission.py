@@ -41,7 +41,45 @@ def test_a_model_too_big_for_this_machine_is_refused_before_it_allocates(data, t
     line = _error_line(capsys)
     assert line.startswith(f"multiembed train: error: --model {model}: needs about "), line
     assert "TiB per rank" in line and "is available per rank" in line and "MemAvailable" in line
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run").exists()  # refused before the run directory is created
+
+
+def test_a_refused_overwrite_keeps_the_run_it_would_have_replaced(data, tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    assert cli_main(["train", "--data", str(data), "--out", str(run), "--model", "dnn-me-2x", *SMALL]) == 0
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    capsys.readouterr()
+    assert cli_main(["train", "--data", str(data), "--out", str(run), "--model", "dcnv2-me-4x20000", "--overwrite",
+                     *SMALL]) == 2
+    assert "is available per rank" in _error_line(capsys)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+def test_a_run_that_fails_to_build_leaves_no_directory_it_created(tmp_path) -> None:
+    from multiembed.training.run_dir import RunDir
+
+    existing = tmp_path / "kept"
+    existing.mkdir()
+    for target in (tmp_path / "new" / "deeper" / "run", existing):
+        run = RunDir(target)
+        assert run._lock_and_clear(overwrite=False) is None
+        run.abandon()
+    assert not (tmp_path / "new").exists()  # every level the run created went
+    assert existing.is_dir()  # a directory that existed before stays
+
+
+def test_plan_sizes_the_topology_from_this_machine(capsys, monkeypatch) -> None:
+    monkeypatch.setattr(memory, "_meminfo", lambda: {"MemTotal": 48 * 2**30, "MemAvailable": 40 * 2**30})
+    monkeypatch.setattr(memory, "_cgroup_limit", lambda: None)
+    capsys.readouterr()
+    assert cli_main(["plan", "--model", "dcnv2-me-2x", "--data", "criteo-kaggle", "--world-size", "2",
+                     "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "capacity 24.00 GiB per rank (host memory from MemTotal / MemAvailable of /proc/meminfo, divided by the 2 " \
+        "ranks on this host)" in out, out
+    assert cli_main(["plan", "--model", "dcnv2-me-2x", "--data", "criteo-kaggle", "--world-size", "2",
+                     "--device", "cpu", "--ddr-gb", "100"]) == 0
+    assert "capacity 100.00 GiB per rank (--ddr-gb)" in capsys.readouterr().out
 
 
 def test_plan_plans_a_huge_model_on_paper_without_allocating_it(capsys) -> None:
@@ -50,7 +88,8 @@ def test_plan_plans_a_huge_model_on_paper_without_allocating_it(capsys) -> None:
                        "--device", "cpu"])
     assert status == 2
     line = _error_line(capsys)
-    assert line.startswith("multiembed plan: error: no sharding plan fits"), line
+    assert line.startswith("multiembed plan: error: --model dcnv2-me-4x20000: needs about "), line
+    assert "TiB per rank" in line and "a rank of this plan has" in line and "/proc/meminfo" in line
 
 
 def test_the_account_counts_tables_dense_state_and_activations() -> None:

@@ -172,7 +172,7 @@ def test_bench_smoke_json_has_every_key_and_consistent_values(tmp_path: Path, ca
     assert record["memory"]["baseline_process_peak_rss_bytes"] > 0
     assert record["memory"]["savvy_baseline_process_peak_rss_bytes"] > 0
     assert record["conditions"]["command"].startswith("multiembed bench --model dcnv2-me-2x")
-    assert record["conditions"]["malloc"] == "default"
+    assert record["conditions"]["malloc"] == "train"  # the default: as multiembed train sets it
     assert set(record["page_fault_mb_per_step"]) == {"project", "baseline", "savvy"}
     assert set(record["blocks_ms_per_step"]) == {"project", "baseline", "savvy"}
 

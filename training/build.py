@@ -45,7 +45,9 @@ from multiembed.sharding import embedding_tables, format_plan, make_sharders, pl
 from multiembed.sharding.managed import managed_sharders, plan_managed
 from multiembed.sharding.planner import GB
 from multiembed.training.distributed import DistContext, broadcast_object
-from multiembed.training.memory import MemoryAccount, admission_problem, machine_memory, memory_account
+from multiembed.training.memory import (
+    MachineMemory, MemoryAccount, admission_problem, machine_memory, memory_account,
+)
 from multiembed.training.optim import (
     OptimizerConfig,
     attach_sparse_optimizer,
@@ -311,6 +313,36 @@ class BuiltTraining:
         return self.planned.optim_config
 
 
+# What :func:`admit` returns: the run's memory account and this machine's memory per rank.
+Admission = Tuple[MemoryAccount, MachineMemory]
+
+
+def admit(
+    config: TrainConfig, vocab_sizes: Mapping[str, int], *, num_dense: int, ctx: DistContext, local_batch: int
+) -> Admission:
+    """Checks, before anything is built or written, that the run can start here: ``--precision`` on this device and
+    the memory one rank needs against what this machine has available (a collective: rank 0 decides for every rank,
+    since the free memory each rank reads differs; all start, or all refuse).
+
+    Args: as :func:`build_training`.
+
+    Returns:
+        The run's :class:`~multiembed.training.memory.MemoryAccount` and this machine's memory per rank.
+
+    Raises:
+        ValueError: one line: ``--precision bf16`` on a CPU without native bf16, or the run needs more memory per
+            rank than is available (:func:`~multiembed.training.memory.admission_problem`, both numbers).
+    """
+    check_precision(config.precision, ctx.device.type)
+    account = account_memory(config, vocab_sizes, num_dense=num_dense, device_type=ctx.device.type,
+                             world_size=ctx.world_size, batch_size=local_batch)
+    machine = machine_memory(ctx.device, ctx.local_world_size)
+    problem = broadcast_object(admission_problem(account, machine, config.model) if ctx.is_main else None)
+    if problem is not None:
+        raise ValueError(str(problem))
+    return account, machine
+
+
 def build_training(
     config: TrainConfig,
     vocab_sizes: Mapping[str, int],
@@ -318,6 +350,7 @@ def build_training(
     num_dense: int,
     ctx: DistContext,
     local_batch: int,
+    admission: Optional["Admission"] = None,
 ) -> BuiltTraining:
     """Builds, plans over the job's ranks, shards (DMP) and wraps ``config.model`` for training or evaluation.
 
@@ -329,6 +362,8 @@ def build_training(
         num_dense: dense input features fed to the model.
         ctx: this process's place in the job.
         local_batch: rows per rank and step.
+        admission: the result of :func:`admit` for these arguments when the caller admitted the run already (a
+            trainer admits it before it touches its run directory); admitted here otherwise.
 
     Raises:
         ValueError: see :func:`plan_model`; ``--precision bf16`` on a CPU without native bf16
@@ -336,14 +371,7 @@ def build_training(
             machine has available (:func:`~multiembed.training.memory.admission_problem`: one line with both
             numbers, before anything is allocated). The planner's capacity is this machine's memory per rank.
     """
-    check_precision(config.precision, ctx.device.type)
-    account = account_memory(config, vocab_sizes, num_dense=num_dense, device_type=ctx.device.type,
-                             world_size=ctx.world_size, batch_size=local_batch)
-    machine = machine_memory(ctx.device, ctx.local_world_size)
-    # Rank 0 decides for every rank (free memory read on each rank differs): all start, or all refuse.
-    problem = broadcast_object(admission_problem(account, machine, config.model) if ctx.is_main else None)
-    if problem is not None:
-        raise ValueError(str(problem))
+    account, machine = admission or admit(config, vocab_sizes, num_dense=num_dense, ctx=ctx, local_batch=local_batch)
     torch.manual_seed(config.seed)
     capacity_gb = machine.total_bytes / GB if machine.total_bytes > 0 else None
     planned = plan_model(
@@ -386,7 +414,10 @@ def check_vocab(config: TrainConfig, meta: DatasetMetadata, where: str = "") -> 
         )
 
 
-def build_for_data(config: TrainConfig, meta: DatasetMetadata, ctx: DistContext, local_batch: int) -> BuiltTraining:
+def build_for_data(
+    config: TrainConfig, meta: DatasetMetadata, ctx: DistContext, local_batch: int,
+    admission: Optional[Admission] = None,
+) -> BuiltTraining:
     """:func:`build_training` for the vocabulary and dense fields of the dataset ``meta`` describes.
 
     Args:
@@ -394,7 +425,17 @@ def build_for_data(config: TrainConfig, meta: DatasetMetadata, ctx: DistContext,
         meta: the dataset's metadata.
         ctx: this process's place in the job.
         local_batch: rows per rank and step.
+        admission: :func:`admit_for_data`'s result, when the caller admitted the run already.
     """
     check_vocab(config, meta)
     num_dense = len(meta.dense_fields) if config.dense_features else 0
-    return build_training(config, meta.vocab_sizes, num_dense=num_dense, ctx=ctx, local_batch=local_batch)
+    return build_training(config, meta.vocab_sizes, num_dense=num_dense, ctx=ctx, local_batch=local_batch,
+                          admission=admission)
+
+
+def admit_for_data(config: TrainConfig, meta: DatasetMetadata, ctx: DistContext, local_batch: int) -> Admission:
+    """:func:`admit` for the vocabulary and dense fields of the dataset ``meta`` describes (after
+    :func:`check_vocab`)."""
+    check_vocab(config, meta)
+    num_dense = len(meta.dense_fields) if config.dense_features else 0
+    return admit(config, meta.vocab_sizes, num_dense=num_dense, ctx=ctx, local_batch=local_batch)

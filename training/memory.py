@@ -195,6 +195,32 @@ def machine_memory(device: torch.device, local_world_size: int) -> MachineMemory
     return MachineMemory(total // ranks, available // ranks, source)
 
 
+@dataclasses.dataclass(frozen=True)
+class PlanningCapacity:
+    """Memory per rank a plan on paper is made for (GiB; None: TorchRec's default) and where it comes from."""
+
+    hbm_gb: Optional[float]
+    ddr_gb: Optional[float]
+    source: str
+
+
+def planning_capacity(device_type: str, local_world_size: int) -> PlanningCapacity:
+    """This machine's memory per rank, as the capacity of a plan for ``device_type`` ranks.
+
+    Host memory (``ddr``) is :func:`machine_memory`'s total per rank. GPU memory (``hbm``) is this machine's GPU's
+    when it has one; a CUDA plan made on a machine without a GPU keeps TorchRec's default (the message says so).
+    """
+    host = machine_memory(torch.device("cpu"), local_world_size)
+    ddr_gb = host.total_bytes / 2**30 if host.total_bytes > 0 else None
+    host_source = f"host memory from {host.source}" if ddr_gb is not None else "TorchRec's default host memory"
+    if device_type != "cuda":
+        return PlanningCapacity(None, ddr_gb, host_source)
+    if torch.cuda.is_available():
+        gpu = machine_memory(torch.device("cuda", 0), 1)
+        return PlanningCapacity(gpu.total_bytes / 2**30, ddr_gb, f"{gpu.source}; {host_source}")
+    return PlanningCapacity(None, ddr_gb, f"TorchRec's default GPU memory (no GPU here); {host_source}")
+
+
 def admission_problem(account: MemoryAccount, machine: MachineMemory, model: str) -> Optional[str]:
     """Why the run cannot start here (one line with both numbers), or None when it fits in the available memory.
     A machine that reports no memory (no ``/proc/meminfo``) admits everything."""

@@ -56,6 +56,8 @@ class RunDir:
     def __init__(self, path: Union[str, Path]) -> None:
         self.path = Path(path)
         self._lock: Optional[AbstractContextManager] = None
+        # The directories :meth:`open` created (deepest first), which :meth:`abandon` may remove again.
+        self._created: List[Path] = []
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -101,6 +103,7 @@ class RunDir:
     def _lock_and_clear(self, overwrite: bool) -> Optional[str]:
         """Takes the lock and, with ``overwrite``, deletes the run's entries; the problem, if any, as one line."""
         try:
+            self._created = [d for d in (self.path, *self.path.parents) if not d.exists()]
             self.path.mkdir(parents=True, exist_ok=True)
             lock = exclusive_lock(self.path, "training run")
             lock_file = lock.__enter__()
@@ -123,6 +126,18 @@ class RunDir:
         lock, self._lock = self._lock, None
         if lock is not None:
             lock.__exit__(None, None, None)
+
+    def abandon(self) -> None:
+        """Releases the lock of a job that ends before writing anything (e.g. refused by admission) and removes the
+        directories :meth:`open` created, as long as they are still empty: a refused run leaves no trace, and a
+        directory that existed before is kept as it was."""
+        self.close()
+        created, self._created = self._created, []
+        for directory in created:
+            try:
+                directory.rmdir()  # only an empty directory goes
+            except OSError:
+                return
 
     def problem(self, config: TrainConfig, meta: DatasetMetadata) -> Optional[str]:
         """Why ``config.out`` cannot be used as ``config`` asks (None: it can); nothing is touched here."""

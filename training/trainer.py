@@ -42,7 +42,7 @@ from multiembed.runtime.stack import installed_versions
 from multiembed.sharding.report import format_brief
 from multiembed.training import checkpoint as ckpt
 from multiembed.sharding.managed import close_intervals
-from multiembed.training.build import build_for_data, is_managed
+from multiembed.training.build import admit_for_data, build_for_data, is_managed
 from multiembed.training.distributed import DistContext, all_ranks_agree, barrier, init_distributed
 from multiembed.training.evaluation import average_batch_norm_statistics, evaluate_split, load_model_weights
 from multiembed.training.managed import ManagedMonitor, check_same_world_size
@@ -167,8 +167,15 @@ class Trainer:
                 f"{self.ctx.world_size} ranks"
             )
         self.local_batch = config.batch_size // self.ctx.world_size
+        # Admitted before the run directory is touched: a run refused for memory creates, locks or empties nothing.
+        admission = admit_for_data(config, self.meta, self.ctx, self.local_batch)
         self.run.open(config, self.meta, self.ctx.is_main)
-        self.built = build_for_data(config, self.meta, self.ctx, self.local_batch)
+        try:
+            self.built = build_for_data(config, self.meta, self.ctx, self.local_batch, admission)
+        except BaseException:
+            if self.ctx.is_main:
+                self.run.abandon()
+            raise
         self.output_bias_init = self._init_output_bias()
         # --vocab managed: the counters of the managed tables (fallback hits, rows in use, evictions).
         self.managed = ManagedMonitor(self.dmp) if is_managed(config) else None
