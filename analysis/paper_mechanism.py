@@ -7,9 +7,11 @@ checkpoints). Nothing here trains.
 - Fig. 3 (evidence I and II): the sub-embedding IA of field ``i`` as field ``j`` sees it, ``ia[i][j]`` (FFM's
   field-aware sub-embeddings, DCNv2's ``E_i W_{i->j}^T``), with the fields ordered by their own IA. The paper's trend
   (IA rises with ``i`` and with ``j``) is measured by two rank correlations: of a field's own IA with the mean IA of
-  its sub-embeddings (over ``j``, ``rho_source``) and with the mean IA of what it sees (over ``i``, ``rho_target``).
-- Fig. 5 (evidence III) and Fig. 6 (evidence IV): metrics against the scale for some (backbone, mode) series of a
-  study, the mean over seeds.
+  its sub-embeddings (over ``j``, ``rho_source``) and with the mean IA of what it sees (over ``i``, ``rho_target``),
+  per run (seed) and on the mean over runs.
+- Fig. 5 (evidence III) and Fig. 6 (evidence IV): metrics against the scale for some (backbone, mode) series of
+  studies, the mean over seeds; Fig. 5's regularised series are named by their weight, so studies at several
+  weights are drawn side by side.
 - Fig. 8: ME against SE at one scale: the IA of each field's whole embedding, ME's IA per set, the norms
   ``||W^(m)_{i->j}||_F`` of each set's first cross layer and their spread over sets, and the test AUC against the
   scale of SE, ME and ME under the set divergence penalty (one series per weight).
@@ -129,24 +131,76 @@ def sub_embedding_view(label: str, model: str, collapse: Mapping[str, Any]) -> S
                             [[float(v) for v in row] for row in entry["ia"]])
 
 
-def fig3_csv(views: Sequence[SubEmbeddingView]) -> str:
-    """One line per (model, source field, target field), with each field's rank by own IA (0: lowest)."""
+def mean_view(views: Sequence[SubEmbeddingView]) -> SubEmbeddingView:
+    """The mean over runs of one model (e.g. its seeds): own IA and ``ia[i][j]`` averaged field by field.
+
+    Raises:
+        ValueError: no views, or views of different labels or fields.
+
+    Example::
+
+        >>> a = SubEmbeddingView("x", "m", ["a", "b"], {"a": 1.0, "b": 2.0}, [[0.0, 1.0], [2.0, 0.0]])
+        >>> b = SubEmbeddingView("x", "m", ["a", "b"], {"a": 3.0, "b": 2.0}, [[0.0, 3.0], [4.0, 0.0]])
+        >>> mean_view([a, b]).own_ia, mean_view([a, b]).ia
+        ({'a': 2.0, 'b': 2.0}, [[0.0, 2.0], [3.0, 0.0]])
+    """
+    if not views:
+        raise ValueError("mean_view: no runs")
+    first = views[0]
+    for view in views[1:]:
+        if view.label != first.label or view.fields != first.fields:
+            raise ValueError(f"mean_view: {view.label} {view.model} has other fields than {first.label} "
+                             f"{first.model}; average runs of one model on one dataset")
+    own = {f: float(np.mean([v.own_ia[f] for v in views])) for f in first.fields}
+    ia = np.mean([np.asarray(v.ia, dtype=np.float64) for v in views], axis=0)
+    return SubEmbeddingView(first.label, first.model, list(first.fields), own, ia.tolist())
+
+
+def tercile_means(view: SubEmbeddingView) -> List[List[float]]:
+    """``[a][b]``: the mean ``ia[i][j]`` (``i != j``) over fields ``i`` in third ``a`` and ``j`` in third ``b`` of
+    the fields ordered by own IA (0: the lowest third), the paper's trend in nine numbers.
+
+    Example::
+
+        >>> view = SubEmbeddingView("x", "m", ["a", "b", "c"], {"a": 1.0, "b": 2.0, "c": 3.0},
+        ...                         [[0.0, 3.0, 4.0], [3.0, 0.0, 5.0], [4.0, 5.0, 0.0]])
+        >>> tercile_means(view)[0]
+        [nan, 3.0, 4.0]
+    """
+    groups = np.array_split(np.asarray(view.order()), 3)
+    ia = np.asarray(view.ia, dtype=np.float64)
+    result = []
+    for rows in groups:
+        line = []
+        for columns in groups:
+            cells = [ia[i, j] for i in rows for j in columns if i != j]
+            line.append(float(np.mean(cells)) if cells else math.nan)
+        result.append(line)
+    return result
+
+
+def fig3_csv(runs: Sequence[Tuple[str, SubEmbeddingView]]) -> str:
+    """One line per (run, source field, target field), with each field's rank by own IA in that run (0: lowest).
+
+    Args:
+        runs: ``(run name, view)`` pairs.
+    """
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(("model", "source", "target", "source_rank", "target_rank", "source_own_ia", "target_own_ia",
-                     "ia"))
-    for view in views:
+    writer.writerow(("model", "run", "source", "target", "source_rank", "target_rank", "source_own_ia",
+                     "target_own_ia", "ia"))
+    for run, view in runs:
         rank = {k: r for r, k in enumerate(view.order())}
         for i, source in enumerate(view.fields):
             for j, target in enumerate(view.fields):
-                writer.writerow((view.model, source, target, rank[i], rank[j], f"{view.own_ia[source]:.6f}",
+                writer.writerow((view.model, run, source, target, rank[i], rank[j], f"{view.own_ia[source]:.6f}",
                                  f"{view.own_ia[target]:.6f}", f"{view.ia[i][j]:.6f}"))
     return out.getvalue()
 
 
 def plot_fig3(views: Sequence[SubEmbeddingView], path: Path) -> Dict[str, Any]:
-    """One heat map per model, ``ia[i][j]`` with rows ``i`` (source) and columns ``j`` (target) ordered by own IA,
-    the paper's layout. Returns the matrices drawn."""
+    """One heat map per model (a :func:`mean_view` where it had several runs), ``ia[i][j]`` with rows ``i``
+    (source) and columns ``j`` (target) ordered by own IA, the paper's layout. Returns the matrices drawn."""
     from matplotlib.figure import Figure
 
     from multiembed.analysis.report import save_figure
@@ -161,8 +215,9 @@ def plot_fig3(views: Sequence[SubEmbeddingView], path: Path) -> Dict[str, Any]:
         image = ax.imshow(matrix, cmap="viridis", origin="lower")
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
         labels = [view.fields[i] for i in order]
-        ax.set_xticks(range(len(order)), labels, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(order)), labels, fontsize=7)
+        size = 7 if len(order) <= 16 else 5
+        ax.set_xticks(range(len(order)), labels, rotation=90, fontsize=size)
+        ax.set_yticks(range(len(order)), labels, fontsize=size)
         ax.set_xlabel("field j (sees), by own IA")
         ax.set_ylabel("field i (seen), by own IA")
         trend = view.trend()
@@ -173,47 +228,104 @@ def plot_fig3(views: Sequence[SubEmbeddingView], path: Path) -> Dict[str, Any]:
     return drawn
 
 
-def write_fig3(views: Sequence[SubEmbeddingView], out: Path) -> Dict[str, Any]:
-    """Writes ``fig3.csv``, ``fig3.json`` (per model: fields by own IA, the trend) and ``fig3.png``; returns the
-    JSON's content."""
+def _spread(values: Sequence[float]) -> Dict[str, float]:
+    return {"mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values))}
+
+
+def write_fig3(runs: Mapping[str, Sequence[Tuple[str, SubEmbeddingView]]], out: Path) -> Dict[str, Any]:
+    """Writes ``fig3.csv`` (every run), ``fig3.json`` and ``fig3.png`` (:func:`plot_fig3` of each model's
+    :func:`mean_view`); returns the JSON's content.
+
+    ``fig3.json`` holds per model (``runs``: label -> its ``(run name, view)`` pairs): the trend of every run and its
+    mean, min and max over runs (``rho_source``, ``rho_target``), and of the mean view the fields by own IA, their
+    own IA, its trend and its :func:`tercile_means`.
+    """
     from multiembed.data.metadata import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "fig3.csv", fig3_csv(views))
-    plot_fig3(views, out / "fig3.png")
-    record = {
-        "models": {
-            view.label: {"model": view.model, "fields_by_own_ia": [view.fields[i] for i in view.order()],
-                         "own_ia": view.own_ia, **view.trend()}
-            for view in views
-        },
-        "data": "fig3.csv",
-        "figure": "fig3.png",
-    }
+    atomic_write_text(out / "fig3.csv", fig3_csv([pair for pairs in runs.values() for pair in pairs]))
+    means = {label: mean_view([view for _, view in pairs]) for label, pairs in runs.items()}
+    plot_fig3(list(means.values()), out / "fig3.png")
+    models: Dict[str, Any] = {}
+    for label, pairs in runs.items():
+        trends = {run: view.trend() for run, view in pairs}
+        mean = means[label]
+        models[label] = {
+            "model": mean.model,
+            "runs": trends,
+            **{key: _spread([t[key] for t in trends.values()]) for key in ("rho_source", "rho_target")},
+            "mean_view": {"fields_by_own_ia": [mean.fields[i] for i in mean.order()], "own_ia": mean.own_ia,
+                          **mean.trend(), "tercile_means": tercile_means(mean)},
+        }
+    record = {"models": models, "data": "fig3.csv", "figure": "fig3.png"}
     atomic_write_text(out / "fig3.json", json.dumps(record, indent=1) + "\n")
     return record
 
 
 # ------------------------------------------------------------------------------------------ studies (Fig. 5, 6, 8)
-def read_study_rows(studies: Sequence[Path]) -> List[Row]:
+def read_study_rows(studies: Sequence[Path], weighted: Optional[Mapping[str, str]] = None) -> List[Row]:
     """``scaling.csv`` of every study, concatenated, each row with ``study`` (its directory).
 
+    Args:
+        studies: study directories (``multiembed scale --out``).
+        weighted: mode -> the option holding its regulariser's weight (``{"se-pr": "projection_reg"}``): the rows
+            of that mode are named ``"MODE WEIGHT"`` (``run_mode`` keeps the run's mode, ``weight`` the value read
+            from each run's ``config.json``), so that studies of one mode at several weights are drawn side by side.
+
     Raises:
-        ValueError: a study without ``scaling.csv`` (the message names it), or two studies holding the same run.
+        ValueError: a study without ``scaling.csv`` (the message names it), or two studies holding the same run of
+            the same series.
     """
     rows: List[Row] = []
-    seen: Dict[str, Path] = {}
+    seen: Dict[Tuple[str, str, int, int], Path] = {}
     for study in studies:
         path = Path(study) / SCALING_CSV
         if not path.is_file():
             raise ValueError(f"{study}: no {SCALING_CSV} (expected the --out directory of a multiembed scale study)")
         for row in read_csv(path):
-            name = StudyPoint(row["backbone"], row["mode"], row["scale"], row["seed"]).run_name
-            if name in seen:
-                raise ValueError(f"{path}: run {name} is also in {seen[name]}; give each run once")
-            seen[name] = path
-            rows.append({**row, "study": Path(study)})
+            row = {**row, "study": Path(study)}
+            if weighted and row["mode"] in weighted:
+                weight = float(run_option(run_dir_of(row), weighted[row["mode"]]))
+                row.update(mode=f"{row['mode']} {weight:g}", run_mode=row["mode"], weight=weight)
+            key = (row["backbone"], row["mode"], int(row["scale"]), int(row["seed"]))
+            if key in seen:
+                name = StudyPoint(row["backbone"], row.get("run_mode", row["mode"]), row["scale"], row["seed"])
+                raise ValueError(f"{path}: run {name.run_name} ({row['mode']}) is also in {seen[key]}; give each "
+                                 "run once")
+            seen[key] = path
+            rows.append(row)
     return rows
+
+
+# Fig. 5's regularised modes and the option that holds their weight.
+FIG5_MODES: Dict[str, str] = {"se-pr": "projection_reg", "se-pwr": "projection_reg"}
+
+
+def fig5_rows(studies: Sequence[Path], backbone: str = "dcnv2") -> List[Row]:
+    """The ``se`` rows and the ``se-pr`` / ``se-pwr`` rows of the studies, the latter named by their weight
+    (``"se-pr 0.0001"``, :func:`read_study_rows`), with ``train_loss`` (:func:`with_train_loss`).
+
+    Raises:
+        ValueError: no ``se`` runs, or no regularised runs.
+    """
+    rows = [r for r in read_study_rows(studies, FIG5_MODES) if r["backbone"] == backbone]
+    series = sorted({r["mode"] for r in rows})
+    if "se" not in series or not any(r.get("run_mode") in FIG5_MODES for r in rows):
+        raise ValueError(f"the studies hold no {backbone} se runs beside se-pr or se-pwr runs (they hold "
+                         f"{', '.join(series) or 'none'})")
+    return with_train_loss([r for r in rows if r["mode"] == "se" or r.get("run_mode") in FIG5_MODES])
+
+
+def fig5_label(row: Row) -> str:
+    """The legend text of a :func:`fig5_rows` row's series (DCNv2's).
+
+    Example::
+
+        >>> fig5_label({"mode": "se-pwr 1e-05", "run_mode": "se-pwr", "weight": 1e-05})
+        'DCNv2, weighted regularised, 1e-05'
+    """
+    kind = {"se-pr": "regularised", "se-pwr": "weighted regularised"}.get(row.get("run_mode", ""))
+    return "DCNv2" if kind is None else f"DCNv2, {kind}, {row['weight']:g}"
 
 
 def run_dir_of(row: Row) -> Path:
@@ -445,14 +557,13 @@ def ablation_rows(study: Path) -> List[Row]:
     Raises:
         ValueError: no ``me-dr`` runs, or runs of different weights in one study.
     """
-    rows = [r for r in read_study_rows([study]) if r["mode"] == "me-dr"]
+    rows = [r for r in read_study_rows([study], {"me-dr": "divergence_reg"}) if r.get("run_mode") == "me-dr"]
     if not rows:
         raise ValueError(f"{study}: holds no me-dr runs (a multiembed scale --modes me-dr study)")
-    weights = {float(run_option(run_dir_of(r), "divergence_reg")) for r in rows}
+    weights = {r["weight"] for r in rows}
     if len(weights) != 1:
         raise ValueError(f"{study}: its me-dr runs trained with different --divergence-reg {sorted(weights)}")
-    mu = weights.pop()
-    return [{**r, "mode": f"me-dr {mu:g}", "run_mode": "me-dr", "divergence_reg": mu} for r in rows]
+    return [{**r, "divergence_reg": r["weight"]} for r in rows]
 
 
 def cross_norms(run_dir: Path, ctx: Any, device: str = "cpu") -> np.ndarray:
@@ -531,7 +642,8 @@ def write_fig8(rows: Sequence[Row], ablations: Sequence[Sequence[Row]], scale: i
 
 
 __all__ = [
-    "METRIC_LABELS", "SubEmbeddingView", "best_train_loss", "norm_spread", "plot_fig3", "plot_fig8",
+    "FIG5_MODES", "METRIC_LABELS", "SubEmbeddingView", "best_train_loss", "fig5_label", "fig5_rows", "mean_view",
+    "norm_spread", "plot_fig3", "plot_fig8", "tercile_means",
     "plot_scale_panels", "rank_correlation", "read_study_rows", "run_dir_of", "scale_csv", "scale_means", "select",
     "sub_embedding_view", "with_train_loss", "write_fig3", "write_scale_figure", "ablation_rows", "cross_norms",
     "fig8_panels", "run_option", "write_fig8",

@@ -21,7 +21,8 @@ is the dataset's Bayes-optimal test AUC (synthetic data; NaN where unknown).
 Study modes (:data:`STUDY_MODES`): ``se``, ``me``, ``mesi`` (the paper's ablation: ME sets sharing one interaction)
 ``se-sr`` (SE trained with the spectral regulariser, the paper's other ablation; the weight is the study's
 ``--spectral-reg``), ``se-pr`` (SE DCNv2 with the projection regulariser of its cross maps, the paper's Evidence III;
-weight ``--projection-reg``) and ``me-dr`` (ME DCNv2 with the set divergence penalty, the paper's Fig. 8(d)
+weight ``--projection-reg``), ``se-pwr`` (the same with a learnable scalar per field-pair map, ``--pair-scales``:
+the paper's weighted variant) and ``me-dr`` (ME DCNv2 with the set divergence penalty, the paper's Fig. 8(d)
 ablation; weight ``--divergence-reg``). Every mode's paired difference to SE of the same backbone, scale and seed is
 reported.
 """
@@ -56,7 +57,7 @@ _STR_COLUMNS = frozenset({"backbone", "mode"})
 # Display names of the paper's backbones (anything else is shown upper-cased).
 _BACKBONE_NAMES = {"dnn": "DNN", "ipnn": "IPNN", "nfwfm": "NFwFM", "xdeepfm": "xDeepFM", "dcnv2": "DCNv2",
                    "dcnv2lr": "DCNv2 (low-rank)", "finalmlp": "FinalMLP", "dlrm": "DLRM"}
-_MODE_ORDER = {"se": 0, "me": 1, "mesi": 2, "se-sr": 3, "se-pr": 4, "me-dr": 5, "hetero": 6}
+_MODE_ORDER = {"se": 0, "me": 1, "mesi": 2, "se-sr": 3, "se-pr": 4, "se-pwr": 5, "me-dr": 6, "hetero": 7}
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class StudyMode:
             followed by the study's ``--experts`` (:func:`point_experts`), so that at 1x it is SE of the backbone.
         projection_reg: True: the runs train with the study's ``--projection-reg`` weight (others with 0).
         divergence_reg: True: the runs train with the study's ``--divergence-reg`` weight (others with 0).
+        pair_scales: True: the runs train with ``--pair-scales`` (a learnable scalar per field-pair map of DCNv2's
+            first cross layer; others without).
     """
 
     model_mode: str
@@ -79,6 +82,7 @@ class StudyMode:
     heterogeneous: bool = False
     projection_reg: bool = False
     divergence_reg: bool = False
+    pair_scales: bool = False
 
 
 STUDY_MODES: Dict[str, StudyMode] = {
@@ -87,6 +91,7 @@ STUDY_MODES: Dict[str, StudyMode] = {
     "mesi": StudyMode("mesi", False, "MESI"),
     "se-sr": StudyMode("se", True, "SE+SR"),
     "se-pr": StudyMode("se", False, "SE+PR", projection_reg=True),
+    "se-pwr": StudyMode("se", False, "SE+PWR", projection_reg=True, pair_scales=True),
     "me-dr": StudyMode("me", False, "ME+DR", divergence_reg=True),
     "hetero": StudyMode("me", False, "HETERO", heterogeneous=True),
 }

@@ -116,13 +116,14 @@ def _read_json(path: Path) -> Dict[str, Any]:
 
 def run_options(point: StudyPoint, options: Mapping[str, Any]) -> Dict[str, Any]:
     """The :data:`TRAIN_OPTIONS` of one run: the study's, with ``spectral_reg`` (``projection_reg``,
-    ``divergence_reg``) the study's weight for the ``se-sr`` (``se-pr``, ``me-dr``) mode and 0 for every other mode,
-    and ``experts`` the ``hetero`` mode's (:func:`point_experts`; the default for the other modes, which take
-    none)."""
+    ``divergence_reg``) the study's weight for the ``se-sr`` (``se-pr`` and ``se-pwr``, ``me-dr``) mode and 0 for
+    every other mode, ``pair_scales`` on for the ``se-pwr`` mode only, and ``experts`` the ``hetero`` mode's
+    (:func:`point_experts`; the default for the other modes, which take none)."""
     values = {k: options[k] for k in TRAIN_OPTIONS}
     mode = STUDY_MODES[point.mode]
     for name in _REGULARIZERS:
         values[name] = float(options[name]) if getattr(mode, name) else 0.0
+    values["pair_scales"] = mode.pair_scales
     values["experts"] = (
         point_experts(point.backbone, str(options["experts"])) if point.heterogeneous else _DEFAULT_EXPERTS
     )
@@ -137,7 +138,7 @@ def _check_finished_run(run_dir: Path, point: StudyPoint, options: Mapping[str, 
     per_run = run_options(point, options)
     expected = {
         "model": point.model, "seed": point.seed,
-        **{k: per_run[k] for k in (*_RESULT_OPTIONS, *_REGULARIZERS, "experts")},
+        **{k: per_run[k] for k in (*_RESULT_OPTIONS, *_REGULARIZERS, "experts", "pair_scales")},
     }
     for key, value in expected.items():
         if recorded_option(recorded, key) != value:

@@ -3,11 +3,11 @@
 Figures:
 
 - ``fig3``: evidence I and II, the sub-embedding IA of field ``i`` as field ``j`` sees it, through FFM's field-aware
-  sub-embeddings and DCNv2's first cross layer, fields ordered by their own IA (two trained runs).
+  sub-embeddings and DCNv2's first cross layer, fields ordered by their own IA (trained runs, any number of seeds).
 - ``fig4``: the toy experiment (:mod:`multiembed.analysis.paper_toy`): IA of a field's embeddings trained against a
   low-information field (``D3 = 3``) and a rich one (``D3 = 100``).
-- ``fig5``: evidence III, DCNv2 against DCNv2 with the projection regulariser (``se-pr``) over scales: IA, train
-  loss, AUC (a ``multiembed scale`` study).
+- ``fig5``: evidence III, DCNv2 against DCNv2 with the projection regulariser (``se-pr``) and its weighted variant
+  (``se-pwr``) over scales, one series per regulariser weight: IA, train loss, AUC (``multiembed scale`` studies).
 - ``fig6``: evidence IV, DNN against DCNv2, single embedding, over scales: IA and test AUC (a study).
 - ``fig8``: ME against SE: IA per field and per set, the cross maps' norms per set, and the scaling of ME under the
   set divergence penalty (``me-dr``, one study per weight).
@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict, List, Tuple
 
 
 def _positive(text: str) -> int:
@@ -42,91 +42,78 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         description=__doc__.split("\n\n")[0] + " docs/results/paper/ puts each beside the paper's.",
     )
     figures = p.add_subparsers(dest="figure", metavar="FIGURE", required=True)
-    toy = figures.add_parser(
-        "fig4",
-        help="the toy experiment: IA of E1 when it interacts with a 3-value vs a 100-value field",
-        description=(
-            "Three fields (100, 100 and D3 values), every (x1, x2) pair once, random labels; a factorisation "
-            "machine of width 10 trained on E1 alone by full-batch gradient descent (lr 1). Writes toy.csv (IA and "
-            "loss per seed, D3 and recorded iteration), toy.json (IA per seed at --check-iteration and at the end) "
-            "and toy.png into --out."
-        ),
+    toy = _figure(
+        figures, "fig4", run_fig4, "toy",
+        "the toy experiment: IA of E1 when it interacts with a 3-value vs a 100-value field",
+        "Three fields (100, 100 and D3 values), every (x1, x2) pair once, random labels; a factorisation machine of "
+        "width 10 trained on E1 alone by full-batch gradient descent (lr 1). Writes toy.csv (IA and loss per seed, D3 "
+        "and recorded iteration), toy.json (IA per seed at --check-iteration and at the end) and toy.png into --out.",
     )
-    toy.add_argument("--out", required=True, help="directory for toy.csv, toy.json and toy.png")
     toy.add_argument("--seeds", type=_positive, default=10, help="seeds 0..N-1 (default 10)")
     toy.add_argument("--iterations", type=_positive, default=5000, help="gradient steps (default 5000)")
     toy.add_argument("--every", type=_positive, default=50, help="record IA every N steps (default 50)")
     toy.add_argument("--check-iteration", type=_positive, default=2000,
                      help="iteration the summary compares the two settings at (default 2000)")
-    toy.set_defaults(func=run_fig4)
 
-    sub = figures.add_parser(
-        "fig3",
-        help="evidence I and II: sub-embedding IA of field i seen by field j (FFM and DCNv2 runs)",
-        description=(
-            "Reads the best checkpoint of an FFM run and of a DCNv2 run (single embedding) and computes, for every "
-            "field pair, the IA of field i's sub-embedding as field j sees it (FFM: its field-aware sub-embedding; "
-            "DCNv2: E_i W_(i->j)^T through the first cross layer), fields ordered by their own IA. Writes fig3.csv, "
-            "fig3.json (per model the rank correlations of own IA with the sub-embedding IA over j and over i) and "
-            "fig3.png into --out."
-        ),
+    sub = _figure(
+        figures, "fig3", run_fig3, "fig3",
+        "evidence I and II: sub-embedding IA of field i seen by field j (FFM and DCNv2 runs)",
+        "Reads the best checkpoint of FFM runs and of DCNv2 runs (single embedding; repeat each option for seeds) and "
+        "computes, for every field pair, the IA of field i's sub-embedding as field j sees it (FFM: its field-aware "
+        "sub-embedding; DCNv2: E_i W_(i->j)^T through the first cross layer), fields ordered by their own IA. Writes "
+        "fig3.csv (every run), fig3.json (per model the rank correlations of own IA with the sub-embedding IA over j "
+        "and over i, per run and over runs; the mean over runs by thirds of the fields) and fig3.png (the mean over "
+        "runs) into --out.",
     )
-    sub.add_argument("--ffm-run", required=True, help="run directory of an ffm-se-* model (multiembed train)")
-    sub.add_argument("--dcnv2-run", required=True, help="run directory of a dcnv2-se-* model")
-    _common(sub, "fig3")
-    sub.set_defaults(func=run_fig3)
+    sub.add_argument("--ffm-run", action="append", required=True, metavar="DIR",
+                     help="run directory of an ffm-se-* model (multiembed train); repeat for more runs")
+    sub.add_argument("--dcnv2-run", action="append", required=True, metavar="DIR",
+                     help="run directory of a dcnv2-se-* model; repeat for more runs")
 
-    reg = figures.add_parser(
-        "fig5",
-        help="evidence III: DCNv2 with and without the projection regulariser over scales (a study's se, se-pr)",
-        description=(
-            "Reads multiembed scale studies holding DCNv2 se and se-pr runs (--modes se,se-pr) and draws IA, the "
-            "train loss at the best step, validation and test AUC against the scale. Writes fig5.csv, fig5.json and "
-            "fig5.png into --out."
-        ),
+    _figure(
+        figures, "fig5", run_fig5, "fig5",
+        "evidence III: DCNv2 with and without the projection regulariser over scales (studies' se, se-pr, se-pwr)",
+        "Reads multiembed scale studies holding DCNv2 se runs and se-pr or se-pwr runs (one --projection-reg weight "
+        "per study; repeat --study for more weights) and draws IA, the train loss at the best step, validation and "
+        "test AUC against the scale, one series per mode and weight. Writes fig5.csv, fig5.json and fig5.png into "
+        "--out.",
+        studies=True,
     )
-    _studies(reg)
-    _common(reg, "fig5")
-    reg.set_defaults(func=run_fig5)
-
-    dnn = figures.add_parser(
-        "fig6",
-        help="evidence IV: DNN against DCNv2, single embedding, over scales (a study's dnn and dcnv2 se runs)",
-        description=(
-            "Reads multiembed scale studies holding DNN and DCNv2 se runs and draws IA and test AUC against the "
-            "scale. Writes fig6.csv, fig6.json and fig6.png into --out."
-        ),
+    _figure(
+        figures, "fig6", run_fig6, "fig6",
+        "evidence IV: DNN against DCNv2, single embedding, over scales (a study's dnn and dcnv2 se runs)",
+        "Reads multiembed scale studies holding DNN and DCNv2 se runs and draws IA and test AUC against the scale. "
+        "Writes fig6.csv, fig6.json and fig6.png into --out.",
+        studies=True,
     )
-    _studies(dnn)
-    _common(dnn, "fig6")
-    dnn.set_defaults(func=run_fig6)
-
-    me = figures.add_parser(
-        "fig8",
-        help="ME analysis: IA per field and set, cross-map norms per set, scaling under the set divergence penalty",
-        description=(
-            "Reads multiembed scale studies holding DCNv2 se and me runs (--study) and studies of me-dr runs, one "
-            "per --divergence-reg weight (--ablation), and draws (a) the IA of each field's whole embedding, SE and "
-            "ME at --scale, (b) ME's IA per set, (c) ||W(m)_(i->j)||_F of ME's first cross layer per set, (d) test "
-            "AUC against the scale for SE, ME and each ablation. fig8.json also gives the spread of the norms over "
-            "sets of every ME and me-dr run at --scale. Writes fig8.csv, fig8.json and fig8.png into --out."
-        ),
+    me = _figure(
+        figures, "fig8", run_fig8, "fig8",
+        "ME analysis: IA per field and set, cross-map norms per set, scaling under the set divergence penalty",
+        "Reads multiembed scale studies holding DCNv2 se and me runs (--study) and studies of me-dr runs, one per "
+        "--divergence-reg weight (--ablation), and draws (a) the IA of each field's whole embedding, SE and ME at "
+        "--scale, (b) ME's IA per set, (c) ||W(m)_(i->j)||_F of ME's first cross layer per set, (d) test AUC against "
+        "the scale for SE, ME and each ablation. fig8.json also gives the spread of the norms over sets of every ME "
+        "and me-dr run at --scale. Writes fig8.csv, fig8.json and fig8.png into --out.",
+        studies=True,
     )
-    _studies(me)
     me.add_argument("--ablation", action="append", default=[], metavar="DIR",
                     help="a study of me-dr runs (one --divergence-reg weight); repeat for each weight")
     me.add_argument("--scale", type=_positive, default=10, help="the scale of panels (a)-(c) (default 10)")
-    _common(me, "fig8")
-    me.set_defaults(func=run_fig8)
 
 
-def _studies(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--study", action="append", required=True, metavar="DIR",
-                   help="a multiembed scale study directory (its --out); repeat to combine studies")
-
-
-def _common(p: argparse.ArgumentParser, name: str) -> None:
-    p.add_argument("--out", required=True, help=f"directory for {name}.csv, {name}.json and {name}.png")
+def _figure(
+    figures: "argparse._SubParsersAction[argparse.ArgumentParser]", name: str,
+    func: Callable[[argparse.Namespace], int], files: str, summary: str, description: str, *, studies: bool = False,
+) -> argparse.ArgumentParser:
+    """One figure's parser: its one-line help (``summary``) and description, ``--out`` (for ``files``.csv, .json
+    and .png), ``--study`` where it reads studies, and the function that runs it."""
+    p = figures.add_parser(name, help=summary, description=description)
+    if studies:
+        p.add_argument("--study", action="append", required=True, metavar="DIR",
+                       help="a multiembed scale study directory (its --out); repeat to combine studies")
+    p.add_argument("--out", required=True, help=f"directory for {files}.csv, {files}.json and {files}.png")
+    p.set_defaults(func=func)
+    return p
 
 
 def run_fig3(args: argparse.Namespace) -> int:
@@ -136,16 +123,22 @@ def run_fig3(args: argparse.Namespace) -> int:
 
     ctx = init_distributed("cpu")
     try:
-        views = []
-        for label, run in (("FFM", args.ffm_run), ("DCNv2", args.dcnv2_run)):
-            analysis = analyze_run(run, None, sub_embedding=True, random_init_seed=None, device="cpu", ctx=ctx)
-            views.append(sub_embedding_view(label, analysis.model, analysis.data))
+        runs: Dict[str, List[Tuple[str, Any]]] = {}
+        for label, dirs in (("FFM", args.ffm_run), ("DCNv2", args.dcnv2_run)):
+            names = [Path(run).name for run in dirs]
+            for run, name in zip(dirs, names):
+                analysis = analyze_run(run, None, sub_embedding=True, random_init_seed=None, device="cpu", ctx=ctx)
+                # A run is named by its directory, by its path where two directories share a name.
+                name = name if names.count(name) == 1 else str(run)
+                runs.setdefault(label, []).append((name, sub_embedding_view(label, analysis.model, analysis.data)))
     finally:
         destroy()
-    record = write_fig3(views, Path(args.out))
+    record = write_fig3(runs, Path(args.out))
     for label, entry in record["models"].items():
-        print(f"{label} ({entry['model']}): rank correlation of own IA with sub-embedding IA, as seen (over j) "
-              f"{entry['rho_source']:.3f}, as seeing (over i) {entry['rho_target']:.3f}")
+        source, target = entry["rho_source"], entry["rho_target"]
+        print(f"{label} ({entry['model']}, {len(entry['runs'])} runs): rank correlation of own IA with "
+              f"sub-embedding IA, as seen (over j) {source['mean']:.3f} ({source['min']:.3f} to {source['max']:.3f}), "
+              f"as seeing (over i) {target['mean']:.3f} ({target['min']:.3f} to {target['max']:.3f})")
     print(json.dumps({"out": str(args.out), "data": "fig3.csv", "figure": "fig3.png"}))
     return 0
 
@@ -158,17 +151,15 @@ def _print_means(record: Dict[str, Any]) -> None:
 
 
 def run_fig5(args: argparse.Namespace) -> int:
-    from multiembed.analysis.paper_mechanism import (
-        read_study_rows, run_dir_of, run_option, select, with_train_loss, write_scale_figure,
-    )
+    from multiembed.analysis.paper_mechanism import fig5_label, fig5_rows, write_scale_figure
 
-    rows = with_train_loss(select(read_study_rows([Path(s) for s in args.study]), [("dcnv2", "se"),
-                                                                                    ("dcnv2", "se-pr")]))
-    weight = run_option(run_dir_of(next(r for r in rows if r["mode"] == "se-pr")), "projection_reg")
+    rows = fig5_rows([Path(s) for s in args.study])
+    labels = {f"dcnv2 {r['mode']}": fig5_label(r) for r in rows}
+    weights = {f"dcnv2 {r['mode']}": r["weight"] for r in rows if "weight" in r}
     record = write_scale_figure(
         rows, ("ia_mean", "train_loss", "val_auc", "test_auc"), Path(args.out), "fig5",
-        f"DCNv2 with and without the projection regulariser (weight {weight:g})",
-        labels={"dcnv2 se": "DCNv2", "dcnv2 se-pr": "DCNv2, regularised"}, extra={"projection_reg": weight},
+        "DCNv2 with and without the projection regulariser", labels=labels,
+        extra={"labels": labels, "projection_reg": weights},
     )
     _print_means(record)
     print(json.dumps({"out": str(args.out), "data": "fig5.csv", "figure": "fig5.png"}))

@@ -52,7 +52,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         "--modes", type=_names, default=None,
         help="comma-separated modes: se, me, mesi (ME sets sharing one interaction), se-sr (SE with the spectral "
         "regulariser, weight --spectral-reg), se-pr (SE DCNv2 with the projection regulariser of its cross maps, "
-        "weight --projection-reg), me-dr (ME DCNv2 with the set divergence penalty, weight --divergence-reg), hetero "
+        "weight --projection-reg), se-pwr (the same with a learnable scalar per field-pair map, --pair-scales: the "
+        "paper's weighted variant), me-dr (ME DCNv2 with the set divergence penalty, weight --divergence-reg), hetero "
         "(hetero-me-{s}x: the backbone and then --experts cycled over the sets; at 1x SE of the backbone) "
         "(default se,me)",
     )

@@ -143,6 +143,11 @@ class TrainConfig:
         "||W_ij^T W_ij - lambda_ij I||_F^2 with learnable lambda_ij (0: off; in multiembed scale: the weight of the "
         "se-pr mode's runs, default 1e-4, the paper's)",
     )
+    pair_scales: bool = option(
+        False, help="dcnv2 models only: multiply each field-pair map W_ij of the first cross layer by a learnable "
+        "scalar N_ij (initialised to 1); with --projection-reg, the paper's weighted regularised DCNv2, whose "
+        "regulariser acts on the unscaled W_ij (in multiembed scale: on for the se-pwr mode's runs only)",
+    )
     divergence_reg: float = option(
         0.0, help="weight of the set divergence penalty of DCNv2 ME's first cross layer, sum over field pairs of the "
         "variance over sets of ||W_ij||_F (0: off; in multiembed scale: the weight of the me-dr mode's runs, default "
@@ -243,7 +248,7 @@ class TrainConfig:
 # these recorded values.
 MODEL_OPTIONS = (
     "model", "hidden", "dropout", "layout", "dense_features", "spectral_reg", "projection_reg", "divergence_reg",
-    "table_dtype", "experts", "combiner", "vocab", "table_rows", "eviction", "eviction_interval",
+    "table_dtype", "experts", "combiner", "pair_scales", "vocab", "table_rows", "eviction", "eviction_interval",
 )
 
 # Options of a run that a scaling study sets for all its runs (the grid sets model and seed; the study sets data,

@@ -62,18 +62,30 @@ class BatchedCrossNet(nn.Module):
     (not one ``[L, ...]`` tensor): indexing a stacked parameter would make every layer's backward write a
     full-size zero gradient.
 
+    With ``pair_scale_dim = d`` the first layer applies :math:`N_{ij} W_{i\to j}`: every field-pair block times a
+    learnable scalar ``pair_scales[g, i, j]`` (initialised to 1), the paper's weighted regularised DCNv2 (its
+    regulariser, :class:`~multiembed.models.regularizers.ProjectionRegularizer`, acts on the unscaled ``W``, so the
+    scalars keep each map's scale free while ``W`` is pushed towards orthogonal).
+
     Args:
         num_sets: K.
         in_features: D = F * d.
         num_layers: cross layers (4 in the paper).
         num_weight_sets: G (default K).
+        pair_scale_dim: d, the width of each field's block, to give the first layer one learnable scalar per field
+            pair and weight set (None, the default: no scalars).
         device: where the parameters live.
+
+    Attributes:
+        pair_scales: ``[G, F, F]``, ``[g, i, j]`` scaling :math:`W_{i\to j}` of the first layer, or None.
 
     Example::
 
         >>> cross = BatchedCrossNet(num_sets=4, in_features=390, num_layers=4)
         >>> cross(torch.randn(4, 32, 390)).shape
         torch.Size([4, 32, 390])
+        >>> BatchedCrossNet(num_sets=1, in_features=390, num_layers=4, pair_scale_dim=10).pair_scales.shape
+        torch.Size([1, 39, 39])
     """
 
     def __init__(
@@ -82,6 +94,7 @@ class BatchedCrossNet(nn.Module):
         in_features: int,
         num_layers: int,
         num_weight_sets: Optional[int] = None,
+        pair_scale_dim: Optional[int] = None,
         device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
@@ -89,13 +102,20 @@ class BatchedCrossNet(nn.Module):
         self.num_weight_sets = check_groups(num_sets, num_weight_sets)
         if in_features < 1 or num_layers < 1:
             raise ValueError(f"in_features and num_layers must be >= 1, got {in_features}, {num_layers}")
+        if pair_scale_dim is not None and not (pair_scale_dim >= 1 and in_features % pair_scale_dim == 0):
+            raise ValueError(f"pair_scale_dim must be >= 1 and divide in_features {in_features}, got {pair_scale_dim}")
         self.in_features = in_features
         self.num_layers = num_layers
+        self.pair_scale_dim = pair_scale_dim
         g = self.num_weight_sets
         self.weights = nn.ParameterList(
             nn.Parameter(torch.empty(g, in_features, in_features, device=device)) for _ in range(num_layers)
         )
         self.biases = nn.ParameterList(nn.Parameter(torch.empty(g, in_features, device=device)) for _ in range(num_layers))
+        self.pair_scales: Optional[nn.Parameter] = None
+        if pair_scale_dim is not None:
+            fields = in_features // pair_scale_dim
+            self.pair_scales = nn.Parameter(torch.empty(g, fields, fields, device=device))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -105,6 +125,20 @@ class BatchedCrossNet(nn.Module):
             for weight, bias in zip(self.weights, self.biases):
                 weight.uniform_(-bound, bound)
                 bias.zero_()
+            if self.pair_scales is not None:
+                self.pair_scales.fill_(1.0)
+
+    def layer_weight(self, layer: int) -> torch.Tensor:
+        """The weight layer ``layer`` applies, ``[G, D, D]``: ``weights[layer]``, its field-pair blocks times
+        ``pair_scales`` in the first layer when the net has them (differentiable in both)."""
+        weight = self.weights[layer]
+        if layer != 0 or self.pair_scales is None or self.pair_scale_dim is None:
+            return weight
+        d, fields = self.pair_scale_dim, self.in_features // self.pair_scale_dim
+        # [G, F_out(j), d, F_in(i), d] times pair_scales[g, i, j] at [g, j, :, i, :].
+        blocks = weight.unflatten(1, (fields, d)).unflatten(3, (fields, d))
+        scales = self.pair_scales.transpose(1, 2).unsqueeze(2).unsqueeze(4)
+        return (blocks * scales).flatten(3, 4).flatten(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """
@@ -115,12 +149,14 @@ class BatchedCrossNet(nn.Module):
             ``[K, B, D]``.
         """
         x0 = x.reshape(self.num_weight_sets, -1, self.in_features)
-        return cross_network(x0, list(self.weights), list(self.biases)).reshape(self.num_sets, -1, self.in_features)
+        weights = [self.layer_weight(layer) for layer in range(self.num_layers)]
+        return cross_network(x0, weights, list(self.biases)).reshape(self.num_sets, -1, self.in_features)
 
     def extra_repr(self) -> str:
+        scaled = "" if self.pair_scale_dim is None else f", pair_scale_dim={self.pair_scale_dim}"
         return (
             f"num_sets={self.num_sets}, in_features={self.in_features}, num_layers={self.num_layers}, "
-            f"num_weight_sets={self.num_weight_sets}"
+            f"num_weight_sets={self.num_weight_sets}{scaled}"
         )
 
 

@@ -404,5 +404,6 @@ class MultiEmbeddingTrain(nn.Module):
         return loss, (loss.detach(), logits.detach(), labels.detach())
 
     def _first_cross_weight(self) -> torch.Tensor:
-        """The first cross layer's weight ``[G, F*d, F*d]`` (the regularisers' input; checked at construction)."""
+        """The first cross layer's weight ``[G, F*d, F*d]``, unscaled by any ``pair_scales`` (the regularisers'
+        input; checked at construction)."""
         return self.model.set_arch.crossnet.weights[0]

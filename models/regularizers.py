@@ -7,6 +7,9 @@ analysis reads the same layer), one weight per set (``G`` weight sets).
 - :class:`ProjectionRegularizer`: :math:`\sum_{i,j} \lVert W_{i\to j}^\top W_{i\to j} - \lambda_{ij} I
   \rVert_F^2` with a learnable :math:`\lambda_{ij}` per weight set and field pair: it pushes every map towards a
   scaled orthogonal one, which keeps the field's sub-embedding :math:`E_i W_{i\to j}^\top` as spread as ``E_i``.
+  The paper's weighted variant applies :math:`N_{ij} W_{i\to j}` in the forward pass, a learnable scalar per map
+  (:class:`~multiembed.models.interactions.BatchedCrossNet` with ``pair_scale_dim``), and regularises the unscaled
+  :math:`W_{i\to j}` with this same term.
 - :class:`SetDivergencePenalty`: :math:`\sum_{i,j} \mathrm{Var}_m \lVert W^{(m)}_{i\to j} \rVert_F` over the
   sets ``m`` of a multi-embedding model: it restricts how differently the sets weigh each field pair.
 

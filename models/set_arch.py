@@ -139,7 +139,8 @@ class CrossSetArch(SetInteractionArch):
         return self.projection(self.crossnet(flatten_fields(embeddings)))
 
     def cross_weights(self, layer: int = 0) -> torch.Tensor:
-        """Full-rank cross weight of ``layer`` for every set, ``[K, F*d, F*d]`` (out, in), detached.
+        """Full-rank cross weight of ``layer`` for every set, ``[K, F*d, F*d]`` (out, in), detached: the weight the
+        layer applies (with ``pair_scales``, each first-layer block times its scalar).
 
         Block ``[j*d:(j+1)*d, i*d:(i+1)*d]`` is ``W_{i->j}``; sets sharing an interaction (``mesi``) return the same
         matrix.
@@ -151,7 +152,7 @@ class CrossSetArch(SetInteractionArch):
             raise ValueError("cross_weights needs the full-rank cross net (dcnv2); dcnv2lr is low-rank")
         if not 0 <= layer < self.crossnet.num_layers:
             raise ValueError(f"layer {layer} out of range 0..{self.crossnet.num_layers - 1}")
-        weight = self.crossnet.weights[layer].detach()
+        weight = self.crossnet.layer_weight(layer).detach()
         return weight.repeat_interleave(self.num_sets // self.crossnet.num_weight_sets, dim=0)
 
 

@@ -152,6 +152,7 @@ def build_model(
         combiner: how the sets' outputs are combined: ``mean`` (the paper) or ``gate`` (a learned softmax gate,
             :class:`~multiembed.models.hetero.SetGate`).
         **backbone_overrides: ``cross_layers`` (dcnv2 4, dcnv2lr 3), ``cross_rank`` (dcnv2lr, 512),
+            ``pair_scales`` (dcnv2, False: a learnable scalar per field-pair map of the first cross layer),
             ``include_embeddings`` (ipnn; default True for SE, False for ME/MESI, as the paper's code),
             ``cin_layer_sizes`` (xdeepfm, (16, 16)), ``stream_layer_sizes`` (finalmlp, (hidden, hidden)),
             ``over_layer_sizes`` (all but finalmlp, (hidden,)), ``dense_arch_layer_sizes`` ((512, 256)),

@@ -17,9 +17,11 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from multiembed.analysis.paper_mechanism import (
     SubEmbeddingView,
     best_train_loss,
+    mean_view,
     norm_spread,
     rank_correlation,
     scale_means,
+    tercile_means,
 )
 from multiembed.analysis.scaling import STUDY_MODES, StudyPoint
 from multiembed.analysis.study import run_options
@@ -27,7 +29,7 @@ from multiembed.cli import main as cli_main
 from multiembed.collapse import collapse_from_model, information_abundance, singular_values
 from multiembed.config import TrainConfig
 from multiembed.models import MultiEmbeddingTrain, build_model
-from multiembed.models.interactions import BatchedCrossNet, FieldAwareInnerProducts
+from multiembed.models.interactions import BatchedCrossNet, FieldAwareInnerProducts, cross_network
 from multiembed.models.regularizers import ProjectionRegularizer, field_pair_norms, set_divergence_penalty
 
 VOCAB = {"a": 13, "b": 11, "c": 9}
@@ -161,6 +163,84 @@ def test_train_module_adds_the_regularisers_to_the_loss() -> None:
     assert float(diverging) == pytest.approx(float(base) + 0.25 * float(set_divergence_penalty(first, 10)), rel=1e-6)
 
 
+def _pair_scaled(seed: int) -> "torch.nn.Module":
+    torch.manual_seed(seed)
+    return build_model("dcnv2-se-1x", VOCAB, device=torch.device("cpu"), hidden=8, pair_scales=True)
+
+
+def test_pair_scales_multiply_each_field_pair_map_of_the_first_layer() -> None:
+    torch.manual_seed(5)
+    cross = BatchedCrossNet(num_sets=2, in_features=6, num_layers=2, pair_scale_dim=2)  # 3 fields of d = 2
+    assert torch.equal(cross.pair_scales.detach(), torch.ones(2, 3, 3))
+    x = torch.randn(2, 4, 6)
+    plain = BatchedCrossNet(num_sets=2, in_features=6, num_layers=2)
+    plain.load_state_dict({k: v for k, v in cross.state_dict().items() if k != "pair_scales"})
+    assert torch.allclose(cross(x), plain(x), atol=1e-6)  # N = 1: the plain cross net
+    with torch.no_grad():
+        cross.pair_scales.copy_(torch.arange(18.0).view(2, 3, 3) / 7)
+    scaled = cross.layer_weight(0)
+    for g in range(2):
+        for i, row in enumerate(_blocks(cross.weights[0][g].detach(), 2)):
+            for j, w in enumerate(row):
+                block = scaled[g, j * 2 : (j + 1) * 2, i * 2 : (i + 1) * 2]
+                assert torch.allclose(block, cross.pair_scales[g, i, j] * w)
+    assert torch.equal(cross.layer_weight(1), cross.weights[1])  # only the first layer is scaled
+    expected = x
+    for weight, bias in zip((scaled, cross.weights[1]), cross.biases):
+        expected = x * (torch.bmm(expected, weight.transpose(1, 2)) + bias.unsqueeze(1)) + expected
+    assert torch.allclose(cross(x), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="pair_scale_dim must be >= 1 and divide in_features 6"):
+        BatchedCrossNet(num_sets=1, in_features=6, num_layers=1, pair_scale_dim=4)
+
+
+def test_pair_scales_get_the_gradient_and_the_penalty_reads_the_unscaled_maps() -> None:
+    """The paper's weighted regularised DCNv2: N_ij W_ij in the forward pass, the projection regulariser on W_ij."""
+    model = _pair_scaled(6)
+    model.eval()
+    crossnet = model.set_arch.crossnet
+    assert crossnet.pair_scales.shape == (1, 3, 3)
+    with torch.no_grad():  # every block 2 I: W^T W - lambda I = 4 I - I, so 9 * d = 90 a pair, 9 pairs
+        crossnet.weights[0].copy_(torch.kron(torch.ones(3, 3), 2.0 * torch.eye(10)).unsqueeze(0))
+        crossnet.pair_scales.fill_(0.5)
+    base, _ = MultiEmbeddingTrain(model)(_batch())
+    train = MultiEmbeddingTrain(model, projection_reg_weight=0.01)
+    loss, _ = train(_batch())
+    assert float(train.projection_regularizer(crossnet.weights[0])) == pytest.approx(810.0)
+    assert float(loss) == pytest.approx(float(base) + 0.01 * 810.0, rel=1e-6)
+    loss.backward()
+    grad = crossnet.pair_scales.grad
+    assert grad is not None and grad.abs().sum() > 0
+    # dL/dN_ij = <dL/d(N W)_block, W_block>: autograd through layer_weight against the chain rule by hand.
+    x0 = torch.randn(1, 5, 30)
+    rest, biases = [w.detach() for w in crossnet.weights[1:]], [b.detach() for b in crossnet.biases]
+    effective = crossnet.layer_weight(0).detach().requires_grad_(True)
+    cross_network(x0, [effective, *rest], biases).sum().backward()
+    crossnet.pair_scales.grad = None
+    cross_network(x0, [crossnet.layer_weight(0), *rest], biases).sum().backward()
+    raw = _blocks(crossnet.weights[0][0].detach(), 10)
+    upstream = _blocks(effective.grad[0], 10)
+    for i in range(3):
+        for j in range(3):
+            assert float(crossnet.pair_scales.grad[0, i, j]) == pytest.approx(
+                float((upstream[i][j] * raw[i][j]).sum()), rel=1e-4, abs=1e-6)
+    # The sub-embedding analysis reads the map the layer applies.
+    assert torch.allclose(model.set_arch.cross_weights(0), crossnet.layer_weight(0).detach())
+
+
+def test_pair_scales_refuse_other_backbones() -> None:
+    from multiembed.training.build import model_options
+
+    with pytest.raises(ValueError, match="unknown option.*pair_scales"):
+        build_model("dnn-se-1x", VOCAB, device=torch.device("cpu"), hidden=8, pair_scales=True)
+    for model in ("dnn-se-1x", "dcnv2lr-se-1x", "ffm-se-1x4", "hetero-me-2x"):
+        with pytest.raises(ValueError, match=f"--pair-scales: scales the field-pair maps of DCNv2's full-rank cross "
+                                             f"layer; {model} has none"):
+            model_options(TrainConfig(data="d", model=model, out="o", pair_scales=True))
+    assert model_options(TrainConfig(data="d", model="dcnv2-me-2x", out="o", pair_scales=True)) == {
+        "pair_scales": True}
+    assert model_options(TrainConfig(data="d", model="dcnv2-me-2x", out="o")) == {}
+
+
 def test_regularisers_refuse_models_without_the_maps() -> None:
     dnn = build_model("dnn-se-1x", VOCAB, device=torch.device("cpu"), hidden=8)
     with pytest.raises(ValueError, match="projection_reg_weight: needs a full-rank DCNv2"):
@@ -185,6 +265,10 @@ def test_study_modes_train_with_their_weight_only() -> None:
     assert (dr["projection_reg"], dr["divergence_reg"]) == (0.0, 1e-3)
     assert (se["projection_reg"], se["divergence_reg"]) == (0.0, 0.0)
     assert StudyPoint("dcnv2", "se-pr", 2, 0).model == "dcnv2-se-2x" and STUDY_MODES["me-dr"].model_mode == "me"
+    pwr = run_options(StudyPoint("dcnv2", "se-pwr", 2, 0), options)
+    assert (pwr["projection_reg"], pwr["pair_scales"]) == (1e-4, True)
+    assert not pr["pair_scales"] and not se["pair_scales"] and not dr["pair_scales"]
+    assert StudyPoint("dcnv2", "se-pwr", 2, 0).model == "dcnv2-se-2x"
 
 
 def test_scale_means_and_best_train_loss(tmp_path: Path) -> None:
@@ -211,14 +295,17 @@ TINY = ["--batch-size", "256", "--hidden", "16", "--epochs", "1", "--max-steps",
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    """The collapse regime (8 fields), tiny: DCNv2 se, se-pr and me, DNN se at 1x and 2x; ME+DR at 2x; an FFM."""
+    """The collapse regime (8 fields), tiny: DCNv2 se, se-pr, se-pwr and me, DNN se at 1x and 2x (se-pr and se-pwr
+    also at a second weight); ME+DR at 2x; an FFM."""
     root = tmp_path_factory.mktemp("paper")
     data = root / "data"
     assert cli_main(["synth", "--regime", "collapse", "--rows", "3000", "--out", str(data), "--seed", "4",
                      "--no-progress"]) == 0
     scale = ["scale", "--data", str(data), "--seeds", "1", *TINY]
-    assert cli_main([*scale, "--out", str(root / "dcnv2"), "--backbones", "dcnv2", "--modes", "se,se-pr,me",
+    assert cli_main([*scale, "--out", str(root / "dcnv2"), "--backbones", "dcnv2", "--modes", "se,se-pr,se-pwr,me",
                      "--scales", "1,2"]) == 0
+    assert cli_main([*scale, "--out", str(root / "pr5"), "--backbones", "dcnv2", "--modes", "se-pr,se-pwr",
+                     "--scales", "1,2", "--projection-reg", "1e-5"]) == 0
     assert cli_main([*scale, "--out", str(root / "dnn"), "--backbones", "dnn", "--modes", "se",
                      "--scales", "1,2"]) == 0
     assert cli_main([*scale, "--out", str(root / "dr"), "--backbones", "dcnv2", "--modes", "me-dr",
@@ -230,31 +317,69 @@ def tiny(tmp_path_factory) -> Path:
 
 def test_fig3_sub_embedding_ia_of_ffm_and_dcnv2(tiny: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "fig3"
-    assert cli_main(["paper", "fig3", "--ffm-run", str(tiny / "ffm"), "--dcnv2-run",
-                     str(tiny / "dcnv2" / "runs" / "dcnv2-se-1x-seed0"), "--out", str(out)]) == 0
-    assert "FFM (ffm-se-1x14): rank correlation" in capsys.readouterr().out
+    dcnv2 = [str(tiny / "dcnv2" / "runs" / f"dcnv2-{mode}-1x-seed0") for mode in ("se", "se-pr")]
+    assert cli_main(["paper", "fig3", "--ffm-run", str(tiny / "ffm"), "--dcnv2-run", dcnv2[0], "--dcnv2-run",
+                     dcnv2[1], "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "FFM (ffm-se-1x14, 1 runs): rank correlation" in printed and "DCNv2 (dcnv2-se-1x, 2 runs)" in printed
     record = json.loads((out / "fig3.json").read_text())
     assert set(record["models"]) == {"FFM", "DCNv2"}
+    entry = record["models"]["DCNv2"]
+    assert list(entry["runs"]) == ["dcnv2-se-1x-seed0", "dcnv2-se-pr-1x-seed0"]
+    rhos = [run["rho_source"] for run in entry["runs"].values()]
+    assert entry["rho_source"] == {"mean": pytest.approx(np.mean(rhos)), "min": min(rhos), "max": max(rhos)}
+    assert np.asarray(entry["mean_view"]["tercile_means"]).shape == (3, 3)
     lines = (out / "fig3.csv").read_text().splitlines()
-    assert len(lines) == 1 + 2 * 8 * 8
-    ffm = [line.split(",") for line in lines[1:] if line.startswith("ffm-se-1x14,")]
+    assert lines[0].split(",")[:2] == ["model", "run"] and len(lines) == 1 + 3 * 8 * 8
+    rows = [line.split(",") for line in lines[1:]]
+    ffm = [r for r in rows if r[0] == "ffm-se-1x14"]
     # FFM's sub-embeddings have width 14 // 7 = 2: their IA is at most 2; the diagonal is the whole table's.
-    assert all(float(r[7]) <= 2.0 + 1e-9 for r in ffm if r[1] != r[2])
-    assert all(float(r[7]) == pytest.approx(float(r[5]), abs=1e-6) for r in ffm if r[1] == r[2])
+    assert all(float(r[8]) <= 2.0 + 1e-9 for r in ffm if r[2] != r[3])
+    assert all(float(r[8]) == pytest.approx(float(r[6]), abs=1e-6) for r in ffm if r[2] == r[3])
+    # The mean view's own IA is the mean over the two DCNv2 runs.
+    field = entry["mean_view"]["fields_by_own_ia"][0]
+    own = [float(r[6]) for r in rows if r[0] == "dcnv2-se-1x" and r[2] == field and r[3] == field]
+    assert entry["mean_view"]["own_ia"][field] == pytest.approx(np.mean(own), abs=1e-5)
     assert matplotlib.image.imread(out / "fig3.png").ndim == 3
     assert cli_main(["paper", "fig3", "--ffm-run", str(tiny / "dnn" / "runs" / "dnn-se-1x-seed0"), "--dcnv2-run",
                      str(tiny / "ffm"), "--out", str(out)]) == 2
     assert "no sub-embedding IA" in capsys.readouterr().err
 
 
+def test_mean_view_and_tercile_means() -> None:
+    a = SubEmbeddingView("x", "m", ["a", "b", "c"], {"a": 1.0, "b": 2.0, "c": 3.0},
+                         [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
+    b = SubEmbeddingView("x", "m", ["a", "b", "c"], {"a": 3.0, "b": 2.0, "c": 7.0},
+                         [[3.0, 4.0, 5.0], [6.0, 7.0, 8.0], [9.0, 10.0, 11.0]])
+    mean = mean_view([a, b])
+    assert mean.own_ia == {"a": 2.0, "b": 2.0, "c": 5.0}
+    assert mean.ia == [[2.0, 3.0, 4.0], [5.0, 6.0, 7.0], [8.0, 9.0, 10.0]]
+    # Fields by own IA: a (2.0, tie broken by position), b, c; one field a third, the diagonal left out.
+    terciles = tercile_means(mean)
+    assert terciles[0][1:] == [3.0, 4.0] and terciles[2][:2] == [8.0, 9.0] and np.isnan(terciles[1][1])
+    with pytest.raises(ValueError, match="has other fields"):
+        mean_view([a, SubEmbeddingView("x", "n", ["a", "b"], {"a": 1.0, "b": 1.0}, [[1.0, 1.0], [1.0, 1.0]])])
+
+
 def test_fig5_fig6_and_fig8_draw_the_studies(tiny: Path, tmp_path: Path, capsys) -> None:
-    assert cli_main(["paper", "fig5", "--study", str(tiny / "dcnv2"), "--out", str(tmp_path / "f5")]) == 0
+    assert cli_main(["paper", "fig5", "--study", str(tiny / "dcnv2"), "--study", str(tiny / "pr5"),
+                     "--out", str(tmp_path / "f5")]) == 0
     fig5 = json.loads((tmp_path / "f5" / "fig5.json").read_text())
-    assert fig5["projection_reg"] == 1e-4
+    series = {"dcnv2 se", "dcnv2 se-pr 0.0001", "dcnv2 se-pwr 0.0001", "dcnv2 se-pr 1e-05", "dcnv2 se-pwr 1e-05"}
+    assert fig5["projection_reg"] == {"dcnv2 se-pr 0.0001": 1e-4, "dcnv2 se-pwr 0.0001": 1e-4,
+                                      "dcnv2 se-pr 1e-05": 1e-5, "dcnv2 se-pwr 1e-05": 1e-5}
+    assert fig5["labels"]["dcnv2 se-pwr 1e-05"] == "DCNv2, weighted regularised, 1e-05"
     assert set(fig5["means"]) == {"ia_mean", "train_loss", "val_auc", "test_auc"}
-    assert set(fig5["means"]["test_auc"]) == {"dcnv2 se", "dcnv2 se-pr"}
-    run = tiny / "dcnv2" / "runs" / "dcnv2-se-pr-2x-seed0"
-    assert fig5["means"]["train_loss"]["dcnv2 se-pr"]["mean"][1] == best_train_loss(run)
+    assert set(fig5["means"]["test_auc"]) == series
+    run = tiny / "pr5" / "runs" / "dcnv2-se-pwr-2x-seed0"
+    assert fig5["means"]["train_loss"]["dcnv2 se-pwr 1e-05"]["mean"][1] == best_train_loss(run)
+    assert json.loads((run / "config.json").read_text())["options"]["pair_scales"] is True
+    assert len((tmp_path / "f5" / "fig5.csv").read_text().splitlines()) == 1 + 5 * 2
+    assert cli_main(["paper", "fig5", "--study", str(tiny / "dcnv2"), "--study", str(tiny / "dcnv2"),
+                     "--out", str(tmp_path / "f5")]) == 2
+    assert "run dcnv2-se-1x-seed0 (se) is also in" in capsys.readouterr().err
+    assert cli_main(["paper", "fig5", "--study", str(tiny / "dnn"), "--out", str(tmp_path / "f5")]) == 2
+    assert "hold no dcnv2 se runs beside se-pr or se-pwr runs" in capsys.readouterr().err
 
     assert cli_main(["paper", "fig6", "--study", str(tiny / "dnn"), "--study", str(tiny / "dcnv2"),
                      "--out", str(tmp_path / "f6")]) == 0
@@ -284,5 +409,11 @@ def test_study_refuses_regularised_modes_on_other_backbones(tiny: Path, tmp_path
     base = ["scale", "--data", str(tiny / "data"), "--out", str(tmp_path / "s"), "--seeds", "1", *TINY]
     assert cli_main([*base, "--backbones", "dnn", "--modes", "se-pr", "--scales", "1"]) == 2
     assert "--modes se-pr: regularises DCNv2's cross maps, dnn has none" in capsys.readouterr().err
+    assert cli_main([*base, "--backbones", "dcnv2lr", "--modes", "se-pwr", "--scales", "1"]) == 2
+    assert "--modes se-pwr: regularises DCNv2's cross maps, dcnv2lr has none" in capsys.readouterr().err
+    assert cli_main(["train", "--data", str(tiny / "data"), "--model", "dnn-se-1x", "--out", str(tmp_path / "t"),
+                     "--pair-scales", *TINY]) == 2
+    assert "--pair-scales: scales the field-pair maps of DCNv2's full-rank cross layer; dnn-se-1x has none" in (
+        capsys.readouterr().err)
     assert cli_main([*base, "--backbones", "dcnv2", "--modes", "me-dr", "--scales", "1"]) == 2
     assert "needs at least 2 sets, not scale 1" in capsys.readouterr().err

@@ -97,21 +97,28 @@ class PlannedModel:
 
 
 def model_options(config: TrainConfig) -> Dict[str, Any]:
-    """The backbone options of ``build_model`` that ``config`` sets: ``experts`` for ``hetero-me-{K}x`` models.
+    """The backbone options of ``build_model`` that ``config`` sets: ``experts`` for ``hetero-me-{K}x`` models,
+    ``pair_scales`` for ``dcnv2-*`` models with ``--pair-scales``.
 
     Raises:
-        ValueError: ``--experts`` other than the default for a model that is not heterogeneous, or an unknown
-            expert.
+        ValueError: ``--experts`` other than the default for a model that is not heterogeneous, an unknown expert,
+            or ``--pair-scales`` for a model that is not ``dcnv2-*``.
     """
     try:
-        heterogeneous = parse_model_name(config.model).heterogeneous
+        spec = parse_model_name(config.model)
     except ValueError:
         return {}  # build_model reports the unknown name
-    if heterogeneous:
-        return {"experts": parse_experts(config.experts)}
+    options: Dict[str, Any] = {}
+    if config.pair_scales:
+        if spec.backbone != "dcnv2":
+            raise ValueError(f"--pair-scales: scales the field-pair maps of DCNv2's full-rank cross layer; "
+                             f"{config.model} has none (use a dcnv2-* model)")
+        options["pair_scales"] = True
+    if spec.heterogeneous:
+        return {**options, "experts": parse_experts(config.experts)}
     if config.experts != default_of("experts"):
         raise ValueError(f"--experts: only hetero-me-{{K}}x models take experts, not {config.model}")
-    return {}
+    return options
 
 
 def is_managed(config: TrainConfig) -> bool:

@@ -7,7 +7,7 @@ Example::
     >>> sorted(REGISTRY)[:3]
     ['dcnv2', 'dcnv2lr', 'dlrm']
     >>> REGISTRY["dcnv2"].options
-    {'cross_layers': 4}
+    {'cross_layers': 4, 'pair_scales': False}
 """
 
 from __future__ import annotations
