@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 
 def _positive(text: str) -> int:
@@ -58,7 +58,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     toy.add_argument("--every", type=_positive, default=50, help="record IA every N steps (default 50)")
     toy.add_argument("--check-iteration", type=_positive, default=2000,
                      help="iteration the summary compares the two settings at (default 2000)")
-    toy.set_defaults(func=run_fig4)
+    toy.set_defaults(func=_out_checked(run_fig4))
 
     sub = figures.add_parser(
         "fig3",
@@ -74,7 +74,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     sub.add_argument("--ffm-run", required=True, help="run directory of an ffm-se-* model (multiembed train)")
     sub.add_argument("--dcnv2-run", required=True, help="run directory of a dcnv2-se-* model")
     _common(sub, "fig3")
-    sub.set_defaults(func=run_fig3)
+    sub.set_defaults(func=_out_checked(run_fig3))
 
     reg = figures.add_parser(
         "fig5",
@@ -87,7 +87,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     )
     _studies(reg)
     _common(reg, "fig5")
-    reg.set_defaults(func=run_fig5)
+    reg.set_defaults(func=_out_checked(run_fig5))
 
     dnn = figures.add_parser(
         "fig6",
@@ -99,7 +99,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     )
     _studies(dnn)
     _common(dnn, "fig6")
-    dnn.set_defaults(func=run_fig6)
+    dnn.set_defaults(func=_out_checked(run_fig6))
 
     me = figures.add_parser(
         "fig8",
@@ -117,7 +117,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                     help="a study of me-dr runs (one --divergence-reg weight); repeat for each weight")
     me.add_argument("--scale", type=_positive, default=10, help="the scale of panels (a)-(c) (default 10)")
     _common(me, "fig8")
-    me.set_defaults(func=run_fig8)
+    me.set_defaults(func=_out_checked(run_fig8))
 
 
 def _studies(p: argparse.ArgumentParser) -> None:
@@ -127,6 +127,18 @@ def _studies(p: argparse.ArgumentParser) -> None:
 
 def _common(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--out", required=True, help=f"directory for {name}.csv, {name}.json and {name}.png")
+
+
+def _out_checked(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``run`` after refusing an ``--out`` that is, or lies inside, a dataset, a run or an artifact."""
+
+    def checked(args: argparse.Namespace) -> int:
+        from multiembed.data.owners import check_directory_out
+
+        check_directory_out(args.out, "--out")
+        return run(args)
+
+    return checked
 
 
 def run_fig3(args: argparse.Namespace) -> int:

@@ -37,6 +37,20 @@ SUMMARY_FILE = "summary.json"
 RUN_ENTRIES = (CONFIG_FILE, SUMMARY_FILE, METRICS_FILE, PLAN_FILE, ckpt.CHECKPOINT_DIR)
 
 
+def is_run_entry(name: str) -> bool:
+    """Whether an entry of a run directory is one a run writes: its files and ``checkpoints/``, the job's lock, or
+    a temporary file of an atomic write of one of its files (``.config.json.*.tmp``) left by a killed job.
+
+    Example::
+
+        >>> is_run_entry("summary.json"), is_run_entry(".metrics.jsonl.k2j4.tmp"), is_run_entry("notes.txt")
+        (True, True, False)
+    """
+    if name in RUN_ENTRIES or name == LOCK_FILE:
+        return True
+    return name.endswith(".tmp") and any(name.startswith(f".{entry}.") for entry in RUN_ENTRIES)
+
+
 class RunDir:
     """One run directory (anywhere: runs can be moved and copied).
 
@@ -164,6 +178,13 @@ class RunDir:
                 )
             if is_within(config.data, out):
                 return f"--overwrite: {out} holds the --data directory {config.data}; refusing to delete it"
+            foreign = [p.name for p in sorted(out.iterdir()) if not is_run_entry(p.name)]
+            if foreign:
+                more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+                return (
+                    f"--overwrite: {out} holds {foreign[0]!r}{more}, which no run writes; refusing to delete it "
+                    "(move it out of the run directory, or choose another --out)"
+                )
             return None
         if config.resume:
             return self.resume_problem(config, meta)
