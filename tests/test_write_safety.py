@@ -4,7 +4,11 @@
 inside a dataset, a run or an artifact; ``export --overwrite`` replaces only an intact artifact holding nothing
 else; ``export --out`` stays out of datasets, artifacts and a run's ``checkpoints/``; ``scale --out`` and
 ``train --out`` stay out of their ``--data``; a killed export's temporary directory is removed by the next export
-to the same place. Every refusal is one line with exit status 2, and the refused target is left byte for byte.
+to the same place. Every other command's single output file (``plan --json``, ``synth --tsv``, ``bench --json``)
+stays out of datasets, runs and artifacts, off links and off files it did not write; its output directories
+(``synth``, ``scale``, ``days``, ``analyze``, ``paper`` ``--out``, ``predict --compile-cache``) stay out of the
+datasets, runs and artifacts it does not make; ``train --overwrite`` keeps a run directory holding other files.
+Every refusal is one line with exit status 2, and the refused target is left byte for byte.
 """
 
 from __future__ import annotations
@@ -340,3 +344,38 @@ def test_analyze_keeps_a_users_file_in_a_folder_that_held_no_report(exported, tm
     assert cli_main(["analyze", str(run), "--out", str(report), "--device", "cpu", "--no-progress"]) == 0
     assert (report / "sub_embedding.png").read_text() == "my figure"
     assert (report / "collapse.json").is_file()
+
+
+# --- a run's checkpoints stay inside the run ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("linked", ["step", "checkpoints"])
+def test_a_checkpoint_leading_out_of_its_run_is_refused(exported, tmp_path, capsys, linked: str) -> None:
+    """A copied run whose ``step-N`` (or whole ``checkpoints/``) is a link to another run's is refused by
+    ``evaluate``, ``export`` and ``analyze`` instead of passing that run's weights for its own."""
+    data, finished, _ = exported
+    run, other = tmp_path / "run", tmp_path / "other"
+    shutil.copytree(finished, run)
+    shutil.copytree(finished, other)
+    if linked == "step":
+        newest = max((run / "checkpoints").iterdir())
+        shutil.rmtree(newest)
+        newest.symlink_to(other / "checkpoints" / newest.name)
+    else:
+        shutil.rmtree(run / "checkpoints")
+        (run / "checkpoints").symlink_to(other / "checkpoints")
+    _refused(capsys, ["evaluate", str(run), "--data", str(data), "--device", "cpu"], "leads out of its run directory")
+    _refused(capsys, ["export", str(run), "--out", str(tmp_path / "art")], "leads out of its run directory")
+    _refused(capsys, ["analyze", str(run), "--out", str(tmp_path / "rep"), "--device", "cpu", "--no-progress"],
+             "leads out of its run directory")
+    assert not (tmp_path / "art").exists()
+
+
+def test_a_split_file_name_holding_a_nul_is_named(exported, tmp_path, capsys) -> None:
+    data, _, _ = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy)
+    meta = json.loads((copy / "metadata.json").read_text())
+    meta["splits"]["train"]["files"][0]["path"] = "train/part\u0000.parquet"
+    (copy / "metadata.json").write_text(json.dumps(meta))
+    _refused(capsys, ["inspect", str(copy)], "splits.train.files[0].path", "NUL")
