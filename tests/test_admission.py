@@ -44,6 +44,19 @@ def test_a_model_too_big_for_this_machine_is_refused_before_it_allocates(data, t
     assert not (tmp_path / "run").exists()  # refused before the run directory is created
 
 
+def test_a_model_too_big_for_torch_to_describe_is_refused_in_one_line(data, tmp_path, capsys) -> None:
+    """A model whose cross-layer weight's byte count overflows 64 bits is refused like any model too big, by
+    ``train`` and ``plan``, instead of ending on torch's overflow as an unexpected error."""
+    model = "dcnv2-me-1x100000000"
+    capsys.readouterr()
+    assert cli_main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--model", model, *SMALL]) == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"multiembed train: error: --model {model}: ") and "2^63 bytes" in line, line
+    assert not (tmp_path / "run").exists()
+    assert cli_main(["plan", "--model", model, "--world-size", "1", "--device", "cpu", "--data", str(data)]) == 2
+    assert "2^63 bytes" in _error_line(capsys)
+
+
 def test_a_refused_overwrite_keeps_the_run_it_would_have_replaced(data, tmp_path, capsys) -> None:
     run = tmp_path / "run"
     assert cli_main(["train", "--data", str(data), "--out", str(run), "--model", "dnn-me-2x", *SMALL]) == 0
