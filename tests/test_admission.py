@@ -1,7 +1,9 @@
-"""Nothing too big starts (`train`, `days`, `plan`, `synth`): the memory a run needs (tables and their optimizer state, dense parameters and theirs,
+"""Nothing too big starts: the memory a run needs (tables and their optimizer state, dense parameters and theirs,
 one batch's activations) is counted on ``meta`` and refused in one line with both numbers when this machine's
-available memory cannot hold it; ``plan`` plans such a model on paper without allocating it, and the planner
-reserves the same dense bytes the admission counts, on a topology sized from this machine's memory.
+available memory cannot hold it (``train``, ``days`` before its directory exists, a model whose sizes overflow
+64 bits included); ``plan`` plans such a model on paper without allocating it, and the planner reserves the same
+dense bytes the admission counts, on a topology sized from this machine's memory. ``synth`` refuses rows beyond the
+disk and a click model beyond the available memory before writing.
 """
 
 from __future__ import annotations
