@@ -33,8 +33,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="raw log files, in order (day_0 .. day_23 for 1TB)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output dataset directory (new, empty, resumed, or with --overwrite replaced)")
-    p.add_argument("--mode", choices=("paper", "hashing"), default=None,
-                   help="vocabulary mode (default: paper for criteo/avazu, hashing for criteo-1tb)")
+    p.add_argument("--mode", "--vocab", dest="mode", choices=("paper", "hashing", "managed"), default=None,
+                   help="vocabulary mode (default: paper for criteo/avazu, hashing for criteo-1tb); managed keeps "
+                        "every token as its 64-bit hash for a train --vocab managed run (docs/managed.md)")
     p.add_argument("--min-count", type=int, default=None, metavar="N",
                    help="paper mode: tokens seen fewer than N times share the OOV id (default: 10 Criteo, 4 Avazu)")
     p.add_argument("--hash-size", type=int, default=None, metavar="N",
@@ -68,8 +69,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                         "pyarrow's default); 1 also reads ahead and writes in the worker's own thread, so that each "
                         "worker uses one core")
     p.add_argument("--first-day", default=None, metavar="SEQUENCE",
-                   help="the dataset is day 0 of the day sequence SEQUENCE (hashing mode; multiembed days, "
-                        "docs/days.md)")
+                   help="the dataset is day 0 of the day sequence SEQUENCE (hashing or managed mode; multiembed "
+                        "days, docs/days.md)")
     p.add_argument("--follows", default=None, metavar="DAY",
                    help="the dataset is the day after the day dataset DAY (same sequence, fields and hash sizes)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

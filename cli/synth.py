@@ -68,6 +68,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="rank swaps per day, as a share of each field's live ids (default 0.05)")
     days.add_argument("--drift", type=float, default=None,
                       help="share of the click model's weight variance renewed each day (default 0.02)")
+    parser.add_argument(
+        "--vocab", choices=["hashing", "managed"], default=None,
+        help="write the ids as that vocabulary mode of convert would (hashing: into --hash-size rows; managed: as "
+        "63-bit keys for train --vocab managed; docs/managed.md); default: the generator's own ids",
+    )
+    parser.add_argument("--hash-size", type=int, default=None, metavar="N", help="rows of every field with --vocab hashing")
     parser.add_argument("--force", action="store_true", help="replace a dataset already in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -100,6 +106,14 @@ def run(args: argparse.Namespace) -> int:
             first_order_std=0.85 if args.signal is None else args.signal,
             interaction_std=0.85 if args.signal is None else args.signal,
         )
+    encoding = None
+    if args.vocab is not None:
+        from multiembed.data.synthetic.encoding import IdEncoding
+
+        encoding = IdEncoding(args.vocab, table_rows=args.hash_size, seed=args.seed)
+    elif args.hash_size is not None:
+        raise ValueError("--hash-size: give --vocab hashing with it")
+    args.encoding = encoding
     drift_flags = {"--active-share": args.active_share, "--churn": args.churn,
                    "--popularity-shift": args.popularity_shift, "--drift": args.drift}
     if args.days is not None:
@@ -109,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{', '.join(given)}: options of a drifting log; add --days D")
     meta = generate_dataset(
         args.out, args.rows, config, split=args.split, tsv_path=args.tsv, force=args.force,
-        progress=not args.no_progress,
+        progress=not args.no_progress, encoding=encoding,
     )
     _print_summary(args.out, meta)
     if args.tsv:
@@ -129,7 +143,7 @@ def _run_days(args: argparse.Namespace, config: object, drift_flags: Dict[str, O
     })
     metas = generate_days(
         args.out, args.days, args.rows, config, drift, split=args.split, force=args.force,
-        progress=not args.no_progress,
+        progress=not args.no_progress, encoding=args.encoding,
     )
     for path, meta in zip(day_dirs(args.out, args.days), metas):
         _print_summary(str(path), meta)
@@ -138,9 +152,11 @@ def _run_days(args: argparse.Namespace, config: object, drift_flags: Dict[str, O
 
 def _print_summary(out: str, meta: "DatasetMetadata") -> None:
     rows = meta.split_rows()
+    mode = meta.options.get("mode")
+    ids = "ids as 63-bit keys" if mode == "managed" else f"{sum(f.vocab_size for f in meta.fields)} ids"
     print(
         f"wrote {out}: {sum(rows.values())} rows (train {rows['train']}, val {rows['val']}, test {rows['test']}), "
-        f"{len(meta.fields)} fields, {sum(f.vocab_size for f in meta.fields)} ids",
+        f"{len(meta.fields)} fields, {ids}",
         file=sys.stderr,
     )
     for split, values in (meta.bayes or {}).items():

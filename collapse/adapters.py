@@ -32,6 +32,7 @@ from multiembed.collapse.result import CollapseResult
 from multiembed.collapse.shards import local_shards_from_tensors
 from multiembed.collapse.streaming import collapse_from_sharded
 from multiembed.models.interactions import BatchedCrossNet
+from multiembed.models.managed import table_collection
 from multiembed.models.model import MultiEmbeddingModel, MultiEmbeddingTrain
 from multiembed.models.set_arch import CrossSetArch, FieldAwareSetArch
 
@@ -161,7 +162,7 @@ def collapse_from_model(
         raise ValueError("collapse_from_model reads the cross weights from the model; use sub_embedding=False to skip")
     model = unwrap_model(model)
     sparse_arch = model.sparse_arch
-    state = sparse_arch.embedding_bag_collection.state_dict()
+    state = table_collection(sparse_arch.embedding_bag_collection).state_dict()
     tables = {}
     for name in sparse_arch.table_names:
         key = f"embedding_bags.{name}.weight"

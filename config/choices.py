@@ -180,3 +180,17 @@ class OutputBias(Choice):
 
     DEFAULT = "default"
     PRIOR = "prior"
+
+
+class VocabSource(Choice):
+    """Where a run's table rows come from: the dataset's ids, or managed collision over raw 63-bit ids."""
+
+    DATASET = "dataset"
+    MANAGED = "managed"
+
+
+class Eviction(Choice):
+    """The eviction policy of managed-collision tables (TorchRec's MCH policies)."""
+
+    LFU = "lfu"
+    LRU = "lru"

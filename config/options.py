@@ -19,13 +19,18 @@ from multiembed.config.choices import (
     Combiner,
     DenseOptimizer,
     Device,
+    Eviction,
     Layout,
     OutputBias,
     Precision,
     ShardingStrategy,
     SparseOptimizer,
     TableDtype,
+    VocabSource,
 )
+
+# The default --eviction-interval of managed tables (training steps between evictions; docs/managed.md).
+DEFAULT_EVICTION_INTERVAL = 5
 
 
 def option(
@@ -145,6 +150,23 @@ class TrainConfig:
         "variance over sets of ||W_ij||_F (0: off; in multiembed scale: the weight of the me-dr mode's runs, default "
         "1e-3)",
     )
+    vocab: str = option(
+        "dataset", choices=VocabSource.choices(),
+        help="table rows: dataset (the dataset's ids are the rows) or managed (a dataset converted with --vocab "
+        "managed: TorchRec's managed-collision modules map raw ids to --table-rows rows; docs/managed.md)",
+    )
+    table_rows: int = option(
+        0, help="--vocab managed: rows of every field's table, one fallback row per rank included (a multiple of "
+        "the world size)",
+    )
+    eviction: str = option(
+        "lfu", choices=Eviction.choices(),
+        help="--vocab managed: which rows new ids take at an eviction: lfu (least counted) or lru (least recent)",
+    )
+    eviction_interval: int = option(
+        DEFAULT_EVICTION_INTERVAL,
+        help="--vocab managed: training steps between evictions; ids first seen in between share the fallback row",
+    )
     device: str = option("auto", choices=Device.choices(), help="auto: CUDA + nccl when a GPU is visible, else CPU")
     progress: bool = option(True, flag="--no-progress", help="no progress bar")
 
@@ -175,6 +197,31 @@ class TrainConfig:
                 raise ValueError(f"{flag_of(field)}: unknown {value!r}; choose from {', '.join(choices)}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: pick one")
+        self._validate_vocab()
+
+    def _validate_vocab(self) -> None:
+        """The managed-vocabulary options, on their own (world size and device are checked when the run is built)."""
+        if self.vocab != VocabSource.MANAGED.value:
+            given = [flag for flag, value, default in (
+                ("--table-rows", self.table_rows, 0), ("--eviction", self.eviction, Eviction.LFU.value),
+                ("--eviction-interval", self.eviction_interval, DEFAULT_EVICTION_INTERVAL)) if value != default]
+            if given:
+                raise ValueError(f"{', '.join(given)}: options of managed tables; add --vocab managed")
+            return
+        if self.table_rows < 2:
+            raise ValueError(f"--vocab managed needs --table-rows N (rows of every field's table, >= 2), got "
+                             f"{self.table_rows}")
+        if self.eviction_interval < 1:
+            raise ValueError(f"--eviction-interval: must be >= 1 step, got {self.eviction_interval}")
+        if self.layout != Layout.FUSED.value:
+            raise ValueError(f"--vocab managed needs --layout fused (one remapping per field), got --layout "
+                             f"{self.layout}")
+        if self.sharding not in (ShardingStrategy.AUTO.value, ShardingStrategy.ROW_WISE.value):
+            raise ValueError(f"--vocab managed shards its tables row-wise (TorchRec's managed-collision sharding is "
+                             f"row-wise only), got --sharding {self.sharding}")
+        if self.table_dtype != TableDtype.FP32.value:
+            raise ValueError(f"--vocab managed keeps fp32 tables (eviction resets rows of fp32 tables only, as "
+                             f"checked), got --table-dtype {self.table_dtype}")
 
     def local_batch_size(self, world_size: int) -> int:
         """Rows per rank and step: the global ``batch_size`` split evenly over ``world_size`` ranks.
@@ -198,7 +245,7 @@ class TrainConfig:
 # these recorded values.
 MODEL_OPTIONS = (
     "model", "hidden", "dropout", "layout", "dense_features", "spectral_reg", "projection_reg", "divergence_reg",
-    "table_dtype", "experts", "combiner",
+    "table_dtype", "experts", "combiner", "vocab", "table_rows", "eviction", "eviction_interval",
 )
 
 # Options of a run that a scaling study sets for all its runs (the grid sets model and seed; the study sets data,

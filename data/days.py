@@ -79,7 +79,7 @@ def day_of(meta: DatasetMetadata, where: str) -> DayPlace:
     if meta.options.get("mode") == "paper":
         raise DatasetError(
             f"{where}: options.mode: paper mode's vocabulary is frozen at conversion and cannot follow a day "
-            "sequence (ids it never saw stay OOV); convert each day in hashing mode"
+            "sequence (ids it never saw stay OOV); convert each day in hashing or managed mode"
         )
     record = meta.extra.get(DAY_KEY)
     if record is None:
@@ -177,28 +177,39 @@ def day_ids(data_dir: os.PathLike, meta: DatasetMetadata) -> Dict[str, "np.ndarr
     }
 
 
+# Fields whose id space is larger than this keep the sorted ids seen (managed mode's 63-bit keys) instead of a mask.
+MASK_LIMIT = 1 << 32
+
+
 class IdHistory:
-    """The ids seen so far in a day sequence, per field (a boolean mask the size of the field's table).
+    """The ids seen so far in a day sequence, per field: a boolean mask the size of the field's table, or, for an id
+    space over :data:`MASK_LIMIT` (managed mode's 63-bit token keys), the sorted distinct ids seen.
 
     Example::
 
         >>> import numpy as np
-        >>> history = IdHistory({"C1": 4})
-        >>> history.add({"C1": np.array([0, 2])}), history.add({"C1": np.array([2, 3])})
-        ({'C1': 2}, {'C1': 1})
+        >>> history = IdHistory({"C1": 4, "C2": 2**63 - 1})
+        >>> history.add({"C1": np.array([0, 2]), "C2": np.array([7, 2**40])})
+        {'C1': 2, 'C2': 2}
+        >>> history.add({"C1": np.array([2, 3]), "C2": np.array([7, 9])})
+        {'C1': 1, 'C2': 1}
     """
 
     def __init__(self, vocab_sizes: Mapping[str, int]) -> None:
         import numpy as np
 
-        self._seen = {name: np.zeros(size, dtype=bool) for name, size in vocab_sizes.items()}
+        self._sizes = dict(vocab_sizes)
+        self._seen = {name: np.zeros(size, dtype=bool) for name, size in vocab_sizes.items() if size <= MASK_LIMIT}
+        self._keys = {name: np.zeros(0, dtype=np.int64) for name, size in vocab_sizes.items() if size > MASK_LIMIT}
 
     def save(self, path: os.PathLike) -> None:
-        """Writes the history atomically (one bit per id: ``np.packbits`` of every field's mask, ``.npz``)."""
+        """Writes the history atomically (``.npz``: one bit per id, ``np.packbits`` of a field's mask, or a field's
+        sorted int64 ids)."""
         import numpy as np
 
-        packed = {name: np.packbits(seen) for name, seen in self._seen.items()}
-        atomic_write(path, lambda f: np.savez(f, **packed))
+        arrays = {name: np.packbits(seen) for name, seen in self._seen.items()}
+        arrays.update(self._keys)
+        atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: os.PathLike, vocab_sizes: Mapping[str, int]) -> "IdHistory":
@@ -215,15 +226,26 @@ class IdHistory:
                 if sorted(saved.files) != sorted(vocab_sizes):
                     raise DatasetError(f"{path}: holds ids of other fields than the days given")
                 for name, size in vocab_sizes.items():
-                    history._seen[name] = np.unpackbits(saved[name], count=size).astype(bool)
+                    if name in history._keys:
+                        history._keys[name] = np.asarray(saved[name], dtype=np.int64)
+                    else:
+                        history._seen[name] = np.unpackbits(saved[name], count=size).astype(bool)
         except (OSError, ValueError) as e:
             raise DatasetError(f"{path}: unreadable ({e})") from None
         return history
 
     def add(self, ids: Mapping[str, "np.ndarray"]) -> Dict[str, int]:
         """Records a day's distinct ids; returns how many of each field were never seen before."""
+        import numpy as np
+
         new: Dict[str, int] = {}
         for name, values in ids.items():
+            if name in self._keys:
+                distinct = np.unique(np.asarray(values, dtype=np.int64))
+                known = self._keys[name]
+                new[name] = int(distinct.size - np.isin(distinct, known, assume_unique=True).sum())
+                self._keys[name] = np.union1d(known, distinct)
+                continue
             seen = self._seen[name]
             new[name] = int((~seen[values]).sum())
             seen[values] = True

@@ -19,7 +19,10 @@ AVAZU_HEADER: Tuple[str, ...] = (
 
 PAPER_MODE = "paper"
 HASHING_MODE = "hashing"
-MODES = (PAPER_MODE, HASHING_MODE)
+# Managed mode keeps every token as its 63-bit key (no vocabulary pass, no table size): the training run's
+# managed-collision modules map keys to rows (docs/managed.md).
+MANAGED_MODE = "managed"
+MODES = (PAPER_MODE, HASHING_MODE, MANAGED_MODE)
 
 # DLRM / MLPerf cap every hashed table at 40M rows.
 MLPERF_HASH_CAP = 40_000_000
@@ -73,11 +76,12 @@ class RawFormat:
         """Categorical fields of the converted data in schema order.
 
         Paper mode turns the integer columns into binned categorical fields first (39 fields for Criteo, as the
-        paper); hashing mode keeps them as dense features only (26 hashed fields for Criteo, as DLRM / MLPerf).
+        paper); hashing and managed modes keep them as dense features only (26 fields for Criteo, as DLRM /
+        MLPerf).
         """
         if mode == PAPER_MODE:
             return self.int_columns + self.cat_columns
-        if mode == HASHING_MODE:
+        if mode in (HASHING_MODE, MANAGED_MODE):
             return self.cat_columns
         raise ValueError(f"unknown vocabulary mode {mode!r}; expected one of {MODES}")
 

@@ -5,6 +5,9 @@ mode an integer cell's token is its bin as the paper's code writes it (``"NULL"`
 
 * :class:`HashingVocabulary` (DLRM / MLPerf style): ``id = bucketize(key, size)``. Nothing to count and nothing to
   store: memory stays bounded whatever the input.
+* :class:`ManagedVocabulary`: ``id = key >> 1``, the token's 63-bit key, kept whole. Nothing is counted or cut at
+  conversion and no table size is chosen: a managed-collision training run maps keys to table rows as they arrive
+  (:mod:`multiembed.models.managed`), so ids that appear only in later days still get rows of their own.
 * :class:`CountedVocabulary` (the paper's): the keys seen at least ``min_count`` times, sorted; a kept key's id is
   ``1 + its rank``, every other token shares the out-of-vocabulary id 0. Built by :class:`VocabularyCounter`,
   whose memory grows with the number of distinct (field, token) pairs: 16 bytes each (key and count), plus sort
@@ -14,7 +17,7 @@ Distinct tokens could share a 64-bit key; with the ~3.4e7 distinct tokens of Cri
 do is about 3e-5, and such a pair would only share an id.
 
 A vocabulary's ``fingerprint`` is a SHA-256 over its mode, the hash, the dataset, the fields and every field's
-key -> id map (paper mode) or table size (hashing mode): two conversions share it exactly when they encode every
+key -> id map (paper mode) or table size (hashing mode; managed mode has neither): two conversions share it exactly when they encode every
 token the same way.
 """
 
@@ -30,7 +33,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import pyarrow as pa
 
-from multiembed.data.formats import HASHING_MODE, PAPER_MODE, RawFormat
+from multiembed.data.formats import HASHING_MODE, MANAGED_MODE, PAPER_MODE, RawFormat
 from multiembed.data.metadata import DatasetError, atomic_write
 from multiembed.data.tokens import HASH_NAME, bucketize, hash_tokens, paper_int_keys
 
@@ -38,6 +41,9 @@ VOCAB_FILE = "vocab.npz"
 # Version of the token rules (paper binning, empty integer -> "NULL", hash64-v1): part of every fingerprint.
 TOKEN_RULES = "paper-bins-v1"
 OOV_ID = 0
+# Managed mode's ids: ``[0, MANAGED_ID_SPACE)``. TorchRec's MCH modules mark an empty slot with the int64 maximum
+# (which is MANAGED_ID_SPACE) and take ``2**63 - 1`` as their default input range, so no id may reach it.
+MANAGED_ID_SPACE = (1 << 63) - 1
 
 
 def field_keys(fmt: RawFormat, mode: str, column: pa.ChunkedArray, field: str, seed: int) -> np.ndarray:
@@ -281,8 +287,68 @@ class _FieldIndex:
         return ids, same_tag & ~found
 
 
-# Either vocabulary: what the converter builds and the encoder reads.
-Vocabulary = Union[HashingVocabulary, CountedVocabulary]
+class ManagedVocabulary:
+    """Managed mode: every token's id is its 63-bit key, ``min(hash64 >> 1, 2**63 - 2)``; no table size.
+
+    Args:
+        dataset: the raw format name.
+        fields: the categorical fields in schema order.
+        seed: hash seed.
+
+    Example::
+
+        >>> import pyarrow as pa
+        >>> vocab = ManagedVocabulary("criteo", ["C1"])
+        >>> ids = vocab.encode("C1", hash_tokens(pa.array(["68fd1e64", "68fd1e64", ""])))
+        >>> bool(ids[0] == ids[1] != ids[2]), bool(((ids >= 0) & (ids < MANAGED_ID_SPACE)).all())
+        (True, True)
+    """
+
+    mode = MANAGED_MODE
+
+    def __init__(self, dataset: str, fields: Sequence[str], seed: int = 0) -> None:
+        if not fields:
+            raise ValueError("a managed vocabulary needs at least one field")
+        self.dataset = dataset
+        self.fields = list(fields)
+        self.seed = seed
+        self.fingerprint = _digest(
+            {"mode": self.mode, "hash": HASH_NAME, "rules": TOKEN_RULES, "dataset": dataset, "seed": seed,
+             "fields": self.fields, "id_space": MANAGED_ID_SPACE}
+        )
+
+    @property
+    def sizes(self) -> Dict[str, int]:
+        """The id space of every field (``MANAGED_ID_SPACE``), what ``metadata.json`` records as its size."""
+        return {f: MANAGED_ID_SPACE for f in self.fields}
+
+    def encode(self, field: str, keys: np.ndarray) -> np.ndarray:
+        """int64 ids in ``[0, MANAGED_ID_SPACE)`` of ``keys`` (uint64 ``[n]``)."""
+        return managed_ids(keys)
+
+    def encode_fields(self, keys: np.ndarray) -> np.ndarray:
+        """int64 ids ``[n, F]`` of keys ``[n, F]``, as :meth:`encode` column by column."""
+        return managed_ids(keys)
+
+    def describe(self) -> Dict[str, object]:
+        return {"mode": self.mode, "hash": HASH_NAME, "hash_seed": self.seed}
+
+
+def managed_ids(keys: np.ndarray) -> np.ndarray:
+    """Managed mode's int64 ids of uint64 keys (any shape): the high 63 bits, below ``MANAGED_ID_SPACE``.
+
+    Example::
+
+        >>> managed_ids(np.array([0, 5, 2**64 - 1], dtype=np.uint64)).tolist()
+        [0, 2, 9223372036854775806]
+    """
+    ids = (np.asarray(keys, dtype=np.uint64) >> np.uint64(1)).astype(np.int64)
+    np.minimum(ids, MANAGED_ID_SPACE - 1, out=ids)
+    return ids
+
+
+# Any vocabulary: what the converter builds and the encoder reads.
+Vocabulary = Union[HashingVocabulary, CountedVocabulary, ManagedVocabulary]
 
 
 def _merge_counts(keys: np.ndarray, counts: np.ndarray) -> "tuple[np.ndarray, np.ndarray]":

@@ -45,10 +45,13 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, DataType, EmbeddingBagConfig, PoolingType
+from torchrec.distributed.types import LazyAwaitable
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, get_embedding_names_by_table
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from multiembed.config.choices import InitScheme, Layout
+from multiembed.models.managed import ManagedSpec, managed_collection, table_collection
 from multiembed.models.precision import table_data_type
 
 LAYOUTS: Tuple[str, ...] = Layout.values()
@@ -215,7 +218,8 @@ def pooled_values_in_key_order(pooled: KeyedTensor, keys: List[str]) -> torch.Te
     An unsharded (or one-rank) collection returns its keys in table order, which is the order the fused layout
     reads, so its values are used as they are; otherwise (sharded outputs are in shard order; the per-set layout
     reads sets before fields) TorchRec's ``KeyedTensor.regroup`` reorders them in one permute kernel. Wrapped for
-    fx: the key comparison is plain Python and stays out of the traced graph.
+    fx: the key comparison is plain Python and stays out of the traced graph. A lookup still in flight (a sharded
+    managed collection's ``LazyAwaitable``) is waited for first.
 
     Example::
 
@@ -223,6 +227,8 @@ def pooled_values_in_key_order(pooled: KeyedTensor, keys: List[str]) -> torch.Te
         >>> pooled_values_in_key_order(pooled, ["b", "a"]).tolist()
         [[2.0, 3.0, 1.0]]
     """
+    if isinstance(pooled, LazyAwaitable):
+        pooled = pooled.wait()
     if pooled.keys() == keys:
         return pooled.values()
     return KeyedTensor.regroup([pooled], [keys])[0]
@@ -239,7 +245,9 @@ class MultiEmbeddingSparseArch(nn.Module):
     Args:
         embedding_bag_collection: tables as built by :func:`multi_embedding_tables`: for ``fused`` one table per
             field of width ``K * stored_set_dim``; for ``per_set`` K tables per field of width ``stored_set_dim``
-            (the field's tables in collection order are sets 0..K-1). One feature per table.
+            (the field's tables in collection order are sets 0..K-1). One feature per table. Or such a collection
+            behind TorchRec's managed-collision modules (:mod:`multiembed.models.managed`), which map raw ids to
+            rows before the lookup.
         num_sets: K.
         set_dim: d, the logical width (``<=`` the stored width).
         layout: ``fused`` or ``per_set``.
@@ -268,7 +276,10 @@ class MultiEmbeddingSparseArch(nn.Module):
         Layout.parse(layout, "layout", noun="layout")
         if num_sets < 1 or set_dim < 1:
             raise ValueError(f"num_sets and set_dim must be >= 1, got {num_sets}, {set_dim}")
-        configs = embedding_bag_collection.embedding_bag_configs()
+        # A managed collection returns (pooled, remapped features); the flag is fixed here because the sharded
+        # module DMP substitutes keeps the contract and fx tracing cannot test the output's type.
+        self.managed = isinstance(embedding_bag_collection, ManagedCollisionEmbeddingBagCollection)
+        configs = table_collection(embedding_bag_collection).embedding_bag_configs()
         if not configs:
             raise ValueError("the embedding bag collection has no tables")
         self.embedding_bag_collection = embedding_bag_collection
@@ -346,6 +357,31 @@ class MultiEmbeddingSparseArch(nn.Module):
         """F, the number of categorical fields."""
         return len(self.field_names)
 
+    def use_managed_collision(self, spec: ManagedSpec) -> None:
+        """Puts TorchRec's managed-collision modules in front of the tables (:mod:`multiembed.models.managed`): the
+        features then carry raw 63-bit ids, mapped to rows of the ``spec.table_rows``-row tables. Call it before DMP
+        shards the module.
+
+        Raises:
+            ValueError: already managed, a ``per_set`` layout (one remapping per field needs one table per field),
+                or tables of another size than ``spec.table_rows``.
+        """
+        if self.managed:
+            raise ValueError("the sparse arch's tables are already managed")
+        if self.layout != "fused":
+            raise ValueError(f"managed collision needs the fused layout (one table per field), got {self.layout}")
+        collection = self.embedding_bag_collection
+        if not isinstance(collection, EmbeddingBagCollection):
+            raise ValueError("managed collision is set up before sharding, on an EmbeddingBagCollection")
+        self.embedding_bag_collection = managed_collection(collection, spec)
+        self.managed = True
+
+    @property
+    def table_collection(self) -> nn.Module:
+        """The module holding the table weights (the EBC, or the one inside a managed collection; sharded or not):
+        its ``state_dict`` keys are ``embedding_bags.<table>.weight``."""
+        return table_collection(self.embedding_bag_collection)
+
     @property
     def table_names(self) -> List[str]:
         """The collection's table names, in collection order."""
@@ -369,7 +405,10 @@ class MultiEmbeddingSparseArch(nn.Module):
         Returns:
             ``[B, K, F, d]``, a view of contiguous ``[K, B, F, d]`` storage.
         """
-        values = pooled_values_in_key_order(self.embedding_bag_collection(features), self._output_keys)
+        pooled = self.embedding_bag_collection(features)
+        if self.managed:
+            pooled = pooled[0]
+        values = pooled_values_in_key_order(pooled, self._output_keys)
         if self._cast_to_fp32:
             values = values.float()
         k, stored, d, f = self.num_sets, self.stored_set_dim, self.set_dim, self.num_fields
@@ -420,9 +459,9 @@ class MultiEmbeddingSparseArch(nn.Module):
         Raises:
             ValueError: the collection is sharded (gather the tables and call :meth:`weight_views_per_set`).
         """
-        if not isinstance(self.embedding_bag_collection, EmbeddingBagCollection):
+        if not isinstance(self.table_collection, EmbeddingBagCollection):
             raise ValueError("the collection is sharded: gather its tables and call weight_views_per_set")
-        bags = self.embedding_bag_collection.embedding_bags
+        bags = self.table_collection.embedding_bags
         return self.weight_views_per_set({name: bags[name].weight.detach() for name in self.table_names})
 
 

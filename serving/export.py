@@ -48,12 +48,14 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.quant.embedding_modules import quantize_state_dict
 
 from multiembed.collapse import local_shards_from_tensors
-from multiembed.data.formats import HASHING_MODE, PAPER_MODE, raw_format
+from multiembed.data.formats import HASHING_MODE, MANAGED_MODE, PAPER_MODE, raw_format
 from multiembed.runtime.locking import pid_is_gone
 from multiembed.data.metadata import DatasetError, atomic_write, atomic_write_text, read_metadata
-from multiembed.data.vocab import VOCAB_FILE, CountedVocabulary, HashingVocabulary
+from multiembed.data.remap import REMAP_FILE, RemappedVocabulary
+from multiembed.data.vocab import VOCAB_FILE, CountedVocabulary, HashingVocabulary, ManagedVocabulary
 from multiembed.models import MultiEmbeddingModel, multi_embedding_tables
 from multiembed.models.cpu_fastpath import use_fast_path
+from multiembed.models.managed import remapping, table_collection
 from multiembed.models.model import MultiEmbeddingDensePath
 from multiembed.serving.artifact import (
     DENSE_FILE,
@@ -179,6 +181,9 @@ def preprocessing_of(record: Mapping[str, Any], data_dir: Optional[str]) -> Tupl
         built = HashingVocabulary(fmt.name, meta.vocab_sizes, seed)
         spec["hash_sizes"] = [[f, int(n)] for f, n in meta.vocab_sizes.items()]
         fingerprint = built.fingerprint
+    elif mode == MANAGED_MODE:
+        fingerprint = ManagedVocabulary(fmt.name, meta.field_names, seed).fingerprint
+        spec["remap"] = REMAP_FILE  # the run's remapping, written by export_run
     elif mode == PAPER_MODE:
         try:
             vocab = CountedVocabulary.load(where)
@@ -187,18 +192,31 @@ def preprocessing_of(record: Mapping[str, Any], data_dir: Optional[str]) -> Tupl
         spec["vocabulary"] = VOCAB_FILE
         fingerprint = vocab.fingerprint
     else:
-        raise ValueError(f"{where}: options.mode {mode!r} is not one of paper, hashing")
+        raise ValueError(f"{where}: options.mode {mode!r} is not one of paper, hashing, managed")
     if fingerprint != meta.vocab_fingerprint:
         raise ValueError(f"{where}: the vocabulary gives fingerprint {fingerprint[:16]}..., metadata.json records "
                          f"{meta.vocab_fingerprint[:16]}...")
     return spec, vocab, list(meta.dense_fields)
 
 
+def run_remapping(model: MultiEmbeddingModel, record: Mapping[str, Any], hash_seed: int) -> RemappedVocabulary:
+    """The trained remapping of a ``--vocab managed`` run's model (loaded on one rank), with the buckets of the world
+    size it was trained on (``config.json``) and the hash seed of its training data's token keys."""
+    options, data = record.get("options", {}), record.get("data", {})
+    tables = remapping(model)
+    fields = model.sparse_arch.field_names
+    return RemappedVocabulary(
+        str(data.get("dataset", "")), fields, hash_seed,
+        {f: tables[f"t_{f}"][0].numpy() for f in fields}, {f: tables[f"t_{f}"][1].numpy() for f in fields},
+        table_rows=int(options["table_rows"]), buckets=int(record.get("provenance", {}).get("world_size", 1)),
+    )
+
+
 def logical_tables(model: MultiEmbeddingModel) -> Dict[str, torch.Tensor]:
     """``{field: [rows, K * d]}``: every table assembled from this process's shards (one rank holds them all),
     padding stripped, the K sets side by side."""
     sparse = model.sparse_arch
-    state = sparse.embedding_bag_collection.state_dict()
+    state = table_collection(sparse.embedding_bag_collection).state_dict()
     stored = {name: state[f"embedding_bags.{name}.weight"] for name in sparse.table_names}
     full = {name: torch.zeros(tuple(weight.shape), dtype=torch.float32) for name, weight in stored.items()}
     for shard in local_shards_from_tensors(stored, rank=0):
@@ -381,6 +399,11 @@ def export_run(
         if vocab is not None:
             vocab.save(tmp)
             files["vocabulary"] = file_entry(tmp / VOCAB_FILE)
+        if record.get("options", {}).get("vocab") == MANAGED_MODE:
+            # Raw keys -> trained rows, for predict --raw and --data alike (the Parquet of managed data holds keys).
+            run_remapping(model, record, int(spec.get("hash_seed", 0))).save(tmp)
+            files["remap"] = file_entry(tmp / REMAP_FILE)
+            spec["remap"] = REMAP_FILE
         data = record.get("data", {})
         manifest = Manifest(
             model=str(record.get("options", {}).get("model", run.config.model)),

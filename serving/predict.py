@@ -33,7 +33,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from multiembed.data.encode import encode_table
-from multiembed.data.formats import HASHING_MODE, RawFormat, raw_format
+from multiembed.data.formats import HASHING_MODE, MANAGED_MODE, RawFormat, raw_format
 from multiembed.data.lines import EncodedLines, LineEncoder
 from multiembed.data.loader import ParquetBatchLoader, keyed_features
 from multiembed.data.metadata import DENSE_PREFIX, LABEL_COLUMN, atomic_write, read_metadata
@@ -41,6 +41,8 @@ from multiembed.data.metrics import log_loss, roc_auc
 from multiembed.data.rawlog import (
     ON_ERROR_CHOICES, ChunkParser, RawChunk, is_unlabelled_line, iter_chunks, row_layout, scan_source,
 )
+from multiembed.data.metadata import DatasetError
+from multiembed.data.remap import RemappedVocabulary
 from multiembed.data.vocab import CountedVocabulary, HashingVocabulary
 from multiembed.serving.artifact import RAW_PREPROCESSING, ArtifactError, ServingArtifact
 
@@ -134,10 +136,13 @@ def predict_dataset(
                                 use_dense=bool(manifest.dense_fields), prefetch=2)
     labels: List[np.ndarray] = []
 
+    remap = artifact_remapping(artifact) if manifest.preprocessing.get("remap") else None
+
     def batches() -> Iterator[Tuple[torch.Tensor, KeyedJaggedTensor]]:
         for batch in loader:
             labels.append(batch.labels.numpy().astype(np.int8))
-            yield batch.dense_features, batch.sparse_features
+            sparse = batch.sparse_features
+            yield batch.dense_features, sparse if remap is None else remap_features(remap, sparse)
 
     logits = _run(artifact, batches())
     return Predictions(logits, np.concatenate(labels), np.arange(logits.shape[0], dtype=np.int64))
@@ -159,6 +164,8 @@ def artifact_vocabulary(artifact: ServingArtifact) -> Tuple[RawFormat, str, int,
     vocab: Vocabulary
     if mode == HASHING_MODE:
         vocab = HashingVocabulary(fmt.name, {str(f): int(n) for f, n in spec["hash_sizes"]}, seed)
+    elif mode == MANAGED_MODE:
+        vocab = artifact_remapping(artifact)
     else:
         vocab = CountedVocabulary.load(artifact.directory)
     if vocab.fingerprint != manifest.vocab_fingerprint:
@@ -167,6 +174,33 @@ def artifact_vocabulary(artifact: ServingArtifact) -> Tuple[RawFormat, str, int,
     if list(vocab.fields) != manifest.fields:
         raise ArtifactError(f"{artifact.directory}: the vocabulary's fields are not the model's")
     return fmt, mode, seed, vocab
+
+
+def artifact_remapping(artifact: ServingArtifact) -> RemappedVocabulary:
+    """The trained remapping of a managed-vocabulary artifact (raw keys -> rows; unseen keys: a fallback row).
+
+    Raises:
+        ArtifactError: missing, unreadable or corrupted ``remap.npz``, or of other fields than the model's.
+    """
+    try:
+        remap = RemappedVocabulary.load(artifact.directory)
+    except DatasetError as e:
+        raise ArtifactError(str(e)) from None
+    if remap.fields != artifact.manifest.fields:
+        raise ArtifactError(f"{artifact.directory}: the remapping's fields are not the model's")
+    return remap
+
+
+def remap_features(remap: RemappedVocabulary, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """A batch of raw managed keys (a managed dataset's Parquet ids) -> the same batch with the trained rows."""
+    values = features.values().numpy()
+    out = np.empty_like(values)
+    start = 0
+    for key, length in zip(features.keys(), features.length_per_key()):
+        out[start : start + length] = remap.rows_of(key, values[start : start + length])
+        start += length
+    return KeyedJaggedTensor(keys=features.keys(), values=torch.from_numpy(out), lengths=features.lengths(),
+                             stride=features.stride())
 
 
 def model_inputs(

@@ -50,8 +50,10 @@ try:  # planner internals this module builds on (not TorchRec's documented API; 
 except ImportError as e:  # pragma: no cover - depends on the installed TorchRec
     raise private_api_error("TorchRec planner internals (multiembed.sharding)", e) from e
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
 
 from multiembed.config.choices import ShardingStrategy
+from multiembed.models.managed import table_collection
 
 GB = 1024**3
 DEFAULT_BATCH_SIZE = 2048
@@ -123,8 +125,9 @@ def embedding_tables(module: nn.Module) -> List[TableSpec]:
     specs: List[TableSpec] = []
 
     def visit(path: str, child: nn.Module) -> None:
-        if type(child) is EmbeddingBagCollection:
-            for config in child.embedding_bag_configs():
+        # A managed collection is sharded as one module (its tables keyed by its own path).
+        if type(child) in (EmbeddingBagCollection, ManagedCollisionEmbeddingBagCollection):
+            for config in table_collection(child).embedding_bag_configs():
                 specs.append(
                     TableSpec(
                         module_path=path,

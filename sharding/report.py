@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 from torch import nn
 from torchrec.distributed.types import ShardingPlan, ShardingType
 
+from multiembed.models.managed import table_collection
 from multiembed.sharding.planner import DEFAULT_BATCH_SIZE, GB, TableSpec, embedding_tables
 
 ID_BYTES = 8
@@ -94,7 +95,7 @@ def optimizer_state_bytes(optimizer: str, rows: int, columns: int) -> int:
 
 def table_optimizer(module: nn.Module, table: TableSpec, fused_params: Optional[Mapping[str, Any]] = None) -> str:
     """The fused optimizer that updates ``table``: the in-backward optimizer on its weight, else ``fused_params``."""
-    ebc = module.get_submodule(table.module_path)
+    ebc = table_collection(module.get_submodule(table.module_path))
     weight = ebc.embedding_bags[table.name].weight  # type: ignore[index,union-attr]
     classes = getattr(weight, "_optimizer_classes", None)
     if classes:

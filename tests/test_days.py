@@ -201,8 +201,8 @@ def test_convert_refuses_days_in_paper_mode_or_of_another_hash_space_in_one_line
     assert _convert(raw_days[1], tmp_path / "d1", "--hash-size", "1000", "--follows", str(plain)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        "multiembed convert: error: --first-day: a day sequence needs hashing mode (--hash-size N); paper mode's "
-        "vocabulary is frozen at conversion and cannot grow with later days",
+        "multiembed convert: error: --first-day: a day sequence needs hashing mode (--hash-size N) or managed mode "
+        "(--vocab managed); paper mode's vocabulary is frozen at conversion and cannot grow with later days",
         f"multiembed convert: error: --follows {tmp_path / 'd0' / 'metadata.json'}: day.hash_space: another id space "
         "than this conversion's (the hash sizes or hash seed differ); every day of a sequence keeps its --hash-size "
         "/ --hash-sizes",

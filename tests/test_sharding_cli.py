@@ -105,17 +105,23 @@ def test_plans_a_preset_for_128_gpus_and_writes_the_summary(zoo, tmp_path: Path,
     assert multi_hot["communication"]["forward_bytes"] == summary["communication"]["forward_bytes"]
 
 
-def test_refuses_in_one_line_when_the_model_does_not_fit(zoo, capsys) -> None:
+@pytest.mark.parametrize("hbm_gb,start", [
+    # The whole account does not fit a rank: refused before planning, with both numbers.
+    ("1", "multiembed plan: error: --model toy-me-4x: needs about 13.69 GiB per rank"),
+    # It fits on average, but table-wise one rank must hold the largest table: the planner refuses.
+    ("16", "multiembed plan: error: no sharding plan fits on 8 ranks x 16.00 GiB HBM"),
+])
+def test_refuses_in_one_line_when_the_model_does_not_fit(zoo, capsys, hbm_gb: str, start: str) -> None:
     argv = [
-        "plan", "--model", "toy-me-4x", "--data", "criteo-1tb", "--world-size", "8", "--hbm-gb", "1",
-        "--strategy", "table_wise",
+        "plan", "--model", "toy-me-4x", "--data", "criteo-1tb", "--world-size", "8", "--hbm-gb", hbm_gb,
+        "--sharding", "table_wise",
     ]
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1
-    assert lines[0].startswith("multiembed plan: error: no sharding plan fits on 8 ranks x 1.00 GiB HBM")
+    assert lines[0].startswith(start), lines[0]
 
 
 def test_reads_the_vocabulary_of_a_converted_dataset(zoo, tmp_path: Path, capsys) -> None:

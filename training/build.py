@@ -36,11 +36,13 @@ from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.optim.keyed import CombinedOptimizer
 from torchrec.optim.warmup import WarmupOptimizer
 
-from multiembed.config import TrainConfig, default_of
+from multiembed.config import TrainConfig, VocabSource, default_of
 from multiembed.data.metadata import DatasetMetadata
 from multiembed.models import MultiEmbeddingModel, MultiEmbeddingTrain, build_model, parse_experts, parse_model_name
+from multiembed.models.managed import ManagedSpec, table_collection
 from multiembed.models.precision import check_precision
 from multiembed.sharding import embedding_tables, format_plan, make_sharders, plan_sharding, plan_summary
+from multiembed.sharding.managed import managed_sharders, plan_managed
 from multiembed.sharding.planner import GB
 from multiembed.training.distributed import DistContext, broadcast_object
 from multiembed.training.memory import (
@@ -112,6 +114,20 @@ def model_options(config: TrainConfig) -> Dict[str, Any]:
     return {}
 
 
+def is_managed(config: TrainConfig) -> bool:
+    """Whether the run's tables are managed-collision tables (``--vocab managed``)."""
+    return config.vocab == VocabSource.MANAGED.value
+
+
+def managed_spec(config: TrainConfig, world_size: int) -> ManagedSpec:
+    """The managed tables of a ``--vocab managed`` run on ``world_size`` ranks (one bucket per rank).
+
+    Raises:
+        ValueError: ``--table-rows`` not a multiple of the world size, or fewer than 2 rows per rank (one line).
+    """
+    return ManagedSpec(config.table_rows, config.eviction, config.eviction_interval, buckets=world_size)
+
+
 def build_unsharded(
     config: TrainConfig,
     vocab_sizes: Mapping[str, int],
@@ -119,10 +135,16 @@ def build_unsharded(
     num_dense: int,
     device_type: str,
     dense_device: Optional[torch.device] = None,
+    world_size: int = 1,
 ) -> Tuple[MultiEmbeddingModel, MultiEmbeddingTrain, OptimizerConfig]:
     """``config.model`` with its tables on ``meta`` (and its dense arches on ``dense_device``, default CPU), wrapped
-    for training, its tables marked for the sparse optimizer: ``(model, train_module, optim_config)``."""
+    for training, its tables marked for the sparse optimizer: ``(model, train_module, optim_config)``. With
+    ``--vocab managed`` every field's table has ``--table-rows`` rows behind managed-collision modules for
+    ``world_size`` ranks."""
     optim_config = optimizer_config(config, device_type)
+    spec = managed_spec(config, world_size) if is_managed(config) else None
+    if spec is not None:
+        vocab_sizes = {field: spec.table_rows for field in vocab_sizes}
     model = build_model(
         config.model,
         vocab_sizes,
@@ -141,7 +163,9 @@ def build_unsharded(
         model, spectral_reg_weight=config.spectral_reg, projection_reg_weight=config.projection_reg,
         divergence_reg_weight=config.divergence_reg,
     )
-    attach_sparse_optimizer(model.sparse_arch.embedding_bag_collection, optim_config)
+    if spec is not None:
+        model.sparse_arch.use_managed_collision(spec)
+    attach_sparse_optimizer(table_collection(model.sparse_arch.embedding_bag_collection), optim_config)
     return model, train_module, optim_config
 
 
@@ -158,7 +182,8 @@ def account_memory(
     """
     try:
         model, train_module, optim_config = build_unsharded(
-            config, vocab_sizes, num_dense=num_dense, device_type=device_type, dense_device=torch.device("meta")
+            config, vocab_sizes, num_dense=num_dense, device_type=device_type, dense_device=torch.device("meta"),
+            world_size=world_size,
         )
     except RuntimeError as e:
         if "overflow" not in str(e):
@@ -212,23 +237,29 @@ def plan_model(
         ShardingError: no plan fits.
     """
     model, train_module, optim_config = build_unsharded(
-        config, vocab_sizes, num_dense=num_dense, device_type=device_type, dense_device=dense_device
-    )
-    plan = plan_sharding(
-        train_module,
-        config.sharding,
+        config, vocab_sizes, num_dense=num_dense, device_type=device_type, dense_device=dense_device,
         world_size=world_size,
-        local_world_size=local_world_size,
-        device_type=device_type,
-        set_width=model.sparse_arch.stored_set_dim if set_width is None else set_width,
-        overrides=overrides,
-        pg=pg,
-        hbm_gb=hbm_gb,
-        ddr_gb=ddr_gb,
-        batch_size=batch_size,
-        pooling_factors=pooling_factors,
-        dense_tensor_estimate=dense_tensor_estimate,
     )
+    if is_managed(config):
+        # Row-wise, one bucket per rank, planned here: TorchRec's planner offers managed tables nothing on CPU.
+        plan = plan_managed(train_module, world_size=world_size, local_world_size=local_world_size,
+                            device_type=device_type)
+    else:
+        plan = plan_sharding(
+            train_module,
+            config.sharding,
+            world_size=world_size,
+            local_world_size=local_world_size,
+            device_type=device_type,
+            set_width=model.sparse_arch.stored_set_dim if set_width is None else set_width,
+            overrides=overrides,
+            pg=pg,
+            hbm_gb=hbm_gb,
+            ddr_gb=ddr_gb,
+            batch_size=batch_size,
+            pooling_factors=pooling_factors,
+            dense_tensor_estimate=dense_tensor_estimate,
+        )
     check_update_rules(plan, train_module, optim_config)
     report = dict(
         world_size=world_size, local_world_size=local_world_size, batch_size=batch_size, device_type=device_type,
@@ -369,15 +400,31 @@ def build_training(
         ddr_gb=capacity_gb if ctx.device.type != "cuda" else None,
         dense_tensor_estimate=account.dense_bytes + account.activation_bytes,
     )
-    dmp = DistributedModelParallel(
-        planned.train_module,
-        device=ctx.device,
-        plan=planned.plan,
-        sharders=make_sharders(device_type=ctx.device.type),
-    )
+    sharders = managed_sharders() if is_managed(config) else make_sharders(device_type=ctx.device.type)
+    dmp = DistributedModelParallel(planned.train_module, device=ctx.device, plan=planned.plan, sharders=sharders)
     optimizer, schedules = build_optimizer(dmp, dmp.fused_optimizer, planned.optim_config)
     pipeline = TrainPipelineSparseDist(dmp, optimizer, ctx.device, custom_model_fwd=forward_with_weights(dmp))
     return BuiltTraining(planned, dmp, optimizer, schedules, pipeline)
+
+
+def check_vocab(config: TrainConfig, meta: DatasetMetadata, where: str = "") -> None:
+    """Refuses ``--vocab managed`` on data whose ids are not raw keys, and such data without it (one line).
+
+    Raises:
+        ValueError: the dataset's vocabulary mode and ``--vocab`` disagree.
+    """
+    mode = meta.options.get("mode")
+    source = where or config.data
+    if is_managed(config) and mode != "managed":
+        raise ValueError(
+            f"{source}: --vocab managed needs data converted with --vocab managed (raw 64-bit token hashes); this "
+            f"dataset's ids are {mode or 'native'}-mode ids"
+        )
+    if not is_managed(config) and mode == "managed":
+        raise ValueError(
+            f"{source}: its ids are raw 64-bit token hashes (converted with --vocab managed); train it with --vocab "
+            "managed --table-rows N"
+        )
 
 
 def build_for_data(
@@ -393,12 +440,15 @@ def build_for_data(
         local_batch: rows per rank and step.
         admission: :func:`admit_for_data`'s result, when the caller admitted the run already.
     """
+    check_vocab(config, meta)
     num_dense = len(meta.dense_fields) if config.dense_features else 0
     return build_training(config, meta.vocab_sizes, num_dense=num_dense, ctx=ctx, local_batch=local_batch,
                           admission=admission)
 
 
 def admit_for_data(config: TrainConfig, meta: DatasetMetadata, ctx: DistContext, local_batch: int) -> Admission:
-    """:func:`admit` for the vocabulary and dense fields of the dataset ``meta`` describes."""
+    """:func:`admit` for the vocabulary and dense fields of the dataset ``meta`` describes (after
+    :func:`check_vocab`)."""
+    check_vocab(config, meta)
     num_dense = len(meta.dense_fields) if config.dense_features else 0
     return admit(config, meta.vocab_sizes, num_dense=num_dense, ctx=ctx, local_batch=local_batch)

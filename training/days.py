@@ -139,6 +139,13 @@ def _day_line(
         "ia_mean_per_set": ia["ia_mean"],
         "ia_min_per_set": ia["ia_min"],
     }
+    if trainer.managed is not None:
+        # The day's ids before training on it (pv: ids new that day share the fallback rows), then over its training.
+        totals = trainer.managed.totals_record()
+        line["managed_pv_fallback_share"] = before.get("managed_pv_fallback_share")
+        for key in ("managed_train_fallback_share", "managed_rows", "managed_assigned", "managed_evictions"):
+            line[key] = totals[key]
+        line["managed_rows_in_use"] = summary.get("managed_rows_in_use")
     if meta.bayes and "train" in meta.bayes:
         line["bayes_pv_auc"] = meta.bayes["train"]["auc"]
         line["bayes_test_auc"] = meta.bayes.get("test", {}).get("auc")
@@ -243,6 +250,8 @@ def _run(
             before = _read_json(before_path)
         else:
             before = trainer.evaluate("train")
+            if trainer.managed is not None:
+                before["managed_pv_fallback_share"] = trainer.managed.read()["managed_eval_fallback_share"]
             if ctx.is_main:
                 atomic_write_text(before_path, json.dumps(before, indent=2) + "\n")
         summary = trainer.fit()

@@ -41,9 +41,11 @@ from multiembed.models import MultiEmbeddingModel
 from multiembed.runtime.stack import installed_versions
 from multiembed.sharding.report import format_brief
 from multiembed.training import checkpoint as ckpt
-from multiembed.training.build import admit_for_data, build_for_data
+from multiembed.sharding.managed import close_intervals
+from multiembed.training.build import admit_for_data, build_for_data, is_managed
 from multiembed.training.distributed import DistContext, all_ranks_agree, barrier, init_distributed
 from multiembed.training.evaluation import average_batch_norm_statistics, evaluate_split, load_model_weights
+from multiembed.training.managed import ManagedMonitor, check_same_world_size
 from multiembed.training.progress import progress_bar
 from multiembed.training.resume import describe, match_saved_state
 from multiembed.training.run_dir import RunDir
@@ -175,6 +177,8 @@ class Trainer:
                 self.run.abandon()
             raise
         self.output_bias_init = self._init_output_bias()
+        # --vocab managed: the counters of the managed tables (fallback hits, rows in use, evictions).
+        self.managed = ManagedMonitor(self.dmp) if is_managed(config) else None
         self.state = TrainingState()
         # Seconds this process waited for the loader's next batch, and the wall time of its training segments
         # (loader_share); not checkpointed.
@@ -350,6 +354,9 @@ class Trainer:
             TrainingDiverged: a weight is NaN or infinite (nothing is written).
         """
         average_batch_norm_statistics(self.dmp, self.ctx.world_size)
+        if self.managed is not None:
+            # The keys seen since the last eviction are not module state: the interval ends here, on every rank.
+            close_intervals(self.dmp)
         state = self._state()
         if not self._weights_are_finite(state["model"]):
             raise TrainingDiverged(
@@ -376,8 +383,11 @@ class Trainer:
         state = self._state()
         flat, mapping = flatten_state_dict(state)
         sizes = {key: _size_of(value) for key, value in flat.items()}
+        entries = ckpt.checkpoint_entries(path)
+        if self.managed is not None:
+            check_same_world_size(path, entries, self.ctx.world_size)
         pairs, kept = match_saved_state(
-            flat, ckpt.checkpoint_entries(path), sizes, sparse_optimizer=self.built.optim_config.sparse_optimizer,
+            flat, entries, sizes, sparse_optimizer=self.built.optim_config.sparse_optimizer,
             where=str(path),
         )
         loaded = {pairs[key]: flat[key] for key in pairs}
@@ -546,6 +556,7 @@ class Trainer:
         val = self.evaluate("val")
         improved = self.state.record_evaluation(val["auc"])
         throughput = self.state.samples_per_s
+        managed = self.managed.read() if self.managed is not None else {}
         collapse = self.information_abundance() if self.state.information_abundance_due(self.config) else {}
         sparse_schedule, dense_schedule = self.built.schedules
         record = {
@@ -559,6 +570,7 @@ class Trainer:
             "loader_share": self.loader_share,
             "lr": dense_schedule.param_groups[0]["lr"],
             "sparse_lr": sparse_schedule.param_groups[0]["lr"] if sparse_schedule.param_groups else None,
+            **managed,
             **collapse,
         }
         if self.ctx.is_main:
@@ -569,6 +581,7 @@ class Trainer:
             f"| {throughput:,.0f} samples/s"
             + (f" | IA mean per set {' '.join(f'{v:.2f}' for v in collapse['ia_mean'])}" if collapse else "")
             + (f" | {_collapsed_text(collapse)}" if collapse.get("collapsed") else "")
+            + (f" | {_managed_text(managed)}" if managed else "")
         )
 
     @property
@@ -583,8 +596,12 @@ class Trainer:
         """Tests the best-validation checkpoint and writes ``summary.json``; returns the summary."""
         best = self.run.checkpoint(self.state.best_step)
         self.load_model_only(best)
+        if self.managed is not None:
+            self.managed.read()  # training's counts since the last evaluation
         val = self.evaluate("val")
+        managed_val = self.managed.read() if self.managed is not None else {}
         test = self.evaluate("test")
+        managed_test = self.managed.read() if self.managed is not None else {}
         model = self.model
         summary: Dict[str, Any] = {
             "model": self.config.model,
@@ -600,6 +617,15 @@ class Trainer:
             "dense_params": int(model.dense_params),
             "checkpoint": best.relative_to(self.run_dir).as_posix(),
         }
+        if self.managed is not None:
+            totals = self.managed.totals_record()
+            summary.update(
+                managed_rows=totals["managed_rows"], managed_rows_in_use=managed_test["managed_rows_in_use"],
+                managed_train_fallback_share=totals["managed_train_fallback_share"],
+                managed_val_fallback_share=managed_val["managed_eval_fallback_share"],
+                managed_test_fallback_share=managed_test["managed_eval_fallback_share"],
+                managed_assigned=totals["managed_assigned"], managed_evictions=totals["managed_evictions"],
+            )
         if self.meta.bayes:
             for split in ("val", "test"):
                 if split in self.meta.bayes:
@@ -613,6 +639,13 @@ class Trainer:
 def _collapsed_text(record: Dict[str, Any]) -> str:
     """The collapse monitor's fields of a metrics record, as one phrase for the progress line."""
     return format_collapsed([CollapsedField(**e) for e in record["collapsed"]], record["collapse_warn"])
+
+
+def _managed_text(record: Dict[str, Any]) -> str:
+    """The managed tables' fields of a metrics record, as one phrase for the progress line."""
+    share = record["managed_eval_fallback_share"]
+    return (f"managed rows in use {record['managed_rows_in_use']}/{record['managed_rows']}, "
+            f"val fallback share {'n/a' if share is None else f'{share:.4f}'}, evictions {record['managed_evictions']}")
 
 
 def train(config: TrainConfig) -> Dict[str, Any]:

@@ -9,13 +9,14 @@ from typing import Any, Dict, Sequence, Tuple
 
 from multiembed.data.convert.options import ResolvedOptions
 from multiembed.data.convert.stream import background_threads, parsed_chunks, prefetched, progress_bar
-from multiembed.data.formats import HASHING_MODE, MODES, PAPER_MODE, RawFormat
+from multiembed.data.formats import HASHING_MODE, MANAGED_MODE, MODES, PAPER_MODE, RawFormat
 from multiembed.data.metadata import METADATA_FILE, DatasetError, read_metadata
 from multiembed.data.rawlog import SourceScan
 from multiembed.data.vocab import (
     VOCAB_FILE,
     CountedVocabulary,
     HashingVocabulary,
+    ManagedVocabulary,
     Vocabulary,
     VocabularyCounter,
     field_keys,
@@ -67,6 +68,8 @@ def load_vocabulary(source_dir: str, fmt: RawFormat) -> Tuple[Vocabulary, Dict[s
     vocab: Vocabulary
     if mode == HASHING_MODE:
         vocab = HashingVocabulary(fmt.name, meta.vocab_sizes, seed)
+    elif mode == MANAGED_MODE:
+        vocab = ManagedVocabulary(fmt.name, meta.field_names, seed)
     else:
         vocab = CountedVocabulary.load(source_dir)
         if vocab.sizes != meta.vocab_sizes:

@@ -131,8 +131,9 @@ def summary_lines(result: ConvertResult) -> List[str]:
         for example in meta.extra.get("skipped_examples", [])[:5]:
             lines.append(f"  e.g. {example}")
     total = sum(f.vocab_size for f in meta.fields)
+    ids = "63-bit token keys (rows assigned in training)" if meta.options.get("mode") == "managed" else f"{total:,} ids"
     lines.append(
-        f"vocabulary: {meta.options.get('mode')} mode, {len(meta.fields)} fields, {total:,} ids, "
+        f"vocabulary: {meta.options.get('mode')} mode, {len(meta.fields)} fields, {ids}, "
         f"fingerprint {meta.vocab_fingerprint[:16]}"
     )
     return lines

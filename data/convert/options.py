@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from multiembed.data.formats import HASHING_MODE, MODES, PAPER_MODE, RawFormat, raw_format
+from multiembed.data.formats import HASHING_MODE, MANAGED_MODE, MODES, PAPER_MODE, RawFormat, raw_format
 from multiembed.data.parquet_io import DEFAULT_COMPRESSION, DEFAULT_ROW_GROUP_SIZE
 from multiembed.data.rawlog import DEFAULT_CHUNK_BYTES, ON_ERROR_CHOICES
 from multiembed.data.splits import parse_split_weights
@@ -27,8 +27,9 @@ class ConvertOptions:
         dataset: ``criteo``, ``criteo-1tb`` or ``avazu``.
         inputs: raw files (``.gz`` accepted), in order.
         out: output dataset directory.
-        mode: ``paper`` or ``hashing``; default: the format's (paper for criteo/avazu, hashing for criteo-1tb), or
-            the mode ``min_count`` / ``hash_size`` imply.
+        mode: ``paper``, ``hashing`` or ``managed`` (tokens kept as 63-bit keys for a managed-collision run);
+            default: the format's (paper for criteo/avazu, hashing for criteo-1tb), or the mode ``min_count`` /
+            ``hash_size`` imply.
         min_count: paper mode: tokens seen fewer times share the OOV id (default 10 Criteo, 4 Avazu).
         hash_size: hashing mode: table size of every field (default 40M for criteo-1tb, the DLRM / MLPerf cap).
         hash_sizes: hashing mode: per-field sizes, ``"C1=1000,C3=5000"`` or ``"mlperf"`` (the MLPerf DLRM-DCNv2
@@ -49,7 +50,8 @@ class ConvertOptions:
             1 (the default) converts them one after the other in this process. The output is the same either way.
         threads_per_worker: pyarrow's CPU and IO thread pools per worker (default: all cores / workers; with one
             worker, pyarrow's own default unless given).
-        first_day: the dataset is day 0 of a day sequence of this name (hashing mode; :mod:`multiembed.data.days`).
+        first_day: the dataset is day 0 of a day sequence of this name (hashing or managed mode;
+            :mod:`multiembed.data.days`).
         follows: the dataset is the day after this day dataset (same sequence, schema and hash space).
     """
 
@@ -229,6 +231,9 @@ def resolve_options(options: ConvertOptions) -> ResolvedOptions:
         raise ValueError("--hash-size/--hash-sizes apply to hashing mode, not paper mode")
     if mode == HASHING_MODE and options.min_count is not None:
         raise ValueError("--min-count applies to paper mode, not hashing mode")
+    if mode == MANAGED_MODE and (hashing_given or options.min_count is not None):
+        raise ValueError("--vocab managed keeps every token's 64-bit hash: drop --min-count / --hash-size / "
+                         "--hash-sizes (the training run's --table-rows sizes the tables)")
     min_count = None
     hash_sizes = None
     if mode == PAPER_MODE:

@@ -31,7 +31,7 @@ from multiembed.data.convert.outputs import (
 from multiembed.data.convert.stream import progress_bar
 from multiembed.data.convert.write import convert_input
 from multiembed.data.days import day_of
-from multiembed.data.formats import HASHING_MODE, RawFormat, raw_format
+from multiembed.data.formats import HASHING_MODE, MANAGED_MODE, RawFormat, raw_format
 from multiembed.data.metadata import (
     METADATA_FILE,
     DatasetError,
@@ -44,7 +44,7 @@ from multiembed.data.metadata import (
 from multiembed.data.parquet_io import arrow_schema
 from multiembed.data.rawlog import SourceScan, scan_source
 from multiembed.data.splits import SplitCounts, by_file_counts, parse_split_weights, random_file_counts
-from multiembed.data.vocab import VOCAB_FILE, CountedVocabulary, HashingVocabulary, Vocabulary
+from multiembed.data.vocab import VOCAB_FILE, CountedVocabulary, HashingVocabulary, ManagedVocabulary, Vocabulary
 from multiembed.runtime.locking import exclusive_lock, refuse_if_locked
 
 T = TypeVar("T")
@@ -61,6 +61,7 @@ def day_of_conversion(options: ConvertOptions, resolved: ResolvedOptions, fmt: R
 
     Raises:
         ValueError: both options, or a day in paper mode (its vocabulary is frozen and cannot grow with later days).
+            Hashing and managed mode days can follow each other only within one mode.
         DatasetError: ``--follows`` names no day dataset, or one of another schema or hash space (one line).
     """
     if options.first_day is None and options.follows is None:
@@ -68,28 +69,41 @@ def day_of_conversion(options: ConvertOptions, resolved: ResolvedOptions, fmt: R
     if options.first_day is not None and options.follows is not None:
         raise ValueError("--first-day and --follows exclude each other (a day starts a sequence or follows a day)")
     flag = "--first-day" if options.first_day is not None else "--follows"
-    if resolved.mode != HASHING_MODE:
+    if resolved.mode not in (HASHING_MODE, MANAGED_MODE):
         raise ValueError(
-            f"{flag}: a day sequence needs hashing mode (--hash-size N); {resolved.mode} mode's vocabulary is frozen "
-            "at conversion and cannot grow with later days"
+            f"{flag}: a day sequence needs hashing mode (--hash-size N) or managed mode (--vocab managed); "
+            f"{resolved.mode} mode's vocabulary is frozen at conversion and cannot grow with later days"
         )
     if options.first_day is not None:
         if not options.first_day.strip():
             raise ValueError("--first-day: give the day sequence a name")
         return options.first_day, 0
-    assert options.follows is not None and resolved.hash_sizes is not None
+    assert options.follows is not None
     where = os.path.join(options.follows, METADATA_FILE)
     previous = read_metadata(options.follows)
     place = day_of(previous, where)
-    if previous.field_names != list(fmt.fields(HASHING_MODE)) or previous.dense_fields != list(fmt.dense_fields):
+    if previous.field_names != list(fmt.fields(resolved.mode)) or previous.dense_fields != list(fmt.dense_fields):
         raise DatasetError(f"--follows {where}: day.schema: another schema ({previous.dataset}) than this {fmt.name} "
                            "conversion's")
-    if HashingVocabulary(fmt.name, resolved.hash_sizes, resolved.hash_seed).fingerprint != place.hash_space:
+    if previous.options.get("mode") != resolved.mode:
+        raise DatasetError(
+            f"--follows {where}: options.mode: the day was converted in {previous.options.get('mode')} mode, this "
+            f"conversion is in {resolved.mode} mode; every day of a sequence keeps one mode"
+        )
+    if new_vocabulary(fmt, resolved).fingerprint != place.hash_space:
         raise DatasetError(
             f"--follows {where}: day.hash_space: another id space than this conversion's (the hash sizes or hash "
             "seed differ); every day of a sequence keeps its --hash-size / --hash-sizes"
         )
     return place.sequence, place.index + 1
+
+
+def new_vocabulary(fmt: RawFormat, resolved: ResolvedOptions) -> Vocabulary:
+    """The vocabulary of a hashing- or managed-mode conversion (nothing to count)."""
+    if resolved.mode == MANAGED_MODE:
+        return ManagedVocabulary(fmt.name, fmt.fields(MANAGED_MODE), resolved.hash_seed)
+    assert resolved.mode == HASHING_MODE and resolved.hash_sizes is not None
+    return HashingVocabulary(fmt.name, resolved.hash_sizes, resolved.hash_seed)
 
 
 def convert(options: ConvertOptions, nodes: Optional["Coordinator"] = None) -> ConvertResult:
@@ -119,7 +133,7 @@ def convert(options: ConvertOptions, nodes: Optional["Coordinator"] = None) -> C
         resolved.mode = source_vocab.mode
         if isinstance(source_vocab, HashingVocabulary):
             resolved.hash_sizes = source_vocab.sizes
-        else:
+        elif isinstance(source_vocab, CountedVocabulary):
             resolved.min_count = source_vocab.min_count
         resolved.hash_seed = source_vocab.seed
     resolved.day = day_of_conversion(options, resolved, fmt)
@@ -286,9 +300,8 @@ class Conversion:
                 counted = self.source_vocab
                 self.nodes.decide(lambda: self._copy_vocabulary(counted))
             return self.source_vocab, False
-        if self.resolved.mode == HASHING_MODE:
-            assert self.resolved.hash_sizes is not None
-            return HashingVocabulary(self.fmt.name, self.resolved.hash_sizes, self.resolved.hash_seed), False
+        if self.resolved.mode in (HASHING_MODE, MANAGED_MODE):
+            return new_vocabulary(self.fmt, self.resolved), False
         return self._counted_vocabulary(scans)
 
     def _copy_vocabulary(self, counted: CountedVocabulary) -> None:

@@ -28,11 +28,14 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from multiembed.data.metadata import DatasetMetadata
+
+if TYPE_CHECKING:
+    from multiembed.data.synthetic.encoding import IdEncoding
 from multiembed.data.synthetic.model import NUM_INT_FIELDS, SyntheticClickModel, SyntheticConfig, zipf_cdf
 
 DAY_DIR_FORMAT = "day-{:03d}"
@@ -164,6 +167,7 @@ def generate_days(
     split: Sequence[float] = (8, 1, 1),
     force: bool = False,
     progress: bool = True,
+    encoding: Optional["IdEncoding"] = None,
 ) -> List[DatasetMetadata]:
     """Writes ``days`` day datasets ``OUT/day-000`` ... of ``rows_per_day`` rows each.
 
@@ -176,6 +180,8 @@ def generate_days(
         split: train, val, test weights of every day.
         force: replace days already written.
         progress: a tqdm bar per day on stderr.
+        encoding: write every day's ids as a hashing- or managed-mode conversion would
+            (:mod:`multiembed.data.synthetic.encoding`); None: the native ids.
 
     Returns:
         The metadata of every day, in day order.
@@ -198,7 +204,7 @@ def generate_days(
         metas.append(
             generate_dataset(
                 path, rows_per_day, config, split=split, force=force, progress=progress, model=model,
-                day=(model.sequence_identity(), k),
+                day=(model.sequence_identity(), k), encoding=encoding,
             )
         )
     return metas

@@ -38,6 +38,7 @@ from multiembed.data.synthetic.model import (
     SyntheticRows,
     synthetic_vocab_sizes,
 )
+from multiembed.data.synthetic.encoding import IdEncoding
 from multiembed.data.synthetic.regime import AnyConfig, AnyModel, CollapseRegimeConfig, click_model
 from multiembed.runtime.locking import exclusive_lock
 
@@ -184,6 +185,7 @@ def generate_dataset(
     progress: bool = True,
     model: Optional[AnyModel] = None,
     day: Optional[Tuple[str, int]] = None,
+    encoding: Optional[IdEncoding] = None,
 ) -> DatasetMetadata:
     """Generates a synthetic dataset directory (Parquet + ``metadata.json``, the layout of :mod:`.metadata`).
 
@@ -201,6 +203,8 @@ def generate_dataset(
             its :class:`~multiembed.data.synthetic.days.DriftingClickModel`).
         day: ``(sequence, index)``: the dataset is day ``index`` of the log ``sequence``; its rows come from their
             own streams and its metadata records its place (:mod:`multiembed.data.days`).
+        encoding: write the ids as a hashing- or managed-mode conversion would
+            (:mod:`multiembed.data.synthetic.encoding`); None: the native ids.
 
     Returns:
         The metadata written, with the Bayes-optimal AUC and log loss of every split in ``bayes``.
@@ -219,6 +223,8 @@ def generate_dataset(
     counts = split_counts(rows, split)
     if tsv_path is not None and isinstance(config, CollapseRegimeConfig):
         raise ValueError("--tsv: the collapse regime has no raw Criteo form (its fields are not Criteo's)")
+    if tsv_path is not None and encoding is not None:
+        raise ValueError("--tsv and --vocab exclude each other: convert the TSV with the vocabulary mode instead")
     out = Path(out_dir)
     if (out / METADATA_FILE).exists() and not force:
         raise DatasetError(f"{out / METADATA_FILE}: a dataset already exists here (use --force to replace it)")
@@ -234,7 +240,11 @@ def generate_dataset(
 
         if model is None:
             model = click_model(config)
-        fields = [FieldSpec(name=name, vocab_size=model.vocab_sizes[name]) for name in model.field_names]
+        fields = [
+            FieldSpec(name=name, vocab_size=model.vocab_sizes[name] if encoding is None else
+                      encoding.field_size(model.vocab_sizes[name]))
+            for name in model.field_names
+        ]
         schema = arrow_schema(fields, model.dense_fields, with_true_prob=True)
         writer = None
         tsv = _TsvWriter(Path(tsv_path), model) if tsv_path is not None else None  # type: ignore[arg-type]
@@ -264,7 +274,11 @@ def generate_dataset(
                         writer = SplitParquetWriter(split_dir / file_name, schema, row_group_size=CHUNK_ROWS)
                         files.append(f"{name}/{file_name}")
                         file_rows.append(0)
-                    writer.write(_parquet_columns(chunk, model.field_names, model.dense_fields))
+                    columns = _parquet_columns(chunk, model.field_names, model.dense_fields)
+                    if encoding is not None:
+                        for f, field_name in enumerate(model.field_names):
+                            columns[field_name] = encoding.encode(f, columns[field_name])
+                    writer.write(columns)
                     file_rows[-1] += n
                     if tsv is not None:
                         tsv.write(chunk)
@@ -303,7 +317,7 @@ def generate_dataset(
             fields=fields,
             dense_fields=list(model.dense_fields),
             splits=splits,
-            vocab_fingerprint=model.fingerprint(),
+            vocab_fingerprint=model.fingerprint() if encoding is None else encoding.fingerprint(model.fingerprint()),
             rows_read=rows,
             options={
                 "mode": "synthetic",
@@ -313,6 +327,7 @@ def generate_dataset(
                 "tsv": os.path.relpath(os.path.abspath(tsv_path), os.path.abspath(out)) if tsv_path is not None else None,
                 **dataclasses.asdict(config),
                 **({"regime": "collapse"} if isinstance(config, CollapseRegimeConfig) else {}),
+                **(encoding.describe() if encoding is not None else {}),
             },
             bayes=bayes,
             split_recipe={
