@@ -201,9 +201,10 @@ def analyze_run(
         if compare_with:
             others = list(compare_labels) if compare_labels else [_label_of(c) for c in compare_with]
             labels = [model, *others]
+        earlier_report = (Path(out) / COLLAPSE_JSON).is_file()
         report = write_collapse_report(data_dict, out, compare_with=compare_with, labels=labels)
         stale = Path(out) / SUB_EMBEDDING_PNG
-        if "sub_embedding" not in report.files and stale.exists():
+        if "sub_embedding" not in report.files and earlier_report and stale.is_file() and not stale.is_symlink():
             stale.unlink()  # an earlier report's figure in the same folder would pass for this model's
     return RunAnalysis(source=source, model=model, collapse=collapse, data=data_dict, report=report)
 

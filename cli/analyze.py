@@ -42,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
     from multiembed.analysis.analyze import analyze_run, print_report, read_comparison
     from multiembed.training.distributed import destroy
 
+    from multiembed.data.owners import RUN, check_directory_out
+
+    check_directory_out(args.out, "--out", may_be=(RUN,), beside_run=True)  # a report may sit beside a run's files
     comparisons = [read_comparison(path) for path in args.compare]
     try:
         analysis = analyze_run(

@@ -119,8 +119,12 @@ def command_line(args: argparse.Namespace) -> List[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from multiembed.data.owners import check_file_out, json_with_keys
     from multiembed.training.distributed import destroy
 
+    check_file_out(args.json, "--json", json_with_keys("config", "conditions"), "a benchmark result")
+    if args.profile is not None:
+        check_file_out(args.profile, "--profile")
     harness = load_harness()
     config = harness.BenchConfig(
         model=args.model,

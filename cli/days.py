@@ -47,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
     from multiembed.training.distributed import destroy, init_distributed
     from multiembed.training.trainer import TrainingDiverged
 
+    from multiembed.data.owners import check_directory_out
+
+    check_directory_out(args.out, "--out")
     tune_for_training()  # speed only: a step's temporaries stay in the heap between steps
     base = from_arguments(TrainConfig, args, data=args.data[0], out=args.out)
     base.validate()

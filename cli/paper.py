@@ -112,8 +112,20 @@ def _figure(
         p.add_argument("--study", action="append", required=True, metavar="DIR",
                        help="a multiembed scale study directory (its --out); repeat to combine studies")
     p.add_argument("--out", required=True, help=f"directory for {files}.csv, {files}.json and {files}.png")
-    p.set_defaults(func=func)
+    p.set_defaults(func=_out_checked(func))
     return p
+
+
+def _out_checked(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``run`` after refusing an ``--out`` that is, or lies inside, a dataset, a run or an artifact."""
+
+    def checked(args: argparse.Namespace) -> int:
+        from multiembed.data.owners import check_directory_out
+
+        check_directory_out(args.out, "--out")
+        return run(args)
+
+    return checked
 
 
 def run_fig3(args: argparse.Namespace) -> int:

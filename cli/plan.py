@@ -146,6 +146,10 @@ def run(args: argparse.Namespace) -> int:
     from multiembed.training.build import account_memory, plan_model
     from multiembed.training.memory import planning_capacity
 
+    if args.json:
+        from multiembed.data.owners import check_file_out, json_with_keys
+
+        check_file_out(args.json, "--json", json_with_keys("request", "memory_per_rank"), "a plan summary")
     overrides = parse_overrides(args.override)
     label, vocab_sizes, num_dense, pooling, exact = resolve_data(args.data, args.multi_hot)
     local_world_size = args.local_world_size or default_local_world_size(args.world_size)

@@ -57,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
     if args.compile_cache is not None and not args.compile:
         raise ValueError("--compile-cache needs --compile")
     check_prediction_out(args.out, args.overwrite, [args.artifact, args.raw if args.raw is not None else args.data])
+    if args.compile_cache is not None:
+        from multiembed.data.owners import check_directory_out
+
+        check_directory_out(args.compile_cache, "--compile-cache")
     artifact = load_artifact(args.artifact, compile=args.compile, cache_dir=args.compile_cache)
     compiled = artifact.compiled
     if compiled is not None and compiled.built:

@@ -72,6 +72,11 @@ def run(args: argparse.Namespace) -> int:
     from multiembed.analysis.study import TRAIN_OPTIONS, describe_options, resolve_options, run_scaling_study
     from multiembed.training.distributed import destroy
 
+    from multiembed.data.owners import check_directory_out
+    from multiembed.data.paths import is_within
+
+    if not is_within(args.out, args.data):  # that one the study refuses naming --data
+        check_directory_out(args.out, "--out")
     tune_for_training()  # speed only: a step's temporaries stay in the heap between steps
     explicit = {k: getattr(args, k) for k in ("backbones", "modes", "scales", "seeds", *TRAIN_OPTIONS)}
     options = resolve_options(explicit, args.preset)

@@ -80,7 +80,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from multiembed.data.owners import DATASET, check_directory_out, check_file_out
     from multiembed.data.synthetic import AnyConfig, CollapseRegimeConfig, SyntheticConfig, generate_dataset
+
+    # One dataset may replace a dataset (with --force); --days writes day datasets inside a directory of its own.
+    check_directory_out(args.out, "--out", may_be=() if args.days is not None else (DATASET,))
+    if args.tsv is not None:
+        check_file_out(args.tsv, "--tsv", overwrite=args.force, overwrite_flag="--force")
 
     config: AnyConfig
     if args.regime == "collapse":

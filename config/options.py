@@ -94,7 +94,9 @@ class TrainConfig:
     patience: int = option(3, help="evaluations without validation AUC gain before stopping (0: off)")
     seed: int = option(0, help="seed of initialisation, shuffling and dropout")
     resume: bool = option(False, help="continue the run in --out from its newest complete checkpoint")
-    overwrite: bool = option(False, help="replace the run in --out (only a multiembed run directory is replaced)")
+    overwrite: bool = option(
+        False, help="replace the run in --out (only a multiembed run directory holding nothing but the run's files)"
+    )
     eval_every: int = option(0, help="evaluate every N steps (0: once per epoch)")
     checkpoint_every: int = option(0, help="also checkpoint every N steps (0: at evaluations only)")
     ia_every: int = option(

@@ -183,7 +183,7 @@ class DatasetMetadata:
                 raise DatasetError(f"{where}: splits.{name}.files: malformed ({e})") from None
             if any(r < 0 for r in rows):
                 raise DatasetError(f"{where}: splits.{name}.files: negative row count")
-            if "rows" in s and int(s["rows"]) != sum(rows):
+            if "rows" in s and _as_int(s["rows"], f"{where}: splits.{name}.rows") != sum(rows):
                 raise DatasetError(
                     f"{where}: splits.{name}.rows: {s['rows']} disagrees with the sum of its files' rows ({sum(rows)})"
                 )
@@ -195,20 +195,33 @@ class DatasetMetadata:
         recipe = obj.get("split_recipe")
         if recipe is not None and not isinstance(recipe, Mapping):
             raise DatasetError(f"{where}: split_recipe: expected an object, got {type(recipe).__name__}")
+        for key, kind in (("dense_fields", list), ("skipped", Mapping), ("sources", list), ("options", Mapping)):
+            if key in obj and not isinstance(obj[key], kind):
+                raise DatasetError(f"{where}: {key}: expected a JSON {'list' if kind is list else 'object'}")
         return cls(
             dataset=str(obj["dataset"]),
             fields=fields,
             dense_fields=[str(d) for d in obj.get("dense_fields", [])],
             splits=splits,
             vocab_fingerprint=str(obj["vocab_fingerprint"]),
-            skipped={str(k): int(v) for k, v in obj.get("skipped", {}).items()},
-            rows_read=int(obj.get("rows_read", 0)),
+            skipped={str(k): _as_int(v, f"{where}: skipped.{k}") for k, v in obj.get("skipped", {}).items()},
+            rows_read=_as_int(obj.get("rows_read", 0), f"{where}: rows_read"),
             sources=list(obj.get("sources", [])),
             options=dict(obj.get("options", {})),
             bayes=obj.get("bayes"),
             split_recipe=dict(recipe) if recipe is not None else None,
             extra={k: v for k, v in obj.items() if k not in known},
         )
+
+
+def _as_int(value: Any, where: str) -> int:
+    """``value`` as an integer (a JSON number or a string of digits); a DatasetError naming ``where`` otherwise."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return int(value)
+    except (TypeError, ValueError):
+        raise DatasetError(f"{where}: expected an integer, got {value!r}") from None
 
 
 def split_identity(meta: DatasetMetadata) -> Optional[str]:

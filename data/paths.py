@@ -48,7 +48,8 @@ def refuse_within(path: "str | os.PathLike", directory: "str | os.PathLike", wha
 
 def escape_reason(name: str, directory: "str | os.PathLike") -> Optional[str]:
     """Why the relative file name ``name`` (as a file inside ``directory`` records it) does not stay inside
-    ``directory``: an absolute path, a ``..`` part, or a symbolic link on the way that leads out. None: it stays.
+    ``directory``: empty, a NUL character, an absolute path, a ``..`` part, or a symbolic link on the way that leads
+    out. None: it stays.
 
     Example::
 
@@ -59,6 +60,8 @@ def escape_reason(name: str, directory: "str | os.PathLike") -> Optional[str]:
     """
     if not name:
         return "is empty"
+    if "\0" in name:
+        return "holds a NUL character"
     if os.path.isabs(name) or PurePosixPath(name).is_absolute() or name.startswith("\\"):
         return "is an absolute path"
     if ".." in PurePosixPath(name.replace("\\", "/")).parts:

@@ -1,7 +1,9 @@
 """Nothing too big starts: the memory a run needs (tables and their optimizer state, dense parameters and theirs,
 one batch's activations) is counted on ``meta`` and refused in one line with both numbers when this machine's
-available memory cannot hold it; ``plan`` plans such a model on paper without allocating it, and the planner
-reserves the same dense bytes the admission counts, on a topology sized from this machine's memory.
+available memory cannot hold it (``train``, ``days`` before its directory exists, a model whose sizes overflow
+64 bits included); ``plan`` plans such a model on paper without allocating it, and the planner reserves the same
+dense bytes the admission counts, on a topology sized from this machine's memory. ``synth`` refuses rows beyond the
+disk and a click model beyond the available memory before writing.
 """
 
 from __future__ import annotations
@@ -42,6 +44,49 @@ def test_a_model_too_big_for_this_machine_is_refused_before_it_allocates(data, t
     assert line.startswith(f"multiembed train: error: --model {model}: needs about "), line
     assert "TiB per rank" in line and "is available per rank" in line and "MemAvailable" in line
     assert not (tmp_path / "run").exists()  # refused before the run directory is created
+
+
+def test_a_model_too_big_for_torch_to_describe_is_refused_in_one_line(data, tmp_path, capsys) -> None:
+    """A model whose cross-layer weight's byte count overflows 64 bits is refused like any model too big, by
+    ``train`` and ``plan``, instead of ending on torch's overflow as an unexpected error."""
+    model = "dcnv2-me-1x100000000"
+    capsys.readouterr()
+    assert cli_main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--model", model, *SMALL]) == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"multiembed train: error: --model {model}: ") and "2^63 bytes" in line, line
+    assert not (tmp_path / "run").exists()
+    assert cli_main(["plan", "--model", model, "--world-size", "1", "--device", "cpu", "--data", str(data)]) == 2
+    assert "2^63 bytes" in _error_line(capsys)
+
+
+def test_days_refuses_a_model_too_big_before_creating_its_directory(tmp_path, capsys) -> None:
+    days = tmp_path / "log"
+    assert cli_main(["synth", "--days", "2", "--rows", "400", "--scale", "0.001", "--out", str(days),
+                     "--no-progress"]) == 0
+    day_dirs = sorted(str(p) for p in days.iterdir() if p.is_dir())
+    capsys.readouterr()
+    assert cli_main(["days", "--data", *day_dirs, "--out", str(tmp_path / "loop"), "--model", "dcnv2-me-4x20000",
+                     "--batch-size", "256", "--hidden", "16", "--device", "cpu", "--no-progress"]) == 2
+    assert "--model dcnv2-me-4x20000: needs about " in _error_line(capsys)
+    assert not (tmp_path / "loop").exists()
+
+
+def test_synth_refuses_a_dataset_that_cannot_fit_before_writing(tmp_path, capsys, monkeypatch) -> None:
+    """Rows beyond the disk, or a click model beyond the available memory, are refused in one line with both
+    numbers before anything is drawn or written."""
+    from multiembed.data.synthetic import write
+
+    monkeypatch.setattr(write, "_available_memory", lambda: 8 * 2**30)
+    capsys.readouterr()
+    for argv, words in (
+        (["--rows", str(10**14), "--scale", "0.001"], ("rows need at least", "GiB free")),
+        (["--rows", str(10**14), "--scale", "0.001", "--days", "3"], ("rows need at least", "GiB free")),
+        (["--rows", "1000", "--scale", "1000000"], ("--scale 1e+06", "GiB is available")),
+    ):
+        assert cli_main(["synth", *argv, "--out", str(tmp_path / "big"), "--no-progress"]) == 2
+        line = _error_line(capsys)
+        assert all(word in line for word in words), line
+        assert not (tmp_path / "big").exists()
 
 
 def test_a_refused_overwrite_keeps_the_run_it_would_have_replaced(data, tmp_path, capsys) -> None:

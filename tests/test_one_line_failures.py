@@ -118,3 +118,31 @@ def test_the_torchx_component_refuses_overwrite_with_resume_in_one_line(tmp_path
     assert (result.stdout + result.stderr).strip().splitlines() == [
         "multiembed: error: overwrite cannot be combined with resume or max_restarts (a restart would erase the run)"
     ]
+
+
+def test_a_value_of_the_wrong_type_in_a_runs_config_or_a_datasets_metadata_is_named(exported, tmp_path, capsys) -> None:
+    """A hand-edited ``config.json`` or ``metadata.json`` holding a value of the wrong type is one line naming the
+    file and the entry, status 2, not an unexpected error."""
+    import json
+
+    from test_write_safety import _refused
+
+    data, finished, _ = exported
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    config = json.loads((run / "config.json").read_text())
+    config["options"]["hidden"] = "wide"
+    (run / "config.json").write_text(json.dumps(config))
+    _refused(capsys, ["evaluate", str(run), "--data", str(data), "--device", "cpu"], "config.json",
+             "options.hidden", "expected int")
+    for entry, value, named in (("rows", "many", "splits.train.rows"), ("rows_read", [1], "rows_read"),
+                                ("options", "x", "options")):
+        copy = tmp_path / f"data-{entry}"
+        shutil.copytree(data, copy)
+        meta = json.loads((copy / "metadata.json").read_text())
+        if entry == "rows":
+            meta["splits"]["train"]["rows"] = value
+        else:
+            meta[entry] = value
+        (copy / "metadata.json").write_text(json.dumps(meta))
+        _refused(capsys, ["inspect", str(copy)], "metadata.json", named)

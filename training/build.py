@@ -181,11 +181,24 @@ def account_memory(
     batch_size: int,
 ) -> MemoryAccount:
     """The memory one rank of the run needs (:mod:`multiembed.training.memory`), from the model built entirely on
-    ``meta``: nothing is allocated, however large the model."""
-    model, train_module, optim_config = build_unsharded(
-        config, vocab_sizes, num_dense=num_dense, device_type=device_type, dense_device=torch.device("meta"),
-        world_size=world_size,
-    )
+    ``meta``: nothing is allocated, however large the model.
+
+    Raises:
+        ValueError: one line: a tensor of the model is too large for torch to describe at all (its byte count
+            overflows 64 bits).
+    """
+    try:
+        model, train_module, optim_config = build_unsharded(
+            config, vocab_sizes, num_dense=num_dense, device_type=device_type, dense_device=torch.device("meta"),
+            world_size=world_size,
+        )
+    except RuntimeError as e:
+        if "overflow" not in str(e):
+            raise
+        raise ValueError(
+            f"--model {config.model}: a tensor of this model would hold more than 2^63 bytes "
+            f"({str(e).splitlines()[0][:160]}); use a smaller model"
+        ) from None
     return memory_account(model, train_module, optim_config.dense_optimizer, world_size, batch_size)
 
 

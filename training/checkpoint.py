@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
 from multiembed.data.metadata import atomic_write_text, file_sha256, write_failure
+from multiembed.data.paths import escape_reason, is_within
 from multiembed.runtime.stack import private_api_error
 from multiembed.training.distributed import all_gather_object, barrier, broadcast_object
 
@@ -362,9 +363,17 @@ def verify_checkpoint(path: Path) -> Dict[str, Any]:
     """Checks a checkpoint against its manifest and returns the manifest.
 
     Raises:
-        CheckpointError: no manifest, a missing or extra file, or a size / checksum mismatch (named).
+        CheckpointError: the directory is a link or leads out of its run directory (``RUN/checkpoints/step-N``),
+            no manifest, a listed file outside the checkpoint, a missing or extra file, or a size / checksum mismatch
+            (named).
     """
     path = Path(path)
+    if path.is_symlink() or not is_within(path, path.parent.parent):
+        # A copied run whose step-N (or checkpoints/) links to another run's would pass those weights for its own.
+        raise CheckpointError(
+            f"{path}: leads out of its run directory {path.parent.parent} (to {path.resolve()}); a run's "
+            "checkpoints are its own directories"
+        )
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"{path}: incomplete checkpoint ({MANIFEST} missing)")
@@ -374,6 +383,11 @@ def verify_checkpoint(path: Path) -> Dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from None
     for rel, expected in files.items():
+        reason = escape_reason(str(rel), path)
+        if reason is not None:
+            raise CheckpointError(
+                f"{manifest_path}: files entry {rel!r} {reason}; every file stays inside the checkpoint"
+            )
         file = path / rel
         if not file.is_file():
             raise CheckpointError(f"{file}: missing (listed in {MANIFEST})")

@@ -41,6 +41,7 @@ from multiembed.data.days import DayPlace, IdHistory, day_ids, read_days
 from multiembed.data.metadata import DatasetMetadata, atomic_write_text
 from multiembed.runtime.locking import exclusive_lock
 from multiembed.training import checkpoint as ckpt
+from multiembed.training.build import admit_for_data
 from multiembed.training.distributed import DistContext, barrier, init_distributed
 from multiembed.training.run_dir import SUMMARY_FILE
 from multiembed.training.trainer import Trainer
@@ -215,6 +216,9 @@ def run_days(
     problem = check_run_record(run, base, first)
     if problem is not None:
         raise ValueError(problem)
+    # A model too big for this machine is refused before the loop's directory is created (each day is admitted too).
+    largest = max((meta for _, meta, _ in places), key=lambda meta: sum(meta.vocab_sizes.values()))
+    admit_for_data(base, largest, ctx, base.local_batch_size(ctx.world_size))
     with contextlib.ExitStack() as stack:
         if ctx.is_main:
             run.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import typing
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
@@ -35,6 +36,42 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 # Every entry a run writes: none of them may be a symbolic link a write would follow.
 RUN_ENTRIES = (CONFIG_FILE, SUMMARY_FILE, METRICS_FILE, PLAN_FILE, ckpt.CHECKPOINT_DIR)
+
+
+def is_run_entry(name: str) -> bool:
+    """Whether an entry of a run directory is one a run writes: its files and ``checkpoints/``, the job's lock, or
+    a temporary file of an atomic write of one of its files (``.config.json.*.tmp``) left by a killed job.
+
+    Example::
+
+        >>> is_run_entry("summary.json"), is_run_entry(".metrics.jsonl.k2j4.tmp"), is_run_entry("notes.txt")
+        (True, True, False)
+    """
+    if name in RUN_ENTRIES or name == LOCK_FILE:
+        return True
+    return name.endswith(".tmp") and any(name.startswith(f".{entry}.") for entry in RUN_ENTRIES)
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether a ``config.json`` value has the type of a :class:`TrainConfig` field (``int``, ``float``, ``str``,
+    ``bool``, or ``Optional`` of one; a JSON integer passes for a float, a bool for neither number)."""
+    if typing.get_origin(hint) is Union:
+        return any(_has_type(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Union:
+        return " or ".join(_type_name(arg) for arg in typing.get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
 class RunDir:
@@ -164,6 +201,13 @@ class RunDir:
                 )
             if is_within(config.data, out):
                 return f"--overwrite: {out} holds the --data directory {config.data}; refusing to delete it"
+            foreign = [p.name for p in sorted(out.iterdir()) if not is_run_entry(p.name)]
+            if foreign:
+                more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+                return (
+                    f"--overwrite: {out} holds {foreign[0]!r}{more}, which no run writes; refusing to delete it "
+                    "(move it out of the run directory, or choose another --out)"
+                )
             return None
         if config.resume:
             return self.resume_problem(config, meta)
@@ -221,14 +265,23 @@ class RunDir:
         (:func:`~multiembed.config.recorded_option`).
 
         Raises:
-            ValueError: see :meth:`read_config`.
+            ValueError: see :meth:`read_config`; ``options`` missing, or an option of the wrong type (one line naming
+                it).
         """
-        recorded = (record if record is not None else self.read_config())["options"]
-        options = {
-            f.name: recorded_option(recorded, f.name)
-            for f in dataclasses.fields(TrainConfig)
-            if f.name in recorded or f.default is not dataclasses.MISSING
-        }
+        record = record if record is not None else self.read_config()
+        recorded = record.get("options") if isinstance(record, dict) else None
+        if not isinstance(recorded, dict):
+            raise ValueError(f"{self.config_file}: options: missing or not a JSON object")
+        hints = typing.get_type_hints(TrainConfig)
+        options = {}
+        for f in dataclasses.fields(TrainConfig):
+            if f.name in recorded or f.default is not dataclasses.MISSING:
+                value = recorded_option(recorded, f.name)
+                if f.name in recorded and not _has_type(value, hints[f.name]):
+                    raise ValueError(
+                        f"{self.config_file}: options.{f.name}: expected {_type_name(hints[f.name])}, got {value!r}"
+                    )
+                options[f.name] = value
         options.update(overrides)
         return TrainConfig(**options)
 

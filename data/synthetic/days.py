@@ -190,10 +190,11 @@ def generate_days(
         ValueError: ``days`` < 1, or bad rows or split (one line).
         DatasetError: a day directory already holds a dataset and ``force`` is False.
     """
-    from multiembed.data.synthetic.write import generate_dataset
+    from multiembed.data.synthetic.write import check_fits, generate_dataset
 
     if days < 1:
         raise ValueError(f"--days must be >= 1, got {days}")
+    check_fits(Path(out_dir), rows_per_day, config, days=days)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     metas: List[DatasetMetadata] = []
     model = DriftingClickModel(config, drift, day=0)

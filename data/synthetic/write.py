@@ -23,6 +23,7 @@ from multiembed.data.metadata import (
     DatasetMetadata,
     FieldSpec,
     SplitFiles,
+    free_bytes,
     write_metadata,
 )
 from multiembed.data.metrics import log_loss, roc_auc
@@ -35,6 +36,7 @@ from multiembed.data.synthetic.model import (
     SyntheticClickModel,
     SyntheticConfig,
     SyntheticRows,
+    synthetic_vocab_sizes,
 )
 from multiembed.data.synthetic.encoding import IdEncoding
 from multiembed.data.synthetic.regime import AnyConfig, AnyModel, CollapseRegimeConfig, click_model
@@ -130,6 +132,49 @@ def _chunk_rng(
     return np.random.default_rng(np.random.SeedSequence(entropy))
 
 
+# A lower bound on the bytes a row takes on disk (Parquet, compressed: measured above 100 on small datasets), and the
+# bytes the click model holds per id (its Zipf CDF, rank-to-id map, first-order weight and rank-r factors, float64 /
+# int64, plus the temporaries of drawing them).
+MIN_DISK_BYTES_PER_ROW = 16
+MODEL_BYTES_PER_ID_BESIDES_RANK = 6 * 8
+
+
+def check_fits(out: Path, rows: int, config: AnyConfig, days: int = 1) -> None:
+    """Refuses, before anything is drawn or written, a dataset whose click model cannot fit in this machine's
+    available memory or whose rows cannot fit on the disk of ``out``.
+
+    Raises:
+        ValueError: one line with both numbers.
+    """
+    if isinstance(config, SyntheticConfig):
+        ids = sum(synthetic_vocab_sizes(config.scale, config.min_vocab).values())
+        needed = ids * (MODEL_BYTES_PER_ID_BESIDES_RANK + 8 * config.rank)
+        available = _available_memory()
+        if available is not None and needed > available:
+            raise ValueError(
+                f"--scale {config.scale:g}: the click model of {ids:,} ids needs about {needed / 2**30:,.1f} GiB of "
+                f"memory; {available / 2**30:,.1f} GiB is available (MemAvailable); use a smaller --scale"
+            )
+    free = free_bytes(out)
+    at_least = rows * days * MIN_DISK_BYTES_PER_ROW
+    if free is not None and at_least > free:
+        raise ValueError(
+            f"--rows {rows:,}: {rows * days:,} rows need at least {at_least / 2**30:,.1f} GiB on disk; {out} has "
+            f"{free / 2**30:,.1f} GiB free"
+        )
+
+
+def _available_memory() -> Optional[int]:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes; None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def generate_dataset(
     out_dir: os.PathLike,
     rows: int,
@@ -183,6 +228,8 @@ def generate_dataset(
     out = Path(out_dir)
     if (out / METADATA_FILE).exists() and not force:
         raise DatasetError(f"{out / METADATA_FILE}: a dataset already exists here (use --force to replace it)")
+    if model is None:
+        check_fits(out, rows, config)
     out.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out, "synth"):
         if (out / METADATA_FILE).exists() and not force:  # finished by a job that ran in between
