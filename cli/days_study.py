@@ -52,13 +52,15 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 def run(args: argparse.Namespace) -> int:
     from multiembed.analysis.days_compare import DAYS_STUDY_CSV, DAYS_STUDY_MD, DAYS_STUDY_PNG
     from multiembed.analysis.days_study import StudyPoint, console_log, run_days_study
+    from multiembed.models.names import parse_model_name
     from multiembed.training.distributed import destroy
     from multiembed.training.trainer import TrainingDiverged
 
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     base = from_arguments(TrainConfig, args, data=args.data[0], out=args.out, model=args.models[0])
-    for model in args.models:
+    for model in args.models:  # every model refused before the first trains
+        parse_model_name(model)
         dataclasses.replace(base, model=model).validate()
     points = [StudyPoint(model, seed) for model in args.models for seed in range(args.seeds)]
     try:

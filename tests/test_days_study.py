@@ -179,3 +179,17 @@ def test_the_days_study_at_a_tiny_size(log3: List[Path], tmp_path: Path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"multiembed days-study: error: --lr is 0.01 but the study in {out} used 0.003 "
                    f"({out / 'study.json'}); use another --out"]
+
+
+def test_the_days_study_refuses_too_few_or_unordered_days_in_one_line(log3: List[Path], tmp_path: Path,
+                                                                      capsys) -> None:
+    out = tmp_path / "study"
+    assert cli_main(["days-study", "--data", str(log3[0]), "--out", str(out), *TINY]) == 2
+    assert cli_main(["days-study", "--data", str(log3[0]), str(log3[2]), "--out", str(out), *TINY]) == 2
+    assert cli_main(["days-study", "--data", *map(str, log3[:2]), "--out", str(out), "--models", "dnn-me-2x,nope",
+                     *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("multiembed days-study: error: ") for line in err)
+    assert err[0].endswith("a days study judges every day after the first; give at least 2 days, got 1")
+    assert "day 2 given after day 0" in err[1] and "nope" in err[2]
+    assert not out.exists()
