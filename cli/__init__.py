@@ -24,8 +24,8 @@ from multiembed.cli.errors import EXIT_USER_ERROR, report_error
 
 # Subcommand modules, in the order `multiembed --help` lists them.
 SUBCOMMANDS: List[str] = [
-    "synth", "plan", "train", "days", "evaluate", "analyze", "scale", "export", "predict", "convert", "inspect",
-    "bench", "paper",
+    "synth", "plan", "train", "days", "days_study", "evaluate", "analyze", "scale", "export", "predict", "convert",
+    "inspect", "bench", "paper",
 ]
 
 # Any other exception that escapes a command (a bug, or a failure nobody named yet).

@@ -31,6 +31,11 @@ multi-hot field 8 per id plus 8; Criteo-shaped data (39 one-hot fields, 13 dense
 the default synthetic train split of 800k rows, 7.8 GB for Criteo Kaggle's 36.7M training rows. Per epoch the
 loader also keeps the rank's row order (8 bytes a row; 8 bytes per split row when shuffling).
 
+Several datasets as one split: ``extra_data`` names datasets of the same id space whose ``split`` follows the first
+dataset's, as if their files were listed after its own (row ``n`` of the combined split is row ``n`` of the first
+dataset, then of the next, ...); shuffling draws one permutation over all of them. Nothing is copied or converted
+again: retraining on several days of a log (:mod:`multiembed.analysis.days_study`) reads the days' own files.
+
 Checks when opening (:class:`~multiembed.data.metadata.DatasetError`, naming file, row and field): missing
 metadata or Parquet files, Parquet schemas or row counts that disagree with ``metadata.json``, missing values,
 labels other than 0/1, ids outside ``[0, vocab_size)``. Rows are 1-based positions within their Parquet file.
@@ -52,7 +57,7 @@ import os
 import queue
 import threading
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Tuple, TypeVar
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple, TypeVar
 
 import numpy as np
 
@@ -263,6 +268,61 @@ def _read_rows(data_dir: Path, meta: DatasetMetadata, split: str, lo: int, hi: i
     return _RowStore(first_row=lo, labels=labels, dense=dense, one_hot=one_hot, multi_hot=multi_hot)
 
 
+def _concat_stores(parts: Sequence[_RowStore], first_row: int) -> _RowStore:
+    """Rows of several stores, one after the other, as one store starting at ``first_row``."""
+    if len(parts) == 1:
+        return dataclasses.replace(parts[0], first_row=first_row)
+    multi_hot: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+    for name in parts[0].multi_hot:
+        offsets, values, shift = [np.zeros(1, dtype=np.int64)], [], 0
+        for part in parts:
+            part_offsets, part_values = part.multi_hot[name]
+            offsets.append(part_offsets[1:] + shift)
+            values.append(part_values)
+            shift += int(part_offsets[-1])
+        multi_hot[name] = (np.concatenate(offsets), np.concatenate(values))
+    return _RowStore(
+        first_row=first_row,
+        labels=np.concatenate([p.labels for p in parts]),
+        dense=np.concatenate([p.dense for p in parts]),
+        one_hot=np.concatenate([p.one_hot for p in parts]),
+        multi_hot=multi_hot,
+    )
+
+
+def _read_sources(
+    sources: Sequence[Tuple[Path, DatasetMetadata]], split: str, lo: int, hi: int, use_dense: bool
+) -> _RowStore:
+    """Rows ``[lo, hi)`` of the split the sources form one after the other (:func:`_read_rows` on each share)."""
+    parts: List[_RowStore] = []
+    start = 0
+    for data_dir, meta in sources:
+        rows = meta.splits[split].rows
+        take_lo, take_hi = max(lo - start, 0), min(hi - start, rows)
+        if take_lo < take_hi:
+            parts.append(_read_rows(data_dir, meta, split, take_lo, take_hi, use_dense))
+        start += rows
+    if not parts:  # an empty range: the arrays' shapes and types still come from the first source
+        parts.append(_read_rows(sources[0][0], sources[0][1], split, 0, 0, use_dense))
+    return _concat_stores(parts, lo)
+
+
+def _same_layout(data_dir: Path, meta: DatasetMetadata, first_dir: Path, first: DatasetMetadata, split: str) -> None:
+    """Refuses a dataset whose rows cannot join ``first``'s in one split (one line naming its metadata.json)."""
+    where = data_dir / "metadata.json"
+    if meta.vocab_fingerprint != first.vocab_fingerprint:
+        raise DatasetError(
+            f"{where}: vocab_fingerprint: another id space than {first_dir}; datasets read as one split share "
+            "their vocabulary (the days of one log)"
+        )
+    if meta.fields != first.fields or list(meta.dense_fields) != list(first.dense_fields):
+        raise DatasetError(f"{where}: fields: another schema than {first_dir}; datasets read as one split share it")
+    if meta.splits.get(split) is None:
+        raise DatasetError(
+            f"{where}: splits: no split {split!r} (has {', '.join(meta.splits) or 'none'})"
+        )
+
+
 def _fill(table, path, row_base, meta, one_hot_fields, multi_hot_fields, dense_names,
           labels_out, dense_out, one_hot_out, multi_lengths, multi_values) -> None:
     """Validates one row-group slice and copies it into the output arrays (``row_base``: 0-based row in file)."""
@@ -384,9 +444,11 @@ class ParquetBatchLoader:
         last_batch: ``"drop"``, ``"pad"`` or ``"keep"``.
         use_dense: emit the dense features (``[B, 0]`` when False or when the dataset has none).
         prefetch: batches built ahead by a background thread (0: build in the caller's thread).
+        extra_data: datasets of the same id space and schema whose ``split`` follows ``data_dir``'s, read with it as
+            one split (see the module docstring).
 
     Attributes:
-        metadata: the dataset's metadata.
+        metadata: the (first) dataset's metadata.
         keys: KJT keys, the field names in metadata order.
         num_dense: width of ``dense_features``.
         num_batches: batches this rank yields per epoch (the same on every rank for ``"drop"`` and ``"pad"``).
@@ -395,7 +457,8 @@ class ParquetBatchLoader:
 
     Raises:
         ValueError: bad arguments.
-        DatasetError: the dataset is missing, inconsistent or holds bad values (file, row and field named).
+        DatasetError: the dataset is missing, inconsistent or holds bad values (file, row and field named), or an
+            ``extra_data`` dataset of another id space or schema.
 
     Example::
 
@@ -424,6 +487,7 @@ class ParquetBatchLoader:
         last_batch: str = "drop",
         use_dense: bool = True,
         prefetch: int = 2,
+        extra_data: Sequence[os.PathLike] = (),
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -449,17 +513,23 @@ class ParquetBatchLoader:
                 f"{self.data_dir / 'metadata.json'}: splits: no split {split!r} "
                 f"(has {', '.join(self.metadata.splits) or 'none'})"
             )
-        try:
-            check_dataset_files(self.data_dir, self.metadata)
-        except DatasetError as footer_error:
-            self._raise_with_row(footer_error)
+        self._sources: List[Tuple[Path, DatasetMetadata]] = [(self.data_dir, self.metadata)]
+        for extra in extra_data:
+            meta = read_metadata(extra)
+            _same_layout(Path(extra), meta, self.data_dir, self.metadata, split)
+            self._sources.append((Path(extra), meta))
+        for source_dir, source_meta in self._sources:
+            try:
+                check_dataset_files(source_dir, source_meta)
+            except DatasetError as footer_error:
+                self._raise_with_row(footer_error, source_dir, source_meta)
         self.keys: List[str] = self.metadata.field_names
         self._use_dense = use_dense and bool(self.metadata.dense_fields)
         self.num_dense = len(self.metadata.dense_fields) if self._use_dense else 0
         self._one_hot_fields = [f.name for f in self.metadata.fields if not f.multi_hot]
         self._all_one_hot = len(self._one_hot_fields) == len(self.keys)
 
-        total = self.metadata.splits[split].rows
+        total = sum(meta.splits[split].rows for _, meta in self._sources)
         self._total_rows = total
         self._share_lo, self._share_hi, self.num_batches = self._plan(total)
         self.num_rows = (
@@ -481,17 +551,17 @@ class ParquetBatchLoader:
         else:
             # A rank with no rows of its own under "pad" still needs one real row to copy as padding.
             load_lo, load_hi = 0, min(total, 1 if self.num_batches else 0)
-        self._store = _read_rows(self.data_dir, self.metadata, split, load_lo, load_hi, self._use_dense)
+        self._store = _read_sources(self._sources, split, load_lo, load_hi, self._use_dense)
 
-    def _raise_with_row(self, footer_error: DatasetError) -> None:
+    def _raise_with_row(self, footer_error: DatasetError, data_dir: Path, meta: DatasetMetadata) -> None:
         """Re-raises a footer-check error, naming the first bad row when reading this split can locate it.
 
         The footer check (column statistics) names the file and column of an out-of-range id but not its row;
         reading the split's rows with the row-level checks of :func:`_read_rows` does. Only on this error path.
         """
         try:
-            total = self.metadata.splits[self.split].rows
-            _read_rows(self.data_dir, self.metadata, self.split, 0, total, use_dense=False)
+            total = meta.splits[self.split].rows
+            _read_rows(data_dir, meta, self.split, 0, total, use_dense=False)
         except DatasetError as located:
             raise located from None
         except Exception:  # noqa: BLE001 - unreadable in another way: the footer check's message says how

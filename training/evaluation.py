@@ -87,14 +87,18 @@ _VANISHED_RETRIES = 5
 
 def _shares_rows(trained: Optional[Dict[str, Any]], data: Optional[Dict[str, Any]]) -> bool:
     """Whether two datasets' split recipes draw on the same rows (a common input file, or the same synthetic
-    stream), so that assigning them to splits differently would put training rows into evaluation splits."""
+    stream), so that assigning them to splits differently would put training rows into evaluation splits. Two days
+    of a synthetic log draw their rows from streams seeded by the day, so different days share none."""
     if not trained or not data or trained.get("producer") != data.get("producer"):
         return False
     if trained.get("producer") == "convert":
         hashes = {i.get("sha256") for i in trained.get("inputs", [])} - {None}
         return bool(hashes & {i.get("sha256") for i in data.get("inputs", [])})
     if trained.get("producer") == "synthetic":
-        return trained.get("seed") == data.get("seed") and trained.get("model") == data.get("model")
+        return (
+            trained.get("seed") == data.get("seed") and trained.get("model") == data.get("model")
+            and trained.get("day") == data.get("day")
+        )
     return False
 
 

@@ -19,7 +19,7 @@ import sys
 import time
 from itertools import islice
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torchrec.distributed import DistributedModelParallel
@@ -135,6 +135,9 @@ class Trainer:
         config: the run's options.
         ctx: this process's place in the job (``init_distributed()`` when omitted).
         log: where rank-0 messages go (stderr by default).
+        extra_train: datasets of the same id space whose train splits are trained on with ``config.data``'s, as one
+            shuffled split (retraining on several days of a log; recorded in ``config.json``); validation and test
+            stay ``config.data``'s.
 
     Attributes:
         config: the run's options (after a resume, ``output_bias`` as the run started).
@@ -151,9 +154,13 @@ class Trainer:
         summary = trainer.fit()  # {"test_auc": ..., "best_step": ..., ...}
     """
 
-    def __init__(self, config: TrainConfig, ctx: Optional[DistContext] = None, log: Any = None) -> None:
+    def __init__(
+        self, config: TrainConfig, ctx: Optional[DistContext] = None, log: Any = None,
+        extra_train: Sequence[str] = (),
+    ) -> None:
         config.validate()
         self.config = config
+        self.extra_train = [str(path) for path in extra_train]
         self.ctx = ctx or init_distributed(config.device)
         self._log_stream = log if log is not None else sys.stderr
         self.run = RunDir(config.out)
@@ -189,6 +196,7 @@ class Trainer:
         self.train_loader = ParquetBatchLoader(
             config.data, "train", self.local_batch, rank=self.ctx.rank, world_size=self.ctx.world_size,
             shuffle=True, seed=config.seed, last_batch="drop", use_dense=config.dense_features,
+            extra_data=self.extra_train,
         )
         if self.train_loader.num_batches == 0:
             raise ValueError(
@@ -249,7 +257,12 @@ class Trainer:
         if self.config.output_bias != OutputBias.PRIOR.value:
             return None
         rate, rows = positive_rate(self.config.data, self.meta, "train")
-        logit = prior_logit(round(rate * rows), rows)
+        positives = round(rate * rows)
+        for data in self.extra_train:  # the other days' train rows count as this split's
+            data_rate, data_rows = positive_rate(data, read_metadata(data), "train")
+            positives, rows = positives + round(data_rate * data_rows), rows + data_rows
+            rate = positives / rows
+        logit = prior_logit(positives, rows)
         self.built.model.set_output_bias(logit)
         self._log(f"output bias: log-odds of the train split's positive rate {rate:.4f} ({rows} rows) = {logit:.4f}")
         return {"positive_rate": rate, "rows": rows, "logit": logit}
@@ -303,6 +316,7 @@ class Trainer:
                 "split_identity": split_identity(self.meta),
                 "split_recipe": self.meta.split_recipe,
                 "rows": self.meta.split_rows(),
+                **({"extra_train": [str(Path(d).resolve()) for d in self.extra_train]} if self.extra_train else {}),
             },
             "model": {
                 "name": self.config.model,
