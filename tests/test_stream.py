@@ -205,3 +205,19 @@ def test_train_evaluate_and_resume_on_a_stream(stream: Path, tmp_path: Path, cap
     assert result["test_auc"] == pytest.approx(one["test_auc"], abs=1e-6)
     assert cli_main(["evaluate", str(straight), "--data", str(other), "--device", "cpu"]) == 2
     assert "splits its rows differently" in capsys.readouterr().err
+
+
+def test_fresh_rows_preset_trains_every_run_on_one_epoch_of_new_rows() -> None:
+    """The fresh-rows preset: collapse's model, no early stopping, and a step budget that is exactly its data's epoch."""
+    from multiembed.config.presets import PRESETS
+
+    preset = PRESETS["fresh-rows"]
+    words = preset.data_hint.split()
+    assert "--stream" in words and words[words.index("--regime") + 1] == "collapse"
+    train, val, test = (int(w) for w in words[words.index("--split") + 1].split(","))
+    assert int(words[words.index("--rows") + 1]) == train + val + test
+    assert preset.train["max_steps"] * preset.train["batch_size"] == train and preset.train["epochs"] == 1
+    assert preset.train["patience"] == 0
+    collapse = PRESETS["collapse"].train
+    assert {k: preset.train[k] for k in ("batch_size", "hidden", "output_bias")} == {
+        k: collapse[k] for k in ("batch_size", "hidden", "output_bias")}
