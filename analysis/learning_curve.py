@@ -104,7 +104,8 @@ def plot_curves(rows: Sequence[Dict[str, Any]], path: Path) -> Dict[str, Dict[st
         raise ValueError("plot_curves: no rows")
     series: Dict[str, Dict[str, List[float]]] = {}
     for row in rows:
-        entry = series.setdefault(f"{row['run']} ({row['model']})", {"rows": [], "val_auc": []})
+        label = row["run"] if row["run"] == row["model"] else f"{row['run']} ({row['model']})"
+        entry = series.setdefault(label, {"rows": [], "val_auc": []})
         entry["rows"].append(row["rows"])
         entry["val_auc"].append(row["val_auc"])
     fig = Figure(figsize=(8.0, 4.8), layout="constrained")
