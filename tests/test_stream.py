@@ -124,7 +124,7 @@ def test_evaluation_reads_every_held_out_row_once_over_ranks(stream: Path) -> No
     assert np.array_equal(np.concatenate(got_labels), expected.labels.astype(np.float32))
 
 
-def test_metadata_records_the_stream_and_the_bayes_metrics(stream: Path) -> None:
+def test_metadata_records_the_stream_and_the_bayes_metrics(stream: Path, capsys) -> None:
     meta = read_metadata(stream)
     record = json.loads((stream / "metadata.json").read_text())
     assert record["source"] == "stream" and record["splits"] == {}
@@ -135,6 +135,10 @@ def test_metadata_records_the_stream_and_the_bayes_metrics(stream: Path) -> None
     rate, rows = split_positive_rate(stream, meta)
     assert rows == 1200 and 0.1 < rate < 0.4
     assert isinstance(open_split(stream, "val", 64, last_batch="pad"), StreamBatchLoader)
+    capsys.readouterr()
+    assert cli_main(["inspect", str(stream), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["source"] == "stream" and shown["splits"] == meta.split_rows()
 
 
 def test_parquet_readers_refuse_a_stream_in_one_line(stream: Path) -> None:
