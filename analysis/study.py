@@ -93,6 +93,7 @@ class StudyResult:
         trained: run names trained (or resumed) by this call.
         skipped: run names finished earlier and only read back.
         failed: run name -> reason, for runs whose training diverged.
+        pending: run names not finished yet, left untrained by ``tabulate_only``.
         files: ``scaling.csv`` / ``scaling.md`` / ``scaling.png`` paths (rank 0; empty without finished runs).
         figure_data: what ``scaling.png`` drew.
         seconds: wall time of this call.
@@ -102,6 +103,7 @@ class StudyResult:
     trained: List[str] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)
     failed: Dict[str, str] = field(default_factory=dict)
+    pending: List[str] = field(default_factory=list)
     files: Dict[str, Path] = field(default_factory=dict)
     figure_data: Optional[Dict[str, Any]] = None
     seconds: float = 0.0
@@ -205,6 +207,7 @@ def run_scaling_study(
     progress: bool = True,
     log: Optional[TextIO] = None,
     ctx: Optional[DistContext] = None,
+    tabulate_only: bool = False,
 ) -> StudyResult:
     """Trains (or reads back) every configuration, computes its IA, then writes the CSV, markdown and figure.
 
@@ -218,6 +221,9 @@ def run_scaling_study(
         progress: progress bars (configurations, and each run's batches) on stderr.
         log: where the per-configuration lines go (stderr by default).
         ctx: the process group context (``init_distributed`` once when omitted).
+        tabulate_only: train and analyse nothing: tabulate the runs finished so far (``summary.json`` and
+            ``collapse.json`` present), list the others in :attr:`StudyResult.pending` and say so in ``scaling.md``
+            (safe beside a study still training in ``out``: it only reads run directories).
 
     Returns:
         the :class:`StudyResult`.
@@ -274,6 +280,11 @@ def run_scaling_study(
                 ctx, lambda: _finished_summary(run_dir, point, train_options, meta.vocab_fingerprint)
             )
             trainer: Optional[Trainer] = None
+            collapse_path = run_dir / COLLAPSE_JSON
+            if tabulate_only and (finished is None or not _on_rank0(ctx, collapse_path.is_file)):
+                result.pending.append(point.run_name)
+                bar.update(1)
+                continue
             if finished is not None:
                 summary: Dict[str, Any] = finished  # type: ignore[assignment]
                 result.skipped.append(point.run_name)
@@ -300,7 +311,6 @@ def run_scaling_study(
                 result.trained.append(point.run_name)
                 how = f"trained in {time.perf_counter() - run_started:,.0f} s"
 
-            collapse_path = run_dir / COLLAPSE_JSON
             collapse = None
             if trainer is None:
                 collapse = _on_rank0(
@@ -336,6 +346,9 @@ def run_scaling_study(
 
     backbones = list(dict.fromkeys(p.backbone for p in points))
     result.rows = sort_rows(result.rows, backbones)
+    if result.pending:
+        notes = [*notes, f"PARTIAL: {len(result.rows)} of {len(points)} runs finished; not trained yet: "
+                 f"{', '.join(result.pending)}"]
     if result.failed:
         notes = [*notes, *(f"FAILED (training diverged, not in the tables): {name}" for name in result.failed)]
     if ctx.is_main and result.rows:

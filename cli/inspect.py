@@ -39,6 +39,7 @@ def summary(meta) -> Dict[str, Any]:
         "rows_read": meta.rows_read,
         "dense_fields": list(meta.dense_fields),
         "vocab_fingerprint": meta.vocab_fingerprint,
+        "source": meta.source,
     }
     if meta.bayes is not None:
         out["bayes_auc"] = {split: float(values["auc"]) for split, values in meta.bayes.items()}
@@ -54,6 +55,9 @@ def _text(meta, info: Dict[str, Any], directory: str) -> List[str]:
         f"rows: train {rows['train']:,}, val {rows['val']:,}, test {rows['test']:,} "
         f"(read {meta.rows_read:,}, skipped {sum(meta.skipped.values()):,})",
     ]
+    if meta.stream is not None:
+        lines.append("source: stream (no Parquet files: rows drawn from their index while training; train is one "
+                     "epoch, and every epoch draws new rows)")
     if meta.skipped:
         lines.append("skipped by reason: " + ", ".join(f"{k} {v:,}" for k, v in meta.skipped.items()))
     total = sum(info["vocab_sizes"].values())

@@ -62,6 +62,11 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     # The training options every run of the study shares: TrainConfig's fields, unset unless given (a preset or
     # the paper's defaults fill the rest).
     add_arguments(p, TrainConfig, STUDY_OPTIONS, unset_defaults=True)
+    p.add_argument(
+        "--tabulate", action="store_true",
+        help="train nothing: write scaling.csv / .md / .png from the runs finished so far and name the others "
+        "(safe beside the same study still training)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (one line per run is still printed)")
     p.set_defaults(func=run)
 
@@ -100,9 +105,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = run_scaling_study(
             args.data, args.out, points, train_options, notes=notes, progress=not args.no_progress,
+            tabulate_only=args.tabulate,
         )
     finally:
         destroy()
+    if result.pending:
+        print(f"{len(result.pending)} of {len(points)} runs not finished yet (not trained by --tabulate): "
+              f"{', '.join(result.pending)}")
     if result.files:
         print(
             f"{len(result.trained)} trained, {len(result.skipped)} skipped (finished earlier), "

@@ -74,6 +74,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "63-bit keys for train --vocab managed; docs/managed.md); default: the generator's own ids",
     )
     parser.add_argument("--hash-size", type=int, default=None, metavar="N", help="rows of every field with --vocab hashing")
+    parser.add_argument(
+        "--stream", action="store_true",
+        help="write no Parquet: metadata.json describes a stream whose rows are drawn from their index while "
+        "training reads them (no row is trained twice; docs/results/fresh-rows); --rows and --split then give the "
+        "rows of one training epoch (every epoch draws new rows) and the fixed validation and test rows",
+    )
     parser.add_argument("--force", action="store_true", help="replace a dataset already in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -116,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
     args.encoding = encoding
     drift_flags = {"--active-share": args.active_share, "--churn": args.churn,
                    "--popularity-shift": args.popularity_shift, "--drift": args.drift}
+    if args.stream:
+        return _run_stream(args, config, drift_flags)
     if args.days is not None:
         return _run_days(args, config, drift_flags)
     given = [flag for flag, value in drift_flags.items() if value is not None]
@@ -128,6 +136,19 @@ def run(args: argparse.Namespace) -> int:
     _print_summary(args.out, meta)
     if args.tsv:
         print(f"  raw Criteo TSV: {args.tsv}", file=sys.stderr)
+    return 0
+
+
+def _run_stream(args: argparse.Namespace, config: object, drift_flags: Dict[str, Optional[float]]) -> int:
+    from multiembed.data.synthetic.stream import write_stream_dataset
+
+    given = [flag for flag, value in (("--days", args.days), ("--tsv", args.tsv), *drift_flags.items())
+             if value is not None]
+    if given:
+        raise ValueError(f"--stream: {', '.join(given)} not available (a stream writes no files and is one dataset)")
+    meta = write_stream_dataset(args.out, args.rows, config, split=args.split, force=args.force)  # type: ignore[arg-type]
+    _print_summary(args.out, meta)
+    print("  source: stream (rows drawn while training; every epoch draws new training rows)", file=sys.stderr)
     return 0
 
 

@@ -59,6 +59,23 @@ _COLLAPSE_MODEL: Dict[str, Any] = {
     "batch_size": 1024, "hidden": 256, "patience": 2, "output_bias": "default", "device": "auto",
 }
 
+# Fresh rows (docs/results/fresh-rows/): the collapse regime drawn as a stream, so that no row is trained twice and a
+# model gains only from what generalises; every run trains the same budget, FRESH_ROWS_STEPS steps of 1024 rows (the
+# stream's epoch, so --max-steps and --epochs 1 end a run at the same row). The budget comes from the learning curves of
+# DCNv2 SE 1x and SE 10x, seed 0, on this stream (docs/results/fresh-rows/learning_curve.csv): SE 1x still gains at
+# 6.1M rows (val AUC 0.7294 at 614k, 0.7381 at 1.02M, 0.7715 at 6.1M), SE 10x from 0.7219 at 256k to 0.7456 at 768k,
+# so neither flattens within any budget this machine allows and the budget is the largest whole number of steps at
+# which 3 seeds of the grid fit in 3 hours at the throughputs measured during the curves on a loaded machine (SE 1x
+# about 5,000 rows/s, SE 10x about 650 rows/s; the other models scaled by collapse-long's ratios): about 58 minutes a
+# seed with the evaluations. At collapse-long's 2-core throughputs the same grid takes about 16 minutes.
+FRESH_ROWS_STEPS = 750
+FRESH_ROWS_BATCH = 1024
+FRESH_ROWS_HELD_OUT = 100_000
+FRESH_ROWS_PRESET_DATA = (
+    f"multiembed synth --regime collapse --stream --rows {FRESH_ROWS_STEPS * FRESH_ROWS_BATCH + 2 * FRESH_ROWS_HELD_OUT} "
+    f"--split {FRESH_ROWS_STEPS * FRESH_ROWS_BATCH},{FRESH_ROWS_HELD_OUT},{FRESH_ROWS_HELD_OUT} --out DATA"
+)
+
 PRESETS: Dict[str, Preset] = {
     "small": Preset(
         name="small",
@@ -88,5 +105,16 @@ PRESETS: Dict[str, Preset] = {
         train={"epochs": 4, **_COLLAPSE_MODEL, "eval_every": 130, "max_steps": 0},
         data_hint=COLLAPSE_PRESET_DATA,
         description="collapse's grid under early stopping, up to 4 epochs: measured 35 minutes on 2 CPU cores",
+    ),
+    "fresh-rows": Preset(
+        name="fresh-rows",
+        grid={"backbones": ["dcnv2"], "modes": ["se", "me"], "scales": [1, 4, 10], "seeds": 3},
+        train={
+            "epochs": 1, **_COLLAPSE_MODEL, "patience": 0, "eval_every": 250, "max_steps": FRESH_ROWS_STEPS,
+        },
+        data_hint=FRESH_ROWS_PRESET_DATA,
+        description="DCNv2 SE vs ME at 1x, 4x, 10x, 3 seeds, on a stream of the collapse regime: every run trains the "
+        "same 768,000 new rows (no early stopping); estimated 16 minutes at collapse-long's 2-core throughputs, about "
+        "3 hours at those measured on a loaded machine (docs/results/fresh-rows/)",
     ),
 }

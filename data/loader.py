@@ -194,6 +194,9 @@ def positive_rate(data_dir: os.PathLike, meta: DatasetMetadata, split: str = "tr
         >>> rows, 0.0 < rate < 1.0
         (1600, True)
     """
+    if meta.stream is not None:
+        raise DatasetError(f"{data_dir}: a stream dataset (rows drawn while training, no Parquet files); "
+                           "multiembed.data.sources.split_positive_rate reads its recorded rate")
     files = meta.splits.get(split)
     if files is None or files.rows == 0:
         raise DatasetError(f"{data_dir}: split {split!r} has no rows (metadata.json)")
@@ -362,7 +365,7 @@ class _Failure:
 _END = object()
 
 
-def _in_background(produce: Iterator[T], depth: int) -> Iterator[T]:
+def in_background(produce: Iterator[T], depth: int) -> Iterator[T]:
     """Runs ``produce`` in a thread, ``depth`` items ahead of the consumer.
 
     A thread (not a process): batch building is numpy work on arrays this process already holds, and a
@@ -508,6 +511,12 @@ class ParquetBatchLoader:
         self.prefetch = prefetch
 
         self.metadata = read_metadata(self.data_dir)
+        if self.metadata.stream is not None:
+            raise DatasetError(
+                f"{self.data_dir / 'metadata.json'}: source: a stream dataset (rows drawn while training, no Parquet "
+                "files to read); train, evaluate and scale read it, commands that read Parquet files need "
+                "multiembed synth without --stream"
+            )
         if split not in self.metadata.splits:
             raise DatasetError(
                 f"{self.data_dir / 'metadata.json'}: splits: no split {split!r} "
@@ -635,7 +644,7 @@ class ParquetBatchLoader:
                 part = slice(b * self.batch_size, (b + 1) * self.batch_size)
                 yield self._make_batch(local[part], weights[part])
 
-        return _in_background(produce(), self.prefetch) if self.prefetch else produce()
+        return in_background(produce(), self.prefetch) if self.prefetch else produce()
 
     def _make_batch(self, local_rows: np.ndarray, weights: np.ndarray) -> WeightedBatch:
         store = self._store

@@ -17,6 +17,11 @@ Parquet columns (one row per impression):
 * ``dense_<name>`` float32 columns for raw dense features (Criteo: ``log(1 + max(x, 0))`` of I1..I13), optional.
 * ``true_prob`` float32, only in synthetic data: the probability the generator drew the label from.
 
+A *stream* dataset (``multiembed synth --stream``) has no Parquet files: its ``metadata.json`` says
+``"source": "stream"`` and its ``"stream"`` object holds the click model and the rows of every split, and the rows are
+drawn from their index while training reads them (:mod:`multiembed.data.synthetic.stream`). Its ``splits`` is empty;
+:meth:`DatasetMetadata.split_rows` reads the rows from the stream object.
+
 Every split file ``metadata.json`` names must lie inside the dataset directory (no absolute path, no ``..``, no
 symbolic link that leads out); :func:`read_metadata` refuses metadata that names one outside.
 
@@ -41,6 +46,11 @@ SPLITS = ("train", "val", "test")
 LABEL_COLUMN = "label"
 TRUE_PROB_COLUMN = "true_prob"
 DENSE_PREFIX = "dense_"
+# ``metadata.json``'s ``source``: Parquet files listed under ``splits`` (the default when absent), or rows drawn from
+# their index by the generator the ``stream`` object describes.
+PARQUET_SOURCE = "parquet"
+STREAM_SOURCE = "stream"
+SOURCES = (PARQUET_SOURCE, STREAM_SOURCE)
 
 
 class DatasetError(ValueError):
@@ -92,6 +102,8 @@ class DatasetMetadata:
         split_recipe: what decides which row lands in which split (producer, rules, seed, split weights, every
             input's content hash and rows, or the generator's parameters); hashed by :func:`split_identity`.
             ``None`` in metadata written before it was recorded (unknown).
+        stream: a stream dataset's generator and rows per split (``"source": "stream"`` in the file; None for
+            Parquet data): ``{"rows": {split: int}, ...}``, read by :mod:`multiembed.data.synthetic.stream`.
         extra: anything else a producer recorded (kept on round trips).
 
     Every path a dataset's metadata names is relative to the dataset directory, so a moved directory still loads.
@@ -108,6 +120,7 @@ class DatasetMetadata:
     options: Dict[str, Any] = dataclasses.field(default_factory=dict)
     bayes: Optional[Dict[str, Dict[str, float]]] = None
     split_recipe: Optional[Dict[str, Any]] = None
+    stream: Optional[Dict[str, Any]] = None
     extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -119,7 +132,15 @@ class DatasetMetadata:
         """``{field: vocab_size}`` in schema order."""
         return {f.name: f.vocab_size for f in self.fields}
 
+    @property
+    def source(self) -> str:
+        """``"stream"`` for rows drawn while training, ``"parquet"`` for rows in files."""
+        return STREAM_SOURCE if self.stream is not None else PARQUET_SOURCE
+
     def split_rows(self) -> Dict[str, int]:
+        """Rows per split (a stream's ``train``: the rows of one epoch)."""
+        if self.stream is not None:
+            return {name: int(self.stream["rows"].get(name, 0)) for name in SPLITS}
         return {name: self.splits[name].rows if name in self.splits else 0 for name in SPLITS}
 
     def to_json(self) -> Dict[str, Any]:
@@ -142,6 +163,9 @@ class DatasetMetadata:
             out["bayes"] = self.bayes
         if self.split_recipe is not None:
             out["split_recipe"] = dict(self.split_recipe)
+        if self.stream is not None:
+            out["source"] = STREAM_SOURCE
+            out["stream"] = dict(self.stream)
         out.update(self.extra)
         return out
 
@@ -190,8 +214,9 @@ class DatasetMetadata:
             splits[name] = SplitFiles(files=files, file_rows=rows)
         known = {
             "format_version", "dataset", "fields", "dense_fields", "splits", "vocab_fingerprint", "skipped",
-            "rows_read", "sources", "options", "bayes", "split_recipe",
+            "rows_read", "sources", "options", "bayes", "split_recipe", "source", "stream",
         }
+        stream = _parse_stream(obj, where)
         recipe = obj.get("split_recipe")
         if recipe is not None and not isinstance(recipe, Mapping):
             raise DatasetError(f"{where}: split_recipe: expected an object, got {type(recipe).__name__}")
@@ -210,6 +235,7 @@ class DatasetMetadata:
             options=dict(obj.get("options", {})),
             bayes=obj.get("bayes"),
             split_recipe=dict(recipe) if recipe is not None else None,
+            stream=stream,
             extra={k: v for k, v in obj.items() if k not in known},
         )
 
@@ -222,6 +248,30 @@ def _as_int(value: Any, where: str) -> int:
         return int(value)
     except (TypeError, ValueError):
         raise DatasetError(f"{where}: expected an integer, got {value!r}") from None
+
+
+def _parse_stream(obj: Mapping[str, Any], where: str) -> Optional[Dict[str, Any]]:
+    """The ``stream`` object of a stream dataset's metadata (None for Parquet data), its rows per split checked."""
+    source = obj.get("source", PARQUET_SOURCE)
+    if source not in SOURCES:
+        raise DatasetError(f"{where}: source: expected one of {', '.join(SOURCES)}, got {source!r}")
+    if source == PARQUET_SOURCE:
+        if "stream" in obj:
+            raise DatasetError(f"{where}: stream: present but source is {PARQUET_SOURCE!r}")
+        return None
+    stream = obj.get("stream")
+    if not isinstance(stream, Mapping):
+        raise DatasetError(f"{where}: stream: expected an object (source is {STREAM_SOURCE!r})")
+    rows = stream.get("rows")
+    if not isinstance(rows, Mapping) or set(rows) != set(SPLITS):
+        raise DatasetError(f"{where}: stream.rows: expected rows for each of {', '.join(SPLITS)}")
+    for name in SPLITS:
+        value = rows[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise DatasetError(f"{where}: stream.rows.{name}: expected a non-negative integer, got {value!r}")
+    if obj.get("splits"):
+        raise DatasetError(f"{where}: splits: a stream dataset lists no files (source is {STREAM_SOURCE!r})")
+    return dict(stream)
 
 
 def split_identity(meta: DatasetMetadata) -> Optional[str]:

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from multiembed.config import TrainConfig
-from multiembed.data.loader import ParquetBatchLoader
+from multiembed.data.sources import open_split
 from multiembed.data.metadata import DatasetMetadata, read_metadata, split_identity
 from multiembed.training import checkpoint as ckpt
 from multiembed.training.build import BuiltTraining, build_training
@@ -53,7 +53,7 @@ def evaluate_split(
         ``{"auc", "logloss", "ne", "calibration", "rows", ...}`` as :class:`EvalMetrics` computes them.
     """
     average_batch_norm_statistics(built.dmp, ctx.world_size)
-    loader = ParquetBatchLoader(
+    loader = open_split(
         data_dir, split, local_batch, rank=ctx.rank, world_size=ctx.world_size, shuffle=False, last_batch="pad",
         use_dense=use_dense,
     )
@@ -94,7 +94,7 @@ def _shares_rows(trained: Optional[Dict[str, Any]], data: Optional[Dict[str, Any
     if trained.get("producer") == "convert":
         hashes = {i.get("sha256") for i in trained.get("inputs", [])} - {None}
         return bool(hashes & {i.get("sha256") for i in data.get("inputs", [])})
-    if trained.get("producer") == "synthetic":
+    if trained.get("producer") in ("synthetic", "synthetic-stream"):
         return (
             trained.get("seed") == data.get("seed") and trained.get("model") == data.get("model")
             and trained.get("day") == data.get("day")

@@ -35,7 +35,7 @@ except ImportError as e:  # pragma: no cover - depends on the installed torch
 from multiembed.collapse import collapse_from_model, summarize_sets
 from multiembed.collapse.monitor import CollapsedField, CollapseMonitor, format_collapsed
 from multiembed.config import OutputBias, TrainConfig, recorded_option
-from multiembed.data.loader import ParquetBatchLoader, positive_rate
+from multiembed.data.sources import open_split, split_positive_rate
 from multiembed.data.metadata import DatasetMetadata, read_metadata, split_identity
 from multiembed.models import MultiEmbeddingModel
 from multiembed.runtime.stack import installed_versions
@@ -193,7 +193,7 @@ class Trainer:
         self.train_wall_s = 0.0
         # Fields whose IA fell below --collapse-warn x a random initialisation's (collapse/monitor.py).
         self.collapse_monitor = CollapseMonitor(config.collapse_warn)
-        self.train_loader = ParquetBatchLoader(
+        self.train_loader = open_split(
             config.data, "train", self.local_batch, rank=self.ctx.rank, world_size=self.ctx.world_size,
             shuffle=True, seed=config.seed, last_batch="drop", use_dense=config.dense_features,
             extra_data=self.extra_train,
@@ -256,10 +256,10 @@ class Trainer:
         replaces it). Returns what was set, for ``config.json`` (None with ``--output-bias default``)."""
         if self.config.output_bias != OutputBias.PRIOR.value:
             return None
-        rate, rows = positive_rate(self.config.data, self.meta, "train")
+        rate, rows = split_positive_rate(self.config.data, self.meta, "train")
         positives = round(rate * rows)
         for data in self.extra_train:  # the other days' train rows count as this split's
-            data_rate, data_rows = positive_rate(data, read_metadata(data), "train")
+            data_rate, data_rows = split_positive_rate(data, read_metadata(data), "train")
             positives, rows = positives + round(data_rate * data_rows), rows + data_rows
             rate = positives / rows
         logit = prior_logit(positives, rows)

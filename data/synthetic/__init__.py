@@ -46,8 +46,9 @@ probabilities kept to compute the exact Bayes AUC). Generation is deterministic 
 
 The steps live in their own modules: :mod:`~multiembed.data.synthetic.model` (the default click model),
 :mod:`~multiembed.data.synthetic.regime` (the collapse regime) and :mod:`~multiembed.data.synthetic.write` (splits,
-chunks, files and the Bayes-optimal metrics). The package imports numpy and pyarrow only (``multiembed synth`` must
-not import torch).
+chunks, files and the Bayes-optimal metrics); :mod:`~multiembed.data.synthetic.stream` draws the same click models
+as a stream (``synth --stream``: rows a function of their index, drawn while training, no files). The package imports
+numpy and pyarrow only (``multiembed synth`` must not import torch).
 """
 
 from multiembed.data.synthetic.model import (
