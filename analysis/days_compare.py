@@ -23,8 +23,6 @@ plot can be redrawn from ``days_study.csv``:
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from multiembed.analysis.report import save_figure
 from multiembed.analysis.scaling import mean_std, t_critical
 from multiembed.data.metadata import atomic_write_text
+from multiembed.analysis.tables import format_typed_csv, read_typed_csv, write_typed_csv
 
 DAYS_STUDY_CSV = "days_study.csv"
 DAYS_STUDY_MD = "days_study.md"
@@ -55,47 +54,22 @@ PathLike = Union[str, os.PathLike]
 
 # ----------------------------------------------------------------------------------------------------------- CSV
 def format_csv(rows: Iterable[Row]) -> str:
-    """``days_study.csv``'s text: a header of :data:`DAYS_STUDY_COLUMNS`, one line per row (floats in full)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(DAYS_STUDY_COLUMNS), lineterminator="\n", extrasaction="raise")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: repr(row[c]) if isinstance(row[c], float) else row[c] for c in DAYS_STUDY_COLUMNS})
-    return buffer.getvalue()
+    """``days_study.csv``'s text: a header of :data:`DAYS_STUDY_COLUMNS`, one line per row (floats in full precision)."""
+    return format_typed_csv(rows, DAYS_STUDY_COLUMNS)
 
 
 def write_csv(rows: Iterable[Row], path: PathLike) -> Path:
     """Writes ``days_study.csv`` atomically."""
-    path = Path(path)
-    atomic_write_text(path, format_csv(rows))
-    return path
+    return write_typed_csv(rows, DAYS_STUDY_COLUMNS, path)
 
 
 def read_csv(path: PathLike) -> List[Row]:
     """Reads a ``days_study.csv`` back into typed rows.
 
     Raises:
-        ValueError: wrong header or a value that does not parse (file, line and column named).
+        ValueError: wrong header, or a value that does not parse (the message names file, line and column).
     """
-    path = Path(path)
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != DAYS_STUDY_COLUMNS:
-            raise ValueError(f"{path}: header {reader.fieldnames} is not {list(DAYS_STUDY_COLUMNS)}")
-        rows: List[Row] = []
-        for line, raw in enumerate(reader, start=2):
-            row: Row = {}
-            for column in DAYS_STUDY_COLUMNS:
-                text = raw[column]
-                try:
-                    if column in _STR_COLUMNS:
-                        row[column] = text
-                    else:
-                        row[column] = int(text) if column in _INT_COLUMNS else float(text)
-                except ValueError:
-                    raise ValueError(f"{path}: line {line}: column {column}: {text!r} does not parse") from None
-            rows.append(row)
-    return rows
+    return read_typed_csv(path, DAYS_STUDY_COLUMNS, int_columns=_INT_COLUMNS, str_columns=_STR_COLUMNS)
 
 
 # --------------------------------------------------------------------------------------------------- statistics

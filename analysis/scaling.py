@@ -29,8 +29,6 @@ reported.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 from dataclasses import dataclass
@@ -43,6 +41,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 from multiembed.data.metadata import atomic_write, atomic_write_text
+from multiembed.analysis.tables import format_typed_csv, read_typed_csv, write_typed_csv
 
 SCALING_CSV = "scaling.csv"
 SCALING_MD = "scaling.md"
@@ -262,20 +261,13 @@ def sort_rows(rows: Iterable[Row], backbones: Optional[Sequence[str]] = None) ->
 
 # ------------------------------------------------------------------------------------------------------------ CSV
 def format_csv(rows: Iterable[Row]) -> str:
-    """``scaling.csv``'s text: a header of :data:`SCALING_COLUMNS`, one line per row (floats at full precision)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(SCALING_COLUMNS), lineterminator="\n", extrasaction="raise")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: repr(row[c]) if isinstance(row[c], float) else row[c] for c in SCALING_COLUMNS})
-    return buffer.getvalue()
+    """``scaling.csv``'s text: a header of :data:`SCALING_COLUMNS`, one line per row (floats in full precision)."""
+    return format_typed_csv(rows, SCALING_COLUMNS)
 
 
 def write_csv(rows: Iterable[Row], path: PathLike) -> Path:
     """Writes ``scaling.csv`` atomically."""
-    path = Path(path)
-    atomic_write_text(path, format_csv(rows))
-    return path
+    return write_typed_csv(rows, SCALING_COLUMNS, path)
 
 
 def read_csv(path: PathLike) -> List[Row]:
@@ -284,25 +276,7 @@ def read_csv(path: PathLike) -> List[Row]:
     Raises:
         ValueError: wrong header, or a value that does not parse (the message names file, line and column).
     """
-    path = Path(path)
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != SCALING_COLUMNS:
-            raise ValueError(f"{path}: header {reader.fieldnames} is not {list(SCALING_COLUMNS)}")
-        rows = []
-        for line, raw in enumerate(reader, start=2):
-            row: Row = {}
-            for column in SCALING_COLUMNS:
-                text = raw[column]
-                try:
-                    if column in _STR_COLUMNS:
-                        row[column] = text
-                    else:
-                        row[column] = int(text) if column in _INT_COLUMNS else float(text)
-                except (TypeError, ValueError):
-                    raise ValueError(f"{path}: line {line}, column {column!r}: cannot parse {text!r}") from None
-            rows.append(row)
-    return rows
+    return read_typed_csv(path, SCALING_COLUMNS, int_columns=_INT_COLUMNS, str_columns=_STR_COLUMNS)
 
 
 # --------------------------------------------------------------------------------------------------- statistics
