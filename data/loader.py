@@ -78,6 +78,25 @@ from multiembed.data.metadata import (
 from multiembed.data.parquet_io import check_dataset_files
 
 LAST_BATCH_POLICIES = ("drop", "pad", "keep")
+
+
+def check_loader_arguments(batch_size: int, rank: int, world_size: int, last_batch: str, prefetch: int) -> None:
+    """The argument checks every split loader (Parquet or stream) makes at construction.
+
+    Raises:
+        ValueError: ``batch_size < 1``, ``rank`` outside ``[0, world_size)``, an unknown ``last_batch`` policy or a
+            negative ``prefetch``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank {rank}, world_size {world_size}")
+    if last_batch not in LAST_BATCH_POLICIES:
+        raise ValueError(f"last_batch must be one of {LAST_BATCH_POLICIES}, got {last_batch!r}")
+    if prefetch < 0:
+        raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+
+
 _INT32_MAX = np.iinfo(np.int32).max
 _log = logging.getLogger(__name__)
 
@@ -492,14 +511,7 @@ class ParquetBatchLoader:
         prefetch: int = 2,
         extra_data: Sequence[os.PathLike] = (),
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size), got rank {rank}, world_size {world_size}")
-        if last_batch not in LAST_BATCH_POLICIES:
-            raise ValueError(f"last_batch must be one of {LAST_BATCH_POLICIES}, got {last_batch!r}")
-        if prefetch < 0:
-            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+        check_loader_arguments(batch_size, rank, world_size, last_batch, prefetch)
         self.data_dir = Path(data_dir)
         self.split = split
         self.batch_size = batch_size

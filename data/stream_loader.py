@@ -25,7 +25,7 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from multiembed.data.loader import LAST_BATCH_POLICIES, WeightedBatch, in_background, keyed_features
+from multiembed.data.loader import WeightedBatch, check_loader_arguments, in_background, keyed_features
 from multiembed.data.metadata import SPLITS, DatasetError, DatasetMetadata, read_metadata
 from multiembed.data.synthetic.stream import StreamGenerator, StreamRows, stream_generator
 
@@ -92,14 +92,7 @@ class StreamBatchLoader:
         if extra_data:
             raise ValueError(f"{data_dir}: a stream dataset trains on its own rows only; it takes no other datasets' "
                              "train splits (extra_data)")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size), got rank {rank}, world_size {world_size}")
-        if last_batch not in LAST_BATCH_POLICIES:
-            raise ValueError(f"last_batch must be one of {LAST_BATCH_POLICIES}, got {last_batch!r}")
-        if prefetch < 0:
-            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+        check_loader_arguments(batch_size, rank, world_size, last_batch, prefetch)
         if split not in SPLITS:
             raise DatasetError(f"{data_dir}: no split {split!r} (a stream has {', '.join(SPLITS)})")
         self.data_dir = Path(data_dir)
