@@ -41,7 +41,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 
 
 def run(args: argparse.Namespace) -> int:
-    from multiembed.runtime.malloc import tune_for_training
+    from multiembed.runtime.malloc import tune_allocator
     from multiembed.analysis.days import format_days, plot_days
     from multiembed.training.days import run_days
     from multiembed.training.distributed import destroy, init_distributed
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from multiembed.data.owners import check_directory_out
 
     check_directory_out(args.out, "--out")
-    tune_for_training()  # speed only: a step's temporaries stay in the heap between steps
+    tune_allocator()  # speed only: a step's temporaries stay in the heap between steps
     base = from_arguments(TrainConfig, args, data=args.data[0], out=args.out)
     base.validate()
     try:

@@ -72,7 +72,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 
 
 def run(args: argparse.Namespace) -> int:
-    from multiembed.runtime.malloc import tune_for_training
+    from multiembed.runtime.malloc import tune_allocator
     from multiembed.analysis.scaling import study_grid
     from multiembed.analysis.study import TRAIN_OPTIONS, describe_options, resolve_options, run_scaling_study
     from multiembed.training.distributed import destroy
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not is_within(args.out, args.data):  # that one the study refuses naming --data
         check_directory_out(args.out, "--out")
-    tune_for_training()  # speed only: a step's temporaries stay in the heap between steps
+    tune_allocator()  # speed only: a step's temporaries stay in the heap between steps
     explicit = {k: getattr(args, k) for k in ("backbones", "modes", "scales", "seeds", *TRAIN_OPTIONS)}
     options = resolve_options(explicit, args.preset)
     points = study_grid(options["backbones"], options["modes"], options["scales"], options["seeds"])

@@ -32,11 +32,11 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 
 
 def run(args: argparse.Namespace) -> int:
-    from multiembed.runtime.malloc import tune_for_training
+    from multiembed.runtime.malloc import tune_allocator
     from multiembed.training.distributed import destroy
     from multiembed.training.trainer import Trainer, TrainingDiverged, format_summary
 
-    tune_for_training()  # speed only: a step's temporaries stay in the heap between steps
+    tune_allocator()  # speed only: a step's temporaries stay in the heap between steps
     try:
         trainer = Trainer(from_arguments(TrainConfig, args))
         try:

@@ -3,7 +3,8 @@
 glibc serves every allocation above its mmap threshold with a fresh ``mmap`` and unmaps it on free, so a loop that
 allocates large temporaries page-faults (and the kernel zeroes) every 4 KiB of them again on every pass. Raising the
 thresholds (or switching ``mmap`` off) makes the heap reuse those pages: speed changes, results do not. Settings are
-process-wide. Used by ``convert`` (its column temporaries) and the training benchmark's ``--malloc retain``.
+process-wide. Used by ``convert`` (its column temporaries), by the commands that train (:func:`tune_allocator`)
+and by the training benchmark (``--malloc``, :func:`apply_malloc_mode`).
 """
 
 from __future__ import annotations
@@ -42,18 +43,27 @@ def set_malloc_options(settings: Sequence[Tuple[int, int]]) -> bool:
     return all(mallopt(parameter, value) == 1 for parameter, value in settings)
 
 
-def tune_allocator() -> None:
-    """Keeps freed memory in glibc's heap instead of returning it to the kernel after every chunk.
+# The tuned settings (:func:`tune_allocator`): glibc refuses an mmap threshold above 32 MiB on 64-bit.
+TUNED_MALLOC_OPTIONS = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30))
 
-    Encoding allocates and frees numpy temporaries of a few MB per column and chunk; glibc maps each with ``mmap``
-    and unmaps it on free, so every new one page-faults again, at several times the cost of the numpy work itself
-    (benchmarks/README.md, "Conversion: encoding and allocator choices"). Raising the mmap and trim thresholds
-    makes the heap reuse those pages; peak memory is unchanged (the same temporaries are live at the peak).
-    Process-wide, so only the ``convert`` command (and its pool's workers) call it; a no-op where the C library is
-    not glibc.
+
+def tune_allocator() -> bool:
+    """Keeps freed blocks up to 32 MiB in glibc's heap instead of returning them to the kernel, for the processes
+    that allocate and free the same temporaries over and over: ``convert`` (and its pool's workers) and the
+    commands that train (``train``, ``days``, ``scale``; every rank).
+
+    glibc maps each allocation above its mmap threshold with ``mmap`` and unmaps it on free, so every new one
+    page-faults again (and the kernel zeroes it): for encoding, numpy temporaries of a few MB per column and chunk
+    cost several times the numpy work itself (benchmarks/README.md, "Conversion: encoding and allocator choices");
+    for training, a step's activations and gradients (dcnv2-me-4x, batch 2048, on CPU: about 60 -> 8 MB of page
+    faults a step, as few as :func:`retain_freed_memory` leaves). Raising the mmap and trim thresholds makes the heap
+    reuse those pages; blocks over 32 MiB still go back to the kernel, and peak memory is unchanged (the same
+    temporaries are live at the peak). Speed only, never results. Process-wide.
+
+    Returns:
+        False (nothing changed) where the C library is not glibc or refuses the settings.
     """
-    # glibc refuses an mmap threshold above 32 MiB on 64-bit.
-    set_malloc_options(TRAINING_MALLOC_OPTIONS)
+    return set_malloc_options(TUNED_MALLOC_OPTIONS)
 
 
 def retain_freed_memory() -> None:
@@ -74,21 +84,6 @@ def retain_freed_memory() -> None:
         raise OSError("--malloc retain needs Linux glibc, and glibc accepting mallopt")
 
 
-
-def tune_for_training() -> bool:
-    """:func:`tune_allocator` for a process that trains (``train``, ``days``, ``scale``; each rank calls it): a
-    training step allocates and frees the same activations and gradients, a few MB each, every step, and returning
-    them to the kernel costs a page fault per 4 KiB each time. With the thresholds raised they stay in the heap;
-    blocks over 32 MiB are still mapped and unmapped, so freed large blocks go back to the kernel (dcnv2-me-4x, batch
-    2048, on CPU: about 60 -> 8 MB of page faults a step at the same peak memory, as few as
-    :func:`retain_freed_memory` leaves; figures in ``benchmarks/README.md``). Results do not change. Returns False
-    (nothing changed) where the C library is not glibc or refuses the settings.
-    """
-    return set_malloc_options(TRAINING_MALLOC_OPTIONS)
-
-
-# The allocator settings of a training process (:func:`tune_for_training`), as :func:`tune_allocator`'s.
-TRAINING_MALLOC_OPTIONS = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30))
 # The benchmark's ``--malloc`` modes: the process as started, a training process's settings, or no unmapping at all.
 MALLOC_MODES = ("default", "train", "retain")
 
@@ -103,6 +98,6 @@ def apply_malloc_mode(mode: str) -> None:
     if mode not in MALLOC_MODES:
         raise ValueError(f"--malloc: expected one of {', '.join(MALLOC_MODES)}, got {mode!r}")
     if mode == "train":
-        tune_for_training()
+        tune_allocator()
     elif mode == "retain":
         retain_freed_memory()
