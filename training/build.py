@@ -370,7 +370,7 @@ def build_training(
     num_dense: int,
     ctx: DistContext,
     local_batch: int,
-    admission: Optional["Admission"] = None,
+    admission: Optional[Admission] = None,
 ) -> BuiltTraining:
     """Builds, plans over the job's ranks, shards (DMP) and wraps ``config.model`` for training or evaluation.
 
