@@ -22,7 +22,9 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from multiembed.data.owners import ARTIFACT, DATASET, RUN, RUN_CHECKPOINTS, directory_kind, owning_directory
+from multiembed.data.owners import (
+    ARTIFACT, DATASET, RUN, RUN_CHECKPOINTS, check_file_out, directory_kind, owning_directory,
+)
 from multiembed.data.paths import is_within
 
 __all__ = ["ARTIFACT", "DATASET", "RUN", "check_export_placement", "check_prediction_out", "directory_kind",
@@ -46,17 +48,7 @@ def check_prediction_out(out: "str | os.PathLike", overwrite: bool, inputs: Iter
     for source in inputs:
         if is_within(out, source):
             raise ValueError(f"--out {out}: is the input {source} or inside it; write the predictions elsewhere")
-    owner = owning_directory(out)
-    if owner is not None:
-        raise ValueError(f"--out {out}: lies inside {owner[1]} ({owner[0]}); write the predictions elsewhere")
-    if out.is_symlink():
-        raise ValueError(f"--out {out}: is a symbolic link; predict never writes through a link")
-    if out.is_dir():
-        raise ValueError(f"--out {out}: is a directory; --out names the Parquet file to write")
-    if out.exists() and not out.is_file():
-        raise ValueError(f"--out {out}: exists and is not a regular file")
-    if out.exists() and not overwrite:
-        raise ValueError(f"--out {out}: already exists; choose a new --out (or --overwrite to replace it)")
+    check_file_out(out, "--out", overwrite=overwrite, overwrite_flag="--overwrite")
 
 
 def check_export_placement(out: "str | os.PathLike") -> None:
