@@ -234,6 +234,59 @@ def pooled_values_in_key_order(pooled: KeyedTensor, keys: List[str]) -> torch.Te
     return KeyedTensor.regroup([pooled], [keys])[0]
 
 
+def _set_major_view(values: torch.Tensor, layout: str, num_sets: int, num_fields: int, stored: int) -> torch.Tensor:
+    """The ``[K, B, F, stored]`` view of the lookup's ``[B, F * K * stored]`` (``fused``: fields, then sets) or
+    ``[B, K * F * stored]`` (``per_set``: sets, then fields) values."""
+    if layout == "fused":
+        return values.reshape(-1, num_fields, num_sets, stored).permute(2, 0, 1, 3)
+    return values.reshape(-1, num_sets, num_fields, stored).transpose(0, 1)
+
+
+class _SetMajorGather(torch.autograd.Function):
+    """``[B, F*K*stored]`` lookup values -> contiguous ``[K, B, F, d]``, the padding dropped, in one copy each way.
+
+    Autograd's backward of the same view-slice-copy chain runs three passes over the padded gradient (zeros, the
+    slice's copy, the reshape's copy out of the permuted layout); this one writes the lookup's gradient once, in its
+    own layout, and zeroes only the padding columns.
+    """
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, layout: str, num_sets: int, num_fields: int, stored: int,
+                set_dim: int) -> torch.Tensor:
+        ctx.layout, ctx.shape = layout, (num_sets, num_fields, stored, set_dim)
+        view = _set_major_view(values, layout, num_sets, num_fields, stored)[..., :set_dim]
+        return view.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        num_sets, num_fields, stored, set_dim = ctx.shape
+        grad_values = grad.new_empty(grad.shape[1], num_fields * num_sets * stored)
+        view = _set_major_view(grad_values, ctx.layout, num_sets, num_fields, stored)
+        view[..., :set_dim] = grad
+        if stored > set_dim:
+            view[..., set_dim:] = 0.0
+        return grad_values, None, None, None, None, None
+
+
+@torch.fx.wrap
+def gather_set_major(values: torch.Tensor, layout: str, num_sets: int, num_fields: int, stored: int,
+                     set_dim: int) -> torch.Tensor:
+    """The lookup's ``[B, F*K*stored]`` values (``layout`` order, see :class:`MultiEmbeddingSparseArch`) as
+    contiguous ``[K, B, F, d]``: one copy gathers every field and set into set-major storage and drops the padding
+    (per-field slices would cost 2F kernels forward and backward, which dominated the lookup on CPU); its backward
+    writes the padded gradient once (:class:`_SetMajorGather`). Wrapped for fx: the layout arguments are Python
+    values.
+
+    Example::
+
+        >>> values = torch.arange(24.0).view(1, 24)  # B = 1, fused: 2 fields x 3 sets x 4 stored (d = 2)
+        >>> out = gather_set_major(values, "fused", 3, 2, 4, 2)
+        >>> out.shape, out[1, 0].tolist()  # set 1: field 0 at columns 4-5, field 1 at 16-17
+        (torch.Size([3, 1, 2, 2]), [[4.0, 5.0], [16.0, 17.0]])
+    """
+    return _SetMajorGather.apply(values, layout, num_sets, num_fields, stored, set_dim)
+
+
 class MultiEmbeddingSparseArch(nn.Module):
     """K embedding sets over one ``EmbeddingBagCollection``: KJT -> ``[B, K, F, d]``.
 
@@ -411,14 +464,9 @@ class MultiEmbeddingSparseArch(nn.Module):
         values = pooled_values_in_key_order(pooled, self._output_keys)
         if self._cast_to_fp32:
             values = values.float()
-        k, stored, d, f = self.num_sets, self.stored_set_dim, self.set_dim, self.num_fields
-        if self.layout == "fused":
-            padded = values.reshape(-1, f, k, stored).permute(2, 0, 1, 3)  # [K, B, F, stored] view
-        else:
-            padded = values.reshape(-1, k, f, stored).transpose(0, 1)  # keys in (set, field) order
-        # One copy gathers every field and set into set-major storage and drops the padding: per-field slices would
-        # cost 2F kernels forward and backward, which dominated the lookup on CPU.
-        return padded[..., :d].contiguous().transpose(0, 1)
+        gathered = gather_set_major(values, self.layout, self.num_sets, self.num_fields, self.stored_set_dim,
+                                    self.set_dim)
+        return gathered.transpose(0, 1)
 
     def weight_views_per_set(self, table_weights: Mapping[str, torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
         """Per set, ``{field: [D_i, d]}`` views of full (unsharded) table weights, padding removed.
