@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -15,6 +15,7 @@ from torchrec.datasets.utils import Batch
 from multiembed.benchmarks.bench_train_phases import PhaseClock, StepTimer, arch_hooks, module_hooks, patched
 from multiembed.benchmarks.bench_train_timing import tensor_bytes, timed
 from multiembed.benchmarks.bench_train_workload import BenchBatch
+from multiembed.benchmarks.bench_train_yardstick import GemmTimer
 from multiembed.config import TrainConfig
 from multiembed.models import ModelSpec, MultiEmbeddingModel, SetInteractionArch
 from multiembed.training.build import build_training
@@ -122,11 +123,14 @@ class ProjectRunner:
         return timed(train, self.device)
 
     def run_phases(self, batches: Sequence[BenchBatch], steps: int, offset: int,
-                   phases: List[Dict[str, float]]) -> float:
+                   phases: List[Dict[str, float]], gemm_timer: Optional[GemmTimer] = None) -> float:
         """:meth:`run`, each step timed phase by phase (:mod:`bench_train_phases`: hooks on the pipeline, the
         optimizer and the sparse, set and over arches, installed for this call only); each step's seconds per phase
-        are appended to ``phases``."""
+        are appended to ``phases``. With ``gemm_timer``, the steps' GEMMs are also
+        timed call by call and charged to the phase they ran in."""
         clock = PhaseClock(self.device)
+        if gemm_timer is not None:
+            gemm_timer.phase_of(lambda: clock.current)
         model = self.inner
         hooks = [arch_hooks(clock, model.sparse_arch, "lookup_fwd", "other", "lookup_bwd"),
                  arch_hooks(clock, model.set_arch, "interaction_fwd", "over_arch", "interaction_bwd")]
@@ -144,7 +148,8 @@ class ProjectRunner:
                 patched(self.optimizer, {"zero_grad": "optimizer"}, clock):
             handle = model.sparse_arch.register_forward_hook(end_of_lookup)
             try:
-                return self.run(batches, steps, offset, around_step=lambda: StepTimer(clock, phases))
+                with contextlib.nullcontext() if gemm_timer is None else gemm_timer:
+                    return self.run(batches, steps, offset, around_step=lambda: StepTimer(clock, phases))
             finally:
                 handle.remove()
 

@@ -49,6 +49,30 @@ def limit_lines(record: Mapping[str, Any]) -> List[str]:
         f"{len(record['step_gemms'])} signatures on every backend). Ceiling: {_fmt(ceiling['gemm_ms'])} ms of GEMMs "
         f"at the limit + {_fmt(ceiling['non_gemm_ms'])} ms of non-GEMM work at its best = {_fmt(ceiling['ms'])} ms; "
         f"the step reaches {_fmt(ceiling['step_share'], 2)} of it.",
+        *limits_lines(record),
+    ]
+
+
+LIMIT_TERMS = {
+    "gemm_useful_at_limit": "useful GEMM FLOPs at the limit",
+    "gemm_padding": "padded widths' extra FLOPs",
+    "gemm_shapes": "the step's GEMM shapes (each at its best)",
+    "gemm_in_step": "GEMMs as run inside the step (layouts, operand copies)",
+    "dense_non_gemm": "dense arches' non-GEMM work",
+    "non_gemm_phases": "lookups, table update, optimizer, communication, loader, other",
+}
+
+
+def limits_lines(record: Mapping[str, Any]) -> List[str]:
+    """Where the step's time goes between the GEMM limit and the step (``limits``), or nothing without it."""
+    limits = record.get("limits")
+    if not limits:
+        return []
+    terms = "; ".join(f"{LIMIT_TERMS.get(name, name)} {_fmt(ms)}" for name, ms in limits["terms_ms"].items())
+    return [
+        f"Step split (ms): {terms}; sum {_fmt(limits['sum_ms'])} ({_fmt(limits['sum_vs_step'], 2)} of the step). "
+        f"The step's GEMMs ran at {_fmt(limits['gemm_in_step_gflops'])} GFLOP/s; with no dense non-GEMM work the "
+        f"step would reach {_fmt(limits['share_without_dense_non_gemm'], 2)} of the GEMM limit.",
     ]
 
 

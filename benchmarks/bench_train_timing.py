@@ -8,7 +8,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List, Mapping, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -22,12 +22,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> float:
+def timed_call(fn: Callable[[], Any], device: torch.device) -> Tuple[float, Any]:
+    """``fn()``'s synchronised wall seconds and its result."""
     sync(device)
     start = time.perf_counter()
-    fn()
+    out = fn()
     sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, out
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    return timed_call(fn, device)[0]
 
 
 def median_time(fn: Callable[[], Any], device: torch.device, reps: int) -> float:

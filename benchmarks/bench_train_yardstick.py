@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence, Tuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from multiembed.benchmarks.bench_train_timing import timed
+from multiembed.benchmarks.bench_train_timing import timed, timed_call
 from multiembed.models import cpu_fastpath
 
 # The square GEMM every yardstick includes: [SQUARE_GEMM, SQUARE_GEMM] x [SQUARE_GEMM, SQUARE_GEMM].
@@ -121,6 +121,46 @@ class GemmRecorder(TorchDispatchMode):
         if kind is not None:
             self.gemms[gemm_shape(kind, args)] += 1
         return func(*args, **(kwargs or {}))
+
+
+class GemmTimer(TorchDispatchMode):
+    """Times every matrix product torch executes inside the ``with`` block, call by call, and charges it to the phase
+    ``phase()`` names at the call (:attr:`seconds` and :attr:`flops` per phase).
+
+    Each GEMM is timed as the step runs it: its kernel, its operands' layouts, the copies the kernel makes of a
+    transposed operand, and the caches the step leaves. The other ops pass through untimed (the mode slows them, so
+    steps run under it are kept out of every other figure).
+
+    Example::
+
+        >>> timer = GemmTimer(torch.device("cpu"), phase=lambda: "over_arch")
+        >>> with timer:
+        ...     _ = torch.randn(8, 3) @ torch.randn(3, 5)
+        >>> timer.flops["over_arch"], timer.seconds["over_arch"] > 0
+        (240, True)
+    """
+
+    def __init__(self, device: torch.device, phase: Callable[[], str] = lambda: "other") -> None:
+        super().__init__()
+        self._ops = _gemm_ops()
+        self._device = device
+        self._phase = phase
+        self.seconds: "collections.Counter[str]" = collections.Counter()
+        self.flops: "collections.Counter[str]" = collections.Counter()
+
+    def phase_of(self, phase: Callable[[], str]) -> None:
+        """Charges the following GEMMs to the phase ``phase()`` names at each call."""
+        self._phase = phase
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kind = self._ops.get(func.overloadpacket)
+        if kind is None:
+            return func(*args, **(kwargs or {}))
+        phase = self._phase()
+        seconds, out = timed_call(lambda: func(*args, **(kwargs or {})), self._device)
+        self.seconds[phase] += seconds
+        self.flops[phase] += gemm_shape(kind, args).flops
+        return out
 
 
 def gemm_backends(dtype: torch.dtype, device: torch.device) -> Tuple[str, ...]:
@@ -250,6 +290,31 @@ class GemmYardstick:
                 total += seconds
         return total
 
+    def best_call_ms(self, shape: GemmShape) -> float:
+        """The fastest this run timed one call of the step's GEMM ``shape``: the best over every yardstick dtype and
+        backend (a batched call as ``batch`` single products where the backend times those).
+
+        Raises:
+            RuntimeError: no round has run, or ``shape`` is not one of the step's GEMMs.
+        """
+        rows = {(row.shape, row.backend): row for row in self.rows}
+        best = math.inf
+        for dtype in self.dtypes:
+            candidate = dataclasses.replace(shape, dtype=dtype)
+            for backend in (*self.backends[dtype], "bmm"):
+                row = rows.get((timed_signature(candidate, backend), backend))
+                if row is None or not row.seconds:
+                    continue
+                per_call = min(row.seconds) * (1 if backend == "bmm" else shape.batch)
+                best = min(best, per_call)
+        if not math.isfinite(best):
+            raise RuntimeError(f"the GEMM yardstick did not time {shape}")
+        return best * 1e3
+
+    def step_best_ms(self) -> float:
+        """The step's GEMMs, each call at :meth:`best_call_ms` (ms per step)."""
+        return sum(calls * self.best_call_ms(shape) for shape, calls in self.step_gemms.items())
+
     def result(self) -> Dict[str, Any]:
         """The limit (``gflops``: the highest rate of any row, each row at its best call) and every row.
 
@@ -339,6 +404,85 @@ def ceiling(flops: float, limit_gflops: float, non_gemm_ms: float, step_ms: floa
     return {"gemm_ms": gemm_ms, "non_gemm_ms": non_gemm_ms, "ms": total, "step_share": total / step_ms}
 
 
+# The phases whose GEMMs belong to the dense arches (their non-GEMM time is the dense element-wise work).
+DENSE_PHASES: Tuple[str, ...] = ("interaction_fwd", "interaction_bwd", "over_arch")
+
+
+def step_limits(breakdown_ms: Mapping[str, float], gemm_ms: Mapping[str, float], gemm_flops: Mapping[str, float],
+                useful_flops: float, executed_flops: float, step_best_ms: float, limit_gflops: float,
+                step_ms: float) -> Dict[str, Any]:
+    """Where a step's time goes between the GEMM limit and the measured step, term by term and phase by phase.
+
+    The step's time is split into: its useful (analytic) GEMM FLOPs at the limit; the padded widths' extra FLOPs at
+    the limit; the loss of the step's GEMM shapes (each GEMM at the best this run timed for its shape, minus all of
+    them at the limit); the loss inside the step (its GEMMs as it ran them, minus each at its best: operand layouts,
+    the kernels' copies of transposed operands, caches); the dense arches' non-GEMM work (element-wise passes, layout
+    copies, autograd); and the phases that run no GEMMs (lookups, fused table update, optimizer, communication,
+    loader) and ``other``. The terms add up to the instrumented step.
+
+    Args:
+        breakdown_ms: ms per phase of the instrumented steps (:func:`~bench_train_phases.summarize`'s ``ms``).
+        gemm_ms: ms per step of the GEMMs charged to each phase, as the step ran them (:class:`GemmTimer`).
+        gemm_flops: FLOPs per step charged to each phase (:class:`GemmTimer`).
+        useful_flops: the step's analytic GEMM FLOPs.
+        executed_flops: the FLOPs of the GEMMs the step executed (padded widths included).
+        step_best_ms: the step's GEMMs each at its best timed call (:meth:`GemmYardstick.step_best_ms`).
+        limit_gflops: the GEMM limit.
+        step_ms: the uninstrumented step's median (ms).
+
+    Returns:
+        ``terms_ms`` (the split above), ``sum_ms``, ``sum_vs_step``, ``phases`` (per phase: ``ms``, ``gemm_ms``,
+        ``gemm_gflop``, ``gemm_gflops``, ``non_gemm_ms``), ``gemm_in_step_gflops`` (the step's GEMM rate as it ran
+        them) and ``share_without_dense_non_gemm`` (the step's share of the GEMM limit if the dense arches' non-GEMM
+        work took no time, everything else as measured).
+
+    Example::
+
+        >>> limits = step_limits({"interaction_fwd": 6.0, "lookup_fwd": 2.0}, {"interaction_fwd": 4.0},
+        ...                      {"interaction_fwd": 3e9}, useful_flops=2e9, executed_flops=3e9, step_best_ms=3.5,
+        ...                      limit_gflops=1000.0, step_ms=8.0)
+        >>> {name: round(ms, 3) for name, ms in limits["terms_ms"].items()}  # doctest: +NORMALIZE_WHITESPACE
+        {'gemm_useful_at_limit': 2.0, 'gemm_padding': 1.0, 'gemm_shapes': 0.5, 'gemm_in_step': 0.5,
+         'dense_non_gemm': 2.0, 'non_gemm_phases': 2.0}
+        >>> limits["sum_ms"], limits["share_without_dense_non_gemm"]
+        (8.0, 0.3333333333333333)
+    """
+    if limit_gflops <= 0 or step_ms <= 0:
+        raise ValueError(f"the GEMM limit and the step time must be positive, got {limit_gflops}, {step_ms}")
+    unknown = sorted(set(gemm_ms) - set(breakdown_ms))
+    if unknown:
+        raise ValueError(f"GEMM time charged to phases the breakdown lacks: {', '.join(unknown)}")
+    at_limit = 1e3 / (limit_gflops * 1e9)
+    phases: Dict[str, Dict[str, float]] = {}
+    for phase, ms in breakdown_ms.items():
+        in_phase = float(gemm_ms.get(phase, 0.0))
+        flops = float(gemm_flops.get(phase, 0.0))
+        phases[phase] = {
+            "ms": ms, "gemm_ms": in_phase, "gemm_gflop": flops / 1e9,
+            "gemm_gflops": flops / in_phase / 1e6 if in_phase > 0 else 0.0, "non_gemm_ms": ms - in_phase,
+        }
+    gemm_in_step = sum(phase["gemm_ms"] for phase in phases.values())
+    dense = sum(phases[phase]["non_gemm_ms"] for phase in DENSE_PHASES if phase in phases)
+    terms = {
+        "gemm_useful_at_limit": useful_flops * at_limit,
+        "gemm_padding": (executed_flops - useful_flops) * at_limit,
+        "gemm_shapes": step_best_ms - executed_flops * at_limit,
+        "gemm_in_step": gemm_in_step - step_best_ms,
+        "dense_non_gemm": dense,
+        "non_gemm_phases": sum(phase["non_gemm_ms"] for name, phase in phases.items() if name not in DENSE_PHASES),
+    }
+    total = sum(terms.values())
+    gemm_flops_total = sum(float(flops) for flops in gemm_flops.values())
+    return {
+        "terms_ms": terms,
+        "sum_ms": total,
+        "sum_vs_step": total / step_ms,
+        "phases": phases,
+        "gemm_in_step_gflops": gemm_flops_total / gemm_in_step / 1e6 if gemm_in_step > 0 else 0.0,
+        "share_without_dense_non_gemm": terms["gemm_useful_at_limit"] / (total - dense),
+    }
+
+
 def record_step_gemms(run_one_step: Callable[[], Any]) -> Dict[GemmShape, int]:
     """The GEMM signatures and calls of one step (``run_one_step`` trains exactly one)."""
     with GemmRecorder() as recorder:
@@ -353,7 +497,8 @@ def step_gemm_rows(step_gemms: Mapping[GemmShape, int]) -> List[Dict[str, Any]]:
 
 
 __all__ = [
-    "GemmRecorder", "GemmShape", "GemmYardstick", "SQUARE_GEMM", "ceiling", "check_gemm_limit", "gemm_backends",
-    "gemm_call", "record_step_gemms", "step_gemm_flops", "step_gemm_rows",
+    "DENSE_PHASES", "GemmRecorder", "GemmShape", "GemmTimer", "GemmYardstick", "SQUARE_GEMM", "ceiling",
+    "check_gemm_limit", "gemm_backends", "gemm_call", "record_step_gemms", "step_gemm_flops", "step_gemm_rows",
+    "step_limits",
 ]
 

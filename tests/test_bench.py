@@ -158,6 +158,19 @@ def test_bench_smoke_json_has_every_key_and_consistent_values(tmp_path: Path, ca
                                           "over_arch", "optimizer")), (prefix, parts)
         assert sum(parts.values()) == pytest.approx(record[prefix + "breakdown"]["step_ms_instrumented"])
     assert "savvy_compiled_baseline_breakdown_ms" not in record
+    # Where the step's time goes: the terms add up to the instrumented step; every GEMM of the step was timed inside
+    # real steps (the timer's FLOPs are the recorded step's) and charged to a dense arch's phase.
+    limits = record["limits"]
+    assert limits["sum_ms"] == pytest.approx(breakdown["step_ms_instrumented"])
+    assert limits["terms_ms"]["gemm_useful_at_limit"] == pytest.approx(ceiling["gemm_ms"])
+    assert limits["terms_ms"]["gemm_shapes"] >= -1e-9 and limits["terms_ms"]["gemm_padding"] >= 0
+    phases = limits["phases"]
+    timed_flops = sum(phases[p]["gemm_gflop"] for p in PHASES) * 1e9
+    assert timed_flops == pytest.approx(record["executed_gemm_flops_per_step"])
+    assert all(phases[p]["gemm_ms"] > 0 for p in ("interaction_fwd", "interaction_bwd", "over_arch"))
+    assert all(phases[p]["gemm_ms"] == 0 for p in NON_GEMM)
+    assert 0 < limits["share_without_dense_non_gemm"] <= 1
+    assert "Step split (ms)" in printed
     assert set(record["layouts"]) == {"fused", "per_set"}
     assert all(row["samples_per_s"] > 0 for row in record["layouts"].values())
 
@@ -494,6 +507,40 @@ def test_ceiling_is_the_gemm_flops_at_the_limit_plus_the_best_non_gemm_work() ->
     result = ceiling(flops=3e9, limit_gflops=150.0, non_gemm_ms=summary["non_gemm_best_ms"], step_ms=100.0)
     assert result["gemm_ms"] == pytest.approx(20.0) and result["ms"] == pytest.approx(62.0)
     assert result["step_share"] == pytest.approx(0.62)
+
+
+def test_step_limits_split_the_step_between_the_gemm_limit_and_the_rest() -> None:
+    """A step of 40 ms: GEMMs charged to the dense phases (18 ms as run, 12 ms at their best shapes, 8 GFLOP executed
+    of which 6 useful at a 1000 GFLOP/s limit); the terms add up to the phases, and the phase rows carry the GEMMs."""
+    from multiembed.benchmarks.bench_train_yardstick import GemmTimer, step_limits
+
+    breakdown = {**dict.fromkeys(PHASES, 1.0), "interaction_fwd": 10.0, "interaction_bwd": 16.0, "over_arch": 7.0}
+    gemm_ms = {"interaction_fwd": 6.0, "interaction_bwd": 10.0, "over_arch": 2.0}
+    gemm_flops = {"interaction_fwd": 2.5e9, "interaction_bwd": 5e9, "over_arch": 0.5e9}
+    limits = step_limits(breakdown, gemm_ms, gemm_flops, useful_flops=6e9, executed_flops=8e9, step_best_ms=12.0,
+                         limit_gflops=1000.0, step_ms=40.0)
+    assert limits["terms_ms"] == pytest.approx({
+        "gemm_useful_at_limit": 6.0, "gemm_padding": 2.0, "gemm_shapes": 4.0, "gemm_in_step": 6.0,
+        "dense_non_gemm": 15.0, "non_gemm_phases": 6.0,
+    })
+    assert limits["sum_ms"] == pytest.approx(sum(breakdown.values())) and limits["sum_vs_step"] == pytest.approx(0.975)
+    assert limits["phases"]["interaction_bwd"] == pytest.approx(
+        {"ms": 16.0, "gemm_ms": 10.0, "gemm_gflop": 5.0, "gemm_gflops": 500.0, "non_gemm_ms": 6.0})
+    assert limits["gemm_in_step_gflops"] == pytest.approx(8e9 / 18e-3 / 1e9)
+    assert limits["share_without_dense_non_gemm"] == pytest.approx(6.0 / 24.0)
+    with pytest.raises(ValueError, match="phases the breakdown lacks: lookup"):
+        step_limits(breakdown, {"lookup": 1.0}, {}, 1.0, 1.0, 1.0, 1.0, 1.0)
+
+    # The timer charges each product to the phase current at its call, forward and backward.
+    phase = ["interaction_fwd"]
+    timer = GemmTimer(torch.device("cpu"), phase=lambda: phase[0])
+    layer, x = torch.nn.Linear(3, 5), torch.randn(8, 3, requires_grad=True)
+    with timer:
+        out = layer(x)
+        phase[0] = "interaction_bwd"
+        out.backward(torch.randn(8, 5))
+    assert timer.flops == {"interaction_fwd": 2 * 8 * 3 * 5, "interaction_bwd": 2 * 2 * 8 * 3 * 5}
+    assert set(timer.seconds) == {"interaction_fwd", "interaction_bwd"} and min(timer.seconds.values()) > 0
 
 
 @pytest.mark.parametrize("name, expected", [("adagrad", torch.optim.Adagrad), ("adam", torch.optim.SparseAdam),
