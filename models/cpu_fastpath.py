@@ -681,6 +681,20 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return mask[:count].view(x.shape)
 
 
+def mask_factors(keep: torch.Tensor) -> torch.Tensor:
+    """A bool mask as its 0/1 bytes (a uint8 view, no copy), the factor a dropout multiplies by.
+
+    The same factors as the bool mask; torch converts uint8 to a floating type with vectorised loops, bool
+    element by element, so a product with the uint8 view is the faster one (float32 and bfloat16 alike).
+
+    Example::
+
+        >>> mask_factors(torch.tensor([True, False])).tolist()
+        [1, 0]
+    """
+    return keep.view(torch.uint8)
+
+
 def dropout_scale(p: float) -> float:
     """``1 / (1 - p)``, the factor of the kept elements (as ``nn.Dropout``)."""
     return 1.0 / (1.0 - p)
@@ -696,7 +710,7 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
         >>> sorted(set(out.tolist())), 0.79 < float((out > 0).float().mean()) < 0.81
         ([0.0, 1.25], True)
     """
-    return torch.mul(x, keep_mask(x, p)).mul_(dropout_scale(p))
+    return torch.mul(x, mask_factors(keep_mask(x, p))).mul_(dropout_scale(p))
 
 
 class _ReLUDropoutFunction(torch.autograd.Function):
@@ -711,7 +725,7 @@ class _ReLUDropoutFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        out = torch.relu(x).mul_(keep_mask(x, p)).mul_(dropout_scale(p))
+        out = torch.relu(x).mul_(mask_factors(keep_mask(x, p))).mul_(dropout_scale(p))
         ctx.save_for_backward(out)
         ctx.scale = dropout_scale(p)
         return out
