@@ -182,14 +182,11 @@ def working_onednn_linear(dtype: torch.dtype) -> Optional[Callable[..., torch.Te
 
 @functools.lru_cache(maxsize=None)
 def _onednn_linear(dtype: torch.dtype) -> Optional[Callable[..., torch.Tensor]]:
-    """:func:`working_onednn_linear` where it is the better choice: on AVX-512 CPUs only (on an AVX2-only CPU it was
-    slower than ``addmm`` in float32), for float32, and for bfloat16 where the CPU runs bf16 natively (some builds
-    raise for bfloat16 or get it wrong: the probe then answers None); figures in ``benchmarks/README.md``."""
-    if not cpu_capability().startswith("AVX512"):
-        return None
-    if dtype == torch.bfloat16 and not _native_bf16():
-        return None
-    if dtype not in (torch.float32, torch.bfloat16):
+    """:func:`working_onednn_linear` where it is the better choice: float32 on AVX-512 CPUs only (on an AVX2-only CPU
+    it was slower than ``addmm``). For bfloat16, ``addmm`` / ``mm`` already run oneDNN's matmul, which reads
+    transposed operands in place where this op copies them (the backward GEMMs' transposed views), and some builds
+    raise for bfloat16 here; figures in ``benchmarks/README.md``."""
+    if dtype != torch.float32 or not cpu_capability().startswith("AVX512"):
         return None
     return working_onednn_linear(dtype)
 
