@@ -319,8 +319,24 @@ def weights_with_bias_column(weight: torch.Tensor, bias: torch.Tensor, rows: int
 # --------------------------------------------------------------------------------------------------------------------
 # Autocast: the GEMM Functions below run in bfloat16 under CPU bf16 autocast (see the module docstring)
 
-# Forward under CPU autocast: floating inputs cast to bfloat16 once, autocast off inside; a no-op outside autocast.
-_autocast_forward = torch.amp.custom_fwd(device_type="cpu", cast_inputs=AUTOCAST_DTYPE)
+_cast_forward = torch.amp.custom_fwd(device_type="cpu", cast_inputs=AUTOCAST_DTYPE)
+
+
+def _autocast_forward(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Decorates a GEMM Function's ``forward(ctx, *inputs)``: under CPU autocast its floating inputs are cast to
+    :data:`AUTOCAST_DTYPE` once and it runs with autocast off (``torch.amp.custom_fwd(cast_inputs=...)``; a plain
+    call outside autocast). ``ctx.input_dtypes`` keeps the inputs' own dtypes (None for non-tensors), so backward can
+    write a gradient in its input's dtype in a pass it makes anyway (autograd would cast it in one more pass)."""
+    cast = _cast_forward(forward)
+
+    @functools.wraps(forward)
+    def wrapped(ctx, *inputs):  # type: ignore[no-untyped-def]
+        ctx.input_dtypes = tuple(x.dtype if isinstance(x, torch.Tensor) else None for x in inputs)
+        return cast(ctx, *inputs)
+
+    return wrapped
+
+
 # Backward with the forward's autocast state (off inside the Functions above).
 _autocast_backward = torch.amp.custom_bwd(device_type="cpu")
 
@@ -415,7 +431,8 @@ class _SetLinearFunction(torch.autograd.Function):
         grad_padded = pad_last(grad, weight_padded.shape[1])
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.empty_like(x_padded, memory_format=torch.contiguous_format)
+            # In the input's dtype (fp32 embeddings under autocast): the copy out of each GEMM casts.
+            grad_x = torch.empty_like(x_padded, dtype=ctx.input_dtypes[0], memory_format=torch.contiguous_format)
             for k in range(num_sets):
                 grad_x[k] = cpu_mm(grad_padded[k], weight_padded[k // per_weight])
             grad_x = grad_x[..., :in_features]
@@ -554,7 +571,13 @@ class _CrossNetFunction(torch.autograd.Function):
                     grad_biases[layer] = grad_projected.sum(dim=1)
             for g in range(x0.shape[0]):
                 upstream[g] += cpu_mm(grad_projected[g], weights[layer][g])
-        grad_input = upstream.add_(grad_x0)[..., :width] if ctx.needs_input_grad[0] else None
+        grad_input: Optional[torch.Tensor] = None
+        if ctx.needs_input_grad[0]:
+            if ctx.input_dtypes[0] == upstream.dtype:
+                grad_input = upstream.add_(grad_x0)[..., :width]
+            else:  # under autocast: the sum in the input's dtype (fp32 embeddings) in one op, not an add and a cast
+                grad_input = torch.add(upstream, grad_x0, out=torch.empty_like(upstream, dtype=ctx.input_dtypes[0]))
+                grad_input = grad_input[..., :width]
         return (grad_input, *grad_weights, *grad_biases)
 
 
