@@ -25,14 +25,18 @@ Everything else (GPU, ``meta``, half precision outside autocast, float16 autocas
 switch is read at call time inside functions the layers wrap for ``torch.fx``, so traced models (TorchRec's
 pipeline) follow it too.
 
-Under bf16 autocast the same kernels run in bfloat16, as autocast would lower the reference path's ops: the GEMM
-Functions (:class:`_LinearFunction`, :class:`_SetLinearFunction`, :class:`_CrossNetFunction`) cast their floating
-inputs (activations and the fp32 master weights) to bfloat16 once on entry and run with autocast off inside
-(``torch.amp.custom_fwd(cast_inputs=torch.bfloat16)`` / ``custom_bwd``); their GEMMs accumulate in fp32 inside the
-kernel and round their outputs to bfloat16. Autograd casts the bfloat16 gradients they return for fp32 inputs (the
-parameters, the fp32 embeddings) back to fp32. The element-wise Functions (:func:`dropout`, :func:`relu_dropout`)
-run in their input's dtype, as autocast leaves those ops; BatchNorm between them is torch's, whose statistics and
-running averages stay fp32 for a bfloat16 input. Outside autocast nothing is cast (``custom_fwd`` is a no-op there).
+Under bf16 autocast the same kernels run in bfloat16: the GEMM Functions (:class:`_LinearFunction`,
+:class:`_SetLinearFunction`, :class:`_CrossNetFunction`) cast their floating inputs (activations and the fp32 master
+weights) to bfloat16 once on entry and run with autocast off inside (``torch.amp.custom_fwd(cast_inputs=
+torch.bfloat16)`` / ``custom_bwd``); their GEMMs (``addmm`` / ``mm``, :func:`gemm_backend`) accumulate in fp32 and
+round their outputs to bfloat16, as autocast's ``baddbmm`` on the reference path does. The set linear layers and the
+cross network write the input gradient in the input's own dtype (fp32 for the embeddings); autograd casts the
+parameters' bfloat16 gradients to fp32. One difference from the reference path: the cross layers' running sum
+``x_{l+1} = x_0 * P_l + x_l`` is bfloat16 here, fp32 there (autocast's ``addcmul`` promotes to its fp32
+operand); ``tests/test_models_fastpath.py`` bounds the two paths' difference. The element-wise steps
+(:func:`dropout`, :func:`relu_dropout`) run in their input's dtype, as autocast leaves those ops; BatchNorm between
+them is torch's, whose statistics and running averages stay fp32 for a bfloat16 input. Outside autocast nothing is
+cast (``custom_fwd`` is a no-op there).
 
 This module is plain torch (no TorchRec), like the layers that call it.
 """
@@ -702,17 +706,18 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def mask_factors(keep: torch.Tensor) -> torch.Tensor:
-    """A bool mask as its 0/1 bytes (a uint8 view, no copy), the factor a dropout multiplies by.
+    """The factors a dropout multiplies by: a bool mask as its 0/1 bytes (a uint8 view, no copy); a mask of another
+    dtype (0/1 values already, e.g. a benchmark's contender) as it is.
 
     The same factors as the bool mask; torch converts uint8 to a floating type with vectorised loops, bool
     element by element, so a product with the uint8 view is the faster one (float32 and bfloat16 alike).
 
     Example::
 
-        >>> mask_factors(torch.tensor([True, False])).tolist()
-        [1, 0]
+        >>> mask_factors(torch.tensor([True, False])).tolist(), mask_factors(torch.tensor([1.0, 0.0])).tolist()
+        ([1, 0], [1.0, 0.0])
     """
-    return keep.view(torch.uint8)
+    return keep.view(torch.uint8) if keep.dtype == torch.bool else keep
 
 
 def dropout_scale(p: float) -> float:
