@@ -27,16 +27,17 @@ pipeline) follow it too.
 
 Under bf16 autocast the same kernels run in bfloat16: the GEMM Functions (:class:`_LinearFunction`,
 :class:`_SetLinearFunction`, :class:`_CrossNetFunction`) cast their floating inputs (activations and the fp32 master
-weights) to bfloat16 once on entry and run with autocast off inside (``torch.amp.custom_fwd(cast_inputs=
-torch.bfloat16)`` / ``custom_bwd``); their GEMMs (``addmm`` / ``mm``, :func:`gemm_backend`) accumulate in fp32 and
-round their outputs to bfloat16, as autocast's ``baddbmm`` on the reference path does. The set linear layers and the
-cross network write the input gradient in the input's own dtype (fp32 for the embeddings); autograd casts the
-parameters' bfloat16 gradients to fp32. One difference from the reference path: the cross layers' running sum
-``x_{l+1} = x_0 * P_l + x_l`` is bfloat16 here, fp32 there (autocast's ``addcmul`` promotes to its fp32
-operand); ``tests/test_models_fastpath.py`` bounds the two paths' difference. The element-wise steps
-(:func:`dropout`, :func:`relu_dropout`) run in their input's dtype, as autocast leaves those ops; BatchNorm between
-them is torch's, whose statistics and running averages stay fp32 for a bfloat16 input. Outside autocast nothing is
-cast (``custom_fwd`` is a no-op there).
+weights) to bfloat16 once on entry and run with autocast off inside
+(``torch.amp.custom_fwd(cast_inputs=torch.bfloat16)`` / ``custom_bwd``); their GEMMs (``addmm`` / ``mm``,
+:func:`gemm_backend`) accumulate in fp32 and round their outputs to bfloat16, as autocast's ``baddbmm`` on the
+reference path does. The set linear layers write the input gradient in the input's own dtype (fp32 for the embeddings)
+as they copy it out of the GEMMs; autograd casts the other bfloat16 gradients of fp32 inputs (the parameters', the
+cross network's input's) to fp32. One difference from the reference path: the cross layers' running sum
+``x_{l+1} = x_0 * P_l + x_l`` is bfloat16 here, fp32 there (autocast's ``addcmul`` promotes to its fp32 operand);
+``tests/test_models_fastpath.py`` bounds the two paths' difference. The element-wise steps (:func:`dropout`,
+:func:`relu_dropout`) run in their input's dtype, as autocast leaves those ops; BatchNorm between them is torch's,
+whose statistics and running averages stay fp32 for a bfloat16 input. Outside autocast nothing is cast (``custom_fwd``
+is a no-op there).
 
 This module is plain torch (no TorchRec), like the layers that call it.
 """
@@ -575,13 +576,7 @@ class _CrossNetFunction(torch.autograd.Function):
                     grad_biases[layer] = grad_projected.sum(dim=1)
             for g in range(x0.shape[0]):
                 upstream[g] += cpu_mm(grad_projected[g], weights[layer][g])
-        grad_input: Optional[torch.Tensor] = None
-        if ctx.needs_input_grad[0]:
-            if ctx.input_dtypes[0] == upstream.dtype:
-                grad_input = upstream.add_(grad_x0)[..., :width]
-            else:  # under autocast: the sum in the input's dtype (fp32 embeddings) in one op, not an add and a cast
-                grad_input = torch.add(upstream, grad_x0, out=torch.empty_like(upstream, dtype=ctx.input_dtypes[0]))
-                grad_input = grad_input[..., :width]
+        grad_input = upstream.add_(grad_x0)[..., :width] if ctx.needs_input_grad[0] else None
         return (grad_input, *grad_weights, *grad_biases)
 
 
