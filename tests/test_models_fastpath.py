@@ -142,9 +142,10 @@ def test_every_backbone_fast_path_matches_the_plain_path(backbone: str, form: st
 # bf16 keeps 8 significant bits (relative rounding 2^-9). The bf16 fast path and the bf16 reference path round at
 # different points (per-set GEMMs against batched ones; the cross layers' running sum x_l is bf16 on the fast path,
 # fp32 on the reference path, where autocast's addcmul promotes), so each tensor is compared by its norm: measured
-# 0-0.6% apart for the logits and 0-3% for the gradients at these shapes. A gradient that is exactly 0 in exact
-# arithmetic (a bias right before train-mode BatchNorm) is rounding noise on both paths (measured up to 0.5% of the
-# largest gradient), so its error is judged against 20% of the largest gradient instead of its own norm.
+# at most 1.0% apart for the logits, 3.7% for the gradients (with the floor below) and 0.1% for BatchNorm's running
+# statistics over these backbones and forms. A gradient that is exactly 0 in exact arithmetic (a bias right before
+# train-mode BatchNorm) is rounding noise on both paths (measured up to 0.5% of the largest gradient), so its error
+# is judged against 20% of the largest gradient instead of its own norm.
 BF16_PATHS_RTOL = 0.05
 BF16_GRAD_FLOOR = 0.2
 # The fast path's custom autograd Functions: the nodes whose presence in the graph shows the fast path ran.
