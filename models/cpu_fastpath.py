@@ -18,10 +18,26 @@ measured and rejected, are in ``benchmarks/README.md`` ("CPU fast path: measurem
 
 The switch: the layers call :func:`enabled` on their input and take the fast path only when it returns True: the
 global setting is on (default; ``MULTIEMBED_FAST_PATH=0`` in the environment, :func:`set_fast_path` or the
-:func:`use_fast_path` context manager turn it off), the tensor is on CPU, its dtype is in :data:`FAST_DTYPES` and CPU
-autocast is off.
-Everything else (GPU, ``meta``, half precision) runs the reference path. The switch is read at call time inside
-functions the layers wrap for ``torch.fx``, so traced models (TorchRec's pipeline) follow it too.
+:func:`use_fast_path` context manager turn it off), the tensor is on CPU, and either CPU autocast is off and its dtype
+is in :data:`FAST_DTYPES`, or CPU autocast is on in bfloat16 (``--precision bf16``) on a CPU with native bf16
+(:func:`~multiembed.models.precision.cpu_bf16_supported`) and its dtype is in :data:`AUTOCAST_INPUT_DTYPES`.
+Everything else (GPU, ``meta``, half precision outside autocast, float16 autocast) runs the reference path. The
+switch is read at call time inside functions the layers wrap for ``torch.fx``, so traced models (TorchRec's
+pipeline) follow it too.
+
+Under bf16 autocast the same kernels run in bfloat16: the GEMM Functions (:class:`_LinearFunction`,
+:class:`_SetLinearFunction`, :class:`_CrossNetFunction`) cast their floating inputs (activations and the fp32 master
+weights) to bfloat16 once on entry and run with autocast off inside
+(``torch.amp.custom_fwd(cast_inputs=torch.bfloat16)`` / ``custom_bwd``); their GEMMs (``addmm`` / ``mm``,
+:func:`gemm_backend`) accumulate in fp32 and round their outputs to bfloat16, as autocast's ``baddbmm`` on the
+reference path does. The set linear layers write the input gradient in the input's own dtype (fp32 for the embeddings)
+as they copy it out of the GEMMs; autograd casts the other bfloat16 gradients of fp32 inputs (the parameters', the
+cross network's input's) to fp32. One difference from the reference path: the cross layers' running sum
+``x_{l+1} = x_0 * P_l + x_l`` is bfloat16 here, fp32 there (autocast's ``addcmul`` promotes to its fp32 operand);
+``tests/test_models_fastpath.py`` bounds the two paths' difference. The element-wise steps (:func:`dropout`,
+:func:`relu_dropout`) run in their input's dtype, as autocast leaves those ops; BatchNorm between them is torch's,
+whose statistics and running averages stay fp32 for a bfloat16 input. Outside autocast nothing is cast (``custom_fwd``
+is a no-op there).
 
 This module is plain torch (no TorchRec), like the layers that call it.
 """
@@ -37,14 +53,18 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from multiembed.models.precision import cpu_capability
+from multiembed.models.precision import cpu_bf16_supported, cpu_capability
 
 # --------------------------------------------------------------------------------------------------------------------
 # The switch
 
 FAST_PATH_ENV = "MULTIEMBED_FAST_PATH"
-# dtypes the fast path runs; others (bfloat16, float16) take the reference path.
+# dtypes the fast path runs outside autocast; others (bfloat16, float16) take the reference path there.
 FAST_DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.float64)
+# Input dtypes the fast path takes under CPU bf16 autocast (its GEMM Functions cast them to AUTOCAST_DTYPE); a
+# float64 input keeps the reference path there (autocast leaves float64 ops alone).
+AUTOCAST_DTYPE = torch.bfloat16
+AUTOCAST_INPUT_DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
 
 _OFF_VALUES = ("0", "false", "off", "no")
 _ON_VALUES = ("", "1", "true", "on", "yes")
@@ -93,19 +113,30 @@ def use_fast_path(on: bool) -> Iterator[None]:
         set_fast_path(previous)
 
 
+@functools.lru_cache(maxsize=None)
+def _native_bf16() -> bool:
+    """:func:`~multiembed.models.precision.cpu_bf16_supported`, asked once per process (it cannot change)."""
+    return cpu_bf16_supported()
+
+
 def enabled(x: torch.Tensor) -> bool:
-    """True where the layers take the fast path for input ``x``: setting on, ``x`` on CPU, dtype in
-    :data:`FAST_DTYPES`.
+    """True where the layers take the fast path for input ``x``: setting on, ``x`` on CPU, and either autocast off
+    and ``x``'s dtype in :data:`FAST_DTYPES`, or CPU autocast on in bfloat16 on a CPU with native bf16 and ``x``'s
+    dtype in :data:`AUTOCAST_INPUT_DTYPES` (the kernels then run in bfloat16).
 
     Example::
 
         >>> enabled(torch.ones(2, dtype=torch.bfloat16)), enabled(torch.ones(2, device="meta"))
         (False, False)
+        >>> with torch.autocast("cpu", dtype=torch.float16):
+        ...     enabled(torch.ones(2))
+        False
     """
-    # Under autocast (``--precision bf16``) the reference path runs: its ops are what autocast lowers to bf16.
-    return (
-        _fast_path_on and x.device.type == "cpu" and x.dtype in FAST_DTYPES and not torch.is_autocast_enabled("cpu")
-    )
+    if not _fast_path_on or x.device.type != "cpu":
+        return False
+    if not torch.is_autocast_enabled("cpu"):
+        return x.dtype in FAST_DTYPES
+    return torch.get_autocast_dtype("cpu") == AUTOCAST_DTYPE and x.dtype in AUTOCAST_INPUT_DTYPES and _native_bf16()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -157,7 +188,9 @@ def working_onednn_linear(dtype: torch.dtype) -> Optional[Callable[..., torch.Te
 @functools.lru_cache(maxsize=None)
 def _onednn_linear(dtype: torch.dtype) -> Optional[Callable[..., torch.Tensor]]:
     """:func:`working_onednn_linear` where it is the better choice: float32 on AVX-512 CPUs only (on an AVX2-only CPU
-    it was slower than ``addmm``, and some builds raise for bfloat16; figures in ``benchmarks/README.md``)."""
+    it was slower than ``addmm``). For bfloat16, ``addmm`` / ``mm`` already run oneDNN's matmul, which reads
+    transposed operands in place where this op copies them (the backward GEMMs' transposed views), and some builds
+    raise for bfloat16 here; figures in ``benchmarks/README.md``."""
     if dtype != torch.float32 or not cpu_capability().startswith("AVX512"):
         return None
     return working_onednn_linear(dtype)
@@ -289,6 +322,31 @@ def weights_with_bias_column(weight: torch.Tensor, bias: torch.Tensor, rows: int
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Autocast: the GEMM Functions below run in bfloat16 under CPU bf16 autocast (see the module docstring)
+
+_cast_forward = torch.amp.custom_fwd(device_type="cpu", cast_inputs=AUTOCAST_DTYPE)
+
+
+def _autocast_forward(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Decorates a GEMM Function's ``forward(ctx, *inputs)``: under CPU autocast its floating inputs are cast to
+    :data:`AUTOCAST_DTYPE` once and it runs with autocast off (``torch.amp.custom_fwd(cast_inputs=...)``; a plain
+    call outside autocast). ``ctx.input_dtypes`` keeps the inputs' own dtypes (None for non-tensors), so backward can
+    write a gradient in its input's dtype in a pass it makes anyway (autograd would cast it in one more pass)."""
+    cast = _cast_forward(forward)
+
+    @functools.wraps(forward)
+    def wrapped(ctx, *inputs):  # type: ignore[no-untyped-def]
+        ctx.input_dtypes = tuple(x.dtype if isinstance(x, torch.Tensor) else None for x in inputs)
+        return cast(ctx, *inputs)
+
+    return wrapped
+
+
+# Backward with the forward's autocast state (off inside the Functions above).
+_autocast_backward = torch.amp.custom_bwd(device_type="cpu")
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # One linear layer (the over arch's)
 
 
@@ -297,12 +355,14 @@ class _LinearFunction(torch.autograd.Function):
     autograd's own backward of ``F.linear`` runs its two GEMMs on ``torch.mm``."""
 
     @staticmethod
+    @_autocast_forward
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         return cpu_linear(x, weight, bias)
 
     @staticmethod
+    @_autocast_backward
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         x, weight = ctx.saved_tensors
         grad_x = cpu_mm(grad, weight) if ctx.needs_input_grad[0] else None
@@ -339,6 +399,7 @@ class _SetLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @_autocast_forward
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         num_sets, batch, in_features = x.shape
         out_features = weight.shape[1]
@@ -365,6 +426,7 @@ class _SetLinearFunction(torch.autograd.Function):
         return out[..., :out_features].transpose(0, 1)
 
     @staticmethod
+    @_autocast_backward
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         x_padded, weight_padded = ctx.saved_tensors
         in_features, out_features = ctx.widths
@@ -374,7 +436,8 @@ class _SetLinearFunction(torch.autograd.Function):
         grad_padded = pad_last(grad, weight_padded.shape[1])
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.empty_like(x_padded, memory_format=torch.contiguous_format)
+            # In the input's dtype (fp32 embeddings under autocast): the copy out of each GEMM casts.
+            grad_x = torch.empty_like(x_padded, dtype=ctx.input_dtypes[0], memory_format=torch.contiguous_format)
             for k in range(num_sets):
                 grad_x[k] = cpu_mm(grad_padded[k], weight_padded[k // per_weight])
             grad_x = grad_x[..., :in_features]
@@ -435,6 +498,7 @@ class _CrossNetFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @_autocast_forward
     def forward(ctx, x0: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         num_layers = len(params) // 2
         width = x0.shape[-1]
@@ -469,6 +533,7 @@ class _CrossNetFunction(torch.autograd.Function):
         return xl[..., :width]
 
     @staticmethod
+    @_autocast_backward
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         n, width = ctx.num_layers, ctx.width
         saved = ctx.saved_tensors
@@ -635,6 +700,21 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return mask[:count].view(x.shape)
 
 
+def mask_factors(keep: torch.Tensor) -> torch.Tensor:
+    """The factors a dropout multiplies by: a bool mask as its 0/1 bytes (a uint8 view, no copy); a mask of another
+    dtype (0/1 values already, e.g. a benchmark's contender) as it is.
+
+    The same factors as the bool mask; torch converts uint8 to a floating type with vectorised loops, bool
+    element by element, so a product with the uint8 view is the faster one (float32 and bfloat16 alike).
+
+    Example::
+
+        >>> mask_factors(torch.tensor([True, False])).tolist(), mask_factors(torch.tensor([1.0, 0.0])).tolist()
+        ([1, 0], [1.0, 0.0])
+    """
+    return keep.view(torch.uint8) if keep.dtype == torch.bool else keep
+
+
 def dropout_scale(p: float) -> float:
     """``1 / (1 - p)``, the factor of the kept elements (as ``nn.Dropout``)."""
     return 1.0 / (1.0 - p)
@@ -650,7 +730,7 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
         >>> sorted(set(out.tolist())), 0.79 < float((out > 0).float().mean()) < 0.81
         ([0.0, 1.25], True)
     """
-    return torch.mul(x, keep_mask(x, p)).mul_(dropout_scale(p))
+    return torch.mul(x, mask_factors(keep_mask(x, p))).mul_(dropout_scale(p))
 
 
 class _ReLUDropoutFunction(torch.autograd.Function):
@@ -665,7 +745,7 @@ class _ReLUDropoutFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        out = torch.relu(x).mul_(keep_mask(x, p)).mul_(dropout_scale(p))
+        out = torch.relu(x).mul_(mask_factors(keep_mask(x, p))).mul_(dropout_scale(p))
         ctx.save_for_backward(out)
         ctx.scale = dropout_scale(p)
         return out

@@ -7,8 +7,10 @@
     do the optimizers' states, the logits handed to the loss (cast back to fp32), the loss and the metrics. A CPU
     without native bf16 (``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` False, e.g. AVX2-only machines, where a
     bf16 GEMM runs about 50x slower than fp32) is refused in one line naming its capability
-    (:func:`check_precision`). Under autocast the CPU fast path steps aside (its kernels are fp32) and the plain
-    batched path runs in bf16.
+    (:func:`check_precision`). On such a CPU the CPU fast path (:mod:`multiembed.models.cpu_fastpath`) runs under
+    autocast too, in bf16: its GEMM Functions cast their inputs (activations and the fp32 master weights) to bf16
+    once and return gradients that reach the parameters as fp32; BatchNorm keeps fp32 statistics and running
+    averages. Elsewhere (``MULTIEMBED_FAST_PATH=0``, GPUs) the plain batched path runs under autocast.
 
 ``--table-dtype fp16``
     The embedding tables are stored in fp16 (``EmbeddingBagConfig.data_type``); FBGEMM's CPU and GPU kernels read

@@ -1,8 +1,9 @@
 """The CPU fast path (``multiembed.models.cpu_fastpath``) against the plain batched reference path (the path GPUs
 run): every backbone in SE, ME and shared-interaction form, forward and backward with the switch on and off on the
 same weights and batch, in float64 and float32; the switch itself (it really changes the path, also in a traced
-model, and follows ``MULTIEMBED_FAST_PATH``); the per-machine GEMM choice and its probe; the padding helpers; and
-the cross set arch against a hand-written autograd reference."""
+model, and follows ``MULTIEMBED_FAST_PATH``); under bf16 autocast (``--precision bf16``, on CPUs with native bf16)
+the fast path against the bf16 reference path in the same way; the per-machine GEMM choice and its probe; the padding
+helpers; and the cross set arch against a hand-written autograd reference."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from multiembed.models import BACKBONES, build_model, build_set_arch, parse_mode
 from multiembed.models import cpu_fastpath
 from multiembed.models.cpu_fastpath import cpu_linear, ones_column_padded_base, pad_with_ones_column
 from multiembed.models.layers import ReLUDropout
+from multiembed.models.precision import cpu_bf16_supported
 
 FAST_FUNCTIONS = ("per_set_linear", "cross_network", "dropout", "relu_dropout")
 BATCH = 16
@@ -137,6 +139,126 @@ def test_every_backbone_fast_path_matches_the_plain_path(backbone: str, form: st
     compare(small_model(name, fields, hidden, 0.2, dtype).eval(), dtype, fast_calls)
 
 
+# bf16 keeps 8 significant bits (relative rounding 2^-9). The bf16 fast path and the bf16 reference path round at
+# different points (per-set GEMMs against batched ones; the cross layers' running sum x_l is bf16 on the fast path,
+# fp32 on the reference path, where autocast's addcmul promotes), so each tensor is compared by its norm: measured
+# at most 1.0% apart for the logits, 3.7% for the gradients (with the floor below) and 0.1% for BatchNorm's running
+# statistics over these backbones and forms. A gradient that is exactly 0 in exact arithmetic (a bias right before
+# train-mode BatchNorm) is rounding noise on both paths (measured up to 0.5% of the largest gradient), so its error
+# is judged against 20% of the largest gradient instead of its own norm.
+BF16_PATHS_RTOL = 0.05
+BF16_GRAD_FLOOR = 0.2
+# The fast path's custom autograd Functions: the nodes whose presence in the graph shows the fast path ran.
+FAST_NODES = ("_SetLinearFunctionBackward", "_CrossNetFunctionBackward", "_LinearFunctionBackward",
+              "_ReLUDropoutFunctionBackward")
+
+needs_native_bf16 = pytest.mark.skipif(not cpu_bf16_supported(),
+                                       reason="this CPU has no native bf16: --precision bf16 is refused on it")
+
+
+def graph_node_names(output: torch.Tensor) -> set:
+    """The class names of every autograd node ``output`` depends on."""
+    names, seen, stack = set(), set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(following for following, _ in node.next_functions)
+    return names
+
+
+def norm_error(got: torch.Tensor, want: torch.Tensor, floor: float = 0.0) -> float:
+    """``|got - want| / max(|want|, floor)`` in float64 (Frobenius norms)."""
+    return float((got.double() - want.double()).norm()) / max(float(want.double().norm()), floor, 1e-30)
+
+
+def compare_bf16(model: nn.Module) -> None:
+    """``model`` (fp32 parameters, ``precision="bf16"``) on the fast path against a copy on the reference path."""
+    num_sets, fields, set_dim = model.set_arch.num_sets, model.set_arch.num_fields, model.set_arch.set_dim
+    stored_fields = fields - (1 if model.dense_arch is not None else 0)
+    embeddings = torch.randn(BATCH, num_sets, stored_fields, set_dim)
+    dense = torch.randn(BATCH, 2 if model.dense_arch is not None else 0)
+    upstream = torch.randn(BATCH)
+    plain = copy.deepcopy(model)
+
+    leaf = embeddings.clone().requires_grad_(True)
+    model.sparse_arch.value = leaf
+    with cpu_fastpath.use_fast_path(True):
+        fast_out = model(dense, None)
+        nodes = graph_node_names(fast_out)
+        fast_grads = torch.autograd.grad(fast_out, [leaf, *model.parameters()], upstream)
+    assert "_SetLinearFunctionBackward" in nodes, f"the fast path was not taken under bf16 autocast: {nodes}"
+    plain_out, plain_grads = run(plain, embeddings, dense, upstream, fast=False)
+
+    assert fast_out.dtype == plain_out.dtype == torch.float32  # the logits come back fp32 for the loss
+    assert norm_error(fast_out.detach(), plain_out) < BF16_PATHS_RTOL
+    names = ["embeddings", *(n for n, _ in model.named_parameters())]
+    largest = max(float(g.norm()) for g in plain_grads)
+    for label, got, want, param in zip(names, fast_grads, plain_grads, [leaf, *model.parameters()]):
+        assert got.dtype == param.dtype == torch.float32, label  # gradients of fp32 leaves come back fp32
+        assert norm_error(got, want, BF16_GRAD_FLOOR * largest) < BF16_PATHS_RTOL, label
+    for (label, got), (_, want) in zip(model.named_buffers(), plain.named_buffers()):  # BatchNorm statistics
+        assert got.dtype == want.dtype, label  # fp32 running averages (num_batches_tracked: int64)
+        if got.is_floating_point():
+            assert got.dtype == torch.float32 and norm_error(got, want) < BF16_PATHS_RTOL, label
+
+
+@needs_native_bf16
+@pytest.mark.parametrize("form, fields, hidden", FORMS, ids=[f[0] for f in FORMS])
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_every_backbone_bf16_fast_path_matches_the_bf16_reference_path(backbone: str, form: str, fields: int,
+                                                                       hidden: int) -> None:
+    """``--precision bf16`` (the dense arches under CPU bf16 autocast, fp32 parameters): the fast path's Functions
+    run (their nodes are in the graph) and match the bf16 reference path within :data:`BF16_PATHS_RTOL`, in train
+    mode (batch statistics, dropout 0) and eval mode (running statistics, dropout the identity); every gradient of
+    an fp32 leaf comes back fp32 and the BatchNorm running statistics stay fp32."""
+    torch.manual_seed(0)
+    name = f"{backbone}-{form}"
+    for dropout, train in ((0.0, True), (0.2, False)):
+        model = small_model(name, fields, hidden, dropout, torch.float32).train(train)
+        model.precision = "bf16"
+        compare_bf16(model)
+
+
+@needs_native_bf16
+def test_bf16_fast_path_runs_every_function_in_bf16(fast_calls) -> None:
+    """With dropout in training, every fast entry point runs under bf16 autocast and every custom Function is in
+    the graph; the activations between them are bf16 (the set arch's output), the parameters' gradients fp32."""
+    torch.manual_seed(0)
+    model = small_model("dcnv2-me-2x5", 3, 16, 0.3, torch.float32).train()
+    model.precision = "bf16"
+    model.sparse_arch.value = torch.randn(BATCH, 2, 3, 5, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        per_set = model.set_arch(model.sparse_arch.value)
+    assert per_set.dtype == torch.bfloat16
+    logits = model(torch.empty(BATCH, 0), None)
+    assert set(FAST_NODES) <= graph_node_names(logits)
+    assert {name for name, count in fast_calls.items() if count} == set(FAST_FUNCTIONS)
+    logits.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_switch_under_autocast(monkeypatch) -> None:
+    """Under CPU autocast the fast path runs for bf16 autocast on a CPU with native bf16 and fp32 or bf16 input
+    only; float16 autocast, float64 input and a CPU without native bf16 keep the reference path. Outside autocast
+    a bf16 tensor keeps the reference path, as before."""
+    x = torch.ones(3)
+    with cpu_fastpath.use_fast_path(True):
+        assert not cpu_fastpath.enabled(x.to(torch.bfloat16))
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert not cpu_fastpath.enabled(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not cpu_fastpath.enabled(x.double()) and not cpu_fastpath.enabled(x.to("meta"))
+            assert cpu_fastpath.enabled(x) is cpu_fastpath.enabled(x.to(torch.bfloat16)) is cpu_bf16_supported()
+            monkeypatch.setattr(cpu_fastpath, "_native_bf16", lambda: False)
+            assert not cpu_fastpath.enabled(x) and not cpu_fastpath.enabled(x.to(torch.bfloat16))
+            monkeypatch.setattr(cpu_fastpath, "_native_bf16", lambda: True)
+            with cpu_fastpath.use_fast_path(False):
+                assert not cpu_fastpath.enabled(x)
+
+
 def test_the_switch_changes_the_path_also_in_a_traced_model(fast_calls) -> None:
     """With dropout > 0 in training every fast entry point runs when the switch is on, none when it is off; an
     fx-traced set arch (TorchRec's pipeline traces the model) reads the switch at run time as the eager model does."""
@@ -196,6 +318,7 @@ def test_gemm_choice_follows_the_machine_and_the_probe(monkeypatch, fresh_probe)
     assert cpu_fastpath.gemm_backend(torch.bfloat16) == "addmm"
     monkeypatch.setattr(cpu_fastpath, "cpu_capability", lambda: "AVX512")
     assert cpu_fastpath.gemm_backend(torch.float32) == ("onednn" if torch.backends.mkldnn.is_available() else "addmm")
+    assert cpu_fastpath.gemm_backend(torch.bfloat16) == "addmm"  # oneDNN's matmul under addmm / mm already
     cpu_fastpath._onednn_linear.cache_clear()
     monkeypatch.setattr(cpu_fastpath, "cpu_capability", lambda: "AVX2")  # measured slower than addmm there
     assert cpu_fastpath.gemm_backend(torch.float32) == "addmm"
