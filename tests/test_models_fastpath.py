@@ -243,7 +243,7 @@ def test_bf16_fast_path_runs_every_function_in_bf16(fast_calls) -> None:
 def test_switch_under_autocast(monkeypatch) -> None:
     """Under CPU autocast the fast path runs for bf16 autocast on a CPU with native bf16 and fp32 or bf16 input
     only; float16 autocast, float64 input and a CPU without native bf16 keep the reference path. Outside autocast
-    a bf16 tensor keeps the reference path, as before."""
+    a bf16 tensor keeps the reference path."""
     x = torch.ones(3)
     with cpu_fastpath.use_fast_path(True):
         assert not cpu_fastpath.enabled(x.to(torch.bfloat16))
