@@ -126,8 +126,8 @@ class ProjectRunner:
                    phases: List[Dict[str, float]], gemm_timer: Optional[GemmTimer] = None) -> float:
         """:meth:`run`, each step timed phase by phase (:mod:`bench_train_phases`: hooks on the pipeline, the
         optimizer and the sparse, set and over arches, installed for this call only); each step's seconds per phase
-        are appended to ``phases``. With ``gemm_timer``, the steps' GEMMs are also
-        timed call by call and charged to the phase they ran in."""
+        are appended to ``phases``. With ``gemm_timer``, the steps' GEMMs are also timed call by call and charged to
+        the phase they ran in."""
         clock = PhaseClock(self.device)
         if gemm_timer is not None:
             gemm_timer.phase_of(lambda: clock.current)
