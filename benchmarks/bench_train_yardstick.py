@@ -118,14 +118,21 @@ class GemmRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kind = self._ops.get(func.overloadpacket)
-        if kind is not None:
-            self.gemms[gemm_shape(kind, args)] += 1
-        return func(*args, **(kwargs or {}))
+        if kind is None:
+            return func(*args, **(kwargs or {}))
+        shape = gemm_shape(kind, args)
+        self.gemms[shape] += 1
+        return self._run_gemm(shape, lambda: func(*args, **(kwargs or {})))
+
+    def _run_gemm(self, shape: GemmShape, call: Callable[[], Any]) -> Any:
+        """Runs one recorded product (subclasses time it)."""
+        return call()
 
 
-class GemmTimer(TorchDispatchMode):
+class GemmTimer(GemmRecorder):
     """Times every matrix product torch executes inside the ``with`` block, call by call, and charges it to the phase
-    ``phase()`` names at the call (:attr:`seconds` and :attr:`flops` per phase).
+    ``phase()`` names at the call (:attr:`seconds` and :attr:`flops` per phase; :attr:`gemms` counts signatures as
+    :class:`GemmRecorder` does).
 
     Each GEMM is timed as the step runs it: its kernel, its operands' layouts, the copies the kernel makes of a
     transposed operand, and the caches the step leaves. The other ops pass through untimed (the mode slows them, so
@@ -142,7 +149,6 @@ class GemmTimer(TorchDispatchMode):
 
     def __init__(self, device: torch.device, phase: Callable[[], str] = lambda: "other") -> None:
         super().__init__()
-        self._ops = _gemm_ops()
         self._device = device
         self._phase = phase
         self.seconds: "collections.Counter[str]" = collections.Counter()
@@ -152,14 +158,11 @@ class GemmTimer(TorchDispatchMode):
         """Charges the following GEMMs to the phase ``phase()`` names at each call."""
         self._phase = phase
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        kind = self._ops.get(func.overloadpacket)
-        if kind is None:
-            return func(*args, **(kwargs or {}))
+    def _run_gemm(self, shape: GemmShape, call: Callable[[], Any]) -> Any:
         phase = self._phase()
-        seconds, out = timed_call(lambda: func(*args, **(kwargs or {})), self._device)
+        seconds, out = timed_call(call, self._device)
         self.seconds[phase] += seconds
-        self.flops[phase] += gemm_shape(kind, args).flops
+        self.flops[phase] += shape.flops
         return out
 
 
@@ -279,6 +282,7 @@ class GemmYardstick:
                     row = YardstickRow(timed_shape, backend, source, gemm_call(timed_shape, backend, device), calls)
                     row.call()  # warm-up, untimed
                     self.rows.append(row)
+        self._rows_by_signature = {(row.shape, row.backend): row for row in self.rows}
 
     def run_round(self) -> float:
         """Times every row's calls once more (each call alone); returns the round's seconds."""
@@ -297,7 +301,7 @@ class GemmYardstick:
         Raises:
             RuntimeError: no round has run, or ``shape`` is not one of the step's GEMMs.
         """
-        rows = {(row.shape, row.backend): row for row in self.rows}
+        rows = self._rows_by_signature
         best = math.inf
         for dtype in self.dtypes:
             candidate = dataclasses.replace(shape, dtype=dtype)
